@@ -1,0 +1,82 @@
+"""Typed settings (prefix EMBER_). Built by factories (`Settings()` inside create_app, the CLI),
+never at import time.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ember.errors import ConfigError
+
+_DEV_ADMIN_KEY = "ember-dev-admin-key"
+
+
+class Settings(BaseSettings):
+    """Every knob of a gateway or worker process. Environment: EMBER_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBER_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path("data")
+    redis_url: str | None = None
+    store_url: str | None = None  # default: file://<data_dir>/store
+    s3_endpoint_url: str | None = None
+
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: str | None = None
+    cluster_token: str | None = None
+    metrics_require_key: bool = False
+    max_request_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096
+    slo_timeout_s: float = 30.0
+    placement_policy: str = "ember"
+    autoscaler_interval_s: float = 1.0
+    lease_ttl_s: float = 5.0
+
+    # worker
+    worker_host: str = "127.0.0.1"
+    worker_port: int = 0
+    advertise_url: str | None = None
+    node_id: str | None = None
+    cpu_slots: int = 2
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    dram_capacity_bytes: int = 2 << 30
+    ssd_capacity_bytes: int = 20 << 30
+    energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
+
+    log_level: str = "info"
+
+    demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")
+
+    @model_validator(mode="after")
+    def _no_default_secrets_in_production(self) -> Settings:
+        if self.env == "production":
+            if not self.admin_key or self.admin_key == _DEV_ADMIN_KEY:
+                raise ConfigError("EMBER_ADMIN_KEY must be set to a non-default secret in production")
+            if not self.cluster_token:
+                raise ConfigError("EMBER_CLUSTER_TOKEN must be set in production")
+        return self
+
+    @property
+    def resolved_store_url(self) -> str:
+        """The checkpoint store URI; defaults to a directory under the data dir."""
+        return self.store_url or f"file://{(self.data_dir / 'store').resolve()}"
+
+    def resolved_admin_key(self) -> str:
+        return self.admin_key or _DEV_ADMIN_KEY
+
+    def resolved_cluster_token(self) -> str:
+        return self.cluster_token or _DEV_ADMIN_KEY + "-cluster"
+
+
+def new_secret(nbytes: int = 24) -> str:
+    """A URL-safe random secret (API keys, cluster tokens)."""
+    return secrets.token_urlsafe(nbytes)

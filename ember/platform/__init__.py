@@ -1,0 +1,1 @@
+"""The HTTP function platform: gateway, worker, runtime and the Redis state schema."""

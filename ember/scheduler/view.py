@@ -1,0 +1,89 @@
+"""The contract between placement policies and whoever keeps cluster state (Redis or the simulator).
+
+Units: bytes, seconds, bytes per second. Tiers name where a checkpoint sits on a node, nearest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Tier = Literal["gpu", "dram", "ssd", "remote"]
+TIERS: tuple[Tier, ...] = ("gpu", "dram", "ssd", "remote")
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """One device (a GPU, or a CPU slot on GPU-less nodes) as placement sees it."""
+
+    node_id: str
+    device_id: str  # "cuda:0", "cpu:1", ...
+    memory_bytes: int
+    free_bytes: int  # memory not held or claimed by instances
+    instances: int = 0  # instances resident (loading or ready)
+    queue_s: float = 0.0  # estimated wait before a new load could start here
+    awake: bool = False  # ran work recently (consolidating onto awake devices saves idle energy)
+
+    @property
+    def key(self) -> str:
+        return f"{self.node_id}/{self.device_id}"
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node: its devices, measured tier bandwidths and which checkpoints it holds where."""
+
+    node_id: str
+    devices: tuple[DeviceState, ...]
+    bandwidth_bps: dict[str, float]  # tier -> bytes/s into device memory ("dram", "ssd", "remote")
+    holdings: dict[str, Tier] = field(default_factory=dict)  # checkpoint -> nearest tier on this node
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """A cold start to place."""
+
+    function: str
+    checkpoint: str
+    nbytes: int
+    ttft_slo_s: float = 1.0
+    policy: str | None = None  # per-deployment override of the global policy
+
+
+@dataclass(frozen=True)
+class StartupEstimate:
+    node_id: str
+    device_id: str
+    tier: Tier
+    seconds: float  # queue_wait + bytes / bandwidth(tier) (+ eviction cost)
+    awake: bool = False
+
+
+class ClusterView(Protocol):
+    """What a policy may ask of the cluster. Implementations answer from indexes, not full scans,
+    where the cluster is large (`nodes_holding`, `devices_with_room`)."""
+
+    def node(self, node_id: str) -> NodeState | None: ...
+
+    def nodes_holding(self, checkpoint: str) -> Sequence[NodeState]:
+        """Nodes with the checkpoint in a local tier (gpu/dram/ssd)."""
+        ...
+
+    def devices_with_room(self, nbytes: int, limit: int = 16) -> Sequence[DeviceState]:
+        """Up to `limit` devices with at least `nbytes` free, awake and least-queued first."""
+        ...
+
+    def all_nodes(self) -> Sequence[NodeState]:
+        """Every live node (small clusters, baselines that scan)."""
+        ...
+
+
+class PlacementPolicy(Protocol):
+    """Chooses a device for a cold start. The SAME objects run live and in the simulator."""
+
+    name: str
+
+    def place(self, request: PlacementRequest, view: ClusterView) -> StartupEstimate | None:
+        """The chosen device and its estimate, or None if nothing can hold the model now."""
+        ...
