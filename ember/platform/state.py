@@ -1,0 +1,70 @@
+"""Every Redis key Ember uses, in one place. All keys start with `ember:`.
+
+Durable (persisted with AOF): function specs, API keys, energy budgets.
+Ephemeral (rebuilt by workers after a Redis restart): nodes, heartbeats, instances, claims, leases.
+
+Sections are owned by the module that reads and writes them; add keys here, not inline.
+"""
+
+from __future__ import annotations
+
+PREFIX = "ember:"
+
+
+class Keys:
+    """Key builders. Names are validated before they get here (see ember.platform.names)."""
+
+    # --- functions and API keys (platform: gateway/registry.py, gateway/auth.py) --------
+    functions = PREFIX + "functions"  # hash: name -> FunctionSpec JSON
+
+    @staticmethod
+    def api_key(key_hash: str) -> str:  # hash: id, role, name, owner, created
+        return f"{PREFIX}apikey:{key_hash}"
+
+    api_key_ids = PREFIX + "apikeys"  # hash: id -> key_hash
+
+    # --- cluster (platform/cluster.py: nodes, devices, instances, claims, leases) --------
+    nodes = PREFIX + "nodes"  # set of node ids that registered
+
+    @staticmethod
+    def node(node_id: str) -> str:  # hash: url, devices JSON, bandwidths JSON
+        return f"{PREFIX}node:{node_id}"
+
+    @staticmethod
+    def node_alive(node_id: str) -> str:  # string with TTL: the heartbeat
+        return f"{PREFIX}node:{node_id}:alive"
+
+    @staticmethod
+    def node_holdings(node_id: str) -> str:  # hash: checkpoint -> tier
+        return f"{PREFIX}node:{node_id}:holdings"
+
+    @staticmethod
+    def holders(checkpoint: str) -> str:  # set of node ids holding the checkpoint locally
+        return f"{PREFIX}holders:{checkpoint}"
+
+    @staticmethod
+    def device(node_id: str, device_id: str) -> str:  # hash: memory_bytes, claimed_bytes, instances
+        return f"{PREFIX}device:{node_id}/{device_id}"
+
+    @staticmethod
+    def instance(instance_id: str) -> str:  # hash: function, node, device, state, outstanding, ...
+        return f"{PREFIX}instance:{instance_id}"
+
+    instances = PREFIX + "instances"  # set of instance ids
+
+    @staticmethod
+    def function_instances(function: str) -> str:  # set of instance ids of a function
+        return f"{PREFIX}function:{function}:instances"
+
+    @staticmethod
+    def lease(name: str) -> str:  # string holder with TTL (autoscaler, energy allocator)
+        return f"{PREFIX}lease:{name}"
+
+    # --- energy (platform/energy_api.py) -------------------------------------------------
+    energy_budget = PREFIX + "energy:budget"  # JSON: cluster_watts, node_watts, energy_kwh_per_day
+
+    @staticmethod
+    def energy_device(node_id: str, device_id: str) -> str:  # hash with TTL: latest device snapshot
+        return f"{PREFIX}energy:device:{node_id}/{device_id}"
+
+    energy_devices = PREFIX + "energy:devices"  # set of "node/device"
