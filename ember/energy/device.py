@@ -1,0 +1,70 @@
+"""The `Device` protocol: what the monitor and controller may ask of a GPU, real or simulated.
+
+Units are in the names: watts (`_w`), joules (`_j`), megahertz (`_mhz`), seconds (`_s`).
+Reads never change anything; the two setters are the only actuation and are called by the
+controller only in `actuate` mode.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Device(Protocol):
+    """A GPU as the energy subsystem sees it. `NvmlDevice` and `SimulatedGpu` implement it."""
+
+    device_id: str  # "cuda:0", "sim:1", ...
+    name: str  # "NVIDIA H100 80GB HBM3", "SimulatedGpu(H100 SXM)"
+
+    def now_s(self) -> float:
+        """The device's clock in seconds (monotonic wall time, or simulated time)."""
+        ...
+
+    def power_w(self) -> float:
+        """Current (or last-interval average) board power draw in watts."""
+        ...
+
+    def energy_j(self) -> float:
+        """Total energy drawn since an arbitrary origin, in joules (monotonic)."""
+        ...
+
+    def power_limit_w(self) -> float:
+        """The power limit in force, in watts."""
+        ...
+
+    def power_limit_range_w(self) -> tuple[float, float]:
+        """(min, max) power limit the device accepts, in watts."""
+        ...
+
+    def default_power_limit_w(self) -> float:
+        """The factory power limit, in watts."""
+        ...
+
+    def sm_clock_mhz(self) -> float:
+        """Current SM clock in MHz (the locked clock if one is set, else the maximum it may run at)."""
+        ...
+
+    def max_sm_clock_mhz(self) -> float:
+        """The highest SM clock, in MHz."""
+        ...
+
+    def set_power_limit_w(self, watts: float) -> None:
+        """Set the power limit. Raises DevicePermissionError / DeviceSettingOutOfRange."""
+        ...
+
+    def lock_sm_clock_mhz(self, mhz: float | None) -> None:
+        """Lock the SM clock at `mhz` (None: unlock, back to default boost behaviour)."""
+        ...
+
+
+def describe(device: Device) -> dict[str, float | str]:
+    """A plain dict of the device's readings (for logs and snapshots)."""
+    return {
+        "device": device.device_id,
+        "name": device.name,
+        "power_w": round(device.power_w(), 3),
+        "energy_j": round(device.energy_j(), 3),
+        "limit_w": round(device.power_limit_w(), 3),
+        "sm_clock_mhz": round(device.sm_clock_mhz(), 1),
+    }
