@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ember.energy.device import Device
-from ember.energy.simulated import SimulatedGpu, clock_fraction, idle_power_w, phase_power_w, phase_time_factor
+from ember.energy.simulated import (
+    SimulatedGpu,
+    clock_fraction,
+    idle_power_w,
+    phase_power_w,
+    phase_time_factor,
+)
 from ember.errors import DevicePermissionError, DeviceSettingOutOfRange
 
 
