@@ -57,6 +57,12 @@ class Keys:
         return f"{PREFIX}function:{function}:instances"
 
     @staticmethod
+    def node_instances(node_id: str) -> str:  # set of instance ids placed on the node
+        return f"{PREFIX}node:{node_id}:instances"
+
+    devices_free = PREFIX + "devices:free"  # sorted set: "node/device" scored by free bytes
+
+    @staticmethod
     def lease(name: str) -> str:  # string holder with TTL (autoscaler, energy allocator)
         return f"{PREFIX}lease:{name}"
 

@@ -1,0 +1,571 @@
+"""Live cluster state in Redis: nodes, devices, instances, claims and leases.
+
+`RedisCluster` is the platform's `ClusterView` (ember.scheduler.view): placement policies read
+nodes, devices and checkpoint holdings from here, and `place` claims device memory atomically
+(a Lua script), so two gateways never book the same bytes. Workers register, heartbeat (a key
+with a TTL) and re-assert their instances after a Redis restart; a node whose heartbeat lapsed
+is never chosen and `reap_dead_nodes` releases what it held.
+
+Units: bytes, seconds (wall clock, `time.time()`), bytes per second. Scripts build some keys
+from the prefix at run time (holders, instances of a function), so this targets one Redis
+(or an ElastiCache replication group), not Redis Cluster's sharded mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar, cast
+
+import redis
+
+from ember.errors import StateUnavailable
+from ember.platform.state import PREFIX, Keys
+from ember.scheduler.view import (
+    DeviceState,
+    NodeState,
+    PlacementPolicy,
+    PlacementRequest,
+    Tier,
+)
+
+__all__ = ["DeviceSpec", "InstanceRecord", "Placement", "RedisCluster", "EWMA_ALPHA"]
+
+EWMA_ALPHA = 0.3  # weight of one observed load in a node's tier bandwidth
+_CLAIM_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device a worker offers: an id ("cuda:0", "cpu:1") and its memory for instances."""
+
+    device_id: str
+    memory_bytes: int
+
+
+@dataclass
+class InstanceRecord:
+    """One function instance on one device. `state` is "loading" until the worker says "ready"."""
+
+    instance_id: str
+    function: str
+    checkpoint: str
+    node_id: str
+    device_id: str
+    worker_url: str
+    state: str
+    outstanding: int
+    nbytes: int
+    created_s: float
+    last_used_s: float
+    tier: str = "remote"  # where the checkpoint was when the instance was placed
+
+    @classmethod
+    def from_hash(cls, instance_id: str, h: dict[str, str]) -> InstanceRecord:
+        return cls(
+            instance_id=instance_id,
+            function=h.get("function", ""),
+            checkpoint=h.get("checkpoint", ""),
+            node_id=h.get("node_id", ""),
+            device_id=h.get("device_id", ""),
+            worker_url=h.get("worker_url", ""),
+            state=h.get("state", "loading"),
+            outstanding=int(h.get("outstanding", 0)),
+            nbytes=int(h.get("nbytes", 0)),
+            created_s=float(h.get("created_s", 0.0)),
+            last_used_s=float(h.get("last_used_s", 0.0)),
+            tier=h.get("tier", "remote"),
+        )
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items() if k != "instance_id"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a cold start goes: the claimed device and the estimate that chose it."""
+
+    instance_id: str
+    node_id: str
+    device_id: str
+    worker_url: str
+    tier: str
+    estimate_s: float
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _state_errors(fn: F) -> F:
+    """Redis connection failures become StateUnavailable (HTTP 503)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StateUnavailable(f"cluster state (Redis) unavailable: {e}") from e
+
+    return cast(F, wrapper)
+
+
+class RedisCluster:
+    """Cluster state over one Redis; also the live `ClusterView` that placement policies read."""
+
+    def __init__(self, client: redis.Redis, *, heartbeat_ttl_s: float = 5.0) -> None:
+        self.r = client
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._claim = client.register_script(_CLAIM)
+        self._remove = client.register_script(_REMOVE_INSTANCE)
+        self._drop_node = client.register_script(_DROP_NODE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._acquire = client.register_script(_ACQUIRE_WARM)
+        self._release = client.register_script(_RELEASE_REQUEST)
+        self._ewma = client.register_script(_EWMA)
+        self._lease = client.register_script(_LEASE)
+        self._restore = client.register_script(_RESTORE)
+        self._ready = client.register_script(_MARK_READY)
+
+    # --- worker side ----------------------------------------------------------------------
+    @_state_errors
+    def register_node(self, node_id: str, url: str, devices: list[DeviceSpec],
+                      bandwidth_bps: dict[str, float]) -> None:
+        """Announce a node, its devices and measured tier bandwidths. Idempotent: claims of
+        instances already recorded on its devices are kept (call again after a Redis restart)."""
+        pipe = self.r.pipeline(transaction=True)
+        mapping: dict[str, str] = {
+            "url": url,
+            "devices": json.dumps([asdict(d) for d in devices]),
+            "bandwidth": json.dumps(bandwidth_bps),
+            "registered_s": repr(time.time()),
+        }
+        mapping.update({f"bw:{tier}": repr(float(bps)) for tier, bps in bandwidth_bps.items()})
+        pipe.hset(Keys.node(node_id), mapping=mapping)
+        pipe.sadd(Keys.nodes, node_id)
+        pipe.set(Keys.node_alive(node_id), "1", px=int(self.heartbeat_ttl_s * 1000))
+        for d in devices:
+            key = Keys.device(node_id, d.device_id)
+            pipe.hset(key, "memory_bytes", d.memory_bytes)
+            pipe.hsetnx(key, "claimed_bytes", 0)
+            pipe.hsetnx(key, "instances", 0)
+            pipe.hsetnx(key, "busy_until_s", 0)
+        pipe.execute()
+        # The free-memory index needs the claimed bytes that may already be there.
+        pipe = self.r.pipeline(transaction=False)
+        for d in devices:
+            pipe.hget(Keys.device(node_id, d.device_id), "claimed_bytes")
+        claimed = pipe.execute()
+        self.r.zadd(Keys.devices_free, {
+            f"{node_id}/{d.device_id}": d.memory_bytes - int(c or 0) for d, c in zip(devices, claimed)
+        })
+
+    @_state_errors
+    def heartbeat(self, node_id: str, holdings: dict[str, str]) -> bool:
+        """Refresh the node's TTL and replace its holdings (checkpoint -> nearest local tier).
+        Returns False when Redis does not know the node (restarted or reaped): register again."""
+        args: list[Any] = [PREFIX, node_id, int(self.heartbeat_ttl_s * 1000)]
+        for ck, tier in holdings.items():
+            args += [ck, tier]
+        ok = self._heartbeat(keys=[Keys.node(node_id), Keys.node_alive(node_id), Keys.node_holdings(node_id)],
+                             args=args)
+        return bool(ok)
+
+    @_state_errors
+    def observe_load(self, node_id: str, tier: str, nbytes: int, seconds: float) -> None:
+        """Fold one observed load into the node's bandwidth for `tier` (exponentially weighted)."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        self._ewma(keys=[Keys.node(node_id)], args=[f"bw:{tier}", repr(nbytes / seconds), repr(EWMA_ALPHA)])
+
+    @_state_errors
+    def deregister_node(self, node_id: str) -> None:
+        """Remove a node with its devices, holdings, instances and claims."""
+        self._drop_node(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX, node_id, "0"])
+
+    @_state_errors
+    def restore_instance(self, rec: InstanceRecord) -> None:
+        """A worker re-asserts an instance it holds (after a Redis restart): record and claim it
+        unless the record is already there."""
+        fields: list[str] = []
+        for k, v in rec.to_hash().items():
+            fields += [k, v]
+        self._restore(
+            keys=[Keys.instance(rec.instance_id), Keys.device(rec.node_id, rec.device_id), Keys.instances,
+                  Keys.function_instances(rec.function), Keys.node_instances(rec.node_id), Keys.devices_free],
+            args=[rec.instance_id, rec.nbytes, f"{rec.node_id}/{rec.device_id}", *fields],
+        )
+
+    # --- placement (gateway) --------------------------------------------------------------
+    @_state_errors
+    def place(self, request: PlacementRequest, policy: PlacementPolicy) -> Placement | None:
+        """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
+        state "loading", atomically. Retries when the claim loses a race; None if nothing fits."""
+        for _ in range(_CLAIM_ATTEMPTS):
+            est = policy.place(request, self)
+            if est is None:
+                return None
+            url = self.node_url(est.node_id)
+            if url is None:
+                continue
+            now = time.time()
+            rec = InstanceRecord(
+                instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,
+                node_id=est.node_id, device_id=est.device_id, worker_url=url, state="loading", outstanding=0,
+                nbytes=request.nbytes, created_s=now, last_used_s=now, tier=est.tier,
+            )
+            fields: list[str] = ["estimate_s", repr(est.seconds)]
+            for k, v in rec.to_hash().items():
+                fields += [k, v]
+            ok = self._claim(
+                keys=[Keys.node_alive(est.node_id), Keys.device(est.node_id, est.device_id),
+                      Keys.instance(rec.instance_id), Keys.instances, Keys.function_instances(request.function),
+                      Keys.node_instances(est.node_id), Keys.devices_free],
+                args=[request.nbytes, repr(now), repr(est.seconds), f"{est.node_id}/{est.device_id}",
+                      rec.instance_id, *fields],
+            )
+            if ok == 1:
+                return Placement(rec.instance_id, est.node_id, est.device_id, url, est.tier, est.seconds)
+        return None
+
+    @_state_errors
+    def mark_ready(self, instance_id: str) -> None:
+        """The worker finished loading: the instance may take requests."""
+        self._ready(keys=[Keys.instance(instance_id)], args=[repr(time.time())])
+
+    @_state_errors
+    def remove_instance(self, instance_id: str) -> None:
+        """Forget an instance and free its claim on the device (idempotent)."""
+        self._remove(keys=[Keys.instance(instance_id), Keys.instances, Keys.devices_free],
+                     args=[PREFIX, instance_id])
+
+    @_state_errors
+    def instances(self, function: str | None = None) -> list[InstanceRecord]:
+        """Every instance, or those of one function."""
+        ids = sorted(self.r.smembers(Keys.function_instances(function) if function else Keys.instances))
+        return self._records(ids)
+
+    @_state_errors
+    def instance(self, instance_id: str) -> InstanceRecord | None:
+        found = self._records([instance_id])
+        return found[0] if found else None
+
+    @_state_errors
+    def acquire_warm(self, function: str, target_concurrency: int) -> InstanceRecord | None:
+        """Atomically take a request slot on the least-outstanding ready instance of `function`
+        that is below `target_concurrency` on a live node; None if there is none."""
+        flat = self._acquire(keys=[Keys.function_instances(function)],
+                             args=[PREFIX, target_concurrency, repr(time.time())])
+        if not flat:
+            return None
+        instance_id, *pairs = flat
+        return InstanceRecord.from_hash(instance_id, dict(zip(pairs[::2], pairs[1::2])))
+
+    @_state_errors
+    def release_request(self, instance_id: str) -> None:
+        """A request finished: outstanding -= 1 (never below 0), last_used_s = now."""
+        self._release(keys=[Keys.instance(instance_id)], args=[repr(time.time())])
+
+    @_state_errors
+    def node_url(self, node_id: str) -> str | None:
+        return cast("str | None", self.r.hget(Keys.node(node_id), "url"))
+
+    @_state_errors
+    def live_nodes(self) -> list[str]:
+        """Registered nodes whose heartbeat has not expired."""
+        ids = sorted(self.r.smembers(Keys.nodes))
+        alive = self._alive(ids)
+        return [n for n, ok in zip(ids, alive) if ok]
+
+    @_state_errors
+    def reap_dead_nodes(self) -> list[str]:
+        """Drop nodes whose heartbeat expired, releasing their instances and claims."""
+        reaped = []
+        for node_id in sorted(self.r.smembers(Keys.nodes)):
+            if self._drop_node(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX, node_id, "1"]):
+                reaped.append(node_id)
+        return reaped
+
+    @_state_errors
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Acquire the named lease, or renew it if `holder` already has it."""
+        return bool(self._lease(keys=[Keys.lease(name)], args=[holder, max(1, int(ttl_s * 1000))]))
+
+    # --- ClusterView ------------------------------------------------------------------------
+    @_state_errors
+    def node(self, node_id: str) -> NodeState | None:
+        found = self._node_states([node_id])
+        return found[0] if found else None
+
+    @_state_errors
+    def nodes_holding(self, checkpoint: str) -> Sequence[NodeState]:
+        """Live nodes with the checkpoint in a local tier (from the holders index)."""
+        return self._node_states(sorted(self.r.smembers(Keys.holders(checkpoint))))
+
+    @_state_errors
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        """Up to `limit` live devices with at least `nbytes` free, from the free-memory index.
+        Default order packs (awake, least queued, least free first); `spread` puts most free first."""
+        if spread:
+            members = self.r.zrevrangebyscore(Keys.devices_free, "+inf", nbytes, start=0, num=limit * 2)
+        else:
+            members = self.r.zrangebyscore(Keys.devices_free, nbytes, "+inf", start=0, num=limit * 2)
+        if not members:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        pairs = [m.split("/", 1) for m in members]
+        for node_id, device_id in pairs:
+            pipe.exists(Keys.node_alive(node_id))
+            pipe.hgetall(Keys.device(node_id, device_id))
+        res = pipe.execute()
+        now = time.time()
+        out = []
+        for i, (node_id, device_id) in enumerate(pairs):
+            alive, h = res[2 * i], res[2 * i + 1]
+            if alive and h:
+                d = _device_state(node_id, device_id, h, now)
+                if d.free_bytes >= nbytes:
+                    out.append(d)
+        if spread:
+            out.sort(key=lambda d: (-d.free_bytes, d.queue_s))
+        else:
+            out.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
+        return out[:limit]
+
+    @_state_errors
+    def all_nodes(self) -> Sequence[NodeState]:
+        return self._node_states(sorted(self.r.smembers(Keys.nodes)))
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _alive(self, node_ids: Sequence[str]) -> list[bool]:
+        pipe = self.r.pipeline(transaction=False)
+        for n in node_ids:
+            pipe.exists(Keys.node_alive(n))
+        return [bool(x) for x in pipe.execute()]
+
+    def _records(self, ids: Sequence[str]) -> list[InstanceRecord]:
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(Keys.instance(i))
+        return [InstanceRecord.from_hash(i, h) for i, h in zip(ids, pipe.execute()) if h]
+
+    def _node_states(self, node_ids: Sequence[str]) -> list[NodeState]:
+        """Live nodes as NodeState, in two pipelined round trips."""
+        if not node_ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for n in node_ids:
+            pipe.exists(Keys.node_alive(n))
+            pipe.hgetall(Keys.node(n))
+            pipe.hgetall(Keys.node_holdings(n))
+        res = pipe.execute()
+        live: list[tuple[str, dict[str, str], dict[str, str], list[str]]] = []
+        pipe = self.r.pipeline(transaction=False)
+        for i, n in enumerate(node_ids):
+            alive, h, holdings = res[3 * i], res[3 * i + 1], res[3 * i + 2]
+            if not alive or not h:
+                continue
+            dev_ids = [d["device_id"] for d in json.loads(h.get("devices", "[]"))]
+            for d in dev_ids:
+                pipe.hgetall(Keys.device(n, d))
+            live.append((n, h, holdings, dev_ids))
+        dev_hashes = pipe.execute() if live else []
+        now = time.time()
+        out, k = [], 0
+        for n, h, holdings, dev_ids in live:
+            devices = []
+            for d in dev_ids:
+                dh = dev_hashes[k]
+                k += 1
+                if dh:
+                    devices.append(_device_state(n, d, dh, now))
+            bandwidth = {f[3:]: float(v) for f, v in h.items() if f.startswith("bw:")}
+            out.append(NodeState(node_id=n, devices=tuple(devices), bandwidth_bps=bandwidth,
+                                 holdings=cast("dict[str, Tier]", holdings)))
+        return out
+
+
+def _device_state(node_id: str, device_id: str, h: dict[str, str], now: float) -> DeviceState:
+    memory = int(h.get("memory_bytes", 0))
+    instances = int(h.get("instances", 0))
+    return DeviceState(
+        node_id=node_id,
+        device_id=device_id,
+        memory_bytes=memory,
+        free_bytes=max(0, memory - int(h.get("claimed_bytes", 0))),
+        instances=instances,
+        queue_s=max(0.0, float(h.get("busy_until_s", 0.0)) - now),
+        awake=instances > 0,
+    )
+
+
+# --- Lua scripts ----------------------------------------------------------------------------
+# Keys built inside scripts follow ember.platform.state.Keys (a test checks they agree).
+
+# KEYS: alive, device, instance, instances, function instances, node instances, devices_free
+# ARGV: nbytes, now, estimate_s, "node/device", instance id, field, value, ...
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
+if not mem then return -1 end
+local claimed = tonumber(redis.call('HGET', KEYS[2], 'claimed_bytes') or '0')
+local n = tonumber(ARGV[1])
+if mem - claimed < n then return 0 end
+claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'instances', 1)
+local now = tonumber(ARGV[2])
+local busy = tonumber(redis.call('HGET', KEYS[2], 'busy_until_s') or '0')
+if busy < now then busy = now end
+redis.call('HSET', KEYS[2], 'busy_until_s', tostring(busy + tonumber(ARGV[3])))
+redis.call('ZADD', KEYS[7], mem - claimed, ARGV[4])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[4], ARGV[5])
+redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[6], ARGV[5])
+return 1
+"""
+
+# KEYS: instance, device, instances, function instances, node instances, devices_free
+# ARGV: instance id, nbytes, "node/device", field, value, ...
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
+if mem then
+  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'instances', 1)
+  redis.call('ZADD', KEYS[6], mem - claimed, ARGV[3])
+end
+return 1
+"""
+
+# KEYS: instance, instances, devices_free; ARGV: prefix, instance id
+_REMOVE_INSTANCE = """
+local f = redis.call('HMGET', KEYS[1], 'function', 'node_id', 'device_id', 'nbytes')
+if not f[1] then return 0 end
+local p, id = ARGV[1], ARGV[2]
+local dkey = p .. 'device:' .. f[2] .. '/' .. f[3]
+if redis.call('EXISTS', dkey) == 1 then
+  local c = redis.call('HINCRBY', dkey, 'claimed_bytes', -tonumber(f[4]))
+  if c < 0 then redis.call('HSET', dkey, 'claimed_bytes', 0); c = 0 end
+  if redis.call('HINCRBY', dkey, 'instances', -1) < 0 then redis.call('HSET', dkey, 'instances', 0) end
+  local mem = tonumber(redis.call('HGET', dkey, 'memory_bytes'))
+  redis.call('ZADD', KEYS[3], mem - c, f[2] .. '/' .. f[3])
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], id)
+redis.call('SREM', p .. 'function:' .. f[1] .. ':instances', id)
+redis.call('SREM', p .. 'node:' .. f[2] .. ':instances', id)
+return 1
+"""
+
+# KEYS: nodes, instances, devices_free; ARGV: prefix, node id, only_if_dead ("1"/"0")
+_DROP_NODE = """
+local p, n = ARGV[1], ARGV[2]
+local nodekey = p .. 'node:' .. n
+if ARGV[3] == '1' and redis.call('EXISTS', nodekey .. ':alive') == 1 then return 0 end
+for _, id in ipairs(redis.call('SMEMBERS', nodekey .. ':instances')) do
+  local fn = redis.call('HGET', p .. 'instance:' .. id, 'function')
+  if fn then redis.call('SREM', p .. 'function:' .. fn .. ':instances', id) end
+  redis.call('DEL', p .. 'instance:' .. id)
+  redis.call('SREM', KEYS[2], id)
+end
+redis.call('DEL', nodekey .. ':instances')
+local devs = redis.call('HGET', nodekey, 'devices')
+if devs then
+  for _, d in ipairs(cjson.decode(devs)) do
+    redis.call('DEL', p .. 'device:' .. n .. '/' .. d['device_id'])
+    redis.call('ZREM', KEYS[3], n .. '/' .. d['device_id'])
+  end
+end
+for _, ck in ipairs(redis.call('HKEYS', nodekey .. ':holdings')) do
+  redis.call('SREM', p .. 'holders:' .. ck, n)
+end
+redis.call('DEL', nodekey .. ':holdings', nodekey .. ':alive', nodekey)
+redis.call('SREM', KEYS[1], n)
+return 1
+"""
+
+# KEYS: node, alive, holdings; ARGV: prefix, node id, ttl_ms, checkpoint, tier, ...
+_HEARTBEAT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local p, n = ARGV[1], ARGV[2]
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+local new = {}
+for i = 4, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+for _, ck in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if not new[ck] then
+    redis.call('HDEL', KEYS[3], ck)
+    redis.call('SREM', p .. 'holders:' .. ck, n)
+  end
+end
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  redis.call('SADD', p .. 'holders:' .. ARGV[i], n)
+end
+return 1
+"""
+
+# KEYS: function instances; ARGV: prefix, target_concurrency, now
+_ACQUIRE_WARM = """
+local p, target = ARGV[1], tonumber(ARGV[2])
+local best, best_out = nil, nil
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local f = redis.call('HMGET', p .. 'instance:' .. id, 'state', 'outstanding', 'node_id')
+  if f[1] == 'ready' and redis.call('EXISTS', p .. 'node:' .. f[3] .. ':alive') == 1 then
+    local o = tonumber(f[2]) or 0
+    if o < target and (best == nil or o < best_out or (o == best_out and id < best)) then
+      best, best_out = id, o
+    end
+  end
+end
+if not best then return false end
+local key = p .. 'instance:' .. best
+redis.call('HINCRBY', key, 'outstanding', 1)
+redis.call('HSET', key, 'last_used_s', ARGV[3])
+local out = {best}
+for _, v in ipairs(redis.call('HGETALL', key)) do out[#out + 1] = v end
+return out
+"""
+
+# KEYS: instance; ARGV: now
+_RELEASE_REQUEST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[1], 'outstanding', -1) < 0 then redis.call('HSET', KEYS[1], 'outstanding', 0) end
+redis.call('HSET', KEYS[1], 'last_used_s', ARGV[1])
+return 1
+"""
+
+# KEYS: node; ARGV: field, observed bytes/s, alpha
+_EWMA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local obs, a = tonumber(ARGV[2]), tonumber(ARGV[3])
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+local new = obs
+if cur then new = (1 - a) * cur + a * obs end
+redis.call('HSET', KEYS[1], ARGV[1], tostring(new))
+return tostring(new)
+"""
+
+# KEYS: instance; ARGV: now (a removed instance is not resurrected)
+_MARK_READY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ready', 'last_used_s', ARGV[1])
+return 1
+"""
+
+# KEYS: lease; ARGV: holder, ttl_ms
+_LEASE = """
+local h = redis.call('GET', KEYS[1])
+if h and h ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""

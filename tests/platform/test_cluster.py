@@ -1,0 +1,248 @@
+"""RedisCluster against a real Redis server: registration, heartbeats, atomic claims, warm routing,
+dead nodes, leases, and concurrent placements from several processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+
+import pytest
+import redis
+
+from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
+from ember.platform.state import Keys
+from ember.scheduler.view import PlacementRequest, StartupEstimate
+
+GB = 1 << 30
+
+
+class FirstFit:
+    """A test policy: the first device the free-memory index offers."""
+
+    name = "first_fit"
+
+    def place(self, request, view):
+        devices = view.devices_with_room(request.nbytes, limit=16)
+        if not devices:
+            return None
+        d = devices[0]
+        return StartupEstimate(d.node_id, d.device_id, "remote", 1.0)
+
+
+class Blind:
+    """A test policy that ignores free memory: claims must still never over-book."""
+
+    name = "blind"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def place(self, request, view):
+        devices = [d for n in view.all_nodes() for d in n.devices]
+        d = self.rng.choice(devices)
+        return StartupEstimate(d.node_id, d.device_id, "remote", 1.0)
+
+
+def _cluster(url: str, ttl_s: float = 5.0) -> RedisCluster:
+    return RedisCluster(redis.Redis.from_url(url, decode_responses=True), heartbeat_ttl_s=ttl_s)
+
+
+def _register(c: RedisCluster, node: str, gpus: int = 2, mem: int = 10 * GB) -> None:
+    c.register_node(node, f"http://{node}", [DeviceSpec(f"cuda:{i}", mem) for i in range(gpus)],
+                    {"dram": 20e9, "ssd": 5e9, "remote": 1e9})
+
+
+def _req(fn: str = "f", nbytes: int = 4 * GB) -> PlacementRequest:
+    return PlacementRequest(function=fn, checkpoint=f"ck-{fn}", nbytes=nbytes)
+
+
+def test_register_and_view(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1")
+    _register(c, "n1")  # idempotent
+    assert c.live_nodes() == ["n1"]
+    assert c.node_url("n1") == "http://n1"
+    node = c.node("n1")
+    assert node is not None
+    assert [d.device_id for d in node.devices] == ["cuda:0", "cuda:1"]
+    assert node.bandwidth_bps["ssd"] == 5e9
+    assert all(d.free_bytes == 10 * GB and not d.awake for d in node.devices)
+    assert len(c.devices_with_room(10 * GB)) == 2
+    assert c.devices_with_room(11 * GB) == []
+    assert c.node("nope") is None
+
+
+def test_place_claims_memory_and_remove_frees_it(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1", gpus=1)
+    p1 = c.place(_req("a"), FirstFit())
+    p2 = c.place(_req("b"), FirstFit())
+    assert p1 and p2 and p1.instance_id != p2.instance_id
+    assert p1.worker_url == "http://n1" and p1.tier == "remote"
+    assert c.place(_req("c"), FirstFit()) is None  # 2 GB left, 4 GB asked
+    dev = c.node("n1").devices[0]
+    assert dev.free_bytes == 2 * GB and dev.instances == 2 and dev.awake and dev.queue_s > 0
+    rec = c.instance(p1.instance_id)
+    assert rec.state == "loading" and rec.function == "a" and rec.nbytes == 4 * GB
+    assert [r.instance_id for r in c.instances("a")] == [p1.instance_id]
+    assert len(c.instances()) == 2
+    c.remove_instance(p1.instance_id)
+    c.remove_instance(p1.instance_id)  # idempotent
+    assert c.node("n1").devices[0].free_bytes == 6 * GB
+    assert c.instance(p1.instance_id) is None
+    c.mark_ready(p1.instance_id)  # removed: not resurrected
+    assert c.instance(p1.instance_id) is None
+    assert c.place(_req("c"), FirstFit()) is not None
+
+
+def test_script_keys_agree_with_key_schema(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1", gpus=1)
+    c.heartbeat("n1", {"ck-a": "dram"})
+    p = c.place(_req("a"), FirstFit())
+    r = c.r
+    assert r.sismember(Keys.function_instances("a"), p.instance_id)
+    assert r.sismember(Keys.node_instances("n1"), p.instance_id)
+    assert r.sismember(Keys.instances, p.instance_id)
+    assert r.sismember(Keys.holders("ck-a"), "n1")
+    assert int(r.hget(Keys.device("n1", "cuda:0"), "claimed_bytes")) == 4 * GB
+    c.remove_instance(p.instance_id)
+    assert not r.exists(Keys.instance(p.instance_id))
+    assert not r.sismember(Keys.function_instances("a"), p.instance_id)
+    assert not r.sismember(Keys.node_instances("n1"), p.instance_id)
+    c.deregister_node("n1")
+    assert not r.exists(Keys.node("n1"), Keys.device("n1", "cuda:0"), Keys.node_holdings("n1"))
+    assert not r.sismember(Keys.holders("ck-a"), "n1")
+    assert r.zcard(Keys.devices_free) == 0
+
+
+def test_warm_routing_least_outstanding_and_target(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1")
+    ids = [c.place(_req("f", GB), FirstFit()).instance_id for _ in range(2)]
+    assert c.acquire_warm("f", 2) is None  # both still loading
+    for i in ids:
+        c.mark_ready(i)
+    got = [c.acquire_warm("f", 2).instance_id for _ in range(4)]
+    assert sorted(got) == sorted(ids * 2)  # spread: least outstanding first
+    assert c.acquire_warm("f", 2) is None  # every instance at target concurrency
+    c.release_request(got[0])
+    again = c.acquire_warm("f", 2)
+    assert again.instance_id == got[0] and again.outstanding == 2
+    for _ in range(5):
+        c.release_request(ids[1])
+    assert c.instance(ids[1]).outstanding == 0  # never below zero
+    assert c.instance(ids[1]).last_used_s > 0
+    assert c.acquire_warm("other", 2) is None
+
+
+def test_holdings_index_follows_heartbeats(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1")
+    _register(c, "n2")
+    assert c.heartbeat("n1", {"ck-a": "dram", "ck-b": "ssd"})
+    assert c.heartbeat("n2", {"ck-a": "ssd"})
+    assert sorted(n.node_id for n in c.nodes_holding("ck-a")) == ["n1", "n2"]
+    assert c.node("n1").holdings == {"ck-a": "dram", "ck-b": "ssd"}
+    c.heartbeat("n1", {"ck-b": "gpu"})
+    assert [n.node_id for n in c.nodes_holding("ck-a")] == ["n2"]
+    assert c.node("n1").holdings == {"ck-b": "gpu"}
+    assert c.heartbeat("unknown", {}) is False
+
+
+def test_observe_load_corrects_bandwidth(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1")
+    c.observe_load("n1", "ssd", 10 * 10**9, 10.0)  # 1 GB/s observed, 5 GB/s measured
+    bw = c.node("n1").bandwidth_bps["ssd"]
+    assert 1e9 < bw < 5e9
+    assert bw == pytest.approx(0.7 * 5e9 + 0.3 * 1e9)
+    c.observe_load("n1", "gpu", 10, 0.0)  # ignored
+    c.observe_load("n1", "remote", 10**9, 1.0)
+    assert c.node("n1").bandwidth_bps["remote"] == pytest.approx(1e9)
+
+
+def test_dead_node_is_never_chosen_and_reaped(redis_url: str) -> None:
+    c = _cluster(redis_url, ttl_s=0.3)
+    _register(c, "dead", gpus=1)
+    c.heartbeat("dead", {"ck-f": "dram"})
+    p = c.place(_req("f"), FirstFit())
+    assert p and p.node_id == "dead"
+    c.mark_ready(p.instance_id)
+    _register(c, "live", gpus=1, mem=5 * GB)
+    deadline = time.time() + 3
+    while c.r.exists(Keys.node_alive("dead")) and time.time() < deadline:
+        c.heartbeat("live", {})
+        time.sleep(0.05)
+    c.heartbeat("live", {})
+    assert c.live_nodes() == ["live"]
+    assert c.nodes_holding("ck-f") == []
+    assert c.acquire_warm("f", 4) is None  # its instance is on a dead node
+    assert all(d.node_id == "live" for d in c.devices_with_room(GB))
+    assert c.place(_req("g"), Blind(0)).node_id == "live"  # even a blind policy cannot claim there
+    assert c.reap_dead_nodes() == ["dead"]
+    assert c.instance(p.instance_id) is None
+    assert [r.node_id for r in c.instances()] == ["live"]
+    assert c.heartbeat("dead", {}) is False  # it must register again
+    assert c.reap_dead_nodes() == []
+
+
+def test_reregister_after_redis_restart_and_restore(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n1", gpus=1)
+    p = c.place(_req("f"), FirstFit())
+    c.mark_ready(p.instance_id)
+    rec = c.instance(p.instance_id)
+    c.r.flushall()  # what a non-persistent Redis restart looks like
+    assert c.heartbeat("n1", {}) is False
+    _register(c, "n1", gpus=1)
+    c.restore_instance(rec)
+    c.restore_instance(rec)  # idempotent: claimed once
+    assert c.node("n1").devices[0].free_bytes == 6 * GB
+    assert c.acquire_warm("f", 1).instance_id == p.instance_id
+    _register(c, "n1", gpus=1)  # re-registering keeps the claim
+    assert c.node("n1").devices[0].free_bytes == 6 * GB
+
+
+def test_lease_acquire_renew_and_takeover(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    assert c.try_lease("autoscaler", "g1", 0.3)
+    assert c.try_lease("autoscaler", "g1", 0.3)  # renew
+    assert not c.try_lease("autoscaler", "g2", 0.3)
+    time.sleep(0.4)
+    assert c.try_lease("autoscaler", "g2", 5)
+    assert not c.try_lease("autoscaler", "g1", 5)
+
+
+def _placer(url: str, seed: int, n: int, queue) -> None:
+    c = _cluster(url)
+    placed = 0
+    for i in range(n):
+        policy = Blind(seed * 1000 + i) if i % 2 else FirstFit()
+        if c.place(_req(f"f{seed}-{i}", 3 * GB), policy) is not None:
+            placed += 1
+    queue.put(placed)
+
+
+def test_concurrent_placements_from_processes_never_overclaim(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    for n in ("n1", "n2"):
+        _register(c, n, gpus=2, mem=10 * GB)  # 4 devices x 3 slots of 3 GB = 12 placements fit
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_placer, args=(redis_url, s, 8, queue)) for s in range(4)]
+    for p in procs:
+        p.start()
+    placed = sum(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    records = c.instances()
+    assert placed == len(records) <= 12
+    for node in c.all_nodes():
+        for d in node.devices:
+            on_device = [r for r in records if (r.node_id, r.device_id) == (d.node_id, d.device_id)]
+            claimed = d.memory_bytes - d.free_bytes
+            assert claimed == sum(r.nbytes for r in on_device) <= d.memory_bytes
+    assert placed >= 8  # first-fit placements keep succeeding while room is left
