@@ -160,7 +160,7 @@ class RedisCluster:
             pipe.hget(Keys.device(node_id, d.device_id), "claimed_bytes")
         claimed = pipe.execute()
         self.r.zadd(Keys.devices_free, {
-            f"{node_id}/{d.device_id}": d.memory_bytes - int(c or 0) for d, c in zip(devices, claimed)
+            f"{node_id}/{d.device_id}": d.memory_bytes - int(c or 0) for d, c in zip(devices, claimed, strict=True)
         })
 
     @_state_errors
@@ -262,7 +262,7 @@ class RedisCluster:
         if not flat:
             return None
         instance_id, *pairs = flat
-        return InstanceRecord.from_hash(instance_id, dict(zip(pairs[::2], pairs[1::2])))
+        return InstanceRecord.from_hash(instance_id, dict(zip(pairs[::2], pairs[1::2], strict=True)))
 
     @_state_errors
     def release_request(self, instance_id: str) -> None:
@@ -278,7 +278,7 @@ class RedisCluster:
         """Registered nodes whose heartbeat has not expired."""
         ids = sorted(self.r.smembers(Keys.nodes))
         alive = self._alive(ids)
-        return [n for n, ok in zip(ids, alive) if ok]
+        return [n for n, ok in zip(ids, alive, strict=True) if ok]
 
     @_state_errors
     def reap_dead_nodes(self) -> list[str]:
@@ -352,7 +352,7 @@ class RedisCluster:
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.hgetall(Keys.instance(i))
-        return [InstanceRecord.from_hash(i, h) for i, h in zip(ids, pipe.execute()) if h]
+        return [InstanceRecord.from_hash(i, h) for i, h in zip(ids, pipe.execute(), strict=True) if h]
 
     def _node_states(self, node_ids: Sequence[str]) -> list[NodeState]:
         """Live nodes as NodeState, in two pipelined round trips."""

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
+from ember.platform.cluster import DeviceSpec, RedisCluster
 from ember.platform.state import Keys
 from ember.scheduler.view import PlacementRequest, StartupEstimate
 
