@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     dram_capacity_bytes: int = 2 << 30
     ssd_capacity_bytes: int = 20 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
+    simulated_gpus: int = 0  # energy accounting on simulated GPUs (CPU-only demos)
 
     log_level: str = "info"
 

@@ -2,8 +2,229 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import typer
+
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (admin).")
 
 
 def register(app: typer.Typer) -> None:
     """Add the platform verbs to the top-level app."""
+    app.command("up", help="Run Redis, the gateway and N workers on this machine.")(up)
+    app.command("gateway", help="Run one gateway (OpenAI-compatible API, admin, autoscaler).")(gateway)
+    app.command("worker", help="Run one worker node (loads checkpoints, runs instances).")(worker)
+    app.command("deploy", help="Deploy (create or update) a function.")(deploy)
+    app.command("invoke", help="Invoke a function with a chat message.")(invoke)
+    app.command("ls", help="List functions.")(ls)
+    app.command("rm", help="Delete a function.")(rm)
+    app.add_typer(keys_app, name="keys")
+
+
+def _settings(**overrides: Any) -> Any:
+    from ember.config import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def up(
+    host: str = typer.Option("127.0.0.1", help="gateway bind address"),
+    port: int = typer.Option(8000, help="gateway port"),
+    workers: int = typer.Option(2, help="number of local worker processes (nodes)"),
+    data_dir: Path = typer.Option(Path("data"), help="Redis AOF, checkpoint store, tiers, logs, keys"),
+    demo: bool = typer.Option(True, help="deploy the demo function 'tiny' on first start"),
+) -> None:
+    from ember.platform.supervisor import UpOptions, run_up
+
+    _logging("warning")
+    settings = _settings(data_dir=data_dir)
+    code = run_up(UpOptions(host=host, port=port, workers=workers, data_dir=data_dir, demo=demo), settings,
+                  echo=lambda s: typer.echo(s))
+    raise typer.Exit(code)
+
+
+def gateway(
+    redis_url: str = typer.Option(None, envvar="EMBER_REDIS_URL", help="redis:// or rediss:// URL"),
+    host: str = typer.Option("127.0.0.1", help="bind address"),
+    port: int = typer.Option(8000, help="port"),
+    initial_budget_json: str = typer.Option(None, help='power budget written to Redis if none is there, '
+                                                        'e.g. \'{"cluster_watts": 3000}\''),
+    log_level: str = typer.Option("info"),
+) -> None:
+    import uvicorn
+
+    from ember.platform.gateway.app import create_app
+
+    _logging(log_level)
+    settings = _settings(redis_url=redis_url, host=host, port=port)
+    if initial_budget_json:
+        _seed_budget(settings.redis_url, initial_budget_json)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _seed_budget(redis_url: str | None, raw: str) -> None:
+    import redis
+
+    from ember.platform.state import Keys
+
+    try:
+        budget = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--initial-budget-json is not JSON: {e}") from e
+    client = redis.Redis.from_url(redis_url or "", decode_responses=True)
+    try:
+        from ember.platform.energy_api import seed_budget
+
+        seed_budget(client, budget)
+    except ImportError:
+        client.set(Keys.energy_budget, json.dumps(budget), nx=True)
+
+
+def worker(
+    redis_url: str = typer.Option(None, envvar="EMBER_REDIS_URL", help="redis:// or rediss:// URL"),
+    store_url: str = typer.Option(None, envvar="EMBER_STORE_URL", help="checkpoint store: file://DIR or s3://B/P"),
+    data_dir: Path = typer.Option(Path("data/node"), envvar="EMBER_DATA_DIR", help="this node's tiers and state"),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
+    port: int = typer.Option(0, help="port (0: a free one)"),
+    advertise_url: str = typer.Option(None, help="URL gateways use to reach this worker"),
+    node_id: str = typer.Option(None, help="node id (default: remembered in the data dir)"),
+    energy_mode: str = typer.Option("recommend", help="observe | recommend | actuate"),
+    cpu_slots: int = typer.Option(2, help="instances slots on a node without GPUs"),
+    dram_capacity_bytes: int = typer.Option(None, envvar="EMBER_DRAM_CAPACITY_BYTES", help="DRAM tier size"),
+    simulated_gpus: int = typer.Option(0, help="simulated GPUs for energy accounting (CPU demos)"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    import uvicorn
+
+    from ember.platform.redis_server import free_port
+    from ember.platform.worker.app import create_worker_app
+
+    if energy_mode not in ("observe", "recommend", "actuate"):
+        raise typer.BadParameter("--energy-mode must be observe, recommend or actuate")
+    _logging(log_level)
+    port = port or free_port(host)
+    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, worker_host=host,
+                         worker_port=port, advertise_url=advertise_url, node_id=node_id, energy_mode=energy_mode,
+                         cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes, simulated_gpus=simulated_gpus)
+    os.environ["EMBER_DATA_DIR"] = str(Path(data_dir).resolve())  # other processes of this node find its tiers
+    url = advertise_url or f"http://{host}:{port}"
+    uvicorn.run(create_worker_app(settings, url), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=5)
+
+
+# --- HTTP client verbs ----------------------------------------------------------------------------
+def _client() -> Any:
+    import httpx
+
+    url = os.environ.get("EMBER_URL", "http://127.0.0.1:8000")
+    key = os.environ.get("EMBER_API_KEY", "")
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def _check(resp: Any) -> Any:
+    if resp.status_code >= 400:
+        try:
+            err = resp.json()["error"]
+            typer.echo(f"error {resp.status_code}: {err['message']}", err=True)
+        except (ValueError, KeyError):
+            typer.echo(f"error {resp.status_code}: {resp.text}", err=True)
+        raise typer.Exit(1)
+    return resp.json() if resp.content else None
+
+
+def deploy(
+    name: str = typer.Argument(...),
+    checkpoint: str = typer.Option(..., help="checkpoint name in the store, or a URI"),
+    ttft_ms: float = typer.Option(1000.0), tpot_ms: float = typer.Option(200.0),
+    min_instances: int = typer.Option(0), max_instances: int = typer.Option(4),
+    keep_alive_s: float = typer.Option(60.0), target_concurrency: int = typer.Option(4),
+    eta: float = typer.Option(0.5, help="energy/time trade-off (Zeus eta)"),
+    policy: str = typer.Option(None, help="placement policy for this function"),
+) -> None:
+    body: dict[str, Any] = {"checkpoint": checkpoint, "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
+                            "scaling": {"min_instances": min_instances, "max_instances": max_instances,
+                                        "keep_alive_s": keep_alive_s, "target_concurrency": target_concurrency},
+                            "energy": {"eta": eta}}
+    if policy:
+        body["placement_policy"] = policy
+    with _client() as c:
+        typer.echo(json.dumps(_check(c.put(f"/v1/functions/{name}", json=body)), indent=2))
+
+
+def invoke(
+    name: str = typer.Argument(...),
+    prompt: str = typer.Argument(...),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive"),
+    max_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0), seed: int = typer.Option(None),
+) -> None:
+    body: dict[str, Any] = {"model": name, "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": max_tokens, "temperature": temperature, "stream": stream}
+    if seed is not None:
+        body["seed"] = seed
+    with _client() as c:
+        if not stream:
+            resp = c.post("/v1/chat/completions", json=body)
+            data = _check(resp)
+            typer.echo(data["choices"][0]["message"]["content"])
+            _headers(resp)
+            return
+        with c.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _check(resp)
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for ch in json.loads(line[6:]).get("choices", []):
+                        sys.stdout.write(ch.get("delta", {}).get("content") or "")
+                        sys.stdout.flush()
+            typer.echo("")
+            _headers(resp)
+
+
+def _headers(resp: Any) -> None:
+    info = {k: v for k, v in resp.headers.items() if k.startswith("x-ember-")}
+    typer.echo(" ".join(f"{k}={v}" for k, v in sorted(info.items())), err=True)
+
+
+def ls() -> None:
+    with _client() as c:
+        data = _check(c.get("/v1/functions"))
+    for f in data["functions"]:
+        typer.echo(f"{f['name']}\t{f['checkpoint']}\tmin={f['scaling']['min_instances']} "
+                   f"max={f['scaling']['max_instances']} keep_alive_s={f['scaling']['keep_alive_s']}")
+
+
+def rm(name: str = typer.Argument(...)) -> None:
+    with _client() as c:
+        _check(c.delete(f"/v1/functions/{name}"))
+    typer.echo(f"deleted {name}")
+
+
+@keys_app.command("create")
+def keys_create(role: str = typer.Option(..., help="admin | operator | developer | invoker"),
+                name: str = typer.Option("", help="a label for the key")) -> None:
+    with _client() as c:
+        typer.echo(json.dumps(_check(c.post("/v1/keys", json={"role": role, "name": name})), indent=2))
+
+
+@keys_app.command("ls")
+def keys_ls() -> None:
+    with _client() as c:
+        for k in _check(c.get("/v1/keys"))["keys"]:
+            typer.echo(f"{k['id']}\t{k['role']}\t{k['name']}")
+
+
+@keys_app.command("rm")
+def keys_rm(key_id: str = typer.Argument(...)) -> None:
+    with _client() as c:
+        _check(c.delete(f"/v1/keys/{key_id}"))
+    typer.echo(f"revoked {key_id}")

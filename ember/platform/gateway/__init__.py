@@ -1,0 +1,1 @@
+"""The gateway: OpenAI-compatible routes, function registry, auth, admin, autoscaler host."""

@@ -1,0 +1,106 @@
+"""The gateway's FastAPI app factory. Everything is built inside `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import redis
+from anyio import to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ember.config import Settings
+from ember.errors import EmberError, StateUnavailable
+from ember.platform.cluster import RedisCluster
+from ember.platform.gateway import admin_routes, openai_routes
+from ember.platform.gateway.auth import KeyStore
+from ember.platform.gateway.autoscaling import AutoscalerLoop
+from ember.platform.gateway.invoke import Invoker
+from ember.platform.gateway.metrics import GatewayMetrics
+from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build a gateway app; Redis, HTTP clients and the autoscaler start in its lifespan."""
+    settings = settings or Settings()
+    gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.redis_url:
+            raise StateUnavailable("the gateway needs EMBER_REDIS_URL (or --redis-url)")
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                      health_check_interval=10)
+        app.state.redis = client
+        app.state.cluster = RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s)
+        app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+        app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for)
+        try:
+            await to_thread.run_sync(KeyStore(client).bootstrap_admin, settings.resolved_admin_key())
+        except redis.RedisError as e:
+            log.warning("could not write the bootstrap admin key yet (Redis unavailable): %s", e)
+        scaler = AutoscalerLoop(app, gateway_id)
+        task = asyncio.create_task(scaler.run(), name="autoscaler")
+        task.add_done_callback(log_task_errors)
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await app.state.http.aclose()
+            client.close()
+
+    def _policy_for(spec: FunctionSpec) -> Any:
+        from ember.scheduler.policies import get_policy
+
+        return get_policy(spec.placement_policy or settings.placement_policy)
+
+    app = FastAPI(title="Ember gateway", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = GatewayMetrics()
+    app.state.gateway_id = gateway_id
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    try:
+        from ember.platform.energy_api import router as energy_router
+    except ImportError:  # energy API not present in this build
+        energy_router = None
+    if energy_router is not None:
+        app.include_router(energy_router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "gateway": gateway_id}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        try:
+            nodes = await to_thread.run_sync(request.app.state.cluster.live_nodes)
+        except (redis.RedisError, EmberError) as e:
+            return JSONResponse({"status": "unavailable", "reason": f"redis: {e}"}, status_code=503)
+        return JSONResponse({"status": "ready", "workers": len(nodes)})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if settings.metrics_require_key:
+            KeyStore(request.app.state.redis).verify(request.headers.get("authorization"))
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+__all__ = ["create_app", "RequestValidationError", "StarletteHTTPException"]

@@ -1,0 +1,111 @@
+"""API keys: stored hashed (sha256) in Redis with a role; the plaintext is shown once at creation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis
+
+from ember.errors import Forbidden, NotFound, Unauthorized
+from ember.platform.gateway.protocol import KeyCreated, KeyInfo, Role
+from ember.platform.state import Keys
+
+ROLES: tuple[Role, ...] = ("admin", "operator", "developer", "invoker")
+BOOTSTRAP_ID = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's id, role and name."""
+
+    id: str
+    role: Role
+    name: str
+
+    def require(self, *roles: Role) -> Principal:
+        if self.role not in roles:
+            raise Forbidden(f"role {self.role!r} may not do this (needs {' or '.join(roles)})")
+        return self
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """Create, list, revoke and verify API keys."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def bootstrap_admin(self, key: str) -> None:
+        """Make `key` the bootstrap admin key (replacing an earlier bootstrap key)."""
+        old = self.client.hget(Keys.api_key_ids, BOOTSTRAP_ID)
+        new_hash = hash_key(key)
+        with self.client.pipeline(transaction=True) as p:
+            if old and old != new_hash:
+                p.delete(Keys.api_key(old))
+            p.hset(Keys.api_key(new_hash), mapping={"id": BOOTSTRAP_ID, "role": "admin", "name": "bootstrap",
+                                                    "created": time.time()})
+            p.hset(Keys.api_key_ids, BOOTSTRAP_ID, new_hash)
+            p.execute()
+
+    def create(self, role: Role, name: str) -> KeyCreated:
+        key = "ek-" + secrets.token_urlsafe(32)
+        key_id = secrets.token_hex(8)
+        created = time.time()
+        h = hash_key(key)
+        with self.client.pipeline(transaction=True) as p:
+            p.hset(Keys.api_key(h), mapping={"id": key_id, "role": role, "name": name, "created": created})
+            p.hset(Keys.api_key_ids, key_id, h)
+            p.execute()
+        return KeyCreated(id=key_id, key=key, role=role, name=name, created=created)
+
+    def list(self) -> list[KeyInfo]:
+        ids = self.client.hgetall(Keys.api_key_ids)
+        out = []
+        with self.client.pipeline(transaction=False) as p:
+            for h in ids.values():
+                p.hgetall(Keys.api_key(h))
+            rows = p.execute()
+        for row in rows:
+            if row:
+                out.append(KeyInfo(id=row["id"], role=row["role"], name=row.get("name", ""),
+                                   created=float(row.get("created", 0))))
+        return sorted(out, key=lambda k: k.created)
+
+    def get(self, key_id: str) -> KeyInfo:
+        h = self.client.hget(Keys.api_key_ids, key_id)
+        row = self.client.hgetall(Keys.api_key(h)) if h else None
+        if not row:
+            raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
+        return KeyInfo(id=row["id"], role=row["role"], name=row.get("name", ""), created=float(row["created"]))
+
+    def delete(self, key_id: str) -> None:
+        h = self.client.hget(Keys.api_key_ids, key_id)
+        if not h:
+            raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
+        with self.client.pipeline(transaction=True) as p:
+            p.delete(Keys.api_key(h))
+            p.hdel(Keys.api_key_ids, key_id)
+            p.execute()
+
+    def verify(self, authorization: str | None) -> Principal:
+        """Principal for an `Authorization: Bearer KEY` header, or Unauthorized."""
+        if not authorization:
+            raise Unauthorized("missing Authorization header (expected 'Bearer <key>')")
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("malformed Authorization header (expected 'Bearer <key>')")
+        row = self.client.hgetall(Keys.api_key(hash_key(key.strip())))
+        if not row:
+            raise Unauthorized("invalid API key")
+        return Principal(id=row["id"], role=row["role"], name=row.get("name", ""))
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,164 @@
+"""Getting an invocation to an instance: warm routing, cold starts through the scheduler, and the
+token stream from the worker.
+
+Order of preference for one request: a ready instance with spare concurrency (warm); an instance
+already loading for this function when its spare slots cover the waiting requests; otherwise a new
+placement (cold start) while the function is below `max_instances`; otherwise wait, up to the
+gateway's SLO timeout, then 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from anyio import to_thread
+
+from ember.config import Settings
+from ember.errors import EmberError, NoCapacity, WorkerError
+from ember.platform.cluster import RedisCluster
+from ember.platform.gateway.metrics import GatewayMetrics
+from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
+from ember.scheduler.view import PlacementRequest
+
+log = logging.getLogger(__name__)
+
+CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
+
+
+@dataclass
+class InvocationTarget:
+    """Where one request runs, and how it got there (the x-ember-* headers)."""
+
+    instance_id: str
+    node_id: str
+    worker_url: str
+    cold: bool
+    tier: str
+    startup_ms: float
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ember-cold-start": "true" if self.cold else "false",
+            "x-ember-load-tier": self.tier,
+            "x-ember-worker": self.node_id,
+            "x-ember-startup-ms": f"{self.startup_ms:.1f}",
+        }
+
+
+class Invoker:
+    """Routes invocations of one gateway. Redis calls run in the threadpool (sync client)."""
+
+    def __init__(self, settings: Settings, cluster: RedisCluster, http: httpx.AsyncClient,
+                 metrics: GatewayMetrics, policy_for: Any) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.http = http
+        self.metrics = metrics
+        self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
+        self.waiting: dict[str, int] = defaultdict(int)
+        self.token = settings.resolved_cluster_token()
+
+    async def acquire(self, spec: FunctionSpec) -> InvocationTarget:
+        """A target with one outstanding slot taken for this request; release it with `release`."""
+        deadline = time.monotonic() + self.settings.slo_timeout_s
+        cold: LoadResult | None = None
+        t0 = time.monotonic()
+        self.waiting[spec.name] += 1
+        try:
+            while True:
+                rec = await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency)
+                if rec is not None:
+                    if cold is None:
+                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0)
+                    startup_ms = (time.monotonic() - t0) * 1000 if rec.instance_id != cold.instance_id \
+                        else cold.startup_ms
+                    return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier, startup_ms)
+                if cold is None and await self._should_start(spec):
+                    cold = await self._cold_start(spec)
+                    continue
+                if time.monotonic() > deadline:
+                    raise NoCapacity(
+                        f"no instance of {spec.name!r} could serve within {self.settings.slo_timeout_s:.0f}s "
+                        "(all busy or no device has room)"
+                    )
+                await asyncio.sleep(0.02)
+        finally:
+            self.waiting[spec.name] -= 1
+
+    async def release(self, target: InvocationTarget) -> None:
+        try:
+            await to_thread.run_sync(self.cluster.release_request, target.instance_id)
+        except EmberError:
+            log.warning("could not release a slot of instance %s", target.instance_id)
+
+    async def _should_start(self, spec: FunctionSpec) -> bool:
+        instances = await to_thread.run_sync(self.cluster.instances, spec.name)
+        if len(instances) >= spec.scaling.max_instances:
+            return False
+        loading = [i for i in instances if i.state == "loading"]
+        # waiting requests beyond what the instances being loaded will take: start another
+        return self.waiting[spec.name] > len(loading) * spec.scaling.target_concurrency
+
+    async def _cold_start(self, spec: FunctionSpec) -> LoadResult | None:
+        request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
+                                   ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy)
+        placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
+        if placement is None:
+            return None
+        try:
+            resp = await self.http.post(
+                f"{placement.worker_url}/internal/instances",
+                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint},
+                headers={CLUSTER_TOKEN_HEADER: self.token},
+                timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=2.0),
+            )
+        except httpx.HTTPError as e:
+            await to_thread.run_sync(self.cluster.remove_instance, placement.instance_id)
+            raise WorkerError(f"worker {placement.node_id} failed to start {spec.name!r}: {e}") from e
+        if resp.status_code != 200:
+            await to_thread.run_sync(self.cluster.remove_instance, placement.instance_id)
+            raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
+        result = LoadResult.model_validate(resp.json())
+        self.metrics.cold_starts.labels(result.tier).inc()
+        self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
+        return result
+
+    async def stream(self, target: InvocationTarget, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        """Events from the worker: {"text": ...} deltas, then {"done": {...}}. Closing it cancels generation."""
+        url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
+        try:
+            async with self.http.stream("POST", url, json=req.model_dump(), headers={CLUSTER_TOKEN_HEADER: self.token},
+                                        timeout=httpx.Timeout(None, connect=2.0)) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise worker_error(resp, f"worker {target.node_id} refused the request")
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.HTTPError as e:
+            raise WorkerError(f"lost the stream from worker {target.node_id}: {e}") from e
+
+
+def worker_error(resp: httpx.Response, context: str) -> EmberError:
+    """Rebuild the worker's Ember error (it answers in the OpenAI error shape), keeping its status."""
+    try:
+        body = resp.json()["error"]
+        err = EmberError(f"{context}: {body['message']}", code=body.get("code") or "worker_error")
+        err.status_code = resp.status_code if resp.status_code < 500 else 502
+        err.error_type = body.get("type") or "server_error"
+        return err
+    except (ValueError, KeyError, TypeError):
+        return WorkerError(f"{context}: HTTP {resp.status_code}")
+
+
+def new_instance_id(function: str) -> str:
+    return f"{function}-{uuid.uuid4().hex[:10]}"

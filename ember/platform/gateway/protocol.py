@@ -1,0 +1,165 @@
+"""Request and response bodies at the HTTP edge (OpenAI-compatible plus Ember's admin API)."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EmberModel(BaseModel):
+    """Shared base: unknown fields are ignored (OpenAI clients send extras), types are strict enough."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# --- functions -----------------------------------------------------------------------------
+class SLO(EmberModel):
+    ttft_ms: float = Field(1000.0, gt=0)
+    tpot_ms: float = Field(200.0, gt=0)
+
+
+class Scaling(EmberModel):
+    min_instances: int = Field(0, ge=0, le=1024)
+    max_instances: int = Field(4, ge=1, le=1024)
+    keep_alive_s: float = Field(60.0, ge=0)
+    target_concurrency: int = Field(4, ge=1, le=1024)
+
+
+class EnergyPrefs(EmberModel):
+    eta: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class FunctionDeploy(EmberModel):
+    """Body of PUT /v1/functions/{name}."""
+
+    checkpoint: str = Field(..., min_length=1, max_length=1024)
+    slo: SLO = Field(default_factory=SLO)
+    scaling: Scaling = Field(default_factory=Scaling)
+    energy: EnergyPrefs = Field(default_factory=EnergyPrefs)
+    placement_policy: str | None = None
+
+
+class FunctionSpec(FunctionDeploy):
+    """What the registry stores and returns."""
+
+    name: str
+    owner: str = "admin"
+    nbytes: int = 0
+    created: float = Field(default_factory=time.time)
+    updated: float = Field(default_factory=time.time)
+
+
+# --- keys ------------------------------------------------------------------------------------
+Role = Literal["admin", "operator", "developer", "invoker"]
+
+
+class KeyCreate(EmberModel):
+    role: Role
+    name: str = Field("", max_length=128)
+
+
+class KeyInfo(EmberModel):
+    id: str
+    role: Role
+    name: str
+    created: float
+
+
+class KeyCreated(KeyInfo):
+    key: str
+
+
+# --- OpenAI ----------------------------------------------------------------------------------
+class StreamOptions(EmberModel):
+    include_usage: bool = False
+
+
+class _Sampling(EmberModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class ChatMessage(EmberModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict))
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ValueError("exactly one prompt per request")
+            return self.prompt[0]
+        return self.prompt
+
+
+class Usage(EmberModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+# --- worker internal API -----------------------------------------------------------------------
+class LoadRequest(EmberModel):
+    instance_id: str
+    function: str
+    checkpoint: str
+
+
+class LoadResult(EmberModel):
+    instance_id: str
+    tier: str
+    startup_ms: float
+    nbytes: int
+
+
+class GenerateRequest(EmberModel):
+    """What the gateway asks a worker's instance to generate (tokens never travel through Redis)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class CheckpointInfoOut(EmberModel):
+    name: str
+    nbytes: int

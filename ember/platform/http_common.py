@@ -1,0 +1,97 @@
+"""HTTP plumbing shared by the gateway and the worker apps: error mapping, body limits, task logging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ember.errors import EmberError, PayloadTooLarge, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def error_response(err: EmberError) -> JSONResponse:
+    return JSONResponse(err.to_openai(), status_code=err.status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One place that maps errors to the OpenAI error shape, found by class hierarchy."""
+
+    @app.exception_handler(EmberError)
+    async def _ember(_: Request, exc: EmberError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return error_response(StateUnavailable(f"shared state (Redis) unavailable: {exc.__class__.__name__}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"error": {"message": "request body is not valid JSON", "type": "invalid_request_error",
+                                           "code": "invalid_json"}}, status_code=400)
+        parts = []
+        for e in errors[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        return JSONResponse({"error": {"message": "; ".join(parts), "type": "invalid_request_error",
+                                       "code": "invalid_body"}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+            exc.status_code, "invalid_request_error")
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "code": str(exc.status_code)}},
+                            status_code=exc.status_code)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_bytes:
+                        await error_response(too_large)(scope, receive, send)
+                        return
+                except ValueError:
+                    pass
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except PayloadTooLarge as e:
+            await error_response(e)(scope, receive, send)
+
+
+def log_task_errors(task: asyncio.Task[Any]) -> None:
+    """Done-callback for background tasks: an exception is logged, never lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,1 @@
+"""Model execution: a loaded model instance that generates and streams tokens."""

@@ -1,0 +1,210 @@
+"""`ember up`: one machine's whole platform as child processes of one supervisor.
+
+Starts a private Redis-protocol server (AOF persistence in the data dir) unless EMBER_REDIS_URL
+names one, N workers (each its own node with its own data directory), and the gateway; deploys the
+demo function on first start; stops every child on SIGINT/SIGTERM (and, via PR_SET_PDEATHSIG, when
+the supervisor itself dies), so no process is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ember.config import Settings, new_secret
+from ember.errors import EmberError, ServiceUnavailable
+from ember.platform.redis_server import RedisServerProcess, free_port
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UpOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    data_dir: Path = Path("data")
+    demo: bool = True
+    ready_timeout_s: float = 120.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def read_or_create_secret(path: Path, env_value: str | None) -> str:
+    """The env value if set, else a secret remembered in `path` (mode 0600), created once."""
+    if env_value:
+        return env_value
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Platform:
+    """The running processes of `ember up`."""
+
+    def __init__(self, opts: UpOptions, settings: Settings) -> None:
+        self.opts = opts
+        self.settings = settings
+        self.data_dir = opts.data_dir.resolve()
+        self.redis: RedisServerProcess | None = None
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = threading.Event()
+        self.url = f"http://{opts.host}:{opts.port}"
+        self.admin_key_path = self.data_dir / "admin_key"
+
+    def start(self, echo: Callable[[str], None] = print) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        admin_key = read_or_create_secret(self.admin_key_path, self.settings.admin_key)
+        if self.settings.admin_key:
+            self.admin_key_path.write_text(admin_key + "\n")
+            self.admin_key_path.chmod(0o600)
+        token = read_or_create_secret(self.data_dir / "cluster_token", self.settings.cluster_token)
+        redis_url = self.settings.redis_url
+        if not redis_url:
+            self.redis = RedisServerProcess(self.data_dir / "redis", persistent=True).start()
+            redis_url = self.redis.url
+            echo(f"redis: {redis_url} (AOF in {self.data_dir / 'redis'})")
+        store_url = self.settings.resolved_store_url if self.settings.store_url else \
+            f"file://{self.data_dir / 'store'}"
+        env = {**os.environ, **self.opts.extra_env, "EMBER_REDIS_URL": redis_url, "EMBER_CLUSTER_TOKEN": token,
+               "EMBER_ADMIN_KEY": admin_key, "EMBER_STORE_URL": store_url, "PYTHONUNBUFFERED": "1"}
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        if self.opts.demo:
+            self._ensure_demo_checkpoint(store_url, echo)
+        for i in range(self.opts.workers):
+            node = f"node-{i}"
+            port = free_port(self.opts.host)
+            self._spawn(node, [sys.executable, "-m", "ember", "worker", "--data-dir", str(self.data_dir / "nodes" / node),
+                               "--node-id", node, "--host", self.opts.host, "--port", str(port)], env, logs)
+        self._spawn("gateway", [sys.executable, "-m", "ember", "gateway", "--host", self.opts.host,
+                                "--port", str(self.opts.port)], env, logs)
+        self._wait_ready(admin_key)
+        if self.opts.demo:
+            self._deploy_demo(admin_key, echo)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+        out.close()
+        self.children.append((name, proc))
+
+    def _ensure_demo_checkpoint(self, store_url: str, echo: Callable[[str], None]) -> None:
+        from ember.loader import open_store
+
+        store = open_store(store_url)
+        name = self.settings.demo_function
+        if store.exists(name):
+            return
+        from ember.tinymodel import make_tiny_model
+
+        echo(f"making the demo model {name!r} (ember model tiny) and pushing it to {store_url}")
+        src = make_tiny_model(self.data_dir / "models" / name)
+        store.push(src, name)
+
+    def _wait_ready(self, admin_key: str) -> None:
+        deadline = time.monotonic() + self.opts.ready_timeout_s
+        while time.monotonic() < deadline:
+            self._check_children()
+            try:
+                r = httpx.get(f"{self.url}/readyz", timeout=1.0)
+                if r.status_code == 200 and r.json().get("workers", 0) >= self.opts.workers:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise ServiceUnavailable(f"the platform was not ready within {self.opts.ready_timeout_s:.0f}s; "
+                                 f"see {self.data_dir / 'logs'}")
+
+    def _deploy_demo(self, admin_key: str, echo: Callable[[str], None]) -> None:
+        name = self.settings.demo_function
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        r = httpx.get(f"{self.url}/v1/functions/{name}", headers=headers, timeout=10)
+        if r.status_code == 404:
+            r = httpx.put(f"{self.url}/v1/functions/{name}", headers=headers, timeout=60, json={
+                "checkpoint": name, "scaling": {"min_instances": 0, "max_instances": 4, "keep_alive_s": 60,
+                                                "target_concurrency": 4}})
+            if r.status_code >= 300:
+                raise EmberError(f"deploying the demo function failed: {r.status_code} {r.text}")
+            echo(f"deployed demo function {name!r} (min_instances 0: its first call is a cold start)")
+
+    def _check_children(self) -> None:
+        for name, proc in self.children:
+            if proc.poll() is not None and not self.stopping.is_set():
+                if name == "gateway":
+                    raise ServiceUnavailable(f"the gateway exited with {proc.returncode}; "
+                                             f"see {self.data_dir / 'logs' / 'gateway.log'}")
+        if self.redis is not None and self.redis.proc is not None and self.redis.proc.poll() is not None:
+            raise ServiceUnavailable("the Redis server exited")
+
+    def wait(self) -> None:
+        """Block until a signal or until the gateway or Redis dies; workers that die are reported."""
+        reported: set[str] = set()
+        while not self.stopping.is_set():
+            self._check_children()
+            for name, proc in self.children:
+                if name != "gateway" and proc.poll() is not None and name not in reported:
+                    reported.add(name)
+                    log.warning("worker %s exited with %s", name, proc.returncode)
+            self.stopping.wait(0.5)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for _, proc in self.children:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def run_up(opts: UpOptions, settings: Settings, echo: Callable[[str], None] = print) -> int:
+    platform = Platform(opts, settings)
+
+    def on_signal(signum: int, _: object) -> None:
+        platform.stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        platform.start(echo)
+        echo(f"ready: {platform.url}")
+        echo(f"admin key: {platform.admin_key_path} (export EMBER_API_KEY=$(cat {platform.admin_key_path}))")
+        platform.wait()
+        return 0
+    except EmberError as e:
+        echo(f"error: {e.message}")
+        return 1
+    finally:
+        platform.stop()

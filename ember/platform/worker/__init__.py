@@ -1,0 +1,1 @@
+"""The worker (node agent): owns devices and checkpoint tiers, runs instances, heartbeats."""

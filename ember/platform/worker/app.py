@@ -1,0 +1,122 @@
+"""The worker's internal HTTP API (gateway -> worker). Every route needs the cluster token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis
+from anyio import to_thread
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import StreamingResponse
+
+from ember.config import Settings
+from ember.errors import EmberError, Unauthorized
+from ember.platform.cluster import RedisCluster
+from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
+from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult
+from ember.platform.http_common import install_error_handlers
+from ember.platform.runtime.engine import GenerationDone, TokenDelta
+from ember.platform.worker.node import WorkerNode
+
+log = logging.getLogger(__name__)
+
+
+def create_worker_app(settings: Settings, url: str) -> FastAPI:
+    """Build a worker app; the node registers and heartbeats during the app's lifespan."""
+    token = settings.resolved_cluster_token()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True, socket_timeout=5)
+        node = WorkerNode(settings, RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s), url)
+        await to_thread.run_sync(node.start)
+        app.state.node = node
+        try:
+            yield
+        finally:
+            await to_thread.run_sync(node.stop)
+            client.close()
+
+    def check_token(x_ember_cluster_token: Annotated[str | None, Header()] = None) -> None:
+        if not x_ember_cluster_token or not secrets.compare_digest(x_ember_cluster_token, token):
+            raise Unauthorized(f"missing or wrong {CLUSTER_TOKEN_HEADER}")
+
+    app = FastAPI(title="Ember worker", lifespan=lifespan, dependencies=[Depends(check_token)])
+    install_error_handlers(app)
+
+    @app.get("/internal/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        node: WorkerNode = request.app.state.node
+        return {"status": "ok", "node": node.node_id, "instances": sorted(node.instances)}
+
+    @app.get("/internal/checkpoints")
+    async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
+        node: WorkerNode = request.app.state.node
+        nbytes = await to_thread.run_sync(node.tiers.checkpoint_nbytes, ref)
+        return {"name": ref, "nbytes": nbytes}
+
+    @app.post("/internal/instances")
+    async def load(body: LoadRequest, request: Request) -> LoadResult:
+        node: WorkerNode = request.app.state.node
+        return await to_thread.run_sync(node.load, body)
+
+    @app.delete("/internal/instances/{instance_id}")
+    async def unload(instance_id: str, request: Request) -> dict[str, str]:
+        node: WorkerNode = request.app.state.node
+        await to_thread.run_sync(node.unload, instance_id)
+        return {"status": "unloaded", "instance_id": instance_id}
+
+    @app.post("/internal/instances/{instance_id}/generate")
+    async def generate(instance_id: str, body: GenerateRequest, request: Request) -> StreamingResponse:
+        node: WorkerNode = request.app.state.node
+        inst = node.get(instance_id)
+        await to_thread.run_sync(inst.prompt_ids, body)  # context-length errors become a 400 before streaming
+        return StreamingResponse(_ndjson(node, inst, body), media_type="application/x-ndjson")
+
+    return app
+
+
+async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest) -> AsyncIterator[bytes]:
+    """Run generation in its own thread; stream its events; cancel it when the client goes away."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def produce() -> None:
+        try:
+            for ev in inst.generate(body, cancelled):
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except EmberError as e:
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+        except Exception as e:  # reported to the client as a worker error, logged here
+            log.exception("generation failed on %s", inst.instance_id)
+            loop.call_soon_threadsafe(queue.put_nowait, EmberError(f"generation failed: {e.__class__.__name__}"))
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    thread = threading.Thread(target=produce, name=f"gen-{inst.instance_id}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ev = await queue.get()
+            if ev is None:
+                break
+            if isinstance(ev, TokenDelta):
+                yield json.dumps({"text": ev.text}).encode() + b"\n"
+            elif isinstance(ev, GenerationDone):
+                node.record_request(inst, ev)
+                yield json.dumps({"done": {
+                    "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
+                    "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
+                }}).encode() + b"\n"
+            elif isinstance(ev, EmberError):
+                yield json.dumps(ev.to_openai()).encode() + b"\n"
+    finally:
+        cancelled.set()  # client gone (or done): the decode loop stops at its next token
