@@ -10,7 +10,7 @@ import httpx
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request, Response
 
-from ember.errors import EmberError
+from ember.errors import BadRequest
 from ember.platform.gateway.auth import KeyStore
 from ember.platform.gateway.deps import AdminPrincipal, AnyPrincipal, require_roles
 from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER, worker_error
@@ -31,7 +31,7 @@ async def put_function(name: str, body: FunctionDeploy, request: Request, respon
     principal.require("admin", "developer")
     check_name(name, "function name")
     if body.scaling.min_instances > body.scaling.max_instances:
-        raise EmberError("scaling.min_instances must not exceed scaling.max_instances", code="invalid_scaling")
+        raise BadRequest("scaling.min_instances must not exceed scaling.max_instances", code="invalid_scaling")
     if body.placement_policy is not None:
         from ember.scheduler.policies import get_policy
 

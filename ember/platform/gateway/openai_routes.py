@@ -12,7 +12,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ember.errors import EmberError
+from ember.errors import BadRequest, EmberError
 from ember.platform.gateway.deps import AnyPrincipal
 from ember.platform.gateway.invoke import InvocationTarget, Invoker
 from ember.platform.gateway.protocol import (
@@ -50,7 +50,7 @@ async def completions(body: CompletionRequest, request: Request, principal: AnyP
     try:
         prompt = body.prompt_text()
     except ValueError as e:
-        raise EmberError(str(e)) from e
+        raise BadRequest(str(e)) from e
     gen = _generate_request(body, request, DEFAULT_COMPLETION_MAX_TOKENS, prompt=prompt)
     return await _invoke(request, principal, body, gen, chat=False, echo=prompt if body.echo else "")
 

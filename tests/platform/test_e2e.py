@@ -1,0 +1,160 @@
+"""End to end: `ember up` as a real process tree (Redis, gateway, 2 workers), driven with the
+official openai client. Covers cold/warm headers, streaming, usage, seeds, scale to zero and a
+cold start from the DRAM tier, and a clean shutdown without orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ember.platform.redis_server import free_port
+
+pytestmark = pytest.mark.slow
+ADMIN = "e2e-admin-key-0123456789"
+
+
+class Up:
+    def __init__(self, proc: subprocess.Popen[str], url: str, data_dir: Path, lines: list[str]) -> None:
+        self.proc, self.url, self.data_dir, self.lines = proc, url, data_dir, lines
+
+
+def _pids_using(data_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", str(data_dir)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    data_dir = tmp_path_factory.mktemp("up") / "data"
+    port = free_port()
+    env = {**os.environ, "EMBER_ADMIN_KEY": ADMIN, "EMBER_AUTOSCALER_INTERVAL_S": "0.3",
+           "EMBER_HEARTBEAT_INTERVAL_S": "0.3", "EMBER_DRAM_CAPACITY_BYTES": str(128 << 20), "PYTHONUNBUFFERED": "1"}
+    env.pop("EMBER_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "up", "--port", str(port), "--workers", "2",
+                             "--data-dir", str(data_dir)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if line.startswith("ready: "):
+            break
+    if not lines or not lines[-1].startswith("ready: "):
+        proc.kill()
+        logs = "\n".join(p.read_text()[-3000:] for p in (data_dir / "logs").glob("*.log"))
+        pytest.fail("ember up did not become ready:\n" + "\n".join(lines) + "\n" + logs)
+    assert lines[-1] == f"ready: http://127.0.0.1:{port}"
+    yield Up(proc, f"http://127.0.0.1:{port}", data_dir, lines)
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _client(up: Up):  # -> openai.OpenAI
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{up.url}/v1", api_key=ADMIN, max_retries=0, timeout=120)
+
+
+def test_cold_then_warm_with_openai_client(up: Up) -> None:
+    assert (up.data_dir / "admin_key").read_text().strip() == ADMIN
+    assert any("admin key:" in line for line in up.lines)
+    client = _client(up)
+    assert "tiny" in [m.id for m in client.models.list().data]
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    assert raw.headers["x-ember-cold-start"] == "true"
+    assert raw.headers["x-ember-load-tier"] in ("remote", "ssd", "dram")
+    assert raw.headers["x-ember-worker"].startswith("node-")
+    assert float(raw.headers["x-ember-startup-ms"]) > 0
+    first = raw.parse()
+    assert first.choices[0].finish_reason in ("stop", "length")
+    assert first.usage.prompt_tokens > 0 and first.usage.total_tokens == first.usage.prompt_tokens + \
+        first.usage.completion_tokens
+    raw2 = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    assert raw2.headers["x-ember-cold-start"] == "false"
+    assert raw2.headers["x-ember-load-tier"] == "warm"
+    assert raw2.parse().choices[0].message.content == first.choices[0].message.content  # greedy: same text
+
+
+def test_streaming_chat_and_completions_with_usage_and_seed(up: Up) -> None:
+    client = _client(up)
+    texts = []
+    for _ in range(2):
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=12,
+            temperature=0.9, seed=7, stream=True, stream_options={"include_usage": True})
+        parts, usage, finish = [], None, None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for ch in chunk.choices:
+                parts.append(ch.delta.content or "")
+                finish = ch.finish_reason or finish
+        assert usage is not None and usage.completion_tokens >= 1 and finish in ("stop", "length")
+        texts.append("".join(parts))
+    assert texts[0] == texts[1]  # same seed, same text
+
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, seed=3, temperature=1.0)
+    again = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, seed=3, temperature=1.0)
+    assert full.choices[0].text == again.choices[0].text
+    assert full.usage.completion_tokens == again.usage.completion_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=10, seed=3, temperature=1.0, stream=True) if c.choices)
+    assert streamed == full.choices[0].text
+
+    stopped = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, seed=3,
+                                        temperature=1.0, stop=[full.choices[0].text[2:4]] if len(
+                                            full.choices[0].text) >= 4 else None)
+    if len(full.choices[0].text) >= 4:
+        assert len(stopped.choices[0].text) < len(full.choices[0].text)
+        assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_scale_to_zero_then_cold_start_from_dram(up: Up) -> None:
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.put(f"{up.url}/v1/functions/brief", headers=h, timeout=60, json={
+        "checkpoint": "tiny", "scaling": {"min_instances": 0, "keep_alive_s": 1}})
+    assert r.status_code == 201, r.text
+    assert r.json()["nbytes"] > 0  # a worker resolved the checkpoint's size
+    chat = {"model": "brief", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r1 = httpx.post(f"{up.url}/v1/chat/completions", headers=h, json=chat, timeout=120)
+    assert r1.status_code == 200 and r1.headers["x-ember-cold-start"] == "true"
+    worker = r1.headers["x-ember-worker"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not httpx.get(f"{up.url}/v1/functions/brief", headers=h).json()["instances"]:
+            break
+        time.sleep(0.3)
+    assert httpx.get(f"{up.url}/v1/functions/brief", headers=h).json()["instances"] == []
+    r2 = httpx.post(f"{up.url}/v1/chat/completions", headers=h, json=chat, timeout=120)
+    assert r2.status_code == 200
+    assert r2.headers["x-ember-cold-start"] == "true"
+    assert r2.headers["x-ember-load-tier"] == "dram"
+    assert r2.headers["x-ember-worker"] == worker  # locality: the node that holds it in DRAM
+    metrics = httpx.get(f"{up.url}/metrics").text
+    assert 'ember_cold_starts_total{tier="dram"}' in metrics
+
+
+def test_sigterm_stops_every_child(up: Up) -> None:
+    assert len(_pids_using(up.data_dir)) >= 4  # ember up, redis, gateway?, workers (args name the data dir)
+    up.proc.send_signal(signal.SIGTERM)
+    up.proc.wait(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _pids_using(up.data_dir):
+        time.sleep(0.2)
+    assert _pids_using(up.data_dir) == []
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{up.url}/healthz", timeout=1)

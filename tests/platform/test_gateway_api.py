@@ -1,0 +1,107 @@
+"""Gateway API against a real gateway process and a real Redis: auth, roles, functions, errors."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.platform.conftest import ADMIN_KEY, Proc, admin_headers
+
+
+def _h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _assert_openai_error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) >= {"message", "type", "code"} and err["message"]
+    return err
+
+
+def test_health_ready_metrics_need_no_key(gateway: Proc) -> None:
+    assert httpx.get(f"{gateway.url}/healthz").json()["status"] == "ok"
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] == 0
+    text = httpx.get(f"{gateway.url}/metrics").text
+    for name in ("ember_time_to_first_token_seconds", "ember_requests_total", "ember_cold_starts_total",
+                 "ember_instances", "ember_time_per_output_token_seconds"):
+        assert name in text
+
+
+def test_auth_required_and_wrong_keys_rejected(gateway: Proc) -> None:
+    _assert_openai_error(httpx.get(f"{gateway.url}/v1/models"), 401)
+    _assert_openai_error(httpx.get(f"{gateway.url}/v1/models", headers=_h("nope")), 401)
+    _assert_openai_error(httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": "Basic abc"}), 401)
+    assert httpx.get(f"{gateway.url}/v1/models", headers=admin_headers()).json()["object"] == "list"
+
+
+def test_keys_roles_and_function_ownership(gateway: Proc) -> None:
+    u = gateway.url
+    keys = {}
+    for role in ("operator", "developer", "invoker"):
+        r = httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": role, "name": f"{role}-1"})
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["role"] == role and body["key"].startswith("ek-")
+        keys[role] = body
+    dev2 = httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": "developer"}).json()
+    listed = httpx.get(f"{u}/v1/keys", headers=admin_headers()).json()["keys"]
+    assert {k["id"] for k in listed} >= {k["id"] for k in keys.values()}
+    assert all("key" not in k for k in listed)  # plaintext shown only at creation
+    # only admins manage keys
+    _assert_openai_error(httpx.post(f"{u}/v1/keys", headers=_h(keys["operator"]["key"]),
+                                    json={"role": "admin"}), 403)
+    _assert_openai_error(httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": "root"}), 422)
+
+    spec = {"checkpoint": "tiny", "scaling": {"max_instances": 2}}
+    dev = _h(keys["developer"]["key"])
+    r = httpx.put(f"{u}/v1/functions/mine", headers=dev, json=spec)
+    assert r.status_code == 201, r.text
+    got = r.json()
+    assert got["name"] == "mine" and got["scaling"]["max_instances"] == 2
+    assert got["slo"]["ttft_ms"] == 1000 and got["scaling"]["keep_alive_s"] == 60 and got["energy"]["eta"] == 0.5
+    assert httpx.put(f"{u}/v1/functions/mine", headers=dev, json=spec).status_code == 200  # update
+    # invoker and operator cannot deploy; operator can read
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/x", headers=_h(keys["invoker"]["key"]), json=spec), 403)
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/x", headers=_h(keys["operator"]["key"]), json=spec), 403)
+    names = [f["name"] for f in httpx.get(f"{u}/v1/functions", headers=_h(keys["operator"]["key"])).json()["functions"]]
+    assert names == ["mine"]
+    # another developer cannot change or delete it, nor invoke it
+    _assert_openai_error(httpx.delete(f"{u}/v1/functions/mine", headers=_h(dev2["key"])), 403)
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/mine", headers=_h(dev2["key"]), json=spec), 403)
+    _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=_h(dev2["key"]),
+                                    json={"model": "mine", "messages": [{"role": "user", "content": "hi"}]}), 403)
+    assert httpx.get(f"{u}/v1/functions/mine", headers=admin_headers()).json()["instances"] == []
+    assert httpx.delete(f"{u}/v1/functions/mine", headers=dev).status_code == 204
+    _assert_openai_error(httpx.get(f"{u}/v1/functions/mine", headers=dev), 404)
+    # a revoked key stops working
+    assert httpx.delete(f"{u}/v1/keys/{keys['invoker']['id']}", headers=admin_headers()).status_code == 204
+    _assert_openai_error(httpx.get(f"{u}/v1/models", headers=_h(keys["invoker"]["key"])), 401)
+
+
+def test_bad_input_gets_openai_errors_and_server_keeps_serving(gateway: Proc) -> None:
+    u, h = gateway.url, admin_headers()
+    chat = {"model": "ghost", "messages": [{"role": "user", "content": "hi"}]}
+    err = _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h, json=chat), 404)
+    assert err["code"] == "model_not_found"
+    _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers={**h, "content-type": "application/json"},
+                                    content=b"{not json"), 400)
+    _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h, json={"model": "ghost"}), 422)
+    _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h,
+                                    json={**chat, "temperature": 9}), 422)
+    _assert_openai_error(httpx.post(f"{u}/v1/completions", headers=h,
+                                    json={"model": "ghost", "prompt": "x", "max_tokens": 10**6}), 400)
+    big = {"model": "ghost", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h, json=big), 413)
+    # path tricks in names
+    for bad in ("%2E%2E", "a..b", "-x", "x" * 200, "a%2Fb"):
+        r = httpx.put(f"{u}/v1/functions/{bad}", headers=h, json={"checkpoint": "tiny"})
+        assert r.status_code in (400, 404), r.text  # 404 where the router already refused the path
+        _assert_openai_error(r, r.status_code)
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/a..b", headers=h, json={"checkpoint": "tiny"}), 400)
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/ok", headers=h, json={"checkpoint": "tiny",
+                         "scaling": {"min_instances": 3, "max_instances": 1}}), 400)
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/ok", headers=h, json={"checkpoint": "tiny",
+                         "placement_policy": "nonsense"}), 400)
+    _assert_openai_error(httpx.get(f"{u}/v1/nowhere", headers=h), 404)
+    assert httpx.get(f"{u}/v1/models", headers=_h(ADMIN_KEY)).status_code == 200  # still serving
