@@ -1,0 +1,87 @@
+"""Quick per-tier bandwidth probes, run once when a worker starts (well under a second)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from ember.errors import EmberError
+from ember.loader import vm
+
+if TYPE_CHECKING:
+    from ember.loader.tiers import NodeTiers
+
+# Used when a tier cannot be probed (an empty store): a conservative figure for S3 from one node.
+FALLBACK_REMOTE_BPS = 200e6
+
+
+def measure_tier_bandwidth(tiers: NodeTiers, probe_bytes: int = 64 << 20) -> dict[str, float]:
+    """{"dram", "ssd", "remote"} in bytes/s."""
+    return {
+        "dram": _dram_bps(probe_bytes),
+        "ssd": _ssd_bps(tiers.ssd.tmp, probe_bytes, tiers.threads),
+        "remote": _remote_bps(tiers, probe_bytes),
+    }
+
+
+def _dram_bps(nbytes: int) -> float:
+    src, dst = vm.anonymous(nbytes), vm.anonymous(nbytes)
+    a, b = src.array(), dst.array()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        b[:] = a
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def _ssd_bps(directory, nbytes: int, threads: int) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = os.path.join(directory, f"probe-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    chunk = 4 << 20
+    buf = vm.anonymous(nbytes)
+    try:
+        with open(path, "wb") as f:
+            f.write(memoryview(buf.array()))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_DONTNEED)
+        view = buf.memoryview()
+        try:
+            t = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                list(pool.map(lambda o: os.preadv(fd, [view[o : o + chunk]], o), range(0, nbytes, chunk)))
+            return nbytes / (time.perf_counter() - t)
+        finally:
+            os.close(fd)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _remote_bps(tiers: NodeTiers, nbytes: int) -> float:
+    try:
+        store = tiers.store(tiers.store_url)
+        infos = store.list()
+        for info in infos:
+            manifest = store.manifest(info.name)
+            if not manifest.partitions:
+                continue
+            p = manifest.partitions[0]
+            n = min(nbytes, p.size)
+            buf = bytearray(n)
+            t = time.perf_counter()
+            store.read_range(info.name, p.file, 0, memoryview(buf))
+            return n / (time.perf_counter() - t)
+    except EmberError:
+        pass
+    return FALLBACK_REMOTE_BPS

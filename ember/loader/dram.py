@@ -1,0 +1,363 @@
+"""The DRAM tier: one shared-memory pool per node, cut into blocks, holding checkpoints LRU.
+
+The pool is a tmpfs file (/dev/shm) named from the node's data directory, so every process
+with the same EMBER_DATA_DIR finds it. It is allocated and touched once, when the first process
+opens it (fresh memory is slow to touch on VMs; reused memory is fast). A checkpoint occupies
+whole blocks, in one run when possible and in several runs otherwise; several runs are mapped
+back to back so tensors still see one contiguous buffer. Eviction is LRU and partial: only as
+many unpinned entries go as the new one needs, and a checkpoint larger than the pool is simply
+not cached here. Entries in use by a live process are pinned and never evicted.
+
+The index (JSON) lives beside the pool and is changed only under an flock, by any process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import CapacityError
+from ember.loader import vm
+
+DEFAULT_BLOCK_BYTES = 2 << 20
+
+
+@dataclass(frozen=True)
+class DramEntry:
+    """A ready entry: where its bytes are in the pool and where its manifest/model files are."""
+
+    name: str
+    runs: tuple[tuple[int, int], ...]  # (byte offset in pool, byte length)
+    nbytes: int
+    meta_dir: Path
+
+    @property
+    def contiguous(self) -> bool:
+        return len(self.runs) == 1
+
+
+def shm_dir_for(data_dir: Path) -> Path:
+    """The node's shared-memory directory, named from its data directory."""
+    root = Path(os.environ.get("EMBER_SHM_DIR", "/dev/shm"))
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return root / f"ember-{digest}"
+
+
+class DramTier:
+    """The node's DRAM pool (see the module docstring)."""
+
+    def __init__(self, data_dir: Path, capacity_bytes: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+        self.dir = shm_dir_for(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "meta").mkdir(exist_ok=True)
+        self._thread_lock = threading.RLock()
+        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self.pid = os.getpid()
+        pool = self.dir / "pool"
+        with self._locked():
+            index = self._read_index()
+            created = index is None or not pool.exists()
+            if created:
+                blocks = max(0, capacity_bytes // block_bytes)
+                index = {"capacity_bytes": blocks * block_bytes, "block_bytes": block_bytes, "entries": {}}
+                fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    if index["capacity_bytes"]:
+                        os.ftruncate(fd, index["capacity_bytes"])
+                        try:
+                            os.posix_fallocate(fd, 0, index["capacity_bytes"])
+                        except OSError as e:
+                            os.close(fd)
+                            pool.unlink()
+                            raise CapacityError(
+                                f"cannot allocate a DRAM pool of {capacity_bytes} bytes in {self.dir}: {e}"
+                            ) from e
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                shutil.rmtree(self.dir / "meta", ignore_errors=True)
+                (self.dir / "meta").mkdir()
+                self._write_index(index)
+        self.capacity_bytes: int = index["capacity_bytes"]
+        self.block_bytes: int = index["block_bytes"]
+        self.fd = os.open(pool, os.O_RDWR)
+        # The whole pool, mapped once per process. The process that created it maps it populated:
+        # that is the one-time pre-touch (bounded by the capacity); others map it lazily.
+        self.base: vm.Mapping | None = None
+        if self.capacity_bytes:
+            flags = vm.MAP_SHARED | (vm.MAP_POPULATE if created else 0)
+            self.base = vm.Mapping(
+                vm.mmap_at(None, self.capacity_bytes, vm.PROT_READ | vm.PROT_WRITE, flags, self.fd, 0),
+                self.capacity_bytes,
+            )
+        self.created = created
+
+    # --- queries ----------------------------------------------------------------------------
+    def lookup(self, name: str) -> DramEntry | None:
+        """The ready entry for `name`, or None."""
+        with self._locked():
+            e = (self._read_index() or {}).get("entries", {}).get(name)
+            return self._entry(name, e) if e and e["state"] == "ready" else None
+
+    def holdings(self) -> dict[str, int]:
+        """Ready entries: name -> bytes."""
+        with self._locked():
+            entries = (self._read_index() or {}).get("entries", {})
+            return {n: e["nbytes"] for n, e in entries.items() if e["state"] == "ready"}
+
+    def used_bytes(self) -> int:
+        """Bytes of the pool held by entries (ready or filling)."""
+        with self._locked():
+            entries = (self._read_index() or {}).get("entries", {})
+            return sum(n * self.block_bytes for e in entries.values() for _, n in e["runs"])
+
+    # --- pins -------------------------------------------------------------------------------
+    def pin(self, name: str) -> DramEntry | None:
+        """Pin a ready entry for this process (and mark it used); None if it is not there."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"].get(name)
+            if not e or e["state"] != "ready":
+                return None
+            pins = e.setdefault("pins", {})
+            pins[str(self.pid)] = pins.get(str(self.pid), 0) + 1
+            e["last_used"] = time.time()
+            self._write_index(index)
+            return self._entry(name, e)
+
+    def unpin(self, name: str) -> None:
+        """Undo one pin of this process."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"].get(name)
+            if not e:
+                return
+            pins = e.setdefault("pins", {})
+            left = pins.get(str(self.pid), 0) - 1
+            if left > 0:
+                pins[str(self.pid)] = left
+            else:
+                pins.pop(str(self.pid), None)
+            self._write_index(index)
+
+    # --- filling ----------------------------------------------------------------------------
+    def allocate(self, name: str, nbytes: int) -> DramEntry | None:
+        """Reserve blocks for a new entry (evicting LRU unpinned entries as needed), pinned by
+        this process and in state "filling". None when the pool cannot hold it even empty of
+        unpinned entries, or another live process is filling the same name."""
+        need = -(-nbytes // self.block_bytes) if nbytes else 1
+        if need * self.block_bytes > self.capacity_bytes:
+            return None
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            entries = index["entries"]
+            old = entries.get(name)
+            if old is not None:
+                if old["state"] == "filling" and _alive(old.get("pid", 0)):
+                    return None
+                if old["state"] == "ready":
+                    return None  # already cached; the caller should pin it instead
+                self._drop(entries, name)
+            while True:
+                runs = self._fit(entries, need)
+                if runs is not None:
+                    break
+                victim = self._lru_victim(entries)
+                if victim is None:
+                    return None
+                self._drop(entries, victim)
+            gen = uuid.uuid4().hex[:12]
+            entries[name] = {
+                "runs": runs,
+                "nbytes": nbytes,
+                "state": "filling",
+                "pid": self.pid,
+                "pins": {str(self.pid): 1},
+                "last_used": time.time(),
+                "gen": gen,
+            }
+            self._write_index(index)
+            meta = self.dir / "meta" / f"{name}.{gen}"
+            shutil.rmtree(meta, ignore_errors=True)
+            meta.mkdir()
+            return self._entry(name, entries[name])
+
+    def commit(self, name: str) -> DramEntry:
+        """Mark a filled entry ready (it stays pinned by this process)."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"][name]
+            e["state"] = "ready"
+            e["last_used"] = time.time()
+            self._write_index(index)
+            return self._entry(name, e)
+
+    def abort(self, name: str) -> None:
+        """Forget a filling entry of this process (its blocks become free)."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"].get(name)
+            if e and e["state"] == "filling" and e.get("pid") == self.pid:
+                self._drop(index["entries"], name)
+                self._write_index(index)
+
+    def evict(self, name: str) -> bool:
+        """Remove an unpinned entry now; False if it is pinned by a live process or absent."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"].get(name)
+            if not e or self._pinned(e):
+                return False
+            self._drop(index["entries"], name)
+            self._write_index(index)
+            return True
+
+    def wait_filling(self, name: str, timeout_s: float = 600.0) -> None:
+        """Wait while another live process fills `name`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._locked():
+                e = (self._read_index() or {}).get("entries", {}).get(name)
+                if not e or e["state"] != "filling" or not _alive(e.get("pid", 0)) or e.get("pid") == self.pid:
+                    return
+            time.sleep(0.02)
+
+    # --- memory -----------------------------------------------------------------------------
+    def writable_view(self, entry: DramEntry) -> vm.Mapping | None:
+        """A shared writable mapping of the entry's blocks, or None when the base mapping's
+        contiguous slice should be used (see base_slice)."""
+        if entry.contiguous and self.base is not None:
+            off, n = entry.runs[0]
+            vm.mprotect(self.base.addr + off, n, vm.PROT_READ | vm.PROT_WRITE)
+            return None
+        return vm.map_file_runs(self.fd, list(entry.runs), prot=vm.PROT_READ | vm.PROT_WRITE, private=False, populate=True)
+
+    def base_slice(self, entry: DramEntry):
+        """numpy view of a contiguous entry in this process's pool mapping."""
+        off, n = entry.runs[0]
+        return self.base.array()[off : off + n]
+
+    def seal(self, entry: DramEntry, view: vm.Mapping | None) -> None:
+        """Make this process's mapping of a filled entry read-only (no instance may corrupt it)."""
+        if view is None:
+            off, n = entry.runs[0]
+            vm.mprotect(self.base.addr + off, n, vm.PROT_READ)
+        else:
+            vm.mprotect(view.addr, view.length, vm.PROT_READ)
+
+    def read_view(self, entry: DramEntry):
+        """numpy uint8 array over a ready entry for tensors: a read-only slice of this process's
+        pool mapping when the entry is contiguous and was mapped populated here, otherwise a
+        private copy-on-write mapping populated now (no bytes are copied)."""
+        if entry.contiguous and self.base is not None and self.created:
+            off, n = entry.runs[0]
+            vm.mprotect(self.base.addr + off, n, vm.PROT_READ)
+            return self.base.array()[off : off + n]
+        view = vm.map_file_runs(
+            self.fd, list(entry.runs), prot=vm.PROT_READ | vm.PROT_WRITE, private=True, populate=True
+        )
+        return view.array()
+
+    def close(self) -> None:
+        """Close this process's handles (the pool stays for other processes)."""
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def destroy(self) -> None:
+        """Remove the pool and its index (tests and `ember` shutdown)."""
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- internals ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _read_index(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "index.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_index(self, index: dict) -> None:
+        tmp = self.dir / f"index.json.{self.pid}"
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, self.dir / "index.json")
+
+    def _entry(self, name: str, e: dict) -> DramEntry:
+        runs = tuple((s * self.block_bytes, n * self.block_bytes) for s, n in e["runs"])
+        return DramEntry(name, runs, e["nbytes"], self.dir / "meta" / f"{name}.{e['gen']}")
+
+    def _drop(self, entries: dict, name: str) -> None:
+        e = entries.pop(name)
+        shutil.rmtree(self.dir / "meta" / f"{name}.{e['gen']}", ignore_errors=True)
+
+    def _pinned(self, e: dict) -> bool:
+        if e["state"] == "filling" and _alive(e.get("pid", 0)):
+            return True
+        return any(_alive(int(pid)) for pid, n in e.get("pins", {}).items() if n > 0)
+
+    def _lru_victim(self, entries: dict) -> str | None:
+        candidates = [(e["last_used"], n) for n, e in entries.items() if not self._pinned(e)]
+        return min(candidates)[1] if candidates else None
+
+    def _fit(self, entries: dict, need: int) -> list[list[int]] | None:
+        total = self.capacity_bytes // self.block_bytes
+        used = bytearray(total)
+        for e in entries.values():
+            for s, n in e["runs"]:
+                used[s : s + n] = b"\x01" * n
+        free: list[tuple[int, int]] = []
+        i = 0
+        while i < total:
+            if used[i]:
+                i += 1
+                continue
+            j = i
+            while j < total and not used[j]:
+                j += 1
+            free.append((i, j - i))
+            i = j
+        if sum(n for _, n in free) < need:
+            return None
+        fitting = [r for r in free if r[1] >= need]
+        if fitting:
+            s, _ = min(fitting, key=lambda r: r[1])  # best fit keeps large holes for large models
+            return [[s, need]]
+        runs, left = [], need
+        for s, n in sorted(free, key=lambda r: -r[1]):
+            take = min(n, left)
+            runs.append([s, take])
+            left -= take
+            if not left:
+                break
+        return sorted(runs)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,161 @@
+"""The SSD tier: a directory of converted checkpoints with a byte capacity and LRU eviction.
+
+An entry is installed under .tmp/<name>.<pid>.<rand>, checked (sha256 per partition), fsynced
+and renamed into place, so a half-written entry is never seen under its name; temporary
+directories of dead processes are removed on start. The index is the directory itself: it is
+rebuilt from disk by listing it. LRU order is the mtime of each entry's `.used` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+from ember.errors import CapacityError
+from ember.loader.convert import fsync_dir
+from ember.loader.format import MANIFEST_FILE
+from ember.loader.names import NAME_PATTERN
+
+_USED = ".used"
+
+
+class SsdTier:
+    """Checkpoints on the node's local disk (see the module docstring)."""
+
+    def __init__(self, root: Path, capacity_bytes: int) -> None:
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._thread_lock = threading.RLock()
+        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with self._locked():
+            for d in self.tmp.iterdir():
+                pid = d.name.rsplit(".", 2)[-2] if d.name.count(".") >= 2 else "0"
+                if not pid.isdigit() or not _alive(int(pid)):
+                    shutil.rmtree(d, ignore_errors=True)
+            for d in self.root.glob(".trash-*"):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def path(self, name: str) -> Path | None:
+        """The entry's directory if a complete entry is installed."""
+        d = self.root / name
+        return d if (d / MANIFEST_FILE).is_file() else None
+
+    def entries(self) -> dict[str, int]:
+        """Installed entries: name -> bytes on disk."""
+        out = {}
+        for d in self.root.iterdir():
+            if d.is_dir() and NAME_PATTERN.fullmatch(d.name) and (d / MANIFEST_FILE).is_file():
+                out[d.name] = _dir_bytes(d)
+        return out
+
+    def used_bytes(self) -> int:
+        """Bytes held by installed entries."""
+        return sum(self.entries().values())
+
+    def touch(self, name: str) -> None:
+        """Mark an entry used now (LRU)."""
+        with contextlib.suppress(OSError):
+            (self.root / name / _USED).touch()
+
+    def begin(self, name: str, nbytes: int) -> Path:
+        """A fresh temporary directory for installing `name`, after evicting LRU entries so
+        that `nbytes` fit. CapacityError when it cannot fit even in an empty tier."""
+        if nbytes > self.capacity_bytes:
+            raise CapacityError(
+                f"checkpoint {name} needs {nbytes} bytes, more than the SSD tier's {self.capacity_bytes}"
+            )
+        with self._locked():
+            entries = self.entries()
+            used = sum(entries.values())
+            order = sorted((self._last_used(n), n) for n in entries if n != name)
+            while used + nbytes > self.capacity_bytes and order:
+                _, victim = order.pop(0)
+                used -= entries[victim]
+                self._remove_locked(victim)
+            tmp = self.tmp / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            return tmp
+
+    def commit(self, name: str, tmp: Path) -> Path:
+        """fsync and rename a filled temporary directory into place."""
+        for dirpath, _dirs, files in os.walk(tmp):
+            for f in files:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fsync_dir(Path(dirpath))
+        (tmp / _USED).touch()
+        with self._locked():
+            final = self.root / name
+            if final.exists():
+                self._remove_locked(name)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+        return final
+
+    def abort(self, tmp: Path) -> None:
+        """Throw away a temporary directory."""
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, name: str) -> bool:
+        """Remove an entry; False if absent. Readers with open files keep reading."""
+        with self._locked():
+            return self._remove_locked(name)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _remove_locked(self, name: str) -> bool:
+        d = self.root / name
+        if not d.exists():
+            return False
+        trash = self.root / f".trash-{uuid.uuid4().hex[:8]}"
+        os.replace(d, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def _last_used(self, name: str) -> float:
+        try:
+            return (self.root / name / _USED).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+
+def _dir_bytes(d: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(d):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
