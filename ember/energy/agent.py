@@ -1,0 +1,139 @@
+"""`NodeEnergyAgent`: what a worker runs for its GPUs (monitor + one controller per device).
+
+The worker reports each finished request with `record_request`, calls `tick()` every few
+seconds, and publishes `snapshot()` (one dict per device, the fields of GET /v1/energy's
+"devices" entries) to Redis through ember.platform.energy_api.publish_device_snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ember.energy.controller import Decision, Mode, PowerLimitController
+from ember.energy.device import Device
+from ember.energy.monitor import Attribution, EnergyMonitor, RequestRecord
+
+
+@dataclass
+class _FunctionSlo:
+    requests: int = 0
+    met: int = 0
+
+
+class NodeEnergyAgent:
+    """Energy monitoring and control for the devices of one node."""
+
+    def __init__(
+        self, node_id: str, devices: Sequence[Device], mode: Mode = "recommend", **controller_kw: object
+    ) -> None:
+        self.node_id = node_id
+        self.monitor = EnergyMonitor(devices)
+        self.controllers = {d.device_id: PowerLimitController(d, mode=mode, **controller_kw) for d in devices}  # type: ignore[arg-type]
+        self._slo: dict[tuple[str, str], _FunctionSlo] = {}
+        self._last_power: dict[str, tuple[float, float]] = {
+            d.device_id: (d.now_s(), d.energy_j()) for d in devices
+        }
+        self._avg_power_w: dict[str, float] = {}
+
+    def record_request(
+        self,
+        function: str,
+        device_id: str,
+        tokens: int,
+        ttft_s: float,
+        tpot_s: float,
+        ttft_slo_s: float,
+        tpot_slo_s: float,
+        eta: float = 0.5,
+        busy_s: float | None = None,
+    ) -> None:
+        """Report one finished request (latencies in seconds, eta the function's Zeus cost knob)."""
+        record = RequestRecord(
+            function, device_id, tokens, ttft_s, tpot_s, ttft_slo_s, tpot_slo_s, eta, busy_s
+        )
+        self.monitor.record_request(record)
+        self.controllers[record.device_id].observe(record)
+        slo = self._slo.setdefault((device_id, function), _FunctionSlo())
+        slo.requests += 1
+        slo.met += int(record.meets_slo)
+
+    def tick(self, now: float | None = None) -> tuple[list[Attribution], list[Decision]]:
+        """Attribute energy since the last tick and step every controller."""
+        attributions = self.monitor.attribute()
+        decisions = []
+        for device_id, controller in self.controllers.items():
+            dev = controller.device
+            t0, e0 = self._last_power[device_id]
+            t1, e1 = dev.now_s(), dev.energy_j()
+            if t1 > t0:
+                self._avg_power_w[device_id] = (e1 - e0) / (t1 - t0)
+            self._last_power[device_id] = (t1, e1)
+            decision = controller.step(now)
+            if decision is not None:
+                decisions.append(decision)
+        return attributions, decisions
+
+    def set_caps_w(self, caps_w: dict[str, float | None]) -> None:
+        """Apply the allocator's per-device power caps (device id -> watts, None: uncapped)."""
+        for device_id, watts in caps_w.items():
+            if device_id in self.controllers:
+                self.controllers[device_id].set_cap_w(watts)
+
+    def function_slo(self, device_id: str) -> dict[str, dict[str, float | int]]:
+        """Per function on a device: requests, attainment, joules per token."""
+        out: dict[str, dict[str, float | int]] = {}
+        for (dev, function), slo in self._slo.items():
+            if dev != device_id:
+                continue
+            energy = self.monitor.functions.get(function)
+            out[function] = {
+                "requests": slo.requests,
+                "slo_attainment": slo.met / slo.requests if slo.requests else 1.0,
+                "j_per_token": (energy.j_per_token if energy and energy.j_per_token is not None else 0.0),
+            }
+        return out
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """One dict per device with the fields of GET /v1/energy's "devices" entries, plus the
+        allocator's inputs (avg_power_w, pressure, functions, cap_w, max_limit_w, min_limit_w)."""
+        out = []
+        for device_id, controller in self.controllers.items():
+            dev = controller.device
+            last = controller.last_decision
+            window = controller.last_window
+            lo, hi = dev.power_limit_range_w()
+            out.append(
+                {
+                    "node": self.node_id,
+                    "device": device_id,
+                    "power_w": round(dev.power_w(), 3),
+                    "limit_w": round(dev.power_limit_w(), 3),
+                    "sm_clock_mhz": round(dev.sm_clock_mhz(), 1),
+                    "energy_j": round(dev.energy_j(), 3),
+                    "j_per_token": self.monitor.device_j_per_token(device_id),
+                    "slo_attainment": controller.slo_attainment,
+                    "mode": controller.mode,
+                    "last_decision": None
+                    if last is None
+                    else {
+                        "at_s": last.at_s,
+                        "reason": last.reason,
+                        "limit_w": last.setting.power_limit_w,
+                        "sm_clock_mhz": last.setting.sm_clock_mhz,
+                        "applied": last.applied,
+                    },
+                    "recommended_limit_w": controller.setting.power_limit_w,
+                    "recommended_sm_clock_mhz": controller.setting.sm_clock_mhz,
+                    "avg_power_w": round(self._avg_power_w.get(device_id, dev.power_w()), 3),
+                    "pressure": 0.0
+                    if window is None or window.requests == 0
+                    else round(max(window.ttft_ratio_p95, window.tpot_ratio_p95), 4),
+                    "cap_w": controller.cap_w,
+                    "min_limit_w": lo,
+                    "max_limit_w": hi,
+                    "functions": self.function_slo(device_id),
+                    "last_error": controller.last_error,
+                }
+            )
+        return out

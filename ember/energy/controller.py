@@ -1,0 +1,414 @@
+"""`PowerLimitController`: per device, the lowest power setting that keeps the SLOs of its functions.
+
+Two knobs, both ladders from the top:
+
+- the SM clock lock (fractions 1.0, 0.95, ... 0.6 of the maximum): slows decode a little and
+  prefill a lot, and is the only knob that saves energy in decode, where caps do not bind;
+- the power limit (700 W down in 50 W steps): binds only above-the-cap phases (prefill), so it
+  is tried after the clock has reached its floor, while TTFT still has slack.
+
+Every `step()` reads the window of finished requests since the last step:
+
+- SLO risk (a window's attainment under target, or its p95 latency above `risk_ratio` of the
+  SLO) steps up at once (a violation jumps to the top of the knob; a near miss one step) and bans
+  the level that caused it for `cooldown_windows` (hysteresis);
+- slack (p95 below `slack_ratio` of both SLOs) for `sustain_windows` windows in a row steps down;
+- profiling (Zeus-style, at start and when the function mix changes) starts from the top and
+  steps down after every window of slack, recording energy per token and time per token per
+  level; at its end the controller goes to the level with the lowest Zeus cost
+  `eta * J/token + (1 - eta) * s/token` (each relative to the top level; eta: the most
+  time-sensitive function's)
+  among the levels that kept the SLOs, and online step-downs stay at or above that level.
+
+Modes: `observe` (measure only), `recommend` (decide, never touch the device), `actuate` (apply).
+A device that refuses a setting is logged with the error and the controller falls back to
+`recommend` for it. Every decision is kept (and logged) with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from ember.energy.device import Device
+from ember.energy.monitor import RequestRecord
+from ember.errors import ConfigError, DeviceError
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["observe", "recommend", "actuate"]
+MODES: tuple[Mode, ...] = ("observe", "recommend", "actuate")
+DEFAULT_CLOCK_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+LIMIT_STEP_W = 50.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A device setting: power limit in watts and SM clock lock in MHz (None: unlocked)."""
+
+    power_limit_w: float
+    sm_clock_mhz: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One change (or refusal) the controller made, with why."""
+
+    at_s: float
+    device: str
+    mode: Mode
+    phase: str  # "profiling" | "online"
+    setting: Setting
+    previous: Setting
+    reason: str
+    applied: bool
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["setting"] = asdict(self.setting)
+        d["previous"] = asdict(self.previous)
+        return d
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """SLO outcome of one window on one device, over all its functions."""
+
+    requests: int
+    tokens: int
+    attainment: float  # fraction of requests meeting both SLOs (1.0 when empty)
+    ttft_ratio_p95: float  # p95 of ttft / ttft_slo over the window's requests
+    tpot_ratio_p95: float
+    worst_function: str | None  # the function with the highest ratio
+    s_per_token: float  # mean latency per generated token
+    eta: float  # min eta over the window's functions (the most time-sensitive decides)
+    mix: dict[str, float]  # function -> share of requests
+
+
+@dataclass
+class _Level:
+    """Profile record for one (clock, limit) level."""
+
+    j_per_token: float = 0.0
+    s_per_token: float = 0.0
+    windows: int = 0
+    safe: bool = True
+
+
+@dataclass
+class PowerLimitController:
+    """Controller for one device; see the module docstring."""
+
+    device: Device
+    mode: Mode = "recommend"
+    target_attainment: float = 0.99
+    risk_ratio: float = 0.9
+    slack_ratio: float = 0.75
+    sustain_windows: int = 6
+    cooldown_windows: int = 60
+    min_requests: int = 5  # fewer requests in a window: no slack decision (but violations count)
+    mix_change: float = 0.3  # L1 distance between function mixes that triggers re-profiling
+    clock_fractions: Sequence[float] = DEFAULT_CLOCK_FRACTIONS
+    history: int = 200
+    cap_w: float | None = None  # budget cap from the allocator: the limit never goes above it
+
+    decisions: deque[Decision] = field(init=False)
+    last_error: str | None = field(init=False, default=None)
+    last_window: WindowStats | None = field(init=False, default=None)
+    phase: str = field(init=False, default="profiling")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"controller mode must be one of {MODES}, not {self.mode!r}")
+        self.decisions = deque(maxlen=self.history)
+        lo, hi = self.device.power_limit_range_w()
+        self._min_limit_w, self._max_limit_w = lo, hi
+        top_clock = self.device.max_sm_clock_mhz()
+        self._clocks: list[float | None] = [None] + [round(f * top_clock) for f in self.clock_fractions[1:]]
+        self._limits: list[float] = []
+        w = hi
+        while w >= lo:
+            self._limits.append(w)
+            w -= LIMIT_STEP_W
+        self._clock_i = 0
+        self._limit_i = 0
+        self._pending: list[RequestRecord] = []
+        self._slack_windows = 0
+        self._banned: dict[tuple[str, int], int] = {}  # (knob, index) -> windows left
+        self._profile: dict[tuple[int, int], _Level] = {}
+        self._floor: tuple[int, int] | None = None  # lowest level online may step down to
+        self._mix: dict[str, float] = {}
+        self._profile_mix: dict[str, float] | None = None
+        self._windows_seen = 0
+        self._mark_j = self.device.energy_j()
+        self._requests_total = 0
+        self._requests_met = 0
+        if self.mode == "actuate":
+            self._apply(self.setting, "start: top of the ladder")
+
+    # --- public ---
+    @property
+    def setting(self) -> Setting:
+        """The setting the controller wants now (applied only in actuate mode)."""
+        limit = self._limits[self._limit_i]
+        if self.cap_w is not None:
+            limit = max(self._min_limit_w, min(limit, self.cap_w))
+        return Setting(limit, self._clocks[self._clock_i])
+
+    @property
+    def last_decision(self) -> Decision | None:
+        return self.decisions[-1] if self.decisions else None
+
+    @property
+    def slo_attainment(self) -> float | None:
+        """Fraction of all requests seen that met both SLOs (None before any)."""
+        return self._requests_met / self._requests_total if self._requests_total else None
+
+    def observe(self, record: RequestRecord) -> None:
+        """Add a finished request to the current window."""
+        self._pending.append(record)
+        self._requests_total += 1
+        self._requests_met += int(record.meets_slo)
+
+    def set_cap_w(self, watts: float | None, now_s: float | None = None) -> None:
+        """Apply an allocator's budget cap (None: no cap); logged as a decision when it changes."""
+        if watts == self.cap_w:
+            return
+        previous = self.setting
+        self.cap_w = watts
+        if self.setting != previous:
+            self._decide(previous, f"budget cap {watts} W from the allocator", now_s)
+
+    def step(self, now_s: float | None = None) -> Decision | None:
+        """Close the current window and decide; returns the decision if the setting changed."""
+        now_s = self.device.now_s() if now_s is None else now_s
+        window, self._pending = self._pending, []
+        energy_now = self.device.energy_j()
+        energy_j, self._mark_j = energy_now - self._mark_j, energy_now
+        self._windows_seen += 1
+        self._banned = {k: v - 1 for k, v in self._banned.items() if v > 1}
+        stats = _window_stats(window)
+        self.last_window = stats
+        if self.mode == "observe" or stats.requests == 0:
+            return None
+        self._update_mix(stats)
+        previous = self.setting
+
+        if (
+            stats.attainment < self.target_attainment
+            or max(stats.ttft_ratio_p95, stats.tpot_ratio_p95) > self.risk_ratio
+        ):
+            return self._step_up(stats, previous, now_s)
+
+        self._record_profile(stats, energy_j)
+        if self.phase == "online" and self._mix_changed():
+            self.phase = "profiling"
+            self._profile.clear()
+            self._floor = None
+            self._clock_i = self._limit_i = 0
+            self._slack_windows = 0
+            return self._decide(previous, "function mix changed: re-profiling from the top", now_s)
+
+        slack = (
+            stats.requests >= self.min_requests
+            and stats.ttft_ratio_p95 < self.slack_ratio
+            and stats.tpot_ratio_p95 < self.slack_ratio
+        )
+        ttft_slack_only = (
+            stats.requests >= self.min_requests
+            and stats.ttft_ratio_p95 < self.slack_ratio
+            and not stats.tpot_ratio_p95 < self.slack_ratio
+        )
+        self._slack_windows = self._slack_windows + 1 if (slack or ttft_slack_only) else 0
+        needed = 1 if self.phase == "profiling" else self.sustain_windows
+        if self._slack_windows < needed:
+            return None
+        self._slack_windows = 0
+        reason_base = (
+            f"slack for {needed} window(s): p95 ttft {stats.ttft_ratio_p95:.2f}, "
+            f"tpot {stats.tpot_ratio_p95:.2f} of SLO"
+        )
+        if slack and self._can_lower("clock"):
+            self._clock_i += 1
+            return self._decide(previous, reason_base + "; lowering SM clock", now_s)
+        if self._can_lower("limit"):
+            self._limit_i += 1
+            return self._decide(previous, reason_base + "; lowering power limit (TTFT slack)", now_s)
+        if self.phase == "profiling":
+            return self._finish_profile(stats, previous, now_s, "reached the bottom of the ladder")
+        return None
+
+    def snapshot(self) -> dict[str, object]:
+        """Plain dict of the controller's state (for the agent's snapshot)."""
+        last = self.last_decision
+        return {
+            "mode": self.mode,
+            "phase": self.phase,
+            "setting": asdict(self.setting),
+            "slo_attainment": self.slo_attainment,
+            "last_decision": None if last is None else last.to_dict(),
+            "last_error": self.last_error,
+        }
+
+    # --- helpers ---
+    def _can_lower(self, knob: str) -> bool:
+        i = self._clock_i if knob == "clock" else self._limit_i
+        ladder = self._clocks if knob == "clock" else self._limits
+        if i + 1 >= len(ladder) or (knob, i + 1) in self._banned:
+            return False
+        if self.phase == "online" and self._floor is not None:
+            floor_clock, floor_limit = self._floor
+            if knob == "clock" and i + 1 > floor_clock:
+                return False
+            if knob == "limit" and self._clock_i >= floor_clock and i + 1 > floor_limit:
+                return False
+        return True
+
+    def _step_up(self, stats: WindowStats, previous: Setting, now_s: float) -> Decision | None:
+        violation = stats.attainment < self.target_attainment
+        level = (self._clock_i, self._limit_i)
+        if level in self._profile:
+            self._profile[level].safe = False
+        ttft_risk = stats.ttft_ratio_p95 > self.risk_ratio or violation
+        tpot_risk = stats.tpot_ratio_p95 > self.risk_ratio or violation
+        if self._limit_i > 0 and (ttft_risk or tpot_risk):
+            self._banned[("limit", self._limit_i)] = self.cooldown_windows
+            self._limit_i = 0 if violation else self._limit_i - 1
+        elif self._clock_i > 0:
+            self._banned[("clock", self._clock_i)] = self.cooldown_windows
+            self._clock_i = 0 if violation else self._clock_i - 1
+        self._slack_windows = 0
+        what = "SLO violations" if violation else "SLO risk"
+        reason = (
+            f"{what}: attainment {stats.attainment:.3f}, p95 ttft {stats.ttft_ratio_p95:.2f}, "
+            f"tpot {stats.tpot_ratio_p95:.2f} of SLO (worst: {stats.worst_function}); stepping up"
+        )
+        if self.phase == "profiling":
+            return self._finish_profile(stats, previous, now_s, reason)
+        if self.setting == previous:
+            return None
+        return self._decide(previous, reason, now_s)
+
+    def _record_profile(self, stats: WindowStats, energy_j: float) -> None:
+        if stats.tokens <= 0:
+            return
+        rec = self._profile.setdefault((self._clock_i, self._limit_i), _Level())
+        n = rec.windows
+        rec.j_per_token = (rec.j_per_token * n + energy_j / stats.tokens) / (n + 1)
+        rec.s_per_token = (rec.s_per_token * n + stats.s_per_token) / (n + 1)
+        rec.windows = n + 1
+
+    def _finish_profile(
+        self, stats: WindowStats, previous: Setting, now_s: float, why: str
+    ) -> Decision | None:
+        self.phase = "online"
+        self._profile_mix = dict(self._mix)
+        safe = {k: v for k, v in self._profile.items() if v.safe and v.windows > 0}
+        top = self._profile.get((0, 0))
+        if safe and top is not None and top.j_per_token > 0 and top.s_per_token > 0:
+            # ZeusCost eta * E + (1 - eta) * MAXPOWER * T, normalised by the top level's E and T
+            # so that energy and latency per token weigh alike whatever the batch size
+            eta = stats.eta
+            costs = {
+                k: eta * v.j_per_token / top.j_per_token + (1 - eta) * v.s_per_token / top.s_per_token
+                for k, v in safe.items()
+            }
+            best = min(costs.values())
+            # load moves between windows: take the lowest-power level within 3% of the best cost
+            near = [k for k, c in costs.items() if c <= best + 0.03]
+            self._floor = max(near)
+            if (self._clock_i, self._limit_i) > self._floor:
+                self._clock_i, self._limit_i = self._floor
+        reason = f"profile done ({why}); eta {stats.eta:.2f}, floor level {self._floor}"
+        return self._decide(previous, reason, now_s, force=True)
+
+    def _update_mix(self, stats: WindowStats) -> None:
+        alpha = 0.2
+        names = set(self._mix) | set(stats.mix)
+        self._mix = {n: (1 - alpha) * self._mix.get(n, 0.0) + alpha * stats.mix.get(n, 0.0) for n in names}
+        self._mix = {n: s for n, s in self._mix.items() if s > 1e-3}
+
+    def _mix_changed(self) -> bool:
+        if self._profile_mix is None:
+            return False
+        names = set(self._mix) | set(self._profile_mix)
+        distance = sum(abs(self._mix.get(n, 0.0) - self._profile_mix.get(n, 0.0)) for n in names)
+        return distance > self.mix_change
+
+    def _decide(
+        self, previous: Setting, reason: str, now_s: float | None, force: bool = False
+    ) -> Decision | None:
+        setting = self.setting
+        if setting == previous and not force:
+            return None
+        now_s = self.device.now_s() if now_s is None else now_s
+        applied = False
+        if self.mode == "actuate" and setting != previous:
+            applied = self._apply(setting, reason)
+            if not applied:
+                reason = f"{reason}; device refused ({self.last_error}): falling back to recommend"
+        decision = Decision(
+            now_s, self.device.device_id, self.mode, self.phase, setting, previous, reason, applied
+        )
+        self.decisions.append(decision)
+        log.info(
+            "energy %s %s: %s -> %s W / %s MHz (%s)",
+            self.device.device_id,
+            self.mode,
+            previous,
+            setting.power_limit_w,
+            setting.sm_clock_mhz,
+            reason,
+        )
+        return decision
+
+    def _apply(self, setting: Setting, reason: str) -> bool:
+        """Set the device; on refusal remember the error and fall back to recommend."""
+        try:
+            if self.device.power_limit_w() != setting.power_limit_w:
+                self.device.set_power_limit_w(setting.power_limit_w)
+            self.device.lock_sm_clock_mhz(setting.sm_clock_mhz)
+        except DeviceError as e:
+            self.last_error = f"{type(e).__name__}: {e.message}"
+            self.mode = "recommend"
+            log.warning(
+                "energy %s: %s; falling back to recommend (%s)",
+                self.device.device_id,
+                self.last_error,
+                reason,
+            )
+            return False
+        return True
+
+
+def _window_stats(window: Sequence[RequestRecord]) -> WindowStats:
+    if not window:
+        return WindowStats(0, 0, 1.0, 0.0, 0.0, None, 0.0, 1.0, {})
+    met = sum(r.meets_slo for r in window)
+    ttft = sorted(r.ttft_s / r.ttft_slo_s for r in window)
+    tpot = sorted(r.tpot_s / r.tpot_slo_s for r in window)
+    worst = max(window, key=lambda r: max(r.ttft_s / r.ttft_slo_s, r.tpot_s / r.tpot_slo_s))
+    tokens = sum(max(r.tokens, 0) for r in window)
+    latency = sum(r.ttft_s + r.tpot_s * max(r.tokens - 1, 0) for r in window)
+    counts: dict[str, int] = {}
+    for r in window:
+        counts[r.function] = counts.get(r.function, 0) + 1
+    return WindowStats(
+        requests=len(window),
+        tokens=tokens,
+        attainment=met / len(window),
+        ttft_ratio_p95=_quantile(ttft, 0.95),
+        tpot_ratio_p95=_quantile(tpot, 0.95),
+        worst_function=worst.function,
+        s_per_token=latency / tokens if tokens else 0.0,
+        eta=min(r.eta for r in window),
+        mix={f: c / len(window) for f, c in counts.items()},
+    )
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[i]
