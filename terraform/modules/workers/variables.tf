@@ -1,0 +1,96 @@
+variable "name" {
+  description = "Name prefix for every resource."
+  type        = string
+}
+
+variable "vpc_id" {
+  description = "VPC of the workers."
+  type        = string
+}
+
+variable "subnet_ids" {
+  description = "Private subnets the workers run in."
+  type        = list(string)
+}
+
+variable "gateway_security_group_id" {
+  description = "Security group of the gateways: the only source allowed to reach a worker."
+  type        = string
+}
+
+variable "instance_type" {
+  description = "GPU instance type."
+  type        = string
+}
+
+variable "ami_id" {
+  description = "AMI with NVIDIA drivers, or null for the latest AWS Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)."
+  type        = string
+  default     = null
+}
+
+variable "desired_capacity" {
+  description = "Workers to run (a node scaler will own this later)."
+  type        = number
+}
+
+variable "max_size" {
+  description = "Most workers the Auto Scaling group may run."
+  type        = number
+}
+
+variable "root_volume_size_gb" {
+  description = "Root EBS volume size (the SSD tier falls back to it when there is no instance store)."
+  type        = number
+}
+
+variable "instance_profile_name" {
+  description = "Instance profile granting read access to the checkpoint prefix and the worker secrets."
+  type        = string
+}
+
+variable "ember_package" {
+  description = "What pip installs: a requirement (e.g. ember==0.1.0) or an s3:// URL of a wheel."
+  type        = string
+}
+
+variable "energy_mode" {
+  description = "Energy controller mode: observe, recommend or actuate."
+  type        = string
+}
+
+variable "region" {
+  description = "AWS region (for the SDK on the instance)."
+  type        = string
+}
+
+variable "redis_host" {
+  description = "Primary endpoint of the Redis replication group."
+  type        = string
+}
+
+variable "redis_port" {
+  description = "Redis port."
+  type        = number
+}
+
+variable "redis_auth_token_secret_arn" {
+  description = "Secret holding the Redis AUTH token."
+  type        = string
+}
+
+variable "cluster_token_secret_arn" {
+  description = "Secret holding the gateway <-> worker cluster token."
+  type        = string
+}
+
+variable "store_url" {
+  description = "Checkpoint store URL, s3://<bucket>/<prefix>."
+  type        = string
+}
+
+variable "tags" {
+  description = "Tags added to every resource."
+  type        = map(string)
+  default     = {}
+}

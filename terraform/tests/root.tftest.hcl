@@ -1,0 +1,175 @@
+# The whole deployment wired together, and the variable validations.
+
+mock_provider "aws" {
+  source = "./tests/mocks"
+}
+
+variables {
+  ember_package = "ember==0.1.0"
+}
+
+run "defaults_deploy" {
+  command = apply
+
+  assert {
+    condition     = var.worker_desired_capacity == 1 && var.energy_mode == "recommend"
+    error_message = "One worker in recommend mode by default."
+  }
+
+  assert {
+    condition     = startswith(output.gateway_url, "http://") && output.gateway_url == "http://${output.alb_dns_name}"
+    error_message = "The gateway URL is the load balancer's."
+  }
+
+  assert {
+    condition     = output.checkpoint_store_url == "s3://${output.bucket_name}/checkpoints"
+    error_message = "The store URL is the bucket's checkpoint prefix."
+  }
+
+  assert {
+    condition     = output.redis_port == 6379 && output.redis_endpoint != ""
+    error_message = "Redis endpoint and port are exported."
+  }
+
+  assert {
+    condition     = keys(output.secret_arns) == ["admin-key", "cluster-token", "redis-auth-token"]
+    error_message = "The three secrets are exported."
+  }
+
+  assert {
+    condition     = strcontains(module.workers.user_data, "--store-url '${output.checkpoint_store_url}'")
+    error_message = "Workers read the deployment's own bucket."
+  }
+
+  assert {
+    condition     = strcontains(module.workers.user_data, "@${output.redis_endpoint}:6379/0") && strcontains(module.gateway.user_data, "@${output.redis_endpoint}:6379/0")
+    error_message = "Gateways and workers use the deployment's Redis."
+  }
+
+  assert {
+    condition     = strcontains(module.workers.user_data, "--energy-mode recommend")
+    error_message = "The default energy mode is recommend."
+  }
+
+  assert {
+    condition     = strcontains(module.gateway.user_data, "--initial-budget-json '{\"cluster_watts\":2800}'")
+    error_message = "The gateway gets the initial power budget."
+  }
+
+  assert {
+    condition     = !strcontains(module.workers.user_data, output.secret_arns["admin-key"]) && strcontains(module.gateway.user_data, output.secret_arns["admin-key"])
+    error_message = "Only gateways read the admin key."
+  }
+
+  assert {
+    condition     = strcontains(module.workers.user_data, "AWS_REGION='us-east-1'")
+    error_message = "Workers get the region for S3."
+  }
+}
+
+run "accepts_given_redis_token_and_observe_mode" {
+  command = apply
+
+  variables {
+    redis_auth_token = "GivenToken0123456789abcdef"
+    energy_mode      = "observe"
+  }
+
+  assert {
+    condition     = strcontains(module.workers.user_data, "--energy-mode observe")
+    error_message = "energy_mode reaches the workers."
+  }
+}
+
+run "rejects_unknown_energy_mode" {
+  command = plan
+
+  variables {
+    energy_mode = "turbo"
+  }
+
+  expect_failures = [var.energy_mode]
+}
+
+run "rejects_cpu_worker_instance_type" {
+  command = plan
+
+  variables {
+    worker_instance_type = "m7i.large"
+  }
+
+  expect_failures = [var.worker_instance_type]
+}
+
+run "rejects_gpu_gateway_instance_type" {
+  command = plan
+
+  variables {
+    gateway_instance_type = "g5.xlarge"
+  }
+
+  expect_failures = [var.gateway_instance_type]
+}
+
+run "rejects_bad_cidrs" {
+  command = plan
+
+  variables {
+    vpc_cidr              = "10.42.0.0/24"
+    allowed_ingress_cidrs = ["not-a-cidr"]
+  }
+
+  expect_failures = [var.vpc_cidr, var.allowed_ingress_cidrs]
+}
+
+run "rejects_short_idle_timeout" {
+  command = plan
+
+  variables {
+    alb_idle_timeout_s = 60
+  }
+
+  expect_failures = [var.alb_idle_timeout_s]
+}
+
+run "rejects_desired_above_max" {
+  command = plan
+
+  variables {
+    worker_desired_capacity = 5
+    worker_max_size         = 4
+  }
+
+  expect_failures = [var.worker_desired_capacity]
+}
+
+run "rejects_s3_package_that_is_not_a_wheel" {
+  command = plan
+
+  variables {
+    ember_package = "s3://ember-ckpt/packages/ember.tar.gz"
+  }
+
+  expect_failures = [var.ember_package]
+}
+
+run "rejects_quote_in_package" {
+  command = plan
+
+  variables {
+    ember_package = "ember'; rm -rf /"
+  }
+
+  expect_failures = [var.ember_package]
+}
+
+run "rejects_bad_budget_and_redis_token" {
+  command = plan
+
+  variables {
+    initial_power_budget_w = 0
+    redis_auth_token       = "short"
+  }
+
+  expect_failures = [var.initial_power_budget_w, var.redis_auth_token]
+}
