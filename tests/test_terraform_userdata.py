@@ -83,7 +83,9 @@ def cli_config() -> Path:
 def test_user_data_calls_existing_cli(module: str, verb: str, cli_config: Path, tmp_path: Path) -> None:
     script = render_user_data(module, MODULE_VARS[module], cli_config, tmp_path)
     calls = ember_calls(script)
-    assert [v for v, _ in calls] == [verb], f"expected one `ember {verb}` in the {module} user data, found {calls}"
+    assert [v for v, _ in calls] == [verb], (
+        f"expected one `ember {verb}` in the {module} user data, found {calls}"
+    )
 
     top_help = ember_help([])
     for called_verb, flags in calls:
@@ -92,7 +94,9 @@ def test_user_data_calls_existing_cli(module: str, verb: str, cli_config: Path, 
         )
         verb_help = ember_help([called_verb])
         missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", verb_help)]
-        assert not missing, f"`ember {called_verb}` has no {missing} (from the {module} user data):\n{verb_help}"
+        assert not missing, (
+            f"`ember {called_verb}` has no {missing} (from the {module} user data):\n{verb_help}"
+        )
 
 
 def test_worker_user_data_follows_variables(cli_config: Path, tmp_path: Path) -> None:
@@ -159,7 +163,11 @@ def parse_flags(words: list[str]) -> dict[str, str]:
 def ember_help(args: list[str]) -> str:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
     done = subprocess.run(
-        [sys.executable, "-m", "ember.cli", *args, "--help"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "ember.cli", *args, "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0, f"ember {' '.join(args)} --help failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
