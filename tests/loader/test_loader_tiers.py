@@ -1,0 +1,249 @@
+"""Node tiers: remote -> SSD -> DRAM, shared memory across processes, LRU, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ember.errors import CheckpointError, CheckpointNotFound, IntegrityError, InvalidName
+from ember.loader import open_store
+from ember.loader.ssd import SsdTier
+
+
+def _hf(dir_: Path, mib: int, seed: int) -> Path:
+    """An HF-style directory with one safetensors file of about `mib` MiB of random bytes."""
+    dir_.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    n = mib << 20
+    save_file(
+        {"a": torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=g),
+         "b": torch.randint(0, 256, (n // 8,), dtype=torch.uint8, generator=g).view(torch.float32).reshape(-1, 4)},
+        dir_ / "model.safetensors",
+    )
+    (dir_ / "config.json").write_text(json.dumps({"seed": seed}))
+    return dir_
+
+
+def _equal(sd: dict, ref: dict) -> bool:
+    return set(sd) == set(ref) and all(torch.equal(sd[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref)
+
+
+def test_remote_then_dram_then_ssd(tmp_path, tiny_model_dir, make_tiers) -> None:
+    store = open_store(f"file://{tmp_path / 'store'}")
+    store.push(tiny_model_dir, "tiny")
+    ref = load_file(tiny_model_dir / "model.safetensors")
+    tiers = make_tiers()
+    assert tiers.holdings() == {}
+    first = tiers.load("tiny")
+    assert first.tier == "remote" and _equal(first.state_dict, ref)
+    assert first.nbytes == sum(t.numel() * t.element_size() for t in ref.values()) == tiers.checkpoint_nbytes("tiny")
+    assert (first.model_files / "config.json").is_file() and (first.model_files / "chat_template.jinja").is_file()
+    assert tiers.holdings() == {"tiny": "dram"}
+    first.release()
+    second = tiers.load("tiny")
+    assert second.tier == "dram" and _equal(second.state_dict, ref)
+    second.release()
+    assert tiers.dram.evict("tiny")
+    assert tiers.holdings() == {"tiny": "ssd"}
+    third = tiers.load(f"file://{tmp_path / 'store'}/tiny")
+    assert third.tier == "ssd" and _equal(third.state_dict, ref)
+    third.release()
+    assert tiers.holdings() == {"tiny": "dram"}
+
+
+def test_second_process_shares_dram_copy_on_write(tmp_path, tiny_model_dir, make_tiers) -> None:
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    tiers = make_tiers()
+    mine = tiers.load("tiny")
+    before = {k: v.clone() for k, v in mine.state_dict.items()}
+    child = textwrap.dedent(
+        """
+        import sys, json, torch
+        from ember.loader import NodeTiers
+        t = NodeTiers(sys.argv[1], sys.argv[2], dram_capacity_bytes=64 << 20, ssd_capacity_bytes=1 << 30)
+        l = t.load("tiny")
+        w = l.state_dict["model.embed_tokens.weight"]
+        first = float(w[0, 0])
+        w.fill_(123.0)  # copy-on-write: this process's private copy only
+        print(json.dumps({"tier": l.tier, "first": first, "after": float(w[0, 0])}))
+        l.release(); t.close()
+        """
+    )
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", child, str(tmp_path / "node"), f"file://{tmp_path / 'store'}"],
+            capture_output=True, text=True, check=True, timeout=120,
+        )
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+        assert doc["tier"] == "dram" and doc["after"] == 123.0
+        assert doc["first"] == float(before["model.embed_tokens.weight"][0, 0])  # the child's write did not leak
+    assert _equal(mine.state_dict, before)
+    mine.release()
+
+
+def test_owner_tensors_are_read_only(tmp_path, tiny_model_dir) -> None:
+    """The pool-owning process maps entries read-only: a stray write kills only that process."""
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    child = textwrap.dedent(
+        """
+        import sys
+        from ember.loader import NodeTiers
+        t = NodeTiers(sys.argv[1], sys.argv[2], dram_capacity_bytes=64 << 20, ssd_capacity_bytes=1 << 30)
+        l = t.load("tiny")
+        print(l.tier, flush=True)
+        l.state_dict["model.embed_tokens.weight"].fill_(1.0)
+        print("wrote", flush=True)
+        """
+    )
+    node = tmp_path / "node"
+    out = subprocess.run([sys.executable, "-c", child, str(node), f"file://{tmp_path / 'store'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "wrote" not in out.stdout
+    # The shared bytes are intact: another process still gets the original weights.
+    from ember.loader.tiers import NodeTiers
+
+    tiers = NodeTiers(node, f"file://{tmp_path / 'store'}", dram_capacity_bytes=64 << 20, ssd_capacity_bytes=1 << 30)
+    try:
+        again = tiers.load("tiny")
+        assert again.tier == "dram"
+        assert _equal(again.state_dict, load_file(tiny_model_dir / "model.safetensors"))
+        again.release()
+    finally:
+        tiers.close(destroy_dram=True)
+
+
+def test_dram_lru_evicts_only_what_it_must_and_never_pinned(tmp_path, make_tiers) -> None:
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for i in range(4):
+        store.push(_hf(tmp_path / f"hf{i}", 6, i), f"m{i}")  # 3.75 MiB: two 2 MiB blocks each
+    tiers = make_tiers(dram=10 << 20)  # five blocks: two checkpoints and a spare block
+    held = tiers.load("m0")  # stays pinned
+    tiers.load("m1").release()
+    assert set(tiers.dram.holdings()) == {"m0", "m1"}
+    got = tiers.load("m2")
+    assert got.tier == "remote"
+    got.release()
+    assert set(tiers.dram.holdings()) == {"m0", "m2"}  # only the LRU unpinned entry went
+    tiers.load("m1").release()
+    assert set(tiers.dram.holdings()) == {"m0", "m1"}
+    tiers.load("m0").release()  # m0 used again: now m1 is the LRU one (but m0 is pinned anyway)
+    tiers.load("m3").release()
+    assert set(tiers.dram.holdings()) == {"m0", "m3"}
+    assert tiers.holdings() == {"m0": "dram", "m1": "ssd", "m2": "ssd", "m3": "dram"}
+    assert _equal(held.state_dict, load_file(tmp_path / "hf0" / "model.safetensors"))
+    held.release()
+    assert not tiers.dram.evict("nope") and tiers.dram.evict("m0")
+
+
+def test_checkpoint_larger_than_pool_still_loads(tmp_path, make_tiers) -> None:
+    store = open_store(f"file://{tmp_path / 'store'}")
+    store.push(_hf(tmp_path / "hf", 12, 7), "big")  # 7.5 MiB
+    tiers = make_tiers(dram=4 << 20)
+    ref = load_file(tmp_path / "hf" / "model.safetensors")
+    for tier in ("remote", "ssd"):
+        got = tiers.load("big")
+        assert got.tier == tier and _equal(got.state_dict, ref)
+        assert (got.model_files / "config.json").is_file()
+        got.release()
+    assert tiers.holdings() == {"big": "ssd"} and tiers.dram.used_bytes() == 0
+
+
+def test_ssd_lru_capacity_and_restart(tmp_path, make_tiers) -> None:
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for i in range(3):
+        store.push(_hf(tmp_path / f"hf{i}", 2, i), f"s{i}")
+    tiers = make_tiers(dram=2 << 20, ssd=4 << 20)  # the SSD holds two of the three (1.25 MiB each + 1 MiB install margin)
+    for i in range(3):
+        tiers.load(f"s{i}").release()
+    assert set(tiers.ssd.entries()) == {"s1", "s2"}
+    # A half-written entry from a dead process and an index rebuilt from disk on restart.
+    (tiers.ssd.tmp / "s9.999999999.abcd").mkdir()
+    (tiers.ssd.tmp / "s9.999999999.abcd" / "part-00000.bin").write_bytes(b"half")
+    again = SsdTier(tiers.ssd.root, 4 << 20)
+    assert set(again.entries()) == {"s1", "s2"} and not list(again.tmp.iterdir())
+    again.close()
+
+
+def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, make_tiers, snapshot) -> None:
+    root = tmp_path / "store"
+    store = open_store(f"file://{root}")
+    store.push(tiny_model_dir, "good")
+    tiers = make_tiers()
+    tiers.load("good").release()
+    assert tiers.dram.evict("good")
+    for name in ("flipped", "truncated", "terabytes", "nopart"):
+        store.push(tiny_model_dir, name)
+    part = root / "flipped" / "part-00000.bin"
+    data = bytearray(part.read_bytes())
+    data[4100] ^= 0x40
+    part.write_bytes(data)
+    (root / "truncated" / "part-00000.bin").write_bytes(data[:8192])
+    doc = json.loads((root / "terabytes" / "manifest.json").read_text())
+    doc["partitions"][0]["size"] = 5 << 40
+    doc["partitions"][0]["chunks"] = ["0"] * ((5 << 40) // doc["chunk_bytes"])
+    (root / "terabytes" / "manifest.json").write_text(json.dumps(doc))
+    (root / "nopart" / "part-00000.bin").unlink()
+    before = snapshot(tiers)
+    cases = [
+        ("flipped", IntegrityError, "checksum"),
+        ("truncated", CheckpointError, "claims"),
+        ("terabytes", CheckpointError, "claims"),
+        ("nopart", CheckpointNotFound, "part-00000.bin"),
+        ("absent", CheckpointNotFound, "absent"),
+        ("../etc", InvalidName, "invalid"),
+        ("/abs/path", InvalidName, "invalid"),
+        (f"file://{root}/..", InvalidName, "invalid"),
+    ]
+    for ref, error, match in cases:
+        with pytest.raises(error, match=match):
+            tiers.load(ref)
+        assert snapshot(tiers) == before, ref
+    ok = tiers.load("good")  # the node keeps working
+    assert ok.tier == "ssd"
+    ok.release()
+
+
+def test_corrupted_ssd_entry_is_never_served(tmp_path, tiny_model_dir, make_tiers, snapshot) -> None:
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    tiers = make_tiers()
+    tiers.load("tiny").release()
+    tiers.dram.evict("tiny")
+    part = tiers.ssd.path("tiny") / "part-00000.bin"
+    data = bytearray(part.read_bytes())
+    data[-1] ^= 0xFF
+    part.write_bytes(data)
+    before = snapshot(tiers)
+    with pytest.raises(IntegrityError, match="part-00000.bin"):
+        tiers.load("tiny")
+    assert snapshot(tiers) == before
+
+
+def test_bandwidth_probe_and_env(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    from ember.loader import load_state_dict
+    from ember.loader import api as loader_api
+    from ember.loader.tiers import NodeTiers
+
+    monkeypatch.setenv("EMBER_DATA_DIR", str(tmp_path / "envnode"))
+    monkeypatch.setenv("EMBER_STORE_URL", f"file://{tmp_path / 'store'}")
+    monkeypatch.setenv("EMBER_DRAM_CAPACITY_BYTES", str(32 << 20))
+    monkeypatch.setattr(loader_api, "_tiers", None)
+    open_store(None).push(tiny_model_dir, "tiny")
+    tiers = NodeTiers.from_env()
+    try:
+        bw = tiers.measure_bandwidth(probe_bytes=8 << 20)
+        assert set(bw) == {"dram", "ssd", "remote"} and all(v > 0 for v in bw.values())
+        sd = load_state_dict("tiny")
+        assert _equal(sd, load_file(tiny_model_dir / "model.safetensors"))
+        assert os.path.isdir(tmp_path / "envnode" / "ssd" / "tiny")
+    finally:
+        loader_api._tiers.close(destroy_dram=True)
+        monkeypatch.setattr(loader_api, "_tiers", None)
+        tiers.close()
