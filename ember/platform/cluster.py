@@ -25,6 +25,7 @@ import redis
 
 from ember.errors import StateUnavailable
 from ember.platform.state import PREFIX, Keys
+from ember.scheduler.estimator import EWMA_ALPHA
 from ember.scheduler.view import (
     DeviceState,
     NodeState,
@@ -35,7 +36,6 @@ from ember.scheduler.view import (
 
 __all__ = ["DeviceSpec", "InstanceRecord", "Placement", "RedisCluster", "EWMA_ALPHA"]
 
-EWMA_ALPHA = 0.3  # weight of one observed load in a node's tier bandwidth
 _CLAIM_ATTEMPTS = 4
 
 
@@ -301,9 +301,11 @@ class RedisCluster:
         return found[0] if found else None
 
     @_state_errors
-    def nodes_holding(self, checkpoint: str) -> Sequence[NodeState]:
-        """Live nodes with the checkpoint in a local tier (from the holders index)."""
-        return self._node_states(sorted(self.r.smembers(Keys.holders(checkpoint))))
+    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+        """Live nodes with the checkpoint in a local tier (from the holders index), nearest first."""
+        nodes = self._node_states(sorted(self.r.smembers(Keys.holders(checkpoint))))
+        nodes.sort(key=lambda n: _TIER_RANK.get(n.holdings.get(checkpoint, "remote"), 3))
+        return nodes if limit is None else nodes[:limit]
 
     @_state_errors
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
@@ -334,6 +336,9 @@ class RedisCluster:
         else:
             out.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
         return out[:limit]
+
+    def node_ids(self) -> Sequence[str]:
+        return self.live_nodes()
 
     @_state_errors
     def all_nodes(self) -> Sequence[NodeState]:
@@ -388,6 +393,9 @@ class RedisCluster:
             out.append(NodeState(node_id=n, devices=tuple(devices), bandwidth_bps=bandwidth,
                                  holdings=cast("dict[str, Tier]", holdings)))
         return out
+
+
+_TIER_RANK = {"gpu": 0, "dram": 1, "ssd": 2, "remote": 3}
 
 
 def _device_state(node_id: str, device_id: str, h: dict[str, str], now: float) -> DeviceState:

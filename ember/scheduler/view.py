@@ -13,7 +13,9 @@ Tier = Literal["gpu", "dram", "ssd", "remote"]
 TIERS: tuple[Tier, ...] = ("gpu", "dram", "ssd", "remote")
 
 
-@dataclass(frozen=True)
+# Snapshots below are plain slotted dataclasses, not frozen ones: a placement decision builds
+# hundreds of them and frozen construction costs ~8x more. Treat them as read-only.
+@dataclass(slots=True)
 class DeviceState:
     """One device (a GPU, or a CPU slot on GPU-less nodes) as placement sees it."""
 
@@ -24,13 +26,14 @@ class DeviceState:
     instances: int = 0  # instances resident (loading or ready)
     queue_s: float = 0.0  # estimated wait before a new load could start here
     awake: bool = False  # ran work recently (consolidating onto awake devices saves idle energy)
+    idle_bytes: int = 0  # held by idle instances that may be evicted to make room (0: never evict)
 
     @property
     def key(self) -> str:
         return f"{self.node_id}/{self.device_id}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NodeState:
     """A node: its devices, measured tier bandwidths and which checkpoints it holds where."""
 
@@ -38,6 +41,7 @@ class NodeState:
     devices: tuple[DeviceState, ...]
     bandwidth_bps: dict[str, float]  # tier -> bytes/s into device memory ("dram", "ssd", "remote")
     holdings: dict[str, Tier] = field(default_factory=dict)  # checkpoint -> nearest tier on this node
+    tier_queue_s: dict[str, float] = field(default_factory=dict)  # tier -> wait before a load from it starts
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class PlacementRequest:
     policy: str | None = None  # per-deployment override of the global policy
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StartupEstimate:
     node_id: str
     device_id: str
@@ -66,12 +70,18 @@ class ClusterView(Protocol):
 
     def node(self, node_id: str) -> NodeState | None: ...
 
-    def nodes_holding(self, checkpoint: str) -> Sequence[NodeState]:
-        """Nodes with the checkpoint in a local tier (gpu/dram/ssd)."""
+    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+        """Nodes with the checkpoint in a local tier (gpu/dram/ssd), nearest tier first;
+        at most `limit` of them when given (popular checkpoints sit on many nodes)."""
         ...
 
-    def devices_with_room(self, nbytes: int, limit: int = 16) -> Sequence[DeviceState]:
-        """Up to `limit` devices with at least `nbytes` free, awake and least-queued first."""
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        """Up to `limit` devices with at least `nbytes` free, awake and least-queued first (packing);
+        with `spread`, most free first (what load balancers without locality do)."""
+        ...
+
+    def node_ids(self) -> Sequence[str]:
+        """Ids of every live node (cheap: no device or holdings reads)."""
         ...
 
     def all_nodes(self) -> Sequence[NodeState]:

@@ -1,0 +1,183 @@
+"""Autoscaler: a pure step from (scaling specs, instances, now) to actions.
+
+Rules, per function:
+- unload instances idle (ready, nothing outstanding) for `keep_alive_s`, least recently used
+  first, down to `min_instances` (0: scale to zero); instances beyond `max_instances` that are
+  idle go first, whatever their idle time;
+- ensure `min_instances` instances exist;
+- prefetch: a popular function (demand at least `prefetch_min_rate_per_s`) whose cold start from
+  SSD or remote would miss its TTFT SLO gets its checkpoint copied into the DRAM tier of more
+  nodes (up to `prefetch_copies`), chosen among nodes with device room, preferring ones that
+  already hold it on SSD.
+
+Live, one gateway runs `step` under `RedisCluster.try_lease("autoscaler", ...)` and executes the
+actions (Unload: tell the worker, then `remove_instance`; EnsureInstances: place that many cold
+starts; Prefetch: ask the node's worker to pull the checkpoint into the tier). The simulator
+runs the same object.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ember.scheduler.estimator import tier_bandwidth_bps
+from ember.scheduler.view import ClusterView, Tier
+
+__all__ = ["Action", "Autoscaler", "EnsureInstances", "Prefetch", "ScalingSpec", "Unload"]
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """How one function scales."""
+
+    function: str
+    checkpoint: str = ""
+    nbytes: int = 0
+    min_instances: int = 0
+    max_instances: int = 4
+    keep_alive_s: float = 60.0
+    target_concurrency: int = 4
+    ttft_slo_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        from ember.errors import ConfigError
+
+        if self.min_instances < 0 or self.max_instances < max(1, self.min_instances):
+            raise ConfigError(f"{self.function}: need 0 <= min_instances <= max_instances and max_instances >= 1")
+        if self.target_concurrency < 1:
+            raise ConfigError(f"{self.function}: target_concurrency must be >= 1")
+        if self.keep_alive_s < 0:
+            raise ConfigError(f"{self.function}: keep_alive_s must be >= 0")
+
+
+class ScalableInstance(Protocol):
+    """What the autoscaler reads of an instance (InstanceRecord satisfies it)."""
+
+    instance_id: str
+    function: str
+    node_id: str
+    state: str
+    outstanding: int
+    last_used_s: float
+
+
+@dataclass(frozen=True)
+class Unload:
+    instance_id: str
+    function: str
+    node_id: str
+    reason: str  # "keep_alive" | "over_max" | "unknown_function"
+
+
+@dataclass(frozen=True)
+class EnsureInstances:
+    """Start cold instances until the function has `count` (the executor places count - current)."""
+
+    function: str
+    count: int
+    current: int
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    checkpoint: str
+    node_id: str
+    tier: Tier
+
+
+Action = Unload | EnsureInstances | Prefetch
+
+
+class Autoscaler:
+    """Stateless between steps apart from its settings, so any gateway can take over the lease."""
+
+    def __init__(self, *, prefetch_min_rate_per_s: float = 0.05, prefetch_copies: int = 2,
+                 max_prefetch_per_step: int = 16, unload_unknown: bool = False) -> None:
+        self.prefetch_min_rate_per_s = prefetch_min_rate_per_s
+        self.prefetch_copies = prefetch_copies
+        self.max_prefetch_per_step = max_prefetch_per_step
+        self.unload_unknown = unload_unknown
+        self._min_cache: tuple[tuple[int, int], list[tuple[str, ScalingSpec]]] | None = None
+
+    def step(self, specs: Mapping[str, ScalingSpec], instances: Iterable[ScalableInstance], now: float, *,
+             view: ClusterView | None = None, demand_per_s: Mapping[str, float] | None = None) -> list[Action]:
+        """The actions that bring the cluster in line with `specs` at time `now`."""
+        by_fn: dict[str, list[ScalableInstance]] = defaultdict(list)
+        for inst in instances:
+            by_fn[inst.function].append(inst)
+        actions: list[Action] = []
+        for fn, insts in by_fn.items():
+            spec = specs.get(fn)
+            if spec is None:
+                if self.unload_unknown:
+                    actions += [Unload(i.instance_id, fn, i.node_id, "unknown_function") for i in insts
+                                if i.state == "ready" and i.outstanding == 0]
+                continue
+            actions += self._unloads(spec, insts, now)
+        for fn, spec in self._with_minimum(specs):
+            current = len(by_fn.get(fn, ()))
+            if current < spec.min_instances:
+                actions.append(EnsureInstances(fn, spec.min_instances, current))
+        if view is not None and demand_per_s:
+            actions += self._prefetches(specs, view, demand_per_s)
+        return actions
+
+    def _with_minimum(self, specs: Mapping[str, ScalingSpec]) -> list[tuple[str, ScalingSpec]]:
+        """Specs with min_instances > 0 (cached per specs mapping: simulations pass thousands)."""
+        key = (id(specs), len(specs))
+        if self._min_cache is None or self._min_cache[0] != key:
+            self._min_cache = (key, [(fn, s) for fn, s in specs.items() if s.min_instances > 0])
+        return self._min_cache[1]
+
+    def _unloads(self, spec: ScalingSpec, insts: list[ScalableInstance], now: float) -> list[Action]:
+        idle = [i for i in insts if i.state == "ready" and i.outstanding == 0]
+        if not idle:
+            return []
+        idle.sort(key=lambda i: (i.last_used_s, i.instance_id))  # least recently used first
+        out: list[Action] = []
+        remaining = len(insts)
+        for inst in idle:
+            if remaining > spec.max_instances:
+                out.append(Unload(inst.instance_id, spec.function, inst.node_id, "over_max"))
+            elif remaining > spec.min_instances and now - inst.last_used_s >= spec.keep_alive_s:
+                out.append(Unload(inst.instance_id, spec.function, inst.node_id, "keep_alive"))
+            else:
+                continue
+            remaining -= 1
+        return out
+
+    def _prefetches(self, specs: Mapping[str, ScalingSpec], view: ClusterView,
+                    demand_per_s: Mapping[str, float]) -> list[Action]:
+        out: list[Action] = []
+        popular = sorted((r, fn) for fn, r in demand_per_s.items() if r >= self.prefetch_min_rate_per_s)
+        for _, fn in reversed(popular):
+            if len(out) >= self.max_prefetch_per_step:
+                break
+            spec = specs.get(fn)
+            if spec is None or not spec.checkpoint or spec.nbytes <= 0:
+                continue
+            holders = view.nodes_holding(spec.checkpoint, limit=self.prefetch_copies + 2)
+            near = [n for n in holders if n.holdings.get(spec.checkpoint) in ("gpu", "dram")]
+            if len(near) >= self.prefetch_copies:
+                continue
+            # Would a cold start from the nearest copy outside DRAM miss the SLO?
+            slow = [n for n in holders if n.holdings.get(spec.checkpoint) == "ssd"]
+            ref = slow[0] if slow else None
+            bw = tier_bandwidth_bps(ref, "ssd") if ref else None
+            if bw is not None and spec.nbytes / bw <= spec.ttft_slo_s:
+                continue
+            targets = [n for n in slow if n.node_id not in {m.node_id for m in near}]
+            if len(targets) + len(near) < self.prefetch_copies:
+                seen = {n.node_id for n in holders}
+                for d in view.devices_with_room(spec.nbytes, limit=8):
+                    if d.node_id not in seen:
+                        seen.add(d.node_id)
+                        node = view.node(d.node_id)
+                        if node is not None:
+                            targets.append(node)
+            for node in targets[: self.prefetch_copies - len(near)]:
+                out.append(Prefetch(spec.checkpoint, node.node_id, "dram"))
+        return out

@@ -1,0 +1,55 @@
+"""Startup-time estimator: how long until an instance of a checkpoint could serve on a device.
+
+    seconds = wait + eviction + nbytes / bandwidth(tier)
+
+`wait` is the longer of the device's load queue and the node's queue for that tier; `bandwidth`
+is the node's own figure for the tier (measured when its worker started and corrected from
+observed loads, see `ewma_bandwidth_bps`), and only when a node reports nothing for a tier do
+the conservative defaults below apply. Remote fetches are estimated like any other tier, so a
+node without a local copy is a candidate, not skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ember.scheduler.view import DeviceState, NodeState, StartupEstimate, Tier
+
+# Used only when a node did not report a tier (units: bytes/s into device memory).
+DEFAULT_BANDWIDTH_BPS: Mapping[str, float] = {
+    "gpu": 100e9,  # device-to-device copy on the same node
+    "dram": 10e9,
+    "ssd": 2e9,
+    "remote": 0.5e9,
+}
+EVICTION_S = 0.1  # unloading idle instances to make room: drain and free, roughly constant
+EWMA_ALPHA = 0.3  # weight of one observed load when correcting a tier bandwidth
+
+
+def tier_bandwidth_bps(node: NodeState, tier: Tier) -> float:
+    """The node's bandwidth for `tier` (its measured/corrected figure, else the default)."""
+    bw = node.bandwidth_bps.get(tier)
+    if bw is None or bw <= 0:
+        return DEFAULT_BANDWIDTH_BPS[tier]
+    return bw
+
+
+def estimate_startup(nbytes: int, node: NodeState, device: DeviceState, tier: Tier) -> StartupEstimate:
+    """Estimated seconds until `nbytes` loaded from `tier` on `node` could serve on `device`."""
+    wait = max(device.queue_s, node.tier_queue_s.get(tier, 0.0)) if node.tier_queue_s else device.queue_s
+    evict = EVICTION_S if device.free_bytes < nbytes else 0.0
+    seconds = wait + evict + nbytes / tier_bandwidth_bps(node, tier)
+    return StartupEstimate(node.node_id, device.device_id, tier, seconds, device.awake)
+
+
+def can_hold(device: DeviceState, nbytes: int) -> bool:
+    """Whether the device has room now, or after evicting idle instances."""
+    return device.free_bytes >= nbytes or device.free_bytes + device.idle_bytes >= nbytes
+
+
+def ewma_bandwidth_bps(current_bps: float | None, nbytes: int, seconds: float, alpha: float = EWMA_ALPHA) -> float:
+    """Fold one observed load (`nbytes` in `seconds`) into a tier bandwidth."""
+    observed = nbytes / seconds
+    if current_bps is None or current_bps <= 0:
+        return observed
+    return (1.0 - alpha) * current_bps + alpha * observed

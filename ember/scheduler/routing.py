@@ -1,0 +1,54 @@
+"""Warm routing and scale-out, as pure rules the gateway and the simulator share.
+
+Warm: the ready instance with the fewest outstanding requests, if it is below
+`target_concurrency` (the live path does the same thing atomically in Redis, see
+`RedisCluster.acquire_warm`). Otherwise the request queues for the earliest free slot, and the
+function scales out when that predicted wait would break the TTFT SLO and a new instance
+would plausibly be ready sooner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
+
+
+class RoutableInstance(Protocol):
+    instance_id: str
+    state: str
+    outstanding: int
+
+
+I = TypeVar("I", bound=RoutableInstance)  # noqa: E741
+
+
+def pick_warm(instances: Iterable[I], target_concurrency: int) -> I | None:
+    """The ready instance with the fewest outstanding requests below `target_concurrency`
+    (ties: lowest instance id), or None: the request must queue or trigger a cold start."""
+    best: I | None = None
+    for inst in instances:
+        if inst.state != "ready" or inst.outstanding >= target_concurrency:
+            continue
+        if best is None or (inst.outstanding, inst.instance_id) < (best.outstanding, best.instance_id):
+            best = inst
+    return best
+
+
+def should_scale_out(predicted_wait_s: float, prefill_s: float, ttft_slo_s: float, *,
+                     instances: int, max_instances: int, cold_start_s: float = 0.0) -> bool:
+    """Start another instance when queueing would break the TTFT SLO (wait + prefill > SLO),
+    the function is below `max_instances`, and a cold start (`cold_start_s`, an estimate) would
+    finish before the queue drains."""
+    if instances >= max_instances:
+        return False
+    if predicted_wait_s + prefill_s <= ttft_slo_s:
+        return False
+    return cold_start_s < predicted_wait_s
+
+
+def predicted_wait_s(slot_free_s: Iterable[float], now_s: float) -> float:
+    """Seconds until the earliest of the given slot-free times (0 if one is free now)."""
+    earliest = min(slot_free_s, default=None)
+    if earliest is None:
+        return float("inf")
+    return max(0.0, earliest - now_s)

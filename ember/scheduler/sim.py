@@ -1,0 +1,700 @@
+"""A discrete-event simulator of a GPU cluster that runs Ember's own placement policies, warm
+routing rules and autoscaler (the SAME objects the gateway runs) against an invocation trace.
+
+Model (units: bytes, seconds, watts, joules):
+- nodes with `gpus_per_node` GPUs of `gpu_memory_bytes`, a DRAM checkpoint cache and an SSD
+  (both LRU), and a link to remote storage. True tier bandwidths are per node; what the
+  scheduler sees is a start-up measurement with error, corrected from every observed load
+  (the estimator's EWMA), as live.
+- every checkpoint starts on the SSD of `ssd_replicas` nodes; a load from remote also lands
+  on that node's SSD, and every load leaves a copy in the node's DRAM cache.
+- loads onto one GPU run one after another; loads from one tier of one node share its link
+  (one after another). Evicting idle instances to make room costs EVICTION_S.
+- an instance serves `target_concurrency` requests at once; a request takes prefill plus
+  decode time from the energy model's H100 cost model; more requests queue for a slot.
+- GPU power follows ember.energy.simulated (the calibrated SimulatedGpu): every GPU draws idle
+  power for the whole run, 110 W for a second after work and while loading, prefill/decode
+  power while serving; overlapping requests on one GPU are charged once (they share it), which
+  is what makes packing onto awake GPUs save energy. Interference between co-located
+  instances is not modelled (optimistic for packing).
+Startup of an invocation = arrival until an instance is ready to serve it (queueing included).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ember.energy import simulated as gpu_model
+from ember.errors import ConfigError
+from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
+from ember.scheduler.estimator import EVICTION_S, ewma_bandwidth_bps
+from ember.scheduler.policies import POLICY_NAMES, get_policy
+from ember.scheduler.routing import pick_warm, should_scale_out
+from ember.scheduler.trace import Trace, synthetic_trace
+from ember.scheduler.view import DeviceState, NodeState, PlacementPolicy, PlacementRequest, Tier
+
+__all__ = ["SimConfig", "SimResult", "run_simulation", "simulate_policy", "build_trace"]
+
+GiB = 1 << 30
+_TIER_RANK = {"gpu": 0, "dram": 1, "ssd": 2, "remote": 3}
+
+
+@dataclass
+class SimConfig:
+    """Cluster, workload and scaling knobs. Validated by `check()` (errors name the field)."""
+
+    nodes: int = 16
+    gpus_per_node: int = 8
+    functions: int = 1000
+    duration_s: float = 600.0
+    seed: int = 0
+    rate_per_function_s: float = 0.03  # mean invocations per second per function (synthetic trace)
+    gpu_memory_bytes: int = 80 * GiB
+    dram_cache_bytes: int = 512 * GiB
+    ssd_bytes: int = 4096 * GiB
+    gpu_peer_bps: float = 200e9  # another GPU on the node already holds it (NVLink copy)
+    dram_bps: float = 25e9
+    ssd_bps: float = 8e9
+    remote_bps: float = 1.25e9
+    bandwidth_spread: float = 0.15  # true per-node bandwidths vary by this much (log-normal sigma)
+    measurement_error: float = 0.3  # start-up measurement error (log-normal sigma), corrected online
+    ssd_replicas: int = 2
+    min_model_bytes: int = 1 * 10**9
+    max_model_bytes: int = 70 * 10**9
+    prompt_tokens: int = 512
+    output_tokens: int = 128
+    slo_base_s: float = 1.0  # TTFT SLO = slo_base_s + model bytes / slo_bytes_per_s
+    slo_bytes_per_s: float = 10e9
+    keep_alive_s: float = 60.0
+    target_concurrency: int = 4
+    max_instances: int = 8
+    autoscaler_interval_s: float = 10.0
+    prefetch: bool = True
+
+    def check(self) -> SimConfig:
+        """Raise ConfigError naming the first impossible field."""
+        positive = ("nodes", "gpus_per_node", "functions", "duration_s", "rate_per_function_s",
+                    "gpu_memory_bytes", "dram_bps", "ssd_bps", "remote_bps", "gpu_peer_bps",
+                    "min_model_bytes", "max_model_bytes", "target_concurrency", "max_instances",
+                    "autoscaler_interval_s", "slo_bytes_per_s")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"cluster config: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("dram_cache_bytes", "ssd_bytes", "ssd_replicas", "prompt_tokens", "output_tokens",
+                     "keep_alive_s", "bandwidth_spread", "measurement_error", "slo_base_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"cluster config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.min_model_bytes > self.max_model_bytes:
+            raise ConfigError("cluster config: min_model_bytes is larger than max_model_bytes")
+        if self.max_model_bytes > self.gpu_memory_bytes:
+            raise ConfigError(
+                f"cluster config: max_model_bytes ({self.max_model_bytes}) does not fit gpu_memory_bytes "
+                f"({self.gpu_memory_bytes}); functions spanning several GPUs are not simulated"
+            )
+        if self.ssd_replicas > self.nodes:
+            raise ConfigError(f"cluster config: ssd_replicas ({self.ssd_replicas}) exceeds nodes ({self.nodes})")
+        if self.ssd_replicas and self.ssd_bytes < self.max_model_bytes:
+            raise ConfigError("cluster config: ssd_bytes cannot hold the largest model")
+        return self
+
+
+@dataclass
+class SimResult:
+    """One policy's outcome on one trace."""
+
+    policy: str
+    startup_s: np.ndarray
+    cold: np.ndarray
+    slo_met: np.ndarray
+    gpu_energy_j: float
+    decisions: int
+    decision_s: float
+    unplaced: int
+    wall_s: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float | int]:
+        """The issue's JSON fields (plus a few diagnostics)."""
+        s = self.startup_s
+        cold = s[self.cold]
+        return {
+            "mean_startup_s": _r(float(s.mean()) if s.size else 0.0),
+            "p50_startup_s": _r(float(np.percentile(s, 50)) if s.size else 0.0),
+            "p99_startup_s": _r(float(np.percentile(s, 99)) if s.size else 0.0),
+            "p99_cold_startup_s": _r(float(np.percentile(cold, 99)) if cold.size else 0.0),
+            "slo_attainment": _r(float(self.slo_met.mean()) if s.size else 1.0, 6),
+            "cold_starts": int(self.cold.sum()),
+            "gpu_energy_kwh": _r(self.gpu_energy_j / 3.6e6, 4),
+            "decisions_per_s": _r(self.decisions / self.decision_s if self.decision_s > 0 else 0.0, 1),
+            "decisions": self.decisions,
+            "unplaced": self.unplaced,
+            "wall_s": _r(self.wall_s, 2),
+            **{k: _r(v) for k, v in self.extra.items()},
+        }
+
+
+def build_trace(cfg: SimConfig, trace_csv: str | None = None) -> Trace:
+    """The synthetic trace for `cfg`, or the Azure CSV (its functions replace cfg.functions)."""
+    if trace_csv:
+        from ember.scheduler.trace import read_azure_csv
+
+        return read_azure_csv(trace_csv, duration_s=cfg.duration_s, seed=cfg.seed)
+    return synthetic_trace(cfg.functions, cfg.duration_s, seed=cfg.seed, rate_per_function_s=cfg.rate_per_function_s)
+
+
+def run_simulation(cfg: SimConfig, policies: Sequence[str] = POLICY_NAMES, *, trace: Trace | None = None,
+                   progress: Callable[[str, float], None] | None = None) -> dict:
+    """Run each policy on the same trace and seed; the issue's JSON document."""
+    cfg.check()
+    for name in policies:
+        get_policy(name)  # unknown names fail before any work
+    trace = trace if trace is not None else build_trace(cfg)
+    out: dict[str, dict] = {}
+    results: dict[str, SimResult] = {}
+    for name in policies:
+        res = simulate_policy(cfg, trace, name, progress=progress)
+        results[name] = res
+        out[name] = res.summary()
+    return {
+        "invocations": len(trace),
+        "policies": out,
+        "config": {**asdict(cfg), "gpus": cfg.nodes * cfg.gpus_per_node, "trace_functions": len(trace.functions)},
+        "_results": results,
+    }
+
+
+def simulate_policy(cfg: SimConfig, trace: Trace, policy_name: str, *,
+                    progress: Callable[[str, float], None] | None = None) -> SimResult:
+    """Simulate one policy (a fresh policy and autoscaler object) over `trace`."""
+    policy = get_policy(policy_name, seed=cfg.seed)
+    return _Simulation(cfg, trace, policy, Autoscaler()).run(progress)
+
+
+# --- the simulation ---------------------------------------------------------------------------
+class _Instance:
+    __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device", "nbytes", "ready_s",
+                 "ends", "last_used_s", "created_s", "state", "outstanding")
+
+    def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: _Device,
+                 nbytes: int, ready_s: float, now: float) -> None:
+        self.instance_id = instance_id
+        self.fn = fn
+        self.function = function
+        self.checkpoint = checkpoint
+        self.device = device
+        self.node_id = device.node.node_id
+        self.nbytes = nbytes
+        self.ready_s = ready_s
+        self.ends: list[float] = []  # heap: end times of requests holding a slot
+        self.last_used_s = ready_s
+        self.created_s = now
+        self.state = "loading"
+        self.outstanding = 0
+
+
+class _Device:
+    __slots__ = ("index", "node", "node_id", "device_id", "memory", "free", "instances", "load_until", "busy_until",
+                 "extra_j", "bucket")
+
+    def __init__(self, index: int, node: _Node, device_id: str, memory: int) -> None:
+        self.index = index
+        self.node = node
+        self.node_id = node.node_id
+        self.device_id = device_id
+        self.memory = memory
+        self.free = memory
+        self.instances: list[_Instance] = []
+        self.load_until = 0.0
+        self.busy_until = -1e9  # end of the last work (energy: warm idle tail)
+        self.extra_j = 0.0  # energy above idle power
+        self.bucket = -1
+
+
+class _Node:
+    __slots__ = ("node_id", "devices", "true_bw", "measured_bw", "dram", "dram_used", "ssd", "ssd_used",
+                 "gpu_counts", "holdings", "tier_until", "version", "cached", "cached_at")
+
+    def __init__(self, node_id: str, true_bw: dict[str, float], measured_bw: dict[str, float]) -> None:
+        self.node_id = node_id
+        self.devices: list[_Device] = []
+        self.true_bw = true_bw
+        self.measured_bw = measured_bw
+        self.dram: OrderedDict[str, int] = OrderedDict()
+        self.dram_used = 0
+        self.ssd: OrderedDict[str, int] = OrderedDict()
+        self.ssd_used = 0
+        self.gpu_counts: dict[str, int] = {}
+        self.holdings: dict[str, Tier] = {}
+        self.tier_until: dict[str, float] = {"gpu": 0.0, "dram": 0.0, "ssd": 0.0, "remote": 0.0}
+        self.version = 0  # bumped on every change a NodeState shows (cache key with the time)
+        self.cached: NodeState | None = None
+        self.cached_at: tuple[float, int] = (-1.0, -1)
+
+
+class _Simulation:
+    """In-memory cluster state; also the `ClusterView` the policies read."""
+
+    def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler) -> None:
+        self.cfg = cfg
+        self.trace = trace
+        self.policy = policy
+        self.autoscaler = autoscaler
+        self.now = 0.0
+        rng = np.random.default_rng(cfg.seed + 1)
+        nf = len(trace.functions)
+        # Functions: sizes log-uniform in [min, max], SLO from size, serving cost from the GPU model.
+        lo, hi = math.log(cfg.min_model_bytes), math.log(cfg.max_model_bytes)
+        self.nbytes = np.exp(rng.uniform(lo, hi, nf)).astype(np.int64).tolist()
+        params_b = [b / 2e9 for b in self.nbytes]  # bf16
+        self.prefill_s = [gpu_model.prefill_full_clock_s(cfg.prompt_tokens, p) for p in params_b]
+        self.exec_s = [pf + cfg.output_tokens * gpu_model.decode_step_full_clock_s(p)
+                       for pf, p in zip(self.prefill_s, params_b, strict=True)]
+        self.slo_s = [cfg.slo_base_s + b / cfg.slo_bytes_per_s for b in self.nbytes]
+        self.names = trace.functions
+        self.ckpt = [f"ck-{n}" for n in trace.functions]
+        self.specs = {
+            n: ScalingSpec(function=n, checkpoint=self.ckpt[i], nbytes=self.nbytes[i], min_instances=0,
+                           max_instances=cfg.max_instances, keep_alive_s=cfg.keep_alive_s,
+                           target_concurrency=cfg.target_concurrency, ttft_slo_s=self.slo_s[i])
+            for i, n in enumerate(trace.functions)
+        }
+        self.fn_index = {n: i for i, n in enumerate(trace.functions)}
+        self.ckpt_index = {c: i for i, c in enumerate(self.ckpt)}
+        # Nodes and devices.
+        self.nodes: dict[str, _Node] = {}
+        self.devices: list[_Device] = []
+        self.node_list: list[_Node] = []
+        base = {"gpu": cfg.gpu_peer_bps, "dram": cfg.dram_bps, "ssd": cfg.ssd_bps, "remote": cfg.remote_bps}
+        for k in range(cfg.nodes):
+            true_bw = {t: bw * float(rng.lognormal(0.0, cfg.bandwidth_spread)) for t, bw in base.items()}
+            measured = {t: bw * float(rng.lognormal(0.0, cfg.measurement_error)) for t, bw in true_bw.items()}
+            node = _Node(f"node-{k:04d}", true_bw, measured)
+            for g in range(cfg.gpus_per_node):
+                dev = _Device(len(self.devices), node, f"cuda:{g}", cfg.gpu_memory_bytes)
+                node.devices.append(dev)
+                self.devices.append(dev)
+            self.nodes[node.node_id] = node
+            self.node_list.append(node)
+        self._node_ids = [n.node_id for n in self.node_list]
+        self.n_buckets = cfg.gpu_memory_bytes // GiB + 1
+        self.buckets: list[dict[int, _Device]] = [{} for _ in range(self.n_buckets)]
+        for dev in self.devices:
+            self._rebucket(dev)
+        self.holders: dict[str, dict[str, None]] = {}
+        if cfg.ssd_replicas:
+            if sum(self.nbytes) * cfg.ssd_replicas > cfg.nodes * cfg.ssd_bytes:
+                raise ConfigError(
+                    "cluster config: ssd_bytes too small for ssd_replicas copies of every checkpoint "
+                    f"({sum(self.nbytes) * cfg.ssd_replicas / 1e12:.1f} TB > {cfg.nodes * cfg.ssd_bytes / 1e12:.1f} TB)"
+                )
+            picks = rng.random((nf, cfg.nodes)).argsort(axis=1)[:, : cfg.ssd_replicas]
+            for i in range(nf):
+                for k in picks[i]:
+                    self._ssd_put(self.node_list[int(k)], self.ckpt[i], self.nbytes[i])
+        self.instances: dict[str, _Instance] = {}
+        self.fn_instances: list[list[_Instance]] = [[] for _ in range(nf)]
+        self.last_cold_s = [0.0] * nf
+        self.pending_prefetch: list[tuple[float, int, str, str, int]] = []
+        self.prefetches = 0
+        self._seq = 0
+        self.decisions = 0
+        self.decision_s = 0.0
+        self.unplaced = 0
+        self.evictions = 0
+        self.tier_loads: dict[str, int] = {"gpu": 0, "dram": 0, "ssd": 0, "remote": 0}
+        self.peak_instances = 0
+
+    # --- ClusterView ---------------------------------------------------------------------
+    def node(self, node_id: str) -> NodeState | None:
+        n = self.nodes.get(node_id)
+        return None if n is None else self._node_state(n)
+
+    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+        held = self.holders.get(checkpoint)
+        if not held:
+            return []
+        nodes = self.nodes
+        ids = sorted(held, key=lambda n: _TIER_RANK[nodes[n].holdings[checkpoint]])
+        if limit is not None:
+            ids = ids[:limit]
+        return [self._node_state(nodes[n]) for n in ids]
+
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        first = min(self.n_buckets - 1, nbytes // GiB)
+        rng = range(self.n_buckets - 1, first - 1, -1) if spread else range(first, self.n_buckets)
+        found: list[_Device] = []
+        for b in rng:
+            for dev in self.buckets[b].values():
+                if dev.free >= nbytes:
+                    found.append(dev)
+                    if len(found) >= limit:
+                        break
+            if len(found) >= limit:
+                break
+        states = [self._device_state(d) for d in found]
+        if spread:
+            states.sort(key=lambda d: (-d.free_bytes, d.queue_s))
+        else:
+            states.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
+        return states
+
+    def node_ids(self) -> Sequence[str]:
+        return self._node_ids
+
+    def all_nodes(self) -> Sequence[NodeState]:
+        return [self._node_state(n) for n in self.node_list]
+
+    def _device_state(self, d: _Device) -> DeviceState:
+        now = self.now
+        insts = d.instances
+        idle = 0
+        for inst in insts:
+            if inst.last_used_s <= now:  # last_used_s >= ready_s: idle implies loaded
+                idle += inst.nbytes
+        queue = d.load_until - now
+        return DeviceState(d.node_id, d.device_id, d.memory, d.free, len(insts), queue if queue > 0 else 0.0,
+                           bool(insts), idle)
+
+    def _node_state(self, n: _Node) -> NodeState:
+        now = self.now
+        if n.cached_at == (now, n.version):
+            return n.cached
+        state = NodeState(n.node_id, tuple(self._device_state(d) for d in n.devices), n.measured_bw, n.holdings,
+                          {t: max(0.0, u - now) for t, u in n.tier_until.items()})
+        n.cached, n.cached_at = state, (now, n.version)
+        return state
+
+    # --- the run -------------------------------------------------------------------------
+    def run(self, progress: Callable[[str, float], None] | None) -> SimResult:
+        wall0 = time.perf_counter()
+        cfg = self.cfg
+        times = self.trace.arrival_s
+        fns = self.trace.function_idx
+        n = len(times)
+        startup = np.zeros(n, dtype=np.float64)
+        cold = np.zeros(n, dtype=bool)
+        met = np.zeros(n, dtype=bool)
+        counts: dict[int, int] = {}
+        demand: dict[str, float] = {}
+        next_step = cfg.autoscaler_interval_s
+        tc = cfg.target_concurrency
+        max_inst = cfg.max_instances
+        exec_s, prefill_s, slo_s = self.exec_s, self.prefill_s, self.slo_s
+        fn_instances = self.fn_instances
+        warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
+        pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
+        dec_w = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
+        warm_s = gpu_model.WARM_IDLE_S
+        heappush, heappop, heapreplace = heapq.heappush, heapq.heappop, heapq.heapreplace
+        report_every = max(1, n // 50)
+        t_list = times.tolist()
+        f_list = fns.tolist()
+        for i in range(n):
+            t = t_list[i]
+            f = f_list[i]
+            if t >= next_step:
+                while t >= next_step:
+                    self.now = next_step
+                    self._autoscale(demand, counts)
+                    next_step += cfg.autoscaler_interval_s
+                if progress is not None:
+                    progress(self.policy.name, i / n)
+            self.now = t
+            counts[f] = counts.get(f, 0) + 1
+            insts = fn_instances[f]
+            for inst in insts:
+                ends = inst.ends
+                while ends and ends[0] <= t:
+                    heappop(ends)
+                inst.outstanding = len(ends)
+                inst.state = "ready" if inst.ready_s <= t else "loading"
+            chosen = pick_warm(insts, tc)
+            is_cold = False
+            if chosen is not None:
+                start = t
+            else:
+                # Queue on the instance whose slot (or load) frees first.
+                start = math.inf
+                for inst in insts:
+                    ends = inst.ends
+                    s = inst.ready_s if len(ends) < tc else max(ends[0], inst.ready_s)
+                    if s < start:
+                        start, chosen = s, inst
+                wait = start - t if chosen is not None else math.inf
+                if chosen is None or should_scale_out(wait, prefill_s[f], slo_s[f], instances=len(insts),
+                                                      max_instances=max_inst, cold_start_s=self.last_cold_s[f]):
+                    new = self._cold_start(f, t)
+                    if new is not None and new.ready_s < start:
+                        chosen, start = new, new.ready_s
+                if chosen is None:
+                    self.unplaced += 1
+                    startup[i] = cfg.duration_s - t + slo_s[f]  # censored: never served in the run
+                    cold[i] = True
+                    continue
+                is_cold = chosen.ready_s > t
+                if start < t:
+                    start = t
+            end = start + exec_s[f]
+            ends = chosen.ends
+            if len(ends) < tc:
+                heappush(ends, end)
+            else:
+                heapreplace(ends, end)
+            if end > chosen.last_used_s:
+                chosen.last_used_s = end
+            chosen.device.node.version += 1
+            st = start - t
+            startup[i] = st
+            cold[i] = is_cold
+            pf = prefill_s[f]
+            met[i] = st + pf <= slo_s[f]
+            # Energy: charge the part of [start, end] this GPU was not already busy for.
+            dev = chosen.device
+            bu = dev.busy_until
+            if start >= bu:
+                dev.extra_j += warm_w * min(warm_s, start - bu) if bu > 0 else 0.0
+                from_s = start
+            else:
+                from_s = bu
+            if end > from_s:
+                pf_end = start + pf
+                cov_pf = pf_end - from_s if pf_end > from_s else 0.0
+                dev.extra_j += pre_w * cov_pf + dec_w * (end - from_s - cov_pf)
+                dev.busy_until = end
+            if progress is not None and i % report_every == 0:
+                progress(self.policy.name, i / n)
+        self.now = self.trace.duration_s
+        energy = gpu_model.IDLE_POWER_W * len(self.devices) * self.trace.duration_s
+        for dev in self.devices:
+            energy += dev.extra_j
+            if dev.busy_until > 0:
+                energy += warm_w * max(0.0, min(warm_s, self.trace.duration_s - dev.busy_until))
+        if progress is not None:
+            progress(self.policy.name, 1.0)
+        return SimResult(
+            policy=self.policy.name, startup_s=startup, cold=cold, slo_met=met, gpu_energy_j=energy,
+            decisions=self.decisions, decision_s=self.decision_s, unplaced=self.unplaced,
+            wall_s=time.perf_counter() - wall0,
+            extra={"evictions": self.evictions, "prefetches": self.prefetches,
+                   "peak_instances": self.peak_instances,
+                   **{f"loads_{k}": v for k, v in self.tier_loads.items()}},
+        )
+
+    # --- cold starts -------------------------------------------------------------------------
+    def _cold_start(self, f: int, t: float) -> _Instance | None:
+        """Place and start loading an instance of function `f` at time `t`; None if nothing fits."""
+        self._apply_prefetches(t)
+        nb = self.nbytes[f]
+        req = PlacementRequest(function=self.names[f], checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
+        est = self._decide(req)
+        if est is None and self._relieve_pressure(nb):
+            est = self._decide(req)
+        if est is None:
+            return None
+        node = self.nodes[est.node_id]
+        dev = next(d for d in node.devices if d.device_id == est.device_id)
+        evicted = self._evict_for(dev, nb)
+        if dev.free < nb:
+            return None
+        ck = req.checkpoint
+        tier: Tier = node.holdings.get(ck, "remote")
+        poll = getattr(self.policy, "poll_interval_s", 0.0)
+        dispatch = math.ceil(t / poll) * poll if poll > 0 else t
+        transfer = nb / node.true_bw[tier]
+        start = max(dispatch, dev.load_until, node.tier_until[tier])
+        ready = start + transfer + (EVICTION_S if evicted else 0.0)
+        dev.load_until = ready
+        node.tier_until[tier] = start + transfer
+        node.measured_bw[tier] = ewma_bandwidth_bps(node.measured_bw.get(tier), nb, transfer)
+        self.tier_loads[tier] += 1
+        self.last_cold_s[f] = ready - t
+        dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
+        # Claim memory, record the instance, update what the node holds.
+        dev.free -= nb
+        self._rebucket(dev)
+        self._seq += 1
+        inst = _Instance(f"i{self._seq}", f, self.names[f], ck, dev, nb, ready, t)
+        dev.instances.append(inst)
+        self.fn_instances[f].append(inst)
+        self.instances[inst.instance_id] = inst
+        self.peak_instances = max(self.peak_instances, len(self.instances))
+        node.gpu_counts[ck] = node.gpu_counts.get(ck, 0) + 1
+        if tier == "remote":
+            self._ssd_put(node, ck, nb)
+        self._dram_put(node, ck, nb)
+        self._set_tier(node, ck)
+        return inst
+
+    def _decide(self, req: PlacementRequest):
+        t0 = time.perf_counter()
+        est = self.policy.place(req, self)
+        self.decision_s += time.perf_counter() - t0
+        self.decisions += 1
+        return est
+
+    def _evict_for(self, dev: _Device, nbytes: int) -> bool:
+        """Unload idle instances on `dev`, least recently used first, until `nbytes` fit."""
+        if dev.free >= nbytes:
+            return False
+        now = self.now
+        idle = sorted((i for i in dev.instances if i.ready_s <= now and i.last_used_s <= now),
+                      key=lambda i: i.last_used_s)
+        evicted = False
+        for inst in idle:
+            if dev.free >= nbytes:
+                break
+            self._remove(inst)
+            self.evictions += 1
+            evicted = True
+        return evicted
+
+    def _relieve_pressure(self, nbytes: int) -> bool:
+        """Nothing has room: evict the cluster's least recently used idle instances until some
+        device could take `nbytes` (the same for every policy)."""
+        now = self.now
+        best: _Device | None = None
+        best_room = -1
+        for dev in self.devices:
+            room = dev.free + sum(i.nbytes for i in dev.instances if i.ready_s <= now and i.last_used_s <= now)
+            if room >= nbytes and (best is None or room < best_room):
+                best, best_room = dev, room
+        if best is None:
+            return False
+        return self._evict_for(best, nbytes) or best.free >= nbytes
+
+    def _remove(self, inst: _Instance) -> None:
+        dev = inst.device
+        node = dev.node
+        dev.instances.remove(inst)
+        self.fn_instances[inst.fn].remove(inst)
+        del self.instances[inst.instance_id]
+        dev.free += inst.nbytes
+        self._rebucket(dev)
+        left = node.gpu_counts.get(inst.checkpoint, 0) - 1
+        if left > 0:
+            node.gpu_counts[inst.checkpoint] = left
+        else:
+            node.gpu_counts.pop(inst.checkpoint, None)
+        self._set_tier(node, inst.checkpoint)
+
+    # --- tiers and indexes ------------------------------------------------------------------
+    def _rebucket(self, dev: _Device) -> None:
+        dev.node.version += 1
+        b = min(self.n_buckets - 1, dev.free // GiB)
+        if b != dev.bucket:
+            if dev.bucket >= 0:
+                del self.buckets[dev.bucket][dev.index]
+            self.buckets[b][dev.index] = dev
+            dev.bucket = b
+
+    def _set_tier(self, node: _Node, ck: str) -> None:
+        node.version += 1
+        if node.gpu_counts.get(ck):
+            tier: Tier | None = "gpu"
+        elif ck in node.dram:
+            tier = "dram"
+        elif ck in node.ssd:
+            tier = "ssd"
+        else:
+            tier = None
+        if tier is None:
+            if node.holdings.pop(ck, None) is not None:
+                held = self.holders.get(ck)
+                if held is not None:
+                    held.pop(node.node_id, None)
+                    if not held:
+                        del self.holders[ck]
+        else:
+            node.holdings[ck] = tier
+            self.holders.setdefault(ck, {})[node.node_id] = None
+
+    def _dram_put(self, node: _Node, ck: str, nb: int) -> None:
+        if ck in node.dram:
+            node.dram.move_to_end(ck)
+            return
+        if nb > self.cfg.dram_cache_bytes:
+            return
+        node.dram[ck] = nb
+        node.dram_used += nb
+        while node.dram_used > self.cfg.dram_cache_bytes:
+            old, size = node.dram.popitem(last=False)
+            node.dram_used -= size
+            self._set_tier(node, old)
+
+    def _ssd_put(self, node: _Node, ck: str, nb: int) -> None:
+        if ck in node.ssd:
+            node.ssd.move_to_end(ck)
+            return
+        node.ssd[ck] = nb
+        node.ssd_used += nb
+        while node.ssd_used > self.cfg.ssd_bytes:
+            old, size = node.ssd.popitem(last=False)
+            node.ssd_used -= size
+            self._set_tier(node, old)
+        self._set_tier(node, ck)
+
+    # --- autoscaler ---------------------------------------------------------------------------
+    def _autoscale(self, demand: dict[str, float], counts: dict[int, int]) -> None:
+        now = self.now
+        interval = self.cfg.autoscaler_interval_s
+        for name in list(demand):
+            demand[name] *= 0.5
+            if demand[name] < 1e-3:
+                del demand[name]
+        for f, c in counts.items():
+            name = self.names[f]
+            demand[name] = demand.get(name, 0.0) + 0.5 * c / interval
+        counts.clear()
+        self._apply_prefetches(now)
+        for inst in self.instances.values():
+            inst.state = "ready" if inst.ready_s <= now else "loading"
+            inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
+        actions = self.autoscaler.step(self.specs, list(self.instances.values()), now,
+                                       view=self if self.cfg.prefetch else None, demand_per_s=demand)
+        for a in actions:
+            if isinstance(a, Unload):
+                inst = self.instances.get(a.instance_id)
+                if inst is not None:
+                    self._remove(inst)
+            elif isinstance(a, EnsureInstances):
+                f = self.fn_index[a.function]
+                for _ in range(a.count - a.current):
+                    self._cold_start(f, now)
+            elif isinstance(a, Prefetch):
+                self._start_prefetch(a, now)
+
+    def _start_prefetch(self, a: Prefetch, now: float) -> None:
+        node = self.nodes.get(a.node_id)
+        f = self.ckpt_index.get(a.checkpoint)
+        if node is None or f is None or a.checkpoint in node.dram:
+            return
+        nb = self.nbytes[f]
+        src: Tier = "ssd" if a.checkpoint in node.ssd else "remote"
+        start = max(now, node.tier_until[src])
+        # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device.
+        done = start + nb / node.true_bw[src]
+        node.tier_until[src] = done
+        node.version += 1
+        self.prefetches += 1
+        heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb))
+
+    def _apply_prefetches(self, now: float) -> None:
+        pending = self.pending_prefetch
+        while pending and pending[0][0] <= now:
+            _, _, node_id, ck, nb = heapq.heappop(pending)
+            node = self.nodes[node_id]
+            if ck not in node.ssd:
+                self._ssd_put(node, ck, nb)
+            self._dram_put(node, ck, nb)
+            self._set_tier(node, ck)
+
+
+def _r(x: float, nd: int = 4) -> float:
+    return round(float(x), nd)

@@ -1,0 +1,152 @@
+"""Invocation traces for the simulator: a synthetic Azure-Functions-like trace, or a CSV in the
+public Azure Functions 2019 invocation format.
+
+Azure Functions 2019 (`invocations_per_function_md.anon.dNN.csv`): a header
+`HashOwner,HashApp,HashFunction,Trigger,1,2,...,1440` and one row per function with its
+invocation count in each minute of the day. Counts become arrivals spread uniformly (seeded)
+within their minute.
+
+The synthetic trace follows what that dataset shows: popularity spans orders of magnitude
+(log-normal rates), arrivals come in bursts, and load follows a day (compressed into the trace's
+duration so a short run still sees a peak and a trough).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ember.errors import ConfigError
+
+__all__ = ["Trace", "read_azure_csv", "synthetic_trace"]
+
+AZURE_KEY_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
+
+
+@dataclass
+class Trace:
+    """Arrivals sorted by time: `arrival_s[i]` of function `functions[function_idx[i]]`."""
+
+    functions: list[str]
+    arrival_s: np.ndarray  # float64, seconds from the start, sorted
+    function_idx: np.ndarray  # int32 indexes into `functions`
+    duration_s: float
+
+    def __len__(self) -> int:
+        return int(self.arrival_s.shape[0])
+
+
+def synthetic_trace(functions: int, duration_s: float, *, seed: int = 0, rate_per_function_s: float = 0.03,
+                    popularity_sigma: float = 2.0, mean_burst: float = 3.0, burst_gap_s: float = 2.0,
+                    diurnal_amplitude: float = 0.5) -> Trace:
+    """Heavy-tailed popularity (log-normal rates, mean `rate_per_function_s`), bursty arrivals
+    (geometric bursts of mean `mean_burst` invocations, `burst_gap_s` apart on average) and a
+    diurnal swing of +-`diurnal_amplitude` compressed into `duration_s`."""
+    if functions < 1:
+        raise ConfigError(f"functions must be >= 1, got {functions}")
+    if duration_s <= 0:
+        raise ConfigError(f"duration_s must be > 0, got {duration_s}")
+    if rate_per_function_s <= 0:
+        raise ConfigError(f"rate_per_function_s must be > 0, got {rate_per_function_s}")
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, popularity_sigma, functions)
+    weights /= weights.sum()
+    expected = functions * rate_per_function_s * duration_s
+    n_bursts = int(rng.poisson(expected / mean_burst))
+    burst_fn = rng.choice(functions, size=n_bursts, p=weights).astype(np.int32)
+    # Diurnal density 1 + a*sin(...) sampled by inverting its CDF on a grid.
+    grid = np.linspace(0.0, duration_s, 4097)
+    dens = 1.0 + diurnal_amplitude * np.sin(2 * math.pi * grid / duration_s - math.pi / 2)
+    cdf = np.concatenate([[0.0], np.cumsum((dens[1:] + dens[:-1]) / 2)])
+    cdf /= cdf[-1]
+    burst_start = np.interp(rng.random(n_bursts), cdf, grid)
+    sizes = rng.geometric(1.0 / mean_burst, n_bursts)
+    total = int(sizes.sum())
+    fn = np.repeat(burst_fn, sizes)
+    start = np.repeat(burst_start, sizes)
+    # Offsets within each burst: cumulative exponential gaps, restarting at every burst.
+    gaps = rng.exponential(burst_gap_s, total)
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    gaps[first] = 0.0
+    csum = np.cumsum(gaps)
+    offsets = csum - np.repeat(csum[first], sizes)
+    t = start + offsets
+    keep = t < duration_s
+    t, fn = t[keep], fn[keep]
+    order = np.argsort(t, kind="stable")
+    names = [f"fn-{i:05d}" for i in range(functions)]
+    return Trace(names, t[order].astype(np.float64), fn[order].astype(np.int32), float(duration_s))
+
+
+def read_azure_csv(path: Path | str, *, duration_s: float | None = None, seed: int = 0) -> Trace:
+    """Read an Azure Functions 2019 invocation CSV. Bad input raises ConfigError naming the line
+    and field. `duration_s` keeps only the first minutes of the day."""
+    path = Path(path)
+    try:
+        fh = path.open(newline="")
+    except OSError as e:
+        raise ConfigError(f"cannot read trace {path}: {e}") from e
+    rng = np.random.default_rng(seed)
+    names: list[str] = []
+    times: list[np.ndarray] = []
+    fns: list[np.ndarray] = []
+    with fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ConfigError(f"{path}: empty trace file")
+        header = [h.strip() for h in header]
+        if tuple(header[:4]) != AZURE_KEY_COLUMNS:
+            raise ConfigError(f"{path}:1: header must start with {','.join(AZURE_KEY_COLUMNS)}, got {header[:4]}")
+        minute_cols = header[4:]
+        for j, col in enumerate(minute_cols, start=1):
+            if col != str(j):
+                raise ConfigError(f"{path}:1: minute column {j + 4} should be named {j!r}, got {col!r}")
+        if not minute_cols:
+            raise ConfigError(f"{path}:1: no minute columns")
+        minutes = len(minute_cols)
+        if duration_s is not None:
+            minutes = min(minutes, max(1, math.ceil(duration_s / 60.0)))
+        seen: set[str] = set()
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ConfigError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
+            name = row[2].strip()
+            if not name:
+                raise ConfigError(f"{path}:{line}: field HashFunction is empty")
+            if name in seen:
+                raise ConfigError(f"{path}:{line}: function {name!r} appears twice")
+            seen.add(name)
+            try:
+                counts = np.array(row[4:4 + minutes], dtype=np.int64)
+            except ValueError:
+                for j, cell in enumerate(row[4:4 + minutes], start=1):
+                    if not cell.strip().lstrip("-").isdigit():
+                        raise ConfigError(f"{path}:{line}: minute {j}: {cell!r} is not an integer count") from None
+                raise ConfigError(f"{path}:{line}: invalid counts") from None
+            if (counts < 0).any():
+                j = int(np.argmax(counts < 0)) + 1
+                raise ConfigError(f"{path}:{line}: minute {j}: negative count {counts[j - 1]}")
+            idx = len(names)
+            names.append(name)
+            total = int(counts.sum())
+            if total:
+                minute_of = np.repeat(np.arange(minutes, dtype=np.float64), counts)
+                times.append((minute_of + rng.random(total)) * 60.0)
+                fns.append(np.full(total, idx, dtype=np.int32))
+    if not names:
+        raise ConfigError(f"{path}: no functions in trace")
+    end_s = float(minutes * 60) if duration_s is None else min(float(duration_s), minutes * 60.0)
+    t = np.concatenate(times) if times else np.zeros(0)
+    f = np.concatenate(fns) if fns else np.zeros(0, dtype=np.int32)
+    keep = t < end_s
+    t, f = t[keep], f[keep]
+    order = np.argsort(t, kind="stable")
+    return Trace(names, t[order], f[order].astype(np.int32), end_s)
