@@ -1,4 +1,4 @@
-# A minimal deployment of Ember: one gateway behind an HTTPS-less load balancer, one GPU
+# A minimal deployment of Ember: one gateway behind a plain-HTTP load balancer, one GPU
 # worker, Redis and the checkpoint bucket, with generated secrets.
 #
 #   terraform init && terraform apply -var 'ember_package=s3://my-bucket/ember-0.1.0-py3-none-any.whl'
