@@ -225,7 +225,8 @@ class S3Store(CheckpointStore):
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
+            # A session per store: credentials are read from the environment when the store opens.
+            self._client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=os.environ.get("EMBER_S3_ENDPOINT_URL") or None,
                 config=Config(max_pool_connections=32, retries={"max_attempts": 3, "mode": "standard"}),
