@@ -155,9 +155,14 @@ variable "redis_num_cache_clusters" {
 }
 
 variable "redis_engine_version" {
-  description = "Redis OSS engine version."
+  description = "Redis OSS engine version (7.x: in-transit encryption mode \"required\" needs 7.0.5 or later)."
   type        = string
   default     = "7.1"
+
+  validation {
+    condition     = can(regex("^7\\.[0-9]+$", var.redis_engine_version))
+    error_message = "redis_engine_version must be a Redis OSS 7.x version such as 7.1."
+  }
 }
 
 variable "redis_auth_token" {

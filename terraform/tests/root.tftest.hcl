@@ -173,3 +173,13 @@ run "rejects_bad_budget_and_redis_token" {
 
   expect_failures = [var.initial_power_budget_w, var.redis_auth_token]
 }
+
+run "rejects_redis_6" {
+  command = plan
+
+  variables {
+    redis_engine_version = "6.2"
+  }
+
+  expect_failures = [var.redis_engine_version]
+}

@@ -9,13 +9,14 @@
 # each version ignores later changes to its value: the first one generated stays.
 
 locals {
+  names = toset(["redis-auth-token", "cluster-token", "admin-key"])
   given = {
     redis-auth-token = var.redis_auth_token
     cluster-token    = null
     admin-key        = var.admin_key
   }
-  # nonsensitive: which secrets are generated depends on whether a value was given, not on it.
-  generated = toset([for k, v in local.given : k if nonsensitive(v == null)])
+  # Which secrets are generated depends on whether a value was given, not on the value.
+  generated = toset([for k in local.names : k if nonsensitive(local.given[k] == null)])
 }
 
 data "aws_secretsmanager_random_password" "this" {
@@ -27,7 +28,7 @@ data "aws_secretsmanager_random_password" "this" {
 }
 
 resource "aws_secretsmanager_secret" "this" {
-  for_each                = local.given
+  for_each                = local.names
   name_prefix             = "${var.name}/${each.key}-"
   description             = "Ember ${each.key}"
   recovery_window_in_days = var.recovery_window_in_days
@@ -35,9 +36,9 @@ resource "aws_secretsmanager_secret" "this" {
 }
 
 resource "aws_secretsmanager_secret_version" "this" {
-  for_each      = local.given
+  for_each      = local.names
   secret_id     = aws_secretsmanager_secret.this[each.key].id
-  secret_string = contains(local.generated, each.key) ? data.aws_secretsmanager_random_password.this[each.key].random_password : each.value
+  secret_string = contains(local.generated, each.key) ? data.aws_secretsmanager_random_password.this[each.key].random_password : local.given[each.key]
 
   lifecycle {
     ignore_changes = [secret_string]
