@@ -2,14 +2,180 @@
 
 from __future__ import annotations
 
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
 import typer
 
-
-def sim() -> None:
-    """Not built yet."""
-    raise typer.Exit(2)
+from ember.errors import ConfigError
 
 
-def bench_scheduler() -> None:
-    """Not built yet."""
-    raise typer.Exit(2)
+def sim(
+    json_out: Path = typer.Option(..., "--json", help="Write the results here (JSON)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write the startup-latency CDF per policy (PNG)."),
+    trace: Path | None = typer.Option(None, "--trace", help="Azure Functions 2019 invocation CSV (default: synthetic)."),
+    nodes: int = typer.Option(16, "--nodes", help="Nodes in the cluster."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (80 GB each)."),
+    functions: int = typer.Option(1000, "--functions", help="Functions in the synthetic trace."),
+    duration_s: float = typer.Option(600.0, "--duration-s", help="Simulated seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the trace, the cluster and random policies."),
+    policies: str = typer.Option("all", "--policies", help="Comma-separated policy names, or 'all'."),
+    rate_per_function_s: float = typer.Option(
+        0.03, "--rate-per-function-s", help="Mean invocations/s per function (synthetic trace)."),
+    keep_alive_s: float = typer.Option(60.0, "--keep-alive-s", help="Idle time before an instance is unloaded."),
+) -> None:
+    """Trace-driven cluster simulation comparing placement policies (same policy objects as live)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        doc = run_sim_command(json_out, plot=plot, trace=trace, nodes=nodes, gpus_per_node=gpus_per_node,
+                              functions=functions, duration_s=duration_s, seed=seed, policies=policies,
+                              rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s,
+                              console=console)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e.message}")
+        raise typer.Exit(2) from e
+    _print_table(console, doc)
+
+
+def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | None = None, nodes: int = 16,
+                    gpus_per_node: int = 8, functions: int = 1000, duration_s: float = 600.0, seed: int = 0,
+                    policies: str = "all", rate_per_function_s: float = 0.03, keep_alive_s: float = 60.0,
+                    console=None) -> dict:
+    """What `ember sim` does: simulate, write JSON (and the PNG); returns the JSON document."""
+    from ember.scheduler.policies import POLICY_NAMES, get_policy
+    from ember.scheduler.sim import SimConfig, build_trace, run_simulation
+
+    names = list(POLICY_NAMES) if policies.strip() in ("", "all") else [p.strip() for p in policies.split(",") if p.strip()]
+    for name in names:
+        get_policy(name)
+    cfg = SimConfig(nodes=nodes, gpus_per_node=gpus_per_node, functions=functions, duration_s=duration_s, seed=seed,
+                    rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s).check()
+    tr = build_trace(cfg, str(trace) if trace else None)
+    if console is not None:
+        console.print(f"trace: {len(tr):,} invocations of {len(tr.functions):,} functions over {tr.duration_s:.0f} s; "
+                      f"cluster: {nodes * gpus_per_node:,} GPUs on {nodes} nodes")
+    doc = _with_progress(console, lambda progress: run_simulation(cfg, names, trace=tr, progress=progress), names)
+    results = doc.pop("_results")
+    doc["config"]["trace"] = str(trace) if trace else "synthetic"
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(doc, indent=2))
+    if plot is not None:
+        from ember.scheduler.plot import plot_startup_cdf
+
+        plot_startup_cdf(results, plot, title=f"{len(tr):,} invocations, {nodes * gpus_per_node:,} GPUs")
+    return doc
+
+
+def bench_scheduler(
+    json_out: Path = typer.Option(..., "--json", help="Write the results here (JSON)."),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="Use this Redis (default: start a private one)."),
+    workers: int = typer.Option(100, "--workers", help="Registered workers (8 GPUs each)."),
+    decisions: int = typer.Option(1000, "--decisions", help="Placement decisions to time."),
+    policy: str = typer.Option("ember", "--policy", help="Placement policy."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Live placement decisions against Redis: policy read + atomic claim, timed per decision."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        doc = run_bench_scheduler(redis_url=redis_url, workers=workers, decisions=decisions, policy=policy, seed=seed)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e.message}")
+        raise typer.Exit(2) from e
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(doc, indent=2))
+    console.print(json.dumps(doc))
+
+
+def run_bench_scheduler(*, redis_url: str | None = None, workers: int = 100, decisions: int = 1000,
+                        policy: str = "ember", seed: int = 0, checkpoints: int = 500) -> dict:
+    """Register `workers` fake workers (8 x 80 GB GPUs, checkpoints spread over their DRAM/SSD
+    tiers), then time `decisions` calls of `RedisCluster.place` (each placed instance is removed
+    again, untimed). Starts a private non-persistent Redis unless `redis_url` is given; its own
+    nodes are deregistered at the end either way."""
+    import numpy as np
+    import redis
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.redis_server import RedisServerProcess
+    from ember.scheduler.policies import get_policy
+    from ember.scheduler.view import PlacementRequest
+
+    if workers < 1 or decisions < 1:
+        raise ConfigError("workers and decisions must be >= 1")
+    pol = get_policy(policy, seed=seed)
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="ember-bench-redis-") as tmp:
+        server = None if redis_url else RedisServerProcess(Path(tmp), persistent=False).start()
+        url = redis_url or server.url  # type: ignore[union-attr]
+        client = redis.Redis.from_url(url, decode_responses=True)
+        cluster = RedisCluster(client, heartbeat_ttl_s=300.0)
+        node_ids = [f"bench-node-{i:04d}" for i in range(workers)]
+        try:
+            for n in node_ids:
+                cluster.register_node(n, f"http://127.0.0.1:1/{n}",
+                                      [DeviceSpec(f"cuda:{g}", 80 * 10**9) for g in range(8)],
+                                      {"gpu": 200e9, "dram": 25e9 * rng.uniform(0.8, 1.2),
+                                       "ssd": 8e9 * rng.uniform(0.8, 1.2), "remote": 1.25e9})
+                held = rng.sample(range(checkpoints), min(checkpoints, 20))
+                cluster.heartbeat(n, {f"bench-ck-{c}": ("dram" if k < 5 else "ssd") for k, c in enumerate(held)})
+            # Some resident instances so devices differ in free memory and awake state.
+            for _ in range(workers * 2):
+                c = rng.randrange(checkpoints)
+                cluster.place(PlacementRequest(f"bench-fn-{c}", f"bench-ck-{c}", rng.randint(1, 70) * 10**9), pol)
+            lat_ms = []
+            for _ in range(decisions):
+                c = rng.randrange(checkpoints)
+                req = PlacementRequest(f"bench-fn-{c}", f"bench-ck-{c}", rng.randint(1, 70) * 10**9)
+                t0 = time.perf_counter()
+                placed = cluster.place(req, pol)
+                lat_ms.append((time.perf_counter() - t0) * 1000.0)
+                if placed is not None:
+                    cluster.remove_instance(placed.instance_id)
+        finally:
+            for n in node_ids:
+                cluster.deregister_node(n)
+            client.close()
+            if server is not None:
+                server.stop()
+    arr = np.array(lat_ms)
+    return {
+        "workers": workers,
+        "decisions": decisions,
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        "mean_ms": round(float(arr.mean()), 3),
+        "policy": policy,
+        "redis": "external" if redis_url else "private",
+    }
+
+
+def _with_progress(console, work, names: list[str]):
+    if console is None:
+        return work(None)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:14s}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        tasks = {n: bar.add_task(n, total=1.0) for n in names}
+        return work(lambda name, frac: bar.update(tasks[name], completed=frac))
+
+
+def _print_table(console, doc: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{doc['invocations']:,} invocations")
+    cols = ["mean_startup_s", "p50_startup_s", "p99_startup_s", "p99_cold_startup_s", "slo_attainment",
+            "cold_starts", "gpu_energy_kwh", "decisions_per_s", "wall_s"]
+    table.add_column("policy")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, r in doc["policies"].items():
+        table.add_row(name, *(str(r[c]) for c in cols))
+    console.print(table)

@@ -1,0 +1,120 @@
+"""Estimator and placement policies on a static cluster view."""
+
+from __future__ import annotations
+
+import pytest
+from sched_helpers import GB, StaticView, make_node
+
+from ember.errors import ConfigError
+from ember.scheduler.estimator import (
+    DEFAULT_BANDWIDTH_BPS,
+    EVICTION_S,
+    estimate_startup,
+    ewma_bandwidth_bps,
+)
+from ember.scheduler.policies import POLICY_NAMES, get_policy
+from ember.scheduler.view import PlacementRequest
+
+REQ = PlacementRequest(function="f", checkpoint="ck", nbytes=20 * GB, ttft_slo_s=3.0)
+
+
+def test_estimate_uses_node_bandwidth_queue_and_eviction() -> None:
+    node = make_node("n", free=[80 * GB, 10 * GB], idle=[0, 30 * GB], queue=[2.0, 0.0],
+                     bw={"dram": 10e9, "ssd": 5e9, "remote": 1e9})
+    est = estimate_startup(20 * GB, node, node.devices[0], "dram")
+    assert est.seconds == pytest.approx(2.0 + 2.0)
+    assert estimate_startup(20 * GB, node, node.devices[1], "remote").seconds == pytest.approx(EVICTION_S + 20.0)
+    # A tier the node did not report falls back to the default, and a node-level tier queue counts.
+    bare = make_node("m", free=[80 * GB], bw={"ssd": 5e9})
+    assert estimate_startup(GB, bare, bare.devices[0], "gpu").seconds == pytest.approx(GB / DEFAULT_BANDWIDTH_BPS["gpu"])
+    bare.tier_queue_s["ssd"] = 3.0
+    assert estimate_startup(5 * GB, bare, bare.devices[0], "ssd").seconds == pytest.approx(4.0)
+
+
+def test_ewma_moves_towards_observations() -> None:
+    bw = 10e9
+    for _ in range(30):
+        bw = ewma_bandwidth_bps(bw, 4 * GB, 1.0)
+    assert bw == pytest.approx(4e9, rel=1e-3)
+    assert ewma_bandwidth_bps(None, 10, 2.0) == 5.0
+
+
+def test_unknown_policy_is_a_config_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match="'fastest'"):
+        get_policy("fastest")
+    assert set(POLICY_NAMES) == {"ember", "serverlessllm", "least_loaded", "random", "round_robin"}
+    for name in POLICY_NAMES:
+        assert get_policy(name).name == name
+
+
+def test_ember_prefers_dram_copy_over_ssd_and_remote() -> None:
+    view = StaticView([
+        make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}),
+        make_node("dram", free=[80 * GB], holdings={"ck": "dram"}),
+        make_node("empty", free=[80 * GB], awake=[True]),
+    ])
+    est = get_policy("ember").place(REQ, view)
+    assert (est.node_id, est.tier) == ("dram", "dram")
+    assert est.seconds == pytest.approx(20 * GB / 25e9)
+
+
+def test_ember_fetches_remote_when_holders_are_full_and_considers_queues() -> None:
+    view = StaticView([
+        make_node("dram", free=[5 * GB], holdings={"ck": "dram"}),
+        make_node("empty", free=[80 * GB]),
+    ])
+    est = get_policy("ember").place(REQ, view)
+    assert (est.node_id, est.tier) == ("empty", "remote")
+    # A long load queue on the DRAM holder makes its SSD neighbour the better choice.
+    view = StaticView([
+        make_node("dram", free=[80 * GB], holdings={"ck": "dram"}, queue=[30.0]),
+        make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}),
+    ])
+    assert get_policy("ember").place(REQ, view).node_id == "ssd"
+
+
+def test_ember_among_near_equal_prefers_awake_packed_and_no_eviction() -> None:
+    view = StaticView([
+        make_node("a", free=[80 * GB, 30 * GB, 60 * GB], awake=[False, True, True], holdings={"ck": "dram"}),
+    ])
+    est = get_policy("ember").place(REQ, view)
+    assert est.device_id == "cuda:1"  # awake and tightest fit
+    view = StaticView([
+        make_node("a", free=[10 * GB, 80 * GB], idle=[70 * GB, 0], awake=[True, False], holdings={"ck": "dram"}),
+    ])
+    assert get_policy("ember").place(REQ, view).device_id == "cuda:1"  # keeps the warm instance
+    view = StaticView([make_node("a", free=[10 * GB], idle=[70 * GB], awake=[True], holdings={"ck": "dram"})])
+    est = get_policy("ember").place(REQ, view)
+    assert est.device_id == "cuda:0" and est.seconds == pytest.approx(EVICTION_S + 0.8)
+
+
+def test_nothing_fits_gives_none() -> None:
+    view = StaticView([make_node("a", free=[GB])])
+    for name in POLICY_NAMES:
+        assert get_policy(name).place(REQ, view) is None, name
+
+
+def test_serverlessllm_baseline_only_looks_at_local_copies_with_fixed_bandwidth() -> None:
+    view = StaticView([
+        make_node("dram", free=[80 * GB], holdings={"ck": "dram"}, awake=[True]),
+        make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}),
+        make_node("empty", free=[80 * GB]),
+    ])
+    policy = get_policy("serverlessllm")
+    est = policy.place(REQ, view)
+    # The buffered disk probe makes SSD look as fast as DRAM: ties go to the less loaded device.
+    assert (est.node_id, est.tier) == ("ssd", "ssd")
+    assert policy.poll_interval_s == 1.0
+    view = StaticView([make_node("full", free=[GB], holdings={"ck": "dram"}), make_node("empty", free=[80 * GB])])
+    assert policy.place(REQ, view).node_id == "empty"
+
+
+def test_locality_blind_baselines() -> None:
+    nodes = [make_node(f"n{i}", free=[(40 + 10 * i) * GB, 30 * GB]) for i in range(4)]
+    nodes.append(make_node("dram", free=[25 * GB], holdings={"ck": "dram"}))
+    view = StaticView(nodes)
+    assert get_policy("least_loaded").place(REQ, view).node_id == "n3"
+    picks = [get_policy("random", seed=7).place(REQ, view).node_id for _ in range(3)]
+    assert len(set(picks)) == 1  # seeded
+    rr = get_policy("round_robin")
+    assert [rr.place(REQ, view).node_id for _ in range(6)] == ["dram", "n0", "n1", "n2", "n3", "dram"]

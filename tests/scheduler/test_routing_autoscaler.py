@@ -1,0 +1,85 @@
+"""Warm routing rules and the autoscaler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from sched_helpers import GB, StaticView, make_node
+
+from ember.errors import ConfigError
+from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
+from ember.scheduler.routing import pick_warm, predicted_wait_s, should_scale_out
+
+
+@dataclass
+class Inst:
+    instance_id: str
+    function: str = "f"
+    node_id: str = "n"
+    state: str = "ready"
+    outstanding: int = 0
+    last_used_s: float = 0.0
+
+
+def test_pick_warm_least_outstanding_below_target() -> None:
+    insts = [Inst("a", outstanding=2), Inst("b", outstanding=1), Inst("c", state="loading"), Inst("d", outstanding=1)]
+    assert pick_warm(insts, 4).instance_id == "b"
+    assert pick_warm(insts, 1) is None
+    assert pick_warm([], 4) is None
+
+
+def test_scale_out_only_when_the_wait_breaks_the_slo() -> None:
+    assert not should_scale_out(0.2, 0.1, 1.0, instances=1, max_instances=4)
+    assert should_scale_out(2.0, 0.1, 1.0, instances=1, max_instances=4, cold_start_s=0.5)
+    assert not should_scale_out(2.0, 0.1, 1.0, instances=4, max_instances=4)
+    assert not should_scale_out(2.0, 0.1, 1.0, instances=1, max_instances=4, cold_start_s=5.0)
+    assert predicted_wait_s([12.0, 10.5], 10.0) == 0.5
+    assert predicted_wait_s([], 0.0) == float("inf")
+
+
+def test_keep_alive_unload_and_scale_to_zero() -> None:
+    spec = ScalingSpec("f", keep_alive_s=60, max_instances=4)
+    insts = [Inst("old", last_used_s=0), Inst("recent", last_used_s=50), Inst("busy", outstanding=1),
+             Inst("loading", state="loading")]
+    actions = Autoscaler().step({"f": spec}, insts, now=100.0)
+    assert actions == [Unload("old", "f", "n", "keep_alive")]
+    actions = Autoscaler().step({"f": spec}, [Inst("a", last_used_s=0), Inst("b", last_used_s=1)], now=1000.0)
+    assert {a.instance_id for a in actions} == {"a", "b"}  # scale to zero
+
+
+def test_min_and_max_instances() -> None:
+    spec = ScalingSpec("f", min_instances=2, max_instances=2, keep_alive_s=10)
+    idle = [Inst("a", last_used_s=0), Inst("b", last_used_s=5)]
+    assert Autoscaler().step({"f": spec}, idle, now=100.0) == []  # never below min
+    assert Autoscaler().step({"f": spec, "g": ScalingSpec("g")}, [Inst("a")], now=1.0) == [
+        EnsureInstances("f", 2, 1)]
+    over = idle + [Inst("c", last_used_s=99)]
+    assert Autoscaler().step({"f": spec}, over, now=100.0) == [Unload("a", "f", "n", "over_max")]
+    assert Autoscaler().step({}, [Inst("x", function="gone")], now=0.0) == []
+    assert Autoscaler(unload_unknown=True).step({}, [Inst("x", function="gone")], now=0.0)[0].reason == "unknown_function"
+
+
+def test_scaling_spec_rejects_impossible_values() -> None:
+    with pytest.raises(ConfigError):
+        ScalingSpec("f", min_instances=3, max_instances=2)
+    with pytest.raises(ConfigError):
+        ScalingSpec("f", target_concurrency=0)
+
+
+def test_prefetch_popular_checkpoint_whose_ssd_cold_start_misses_the_slo() -> None:
+    spec = ScalingSpec("f", checkpoint="ck", nbytes=40 * GB, ttft_slo_s=2.0)
+    view = StaticView([
+        make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}),
+        make_node("empty", free=[80 * GB]),
+        make_node("full", free=[GB]),
+    ])
+    auto = Autoscaler(prefetch_copies=2, prefetch_min_rate_per_s=0.1)
+    actions = auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 1.0})
+    assert actions == [Prefetch("ck", "ssd", "dram"), Prefetch("ck", "empty", "dram")]
+    assert auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 0.01}) == []  # not popular
+    small = ScalingSpec("f", checkpoint="ck", nbytes=GB, ttft_slo_s=2.0)
+    assert auto.step({"f": small}, [], now=0.0, view=view, demand_per_s={"f": 1.0}) == []  # SSD is fast enough
+    two = StaticView([make_node("a", free=[80 * GB], holdings={"ck": "dram"}),
+                      make_node("b", free=[80 * GB], holdings={"ck": "gpu"})])
+    assert auto.step({"f": spec}, [], now=0.0, view=two, demand_per_s={"f": 1.0}) == []  # enough copies

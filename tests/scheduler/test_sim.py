@@ -1,0 +1,115 @@
+"""The simulator (same policy and autoscaler objects as live) and the `ember sim` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ember.cli import app
+from ember.errors import ConfigError
+from ember.scheduler.autoscaler import Autoscaler
+from ember.scheduler.policies import get_policy
+from ember.scheduler.sim import SimConfig, _Simulation, build_trace, run_simulation
+
+FIELDS = {"mean_startup_s", "p50_startup_s", "p99_startup_s", "p99_cold_startup_s", "slo_attainment",
+          "cold_starts", "gpu_energy_kwh", "decisions_per_s"}
+SMALL = dict(nodes=4, gpus_per_node=4, functions=150, duration_s=300.0, seed=1)
+
+
+def _strip(doc):
+    for r in doc["policies"].values():
+        r.pop("decisions_per_s")
+        r.pop("wall_s")
+    return doc
+
+
+def test_all_policies_report_the_issue_fields_deterministically() -> None:
+    doc = run_simulation(SimConfig(**SMALL))
+    results = doc.pop("_results")
+    assert set(doc["policies"]) == {"ember", "serverlessllm", "least_loaded", "random", "round_robin"}
+    assert doc["invocations"] == len(results["ember"].startup_s) > 100
+    for name, r in doc["policies"].items():
+        assert FIELDS <= set(r), name
+        assert 0.0 <= r["slo_attainment"] <= 1.0
+        assert r["cold_starts"] > 0 and r["gpu_energy_kwh"] > 0
+        assert r["p50_startup_s"] <= r["p99_startup_s"]
+    again = run_simulation(SimConfig(**SMALL))
+    again.pop("_results")
+    assert _strip(again) == _strip(doc)
+
+
+def test_ember_beats_locality_blind_baselines_on_cold_starts() -> None:
+    doc = run_simulation(SimConfig(**SMALL), ["ember", "least_loaded", "serverlessllm"])
+    p = doc["policies"]
+    assert p["ember"]["p99_cold_startup_s"] < p["least_loaded"]["p99_cold_startup_s"]
+    assert p["ember"]["slo_attainment"] >= p["least_loaded"]["slo_attainment"]
+
+
+def test_device_memory_is_never_overclaimed() -> None:
+    cfg = SimConfig(**{**SMALL, "gpus_per_node": 1, "functions": 300}).check()
+    tr = build_trace(cfg)
+    sim = _Simulation(cfg, tr, get_policy("ember"), Autoscaler())
+    sim.run(None)
+    assert sim.decisions > 0
+    for dev in sim.devices:
+        assert 0 <= dev.free == dev.memory - sum(i.nbytes for i in dev.instances)
+    for node in sim.node_list:
+        assert node.dram_used <= cfg.dram_cache_bytes and node.ssd_used <= cfg.ssd_bytes
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"nodes": 0}, "nodes"),
+    ({"max_model_bytes": 100 * 10**9}, "max_model_bytes"),
+    ({"ssd_replicas": 9}, "ssd_replicas"),
+    ({"duration_s": -1}, "duration_s"),
+])
+def test_impossible_cluster_config_names_the_field(change, field) -> None:
+    with pytest.raises(ConfigError, match=field):
+        SimConfig(**{**SMALL, **change}).check()
+
+
+def test_unknown_policy_fails_before_work() -> None:
+    with pytest.raises(ConfigError, match="'greedy'"):
+        run_simulation(SimConfig(**SMALL), ["ember", "greedy"])
+
+
+def test_ssd_too_small_for_replicas() -> None:
+    with pytest.raises(ConfigError, match="ssd_bytes"):
+        run_simulation(SimConfig(**{**SMALL, "ssd_bytes": 80 * 2**30}), ["ember"])
+
+
+def test_sim_command_writes_json_and_plot(tmp_path) -> None:
+    out, png = tmp_path / "sim.json", tmp_path / "cdf.png"
+    res = CliRunner().invoke(app, ["sim", "--json", str(out), "--plot", str(png), "--nodes", "2",
+                                   "--gpus-per-node", "2", "--functions", "40", "--duration-s", "120",
+                                   "--seed", "2", "--policies", "ember,random"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert set(doc["policies"]) == {"ember", "random"}
+    assert doc["config"]["nodes"] == 2 and doc["config"]["seed"] == 2
+    assert png.stat().st_size > 10_000
+
+
+def test_sim_command_bad_input(tmp_path) -> None:
+    res = CliRunner().invoke(app, ["sim", "--json", str(tmp_path / "x.json"), "--policies", "ember,nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+    trace = tmp_path / "azure.csv"
+    trace.write_text("HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f,http,1,2\no,a,g,http,1,?\n")
+    res = CliRunner().invoke(app, ["sim", "--json", str(tmp_path / "x.json"), "--trace", str(trace)])
+    assert res.exit_code == 2 and "azure.csv:3" in res.output
+
+
+def test_sim_on_azure_trace(tmp_path) -> None:
+    trace = tmp_path / "azure.csv"
+    rows = [f"o,a,f{i},http," + ",".join(str((i * 7 + m) % 5) for m in range(10)) for i in range(30)]
+    trace.write_text("HashOwner,HashApp,HashFunction,Trigger," + ",".join(str(m) for m in range(1, 11)) + "\n"
+                     + "\n".join(rows) + "\n")
+    out = tmp_path / "sim.json"
+    res = CliRunner().invoke(app, ["sim", "--json", str(out), "--trace", str(trace), "--nodes", "2",
+                                   "--gpus-per-node", "2", "--duration-s", "600", "--policies", "ember"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["invocations"] == sum((i * 7 + m) % 5 for i in range(30) for m in range(10))
+    assert doc["config"]["trace_functions"] == 30
