@@ -199,8 +199,8 @@ def run_up(opts: UpOptions, settings: Settings, echo: Callable[[str], None] = pr
     signal.signal(signal.SIGTERM, on_signal)
     try:
         platform.start(echo)
-        echo(f"ready: {platform.url}")
         echo(f"admin key: {platform.admin_key_path} (export EMBER_API_KEY=$(cat {platform.admin_key_path}))")
+        echo(f"ready: {platform.url}")
         platform.wait()
         return 0
     except EmberError as e:

@@ -26,9 +26,34 @@ class Up:
         self.proc, self.url, self.data_dir, self.lines = proc, url, data_dir, lines
 
 
-def _pids_using(data_dir: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", str(data_dir)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.add(c)
+            todo.append(c)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +174,13 @@ def test_scale_to_zero_then_cold_start_from_dram(up: Up) -> None:
 
 
 def test_sigterm_stops_every_child(up: Up) -> None:
-    assert len(_pids_using(up.data_dir)) >= 4  # ember up, redis, gateway?, workers (args name the data dir)
+    children = _descendants(up.proc.pid)
+    assert len(children) >= 4  # redis, gateway, 2 workers
     up.proc.send_signal(signal.SIGTERM)
-    up.proc.wait(30)
+    assert up.proc.wait(30) == 0
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _pids_using(up.data_dir):
+    while time.monotonic() < deadline and _alive(children):
         time.sleep(0.2)
-    assert _pids_using(up.data_dir) == []
+    assert _alive(children) == set()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=1)
