@@ -79,9 +79,19 @@ def cli_config() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def user_data(cli_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The rendered user data of each module, by module name."""
+    workdir = tmp_path_factory.mktemp("terraform")
+    return {
+        module: render_user_data(module, variables, cli_config, workdir)
+        for module, variables in MODULE_VARS.items()
+    }
+
+
 @pytest.mark.parametrize(("module", "verb"), [("workers", "worker"), ("gateway", "gateway")])
-def test_user_data_calls_existing_cli(module: str, verb: str, cli_config: Path, tmp_path: Path) -> None:
-    script = render_user_data(module, MODULE_VARS[module], cli_config, tmp_path)
+def test_user_data_calls_existing_cli(module: str, verb: str, user_data: dict[str, str]) -> None:
+    script = user_data[module]
     calls = ember_calls(script)
     assert [v for v, _ in calls] == [verb], (
         f"expected one `ember {verb}` in the {module} user data, found {calls}"
@@ -99,9 +109,8 @@ def test_user_data_calls_existing_cli(module: str, verb: str, cli_config: Path, 
         )
 
 
-def test_worker_user_data_follows_variables(cli_config: Path, tmp_path: Path) -> None:
-    script = render_user_data("workers", MODULE_VARS["workers"], cli_config, tmp_path)
-    ((verb, flags),) = ember_calls(script)
+def test_worker_user_data_follows_variables(user_data: dict[str, str]) -> None:
+    ((verb, flags),) = ember_calls(user_data["workers"])
     assert verb == "worker"
     assert flags["--energy-mode"] == "actuate"
     assert flags["--store-url"] == "s3://ember-ckpt/checkpoints"
@@ -109,6 +118,18 @@ def test_worker_user_data_follows_variables(cli_config: Path, tmp_path: Path) ->
     assert flags["--redis-url"].endswith("@master.ember-redis.abc123.use1.cache.amazonaws.com:6379/0")
     assert flags["--port"] == "8081" and flags["--host"] == "0.0.0.0"
     assert flags["--advertise-url"] == "http://$private_ip:8081"
+
+
+def test_gateway_user_data_follows_variables(user_data: dict[str, str]) -> None:
+    ((verb, flags),) = ember_calls(user_data["gateway"])
+    assert verb == "gateway"
+    assert json.loads(flags["--initial-budget-json"]) == {"cluster_watts": 5600}
+    assert flags["--redis-url"].startswith("rediss://:")
+    assert flags["--port"] == "8000" and flags["--host"] == "0.0.0.0"
+    assert "EMBER_ENV=production" in user_data["gateway"]
+    assert (
+        "EMBER_ENV=production" not in user_data["workers"]
+    )  # a worker in production would demand the admin key
 
 
 # --- helpers ---------------------------------------------------------------------------------
