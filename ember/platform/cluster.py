@@ -129,6 +129,8 @@ class RedisCluster:
         self._lease = client.register_script(_LEASE)
         self._restore = client.register_script(_RESTORE)
         self._ready = client.register_script(_MARK_READY)
+        self._snapshot = client.register_script(_SNAPSHOT_NODES)
+        self._room = client.register_script(_DEVICES_WITH_ROOM)
 
     # --- worker side ----------------------------------------------------------------------
     @_state_errors
@@ -205,29 +207,27 @@ class RedisCluster:
         """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
         state "loading", atomically. Retries when the claim loses a race; None if nothing fits."""
         for _ in range(_CLAIM_ATTEMPTS):
-            est = policy.place(request, self)
+            est = policy.place(request, _DecisionView(self, request.checkpoint))
             if est is None:
                 return None
-            url = self.node_url(est.node_id)
-            if url is None:
-                continue
             now = time.time()
             rec = InstanceRecord(
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,
-                node_id=est.node_id, device_id=est.device_id, worker_url=url, state="loading", outstanding=0,
+                node_id=est.node_id, device_id=est.device_id, worker_url="", state="loading", outstanding=0,
                 nbytes=request.nbytes, created_s=now, last_used_s=now, tier=est.tier,
             )
             fields: list[str] = ["estimate_s", repr(est.seconds)]
             for k, v in rec.to_hash().items():
-                fields += [k, v]
-            ok = self._claim(
+                if k != "worker_url":  # the script copies it from the node record
+                    fields += [k, v]
+            url = self._claim(
                 keys=[Keys.node_alive(est.node_id), Keys.device(est.node_id, est.device_id),
                       Keys.instance(rec.instance_id), Keys.instances, Keys.function_instances(request.function),
-                      Keys.node_instances(est.node_id), Keys.devices_free],
+                      Keys.node_instances(est.node_id), Keys.devices_free, Keys.node(est.node_id)],
                 args=[request.nbytes, repr(now), repr(est.seconds), f"{est.node_id}/{est.device_id}",
                       rec.instance_id, *fields],
             )
-            if ok == 1:
+            if isinstance(url, str):
                 return Placement(rec.instance_id, est.node_id, est.device_id, url, est.tier, est.seconds)
         return None
 
@@ -297,40 +297,38 @@ class RedisCluster:
     # --- ClusterView ------------------------------------------------------------------------
     @_state_errors
     def node(self, node_id: str) -> NodeState | None:
-        found = self._node_states([node_id])
+        found = self._node_states("ids", [node_id])
         return found[0] if found else None
 
+
     @_state_errors
-    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+    def nodes(self, node_ids: Sequence[str], *, only_checkpoint: str = "") -> Sequence[NodeState]:
+        """Live nodes among `node_ids` in one round trip (holdings limited to `only_checkpoint`
+        when given: what one placement decision needs)."""
+        return self._node_states("ids", list(node_ids), only_checkpoint) if node_ids else []
+
+    @_state_errors
+    def nodes_holding(self, checkpoint: str, limit: int | None = None, *,
+                      only_checkpoint: str = "") -> Sequence[NodeState]:
         """Live nodes with the checkpoint in a local tier (from the holders index), nearest first."""
-        nodes = self._node_states(sorted(self.r.smembers(Keys.holders(checkpoint))))
-        nodes.sort(key=lambda n: _TIER_RANK.get(n.holdings.get(checkpoint, "remote"), 3))
+        nodes = self._node_states("holders", [checkpoint], only_checkpoint)
+        nodes.sort(key=lambda n: (_TIER_RANK.get(n.holdings.get(checkpoint, "remote"), 3), n.node_id))
         return nodes if limit is None else nodes[:limit]
 
     @_state_errors
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
-        """Up to `limit` live devices with at least `nbytes` free, from the free-memory index.
-        Default order packs (awake, least queued, least free first); `spread` puts most free first."""
-        if spread:
-            members = self.r.zrevrangebyscore(Keys.devices_free, "+inf", nbytes, start=0, num=limit * 2)
-        else:
-            members = self.r.zrangebyscore(Keys.devices_free, nbytes, "+inf", start=0, num=limit * 2)
-        if not members:
-            return []
-        pipe = self.r.pipeline(transaction=False)
-        pairs = [m.split("/", 1) for m in members]
-        for node_id, device_id in pairs:
-            pipe.exists(Keys.node_alive(node_id))
-            pipe.hgetall(Keys.device(node_id, device_id))
-        res = pipe.execute()
+        """Up to `limit` live devices with at least `nbytes` free, from the free-memory index, in one
+        round trip. Default order packs (awake, least queued, least free first); `spread` puts most
+        free first."""
+        rows = self._room(keys=[Keys.devices_free], args=[PREFIX, nbytes, limit * 2, "1" if spread else "0"])
         now = time.time()
         out = []
-        for i, (node_id, device_id) in enumerate(pairs):
-            alive, h = res[2 * i], res[2 * i + 1]
-            if alive and h:
-                d = _device_state(node_id, device_id, h, now)
-                if d.free_bytes >= nbytes:
-                    out.append(d)
+        for row in rows:
+            member, rest = row.split(",", 1)
+            node_id, device_id = member.split("/", 1)
+            d = _compact_device(node_id, f"{device_id},{rest}", now)
+            if d.free_bytes >= nbytes:
+                out.append(d)
         if spread:
             out.sort(key=lambda d: (-d.free_bytes, d.queue_s))
         else:
@@ -342,7 +340,7 @@ class RedisCluster:
 
     @_state_errors
     def all_nodes(self) -> Sequence[NodeState]:
-        return self._node_states(sorted(self.r.smembers(Keys.nodes)))
+        return self._node_states("all", [])
 
     # --- helpers ------------------------------------------------------------------------------
     def _alive(self, node_ids: Sequence[str]) -> list[bool]:
@@ -359,66 +357,84 @@ class RedisCluster:
             pipe.hgetall(Keys.instance(i))
         return [InstanceRecord.from_hash(i, h) for i, h in zip(ids, pipe.execute(), strict=True) if h]
 
-    def _node_states(self, node_ids: Sequence[str]) -> list[NodeState]:
-        """Live nodes as NodeState, in two pipelined round trips."""
-        if not node_ids:
-            return []
-        pipe = self.r.pipeline(transaction=False)
-        for n in node_ids:
-            pipe.exists(Keys.node_alive(n))
-            pipe.hgetall(Keys.node(n))
-            pipe.hgetall(Keys.node_holdings(n))
-        res = pipe.execute()
-        live: list[tuple[str, dict[str, str], dict[str, str], list[str]]] = []
-        pipe = self.r.pipeline(transaction=False)
-        for i, n in enumerate(node_ids):
-            alive, h, holdings = res[3 * i], res[3 * i + 1], res[3 * i + 2]
-            if not alive or not h:
-                continue
-            dev_ids = [d["device_id"] for d in json.loads(h.get("devices", "[]"))]
-            for d in dev_ids:
-                pipe.hgetall(Keys.device(n, d))
-            live.append((n, h, holdings, dev_ids))
-        dev_hashes = pipe.execute() if live else []
+    def _node_states(self, mode: str, args: Sequence[str], only: str = "") -> list[NodeState]:
+        """Live nodes as NodeState, read by one script: mode "ids" (args: node ids), "holders"
+        (args: [checkpoint]) or "all". With `only`, holdings list that checkpoint alone."""
+        entries = self._snapshot(args=[PREFIX, mode, only, *args])
         now = time.time()
-        out, k = [], 0
-        for n, h, holdings, dev_ids in live:
-            devices = []
-            for d in dev_ids:
-                dh = dev_hashes[k]
-                k += 1
-                if dh:
-                    devices.append(_device_state(n, d, dh, now))
-            bandwidth = {f[3:]: float(v) for f, v in h.items() if f.startswith("bw:")}
-            out.append(NodeState(node_id=n, devices=tuple(devices), bandwidth_bps=bandwidth,
+        out = []
+        for entry in entries:
+            node_id, bw, holdings = entry[0], entry[1], _pairs(entry[2])
+            devices = tuple(_compact_device(node_id, row, now) for row in entry[3:])
+            bandwidth = {t: float(v) for t, v in (kv.split("=", 1) for kv in bw.split(";") if kv)}
+            out.append(NodeState(node_id=node_id, devices=devices, bandwidth_bps=bandwidth,
                                  holdings=cast("dict[str, Tier]", holdings)))
         return out
+
+
+class _DecisionView:
+    """The view one placement decision reads: node snapshots are reused within the decision."""
+
+    def __init__(self, cluster: RedisCluster, checkpoint: str) -> None:
+        self.cluster = cluster
+        self.checkpoint = checkpoint  # holdings are read for this checkpoint only
+        self.cache: dict[str, NodeState] = {}
+
+    def _keep(self, nodes: Sequence[NodeState]) -> Sequence[NodeState]:
+        for n in nodes:
+            self.cache[n.node_id] = n
+        return nodes
+
+    def node(self, node_id: str) -> NodeState | None:
+        found = self.nodes([node_id])
+        return found[0] if found else None
+
+    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
+        missing = [n for n in node_ids if n not in self.cache]
+        if missing:
+            self._keep(self.cluster.nodes(missing, only_checkpoint=self.checkpoint))
+        return [self.cache[n] for n in node_ids if n in self.cache]
+
+    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+        only = self.checkpoint if checkpoint == self.checkpoint else ""
+        return self._keep(self.cluster.nodes_holding(checkpoint, limit, only_checkpoint=only))
+
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        return self.cluster.devices_with_room(nbytes, limit, spread)
+
+    def node_ids(self) -> Sequence[str]:
+        return self.cluster.node_ids()
+
+    def all_nodes(self) -> Sequence[NodeState]:
+        return self._keep(self.cluster.all_nodes())
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 _TIER_RANK = {"gpu": 0, "dram": 1, "ssd": 2, "remote": 3}
 
 
-def _device_state(node_id: str, device_id: str, h: dict[str, str], now: float) -> DeviceState:
-    memory = int(h.get("memory_bytes", 0))
-    instances = int(h.get("instances", 0))
-    return DeviceState(
-        node_id=node_id,
-        device_id=device_id,
-        memory_bytes=memory,
-        free_bytes=max(0, memory - int(h.get("claimed_bytes", 0))),
-        instances=instances,
-        queue_s=max(0.0, float(h.get("busy_until_s", 0.0)) - now),
-        awake=instances > 0,
-    )
+def _compact_device(node_id: str, row: str, now: float) -> DeviceState:
+    """Parse "device_id,memory,claimed,instances,busy_until" (device ids hold no commas)."""
+    device_id, memory, claimed, instances, busy = row.rsplit(",", 4)
+    mem, n = int(memory), int(instances)
+    return DeviceState(node_id=node_id, device_id=device_id, memory_bytes=mem,
+                       free_bytes=max(0, mem - int(claimed)), instances=n,
+                       queue_s=max(0.0, float(busy) - now), awake=n > 0)
 
 
 # --- Lua scripts ----------------------------------------------------------------------------
 # Keys built inside scripts follow ember.platform.state.Keys (a test checks they agree).
 
-# KEYS: alive, device, instance, instances, function instances, node instances, devices_free
+# KEYS: alive, device, instance, instances, function instances, node instances, devices_free, node
 # ARGV: nbytes, now, estimate_s, "node/device", instance id, field, value, ...
+# Returns the node's worker URL when the claim holds, 0 when the device lacks room, -1 when gone.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local url = redis.call('HGET', KEYS[8], 'url')
+if not url then return -1 end
 local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
 if not mem then return -1 end
 local claimed = tonumber(redis.call('HGET', KEYS[2], 'claimed_bytes') or '0')
@@ -435,7 +451,8 @@ for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('SADD', KEYS[4], ARGV[5])
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('SADD', KEYS[6], ARGV[5])
-return 1
+redis.call('HSET', KEYS[3], 'worker_url', url)
+return url
 """
 
 # KEYS: instance, device, instances, function instances, node instances, devices_free
@@ -568,6 +585,78 @@ _MARK_READY = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'ready', 'last_used_s', ARGV[1])
 return 1
+"""
+
+# ARGV: prefix, mode ("ids" | "holders" | "all"), checkpoint whose holdings to return ("": all),
+#       then node ids ("ids") or the checkpoint whose holders to read ("holders")
+# Returns, per live node: {node id, "tier=bps;...", holdings (only the checkpoint's, if given),
+# "device_id,memory,claimed,instances,busy_until", ...}. Compact: clients parse it per decision.
+_SNAPSHOT_NODES = """
+local p, mode, only = ARGV[1], ARGV[2], ARGV[3]
+local ids
+if mode == 'holders' then
+  ids = redis.call('SMEMBERS', p .. 'holders:' .. ARGV[4])
+elseif mode == 'all' then
+  ids = redis.call('SMEMBERS', p .. 'nodes')
+else
+  ids = {}
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local out = {}
+for _, n in ipairs(ids) do
+  local nk = p .. 'node:' .. n
+  if redis.call('EXISTS', nk .. ':alive') == 1 then
+    local h = redis.call('HGETALL', nk)
+    local devs, bw = nil, {}
+    for i = 1, #h, 2 do
+      if h[i] == 'devices' then devs = h[i + 1]
+      elseif string.sub(h[i], 1, 3) == 'bw:' then bw[#bw + 1] = string.sub(h[i], 4) .. '=' .. h[i + 1] end
+    end
+    if devs then
+      local holdings
+      if only == '' then
+        holdings = redis.call('HGETALL', nk .. ':holdings')
+      else
+        holdings = {}
+        local tier = redis.call('HGET', nk .. ':holdings', only)
+        if tier then holdings = {only, tier} end
+      end
+      local entry = {n, table.concat(bw, ';'), holdings}
+      for _, d in ipairs(cjson.decode(devs)) do
+        local f = redis.call('HMGET', p .. 'device:' .. n .. '/' .. d['device_id'],
+                             'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
+        if f[1] then
+          entry[#entry + 1] = d['device_id'] .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
+        end
+      end
+      out[#out + 1] = entry
+    end
+  end
+end
+return out
+"""
+
+# KEYS: devices_free; ARGV: prefix, nbytes, count, spread ("1"/"0")
+# Returns "node/device,memory,claimed,instances,busy_until" for devices of live nodes only.
+_DEVICES_WITH_ROOM = """
+local p = ARGV[1]
+local members
+if ARGV[4] == '1' then
+  members = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+else
+  members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf', 'LIMIT', 0, ARGV[3])
+end
+local out = {}
+for _, m in ipairs(members) do
+  local slash = string.find(m, '/', 1, true)
+  if slash and redis.call('EXISTS', p .. 'node:' .. string.sub(m, 1, slash - 1) .. ':alive') == 1 then
+    local f = redis.call('HMGET', p .. 'device:' .. m, 'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
+    if f[1] then
+      out[#out + 1] = m .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
+    end
+  end
+end
+return out
 """
 
 # KEYS: lease; ARGV: holder, ttl_ms

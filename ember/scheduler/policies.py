@@ -26,7 +26,6 @@ from ember.scheduler.estimator import can_hold, estimate_startup
 from ember.scheduler.view import (
     ClusterView,
     DeviceState,
-    NodeState,
     PlacementPolicy,
     PlacementRequest,
     StartupEstimate,
@@ -80,16 +79,13 @@ class EmberPolicy:
             for d in node.devices:
                 if can_hold(d, nbytes):
                     choices.append((estimate_startup(nbytes, node, d, tier), d))
-        # Remote fetches onto devices with room (packing order: awake, least queued, fullest).
-        nodes: dict[str, NodeState | None] = {}
-        for d in view.devices_with_room(nbytes, limit=self.remote_candidates):
-            if d.node_id in holding:
-                continue
-            if d.node_id not in nodes:
-                if len(nodes) >= self.remote_nodes:
-                    continue
-                nodes[d.node_id] = view.node(d.node_id)
-            node = nodes[d.node_id]
+        # Remote fetches onto devices with room (packing order: awake, least queued, fullest),
+        # on the first few nodes they sit on (read in one go for their bandwidths).
+        room = [d for d in view.devices_with_room(nbytes, limit=self.remote_candidates) if d.node_id not in holding]
+        wanted = list(dict.fromkeys(d.node_id for d in room))[: self.remote_nodes]
+        nodes = {n.node_id: n for n in view.nodes(wanted)} if wanted else {}
+        for d in room:
+            node = nodes.get(d.node_id)
             if node is not None:
                 choices.append((estimate_startup(nbytes, node, d, "remote"), d))
         if not choices:

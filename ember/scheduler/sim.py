@@ -268,7 +268,7 @@ class _Simulation:
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}
         self.ckpt_index = {c: i for i, c in enumerate(self.ckpt)}
         # Nodes and devices.
-        self.nodes: dict[str, _Node] = {}
+        self.nodes_by_id: dict[str, _Node] = {}
         self.devices: list[_Device] = []
         self.node_list: list[_Node] = []
         base = {"gpu": cfg.gpu_peer_bps, "dram": cfg.dram_bps, "ssd": cfg.ssd_bps, "remote": cfg.remote_bps}
@@ -280,7 +280,7 @@ class _Simulation:
                 dev = _Device(len(self.devices), node, f"cuda:{g}", cfg.gpu_memory_bytes)
                 node.devices.append(dev)
                 self.devices.append(dev)
-            self.nodes[node.node_id] = node
+            self.nodes_by_id[node.node_id] = node
             self.node_list.append(node)
         self._node_ids = [n.node_id for n in self.node_list]
         self.n_buckets = cfg.gpu_memory_bytes // GiB + 1
@@ -313,14 +313,14 @@ class _Simulation:
 
     # --- ClusterView ---------------------------------------------------------------------
     def node(self, node_id: str) -> NodeState | None:
-        n = self.nodes.get(node_id)
+        n = self.nodes_by_id.get(node_id)
         return None if n is None else self._node_state(n)
 
     def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
         held = self.holders.get(checkpoint)
         if not held:
             return []
-        nodes = self.nodes
+        nodes = self.nodes_by_id
         ids = sorted(held, key=lambda n: _TIER_RANK[nodes[n].holdings[checkpoint]])
         if limit is not None:
             ids = ids[:limit]
@@ -344,6 +344,9 @@ class _Simulation:
         else:
             states.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
         return states
+
+    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
+        return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
 
     def node_ids(self) -> Sequence[str]:
         return self._node_ids
@@ -498,7 +501,7 @@ class _Simulation:
             est = self._decide(req)
         if est is None:
             return None
-        node = self.nodes[est.node_id]
+        node = self.nodes_by_id[est.node_id]
         dev = next(d for d in node.devices if d.device_id == est.device_id)
         evicted = self._evict_for(dev, nb)
         if dev.free < nb:
@@ -671,7 +674,7 @@ class _Simulation:
                 self._start_prefetch(a, now)
 
     def _start_prefetch(self, a: Prefetch, now: float) -> None:
-        node = self.nodes.get(a.node_id)
+        node = self.nodes_by_id.get(a.node_id)
         f = self.ckpt_index.get(a.checkpoint)
         if node is None or f is None or a.checkpoint in node.dram:
             return
@@ -689,7 +692,7 @@ class _Simulation:
         pending = self.pending_prefetch
         while pending and pending[0][0] <= now:
             _, _, node_id, ck, nb = heapq.heappop(pending)
-            node = self.nodes[node_id]
+            node = self.nodes_by_id[node_id]
             if ck not in node.ssd:
                 self._ssd_put(node, ck, nb)
             self._dram_put(node, ck, nb)

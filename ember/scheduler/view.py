@@ -80,6 +80,10 @@ class ClusterView(Protocol):
         with `spread`, most free first (what load balancers without locality do)."""
         ...
 
+    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
+        """The live ones among `node_ids`, in one read where the store allows."""
+        ...
+
     def node_ids(self) -> Sequence[str]:
         """Ids of every live node (cheap: no device or holdings reads)."""
         ...

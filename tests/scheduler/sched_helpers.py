@@ -11,30 +11,33 @@ GB = 10**9
 
 class StaticView:
     def __init__(self, nodes: list[NodeState]) -> None:
-        self.nodes = {n.node_id: n for n in nodes}
+        self.by_id = {n.node_id: n for n in nodes}
 
     def node(self, node_id: str) -> NodeState | None:
-        return self.nodes.get(node_id)
+        return self.by_id.get(node_id)
 
     def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
         rank = {"gpu": 0, "dram": 1, "ssd": 2}
-        held = sorted((n for n in self.nodes.values() if checkpoint in n.holdings),
+        held = sorted((n for n in self.by_id.values() if checkpoint in n.holdings),
                       key=lambda n: rank[n.holdings[checkpoint]])
         return held if limit is None else held[:limit]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
-        ds = [d for n in self.nodes.values() for d in n.devices if d.free_bytes >= nbytes]
+        ds = [d for n in self.by_id.values() for d in n.devices if d.free_bytes >= nbytes]
         if spread:
             ds.sort(key=lambda d: (-d.free_bytes, d.queue_s))
         else:
             ds.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
         return ds[:limit]
 
+    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
+        return [self.by_id[n] for n in node_ids if n in self.by_id]
+
     def node_ids(self) -> Sequence[str]:
-        return list(self.nodes)
+        return list(self.by_id)
 
     def all_nodes(self) -> Sequence[NodeState]:
-        return list(self.nodes.values())
+        return list(self.by_id.values())
 
 
 def make_node(node_id: str, *, free: list[int], holdings: dict | None = None, awake: list[bool] | None = None,
