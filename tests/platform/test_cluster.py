@@ -246,3 +246,27 @@ def test_concurrent_placements_from_processes_never_overclaim(redis_url: str) ->
             claimed = d.memory_bytes - d.free_bytes
             assert claimed == sum(r.nbytes for r in on_device) <= d.memory_bytes
     assert placed >= 8  # first-fit placements keep succeeding while room is left
+
+
+def test_live_path_runs_the_scheduler_policies_and_autoscaler(redis_url: str) -> None:
+    from ember.scheduler.autoscaler import Autoscaler, ScalingSpec, Unload
+    from ember.scheduler.policies import POLICY_NAMES, get_policy
+
+    c = _cluster(redis_url)
+    for n in ("a", "b", "c"):
+        _register(c, n, gpus=2, mem=80 * GB)
+    c.heartbeat("a", {"ck-f": "ssd"})
+    c.heartbeat("b", {"ck-f": "dram", "ck-g": "ssd"})
+    assert [n.node_id for n in c.nodes_holding("ck-f")] == ["b", "a"]  # nearest tier first
+    assert [n.node_id for n in c.nodes_holding("ck-f", limit=1)] == ["b"]
+    assert c.node("b").holdings == {"ck-f": "dram", "ck-g": "ssd"}
+    assert [n.node_id for n in c.nodes(["c", "zz", "a"])] == ["c", "a"]
+    p = c.place(_req("f", 20 * GB), get_policy("ember"))
+    assert (p.node_id, p.tier) == ("b", "dram")
+    assert p.estimate_s == pytest.approx(20 * GB / 20e9)
+    for name in POLICY_NAMES:
+        assert c.place(_req("f", 20 * GB), get_policy(name)) is not None, name
+    c.mark_ready(p.instance_id)
+    spec = ScalingSpec("f", keep_alive_s=0.0, max_instances=8)
+    actions = Autoscaler().step({"f": spec}, c.instances("f"), time.time() + 1)
+    assert Unload(p.instance_id, "f", "b", "keep_alive") in actions
