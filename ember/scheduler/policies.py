@@ -35,6 +35,7 @@ __all__ = [
     "POLICY_NAMES",
     "EmberPolicy",
     "LeastLoadedPolicy",
+    "PolicyChooser",
     "RandomPolicy",
     "RoundRobinPolicy",
     "ServerlessLLMPolicy",
@@ -53,6 +54,24 @@ def get_policy(name: str, *, seed: int = 0) -> PlacementPolicy:
             f"unknown placement policy {name!r}; known: {', '.join(POLICY_NAMES)}", code="unknown_policy"
         ) from None
     return factory(seed)
+
+
+class PolicyChooser:
+    """Policy objects by name, each built once (round_robin and random keep state); a request's
+    own `policy` (per deployment) overrides the global default. What the gateway holds."""
+
+    def __init__(self, default: str = DEFAULT_POLICY, *, seed: int = 0) -> None:
+        self.seed = seed
+        self._built: dict[str, PlacementPolicy] = {}
+        self.default = self.get(default)
+
+    def get(self, name: str) -> PlacementPolicy:
+        if name not in self._built:
+            self._built[name] = get_policy(name, seed=self.seed)
+        return self._built[name]
+
+    def for_request(self, request: PlacementRequest) -> PlacementPolicy:
+        return self.get(request.policy) if request.policy else self.default
 
 
 class EmberPolicy:

@@ -118,3 +118,16 @@ def test_locality_blind_baselines() -> None:
     assert len(set(picks)) == 1  # seeded
     rr = get_policy("round_robin")
     assert [rr.place(REQ, view).node_id for _ in range(6)] == ["dram", "n0", "n1", "n2", "n3", "dram"]
+
+
+def test_policy_chooser_per_deployment_override() -> None:
+    from ember.scheduler.policies import PolicyChooser
+
+    chooser = PolicyChooser("least_loaded")
+    assert chooser.for_request(REQ).name == "least_loaded"
+    own = PlacementRequest("f", "ck", GB, policy="round_robin")
+    assert chooser.for_request(own) is chooser.for_request(own)  # built once: keeps its cursor
+    with pytest.raises(ConfigError, match="'bogus'"):
+        chooser.for_request(PlacementRequest("f", "ck", GB, policy="bogus"))
+    with pytest.raises(ConfigError):
+        PolicyChooser("bogus")
