@@ -89,13 +89,20 @@ class DramTier:
         self.capacity_bytes: int = index["capacity_bytes"]
         self.block_bytes: int = index["block_bytes"]
         self.fd = os.open(pool, os.O_RDWR)
-        # The whole pool, mapped once per process. The process that created it maps it populated:
-        # that is the one-time pre-touch (bounded by the capacity); others map it lazily.
+        # The whole pool, mapped twice per process: read-only (tensors are views of it) and
+        # read-write (fills write through it), so no load pays for mprotect or page faults. The
+        # process that created the pool maps both populated: that is the one-time pre-touch,
+        # bounded by the capacity. Other processes map lazily.
         self.base: vm.Mapping | None = None
+        self.rw: vm.Mapping | None = None
         if self.capacity_bytes:
-            flags = vm.MAP_SHARED | (vm.MAP_POPULATE if created else 0)
+            populate = vm.MAP_POPULATE if created else 0
             self.base = vm.Mapping(
-                vm.mmap_at(None, self.capacity_bytes, vm.PROT_READ | vm.PROT_WRITE, flags, self.fd, 0),
+                vm.mmap_at(None, self.capacity_bytes, vm.PROT_READ, vm.MAP_SHARED | populate, self.fd, 0),
+                self.capacity_bytes,
+            )
+            self.rw = vm.Mapping(
+                vm.mmap_at(None, self.capacity_bytes, vm.PROT_READ | vm.PROT_WRITE, vm.MAP_SHARED | populate, self.fd, 0),
                 self.capacity_bytes,
             )
         self.created = created
@@ -232,34 +239,36 @@ class DramTier:
 
     # --- memory -----------------------------------------------------------------------------
     def writable_view(self, entry: DramEntry) -> vm.Mapping | None:
-        """A shared writable mapping of the entry's blocks, or None when the base mapping's
-        contiguous slice should be used (see base_slice)."""
-        if entry.contiguous and self.base is not None:
-            off, n = entry.runs[0]
-            vm.mprotect(self.base.addr + off, n, vm.PROT_READ | vm.PROT_WRITE)
+        """Where to write a filling entry: None for a contiguous entry (write through `rw_slice`),
+        else a shared writable mapping of its runs back to back."""
+        if entry.contiguous and self.rw is not None:
+            if not self.created:
+                off, n = entry.runs[0]
+                vm.madvise(self.rw.addr + off, n, vm.MADV_POPULATE_WRITE)
             return None
         return vm.map_file_runs(self.fd, list(entry.runs), prot=vm.PROT_READ | vm.PROT_WRITE, private=False, populate=True)
 
-    def base_slice(self, entry: DramEntry):
-        """numpy view of a contiguous entry in this process's pool mapping."""
+    def rw_slice(self, entry: DramEntry):
+        """numpy view of a contiguous entry in this process's read-write pool mapping."""
         off, n = entry.runs[0]
-        return self.base.array()[off : off + n]
+        return self.rw.array()[off : off + n]
 
-    def seal(self, entry: DramEntry, view: vm.Mapping | None) -> None:
-        """Make this process's mapping of a filled entry read-only (no instance may corrupt it)."""
+    def filled_view(self, entry: DramEntry, view: vm.Mapping | None):
+        """After a fill: numpy uint8 array over the entry for tensors, read-only memory."""
         if view is None:
-            off, n = entry.runs[0]
-            vm.mprotect(self.base.addr + off, n, vm.PROT_READ)
-        else:
-            vm.mprotect(view.addr, view.length, vm.PROT_READ)
+            if self.created:
+                off, n = entry.runs[0]
+                return self.base.array()[off : off + n]
+            return self.read_view(entry)
+        vm.mprotect(view.addr, view.length, vm.PROT_READ)
+        return view.array()
 
     def read_view(self, entry: DramEntry):
-        """numpy uint8 array over a ready entry for tensors: a read-only slice of this process's
-        pool mapping when the entry is contiguous and was mapped populated here, otherwise a
-        private copy-on-write mapping populated now (no bytes are copied)."""
+        """numpy uint8 array over a ready entry for tensors: a slice of this process's read-only
+        pool mapping when the entry is contiguous and this process pre-touched the pool, otherwise
+        a private copy-on-write mapping populated now (no bytes are copied)."""
         if entry.contiguous and self.base is not None and self.created:
             off, n = entry.runs[0]
-            vm.mprotect(self.base.addr + off, n, vm.PROT_READ)
             return self.base.array()[off : off + n]
         view = vm.map_file_runs(
             self.fd, list(entry.runs), prot=vm.PROT_READ | vm.PROT_WRITE, private=True, populate=True

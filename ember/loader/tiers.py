@@ -85,7 +85,7 @@ class NodeTiers:
         self.threads = threads
         self.ssd = SsdTier(self.data_dir / "ssd", ssd_capacity_bytes)
         self.dram = DramTier(self.data_dir, dram_capacity_bytes)
-        self.pinned_pool = bool(self.dram.base) and register_host_memory(self.dram.base.addr, self.dram.capacity_bytes)
+        self.pinned_pool = bool(self.dram.rw) and register_host_memory(self.dram.rw.addr, self.dram.capacity_bytes)
         self._stores: dict[str, CheckpointStore] = {}
         self._lock = threading.Lock()
         self._on_device: dict[tuple[str, str], list] = {}  # (name, device) -> [state_dict, manifest, files, refs]
@@ -185,7 +185,7 @@ class NodeTiers:
 
         if dev.type == "cuda":
             up = DeviceUpload(manifest.total_bytes, dev)
-            pool = torch.from_numpy(self.dram.base.array())
+            pool = torch.from_numpy(self.dram.rw.array())
             for pool_off, entry_off, n in run_slices(entry.runs, 0, manifest.total_bytes):
                 up.copy(pool[pool_off : pool_off + n], entry_off)
             return tensors_from_buffer(manifest, up.finish())
@@ -203,17 +203,17 @@ class NodeTiers:
                 return self._read_private(manifest, fds, dev) + (None, directory / FILES_DIR)
             try:
                 view = self.dram.writable_view(entry)
-                dest = self.dram.base_slice(entry) if view is None else view.array()
+                dest = self.dram.rw_slice(entry) if view is None else view.array()
                 up = DeviceUpload(manifest.total_bytes, dev) if dev.type == "cuda" else None
                 on_chunk = self._pool_uploader(entry, up) if up is not None else None
                 read_from_fds(fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk)
                 _copy_meta(directory, entry.meta_dir)
-                self.dram.seal(entry, view)
+                done = self.dram.filled_view(entry, view)
                 self.dram.commit(name)
             except BaseException:
                 self.dram.abort(name)
                 raise
-            buf = up.finish() if up is not None else torch.from_numpy(dest)
+            buf = up.finish() if up is not None else torch.from_numpy(done)
             return tensors_from_buffer(manifest, buf), manifest, entry, entry.meta_dir / FILES_DIR
         finally:
             for fd, _ in fds:
@@ -261,7 +261,7 @@ class NodeTiers:
             view = None
             if entry is not None:
                 view = self.dram.writable_view(entry)
-                dest = self.dram.base_slice(entry) if view is None else view.array()
+                dest = self.dram.rw_slice(entry) if view is None else view.array()
             else:
                 mapping = vm.anonymous(max(total, 1), touch=False)
                 dest = mapping.array()
@@ -280,7 +280,7 @@ class NodeTiers:
                 ssd_tmp = None
                 files_dir = self.ssd.root / name / FILES_DIR
             if entry is not None:
-                self.dram.seal(entry, view)
+                dest = self.dram.filled_view(entry, view)
                 self.dram.commit(name)
                 files_dir = entry.meta_dir / FILES_DIR
         except BaseException:
@@ -362,7 +362,7 @@ class NodeTiers:
         """on_chunk that copies landed bytes from the (page-locked) pool mapping to the device."""
         import torch
 
-        pool = torch.from_numpy(self.dram.base.array())
+        pool = torch.from_numpy(self.dram.rw.array())
 
         def on_chunk(at: int, n: int) -> None:
             for pool_off, entry_off, length in run_slices(entry.runs, at, n):

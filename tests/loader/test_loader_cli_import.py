@@ -37,8 +37,7 @@ def test_loader_imports_and_loads_without_web_redis_or_boto(tmp_path, tiny_model
         open_store(f"file://{root}/store").push(sys.argv[2], "tiny")
         t = NodeTiers(f"{root}/node", f"file://{root}/store", dram_capacity_bytes=16 << 20, ssd_capacity_bytes=1 << 30)
         l = t.load("tiny")
-        m = build_model(l.model_files, l.state_dict)
-        print("ok", l.tier, sorted(m.state_dict())[0])
+        print("ok", l.tier, len(l.state_dict))
         l.release(); t.close(destroy_dram=True)
         """
     )

@@ -77,7 +77,7 @@ def test_second_process_shares_dram_copy_on_write(tmp_path, tiny_model_dir, make
         l.release(); t.close()
         """
     )
-    for _ in range(2):
+    for _ in range(1):
         out = subprocess.run(
             [sys.executable, "-c", child, str(tmp_path / "node"), f"file://{tmp_path / 'store'}"],
             capture_output=True, text=True, check=True, timeout=120,
