@@ -132,6 +132,21 @@ def test_gateway_user_data_follows_variables(user_data: dict[str, str]) -> None:
     )  # a worker in production would demand the admin key
 
 
+@pytest.mark.parametrize("module", ["workers", "gateway"])
+def test_user_data_is_valid_bash(module: str, user_data: dict[str, str], tmp_path: Path) -> None:
+    """The script and the scripts it writes (quoted heredocs) parse as bash."""
+    script = user_data[module]
+    embedded = re.findall(r"<<'(SCRIPT|RUN)'\n(.*?)\n\1\n", script, re.S)
+    assert embedded, "expected the run script written by a quoted heredoc"
+    for i, text in enumerate([script, *(body for _, body in embedded)]):
+        path = tmp_path / f"script{i}.sh"
+        path.write_text(text)
+        done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, (
+            f"{module} user data script {i} is not valid bash:\n{done.stderr}\n{text}"
+        )
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 

@@ -95,6 +95,11 @@ run "workers_are_locked_down" {
   }
 
   assert {
+    condition     = strcontains(output.user_data, "EMBER_SSD_CAPACITY_BYTES") && strcontains(output.user_data, "EMBER_DRAM_CAPACITY_BYTES")
+    error_message = "The worker's tiers are sized to the machine."
+  }
+
+  assert {
     condition     = strcontains(output.user_data, "Amazon EC2 NVMe Instance Storage")
     error_message = "User data must mount the instance-store NVMe as the SSD tier."
   }
