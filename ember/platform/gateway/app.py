@@ -23,7 +23,7 @@ from ember.errors import EmberError, StateUnavailable
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
-from ember.platform.gateway.autoscaling import AutoscalerLoop
+from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = GatewayMetrics()
     app.state.gateway_id = gateway_id
+    app.state.demand = DemandMeter()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
     app.include_router(openai_routes.router)

@@ -1,21 +1,60 @@
-"""Runs the scheduler's autoscaler live: in one gateway at a time (a Redis lease), every
-`autoscaler_interval_s`, and carries out its actions against workers."""
+"""Runs the scheduler's `Autoscaler` live: in one gateway at a time (a Redis lease), every
+`autoscaler_interval_s`, and carries out its actions against workers.
+
+Demand (for prefetch decisions) is this gateway's own request rate per function, an exponentially
+weighted average: with several gateways behind a load balancer each sees a similar share.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from typing import Any
 
+import httpx
 import redis
 from anyio import to_thread
 
 from ember.errors import EmberError
 from ember.platform.gateway.admin_routes import unload_instance
+from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
+from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 
 log = logging.getLogger(__name__)
+
+
+def scaling_spec(spec: FunctionSpec) -> ScalingSpec:
+    s = spec.scaling
+    return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint, nbytes=spec.nbytes,
+                       min_instances=s.min_instances, max_instances=s.max_instances, keep_alive_s=s.keep_alive_s,
+                       target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000)
+
+
+class DemandMeter:
+    """Requests per second per function, smoothed over about `window_s`."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.counts: dict[str, int] = defaultdict(int)
+        self.rates: dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def count(self, function: str) -> None:
+        self.counts[function] += 1
+
+    def rates_per_s(self) -> dict[str, float]:
+        now = time.monotonic()
+        dt = max(now - self.last, 1e-3)
+        alpha = min(1.0, dt / self.window_s)
+        for fn in set(self.rates) | set(self.counts):
+            self.rates[fn] = (1 - alpha) * self.rates.get(fn, 0.0) + alpha * self.counts.get(fn, 0) / dt
+        self.counts.clear()
+        self.last = now
+        return dict(self.rates)
 
 
 class AutoscalerLoop:
@@ -23,6 +62,8 @@ class AutoscalerLoop:
         self.app = app
         self.holder = holder
         self.settings = app.state.settings
+        self.autoscaler = Autoscaler(unload_unknown=True)
+        self.demand: DemandMeter = app.state.demand
 
     async def run(self) -> None:
         while True:
@@ -35,26 +76,51 @@ class AutoscalerLoop:
     async def step(self) -> None:
         cluster = self.app.state.cluster
         ttl = max(self.settings.lease_ttl_s, 3 * self.settings.autoscaler_interval_s)
+        demand = self.demand.rates_per_s()
         if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
             return
         await to_thread.run_sync(cluster.reap_dead_nodes)
-        specs = {s.name: s for s in await to_thread.run_sync(FunctionRegistry(self.app.state.redis).list)}
+        functions = await to_thread.run_sync(FunctionRegistry(self.app.state.redis).list)
+        specs = {f.name: scaling_spec(f) for f in functions}
         instances = await to_thread.run_sync(cluster.instances)
-        now = time.time()
-        metrics = self.app.state.metrics
-        metrics.instances.clear()
+        self._export_gauge(instances)
+        actions = await to_thread.run_sync(
+            lambda: self.autoscaler.step(specs, instances, time.time(), view=cluster, demand_per_s=demand))
+        by_id = {i.instance_id: i for i in instances}
+        by_name = {f.name: f for f in functions}
+        for action in actions:
+            if isinstance(action, Unload) and action.instance_id in by_id:
+                log.info("autoscaler: unload %s of %s (%s)", action.instance_id, action.function, action.reason)
+                await unload_instance(self.app, by_id[action.instance_id])
+            elif isinstance(action, EnsureInstances) and action.function in by_name:
+                await self._ensure(by_name[action.function], action.count - action.current)
+            elif isinstance(action, Prefetch):
+                await self._prefetch(action)
+
+    async def _ensure(self, spec: FunctionSpec, missing: int) -> None:
+        invoker = self.app.state.invoker
+        for _ in range(missing):
+            try:
+                if await invoker.cold_start(spec) is None:
+                    log.warning("autoscaler: no device has room for a minimum instance of %s", spec.name)
+                    return
+            except EmberError as e:
+                log.warning("autoscaler: minimum instance of %s failed: %s", spec.name, e)
+                return
+
+    async def _prefetch(self, action: Prefetch) -> None:
+        url = await to_thread.run_sync(self.app.state.cluster.node_url, action.node_id)
+        if url is None:
+            return
+        try:
+            await self.app.state.http.post(
+                f"{url}/internal/prefetch", json={"checkpoint": action.checkpoint, "tier": action.tier},
+                headers={CLUSTER_TOKEN_HEADER: self.settings.resolved_cluster_token()}, timeout=5.0)
+        except httpx.HTTPError as e:
+            log.warning("autoscaler: prefetch of %s to %s failed: %s", action.checkpoint, action.node_id, e)
+
+    def _export_gauge(self, instances: list[Any]) -> None:
+        gauge = self.app.state.metrics.instances
+        gauge.clear()
         for inst in instances:
-            metrics.instances.labels(inst.function, inst.state).inc()
-            spec = specs.get(inst.function)
-            if spec is None:  # function deleted
-                await unload_instance(self.app, inst)
-                continue
-            idle_s = now - max(inst.last_used_s, inst.created_s)
-            keep = spec.scaling.min_instances
-            ready = [i for i in instances if i.function == inst.function and i.state == "ready"]
-            if inst.state == "ready" and inst.outstanding == 0 and idle_s > spec.scaling.keep_alive_s \
-                    and len(ready) > keep:
-                log.info("unloading %s of %s: idle %.1fs > keep_alive_s %.1f", inst.instance_id, inst.function,
-                         idle_s, spec.scaling.keep_alive_s)
-                await unload_instance(self.app, inst)
-                instances.remove(inst)
+            gauge.labels(inst.function, inst.state).inc()

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -83,7 +82,7 @@ class Invoker:
                         else cold.startup_ms
                     return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier, startup_ms)
                 if cold is None and await self._should_start(spec):
-                    cold = await self._cold_start(spec)
+                    cold = await self.cold_start(spec)
                     continue
                 if time.monotonic() > deadline:
                     raise NoCapacity(
@@ -108,7 +107,8 @@ class Invoker:
         # waiting requests beyond what the instances being loaded will take: start another
         return self.waiting[spec.name] > len(loading) * spec.scaling.target_concurrency
 
-    async def _cold_start(self, spec: FunctionSpec) -> LoadResult | None:
+    async def cold_start(self, spec: FunctionSpec) -> LoadResult | None:
+        """Place and load one new instance of `spec`; None when no device has room now."""
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy)
         placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
@@ -158,7 +158,3 @@ def worker_error(resp: httpx.Response, context: str) -> EmberError:
         return err
     except (ValueError, KeyError, TypeError):
         return WorkerError(f"{context}: HTTP {resp.status_code}")
-
-
-def new_instance_id(function: str) -> str:
-    return f"{function}-{uuid.uuid4().hex[:10]}"

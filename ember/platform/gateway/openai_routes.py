@@ -74,6 +74,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     registry = FunctionRegistry(app.state.redis)
     spec: FunctionSpec = await to_thread.run_sync(registry.get, body.model)
     registry.check_invoke(spec, principal)
+    app.state.demand.count(spec.name)
     t_start = time.perf_counter()  # TTFT counts routing and any cold start, as the client sees it
     try:
         target = await invoker.acquire(spec)

@@ -148,6 +148,11 @@ class LoadResult(EmberModel):
     nbytes: int
 
 
+class PrefetchRequest(EmberModel):
+    checkpoint: str
+    tier: Literal["dram", "ssd"] = "dram"
+
+
 class GenerateRequest(EmberModel):
     """What the gateway asks a worker's instance to generate (tokens never travel through Redis)."""
 

@@ -20,7 +20,7 @@ from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
-from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult
+from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult, PrefetchRequest
 from ember.platform.http_common import install_error_handlers
 from ember.platform.runtime.engine import GenerationDone, TokenDelta
 from ember.platform.worker.node import WorkerNode
@@ -66,6 +66,12 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def load(body: LoadRequest, request: Request) -> LoadResult:
         node: WorkerNode = request.app.state.node
         return await to_thread.run_sync(node.load, body)
+
+    @app.post("/internal/prefetch", status_code=202)
+    async def prefetch(body: PrefetchRequest, request: Request) -> dict[str, str]:
+        node: WorkerNode = request.app.state.node
+        started = node.prefetch(body.checkpoint)
+        return {"status": "started" if started else "already running", "checkpoint": body.checkpoint}
 
     @app.delete("/internal/instances/{instance_id}")
     async def unload(instance_id: str, request: Request) -> dict[str, str]:

@@ -67,6 +67,7 @@ class WorkerNode:
         self.records: dict[str, InstanceRecord] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._prefetching: set[str] = set()
         self._heartbeat_thread: threading.Thread | None = None
         self.bandwidth_bps: dict[str, float] = {}
         self.energy: Any = None
@@ -157,6 +158,26 @@ class WorkerNode:
         self.cluster.mark_ready(req.instance_id)
         log.info("instance %s of %s ready in %.1f ms from %s", req.instance_id, req.function, startup_ms, loaded.tier)
         return LoadResult(instance_id=req.instance_id, tier=loaded.tier, startup_ms=startup_ms, nbytes=loaded.nbytes)
+
+    def prefetch(self, checkpoint: str) -> bool:
+        """Pull a checkpoint into this node's DRAM tier in the background (load, then release)."""
+        with self._lock:
+            if checkpoint in self._prefetching:
+                return False
+            self._prefetching.add(checkpoint)
+
+        def run() -> None:
+            try:
+                self.tiers.load(checkpoint).release()
+                log.info("prefetched %s into the DRAM tier", checkpoint)
+            except EmberError as e:
+                log.warning("prefetch of %s failed: %s", checkpoint, e)
+            finally:
+                with self._lock:
+                    self._prefetching.discard(checkpoint)
+
+        threading.Thread(target=run, name=f"prefetch-{checkpoint}", daemon=True).start()
+        return True
 
     def unload(self, instance_id: str) -> None:
         with self._lock:
