@@ -107,6 +107,16 @@ def read_from_fds(
     if dest.nbytes < manifest.total_bytes:
         raise ValueError(f"buffer of {dest.nbytes} bytes cannot hold {manifest.total_bytes}")
     dest = dest.cast("B") if dest.format != "B" else dest
+    usable = _buffered_unless_aligned(fds, dest)
+    try:
+        return _read(usable, manifest, dest, threads, verify, on_chunk)
+    finally:
+        for (fd, _), (orig, _) in zip(usable, fds, strict=True):
+            if fd != orig:
+                os.close(fd)
+
+
+def _read(fds, manifest: CheckpointManifest, dest: memoryview, threads: int, verify: bool, on_chunk) -> ReadStats:
     fast = verify and chunk_hash_available(manifest.chunk_hash)
     hasher = chunk_hasher(manifest.chunk_hash) if fast else None
     step = manifest.chunk_bytes
@@ -149,6 +159,19 @@ def read_from_fds(
                 raise IntegrityError(f"partition {p.file}: sha256 mismatch")
         verified = "sha256"
     return ReadStats(nbytes=manifest.total_bytes, o_direct=any(d for _, d in fds), verified=verified)
+
+
+def _buffered_unless_aligned(fds: list[tuple[int, bool]], dest: memoryview) -> list[tuple[int, bool]]:
+    """O_DIRECT needs a 4 KiB-aligned buffer: for any other buffer, read the same files through
+    new buffered descriptors (the caller closes those that differ from its own)."""
+    import numpy as np
+
+    if not any(d for _, d in fds) or np.frombuffer(dest, dtype=np.uint8).ctypes.data % 4096 == 0:
+        return fds
+    out = []
+    for fd, direct in fds:
+        out.append((os.open(f"/proc/self/fd/{fd}", os.O_RDONLY), False) if direct else (fd, direct))
+    return out
 
 
 def tensors_from_buffer(manifest: CheckpointManifest, buffer) -> dict:
