@@ -121,6 +121,9 @@ class Invoker:
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=2.0),
             )
+        except httpx.ConnectError as e:
+            await self._node_gone(placement.node_id, e)
+            return None  # the caller places again, on a live node
         except httpx.HTTPError as e:
             await to_thread.run_sync(self.cluster.remove_instance, placement.instance_id)
             raise WorkerError(f"worker {placement.node_id} failed to start {spec.name!r}: {e}") from e
@@ -132,20 +135,53 @@ class Invoker:
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result
 
-    async def stream(self, target: InvocationTarget, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        """Events from the worker: {"text": ...} deltas, then {"done": {...}}. Closing it cancels generation."""
-        url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
+    async def open(self, spec: FunctionSpec, req: GenerateRequest,
+                   attempts: int = 3) -> tuple[InvocationTarget, AsyncIterator[dict[str, Any]]]:
+        """Acquire a target and open its token stream. An instance whose worker cannot be reached
+        (or no longer has it) is forgotten and another is tried, so a dead worker costs a retry, not
+        an error. Closing the returned iterator cancels generation on the worker."""
+        last: EmberError | None = None
+        for _ in range(attempts):
+            target = await self.acquire(spec)
+            url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
+            request = self.http.build_request("POST", url, json=req.model_dump(),
+                                              headers={CLUSTER_TOKEN_HEADER: self.token},
+                                              timeout=httpx.Timeout(None, connect=2.0))
+            try:
+                resp = await self.http.send(request, stream=True)
+            except httpx.ConnectError as e:
+                await self._node_gone(target.node_id, e)
+                last = WorkerError(f"worker {target.node_id} unreachable: {e}")
+                continue
+            if resp.status_code == 404:
+                await resp.aclose()
+                await to_thread.run_sync(self.cluster.remove_instance, target.instance_id)
+                last = WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}")
+                continue
+            if resp.status_code != 200:
+                await resp.aread()
+                await resp.aclose()
+                await self.release(target)
+                raise worker_error(resp, f"worker {target.node_id} refused the request")
+            return target, self._events(target, resp)
+        raise last or WorkerError(f"no reachable instance of {spec.name!r}")
+
+    async def _node_gone(self, node_id: str, err: Exception) -> None:
+        """A refused connection means the worker process is gone: drop the node and its instances
+        now rather than after its heartbeat lapses (a live worker re-registers at its next beat)."""
+        log.warning("worker %s refused a connection (%s); deregistering it", node_id, err)
+        await to_thread.run_sync(self.cluster.deregister_node, node_id)
+
+    @staticmethod
+    async def _events(target: InvocationTarget, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         try:
-            async with self.http.stream("POST", url, json=req.model_dump(), headers={CLUSTER_TOKEN_HEADER: self.token},
-                                        timeout=httpx.Timeout(None, connect=2.0)) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise worker_error(resp, f"worker {target.node_id} refused the request")
-                async for line in resp.aiter_lines():
-                    if line:
-                        yield json.loads(line)
+            async for line in resp.aiter_lines():
+                if line:
+                    yield json.loads(line)
         except httpx.HTTPError as e:
             raise WorkerError(f"lost the stream from worker {target.node_id}: {e}") from e
+        finally:
+            await resp.aclose()
 
 
 def worker_error(resp: httpx.Response, context: str) -> EmberError:

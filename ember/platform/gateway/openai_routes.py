@@ -77,13 +77,12 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     app.state.demand.count(spec.name)
     t_start = time.perf_counter()  # TTFT counts routing and any cold start, as the client sees it
     try:
-        target = await invoker.acquire(spec)
+        target, events = await invoker.open(spec, gen)
     except EmberError as e:
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
         raise
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
-    events = invoker.stream(target, gen)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start)
@@ -102,6 +101,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
         raise
     finally:
+        await events.aclose()  # type: ignore[attr-defined]
         await invoker.release(target)
     _observe(metrics, spec.name, done, (t_first or time.perf_counter()) - t_start)
     metrics.requests.labels(spec.name, "200").inc()

@@ -49,6 +49,7 @@ class ModelInstance:
         self.tokenizer = tokenizer
         self.loaded = loaded
         self.active = 0
+        self.finished: dict[str, int] = {"stop": 0, "length": 0, "cancelled": 0}
         self._lock = threading.Lock()
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None:
@@ -154,6 +155,8 @@ class ModelInstance:
                 self.active -= 1
         t_end = time.perf_counter()
         t_first = t_first or t_end
+        with self._lock:
+            self.finished[finish] += 1
         yield GenerationDone(
             finish_reason=finish,
             prompt_tokens=len(ids),

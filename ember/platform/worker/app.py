@@ -54,7 +54,9 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @app.get("/internal/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
-        return {"status": "ok", "node": node.node_id, "instances": sorted(node.instances)}
+        return {"status": "ok", "node": node.node_id, "instances": {
+            i.instance_id: {"function": i.function, "active": i.active, "finished": i.finished}
+            for i in list(node.instances.values())}}
 
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:

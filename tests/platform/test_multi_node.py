@@ -1,0 +1,133 @@
+"""A gateway and two workers started separately (the multi-machine shape) on one real Redis:
+locality, a worker killed mid-life, a Redis restart, cancellation when the client goes away."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ember.platform.redis_server import RedisServerProcess
+from tests.platform.conftest import CLUSTER_TOKEN, Proc, admin_headers, base_env, start_gateway, start_worker
+
+pytestmark = pytest.mark.slow
+
+
+class Cluster:
+    def __init__(self, redis: RedisServerProcess, gateway: Proc, workers: dict[str, Proc], env: dict[str, str],
+                 tmp: Path) -> None:
+        self.redis, self.gateway, self.workers, self.env, self.tmp = redis, gateway, workers, env, tmp
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def chat(self, model: str, **kw: object) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, **kw}
+        return httpx.post(f"{self.url}/v1/chat/completions", headers=admin_headers(), json=body, timeout=120)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    from ember.loader import open_store
+
+    store_url = f"file://{tmp_path / 'store'}"
+    open_store(store_url).push(tiny_model_dir, "tiny")
+    redis = RedisServerProcess(tmp_path / "redis", persistent=True).start()
+    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="20")
+    procs: list[Proc] = []
+    try:
+        workers = {}
+        for node in ("w0", "w1"):
+            workers[node] = start_worker(tmp_path, env, node)
+            procs.append(workers[node])
+        gateway = start_gateway(tmp_path, env)
+        procs.append(gateway)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{gateway.url}/readyz").json().get("workers") != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield Cluster(redis, gateway, workers, env, tmp_path)
+    finally:
+        for p in procs:
+            p.stop()
+        redis.stop()
+
+
+def _deploy(c: Cluster, name: str, **scaling: object) -> None:
+    r = httpx.put(f"{c.url}/v1/functions/{name}", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "tiny", "scaling": {"keep_alive_s": 300, **scaling}})
+    assert r.status_code in (200, 201), r.text
+
+
+def test_killed_worker_is_routed_around(cluster: Cluster) -> None:
+    _deploy(cluster, "f")
+    r1 = cluster.chat("f")
+    assert r1.status_code == 200 and r1.headers["x-ember-cold-start"] == "true"
+    victim = r1.headers["x-ember-worker"]
+    cluster.workers[victim].proc.send_signal(signal.SIGKILL)
+    cluster.workers[victim].proc.wait()
+    r2 = cluster.chat("f")
+    assert r2.status_code == 200, r2.text
+    assert r2.headers["x-ember-worker"] != victim
+    assert r2.headers["x-ember-cold-start"] == "true"
+    inst = httpx.get(f"{cluster.url}/v1/functions/f", headers=admin_headers()).json()["instances"]
+    assert [i["node"] for i in inst] == [r2.headers["x-ember-worker"]]
+
+
+def test_redis_restart_keeps_functions_and_workers_reregister(cluster: Cluster) -> None:
+    _deploy(cluster, "g")
+    assert cluster.chat("g").status_code == 200
+    cluster.redis.stop()
+    r = httpx.get(f"{cluster.url}/v1/functions", headers=admin_headers())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "state_unavailable"
+    cluster.redis.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ready = httpx.get(f"{cluster.url}/readyz")
+        if ready.status_code == 200 and ready.json()["workers"] == 2:
+            break
+        time.sleep(0.2)
+    assert httpx.get(f"{cluster.url}/readyz").json()["workers"] == 2  # workers registered again
+    names = [f["name"] for f in httpx.get(f"{cluster.url}/v1/functions", headers=admin_headers()).json()["functions"]]
+    assert "g" in names  # specs are durable (AOF)
+    r2 = cluster.chat("g")
+    assert r2.status_code == 200, r2.text
+
+
+def test_generation_stops_when_client_goes_away(cluster: Cluster) -> None:
+    _deploy(cluster, "h")
+    body = {"model": "h", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2000, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", headers=admin_headers(), json=body,
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        worker = cluster.workers[resp.headers["x-ember-worker"]]
+        seen = 0
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("choices"):
+                seen += 1
+            if seen >= 3:
+                break
+    # the client is gone: the worker's decode loop must end as cancelled, not run to max_tokens
+    deadline = time.monotonic() + 15
+    finished: dict = {}
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{worker.url}/internal/healthz", headers={"x-ember-cluster-token": CLUSTER_TOKEN}).json()
+        finished = next(iter(health["instances"].values()))["finished"]
+        if sum(finished.values()):
+            break
+        time.sleep(0.05)
+    assert finished["cancelled"] == 1 and finished["length"] == 0, finished
+
+
+def test_worker_api_needs_cluster_token(cluster: Cluster) -> None:
+    w = next(iter(cluster.workers.values()))
+    assert httpx.get(f"{w.url}/internal/healthz").status_code == 401
+    assert httpx.get(f"{w.url}/internal/healthz", headers={"x-ember-cluster-token": "wrong"}).status_code == 401
+    r = httpx.post(f"{w.url}/internal/instances", json={"instance_id": "x", "function": "f", "checkpoint": "tiny"})
+    assert r.status_code == 401
