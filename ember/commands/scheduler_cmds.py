@@ -170,12 +170,13 @@ def _with_progress(console, work, names: list[str]):
 def _print_table(console, doc: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{doc['invocations']:,} invocations")
-    cols = ["mean_startup_s", "p50_startup_s", "p99_startup_s", "p99_cold_startup_s", "slo_attainment",
-            "cold_starts", "gpu_energy_kwh", "decisions_per_s", "wall_s"]
+    table = Table(title=f"{doc['invocations']:,} invocations (startup in seconds)")
+    cols = {"mean_startup_s": "mean", "p50_startup_s": "p50", "p99_startup_s": "p99",
+            "p99_cold_startup_s": "p99 cold", "slo_attainment": "SLO", "cold_starts": "cold",
+            "gpu_energy_kwh": "kWh", "decisions_per_s": "dec/s", "wall_s": "wall s"}
     table.add_column("policy")
-    for c in cols:
-        table.add_column(c, justify="right")
+    for label in cols.values():
+        table.add_column(label, justify="right")
     for name, r in doc["policies"].items():
-        table.add_row(name, *(str(r[c]) for c in cols))
+        table.add_row(name, *(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     console.print(table)
