@@ -19,6 +19,8 @@ def _fail(e: Exception) -> None:
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face directory with .safetensors (single or sharded)."),
     dst: Path = typer.Argument(..., help="New directory for the Ember checkpoint."),
+    chunk_mib: int = typer.Option(16, "--chunk-mib", min=1, help="Read/checksum chunk size in MiB."),
+    partition_gib: float = typer.Option(2.0, "--partition-gib", help="Largest partition file in GiB."),
 ) -> None:
     """Convert a Hugging Face safetensors checkpoint into Ember's format, bit-exactly."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -30,7 +32,10 @@ def convert(
         total = sum(p.stat().st_size for p in find_safetensors(src))
         with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
             task = bar.add_task(f"convert {src.name}", total=total)
-            manifest = convert_checkpoint(src, dst, progress=lambda n: bar.update(task, advance=n))
+            manifest = convert_checkpoint(
+                src, dst, chunk_bytes=chunk_mib << 20, partition_bytes=int(partition_gib * (1 << 30)),
+                progress=lambda n: bar.update(task, advance=n),
+            )
     except EmberError as e:
         _fail(e)
     typer.echo(json.dumps({"path": str(dst), "tensors": len(manifest.tensors), "tensor_bytes": manifest.tensor_nbytes}))

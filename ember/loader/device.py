@@ -37,6 +37,8 @@ class DeviceUpload:
         self.device = torch.device(device)
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.stream = torch.cuda.Stream(device=self.device)
+        # The buffer may reuse memory that work queued on the current stream still touches.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self._lock = threading.Lock()
 
     def copy(self, host, offset: int) -> None:

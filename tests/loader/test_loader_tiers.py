@@ -179,8 +179,17 @@ def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, 
     tiers = make_tiers()
     tiers.load("good").release()
     assert tiers.dram.evict("good")
-    for name in ("flipped", "truncated", "terabytes", "nopart"):
+    for name in ("flipped", "truncated", "terabytes", "nopart", "outofbounds", "overlap", "dtype"):
         store.push(tiny_model_dir, name)
+    edits = {
+        "outofbounds": lambda d: d["tensors"][-1].update(offset=d["partitions"][0]["size"]),
+        "overlap": lambda d: d["tensors"][1].update(offset=d["tensors"][0]["offset"]),
+        "dtype": lambda d: d["tensors"][0].update(dtype="F7"),
+    }
+    for name, edit in edits.items():
+        doc = json.loads((root / name / "manifest.json").read_text())
+        edit(doc)
+        (root / name / "manifest.json").write_text(json.dumps(doc))
     part = root / "flipped" / "part-00000.bin"
     data = bytearray(part.read_bytes())
     data[4100] ^= 0x40
@@ -197,6 +206,9 @@ def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, 
         ("truncated", CheckpointError, "claims"),
         ("terabytes", CheckpointError, "claims"),
         ("nopart", CheckpointNotFound, "part-00000.bin"),
+        ("outofbounds", CheckpointError, "out of bounds"),
+        ("overlap", CheckpointError, "overlap"),
+        ("dtype", CheckpointError, "unknown dtype"),
         ("absent", CheckpointNotFound, "absent"),
         ("../etc", InvalidName, "invalid"),
         ("/abs/path", InvalidName, "invalid"),
@@ -227,8 +239,8 @@ def test_corrupted_ssd_entry_is_never_served(tmp_path, tiny_model_dir, make_tier
 
 
 def test_bandwidth_probe_and_env(tmp_path, tiny_model_dir, monkeypatch) -> None:
-    from ember.loader import load_state_dict
     from ember.loader import api as loader_api
+    from ember.loader import load_state_dict
     from ember.loader.tiers import NodeTiers
 
     monkeypatch.setenv("EMBER_DATA_DIR", str(tmp_path / "envnode"))
