@@ -131,6 +131,7 @@ class RedisCluster:
         self._ready = client.register_script(_MARK_READY)
         self._snapshot = client.register_script(_SNAPSHOT_NODES)
         self._room = client.register_script(_DEVICES_WITH_ROOM)
+        self._decision = client.register_script(_DECISION_SNAPSHOT)
 
     # --- worker side ----------------------------------------------------------------------
     @_state_errors
@@ -207,7 +208,7 @@ class RedisCluster:
         """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
         state "loading", atomically. Retries when the claim loses a race; None if nothing fits."""
         for _ in range(_CLAIM_ATTEMPTS):
-            est = policy.place(request, _DecisionView(self, request.checkpoint))
+            est = policy.place(request, _DecisionView(self, request))
             if est is None:
                 return None
             now = time.time()
@@ -321,19 +322,7 @@ class RedisCluster:
         round trip. Default order packs (awake, least queued, least free first); `spread` puts most
         free first."""
         rows = self._room(keys=[Keys.devices_free], args=[PREFIX, nbytes, limit * 2, "1" if spread else "0"])
-        now = time.time()
-        out = []
-        for row in rows:
-            member, rest = row.split(",", 1)
-            node_id, device_id = member.split("/", 1)
-            d = _compact_device(node_id, f"{device_id},{rest}", now)
-            if d.free_bytes >= nbytes:
-                out.append(d)
-        if spread:
-            out.sort(key=lambda d: (-d.free_bytes, d.queue_s))
-        else:
-            out.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
-        return out[:limit]
+        return _order_room(_room_devices(rows, nbytes, time.time()), spread)[:limit]
 
     def node_ids(self) -> Sequence[str]:
         return self.live_nodes()
@@ -362,23 +351,39 @@ class RedisCluster:
         (args: [checkpoint]) or "all". With `only`, holdings list that checkpoint alone."""
         entries = self._snapshot(args=[PREFIX, mode, only, *args])
         now = time.time()
-        out = []
-        for entry in entries:
-            node_id, bw, holdings = entry[0], entry[1], _pairs(entry[2])
-            devices = tuple(_compact_device(node_id, row, now) for row in entry[3:])
-            bandwidth = {t: float(v) for t, v in (kv.split("=", 1) for kv in bw.split(";") if kv)}
-            out.append(NodeState(node_id=node_id, devices=devices, bandwidth_bps=bandwidth,
-                                 holdings=cast("dict[str, Tier]", holdings)))
-        return out
+        return [_node_entry(e, now) for e in entries]
 
 
 class _DecisionView:
-    """The view one placement decision reads: node snapshots are reused within the decision."""
+    """What one placement decision reads. The first read of the request's holders or devices with
+    room fetches both, with the nodes of the first devices, in one script (one round trip, one
+    consistent snapshot); anything else falls through to the cluster."""
 
-    def __init__(self, cluster: RedisCluster, checkpoint: str) -> None:
+    ROOM_ROWS = 32  # devices-with-room rows fetched (a policy asking limit <= 16 is served)
+    SORT_ROWS = 12  # rows whose nodes may be prefetched (ember asks for 6 devices: 12 rows)
+    ROOM_NODES = 4  # nodes prefetched whole, in packing order (remote estimates need bandwidths)
+
+    def __init__(self, cluster: RedisCluster, request: PlacementRequest) -> None:
         self.cluster = cluster
-        self.checkpoint = checkpoint  # holdings are read for this checkpoint only
+        self.request = request
         self.cache: dict[str, NodeState] = {}
+        self._holders: list[NodeState] | None = None
+        self._rows: list[DeviceState] = []
+
+    def _load(self) -> None:
+        if self._holders is not None:
+            return
+        req = self.request
+        holders, rows, extra = self.cluster._decision(
+            keys=[Keys.devices_free],
+            args=[PREFIX, req.checkpoint, req.nbytes, self.ROOM_ROWS, repr(time.time()), self.SORT_ROWS,
+                  self.ROOM_NODES])
+        now = time.time()
+        self._holders = sorted((_node_entry(e, now) for e in holders),
+                               key=lambda n: (_TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))
+        self._rows = _room_devices(rows, req.nbytes, now)
+        self._keep(self._holders)
+        self._keep([_node_entry(e, now) for e in extra])
 
     def _keep(self, nodes: Sequence[NodeState]) -> Sequence[NodeState]:
         for n in nodes:
@@ -392,21 +397,54 @@ class _DecisionView:
     def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
         missing = [n for n in node_ids if n not in self.cache]
         if missing:
-            self._keep(self.cluster.nodes(missing, only_checkpoint=self.checkpoint))
+            self._keep(self.cluster.nodes(missing, only_checkpoint=self.request.checkpoint))
         return [self.cache[n] for n in node_ids if n in self.cache]
 
     def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
-        only = self.checkpoint if checkpoint == self.checkpoint else ""
-        return self._keep(self.cluster.nodes_holding(checkpoint, limit, only_checkpoint=only))
+        if checkpoint != self.request.checkpoint:
+            return self._keep(self.cluster.nodes_holding(checkpoint, limit))
+        self._load()
+        assert self._holders is not None
+        return self._holders if limit is None else self._holders[:limit]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
-        return self.cluster.devices_with_room(nbytes, limit, spread)
+        if spread or nbytes != self.request.nbytes or limit * 2 > self.ROOM_ROWS:
+            return self.cluster.devices_with_room(nbytes, limit, spread)
+        self._load()
+        return _order_room(self._rows[: limit * 2], spread)[:limit]
 
     def node_ids(self) -> Sequence[str]:
         return self.cluster.node_ids()
 
     def all_nodes(self) -> Sequence[NodeState]:
         return self._keep(self.cluster.all_nodes())
+
+
+def _node_entry(entry: list, now: float) -> NodeState:
+    """Parse a node entry of the snapshot scripts."""
+    node_id, bw, holdings = entry[0], entry[1], _pairs(entry[2])
+    devices = tuple(_compact_device(node_id, row, now) for row in entry[3:])
+    bandwidth = {t: float(v) for t, v in (kv.split("=", 1) for kv in bw.split(";") if kv)}
+    return NodeState(node_id=node_id, devices=devices, bandwidth_bps=bandwidth,
+                     holdings=cast("dict[str, Tier]", holdings))
+
+
+def _room_devices(rows: list[str], nbytes: int, now: float) -> list[DeviceState]:
+    """Parse "node/device,memory,claimed,instances,busy_until" rows, keeping those with room."""
+    out = []
+    for row in rows:
+        member, rest = row.split(",", 1)
+        node_id, device_id = member.split("/", 1)
+        d = _compact_device(node_id, f"{device_id},{rest}", now)
+        if d.free_bytes >= nbytes:
+            out.append(d)
+    return out
+
+
+def _order_room(devices: list[DeviceState], spread: bool) -> list[DeviceState]:
+    if spread:
+        return sorted(devices, key=lambda d: (-d.free_bytes, d.queue_s))
+    return sorted(devices, key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -587,11 +625,67 @@ redis.call('HSET', KEYS[1], 'state', 'ready', 'last_used_s', ARGV[1])
 return 1
 """
 
+# A Lua function shared by the snapshot scripts: one live node as
+# {node id, "tier=bps;...", holdings (only `only`'s tier unless only == ''), "device_id,memory,claimed,instances,busy_until", ...}
+# or nil when the node is dead or unknown.
+_LUA_NODE_ENTRY = """
+local function node_entry(p, n, only)
+  local nk = p .. 'node:' .. n
+  if redis.call('EXISTS', nk .. ':alive') == 0 then return nil end
+  local h = redis.call('HGETALL', nk)
+  local devs, bw = nil, {}
+  for i = 1, #h, 2 do
+    if h[i] == 'devices' then devs = h[i + 1]
+    elseif string.sub(h[i], 1, 3) == 'bw:' then bw[#bw + 1] = string.sub(h[i], 4) .. '=' .. h[i + 1] end
+  end
+  if not devs then return nil end
+  local holdings = {}
+  if only == '' then
+    holdings = redis.call('HGETALL', nk .. ':holdings')
+  else
+    local tier = redis.call('HGET', nk .. ':holdings', only)
+    if tier then holdings = {only, tier} end
+  end
+  local entry = {n, table.concat(bw, ';'), holdings}
+  for _, d in ipairs(cjson.decode(devs)) do
+    local f = redis.call('HMGET', p .. 'device:' .. n .. '/' .. d['device_id'],
+                         'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
+    if f[1] then
+      entry[#entry + 1] = d['device_id'] .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
+    end
+  end
+  return entry
+end
+
+local function room_rows(p, zkey, nbytes, count, spread)
+  local members
+  if spread == '1' then
+    members = redis.call('ZREVRANGEBYSCORE', zkey, '+inf', nbytes, 'LIMIT', 0, count)
+  else
+    members = redis.call('ZRANGEBYSCORE', zkey, nbytes, '+inf', 'LIMIT', 0, count)
+  end
+  local rows, nodes = {}, {}
+  for _, m in ipairs(members) do
+    local slash = string.find(m, '/', 1, true)
+    if slash then
+      local n = string.sub(m, 1, slash - 1)
+      if redis.call('EXISTS', p .. 'node:' .. n .. ':alive') == 1 then
+        local f = redis.call('HMGET', p .. 'device:' .. m, 'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
+        if f[1] then
+          rows[#rows + 1] = m .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
+          nodes[#nodes + 1] = n
+        end
+      end
+    end
+  end
+  return rows, nodes
+end
+"""
+
 # ARGV: prefix, mode ("ids" | "holders" | "all"), checkpoint whose holdings to return ("": all),
 #       then node ids ("ids") or the checkpoint whose holders to read ("holders")
-# Returns, per live node: {node id, "tier=bps;...", holdings (only the checkpoint's, if given),
-# "device_id,memory,claimed,instances,busy_until", ...}. Compact: clients parse it per decision.
-_SNAPSHOT_NODES = """
+# Returns one node entry (see node_entry) per live node.
+_SNAPSHOT_NODES = _LUA_NODE_ENTRY + """
 local p, mode, only = ARGV[1], ARGV[2], ARGV[3]
 local ids
 if mode == 'holders' then
@@ -604,59 +698,56 @@ else
 end
 local out = {}
 for _, n in ipairs(ids) do
-  local nk = p .. 'node:' .. n
-  if redis.call('EXISTS', nk .. ':alive') == 1 then
-    local h = redis.call('HGETALL', nk)
-    local devs, bw = nil, {}
-    for i = 1, #h, 2 do
-      if h[i] == 'devices' then devs = h[i + 1]
-      elseif string.sub(h[i], 1, 3) == 'bw:' then bw[#bw + 1] = string.sub(h[i], 4) .. '=' .. h[i + 1] end
-    end
-    if devs then
-      local holdings
-      if only == '' then
-        holdings = redis.call('HGETALL', nk .. ':holdings')
-      else
-        holdings = {}
-        local tier = redis.call('HGET', nk .. ':holdings', only)
-        if tier then holdings = {only, tier} end
-      end
-      local entry = {n, table.concat(bw, ';'), holdings}
-      for _, d in ipairs(cjson.decode(devs)) do
-        local f = redis.call('HMGET', p .. 'device:' .. n .. '/' .. d['device_id'],
-                             'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
-        if f[1] then
-          entry[#entry + 1] = d['device_id'] .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
-        end
-      end
-      out[#out + 1] = entry
-    end
-  end
+  local e = node_entry(p, n, only)
+  if e then out[#out + 1] = e end
 end
 return out
 """
 
-# KEYS: devices_free; ARGV: prefix, nbytes, count, spread ("1"/"0")
-# Returns "node/device,memory,claimed,instances,busy_until" for devices of live nodes only.
-_DEVICES_WITH_ROOM = """
-local p = ARGV[1]
-local members
-if ARGV[4] == '1' then
-  members = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3])
-else
-  members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf', 'LIMIT', 0, ARGV[3])
+# What one placement decision reads, in one round trip. KEYS: devices_free
+# ARGV: prefix, checkpoint, nbytes, rows, now, sort_rows, nodes
+# Returns {holder entries, device-with-room rows (scan order), entries of the first `nodes`
+# non-holder nodes among the first `sort_rows` rows in packing order (awake, least queued,
+# least free): the nodes a remote estimate would read next. A prefetch: misses fall through.
+_DECISION_SNAPSHOT = _LUA_NODE_ENTRY + """
+local p, ck = ARGV[1], ARGV[2]
+local holders, seen = {}, {}
+for _, n in ipairs(redis.call('SMEMBERS', p .. 'holders:' .. ck)) do
+  local e = node_entry(p, n, ck)
+  if e then holders[#holders + 1] = e; seen[n] = true end
 end
-local out = {}
-for _, m in ipairs(members) do
-  local slash = string.find(m, '/', 1, true)
-  if slash and redis.call('EXISTS', p .. 'node:' .. string.sub(m, 1, slash - 1) .. ':alive') == 1 then
-    local f = redis.call('HMGET', p .. 'device:' .. m, 'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
-    if f[1] then
-      out[#out + 1] = m .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
-    end
+local rows, row_nodes = room_rows(p, KEYS[1], ARGV[3], ARGV[4], '0')
+local now, k = tonumber(ARGV[5]), math.min(#rows, tonumber(ARGV[6]))
+local order = {}
+for i = 1, k do
+  local mem, claimed, inst, busy = string.match(rows[i], ',(%d+),(%-?%d+),(%-?%d+),([^,]+)$')
+  local q = (tonumber(busy) or 0) - now
+  if q < 0 then q = 0 end
+  order[#order + 1] = {tonumber(inst) > 0 and 0 or 1, q, tonumber(mem) - tonumber(claimed), row_nodes[i]}
+end
+table.sort(order, function(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return a[3] < b[3]
+end)
+local extra, wanted = {}, tonumber(ARGV[7])
+for _, o in ipairs(order) do
+  if #extra >= wanted then break end
+  local n = o[4]
+  if not seen[n] then
+    seen[n] = true
+    local e = node_entry(p, n, ck)
+    if e then extra[#extra + 1] = e end
   end
 end
-return out
+return {holders, rows, extra}
+"""
+
+# KEYS: devices_free; ARGV: prefix, nbytes, count, spread ("1"/"0")
+# Returns "node/device,memory,claimed,instances,busy_until" for devices of live nodes only.
+_DEVICES_WITH_ROOM = _LUA_NODE_ENTRY + """
+local rows = room_rows(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
+return rows
 """
 
 # KEYS: lease; ARGV: holder, ttl_ms
