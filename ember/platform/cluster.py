@@ -119,6 +119,7 @@ class RedisCluster:
     def __init__(self, client: redis.Redis, *, heartbeat_ttl_s: float = 5.0) -> None:
         self.r = client
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._register = client.register_script(_REGISTER)
         self._claim = client.register_script(_CLAIM)
         self._remove = client.register_script(_REMOVE_INSTANCE)
         self._drop_node = client.register_script(_DROP_NODE)
@@ -139,7 +140,6 @@ class RedisCluster:
                       bandwidth_bps: dict[str, float]) -> None:
         """Announce a node, its devices and measured tier bandwidths. Idempotent: claims of
         instances already recorded on its devices are kept (call again after a Redis restart)."""
-        pipe = self.r.pipeline(transaction=True)
         mapping: dict[str, str] = {
             "url": url,
             "devices": json.dumps([asdict(d) for d in devices]),
@@ -147,24 +147,14 @@ class RedisCluster:
             "registered_s": repr(time.time()),
         }
         mapping.update({f"bw:{tier}": repr(float(bps)) for tier, bps in bandwidth_bps.items()})
-        pipe.hset(Keys.node(node_id), mapping=mapping)
-        pipe.sadd(Keys.nodes, node_id)
-        pipe.set(Keys.node_alive(node_id), "1", px=int(self.heartbeat_ttl_s * 1000))
+        flat: list[str] = []
+        for k, v in mapping.items():
+            flat += [k, v]
+        args: list[Any] = [PREFIX, node_id, int(self.heartbeat_ttl_s * 1000), len(devices)]
         for d in devices:
-            key = Keys.device(node_id, d.device_id)
-            pipe.hset(key, "memory_bytes", d.memory_bytes)
-            pipe.hsetnx(key, "claimed_bytes", 0)
-            pipe.hsetnx(key, "instances", 0)
-            pipe.hsetnx(key, "busy_until_s", 0)
-        pipe.execute()
-        # The free-memory index needs the claimed bytes that may already be there.
-        pipe = self.r.pipeline(transaction=False)
-        for d in devices:
-            pipe.hget(Keys.device(node_id, d.device_id), "claimed_bytes")
-        claimed = pipe.execute()
-        self.r.zadd(Keys.devices_free, {
-            f"{node_id}/{d.device_id}": d.memory_bytes - int(c or 0) for d, c in zip(devices, claimed, strict=True)
-        })
+            args += [d.device_id, d.memory_bytes]
+        self._register(keys=[Keys.node(node_id), Keys.nodes, Keys.node_alive(node_id), Keys.devices_free],
+                       args=[*args, *flat])
 
     @_state_errors
     def heartbeat(self, node_id: str, holdings: dict[str, str]) -> bool:
@@ -191,8 +181,8 @@ class RedisCluster:
 
     @_state_errors
     def restore_instance(self, rec: InstanceRecord) -> None:
-        """A worker re-asserts an instance it holds (after a Redis restart): record and claim it
-        unless the record is already there."""
+        """A worker re-asserts an instance it holds (after a Redis restart, once `register_node`
+        ran again): record and claim it unless the record is already there."""
         fields: list[str] = []
         for k, v in rec.to_hash().items():
             fields += [k, v]
@@ -300,7 +290,6 @@ class RedisCluster:
     def node(self, node_id: str) -> NodeState | None:
         found = self._node_states("ids", [node_id])
         return found[0] if found else None
-
 
     @_state_errors
     def nodes(self, node_ids: Sequence[str], *, only_checkpoint: str = "") -> Sequence[NodeState]:
@@ -465,6 +454,27 @@ def _compact_device(node_id: str, row: str, now: float) -> DeviceState:
 
 # --- Lua scripts ----------------------------------------------------------------------------
 # Keys built inside scripts follow ember.platform.state.Keys (a test checks they agree).
+
+# KEYS: node, nodes, alive, devices_free
+# ARGV: prefix, node id, ttl_ms, device count, (device id, memory bytes)..., field, value, ...
+# Claims already recorded on the devices are kept, and the free-memory index follows them.
+_REGISTER = """
+local p, n, ndev = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local first_field = 5 + 2 * ndev
+for i = first_field, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[2], n)
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+for i = 5, first_field - 1, 2 do
+  local dkey = p .. 'device:' .. n .. '/' .. ARGV[i]
+  redis.call('HSET', dkey, 'memory_bytes', ARGV[i + 1])
+  redis.call('HSETNX', dkey, 'claimed_bytes', 0)
+  redis.call('HSETNX', dkey, 'instances', 0)
+  redis.call('HSETNX', dkey, 'busy_until_s', 0)
+  local claimed = tonumber(redis.call('HGET', dkey, 'claimed_bytes'))
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[i + 1]) - claimed, n .. '/' .. ARGV[i])
+end
+return 1
+"""
 
 # KEYS: alive, device, instance, instances, function instances, node instances, devices_free, node
 # ARGV: nbytes, now, estimate_s, "node/device", instance id, field, value, ...

@@ -270,3 +270,29 @@ def test_live_path_runs_the_scheduler_policies_and_autoscaler(redis_url: str) ->
     spec = ScalingSpec("f", keep_alive_s=0.0, max_instances=8)
     actions = Autoscaler().step({"f": spec}, c.instances("f"), time.time() + 1)
     assert Unload(p.instance_id, "f", "b", "keep_alive") in actions
+
+
+def test_decision_snapshot_matches_direct_reads(redis_url: str) -> None:
+    from ember.platform.cluster import _DecisionView
+
+    c = _cluster(redis_url)
+    for k in range(6):
+        _register(c, f"n{k}", gpus=2, mem=80 * GB)
+    c.heartbeat("n1", {"ck-f": "ssd", "ck-x": "dram"})
+    c.heartbeat("n4", {"ck-f": "dram"})
+    for k in range(5):
+        c.place(_req(f"g{k}", (10 + 7 * k) * GB), FirstFit())
+    req = _req("f", 20 * GB)
+    view = _DecisionView(c, req)
+    held = view.nodes_holding("ck-f")
+    assert [n.node_id for n in held] == ["n4", "n1"]
+    assert held[1].holdings == {"ck-f": "ssd"}  # only what this decision asks about
+    direct = c.nodes_holding("ck-f")
+    assert [(n.node_id, [(d.device_id, d.free_bytes) for d in n.devices]) for n in held] == \
+        [(n.node_id, [(d.device_id, d.free_bytes) for d in n.devices]) for n in direct]
+    assert [(d.node_id, d.device_id, d.free_bytes) for d in view.devices_with_room(20 * GB, limit=6)] == \
+        [(d.node_id, d.device_id, d.free_bytes) for d in c.devices_with_room(20 * GB, limit=6)]
+    assert [n.node_id for n in view.nodes(["n0", "n5", "gone"])] == ["n0", "n5"]
+    assert view.node("n2").node_id == "n2"
+    assert [d.node_id for d in view.devices_with_room(GB, spread=True)] == \
+        [d.node_id for d in c.devices_with_room(GB, spread=True)]
