@@ -173,10 +173,18 @@ def _print_table(console, doc: dict) -> None:
     table = Table(title=f"{doc['invocations']:,} invocations (startup in seconds)")
     cols = {"mean_startup_s": "mean", "p50_startup_s": "p50", "p99_startup_s": "p99",
             "p99_cold_startup_s": "p99 cold", "slo_attainment": "SLO", "cold_starts": "cold",
-            "gpu_energy_kwh": "kWh", "decisions_per_s": "dec/s", "wall_s": "wall s"}
-    table.add_column("policy")
+            "gpu_energy_kwh": "kWh", "decisions_per_s": "dec/s"}
+    table.add_column("policy", no_wrap=True, min_width=13)
     for label in cols.values():
-        table.add_column(label, justify="right")
+        table.add_column(label, justify="right", no_wrap=True)
     for name, r in doc["policies"].items():
-        table.add_row(name, *(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    console.print(table)
+        table.add_row(name, *(_cell(r[c]) for c in cols))
+    from rich.console import Console
+
+    Console(stderr=True, width=max(console.width, 110)).print(table)  # all columns, even when piped
+
+
+def _cell(v: float | int) -> str:
+    if isinstance(v, int) or abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
