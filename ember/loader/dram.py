@@ -54,7 +54,14 @@ def shm_dir_for(data_dir: Path) -> Path:
 class DramTier:
     """The node's DRAM pool (see the module docstring)."""
 
-    def __init__(self, data_dir: Path, capacity_bytes: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        capacity_bytes: int,
+        *,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        pretouch: bool | None = None,
+    ) -> None:
         self.dir = shm_dir_for(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "meta").mkdir(exist_ok=True)
@@ -91,12 +98,13 @@ class DramTier:
         self.fd = os.open(pool, os.O_RDWR)
         # The whole pool, mapped twice per process: read-only (tensors are views of it) and
         # read-write (fills write through it), so no load pays for mprotect or page faults. The
-        # process that created the pool maps both populated: that is the one-time pre-touch,
-        # bounded by the capacity. Other processes map lazily.
+        # process that created the pool (or any process asking with pretouch=True: a restarted
+        # worker) maps both populated: that is the one-time pre-touch, bounded by the capacity.
+        # Other processes map lazily and get copy-on-write views instead.
         self.base: vm.Mapping | None = None
         self.rw: vm.Mapping | None = None
         if self.capacity_bytes:
-            populate = vm.MAP_POPULATE if created else 0
+            populate = vm.MAP_POPULATE if (created if pretouch is None else pretouch) else 0
             self.base = vm.Mapping(
                 vm.mmap_at(None, self.capacity_bytes, vm.PROT_READ, vm.MAP_SHARED | populate, self.fd, 0),
                 self.capacity_bytes,
@@ -106,6 +114,7 @@ class DramTier:
                 self.capacity_bytes,
             )
         self.created = created
+        self.prefaulted = bool(self.capacity_bytes) and (created if pretouch is None else pretouch)
 
     # --- queries ----------------------------------------------------------------------------
     def lookup(self, name: str) -> DramEntry | None:
@@ -242,7 +251,7 @@ class DramTier:
         """Where to write a filling entry: None for a contiguous entry (write through `rw_slice`),
         else a shared writable mapping of its runs back to back."""
         if entry.contiguous and self.rw is not None:
-            if not self.created:
+            if not self.prefaulted:
                 off, n = entry.runs[0]
                 vm.madvise(self.rw.addr + off, n, vm.MADV_POPULATE_WRITE)
             return None
@@ -256,7 +265,7 @@ class DramTier:
     def filled_view(self, entry: DramEntry, view: vm.Mapping | None):
         """After a fill: numpy uint8 array over the entry for tensors, read-only memory."""
         if view is None:
-            if self.created:
+            if self.prefaulted:
                 off, n = entry.runs[0]
                 return self.base.array()[off : off + n]
             return self.read_view(entry)
@@ -265,9 +274,9 @@ class DramTier:
 
     def read_view(self, entry: DramEntry):
         """numpy uint8 array over a ready entry for tensors: a slice of this process's read-only
-        pool mapping when the entry is contiguous and this process pre-touched the pool, otherwise
+        pool mapping when the entry is contiguous and this process pre-faulted the pool, otherwise
         a private copy-on-write mapping populated now (no bytes are copied)."""
-        if entry.contiguous and self.base is not None and self.created:
+        if entry.contiguous and self.base is not None and self.prefaulted:
             off, n = entry.runs[0]
             return self.base.array()[off : off + n]
         view = vm.map_file_runs(

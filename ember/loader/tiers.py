@@ -78,13 +78,16 @@ class NodeTiers:
         dram_capacity_bytes: int = DEFAULT_DRAM_CAPACITY_BYTES,
         ssd_capacity_bytes: int = DEFAULT_SSD_CAPACITY_BYTES,
         threads: int = DEFAULT_THREADS,
+        pretouch: bool | None = None,
     ) -> None:
+        """pretouch: map the DRAM pool populated at start (the node's worker: True); None does
+        so only when this process creates the pool; False attaches lazily (copy-on-write views)."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store_url = store_url or f"file://{(self.data_dir / 'store').resolve()}"
         self.threads = threads
         self.ssd = SsdTier(self.data_dir / "ssd", ssd_capacity_bytes)
-        self.dram = DramTier(self.data_dir, dram_capacity_bytes)
+        self.dram = DramTier(self.data_dir, dram_capacity_bytes, pretouch=pretouch)
         self.pinned_pool = bool(self.dram.rw) and register_host_memory(self.dram.rw.addr, self.dram.capacity_bytes)
         self._stores: dict[str, CheckpointStore] = {}
         self._lock = threading.Lock()

@@ -259,3 +259,22 @@ def test_bandwidth_probe_and_env(tmp_path, tiny_model_dir, monkeypatch) -> None:
         loader_api._tiers.close(destroy_dram=True)
         monkeypatch.setattr(loader_api, "_tiers", None)
         tiers.close()
+
+
+def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tiers) -> None:
+    from ember.loader.tiers import NodeTiers
+
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    first = make_tiers()
+    first.load("tiny").release()
+    first.ssd.close()
+    first.dram.close()  # the worker exits; its shared pool stays
+    again = NodeTiers(tmp_path / "node", f"file://{tmp_path / 'store'}", dram_capacity_bytes=64 << 20,
+                      ssd_capacity_bytes=1 << 30, pretouch=True)
+    try:
+        assert not again.dram.created and again.dram.prefaulted
+        got = again.load("tiny")
+        assert got.tier == "dram" and _equal(got.state_dict, load_file(tiny_model_dir / "model.safetensors"))
+        got.release()
+    finally:
+        again.close(destroy_dram=True)
