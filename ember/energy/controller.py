@@ -105,10 +105,13 @@ class PowerLimitController:
     device: Device
     mode: Mode = "recommend"
     target_attainment: float = 0.99
-    risk_ratio: float = 0.9
-    slack_ratio: float = 0.75
-    sustain_windows: int = 6
-    cooldown_windows: int = 60
+    risk_ratio: float = 0.8
+    slack_ratio: float = 0.6
+    sustain_windows: int = 6  # windows of slack (at the current setting) before stepping down
+    profile_windows: int = 2  # the same while profiling
+    horizon_windows: int = 24  # recent windows the p99 and attainment are taken over
+    hard_step_up: int = 2  # levels to climb at once on actual violations
+    cooldown_windows: int = 360
     min_requests: int = 5  # fewer requests in a window: no slack decision (but violations count)
     mix_change: float = 0.3  # L1 distance between function mixes that triggers re-profiling
     clock_fractions: Sequence[float] = DEFAULT_CLOCK_FRACTIONS
@@ -136,7 +139,7 @@ class PowerLimitController:
         self._clock_i = 0
         self._limit_i = 0
         self._pending: list[RequestRecord] = []
-        self._slack_windows = 0
+        self._horizon: deque[list[RequestRecord]] = deque(maxlen=self.horizon_windows)
         self._banned: dict[tuple[str, int], int] = {}  # (knob, index) -> windows left
         self._profile: dict[tuple[int, int], _Level] = {}
         self._floor: tuple[int, int] | None = None  # lowest level online may step down to
@@ -196,12 +199,15 @@ class PowerLimitController:
             return None
         self._update_mix(stats)
         previous = self.setting
+        self._horizon.append(window)
+        rolling = _window_stats([r for w in self._horizon for r in w], quantile=0.99)
 
         if (
-            stats.attainment < self.target_attainment
+            rolling.attainment < self.target_attainment
             or max(stats.ttft_ratio_p95, stats.tpot_ratio_p95) > self.risk_ratio
+            or max(rolling.ttft_ratio_p95, rolling.tpot_ratio_p95) > 1.0
         ):
-            return self._step_up(stats, previous, now_s)
+            return self._step_up(stats, rolling, previous, now_s)
 
         self._record_profile(stats, energy_j)
         if self.phase == "online" and self._mix_changed():
@@ -209,36 +215,27 @@ class PowerLimitController:
             self._profile.clear()
             self._floor = None
             self._clock_i = self._limit_i = 0
-            self._slack_windows = 0
             return self._decide(previous, "function mix changed: re-profiling from the top", now_s)
 
-        slack = (
-            stats.requests >= self.min_requests
-            and stats.ttft_ratio_p95 < self.slack_ratio
-            and stats.tpot_ratio_p95 < self.slack_ratio
-        )
-        ttft_slack_only = (
-            stats.requests >= self.min_requests
-            and stats.ttft_ratio_p95 < self.slack_ratio
-            and not stats.tpot_ratio_p95 < self.slack_ratio
-        )
-        self._slack_windows = self._slack_windows + 1 if (slack or ttft_slack_only) else 0
-        needed = 1 if self.phase == "profiling" else self.sustain_windows
-        if self._slack_windows < needed:
+        needed = self.profile_windows if self.phase == "profiling" else self.sustain_windows
+        if len(self._horizon) < needed or rolling.requests < self.min_requests * needed:
             return None
-        self._slack_windows = 0
+        # eta shifts the margin: time-sensitive functions (low eta) need more slack to step down
+        slack_ratio = min(self.risk_ratio * 0.9, self.slack_ratio * (0.5 + rolling.eta))
+        ttft_slack = rolling.ttft_ratio_p95 < slack_ratio
+        tpot_slack = rolling.tpot_ratio_p95 < slack_ratio
         reason_base = (
-            f"slack for {needed} window(s): p95 ttft {stats.ttft_ratio_p95:.2f}, "
-            f"tpot {stats.tpot_ratio_p95:.2f} of SLO"
+            f"slack for {len(self._horizon)} window(s): p99 ttft {rolling.ttft_ratio_p95:.2f}, "
+            f"tpot {rolling.tpot_ratio_p95:.2f} of SLO, attainment {rolling.attainment:.4f}"
         )
-        if slack and self._can_lower("clock"):
+        if ttft_slack and tpot_slack and self._can_lower("clock"):
             self._clock_i += 1
             return self._decide(previous, reason_base + "; lowering SM clock", now_s)
-        if self._can_lower("limit"):
+        if ttft_slack and self._can_lower("limit"):
             self._limit_i += 1
             return self._decide(previous, reason_base + "; lowering power limit (TTFT slack)", now_s)
         if self.phase == "profiling":
-            return self._finish_profile(stats, previous, now_s, "reached the bottom of the ladder")
+            return self._finish_profile(stats, previous, now_s, "no lower level to try")
         return None
 
     def snapshot(self) -> dict[str, object]:
@@ -267,24 +264,33 @@ class PowerLimitController:
                 return False
         return True
 
-    def _step_up(self, stats: WindowStats, previous: Setting, now_s: float) -> Decision | None:
-        violation = stats.attainment < self.target_attainment
+    def _step_up(
+        self, stats: WindowStats, rolling: WindowStats, previous: Setting, now_s: float
+    ) -> Decision | None:
+        hard = stats.attainment < 0.9 or max(stats.ttft_ratio_p95, stats.tpot_ratio_p95) > 1.0
+        steps = self.hard_step_up if hard else 1
         level = (self._clock_i, self._limit_i)
         if level in self._profile:
             self._profile[level].safe = False
-        ttft_risk = stats.ttft_ratio_p95 > self.risk_ratio or violation
-        tpot_risk = stats.tpot_ratio_p95 > self.risk_ratio or violation
-        if self._limit_i > 0 and (ttft_risk or tpot_risk):
+        ttft_risk = stats.ttft_ratio_p95 > self.risk_ratio or rolling.ttft_ratio_p95 > 1.0
+        tpot_risk = stats.tpot_ratio_p95 > self.risk_ratio or rolling.tpot_ratio_p95 > 1.0
+        if not (ttft_risk or tpot_risk):  # scattered violations: treat as both
+            ttft_risk = tpot_risk = True
+        # the limit binds prefill first (TTFT); the clock is what decode (TPOT) feels
+        raise_limit = self._limit_i > 0 and (ttft_risk or tpot_risk)
+        raise_clock = self._clock_i > 0 and (tpot_risk or (ttft_risk and self._limit_i == 0))
+        if raise_limit:
             self._banned[("limit", self._limit_i)] = self.cooldown_windows
-            self._limit_i = 0 if violation else self._limit_i - 1
-        elif self._clock_i > 0:
+            self._limit_i = max(0, self._limit_i - steps)
+        if raise_clock:
             self._banned[("clock", self._clock_i)] = self.cooldown_windows
-            self._clock_i = 0 if violation else self._clock_i - 1
-        self._slack_windows = 0
-        what = "SLO violations" if violation else "SLO risk"
+            self._clock_i = max(0, self._clock_i - steps)
+        what = "SLO violations" if hard else "SLO risk"
         reason = (
-            f"{what}: attainment {stats.attainment:.3f}, p95 ttft {stats.ttft_ratio_p95:.2f}, "
-            f"tpot {stats.tpot_ratio_p95:.2f} of SLO (worst: {stats.worst_function}); stepping up"
+            f"{what} ({'TTFT' if ttft_risk else ''}{'+' if ttft_risk and tpot_risk else ''}"
+            f"{'TPOT' if tpot_risk else ''}): window attainment {stats.attainment:.3f}, "
+            f"p95 ttft {stats.ttft_ratio_p95:.2f}, tpot {stats.tpot_ratio_p95:.2f} of SLO; "
+            f"recent attainment {rolling.attainment:.4f} (worst: {stats.worst_function}); stepping up"
         )
         if self.phase == "profiling":
             return self._finish_profile(stats, previous, now_s, reason)
@@ -344,6 +350,7 @@ class PowerLimitController:
         setting = self.setting
         if setting == previous and not force:
             return None
+        self._horizon.clear()  # slack must be shown again at the new setting
         now_s = self.device.now_s() if now_s is None else now_s
         applied = False
         if self.mode == "actuate" and setting != previous:
@@ -384,7 +391,7 @@ class PowerLimitController:
         return True
 
 
-def _window_stats(window: Sequence[RequestRecord]) -> WindowStats:
+def _window_stats(window: Sequence[RequestRecord], quantile: float = 0.95) -> WindowStats:
     if not window:
         return WindowStats(0, 0, 1.0, 0.0, 0.0, None, 0.0, 1.0, {})
     met = sum(r.meets_slo for r in window)
@@ -400,8 +407,8 @@ def _window_stats(window: Sequence[RequestRecord]) -> WindowStats:
         requests=len(window),
         tokens=tokens,
         attainment=met / len(window),
-        ttft_ratio_p95=_quantile(ttft, 0.95),
-        tpot_ratio_p95=_quantile(tpot, 0.95),
+        ttft_ratio_p95=_quantile(ttft, quantile),
+        tpot_ratio_p95=_quantile(tpot, quantile),
         worst_function=worst.function,
         s_per_token=latency / tokens if tokens else 0.0,
         eta=min(r.eta for r in window),
