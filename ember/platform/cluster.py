@@ -123,6 +123,7 @@ class RedisCluster:
         self._claim = client.register_script(_CLAIM)
         self._remove = client.register_script(_REMOVE_INSTANCE)
         self._drop_node = client.register_script(_DROP_NODE)
+        self._reap = client.register_script(_REAP_DEAD)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._acquire = client.register_script(_ACQUIRE_WARM)
         self._release = client.register_script(_RELEASE_REQUEST)
@@ -177,7 +178,7 @@ class RedisCluster:
     @_state_errors
     def deregister_node(self, node_id: str) -> None:
         """Remove a node with its devices, holdings, instances and claims."""
-        self._drop_node(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX, node_id, "0"])
+        self._drop_node(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX, node_id])
 
     @_state_errors
     def restore_instance(self, rec: InstanceRecord) -> None:
@@ -274,11 +275,7 @@ class RedisCluster:
     @_state_errors
     def reap_dead_nodes(self) -> list[str]:
         """Drop nodes whose heartbeat expired, releasing their instances and claims."""
-        reaped = []
-        for node_id in sorted(self.r.smembers(Keys.nodes)):
-            if self._drop_node(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX, node_id, "1"]):
-                reaped.append(node_id)
-        return reaped
+        return sorted(self._reap(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX]))
 
     @_state_errors
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
@@ -540,31 +537,48 @@ redis.call('SREM', p .. 'node:' .. f[2] .. ':instances', id)
 return 1
 """
 
-# KEYS: nodes, instances, devices_free; ARGV: prefix, node id, only_if_dead ("1"/"0")
-_DROP_NODE = """
-local p, n = ARGV[1], ARGV[2]
-local nodekey = p .. 'node:' .. n
-if ARGV[3] == '1' and redis.call('EXISTS', nodekey .. ':alive') == 1 then return 0 end
-for _, id in ipairs(redis.call('SMEMBERS', nodekey .. ':instances')) do
-  local fn = redis.call('HGET', p .. 'instance:' .. id, 'function')
-  if fn then redis.call('SREM', p .. 'function:' .. fn .. ':instances', id) end
-  redis.call('DEL', p .. 'instance:' .. id)
-  redis.call('SREM', KEYS[2], id)
-end
-redis.call('DEL', nodekey .. ':instances')
-local devs = redis.call('HGET', nodekey, 'devices')
-if devs then
-  for _, d in ipairs(cjson.decode(devs)) do
-    redis.call('DEL', p .. 'device:' .. n .. '/' .. d['device_id'])
-    redis.call('ZREM', KEYS[3], n .. '/' .. d['device_id'])
+# Drops node n (its instances, claims, devices, holdings); with only_if_dead, only when its
+# heartbeat key has expired (checked inside the script, so a beat cannot race the reaper).
+_LUA_DROP_NODE = """
+local function drop_node(p, n, only_if_dead, nodes_key, instances_key, free_key)
+  local nodekey = p .. 'node:' .. n
+  if only_if_dead and redis.call('EXISTS', nodekey .. ':alive') == 1 then return false end
+  for _, id in ipairs(redis.call('SMEMBERS', nodekey .. ':instances')) do
+    local fn = redis.call('HGET', p .. 'instance:' .. id, 'function')
+    if fn then redis.call('SREM', p .. 'function:' .. fn .. ':instances', id) end
+    redis.call('DEL', p .. 'instance:' .. id)
+    redis.call('SREM', instances_key, id)
   end
+  redis.call('DEL', nodekey .. ':instances')
+  local devs = redis.call('HGET', nodekey, 'devices')
+  if devs then
+    for _, d in ipairs(cjson.decode(devs)) do
+      redis.call('DEL', p .. 'device:' .. n .. '/' .. d['device_id'])
+      redis.call('ZREM', free_key, n .. '/' .. d['device_id'])
+    end
+  end
+  for _, ck in ipairs(redis.call('HKEYS', nodekey .. ':holdings')) do
+    redis.call('SREM', p .. 'holders:' .. ck, n)
+  end
+  redis.call('DEL', nodekey .. ':holdings', nodekey .. ':alive', nodekey)
+  redis.call('SREM', nodes_key, n)
+  return true
 end
-for _, ck in ipairs(redis.call('HKEYS', nodekey .. ':holdings')) do
-  redis.call('SREM', p .. 'holders:' .. ck, n)
-end
-redis.call('DEL', nodekey .. ':holdings', nodekey .. ':alive', nodekey)
-redis.call('SREM', KEYS[1], n)
+"""
+
+# KEYS: nodes, instances, devices_free; ARGV: prefix, node id
+_DROP_NODE = _LUA_DROP_NODE + """
+drop_node(ARGV[1], ARGV[2], false, KEYS[1], KEYS[2], KEYS[3])
 return 1
+"""
+
+# KEYS: nodes, instances, devices_free; ARGV: prefix. Returns the ids of the nodes dropped.
+_REAP_DEAD = _LUA_DROP_NODE + """
+local reaped = {}
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if drop_node(ARGV[1], n, true, KEYS[1], KEYS[2], KEYS[3]) then reaped[#reaped + 1] = n end
+end
+return reaped
 """
 
 # KEYS: node, alive, holdings; ARGV: prefix, node id, ttl_ms, checkpoint, tier, ...
