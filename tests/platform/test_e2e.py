@@ -4,6 +4,7 @@ cold start from the DRAM tier, and a clean shutdown without orphans."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -171,6 +172,32 @@ def test_scale_to_zero_then_cold_start_from_dram(up: Up) -> None:
     assert r2.headers["x-ember-worker"] == worker  # locality: the node that holds it in DRAM
     metrics = httpx.get(f"{up.url}/metrics").text
     assert 'ember_cold_starts_total{tier="dram"}' in metrics
+
+
+def test_cli_client_verbs(up: Up) -> None:
+    from typer.testing import CliRunner
+
+    from ember.cli import app
+
+    runner = CliRunner()
+    env = {"EMBER_URL": up.url, "EMBER_API_KEY": ADMIN}
+    r = runner.invoke(app, ["deploy", "cli-fn", "--checkpoint", "tiny", "--keep-alive-s", "30"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["scaling"]["keep_alive_s"] == 30
+    r = runner.invoke(app, ["ls"], env=env)
+    assert r.exit_code == 0 and "cli-fn\ttiny" in r.stdout
+    r = runner.invoke(app, ["invoke", "cli-fn", "Hello", "--max-tokens", "4"], env=env)
+    assert r.exit_code == 0, r.output
+    assert "x-ember-cold-start=true" in r.stderr
+    r = runner.invoke(app, ["invoke", "cli-fn", "Hello", "--max-tokens", "4", "--stream"], env=env)
+    assert r.exit_code == 0 and "x-ember-cold-start=false" in r.stderr
+    r = runner.invoke(app, ["keys", "create", "--role", "invoker", "--name", "cli"], env=env)
+    assert r.exit_code == 0 and json.loads(r.stdout)["role"] == "invoker"
+    r = runner.invoke(app, ["invoke", "nope", "Hello"], env=env)
+    assert r.exit_code == 1 and "404" in r.stderr
+    r = runner.invoke(app, ["rm", "cli-fn"], env=env)
+    assert r.exit_code == 0
+    assert "cli-fn" not in runner.invoke(app, ["ls"], env=env).stdout
 
 
 def test_sigterm_stops_every_child(up: Up) -> None:
