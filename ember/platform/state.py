@@ -74,3 +74,9 @@ class Keys:
         return f"{PREFIX}energy:device:{node_id}/{device_id}"
 
     energy_devices = PREFIX + "energy:devices"  # set of "node/device"
+    energy_caps = PREFIX + "energy:caps"  # hash: "node/device" -> power cap in watts (allocator)
+    energy_allocation = PREFIX + "energy:allocation"  # JSON: latest allocation (caps, needs, misses)
+
+    @staticmethod
+    def energy_day_start(day: str) -> str:  # hash with TTL: "node/device" -> energy_j first seen on `day`
+        return f"{PREFIX}energy:daystart:{day}"
