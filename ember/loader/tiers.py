@@ -209,7 +209,7 @@ class NodeTiers:
                 dest = self.dram.rw_slice(entry) if view is None else view.array()
                 up = DeviceUpload(manifest.total_bytes, dev) if dev.type == "cuda" else None
                 on_chunk = self._pool_uploader(entry, up) if up is not None else None
-                read_from_fds(fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk)
+                read_from_fds(fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk, stage_direct=True)
                 _copy_meta(directory, entry.meta_dir)
                 done = self.dram.filled_view(entry, view)
                 self.dram.commit(name)
