@@ -28,6 +28,7 @@ from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
+from ember.scheduler.policies import PolicyChooser
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.http.aclose()
             client.close()
 
-    def _policy_for(spec: FunctionSpec) -> Any:
-        from ember.scheduler.policies import get_policy
+    policies = PolicyChooser(settings.placement_policy)  # built once: round_robin and random keep state
 
-        return get_policy(spec.placement_policy or settings.placement_policy)
+    def _policy_for(spec: FunctionSpec) -> Any:
+        return policies.get(spec.placement_policy or settings.placement_policy)
 
     app = FastAPI(title="Ember gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

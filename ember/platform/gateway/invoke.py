@@ -15,7 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -26,6 +26,7 @@ from ember.errors import EmberError, NoCapacity, WorkerError
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
+from ember.scheduler.routing import should_scale_out
 from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class InvocationTarget:
     cold: bool
     tier: str
     startup_ms: float
+    function: str = ""
+    acquired_at: float = field(default_factory=time.monotonic)
 
     def headers(self) -> dict[str, str]:
         return {
@@ -64,6 +67,8 @@ class Invoker:
         self.metrics = metrics
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
         self.waiting: dict[str, int] = defaultdict(int)
+        self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
+        self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.token = settings.resolved_cluster_token()
 
     async def acquire(self, spec: FunctionSpec) -> InvocationTarget:
@@ -77,10 +82,11 @@ class Invoker:
                 rec = await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency)
                 if rec is not None:
                     if cold is None:
-                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0)
+                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0, spec.name)
                     startup_ms = (time.monotonic() - t0) * 1000 if rec.instance_id != cold.instance_id \
                         else cold.startup_ms
-                    return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier, startup_ms)
+                    return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier, startup_ms,
+                                            spec.name)
                 if cold is None and await self._should_start(spec):
                     cold = await self.cold_start(spec)
                     continue
@@ -94,18 +100,34 @@ class Invoker:
             self.waiting[spec.name] -= 1
 
     async def release(self, target: InvocationTarget) -> None:
+        self._ewma(self.service_s, target.function, time.monotonic() - target.acquired_at)
         try:
             await to_thread.run_sync(self.cluster.release_request, target.instance_id)
         except EmberError:
             log.warning("could not release a slot of instance %s", target.instance_id)
 
     async def _should_start(self, spec: FunctionSpec) -> bool:
+        """Start a cold instance when none can take the waiting requests, or (the scheduler's
+        scale-out rule) when the predicted queue wait would break the TTFT SLO and a cold start
+        would be ready sooner."""
         instances = await to_thread.run_sync(self.cluster.instances, spec.name)
-        if len(instances) >= spec.scaling.max_instances:
+        s = spec.scaling
+        if len(instances) >= s.max_instances:
             return False
-        loading = [i for i in instances if i.state == "loading"]
-        # waiting requests beyond what the instances being loaded will take: start another
-        return self.waiting[spec.name] > len(loading) * spec.scaling.target_concurrency
+        waiting = self.waiting[spec.name]
+        loading = sum(1 for i in instances if i.state == "loading")
+        ready = len(instances) - loading
+        if ready == 0:
+            return waiting > loading * s.target_concurrency
+        # every ready instance is at target_concurrency: the queue drains at slots/service_s per second
+        slots = (ready + loading) * s.target_concurrency
+        wait_s = self.service_s.get(spec.name, 0.0) * waiting / slots
+        return should_scale_out(wait_s, 0.0, spec.slo.ttft_ms / 1000, instances=len(instances),
+                                max_instances=s.max_instances, cold_start_s=self.startup_s.get(spec.name, 0.0))
+
+    @staticmethod
+    def _ewma(table: dict[str, float], key: str, value: float, alpha: float = 0.2) -> None:
+        table[key] = value if key not in table else (1 - alpha) * table[key] + alpha * value
 
     async def cold_start(self, spec: FunctionSpec) -> LoadResult | None:
         """Place and load one new instance of `spec`; None when no device has room now."""
@@ -131,6 +153,7 @@ class Invoker:
             await to_thread.run_sync(self.cluster.remove_instance, placement.instance_id)
             raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
         result = LoadResult.model_validate(resp.json())
+        self._ewma(self.startup_s, spec.name, result.startup_ms / 1000)
         self.metrics.cold_starts.labels(result.tier).inc()
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result

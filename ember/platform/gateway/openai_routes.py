@@ -75,6 +75,8 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     spec: FunctionSpec = await to_thread.run_sync(registry.get, body.model)
     registry.check_invoke(spec, principal)
     app.state.demand.count(spec.name)
+    gen = gen.model_copy(update={"ttft_slo_s": spec.slo.ttft_ms / 1000, "tpot_slo_s": spec.slo.tpot_ms / 1000,
+                                 "eta": spec.energy.eta})
     t_start = time.perf_counter()  # TTFT counts routing and any cold start, as the client sees it
     try:
         target, events = await invoker.open(spec, gen)

@@ -163,6 +163,10 @@ class GenerateRequest(EmberModel):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    # the function's SLO and energy preference, for the worker's energy accounting and controller
+    ttft_slo_s: float = 1.0
+    tpot_slo_s: float = 0.2
+    eta: float = 0.5
 
 
 class CheckpointInfoOut(EmberModel):

@@ -119,7 +119,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest) -> AsyncIt
             if isinstance(ev, TokenDelta):
                 yield json.dumps({"text": ev.text}).encode() + b"\n"
             elif isinstance(ev, GenerationDone):
-                node.record_request(inst, ev)
+                node.record_request(inst, ev, body)
                 yield json.dumps({"done": {
                     "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
                     "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,

@@ -18,7 +18,7 @@ from typing import Any
 from ember.config import Settings
 from ember.errors import EmberError, NotFound
 from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
-from ember.platform.gateway.protocol import LoadRequest, LoadResult
+from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult
 from ember.platform.runtime.engine import ModelInstance
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class WorkerNode:
         self._heartbeat_thread: threading.Thread | None = None
         self.bandwidth_bps: dict[str, float] = {}
         self.energy: Any = None
+        self.energy_device_ids: list[str] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -121,9 +122,11 @@ class WorkerNode:
             from ember.energy.agent import NodeEnergyAgent
         except ImportError:
             return
-        devices = detect_devices(simulated=self.settings.simulated_gpus)
+        devices = detect_devices(simulated=self.settings.simulated_gpus,
+                                 allow_actuation=self.settings.energy_mode == "actuate")
         if devices:
             self.energy = NodeEnergyAgent(self.node_id, devices, self.settings.energy_mode)
+            self.energy_device_ids = [d.device_id for d in devices]
 
     def _energy_tick(self) -> None:
         if self.energy is None:
@@ -194,12 +197,14 @@ class WorkerNode:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         return inst
 
-    def record_request(self, inst: ModelInstance, done: Any, slo: dict[str, float] | None = None) -> None:
-        """Feed the energy agent with the request's tokens and latencies."""
+    def record_request(self, inst: ModelInstance, done: Any, req: GenerateRequest) -> None:
+        """Feed the energy agent with the request's tokens, latencies and its function's SLO."""
         if self.energy is None:
             return
         rec = self.records.get(inst.instance_id)
-        device_id = rec.device_id if rec else "cpu:0"
-        slo = slo or {}
+        device_id = rec.device_id if rec else self.devices[0].device_id
+        if device_id not in self.energy_device_ids:  # CPU slots accounted on simulated GPUs: same index
+            index = next((i for i, d in enumerate(self.devices) if d.device_id == device_id), 0)
+            device_id = self.energy_device_ids[index % len(self.energy_device_ids)]
         self.energy.record_request(inst.function, device_id, done.completion_tokens, done.ttft_s, done.tpot_s,
-                                   slo.get("ttft_s", 1.0), slo.get("tpot_s", 0.2), slo.get("eta", 0.5))
+                                   req.ttft_slo_s, req.tpot_slo_s, req.eta)
