@@ -15,10 +15,10 @@ Every `step()` reads the window of finished requests since the last step:
 - slack (p95 below `slack_ratio` of both SLOs) for `sustain_windows` windows in a row steps down;
 - profiling (Zeus-style, at start and when the function mix changes) starts from the top and
   steps down after every window of slack, recording energy per token and time per token per
-  level; at its end the controller goes to the level with the lowest Zeus cost
-  `eta * J/token + (1 - eta) * s/token` (each relative to the top level; eta: the most
-  time-sensitive function's)
-  among the levels that kept the SLOs, and online step-downs stay at or above that level.
+  level; at its end it fits lines through that curve and takes the end with the lower Zeus
+  cost `eta * J/token + (1 - eta) * s/token` (each relative to the top; eta: the most
+  time-sensitive function's): the top, or the lowest level that kept the SLOs. Online
+  step-downs stay at or above that floor; eta also widens the slack margin for low eta.
 
 Modes: `observe` (measure only), `recommend` (decide, never touch the device), `actuate` (apply).
 A device that refuses a setting is logged with the error and the controller falls back to
@@ -313,21 +313,14 @@ class PowerLimitController:
         self.phase = "online"
         self._profile_mix = dict(self._mix)
         safe = {k: v for k, v in self._profile.items() if v.safe and v.windows > 0}
-        top = self._profile.get((0, 0))
-        if safe and top is not None and top.j_per_token > 0 and top.s_per_token > 0:
-            # ZeusCost eta * E + (1 - eta) * MAXPOWER * T, normalised by the top level's E and T
-            # so that energy and latency per token weigh alike whatever the batch size
-            eta = stats.eta
-            costs = {
-                k: eta * v.j_per_token / top.j_per_token + (1 - eta) * v.s_per_token / top.s_per_token
-                for k, v in safe.items()
-            }
-            best = min(costs.values())
-            # load moves between windows: take the lowest-power level within 3% of the best cost
-            near = [k for k, c in costs.items() if c <= best + 0.03]
-            self._floor = max(near)
+        slope = _zeus_cost_slope(safe, stats.eta)
+        if slope is not None:
+            # the fitted ZeusCost is linear in the steps from the top, so its minimum is at an end:
+            # the top (time matters more) or the lowest level that kept the SLOs (energy matters more)
+            self._floor = max(safe) if slope < 0 else (0, 0)
             if (self._clock_i, self._limit_i) > self._floor:
                 self._clock_i, self._limit_i = self._floor
+        why = f"{why}; ZeusCost slope {slope:+.4f}/step" if slope is not None else why
         reason = f"profile done ({why}); eta {stats.eta:.2f}, floor level {self._floor}"
         return self._decide(previous, reason, now_s, force=True)
 
@@ -414,6 +407,34 @@ def _window_stats(window: Sequence[RequestRecord], quantile: float = 0.95) -> Wi
         eta=min(r.eta for r in window),
         mix={f: c / len(window) for f, c in counts.items()},
     )
+
+
+def _zeus_cost_slope(levels: dict[tuple[int, int], _Level], eta: float) -> float | None:
+    """Slope per step down of the ZeusCost `eta * E/E0 + (1 - eta) * T/T0` (E: J/token, T: s/token,
+    0: at the top), from weighted least-squares lines through the profiled levels: one window's
+    J/token is noisy (load moves), a line through every level is not. None: too few levels."""
+    points = [
+        (float(c + li), v.j_per_token, v.s_per_token, float(v.windows)) for (c, li), v in levels.items()
+    ]
+    if len({p[0] for p in points}) < 3:
+        return None
+
+    def fit(values: list[float]) -> tuple[float, float]:
+        w = [p[3] for p in points]
+        xs = [p[0] for p in points]
+        sw = sum(w)
+        mx = sum(wi * x for wi, x in zip(w, xs, strict=True)) / sw
+        my = sum(wi * y for wi, y in zip(w, values, strict=True)) / sw
+        var = sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs, strict=True))
+        cov = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, xs, values, strict=True))
+        slope = cov / var if var > 0 else 0.0
+        return my - slope * mx, slope
+
+    j0, jb = fit([p[1] for p in points])
+    s0, sb = fit([p[2] for p in points])
+    if j0 <= 0 or s0 <= 0:
+        return None
+    return eta * jb / j0 + (1 - eta) * sb / s0
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
