@@ -80,7 +80,7 @@ class DramTier:
                     if index["capacity_bytes"]:
                         os.ftruncate(fd, index["capacity_bytes"])
                         try:
-                            os.posix_fallocate(fd, 0, index["capacity_bytes"])
+                            _allocate(fd, index["capacity_bytes"])
                         except OSError as e:
                             os.close(fd)
                             pool.unlink()
@@ -113,6 +113,8 @@ class DramTier:
                 vm.mmap_at(None, self.capacity_bytes, vm.PROT_READ | vm.PROT_WRITE, vm.MAP_SHARED | populate, self.fd, 0),
                 self.capacity_bytes,
             )
+            for m in (self.base, self.rw):
+                vm.madvise(m.addr, m.length, vm.MADV_HUGEPAGE)
         self.created = created
         self.prefaulted = bool(self.capacity_bytes) and (created if pretouch is None else pretouch)
 
@@ -367,6 +369,20 @@ class DramTier:
             if not left:
                 break
         return sorted(runs)
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Allocate every page of the pool file once. Through a mapping advised MADV_HUGEPAGE, so the
+    pool gets 2 MiB pages where tmpfs allows them (shmem_enabled=advise/always): mapping and
+    direct I/O then cost 512x fewer page-table entries. Falls back to posix_fallocate."""
+    addr = vm.mmap_at(None, nbytes, vm.PROT_READ | vm.PROT_WRITE, vm.MAP_SHARED, fd, 0)
+    try:
+        vm.madvise(addr, nbytes, vm.MADV_HUGEPAGE)
+        populated = vm.madvise(addr, nbytes, vm.MADV_POPULATE_WRITE)
+    finally:
+        vm.munmap(addr, nbytes)
+    if not populated:
+        os.posix_fallocate(fd, 0, nbytes)
 
 
 def _alive(pid: int) -> bool:
