@@ -53,6 +53,7 @@ class PlacementRequest:
     nbytes: int
     ttft_slo_s: float = 1.0
     policy: str | None = None  # per-deployment override of the global policy
+    max_instances: int | None = None  # the claim fails atomically once the function has this many
 
 
 @dataclass(slots=True)

@@ -296,3 +296,26 @@ def test_decision_snapshot_matches_direct_reads(redis_url: str) -> None:
     assert view.node("n2").node_id == "n2"
     assert [d.node_id for d in view.devices_with_room(GB, spread=True)] == \
         [d.node_id for d in c.devices_with_room(GB, spread=True)]
+
+
+def test_claim_enforces_max_instances_atomically(redis_url: str) -> None:
+    """Concurrent placements of one function never exceed its max_instances."""
+    import concurrent.futures
+
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.scheduler.policies import get_policy
+    from ember.scheduler.view import PlacementRequest
+
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=30)
+    for n in range(3):
+        cluster.register_node(f"n{n}", f"http://127.0.0.1:{9000 + n}", [DeviceSpec(f"cpu:{d}", 1 << 30) for d in range(2)],
+                              {"dram": 1e10, "ssd": 1e9, "remote": 1e8})
+    req = PlacementRequest(function="f", checkpoint="c", nbytes=1 << 20, max_instances=2)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        placed = [p for p in pool.map(lambda _: cluster.place(req, get_policy("ember")), range(8)) if p]
+    assert len(placed) == 2
+    assert len(cluster.instances("f")) == 2
+    cluster.remove_instance(placed[0].instance_id)
+    assert cluster.place(req, get_policy("ember")) is not None  # room again after one went away

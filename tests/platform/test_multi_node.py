@@ -131,3 +131,16 @@ def test_worker_api_needs_cluster_token(cluster: Cluster) -> None:
     assert httpx.get(f"{w.url}/internal/healthz", headers={"x-ember-cluster-token": "wrong"}).status_code == 401
     r = httpx.post(f"{w.url}/internal/instances", json={"instance_id": "x", "function": "f", "checkpoint": "tiny"})
     assert r.status_code == 401
+
+
+def test_concurrent_burst_scales_out_within_max_instances(cluster: Cluster) -> None:
+    import concurrent.futures
+
+    _deploy(cluster, "burst", target_concurrency=1, max_instances=2)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: cluster.chat("burst", max_tokens=64, temperature=0), range(6)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    colds = sum(r.headers["x-ember-cold-start"] == "true" for r in results)
+    inst = httpx.get(f"{cluster.url}/v1/functions/burst", headers=admin_headers()).json()["instances"]
+    assert 1 <= colds <= 2 and len(inst) == colds  # scaled out (a burst on no instance), never beyond max
+    assert all(i["outstanding"] == 0 for i in inst)  # every slot was released

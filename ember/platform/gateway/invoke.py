@@ -132,7 +132,8 @@ class Invoker:
     async def cold_start(self, spec: FunctionSpec) -> LoadResult | None:
         """Place and load one new instance of `spec`; None when no device has room now."""
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
-                                   ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy)
+                                   ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
+                                   max_instances=spec.scaling.max_instances)
         placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
         if placement is None:
             return None
