@@ -63,6 +63,7 @@ class DramTier:
         pretouch: bool | None = None,
     ) -> None:
         self.dir = shm_dir_for(data_dir)
+        sweep_orphan_pools(self.dir.parent, keep=self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "meta").mkdir(exist_ok=True)
         self._thread_lock = threading.RLock()
@@ -74,7 +75,14 @@ class DramTier:
             created = index is None or not pool.exists()
             if created:
                 blocks = max(0, capacity_bytes // block_bytes)
-                index = {"capacity_bytes": blocks * block_bytes, "block_bytes": block_bytes, "entries": {}}
+                index = {
+                    "capacity_bytes": blocks * block_bytes,
+                    "block_bytes": block_bytes,
+                    "entries": {},
+                    "data_dir": str(Path(data_dir).resolve()),
+                    "persist": False,
+                    "procs": [],
+                }
                 fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
                     if index["capacity_bytes"]:
@@ -92,7 +100,11 @@ class DramTier:
                         os.close(fd)
                 shutil.rmtree(self.dir / "meta", ignore_errors=True)
                 (self.dir / "meta").mkdir()
-                self._write_index(index)
+            # Every process using the pool is registered: the last one to close removes it, and
+            # a pool whose processes all died is removed by the next process that opens any pool.
+            index["procs"] = [p for p in index.get("procs", []) if _alive(p)] + [self.pid]
+            index.setdefault("data_dir", str(Path(data_dir).resolve()))
+            self._write_index(index)
         self.capacity_bytes: int = index["capacity_bytes"]
         self.block_bytes: int = index["block_bytes"]
         self.fd = os.open(pool, os.O_RDWR)
@@ -286,16 +298,31 @@ class DramTier:
         )
         return view.array()
 
-    def close(self) -> None:
-        """Close this process's handles (the pool stays for other processes)."""
+    def close(self, *, keep: bool = False) -> None:
+        """This process is done with the pool. The last process to close removes it unless
+        `keep` (then it stays, with its entries, for the next worker on this data dir)."""
+        last = False
+        with contextlib.suppress(OSError), self._locked():
+            index = self._read_index()
+            if index is not None:
+                index["procs"] = [p for p in index.get("procs", []) if p != self.pid and _alive(p)]
+                index["persist"] = bool(keep or index.get("persist"))
+                last = not index["procs"] and not index["persist"]
+                if last:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                else:
+                    self._write_index(index)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
     def destroy(self) -> None:
-        """Remove the pool and its index (tests and `ember` shutdown)."""
-        self.close()
+        """Remove the pool and its index now (tests, operators)."""
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- internals ----------------------------------------------------------------------------
@@ -369,6 +396,54 @@ class DramTier:
             if not left:
                 break
         return sorted(runs)
+
+
+def sweep_orphan_pools(root: Path, *, keep: Path | None = None) -> list[Path]:
+    """Remove node pools under `root` that nobody can use any more: their data directory is
+    gone, or every process that used them died without closing (and none asked to keep them).
+    Pools of an older layout (no process list) go once untouched for ten minutes."""
+    import fcntl
+
+    removed = []
+    try:
+        candidates = [d for d in Path(root).glob("ember-*") if d.is_dir() and d != keep]
+    except OSError:
+        return removed
+    now = time.time()
+    for d in candidates:
+        try:
+            lock_fd = os.open(d / "lock", os.O_RDWR)
+        except OSError:
+            with contextlib.suppress(OSError):
+                if now - d.stat().st_mtime > 60:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+            continue
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # someone is using it right now
+            try:
+                index_path = d / "index.json"
+                index = json.loads(index_path.read_text())
+                age = now - index_path.stat().st_mtime
+            except (OSError, ValueError):
+                index, age = None, now - d.stat().st_mtime
+            if index is None:
+                dead = age > 60
+            elif "procs" not in index:
+                dead = age > 600
+            elif not Path(index.get("data_dir", "/nonexistent")).exists():
+                dead = True
+            else:
+                dead = not index.get("persist") and not any(_alive(p) for p in index["procs"])
+            if dead:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        finally:
+            os.close(lock_fd)
+    return removed
 
 
 def _allocate(fd: int, nbytes: int) -> None:

@@ -174,13 +174,14 @@ class NodeTiers:
         """Drop a checkpoint from the local tiers (unpinned DRAM entry and SSD entry)."""
         return {"dram": self.dram.evict(name), "ssd": self.ssd.remove(name)}
 
-    def close(self, *, destroy_dram: bool = False) -> None:
-        """Close handles; with destroy_dram also remove the node's shared pool (tests)."""
+    def close(self, *, destroy_dram: bool | None = None) -> None:
+        """Close handles. The DRAM pool goes when its last process closes (destroy_dram None),
+        now (True), or is kept for the next worker on this data dir (False)."""
         self.ssd.close()
         if destroy_dram:
             self.dram.destroy()
         else:
-            self.dram.close()
+            self.dram.close(keep=destroy_dram is False)
 
     # --- loading paths --------------------------------------------------------------------------
     def _dram_tensors(self, entry: DramEntry, manifest: CheckpointManifest, dev) -> dict:

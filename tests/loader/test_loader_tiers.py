@@ -267,8 +267,7 @@ def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tier
     open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
     first = make_tiers()
     first.load("tiny").release()
-    first.ssd.close()
-    first.dram.close()  # the worker exits; its shared pool stays
+    first.close(destroy_dram=False)  # the worker exits asking to keep its pool
     again = NodeTiers(tmp_path / "node", f"file://{tmp_path / 'store'}", dram_capacity_bytes=64 << 20,
                       ssd_capacity_bytes=1 << 30, pretouch=True)
     try:
@@ -278,3 +277,22 @@ def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tier
         got.release()
     finally:
         again.close(destroy_dram=True)
+
+
+def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers) -> None:
+    from ember.loader.dram import shm_dir_for, sweep_orphan_pools
+
+    a = make_tiers(tmp_path / "a")
+    b = make_tiers(tmp_path / "b")
+    pool = shm_dir_for(tmp_path / "a")
+    assert pool.is_dir()
+    a.close()  # the last (only) process using node a's pool: the pool goes
+    assert not pool.exists()
+    # A pool whose only process died without closing is swept by the next process opening a pool.
+    child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", child, str(tmp_path / "c")], check=True, timeout=120)
+    orphan = shm_dir_for(tmp_path / "c")
+    assert orphan.is_dir()
+    assert orphan in sweep_orphan_pools(orphan.parent)
+    assert shm_dir_for(tmp_path / "b").is_dir()  # in use by this process: kept
+    b.close()
