@@ -228,3 +228,22 @@ def keys_rm(key_id: str = typer.Argument(...)) -> None:
     with _client() as c:
         _check(c.delete(f"/v1/keys/{key_id}"))
     typer.echo(f"revoked {key_id}")
+
+
+def bench_coldstart(
+    json_out: Path = typer.Option(..., "--json", help="where to write the results"),
+    plot: Path = typer.Option(None, help="PNG bar chart"),
+    hidden: int = typer.Option(256), layers: int = typer.Option(4), rounds: int = typer.Option(3),
+) -> None:
+    """Cold starts (remote, DRAM) and warm calls through a real local platform."""
+    from rich.progress import Progress
+
+    from ember.platform.bench import run_coldstart_bench
+
+    with Progress() as bar:
+        task = bar.add_task("cold-start rounds", total=rounds)
+        summary = run_coldstart_bench(json_out, hidden=hidden, layers=layers, rounds=rounds, plot=plot,
+                                      progress=lambda done, total: bar.update(task, completed=done))
+    for tier, r in summary["results"].items():
+        typer.echo(f"{tier:7s} startup {r['startup_ms']:8.1f} ms  ttft {r['ttft_ms']:8.1f} ms  {r['tiers_seen']}")
+    typer.echo(f"from_pretrained {summary['baseline']['from_pretrained_ms']:.1f} ms (load only)")
