@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     cpu_slots: int = 2
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
-    dram_capacity_bytes: int = 2 << 30
-    ssd_capacity_bytes: int = 20 << 30
+    dram_capacity_bytes: int = 1 << 30
+    ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
     simulated_gpus: int = 0  # energy accounting on simulated GPUs (CPU-only demos)
 

@@ -95,6 +95,7 @@ class WorkerNode:
         for inst in list(self.instances.values()):
             inst.close()
         self.instances.clear()
+        self.tiers.close()  # the DRAM pool goes with the last process of this node that uses it
 
     def register(self) -> None:
         self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps)
