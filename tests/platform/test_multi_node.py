@@ -144,3 +144,18 @@ def test_concurrent_burst_scales_out_within_max_instances(cluster: Cluster) -> N
     inst = httpx.get(f"{cluster.url}/v1/functions/burst", headers=admin_headers()).json()["instances"]
     assert 1 <= colds <= 2 and len(inst) == colds  # scaled out (a burst on no instance), never beyond max
     assert all(i["outstanding"] == 0 for i in inst)  # every slot was released
+
+
+def test_deploy_by_uri_and_unknown_checkpoint(cluster: Cluster) -> None:
+    uri = f"file://{cluster.tmp / 'store'}/tiny"
+    r = httpx.put(f"{cluster.url}/v1/functions/by-uri", headers=admin_headers(), timeout=60, json={"checkpoint": uri})
+    assert r.status_code == 201, r.text
+    assert r.json()["nbytes"] > 0
+    assert cluster.chat("by-uri").status_code == 200
+    r = httpx.put(f"{cluster.url}/v1/functions/ghost", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "no-such-checkpoint"})
+    assert r.status_code == 404, r.text
+    assert "no-such-checkpoint" in r.json()["error"]["message"]
+    r = httpx.put(f"{cluster.url}/v1/functions/evil", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "../../etc"})
+    assert r.status_code == 400, r.text
