@@ -107,13 +107,14 @@ class PowerLimitController:
     target_attainment: float = 0.99
     risk_ratio: float = 0.8
     slack_ratio: float = 0.6
-    sustain_windows: int = 6  # windows of slack (at the current setting) before stepping down
+    sustain_windows: int = 8  # windows of slack (at the current setting) before stepping down
     profile_windows: int = 2  # the same while profiling
     horizon_windows: int = 24  # recent windows the p99 and attainment are taken over
     hard_step_up: int = 2  # levels to climb at once on actual violations
     cooldown_windows: int = 360
     min_requests: int = 5  # fewer requests in a window: no slack decision (but violations count)
     mix_change: float = 0.3  # L1 distance between function mixes that triggers re-profiling
+    reprofile_min_windows: int = 120  # at most one re-profile per this many windows
     clock_fractions: Sequence[float] = DEFAULT_CLOCK_FRACTIONS
     history: int = 200
     cap_w: float | None = None  # budget cap from the allocator: the limit never goes above it
@@ -146,6 +147,7 @@ class PowerLimitController:
         self._mix: dict[str, float] = {}
         self._profile_mix: dict[str, float] | None = None
         self._windows_seen = 0
+        self._profiled_at = 0
         self._mark_j = self.device.energy_j()
         self._requests_total = 0
         self._requests_met = 0
@@ -231,7 +233,10 @@ class PowerLimitController:
         if ttft_slack and tpot_slack and self._can_lower("clock"):
             self._clock_i += 1
             return self._decide(previous, reason_base + "; lowering SM clock", now_s)
-        if ttft_slack and self._can_lower("limit"):
+        # a lower cap slows prefill, which also delays the decode steps queued behind it
+        tpot_room = rolling.tpot_ratio_p95 < (slack_ratio + self.risk_ratio) / 2
+        clock_banned = ("clock", self._clock_i + 1) in self._banned  # near the edge: hold
+        if ttft_slack and tpot_room and not clock_banned and self._can_lower("limit"):
             self._limit_i += 1
             return self._decide(previous, reason_base + "; lowering power limit (TTFT slack)", now_s)
         if self.phase == "profiling":
@@ -281,7 +286,8 @@ class PowerLimitController:
         raise_clock = self._clock_i > 0 and (tpot_risk or (ttft_risk and self._limit_i == 0))
         if raise_limit:
             self._banned[("limit", self._limit_i)] = self.cooldown_windows
-            self._limit_i = max(0, self._limit_i - steps)
+            # violations lift the cap off entirely: a capped prefill also stalls decode
+            self._limit_i = 0 if hard else self._limit_i - 1
         if raise_clock:
             self._banned[("clock", self._clock_i)] = self.cooldown_windows
             self._clock_i = max(0, self._clock_i - steps)
@@ -312,26 +318,30 @@ class PowerLimitController:
     ) -> Decision | None:
         self.phase = "online"
         self._profile_mix = dict(self._mix)
+        self._profiled_at = self._windows_seen
         safe = {k: v for k, v in self._profile.items() if v.safe and v.windows > 0}
-        slope = _zeus_cost_slope(safe, stats.eta)
-        if slope is not None:
+        fitted = _zeus_cost_slope(safe, stats.eta)
+        if fitted is not None:
             # the fitted ZeusCost is linear in the steps from the top, so its minimum is at an end:
-            # the top (time matters more) or the lowest level that kept the SLOs (energy matters more)
-            self._floor = max(safe) if slope < 0 else (0, 0)
+            # the top (time matters more) or the lowest level that kept the SLOs (energy matters
+            # more); when the fit cannot tell (|slope| < 2 standard errors) eta decides
+            slope, se = fitted
+            energy_first = slope < -2 * se or (abs(slope) <= 2 * se and stats.eta >= 0.5)
+            self._floor = max(safe) if energy_first else (0, 0)
             if (self._clock_i, self._limit_i) > self._floor:
                 self._clock_i, self._limit_i = self._floor
-        why = f"{why}; ZeusCost slope {slope:+.4f}/step" if slope is not None else why
+            why = f"{why}; ZeusCost slope {slope:+.4f} +- {se:.4f} per step"
         reason = f"profile done ({why}); eta {stats.eta:.2f}, floor level {self._floor}"
         return self._decide(previous, reason, now_s, force=True)
 
     def _update_mix(self, stats: WindowStats) -> None:
-        alpha = 0.2
+        alpha = 0.05  # ~20 windows: a few requests of a rare function are not a new mix
         names = set(self._mix) | set(stats.mix)
         self._mix = {n: (1 - alpha) * self._mix.get(n, 0.0) + alpha * stats.mix.get(n, 0.0) for n in names}
         self._mix = {n: s for n, s in self._mix.items() if s > 1e-3}
 
     def _mix_changed(self) -> bool:
-        if self._profile_mix is None:
+        if self._profile_mix is None or self._windows_seen - self._profiled_at < self.reprofile_min_windows:
             return False
         names = set(self._mix) | set(self._profile_mix)
         distance = sum(abs(self._mix.get(n, 0.0) - self._profile_mix.get(n, 0.0)) for n in names)
@@ -409,32 +419,33 @@ def _window_stats(window: Sequence[RequestRecord], quantile: float = 0.95) -> Wi
     )
 
 
-def _zeus_cost_slope(levels: dict[tuple[int, int], _Level], eta: float) -> float | None:
-    """Slope per step down of the ZeusCost `eta * E/E0 + (1 - eta) * T/T0` (E: J/token, T: s/token,
-    0: at the top), from weighted least-squares lines through the profiled levels: one window's
-    J/token is noisy (load moves), a line through every level is not. None: too few levels."""
-    points = [
-        (float(c + li), v.j_per_token, v.s_per_token, float(v.windows)) for (c, li), v in levels.items()
-    ]
+def _zeus_cost_slope(levels: dict[tuple[int, int], _Level], eta: float) -> tuple[float, float] | None:
+    """(slope, standard error) per step down of the ZeusCost `eta * E/E0 + (1 - eta) * T/T0`
+    (E: J/token, T: s/token, 0: the top), from a least-squares line through the profiled levels:
+    one window's J/token is noisy (load moves), a line through every level much less. None: too
+    few levels."""
+    points = sorted((float(c + li), v.j_per_token, v.s_per_token) for (c, li), v in levels.items())
     if len({p[0] for p in points}) < 3:
         return None
-
-    def fit(values: list[float]) -> tuple[float, float]:
-        w = [p[3] for p in points]
-        xs = [p[0] for p in points]
-        sw = sum(w)
-        mx = sum(wi * x for wi, x in zip(w, xs, strict=True)) / sw
-        my = sum(wi * y for wi, y in zip(w, values, strict=True)) / sw
-        var = sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs, strict=True))
-        cov = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, xs, values, strict=True))
-        slope = cov / var if var > 0 else 0.0
-        return my - slope * mx, slope
-
-    j0, jb = fit([p[1] for p in points])
-    s0, sb = fit([p[2] for p in points])
+    xs = [p[0] for p in points]
+    j0, _, _ = _line(xs, [p[1] for p in points])
+    s0, _, _ = _line(xs, [p[2] for p in points])
     if j0 <= 0 or s0 <= 0:
         return None
-    return eta * jb / j0 + (1 - eta) * sb / s0
+    _, slope, se = _line(xs, [eta * p[1] / j0 + (1 - eta) * p[2] / s0 for p in points])
+    return slope, se
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Ordinary least squares: (intercept, slope, standard error of the slope)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
+    intercept = my - slope * mx
+    resid = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    se = (resid / (n - 2) / sxx) ** 0.5 if n > 2 and sxx > 0 else float("inf")
+    return intercept, slope, se
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:

@@ -57,7 +57,7 @@ class SimConfig:
     start_hour: float = 0.0
     functions: tuple[SimFunction, ...] = (
         SimFunction("chat-8b", 8, 800, 250, ttft_slo_s=1.0, tpot_slo_s=0.040, peak_rps=3.0),
-        SimFunction("code-13b", 13, 2000, 300, ttft_slo_s=2.0, tpot_slo_s=0.060, peak_rps=1.2, eta=0.3),
+        SimFunction("code-13b", 13, 2000, 300, ttft_slo_s=2.0, tpot_slo_s=0.060, peak_rps=1.2),
         SimFunction("summarize-8b", 8, 4000, 150, ttft_slo_s=3.0, tpot_slo_s=0.050, peak_rps=0.8, eta=0.8),
         SimFunction("agent-8b", 8, 1200, 120, ttft_slo_s=1.2, tpot_slo_s=0.035, peak_rps=2.0),
     )

@@ -98,7 +98,7 @@ def test_eta_zero_keeps_the_fastest_setting() -> None:
 
 def test_mix_change_reprofiles_from_the_top() -> None:
     gpu = SimulatedGpu()
-    ctrl = PowerLimitController(gpu, mode="actuate")
+    ctrl = PowerLimitController(gpu, mode="actuate", reprofile_min_windows=5)
     drive(ctrl, gpu, [Fn("a", 0.1, 0.01, 2.0, 0.1)], windows=40)
     assert ctrl.phase == "online"
     drive(ctrl, gpu, [Fn("b", 0.1, 0.01, 2.0, 0.1)], windows=10)
