@@ -156,7 +156,10 @@ def plot_energy_sim(result: dict[str, object], png_path: str) -> None:
     ax_p.legend(loc="upper left")
     ax_s.set_ylabel("SLO attainment")
     ax_s.set_xlabel("hour")
-    ax_s.set_ylim(0.9, 1.001)
+    lowest = min(
+        (min(v["slo_attainment"], default=1.0) for k, v in timeline.items() if k != "bucket_s"), default=1.0
+    )
+    ax_s.set_ylim(min(0.98, lowest - 0.002), 1.001)
     controllers = result["controllers"]
     assert isinstance(controllers, dict)
     ax_p.set_title(
