@@ -7,7 +7,8 @@ Routes (admin and operator only):
 
 Workers call `publish_device_snapshots` every heartbeat; it returns the caps the allocator set
 for that node's devices (feed them to `NodeEnergyAgent.set_caps_w`). `allocate_and_store` runs the
-allocator over the live snapshots and stores caps and misses; GET /v1/energy runs it too.
+allocator over the live snapshots and stores caps and misses; GET /v1/energy runs it too, and
+`allocate_if_leader` runs it from any periodic loop under the `energy-allocator` lease.
 """
 
 from __future__ import annotations
@@ -189,6 +190,23 @@ def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[st
             "misses": allocation.to_dict()["misses"],
         },
     }
+
+
+def allocate_if_leader(client: redis.Redis, holder: str, lease_s: float = 15.0) -> dict[str, Any] | None:
+    """Run `allocate_and_store` if this process holds (or takes) the allocator lease; call it
+    periodically from any number of gateways or workers: one of them allocates per lease."""
+    key = Keys.lease("energy-allocator")
+    ttl_ms = max(1000, int(lease_s * 1000))
+    try:
+        took = client.set(key, holder, nx=True, px=ttl_ms)
+        if not took:
+            current = client.get(key)
+            if current != holder:
+                return None
+            client.pexpire(key, ttl_ms)
+    except redis.RedisError as e:
+        raise StateUnavailable(f"redis: {e}") from e
+    return allocate_and_store(client)
 
 
 def _day(now: float) -> str:

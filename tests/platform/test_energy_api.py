@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ember.energy.agent import NodeEnergyAgent
 from ember.energy.simulated import SimulatedGpu
-from ember.platform.energy_api import allocate_and_store, publish_device_snapshots, router
+from ember.platform.energy_api import allocate_and_store, allocate_if_leader, publish_device_snapshots, router
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.deps import get_principal
 from ember.platform.http_common import install_error_handlers
@@ -223,3 +223,12 @@ def test_cli_status_and_budget_set_over_http(
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_one_allocator_per_lease(r: redis.Redis) -> None:
+    publish_device_snapshots(r, "n1", busy_agent("n1").snapshot(), ttl_s=30)
+    r.set(Keys.energy_budget, json.dumps({"cluster_watts": 450}))
+    assert allocate_if_leader(r, "gw-a") is not None
+    assert allocate_if_leader(r, "gw-b") is None  # gw-a holds the lease
+    assert allocate_if_leader(r, "gw-a") is not None  # and renews it
+    assert sum(float(v) for v in r.hgetall(Keys.energy_caps).values()) <= 450 + 1e-6
