@@ -74,19 +74,16 @@ def gateway(
 def _seed_budget(redis_url: str | None, raw: str) -> None:
     import redis
 
-    from ember.platform.state import Keys
-
     try:
         budget = json.loads(raw)
     except json.JSONDecodeError as e:
         raise typer.BadParameter(f"--initial-budget-json is not JSON: {e}") from e
-    client = redis.Redis.from_url(redis_url or "", decode_responses=True)
-    try:
-        from ember.platform.energy_api import seed_budget
+    from ember.energy.budget import EnergyBudget
+    from ember.platform.energy_api import seed_budget
 
-        seed_budget(client, budget)
-    except ImportError:
-        client.set(Keys.energy_budget, json.dumps(budget), nx=True)
+    client = redis.Redis.from_url(redis_url or "", decode_responses=True)
+    if seed_budget(client, EnergyBudget.from_dict(budget)):
+        typer.echo(f"seeded the energy budget: {budget}")
 
 
 def worker(
@@ -100,7 +97,8 @@ def worker(
     energy_mode: str = typer.Option("recommend", help="observe | recommend | actuate"),
     cpu_slots: int = typer.Option(2, help="instances slots on a node without GPUs"),
     dram_capacity_bytes: int = typer.Option(None, envvar="EMBER_DRAM_CAPACITY_BYTES", help="DRAM tier size"),
-    simulated_gpus: int = typer.Option(0, help="simulated GPUs for energy accounting (CPU demos)"),
+    simulated_gpus: int = typer.Option(0, envvar="EMBER_SIMULATED_GPUS",
+                                       help="simulated GPUs for energy accounting (CPU demos)"),
     log_level: str = typer.Option("info"),
 ) -> None:
     import uvicorn

@@ -39,7 +39,7 @@ def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
     store_url = f"file://{tmp_path / 'store'}"
     open_store(store_url).push(tiny_model_dir, "tiny")
     redis = RedisServerProcess(tmp_path / "redis", persistent=True).start()
-    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="20")
+    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="20", EMBER_SIMULATED_GPUS="1")
     procs: list[Proc] = []
     try:
         workers = {}
@@ -159,3 +159,30 @@ def test_deploy_by_uri_and_unknown_checkpoint(cluster: Cluster) -> None:
     r = httpx.put(f"{cluster.url}/v1/functions/evil", headers=admin_headers(), timeout=60,
                   json={"checkpoint": "../../etc"})
     assert r.status_code == 400, r.text
+
+
+def test_energy_api_budgets_and_metrics_from_workers(cluster: Cluster) -> None:
+    _deploy(cluster, "e")
+    for _ in range(3):
+        assert cluster.chat("e").status_code == 200
+    op = httpx.post(f"{cluster.url}/v1/keys", headers=admin_headers(), json={"role": "operator"}).json()["key"]
+    inv = httpx.post(f"{cluster.url}/v1/keys", headers=admin_headers(), json={"role": "invoker"}).json()["key"]
+    assert httpx.get(f"{cluster.url}/v1/energy", headers={"Authorization": f"Bearer {inv}"}).status_code == 403
+    r = httpx.put(f"{cluster.url}/v1/energy/budget", headers={"Authorization": f"Bearer {op}"},
+                  json={"cluster_watts": 900, "energy_kwh_per_day": 40})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 10
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{cluster.url}/v1/energy", headers={"Authorization": f"Bearer {op}"}).json()
+        if len(body["devices"]) == 2:
+            break
+        time.sleep(0.2)
+    assert body["budget"]["cluster_watts"] == 900 and body["budget"]["energy_kwh_per_day"] == 40
+    assert {(d["node"], d["device"]) for d in body["devices"]} == {("w0", "sim:0"), ("w1", "sim:0")}
+    for d in body["devices"]:
+        assert d["power_w"] > 0 and d["limit_w"] > 0 and d["mode"] in ("observe", "recommend")
+    assert isinstance(body["projected_kwh_today"], float)
+    metrics = httpx.get(f"{cluster.url}/metrics").text
+    assert 'ember_gpu_power_watts{device="sim:0",node="w0"}' in metrics
+    assert "ember_energy_joules_total" in metrics and "ember_gpu_power_limit_watts" in metrics

@@ -20,12 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
+from ember.platform import energy_api
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
 from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
 from ember.platform.gateway.invoke import Invoker
-from ember.platform.gateway.metrics import GatewayMetrics
+from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
 from ember.scheduler.policies import PolicyChooser
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = client
         app.state.cluster = RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+        app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
         app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for)
         try:
             await to_thread.run_sync(KeyStore(client).bootstrap_admin, settings.resolved_admin_key())
@@ -77,12 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
-    try:
-        from ember.platform.energy_api import router as energy_router
-    except ImportError:  # energy API not present in this build
-        energy_router = None
-    if energy_router is not None:
-        app.include_router(energy_router)
+    app.include_router(energy_api.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

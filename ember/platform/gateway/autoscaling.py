@@ -18,6 +18,7 @@ import redis
 from anyio import to_thread
 
 from ember.errors import EmberError
+from ember.platform import energy_api
 from ember.platform.gateway.admin_routes import unload_instance
 from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
 from ember.platform.gateway.protocol import FunctionSpec
@@ -77,6 +78,9 @@ class AutoscalerLoop:
         cluster = self.app.state.cluster
         ttl = max(self.settings.lease_ttl_s, 3 * self.settings.autoscaler_interval_s)
         demand = self.demand.rates_per_s()
+        if await to_thread.run_sync(cluster.try_lease, "energy-allocator", self.holder, ttl):
+            # split the operator's power budget across devices by SLO pressure (workers apply the caps)
+            await to_thread.run_sync(energy_api.allocate_and_store, self.app.state.redis)
         if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
             return
         await to_thread.run_sync(cluster.reap_dead_nodes)

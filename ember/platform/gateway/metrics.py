@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,3 +26,37 @@ class GatewayMetrics:
                                  ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.instances = Gauge("ember_instances", "Function instances by state", ["function", "state"],
                                registry=self.registry)
+
+
+class ClusterEnergyCollector:
+    """GPU power, limits and energy of every device in the cluster, read at scrape time from the
+    snapshots workers publish to Redis: `ember_gpu_power_watts`, `ember_gpu_power_limit_watts`,
+    `ember_energy_joules_total` (labels node, device) and `ember_energy_per_token_joules{function}`."""
+
+    def __init__(self, snapshots: Callable[[], list[dict[str, Any]]]) -> None:
+        self.snapshots = snapshots
+
+    def collect(self) -> Iterator[Metric]:
+        power = GaugeMetricFamily("ember_gpu_power_watts", "GPU board power draw", labels=["node", "device"])
+        limit = GaugeMetricFamily("ember_gpu_power_limit_watts", "GPU power limit in force",
+                                  labels=["node", "device"])
+        energy = CounterMetricFamily("ember_energy_joules", "GPU energy drawn since the worker started",
+                                     labels=["node", "device"])
+        per_token = GaugeMetricFamily("ember_energy_per_token_joules", "Energy attributed per generated token",
+                                      labels=["function"])
+        tokens_j: dict[str, list[float]] = {}
+        try:
+            snaps = self.snapshots()
+        except Exception:  # a scrape must not fail because Redis is away; the families stay empty
+            snaps = []
+        for s in snaps:
+            labels = [str(s.get("node")), str(s.get("device"))]
+            power.add_metric(labels, float(s.get("power_w") or 0.0))
+            limit.add_metric(labels, float(s.get("limit_w") or 0.0))
+            energy.add_metric(labels, float(s.get("energy_j") or 0.0))
+            for fn, f in (s.get("functions") or {}).items():
+                if f.get("j_per_token"):
+                    tokens_j.setdefault(fn, []).append(float(f["j_per_token"]))
+        for fn, values in sorted(tokens_j.items()):
+            per_token.add_metric([fn], sum(values) / len(values))
+        yield from (power, limit, energy, per_token)

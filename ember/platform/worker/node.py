@@ -137,8 +137,9 @@ class WorkerNode:
             from ember.platform.energy_api import publish_device_snapshots
         except ImportError:
             return
-        publish_device_snapshots(self.cluster.r, self.node_id, self.energy.snapshot(),
-                                 ttl_s=self.settings.heartbeat_ttl_s * 3)
+        caps_w = publish_device_snapshots(self.cluster.r, self.node_id, self.energy.snapshot(),
+                                          ttl_s=self.settings.heartbeat_ttl_s * 3)
+        self.energy.set_caps_w(caps_w)  # the cluster allocator's share of the power budget
 
     # --- instances ------------------------------------------------------------------------------
     def load(self, req: LoadRequest) -> LoadResult:
