@@ -17,8 +17,8 @@ Every `step()` reads the window of finished requests since the last step:
   steps down after every window of slack, recording energy per token and time per token per
   level; at its end it fits lines through that curve and takes the end with the lower Zeus
   cost `eta * J/token + (1 - eta) * s/token` (each relative to the top; eta: the most
-  time-sensitive function's): the top, or the lowest level that kept the SLOs. Online
-  step-downs stay at or above that floor; eta also widens the slack margin for low eta.
+  time-sensitive function's): time first pins the device to the top, energy first leaves
+  online feedback to go as low as the SLOs allow. eta also widens the slack margin for low eta.
 
 Modes: `observe` (measure only), `recommend` (decide, never touch the device), `actuate` (apply).
 A device that refuses a setting is logged with the error and the controller falls back to
@@ -327,9 +327,11 @@ class PowerLimitController:
             # more); when the fit cannot tell (|slope| < 2 standard errors) eta decides
             slope, se = fitted
             energy_first = slope < -2 * se or (abs(slope) <= 2 * se and stats.eta >= 0.5)
-            self._floor = max(safe) if energy_first else (0, 0)
-            if (self._clock_i, self._limit_i) > self._floor:
-                self._clock_i, self._limit_i = self._floor
+            # energy first: no floor (SLO feedback alone decides how low, as load moves);
+            # time first: pinned to the top
+            self._floor = None if energy_first else (0, 0)
+            if not energy_first:
+                self._clock_i, self._limit_i = 0, 0
             why = f"{why}; ZeusCost slope {slope:+.4f} +- {se:.4f} per step"
         reason = f"profile done ({why}); eta {stats.eta:.2f}, floor level {self._floor}"
         return self._decide(previous, reason, now_s, force=True)
