@@ -80,7 +80,7 @@ class WindowStats:
     requests: int
     tokens: int
     attainment: float  # fraction of requests meeting both SLOs (1.0 when empty)
-    ttft_ratio_p95: float  # p95 of ttft / ttft_slo over the window's requests
+    ttft_ratio_p95: float  # highest per-function p95 (or p99) of ttft / ttft_slo
     tpot_ratio_p95: float
     worst_function: str | None  # the function with the highest ratio
     s_per_token: float  # mean latency per generated token
@@ -105,7 +105,7 @@ class PowerLimitController:
     device: Device
     mode: Mode = "recommend"
     target_attainment: float = 0.99
-    risk_ratio: float = 0.8
+    risk_ratio: float = 0.85
     slack_ratio: float = 0.6
     sustain_windows: int = 8  # windows of slack (at the current setting) before stepping down
     profile_windows: int = 2  # the same while profiling
@@ -400,9 +400,13 @@ def _window_stats(window: Sequence[RequestRecord], quantile: float = 0.95) -> Wi
     if not window:
         return WindowStats(0, 0, 1.0, 0.0, 0.0, None, 0.0, 1.0, {})
     met = sum(r.meets_slo for r in window)
-    ttft = sorted(r.ttft_s / r.ttft_slo_s for r in window)
-    tpot = sorted(r.tpot_s / r.tpot_slo_s for r in window)
-    worst = max(window, key=lambda r: max(r.ttft_s / r.ttft_slo_s, r.tpot_s / r.tpot_slo_s))
+    # each function's own tail: a busy function's p95 must not hide a quieter one's
+    by_fn: dict[str, list[RequestRecord]] = {}
+    for r in window:
+        by_fn.setdefault(r.function, []).append(r)
+    ttft_q = {f: _quantile(sorted(r.ttft_s / r.ttft_slo_s for r in rs), quantile) for f, rs in by_fn.items()}
+    tpot_q = {f: _quantile(sorted(r.tpot_s / r.tpot_slo_s for r in rs), quantile) for f, rs in by_fn.items()}
+    worst_fn = max(by_fn, key=lambda f: max(ttft_q[f], tpot_q[f]))
     tokens = sum(max(r.tokens, 0) for r in window)
     latency = sum(r.ttft_s + r.tpot_s * max(r.tokens - 1, 0) for r in window)
     counts: dict[str, int] = {}
@@ -412,9 +416,9 @@ def _window_stats(window: Sequence[RequestRecord], quantile: float = 0.95) -> Wi
         requests=len(window),
         tokens=tokens,
         attainment=met / len(window),
-        ttft_ratio_p95=_quantile(ttft, quantile),
-        tpot_ratio_p95=_quantile(tpot, quantile),
-        worst_function=worst.function,
+        ttft_ratio_p95=max(ttft_q.values()),
+        tpot_ratio_p95=max(tpot_q.values()),
+        worst_function=worst_fn,
         s_per_token=latency / tokens if tokens else 0.0,
         eta=min(r.eta for r in window),
         mix={f: c / len(window) for f, c in counts.items()},
