@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sched_helpers import GB, StaticView, make_node
+from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 from ember.errors import ConfigError
 from ember.scheduler.estimator import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from sched_helpers import GB, StaticView, make_node
+from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
