@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from ember.errors import CapacityError
 from ember.loader import vm
+from ember.loader.locks import NodeLock
 
 DEFAULT_BLOCK_BYTES = 2 << 20
 
@@ -66,8 +66,7 @@ class DramTier:
         sweep_orphan_pools(self.dir.parent, keep=self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "meta").mkdir(exist_ok=True)
-        self._thread_lock = threading.RLock()
-        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = NodeLock(self.dir / "lock")
         self.pid = os.getpid()
         pool = self.dir / "pool"
         with self._locked():
@@ -313,29 +312,21 @@ class DramTier:
                 else:
                     self._write_index(index)
         with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+            self._lock.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
     def destroy(self) -> None:
         """Remove the pool and its index now (tests, operators)."""
         with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+            self._lock.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- internals ----------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _locked(self):
-        import fcntl
-
-        with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        return self._lock.held()
 
     def _read_index(self) -> dict | None:
         try:

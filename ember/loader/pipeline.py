@@ -162,19 +162,7 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
         if on_chunk is not None:
             on_chunk(at, n)
 
-    if threads <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            run(job)
-    else:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-read") as pool:
-            futures = [pool.submit(run, job) for job in jobs]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+    run_parallel(run, jobs, threads, "ember-read")
     verified = "chunks" if fast else "none"
     if verify and not fast:
         for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
@@ -182,6 +170,24 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
                 raise IntegrityError(f"partition {p.file}: sha256 mismatch")
         verified = "sha256"
     return ReadStats(nbytes=manifest.total_bytes, o_direct=any(d for _, d in fds), verified=verified)
+
+
+def run_parallel(run: Callable, jobs: list, threads: int, name: str) -> None:
+    """Run `run(job)` for every job on `threads` threads; the first error cancels what has not
+    started and is raised."""
+    if threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            run(job)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name) as pool:
+        futures = [pool.submit(run, job) for job in jobs]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _buffered_unless_aligned(fds: list[tuple[int, bool]], dest: memoryview) -> list[tuple[int, bool]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
 from ember.errors import CapacityError
 from ember.loader.convert import fsync_dir
 from ember.loader.format import MANIFEST_FILE
+from ember.loader.locks import NodeLock
 from ember.loader.names import NAME_PATTERN
 
 _USED = ".used"
@@ -31,8 +31,7 @@ class SsdTier:
         self.capacity_bytes = capacity_bytes
         self.tmp = self.root / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._thread_lock = threading.RLock()
-        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = NodeLock(self.root / ".lock")
         with self._locked():
             for d in self.tmp.iterdir():
                 pid = d.name.rsplit(".", 2)[-2] if d.name.count(".") >= 2 else "0"
@@ -112,7 +111,7 @@ class SsdTier:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+            self._lock.close()
 
     # --- internals ------------------------------------------------------------------------------
     def _remove_locked(self, name: str) -> bool:
@@ -130,16 +129,8 @@ class SsdTier:
         except OSError:
             return 0.0
 
-    @contextlib.contextmanager
     def _locked(self):
-        import fcntl
-
-        with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        return self._lock.held()
 
 
 def _dir_bytes(d: Path) -> int:

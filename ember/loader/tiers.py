@@ -29,7 +29,13 @@ from ember.loader.format import (
     parse_manifest,
     sha256_hex,
 )
-from ember.loader.pipeline import DEFAULT_THREADS, open_partitions, read_from_fds, tensors_from_buffer
+from ember.loader.pipeline import (
+    DEFAULT_THREADS,
+    open_partitions,
+    read_from_fds,
+    run_parallel,
+    tensors_from_buffer,
+)
 from ember.loader.ssd import SsdTier
 from ember.loader.store import (
     S3_THREADS,
@@ -297,8 +303,6 @@ class NodeTiers:
         return tensors_from_buffer(manifest, buf), manifest, entry, files_dir
 
     def _download(self, store, name, manifest: CheckpointManifest, dest: memoryview, ssd_tmp, on_chunk) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         fast = chunk_hash_available(manifest.chunk_hash)
         hasher = chunk_hasher(manifest.chunk_hash) if fast else None
         fds = {}
@@ -324,15 +328,7 @@ class NodeTiers:
                 on_chunk(at, n)
 
         try:
-            with ThreadPoolExecutor(max_workers=S3_THREADS, thread_name_prefix="ember-get") as pool:
-                futures = [pool.submit(run, j) for j in jobs]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            run_parallel(run, jobs, S3_THREADS, "ember-get")
             # Entering the SSD tier: the whole-partition sha256 as well (over memory, not disk).
             for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
                 if sha256_hex(dest[base : base + p.size]) != p.sha256:

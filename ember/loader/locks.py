@@ -1,0 +1,33 @@
+"""A lock held across threads of this process and across processes of a node (flock on a file)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class NodeLock:
+    """Re-entrant within a thread; exclusive among processes that lock the same file."""
+
+    def __init__(self, path: Path) -> None:
+        self._thread_lock = threading.RLock()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        import fcntl
+
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
