@@ -95,6 +95,11 @@ class SsdTier:
         with self._locked():
             final = self.root / name
             if final.exists():
+                if _same_manifest(final, tmp):
+                    # another process installed the same checkpoint meanwhile: keep the entry its
+                    # readers may already use, drop ours
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return final
                 self._remove_locked(name)
             os.replace(tmp, final)
             fsync_dir(self.root)
@@ -150,3 +155,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _same_manifest(a: Path, b: Path) -> bool:
+    try:
+        return (a / MANIFEST_FILE).read_bytes() == (b / MANIFEST_FILE).read_bytes()
+    except OSError:
+        return False

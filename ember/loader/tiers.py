@@ -97,6 +97,8 @@ class NodeTiers:
         self.pinned_pool = bool(self.dram.rw) and register_host_memory(self.dram.rw.addr, self.dram.capacity_bytes)
         self._stores: dict[str, CheckpointStore] = {}
         self._lock = threading.Lock()
+        self._names_lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
         self._on_device: dict[tuple[str, str], list] = {}  # (name, device) -> [state_dict, manifest, files, refs]
 
     @classmethod
@@ -113,7 +115,16 @@ class NodeTiers:
 
     # --- the API the worker uses ------------------------------------------------------------------
     def load(self, ref: str, device: str = "cpu") -> LoadedCheckpoint:
-        """Load a checkpoint (a name in the node's store, or a URI) from its nearest tier."""
+        """Load a checkpoint (a name in the node's store, or a URI) from its nearest tier.
+        Concurrent loads of one checkpoint in this process are single-flight: the first fills
+        the tiers, the others then hit DRAM (no duplicate downloads, no entry replaced under a reader)."""
+        _, name = split_ref(ref)
+        with self._names_lock:
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:
+            return self._load(ref, device)
+
+    def _load(self, ref: str, device: str) -> LoadedCheckpoint:
         import torch
 
         t0 = time.perf_counter()

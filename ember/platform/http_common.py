@@ -46,6 +46,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": {"message": "; ".join(parts), "type": "invalid_request_error",
                                        "code": "invalid_body"}}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not bad input: logged with its traceback; the client gets the shape, not the details
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(EmberError(f"internal error ({exc.__class__.__name__})"))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(

@@ -296,3 +296,32 @@ def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers) -> None:
     assert orphan in sweep_orphan_pools(orphan.parent)
     assert shm_dir_for(tmp_path / "b").is_dir()  # in use by this process: kept
     b.close()
+
+
+def test_concurrent_loads_of_one_checkpoint_are_single_flight(tmp_path, tiny_model_dir) -> None:
+    """Several threads cold-starting the same checkpoint: one remote fetch, the rest DRAM hits,
+    and every caller gets usable model files (regression: an SSD entry was replaced under a reader)."""
+    import threading
+
+    from ember.loader import NodeTiers, open_store
+
+    store_url = f"file://{tmp_path / 'store'}"
+    open_store(store_url).push(tiny_model_dir, "tiny")
+    tiers = NodeTiers(tmp_path / "node", store_url, dram_capacity_bytes=64 << 20, ssd_capacity_bytes=1 << 30)
+    results: list = []
+
+    def go() -> None:
+        loaded = tiers.load("tiny")
+        results.append((loaded.tier, (loaded.model_files / "config.json").is_file()))
+        loaded.release()
+
+    try:
+        threads = [threading.Thread(target=go) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r[0] for r in results) == ["dram", "dram", "dram", "remote"]
+        assert all(ok for _, ok in results)
+    finally:
+        tiers.close(destroy_dram=True)
