@@ -51,6 +51,9 @@ class Setting:
 
     power_limit_w: float
     sm_clock_mhz: float | None
+    # the clock prefill runs at: the same lock, or (`phase_clocks`) the one the serving engine
+    # switches to while a prefill runs (None: unlocked)
+    prefill_sm_clock_mhz: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ class PowerLimitController:
     clock_fractions: Sequence[float] = DEFAULT_CLOCK_FRACTIONS
     history: int = 200
     cap_w: float | None = None  # budget cap from the allocator: the limit never goes above it
+    # the serving engine switches the SM clock per phase (GreenLLM-style): the device lock is the
+    # decode clock, and prefills run at `setting.prefill_sm_clock_mhz`; each phase has its own
+    # ladder, decode driven by TPOT, prefill by TTFT
+    phase_clocks: bool = False
+    prefill_slack_ratio: float = 0.1  # TTFT p99 under this share of the SLO to lower the prefill clock
 
     decisions: deque[Decision] = field(init=False)
     last_error: str | None = field(init=False, default=None)
@@ -139,6 +147,7 @@ class PowerLimitController:
             w -= LIMIT_STEP_W
         self._clock_i = 0
         self._limit_i = 0
+        self._prefill_i = 0  # prefill clock ladder (phase_clocks only)
         self._pending: list[RequestRecord] = []
         self._horizon: deque[list[RequestRecord]] = deque(maxlen=self.horizon_windows)
         self._banned: dict[tuple[str, int], int] = {}  # (knob, index) -> windows left
@@ -161,7 +170,9 @@ class PowerLimitController:
         limit = self._limits[self._limit_i]
         if self.cap_w is not None:
             limit = max(self._min_limit_w, min(limit, self.cap_w))
-        return Setting(limit, self._clocks[self._clock_i])
+        clock = self._clocks[self._clock_i]
+        prefill = self._clocks[self._prefill_i] if self.phase_clocks else clock
+        return Setting(limit, clock, prefill)
 
     @property
     def last_decision(self) -> Decision | None:
@@ -216,7 +227,7 @@ class PowerLimitController:
             self.phase = "profiling"
             self._profile.clear()
             self._floor = None
-            self._clock_i = self._limit_i = 0
+            self._clock_i = self._limit_i = self._prefill_i = 0
             return self._decide(previous, "function mix changed: re-profiling from the top", now_s)
 
         needed = self.profile_windows if self.phase == "profiling" else self.sustain_windows
@@ -230,13 +241,23 @@ class PowerLimitController:
             f"slack for {len(self._horizon)} window(s): p99 ttft {rolling.ttft_ratio_p95:.2f}, "
             f"tpot {rolling.tpot_ratio_p95:.2f} of SLO, attainment {rolling.attainment:.4f}"
         )
+        if self.phase_clocks:
+            ttft_slack = True  # the decode clock does not slow prefill: TPOT slack alone lowers it
         if ttft_slack and tpot_slack and self._can_lower("clock"):
             self._clock_i += 1
-            return self._decide(previous, reason_base + "; lowering SM clock", now_s)
+            what = "decode SM clock" if self.phase_clocks else "SM clock"
+            return self._decide(previous, reason_base + f"; lowering {what}", now_s)
         # a lower cap slows prefill, which also delays the decode steps queued behind it
         tpot_room = rolling.tpot_ratio_p95 < (slack_ratio + self.risk_ratio) / 2
         clock_banned = ("clock", self._clock_i + 1) in self._banned  # near the edge: hold
-        if ttft_slack and tpot_room and not clock_banned and self._can_lower("limit"):
+        if self.phase_clocks:
+            # prefill time is x 1/f, and a queue's tail grows faster than that: only a wide TTFT
+            # margin lowers the prefill clock
+            prefill_slack = rolling.ttft_ratio_p95 < min(slack_ratio, self.prefill_slack_ratio)
+            if prefill_slack and tpot_room and not clock_banned and self._can_lower("prefill"):
+                self._prefill_i += 1
+                return self._decide(previous, reason_base + "; lowering prefill SM clock", now_s)
+        elif ttft_slack and tpot_room and not clock_banned and self._can_lower("limit"):
             self._limit_i += 1
             return self._decide(previous, reason_base + "; lowering power limit (TTFT slack)", now_s)
         if self.phase == "profiling":
@@ -257,33 +278,47 @@ class PowerLimitController:
 
     # --- helpers ---
     def _can_lower(self, knob: str) -> bool:
-        i = self._clock_i if knob == "clock" else self._limit_i
-        ladder = self._clocks if knob == "clock" else self._limits
+        i = {"clock": self._clock_i, "limit": self._limit_i, "prefill": self._prefill_i}[knob]
+        ladder = self._limits if knob == "limit" else self._clocks
         if i + 1 >= len(ladder) or (knob, i + 1) in self._banned:
             return False
         if self.phase == "online" and self._floor is not None:
-            floor_clock, floor_limit = self._floor
+            floor_clock, floor_second = self._floor
             if knob == "clock" and i + 1 > floor_clock:
                 return False
-            if knob == "limit" and self._clock_i >= floor_clock and i + 1 > floor_limit:
+            if knob != "clock" and self._clock_i >= floor_clock and i + 1 > floor_second:
                 return False
         return True
+
+    @property
+    def _level(self) -> tuple[int, int]:
+        """(clock index, second knob's index): the limit, or the prefill clock with phase_clocks."""
+        return (self._clock_i, self._prefill_i if self.phase_clocks else self._limit_i)
 
     def _step_up(
         self, stats: WindowStats, rolling: WindowStats, previous: Setting, now_s: float
     ) -> Decision | None:
         hard = stats.attainment < 0.9 or max(stats.ttft_ratio_p95, stats.tpot_ratio_p95) > 1.0
         steps = self.hard_step_up if hard else 1
-        level = (self._clock_i, self._limit_i)
+        level = self._level
         if level in self._profile:
             self._profile[level].safe = False
         ttft_risk = stats.ttft_ratio_p95 > self.risk_ratio or rolling.ttft_ratio_p95 > 1.0
         tpot_risk = stats.tpot_ratio_p95 > self.risk_ratio or rolling.tpot_ratio_p95 > 1.0
         if not (ttft_risk or tpot_risk):  # scattered violations: treat as both
             ttft_risk = tpot_risk = True
-        # the limit binds prefill first (TTFT); the clock is what decode (TPOT) feels
+        # the limit (or the prefill clock) binds prefill first (TTFT); the clock is what decode
+        # (TPOT) feels; a slower prefill also steals time from decode
+        second_i = self._prefill_i if self.phase_clocks else self._limit_i
+        raise_prefill = self.phase_clocks and second_i > 0 and (ttft_risk or tpot_risk)
         raise_limit = self._limit_i > 0 and (ttft_risk or tpot_risk)
-        raise_clock = self._clock_i > 0 and (tpot_risk or (ttft_risk and self._limit_i == 0))
+        # with per-phase clocks the decode clock does not slow prefill: only TPOT raises it
+        raise_clock = self._clock_i > 0 and (
+            tpot_risk or (ttft_risk and second_i == 0 and not self.phase_clocks)
+        )
+        if raise_prefill:
+            self._banned[("prefill", self._prefill_i)] = self.cooldown_windows
+            self._prefill_i = 0 if hard else self._prefill_i - 1
         if raise_limit:
             self._banned[("limit", self._limit_i)] = self.cooldown_windows
             # violations lift the cap off entirely: a capped prefill also stalls decode
@@ -307,7 +342,7 @@ class PowerLimitController:
     def _record_profile(self, stats: WindowStats, energy_j: float) -> None:
         if stats.tokens <= 0:
             return
-        rec = self._profile.setdefault((self._clock_i, self._limit_i), _Level())
+        rec = self._profile.setdefault(self._level, _Level())
         n = rec.windows
         rec.j_per_token = (rec.j_per_token * n + energy_j / stats.tokens) / (n + 1)
         rec.s_per_token = (rec.s_per_token * n + stats.s_per_token) / (n + 1)
@@ -331,7 +366,7 @@ class PowerLimitController:
             # time first: pinned to the top
             self._floor = None if energy_first else (0, 0)
             if not energy_first:
-                self._clock_i, self._limit_i = 0, 0
+                self._clock_i = self._limit_i = self._prefill_i = 0
             why = f"{why}; ZeusCost slope {slope:+.4f} +- {se:.4f} per step"
         reason = f"profile done ({why}); eta {stats.eta:.2f}, floor level {self._floor}"
         return self._decide(previous, reason, now_s, force=True)
@@ -367,12 +402,13 @@ class PowerLimitController:
         )
         self.decisions.append(decision)
         log.info(
-            "energy %s %s: %s -> %s W / %s MHz (%s)",
+            "energy %s %s: %s -> %s W / %s MHz (prefill %s MHz) (%s)",
             self.device.device_id,
             self.mode,
             previous,
             setting.power_limit_w,
             setting.sm_clock_mhz,
+            setting.prefill_sm_clock_mhz,
             reason,
         )
         return decision

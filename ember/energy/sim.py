@@ -33,6 +33,7 @@ from ember.energy.simulated import (
 )
 
 CONTROLLERS = ("max_power", "zeus_static", "ember")
+_DEVICE_LOCK = object()  # prefill runs under the device's own clock lock
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ def _run_one(
     agent = None
     zeus = None
     if controller == "ember":
-        agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate")
+        # the simulated engine switches the SM clock per phase as the controller asks
+        agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate", phase_clocks=True)
     elif controller == "zeus_static":
         zeus = _ZeusStatic([d.gpu for d in devices], config.interval_s)
     elif controller != "max_power":
@@ -215,7 +217,12 @@ def _run_one(
         t_s = step * config.interval_s
         hour = config.start_hour + t_s / 3600.0
         for dev in devices:
-            records = _simulate_interval(config, dev, hour, bursts, load_rng, noise_rng)
+            prefill_lock: object = _DEVICE_LOCK
+            if agent is not None:
+                ctrl = agent.controllers[dev.gpu.device_id]
+                if ctrl.mode == "actuate" and ctrl.phase_clocks:
+                    prefill_lock = ctrl.setting.prefill_sm_clock_mhz
+            records = _simulate_interval(config, dev, hour, bursts, load_rng, noise_rng, prefill_lock)
             for fn, _prompt, output, ttft, tpot in records:
                 met = (ttft <= fn.ttft_slo_s) & (tpot <= fn.tpot_slo_s)
                 ttfts.append(ttft)
@@ -302,12 +309,18 @@ def _simulate_interval(
     bursts: dict[str, list[tuple[float, float, float]]],
     load_rng: np.random.Generator,
     noise_rng: np.random.Generator,
+    prefill_lock_mhz: object = None,
 ) -> list[tuple[SimFunction, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Advance one device by one interval; returns (function, prompts, outputs, ttft_s, tpot_s) per function."""
+    """Advance one device by one interval; returns (function, prompts, outputs, ttft_s, tpot_s)
+    per function. `prefill_lock_mhz`: the SM clock the engine switches to while a prefill runs
+    (None: unlocked), or `_DEVICE_LOCK` (the default): prefill runs under the device's lock."""
     dt = config.interval_s
     gpu = dev.gpu
     limit_w, lock = gpu.power_limit_w(), gpu.locked_sm_clock_mhz()
-    fac_p = phase_time_factor("prefill", limit_w, lock)
+    if prefill_lock_mhz is _DEVICE_LOCK:
+        prefill_lock_mhz = lock
+    assert prefill_lock_mhz is None or isinstance(prefill_lock_mhz, float | int)
+    fac_p = phase_time_factor("prefill", limit_w, prefill_lock_mhz)
     fac_d = phase_time_factor("decode", limit_w, lock)
 
     arrivals = []
@@ -352,7 +365,11 @@ def _simulate_interval(
         tpot_s *= 1.0 + (1 - served) * dt / max(tpot_s * batch, 1e-3)
 
     # energy: busy phases on the simulated GPU, the rest idle (paid by every controller)
+    if prefill_lock_mhz != lock:
+        gpu.lock_sm_clock_mhz(prefill_lock_mhz)  # the engine's per-phase switch
     busy = gpu.run("prefill", min(prefill_busy_s, dt) / fac_p)
+    if prefill_lock_mhz != lock:
+        gpu.lock_sm_clock_mhz(lock)
     busy += gpu.run("decode", decode_full_s)
     gaps = max(1, int(len(all_service) * max(0.0, 1 - busy / dt)))
     gpu.idle(max(0.0, dt - busy), gaps=gaps)
