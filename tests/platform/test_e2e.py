@@ -200,6 +200,19 @@ def test_cli_client_verbs(up: Up) -> None:
     assert "cli-fn" not in runner.invoke(app, ["ls"], env=env).stdout
 
 
+def test_locust_load_run_is_bounded_and_error_free(up: Up, tmp_path: Path) -> None:
+    out = tmp_path / "load"
+    env = {**os.environ, "EMBER_API_KEY": ADMIN, "EMBER_LOAD_MAX_TOKENS": "4"}
+    proc = subprocess.run([sys.executable, "loadtests/run.py", "--url", up.url, "--users", "4", "--duration-s", "5",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=180,
+                          cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chat (headers)"]["count"] > 0 and summary["chat (headers)"]["failures"] == 0
+    assert summary["ttft_warm"]["count"] > 0 and summary["e2e"]["count"] > 0
+    assert (out / "latency.png").stat().st_size > 0 and (out / "locust.html").exists()
+
+
 def test_sigterm_stops_every_child(up: Up) -> None:
     children = _descendants(up.proc.pid)
     assert len(children) >= 4  # redis, gateway, 2 workers
