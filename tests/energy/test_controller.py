@@ -146,3 +146,59 @@ def test_budget_cap_bounds_the_limit() -> None:
     assert "budget cap" in ctrl.decisions[-1].reason
     ctrl.set_cap_w(None)
     assert gpu.power_limit_w() == 700
+
+
+def drive_phases(ctrl: PowerLimitController, gpu: SimulatedGpu, fns: list[Fn], windows: int) -> None:
+    """Like `drive`, with an engine that runs prefills at the controller's prefill clock."""
+    from ember.energy.simulated import phase_time_factor
+
+    for _ in range(windows):
+        prefill_mhz = ctrl.setting.prefill_sm_clock_mhz
+        for fn in fns:
+            for _ in range(fn.per_window):
+                ttft = fn.ttft_s * phase_time_factor("prefill", gpu.power_limit_w(), prefill_mhz)
+                tpot = fn.tpot_s * gpu.time_factor("decode")
+                ctrl.observe(
+                    RequestRecord(
+                        fn.name, gpu.device_id, 100, ttft, tpot, fn.ttft_slo_s, fn.tpot_slo_s, fn.eta
+                    )
+                )
+            gpu.run("decode", 0.2 * fn.per_window)
+        gpu.idle(1.0)
+        ctrl.step()
+
+
+def test_phase_clocks_lower_decode_while_a_tight_ttft_keeps_prefill_at_the_top() -> None:
+    gpu = SimulatedGpu()
+    ctrl = PowerLimitController(gpu, mode="actuate", phase_clocks=True)
+    # TTFT at 0.55 of its SLO at full clock: a shared clock could not go below ~0.7
+    drive_phases(ctrl, gpu, [Fn("agent", 0.55, 0.01, 1.0, 0.1)], windows=120)
+    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=1)  # decode at the floor
+    assert ctrl.setting.sm_clock_mhz == gpu.locked_sm_clock_mhz()
+    assert ctrl.setting.prefill_sm_clock_mhz is None  # prefill unlocked
+    assert gpu.power_limit_w() == 700
+    assert ctrl.slo_attainment == 1.0
+    assert any("lowering decode SM clock" in d.reason for d in ctrl.decisions)
+
+
+def test_phase_clocks_lower_prefill_only_on_a_wide_ttft_margin_and_lift_it_on_risk() -> None:
+    gpu = SimulatedGpu()
+    ctrl = PowerLimitController(gpu, mode="actuate", phase_clocks=True, sustain_windows=2)
+    drive_phases(ctrl, gpu, [Fn("chat", 0.02, 0.01, 2.0, 0.1)], windows=60)  # TTFT at 1% of its SLO
+    low_prefill = ctrl.setting.prefill_sm_clock_mhz
+    assert low_prefill is not None and low_prefill < 1980
+    decode_mhz = gpu.locked_sm_clock_mhz()
+    # prompts get much longer: TTFT near its SLO at the lowered prefill clock
+    drive_phases(ctrl, gpu, [Fn("chat", 1.5, 0.01, 2.0, 0.1)], windows=1)
+    up = ctrl.last_decision
+    assert up is not None and "TTFT" in up.reason
+    lifted = ctrl.setting.prefill_sm_clock_mhz
+    assert lifted is None or lifted > low_prefill
+    assert gpu.locked_sm_clock_mhz() == decode_mhz  # the decode clock stays where TPOT put it
+
+
+def test_without_phase_clocks_prefill_runs_at_the_device_lock() -> None:
+    gpu = SimulatedGpu()
+    ctrl = PowerLimitController(gpu, mode="actuate")
+    drive(ctrl, gpu, [Fn("chat", 0.1, 0.01, 2.0, 0.1)], windows=10)
+    assert ctrl.setting.prefill_sm_clock_mhz == ctrl.setting.sm_clock_mhz == gpu.locked_sm_clock_mhz()

@@ -41,7 +41,31 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
 def test_targets_over_a_day() -> None:
     c = run_energy_sim(SimConfig(hours=24, seed=0))["controllers"]
     ember, top, zeus = c["ember"], c["max_power"], c["zeus_static"]
-    assert ember["energy_j"] < top["energy_j"]
-    assert ember["energy_j"] < zeus["energy_j"]
+    assert ember["energy_j"] <= 0.8 * top["energy_j"]
     assert ember["slo_attainment"] >= 0.99
     assert ember["slo_attainment"] >= top["slo_attainment"] - 0.005
+    assert ember["energy_j"] < zeus["energy_j"]
+    assert ember["slo_attainment"] >= zeus["slo_attainment"]
+
+
+def test_engine_runs_prefill_at_the_phase_clock_and_restores_the_lock() -> None:
+    import numpy as np
+
+    from ember.energy.sim import _DeviceState, _simulate_interval
+    from ember.energy.simulated import SimulatedGpu
+
+    config = SimConfig()
+    fn = config.functions[0]
+    out = {}
+    for prefill_mhz in (1188.0, None):
+        gpu = SimulatedGpu()
+        gpu.lock_sm_clock_mhz(1188.0)
+        dev = _DeviceState(gpu, (fn,))
+        recs = _simulate_interval(
+            config, dev, 16.0, {}, np.random.default_rng(0), np.random.default_rng(1), prefill_mhz
+        )
+        assert gpu.locked_sm_clock_mhz() == 1188.0  # the decode lock is back after the prefills
+        out[prefill_mhz] = (float(recs[0][3].mean()), gpu.energy_j())
+    # an unlocked prefill is faster (x0.6 time) and, at 665 W instead of 284 W, costs more
+    assert out[None][0] < 0.7 * out[1188.0][0]
+    assert out[None][1] > out[1188.0][1]
