@@ -21,7 +21,6 @@ from ember.platform.names import check_name
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-Deployer = Depends(require_roles("admin", "developer"))
 Reader = Depends(require_roles("admin", "operator", "developer"))
 
 

@@ -13,10 +13,8 @@ import httpx
 import redis
 from anyio import to_thread
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
@@ -101,5 +99,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     return app
 
-
-__all__ = ["create_app", "RequestValidationError", "StarletteHTTPException"]

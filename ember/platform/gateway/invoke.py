@@ -76,13 +76,15 @@ class Invoker:
         deadline = time.monotonic() + self.settings.slo_timeout_s
         cold: LoadResult | None = None
         t0 = time.monotonic()
+        pause_s = 0.005  # backs off to 50 ms while waiting for a slot (each try is one Redis script)
         self.waiting[spec.name] += 1
         try:
             while True:
                 rec = await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency)
                 if rec is not None:
                     if cold is None:
-                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0, spec.name)
+                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0,
+                                                spec.name)
                     startup_ms = (time.monotonic() - t0) * 1000 if rec.instance_id != cold.instance_id \
                         else cold.startup_ms
                     return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier, startup_ms,
@@ -95,7 +97,8 @@ class Invoker:
                         f"no instance of {spec.name!r} could serve within {self.settings.slo_timeout_s:.0f}s "
                         "(all busy or no device has room)"
                     )
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(pause_s)
+                pause_s = min(0.05, pause_s * 1.5)
         finally:
             self.waiting[spec.name] -= 1
 

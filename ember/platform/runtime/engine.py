@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ember.errors import BadRequest
@@ -32,7 +32,6 @@ class GenerationDone:
     completion_tokens: int
     ttft_s: float
     decode_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tpot_s(self) -> float:
