@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 from ember.errors import ConfigError
 from ember.scheduler.estimator import (
@@ -14,6 +13,7 @@ from ember.scheduler.estimator import (
 )
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.view import PlacementRequest
+from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 REQ = PlacementRequest(function="f", checkpoint="ck", nbytes=20 * GB, ttft_slo_s=3.0)
 

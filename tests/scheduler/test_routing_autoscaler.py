@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 from ember.scheduler.routing import pick_warm, predicted_wait_s, should_scale_out
+from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 
 @dataclass
