@@ -7,6 +7,15 @@ Two knobs, both ladders from the top:
 - the power limit (700 W down in 50 W steps): binds only above-the-cap phases (prefill), so it
   is tried after the clock has reached its floor, while TTFT still has slack.
 
+With `phase_clocks` (a serving engine that switches the SM clock per phase, as GreenLLM does) the
+knobs are a decode clock and a prefill clock instead: the device lock is the decode clock, driven
+by TPOT alone (decode time is x(1 + 0.15 (1 - f)), and it does not slow prefill), and prefills
+run at `setting.prefill_sm_clock_mhz`, driven by TTFT: prefill time is x 1/f and a prefill
+queue's tail grows faster than that, so the prefill clock stays at the top unless TTFT's p99 is a
+small share of its SLO (`prefill_slack_ratio`). A TTFT risk raises the prefill clock only, a TPOT
+risk both (a slower prefill steals time from decode). The power limit stays at the top (the
+prefill clock is the finer knob for the one phase a cap binds); budget caps still apply.
+
 Every `step()` reads the window of finished requests since the last step:
 
 - SLO risk (a window's attainment under target, or its p95 latency above `risk_ratio` of the

@@ -6,7 +6,9 @@ Controllers:
 - `zeus_static`: Zeus-style: profile power limits once at the start (each limit for a few
   intervals, from the top), keep the one with the lowest ZeusCost (eta 0.5) per device;
 - `ember`: NodeEnergyAgent in `actuate` mode (the real PowerLimitController, SLO feedback,
-  clock locking, re-profiling on mix change).
+  clock locking, re-profiling on mix change) with `phase_clocks`: the simulated engine runs each
+  interval's prefills at the controller's prefill clock and decode at the device's lock (as an
+  engine that switches the clock per phase would; the switch itself is taken as free).
 
 Load model (per device, fluid per `interval_s` with per-request sampling): Poisson arrivals with
 a diurnal rate (trough 04:00, peak 16:00) and random bursts; lognormal prompt and output
