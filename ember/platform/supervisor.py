@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from ember.config import Settings, new_secret
-from ember.errors import EmberError, ServiceUnavailable
+from ember.errors import EmberError, ServiceUnavailable, StateUnavailable
 from ember.platform.redis_server import RedisServerProcess, free_port
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,20 @@ def read_or_create_secret(path: Path, env_value: str | None) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     return secret
+
+
+def _check_redis(url: str) -> None:
+    """Fail fast, naming the URL (without its password), when EMBER_REDIS_URL does not answer."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except redis.RedisError as e:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        raise StateUnavailable(f"Redis at {parts.scheme}://{parts.hostname}:{parts.port} (EMBER_REDIS_URL) "
+                               f"does not answer: {e}") from e
 
 
 def _die_with_parent() -> None:
@@ -84,7 +98,9 @@ class Platform:
             self.admin_key_path.chmod(0o600)
         token = read_or_create_secret(self.data_dir / "cluster_token", self.settings.cluster_token)
         redis_url = self.settings.redis_url
-        if not redis_url:
+        if redis_url:
+            _check_redis(redis_url)
+        else:
             self.redis = RedisServerProcess(self.data_dir / "redis", persistent=True).start()
             redis_url = self.redis.url
             echo(f"redis: {redis_url} (AOF in {self.data_dir / 'redis'})")
@@ -130,6 +146,8 @@ class Platform:
     def _wait_ready(self, admin_key: str) -> None:
         deadline = time.monotonic() + self.opts.ready_timeout_s
         while time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise ServiceUnavailable("stopped before the platform was ready")
             self._check_children()
             try:
                 r = httpx.get(f"{self.url}/readyz", timeout=1.0)
