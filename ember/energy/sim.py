@@ -167,7 +167,7 @@ def plot_energy_sim(result: dict[str, object], png_path: str) -> None:
     assert isinstance(controllers, dict)
     ax_p.set_title(
         "  ".join(
-            f"{n}: {c['energy_j'] / 3.6e6:.2f} kWh, {c['slo_attainment']:.4f}" for n, c in controllers.items()
+            f"{n}: {c['energy_j'] / 3.6e6:.2f} kWh, {c['slo_attainment']:.5f}" for n, c in controllers.items()
         ),
         fontsize=9,
     )
