@@ -72,7 +72,7 @@ def make_tiny_model(out_dir: Path | str, spec: TinyModelSpec | None = None) -> P
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype=spec.dtype,
+        dtype=spec.dtype,
     )
     torch.manual_seed(spec.seed)
     with torch.no_grad():
