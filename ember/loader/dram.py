@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ember.errors import CapacityError
 from ember.loader import vm
-from ember.loader.locks import NodeLock
+from ember.loader.locks import NodeLock, pid_alive
 
 DEFAULT_BLOCK_BYTES = 2 << 20
 
@@ -101,7 +101,7 @@ class DramTier:
                 (self.dir / "meta").mkdir()
             # Every process using the pool is registered: the last one to close removes it, and
             # a pool whose processes all died is removed by the next process that opens any pool.
-            index["procs"] = [p for p in index.get("procs", []) if _alive(p)] + [self.pid]
+            index["procs"] = [p for p in index.get("procs", []) if pid_alive(p)] + [self.pid]
             index.setdefault("data_dir", str(Path(data_dir).resolve()))
             self._write_index(index)
         self.capacity_bytes: int = index["capacity_bytes"]
@@ -190,7 +190,7 @@ class DramTier:
             entries = index["entries"]
             old = entries.get(name)
             if old is not None:
-                if old["state"] == "filling" and _alive(old.get("pid", 0)):
+                if old["state"] == "filling" and pid_alive(old.get("pid", 0)):
                     return None
                 if old["state"] == "ready":
                     return None  # already cached; the caller should pin it instead
@@ -255,7 +255,7 @@ class DramTier:
         while time.monotonic() < deadline:
             with self._locked():
                 e = (self._read_index() or {}).get("entries", {}).get(name)
-                if not e or e["state"] != "filling" or not _alive(e.get("pid", 0)) or e.get("pid") == self.pid:
+                if not e or e["state"] != "filling" or not pid_alive(e.get("pid", 0)) or e.get("pid") == self.pid:
                     return
             time.sleep(0.02)
 
@@ -304,7 +304,7 @@ class DramTier:
         with contextlib.suppress(OSError), self._locked():
             index = self._read_index()
             if index is not None:
-                index["procs"] = [p for p in index.get("procs", []) if p != self.pid and _alive(p)]
+                index["procs"] = [p for p in index.get("procs", []) if p != self.pid and pid_alive(p)]
                 index["persist"] = bool(keep or index.get("persist"))
                 last = not index["procs"] and not index["persist"]
                 if last:
@@ -348,9 +348,9 @@ class DramTier:
         shutil.rmtree(self.dir / "meta" / f"{name}.{e['gen']}", ignore_errors=True)
 
     def _pinned(self, e: dict) -> bool:
-        if e["state"] == "filling" and _alive(e.get("pid", 0)):
+        if e["state"] == "filling" and pid_alive(e.get("pid", 0)):
             return True
-        return any(_alive(int(pid)) for pid, n in e.get("pins", {}).items() if n > 0)
+        return any(pid_alive(int(pid)) for pid, n in e.get("pins", {}).items() if n > 0)
 
     def _lru_victim(self, entries: dict) -> str | None:
         candidates = [(e["last_used"], n) for n, e in entries.items() if not self._pinned(e)]
@@ -428,7 +428,7 @@ def sweep_orphan_pools(root: Path, *, keep: Path | None = None) -> list[Path]:
             elif not Path(index.get("data_dir", "/nonexistent")).exists():
                 dead = True
             else:
-                dead = not index.get("persist") and not any(_alive(p) for p in index["procs"])
+                dead = not index.get("persist") and not any(pid_alive(p) for p in index["procs"])
             if dead:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
@@ -450,14 +450,4 @@ def _allocate(fd: int, nbytes: int) -> None:
     if not populated:
         os.posix_fallocate(fd, 0, nbytes)
 
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

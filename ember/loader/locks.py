@@ -1,4 +1,4 @@
-"""A lock held across threads of this process and across processes of a node (flock on a file)."""
+"""Coordination between the processes of a node: a lock (flock on a file) and a liveness check."""
 
 from __future__ import annotations
 
@@ -31,3 +31,16 @@ class NodeLock:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

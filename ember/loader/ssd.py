@@ -17,7 +17,7 @@ from pathlib import Path
 from ember.errors import CapacityError
 from ember.loader.convert import fsync_dir
 from ember.loader.format import MANIFEST_FILE
-from ember.loader.locks import NodeLock
+from ember.loader.locks import NodeLock, pid_alive
 from ember.loader.names import NAME_PATTERN
 
 _USED = ".used"
@@ -35,7 +35,7 @@ class SsdTier:
         with self._locked():
             for d in self.tmp.iterdir():
                 pid = d.name.rsplit(".", 2)[-2] if d.name.count(".") >= 2 else "0"
-                if not pid.isdigit() or not _alive(int(pid)):
+                if not pid.isdigit() or not pid_alive(int(pid)):
                     shutil.rmtree(d, ignore_errors=True)
             for d in self.root.glob(".trash-*"):
                 shutil.rmtree(d, ignore_errors=True)
@@ -146,14 +146,6 @@ def _dir_bytes(d: Path) -> int:
                 total += os.path.getsize(os.path.join(dirpath, f))
     return total
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
