@@ -59,8 +59,6 @@ def _generate_request(body: _Sampling, request: Request, default_max: int, **kw:
     limit = request.app.state.settings.max_tokens_limit
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max
     if max_tokens > limit:
-        from ember.errors import BadRequest
-
         raise BadRequest(f"max_tokens {max_tokens} exceeds this gateway's limit of {limit}")
     return GenerateRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            stop=body.stop_list(), seed=body.seed, **kw)
