@@ -69,6 +69,7 @@ class Invoker:
         self.waiting: dict[str, int] = defaultdict(int)
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
+        self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
 
     async def acquire(self, spec: FunctionSpec) -> InvocationTarget:
@@ -125,8 +126,13 @@ class Invoker:
         # every ready instance is at target_concurrency: the queue drains at slots/service_s per second
         slots = (ready + loading) * s.target_concurrency
         wait_s = self.service_s.get(spec.name, 0.0) * waiting / slots
-        return should_scale_out(wait_s, 0.0, spec.slo.ttft_ms / 1000, instances=len(instances),
+        return should_scale_out(wait_s, self.prefill_s.get(spec.name, 0.0), spec.slo.ttft_ms / 1000, instances=len(instances),
                                 max_instances=s.max_instances, cold_start_s=self.startup_s.get(spec.name, 0.0))
+
+    def observe_done(self, function: str, done: dict[str, Any]) -> None:
+        """Learn the function's prefill time from a finished request (the worker's ttft_s)."""
+        if "ttft_s" in done:
+            self._ewma(self.prefill_s, function, float(done["ttft_s"]))
 
     @staticmethod
     def _ewma(table: dict[str, float], key: str, value: float, alpha: float = 0.2) -> None:

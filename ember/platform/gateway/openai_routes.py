@@ -103,7 +103,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     finally:
         await events.aclose()  # type: ignore[attr-defined]
         await invoker.release(target)
-    _observe(metrics, spec.name, done, (t_first or time.perf_counter()) - t_start)
+    _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
     metrics.requests.labels(spec.name, "200").inc()
     usage = _usage(done)
     finish = _finish(done)
@@ -159,7 +159,7 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
                        "usage": _usage(done)}
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
-        _observe(metrics, spec.name, done, (t_first or time.perf_counter()) - t_start)
+        _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
     except EmberError as e:
         status = str(e.status_code)
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
@@ -178,9 +178,11 @@ def _finish(done: dict[str, Any]) -> str:
     return "length" if done.get("finish_reason") == "length" else "stop"
 
 
-def _observe(metrics: Any, function: str, done: dict[str, Any], ttft_s: float) -> None:
+def _observe(request: Request, function: str, done: dict[str, Any], ttft_s: float) -> None:
     if not done:
         return
+    request.app.state.invoker.observe_done(function, done)
+    metrics = request.app.state.metrics
     metrics.ttft.labels(function).observe(ttft_s)
     if int(done.get("completion_tokens", 0)) > 1:
         metrics.tpot.labels(function).observe(float(done.get("tpot_s", 0.0)))

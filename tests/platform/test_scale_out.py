@@ -1,0 +1,61 @@
+"""The gateway's scale-out decision (Invoker._should_start): pure logic over instance records."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ember.config import Settings
+from ember.platform.gateway.invoke import Invoker
+from ember.platform.gateway.metrics import GatewayMetrics
+from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
+
+
+@dataclass
+class Rec:
+    state: str
+
+
+class Instances:
+    def __init__(self, *states: str) -> None:
+        self.recs = [Rec(s) for s in states]
+
+    def instances(self, function: str) -> list[Rec]:
+        return self.recs
+
+
+def _decide(states: tuple[str, ...], waiting: int, *, service_s: float = 0.0, startup_s: float = 0.0,
+            prefill_s: float = 0.0, max_instances: int = 4, target: int = 1, ttft_ms: float = 1000) -> bool:
+    spec = FunctionSpec(name="f", **FunctionDeploy(checkpoint="c", slo={"ttft_ms": ttft_ms}, scaling={
+        "max_instances": max_instances, "target_concurrency": target}).model_dump())
+    inv = Invoker(Settings(), Instances(*states), None, GatewayMetrics(), lambda s: None)  # type: ignore[arg-type]
+    inv.waiting["f"] = waiting
+    if service_s:
+        inv.service_s["f"] = service_s
+    if startup_s:
+        inv.startup_s["f"] = startup_s
+    if prefill_s:
+        inv.prefill_s["f"] = prefill_s
+    return asyncio.run(inv._should_start(spec))
+
+
+def test_first_request_and_uncovered_waiters_start_instances() -> None:
+    assert _decide((), 1)
+    assert not _decide(("loading",), 1)  # the loading instance will take it
+    assert _decide(("loading",), 2)  # one more than the loading instance takes
+
+
+def test_never_beyond_max_instances() -> None:
+    assert not _decide(("ready", "ready"), 50, service_s=1.0, max_instances=2)
+
+
+def test_scale_out_only_when_queueing_breaks_the_ttft_slo_and_a_cold_start_is_sooner() -> None:
+    # one busy instance, 10 waiting, 0.5 s per request: ~5 s of queue > 1 s SLO; a cold start takes 0.2 s
+    assert _decide(("ready",), 10, service_s=0.5, startup_s=0.2)
+    # fast requests drain the queue within the SLO: wait instead
+    assert not _decide(("ready",), 10, service_s=0.01, startup_s=0.2)
+    # a cold start slower than the queue: wait instead
+    assert not _decide(("ready",), 10, service_s=0.5, startup_s=30.0)
+    # prefill counts against the SLO too
+    assert _decide(("ready",), 2, service_s=0.4, startup_s=0.1, prefill_s=0.5)
+    assert not _decide(("ready",), 2, service_s=0.4, startup_s=0.1)
