@@ -8,7 +8,6 @@ the supervisor itself dies), so no process is orphaned.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ import httpx
 
 from ember.config import Settings, new_secret
 from ember.errors import EmberError, ServiceUnavailable, StateUnavailable
-from ember.platform.redis_server import RedisServerProcess, free_port
+from ember.platform.redis_server import RedisServerProcess, die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +65,6 @@ def _check_redis(url: str) -> None:
         parts = urlsplit(url)
         raise StateUnavailable(f"Redis at {parts.scheme}://{parts.hostname}:{parts.port} (EMBER_REDIS_URL) "
                                f"does not answer: {e}") from e
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the supervisor dies (Linux)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class Platform:
@@ -126,7 +116,7 @@ class Platform:
     def _spawn(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         out.close()
         self.children.append((name, proc))
 

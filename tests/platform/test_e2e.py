@@ -84,7 +84,11 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     assert lines[-1] == f"ready: http://127.0.0.1:{port}"
     yield Up(proc, f"http://127.0.0.1:{port}", data_dir, lines)
     if proc.poll() is None:
-        proc.kill()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _client(up: Up):  # -> openai.OpenAI
