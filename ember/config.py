@@ -25,7 +25,6 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     redis_url: str | None = None
     store_url: str | None = None  # default: file://<data_dir>/store
-    s3_endpoint_url: str | None = None
 
     # gateway
     host: str = "127.0.0.1"
@@ -41,9 +40,6 @@ class Settings(BaseSettings):
     lease_ttl_s: float = 5.0
 
     # worker
-    worker_host: str = "127.0.0.1"
-    worker_port: int = 0
-    advertise_url: str | None = None
     node_id: str | None = None
     cpu_slots: int = 2
     heartbeat_interval_s: float = 1.0
@@ -53,7 +49,6 @@ class Settings(BaseSettings):
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
     simulated_gpus: int = 0  # energy accounting on simulated GPUs (CPU-only demos)
 
-    log_level: str = "info"
 
     demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")
 

@@ -64,12 +64,6 @@ class CheckpointNotFound(NotFound):
     code = "checkpoint_not_found"
 
 
-class Conflict(EmberError):
-    status_code = 409
-    error_type = "invalid_request_error"
-    code = "conflict"
-
-
 class PayloadTooLarge(EmberError):
     status_code = 413
     error_type = "invalid_request_error"

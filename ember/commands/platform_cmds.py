@@ -110,8 +110,8 @@ def worker(
         raise typer.BadParameter("--energy-mode must be observe, recommend or actuate")
     _logging(log_level)
     port = port or free_port(host)
-    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, worker_host=host,
-                         worker_port=port, advertise_url=advertise_url, node_id=node_id, energy_mode=energy_mode,
+    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, node_id=node_id,
+                         energy_mode=energy_mode,
                          cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes, simulated_gpus=simulated_gpus)
     os.environ["EMBER_DATA_DIR"] = str(Path(data_dir).resolve())  # other processes of this node find its tiers
     url = advertise_url or f"http://{host}:{port}"

@@ -73,7 +73,7 @@ def convert_checkpoint(
     tmp.mkdir(parents=True)
     try:
         manifest = _convert_into(src, shards, tmp, partition_bytes, chunk_bytes, progress)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)
@@ -314,7 +314,8 @@ def _copy_model_files(src: Path, out: Path) -> list[ModelFile]:
     return files
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below `root` (before a rename makes it visible)."""
     for dirpath, _dirs, names in os.walk(root):
         for n in names:
             fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from ember.errors import CapacityError
-from ember.loader.convert import fsync_dir
+from ember.loader.convert import fsync_dir, fsync_tree
 from ember.loader.format import MANIFEST_FILE
 from ember.loader.locks import NodeLock, pid_alive
 from ember.loader.names import NAME_PATTERN
@@ -83,14 +83,7 @@ class SsdTier:
 
     def commit(self, name: str, tmp: Path) -> Path:
         """fsync and rename a filled temporary directory into place."""
-        for dirpath, _dirs, files in os.walk(tmp):
-            for f in files:
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(Path(dirpath))
+        fsync_tree(tmp)
         (tmp / _USED).touch()
         with self._locked():
             final = self.root / name

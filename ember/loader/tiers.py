@@ -46,7 +46,6 @@ from ember.loader.store import (
     split_ref,
 )
 
-TIERS = ("gpu", "dram", "ssd", "remote")
 DEFAULT_DRAM_CAPACITY_BYTES = 1 << 30
 DEFAULT_SSD_CAPACITY_BYTES = 32 << 30
 

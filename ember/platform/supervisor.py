@@ -154,9 +154,8 @@ class Platform:
         headers = {"Authorization": f"Bearer {admin_key}"}
         r = httpx.get(f"{self.url}/v1/functions/{name}", headers=headers, timeout=10)
         if r.status_code == 404:
-            r = httpx.put(f"{self.url}/v1/functions/{name}", headers=headers, timeout=60, json={
-                "checkpoint": name, "scaling": {"min_instances": 0, "max_instances": 4, "keep_alive_s": 60,
-                                                "target_concurrency": 4}})
+            r = httpx.put(f"{self.url}/v1/functions/{name}", headers=headers, timeout=60,
+                          json={"checkpoint": name})  # API defaults: min_instances 0, keep_alive_s 60
             if r.status_code >= 300:
                 raise EmberError(f"deploying the demo function failed: {r.status_code} {r.text}")
             echo(f"deployed demo function {name!r} (min_instances 0: its first call is a cold start)")

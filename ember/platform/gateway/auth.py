@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -106,6 +105,3 @@ class KeyStore:
             raise Unauthorized("invalid API key")
         return Principal(id=row["id"], role=row["role"], name=row.get("name", ""))
 
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"))

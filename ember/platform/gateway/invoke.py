@@ -209,8 +209,12 @@ class Invoker:
     async def _events(target: InvocationTarget, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         try:
             async for line in resp.aiter_lines():
-                if line:
-                    yield json.loads(line)
+                if not line:
+                    continue
+                ev = json.loads(line)
+                if "error" in ev:  # the worker failed mid-stream; it answers in the OpenAI error shape
+                    raise EmberError(ev["error"]["message"], code=ev["error"].get("code"))
+                yield ev
         except httpx.HTTPError as e:
             raise WorkerError(f"lost the stream from worker {target.node_id}: {e}") from e
         finally:

@@ -95,8 +95,6 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
                 text += ev["text"]
             elif "done" in ev:
                 done = ev["done"]
-            elif "error" in ev:
-                raise EmberError(ev["error"]["message"], code=ev["error"].get("code"))
     except EmberError as e:
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
         raise
@@ -151,8 +149,6 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
                 yield chunk(ev["text"], None)
             elif "done" in ev:
                 done = ev["done"]
-            elif "error" in ev:
-                raise EmberError(ev["error"]["message"], code=ev["error"].get("code"))
         yield chunk(None if chat else "", _finish(done))
         if include_usage:
             payload = {"id": rid, "object": obj, "created": created, "model": spec.name, "choices": [],

@@ -128,11 +128,6 @@ class CompletionRequest(_Sampling):
         return self.prompt
 
 
-class Usage(EmberModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
 
 # --- worker internal API -----------------------------------------------------------------------
 class LoadRequest(EmberModel):
@@ -167,8 +162,3 @@ class GenerateRequest(EmberModel):
     ttft_slo_s: float = 1.0
     tpot_slo_s: float = 0.2
     eta: float = 0.5
-
-
-class CheckpointInfoOut(EmberModel):
-    name: str
-    nbytes: int

@@ -97,13 +97,14 @@ class ModelInstance:
             )
         return ids
 
-    def generate(self, req: GenerateRequest, cancelled: threading.Event | None = None) -> Iterator[
-            TokenDelta | GenerationDone]:
-        """Yield text deltas, then one GenerationDone. Stops early when `cancelled` is set."""
+    def generate(self, req: GenerateRequest, cancelled: threading.Event | None = None,
+                 ids: list[int] | None = None) -> Iterator[TokenDelta | GenerationDone]:
+        """Yield text deltas, then one GenerationDone. Stops early when `cancelled` is set.
+        `ids`: the prompt already tokenized by `prompt_ids` (else it is done here)."""
         import torch
 
         cancelled = cancelled or threading.Event()
-        ids = self.prompt_ids(req)
+        ids = ids if ids is not None else self.prompt_ids(req)
         gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         stops = [s for s in req.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1

@@ -85,13 +85,14 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def generate(instance_id: str, body: GenerateRequest, request: Request) -> StreamingResponse:
         node: WorkerNode = request.app.state.node
         inst = node.get(instance_id)
-        await to_thread.run_sync(inst.prompt_ids, body)  # context-length errors become a 400 before streaming
-        return StreamingResponse(_ndjson(node, inst, body), media_type="application/x-ndjson")
+        # tokenized before streaming, so a context-length error is a 400 rather than an in-stream error
+        ids = await to_thread.run_sync(inst.prompt_ids, body)
+        return StreamingResponse(_ndjson(node, inst, body, ids), media_type="application/x-ndjson")
 
     return app
 
 
-async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest) -> AsyncIterator[bytes]:
+async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[int]) -> AsyncIterator[bytes]:
     """Run generation in its own thread; stream its events; cancel it when the client goes away."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -99,7 +100,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest) -> AsyncIt
 
     def produce() -> None:
         try:
-            for ev in inst.generate(body, cancelled):
+            for ev in inst.generate(body, cancelled, ids):
                 loop.call_soon_threadsafe(queue.put_nowait, ev)
         except EmberError as e:
             loop.call_soon_threadsafe(queue.put_nowait, e)
