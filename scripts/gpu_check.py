@@ -199,6 +199,12 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
             "all_s": {"plain": copy_s, "loader": dram_gpu_s},
         }
         reference.release()
+        try:
+            out["dram_to_gpu_second_process"] = _second_process_dram_to_gpu(
+                tiers, name, rounds, nbytes, plain_gbps
+            )
+        except Exception:
+            out["dram_to_gpu_second_process"] = {"error": traceback.format_exc()}
         # Loader SSD -> GPU total (reads overlapped with copies on a side stream).
         total_s = []
         for _ in range(rounds):
@@ -436,6 +442,52 @@ def energy_check(workdir: Path, requests: int = 48, devices=None, device: str = 
         "decisions": flat,
         "any_applied": any(dc["applied"] for dc in flat),
         "snapshot": snap,
+    }
+
+
+def _second_process_dram_to_gpu(tiers, name: str, rounds: int, nbytes: int, plain_gbps: float) -> dict:
+    """Another process on the node attaching to the DRAM tier and loading onto the GPU (its
+    process start, imports, CUDA context and NodeTiers construction are not counted)."""
+    import subprocess
+
+    code = (
+        "import json,sys,time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import torch\n"
+        "from ember.loader.tiers import NodeTiers\n"
+        "t=NodeTiers(sys.argv[1], sys.argv[2], dram_capacity_bytes=int(sys.argv[3]), ssd_capacity_bytes=1<<50)\n"
+        "torch.zeros(1, device='cuda'); torch.cuda.synchronize()\n"
+        "res=[]\n"
+        "for _ in range(int(sys.argv[5])):\n"
+        "    torch.cuda.synchronize(); s=time.perf_counter(); l=t.load(sys.argv[4], device='cuda')\n"
+        "    torch.cuda.synchronize(); res.append((time.perf_counter()-s, l.tier)); l.release(); del l\n"
+        "print(json.dumps({'seconds': [r[0] for r in res], 'tiers': [r[1] for r in res], 'pinned': t.pinned_pool}))\n"
+        "t.close()\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tiers.data_dir),
+            tiers.store_url,
+            str(tiers.dram.capacity_bytes),
+            name,
+            str(rounds),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    med = statistics.median(doc["seconds"])
+    return {
+        "loader_gbps": nbytes / med / 1e9,
+        "loader_over_plain": nbytes / med / 1e9 / plain_gbps,
+        "tiers": doc["tiers"],
+        "pool_page_locked": doc["pinned"],
+        "all_s": doc["seconds"],
     }
 
 

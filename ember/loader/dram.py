@@ -51,6 +51,35 @@ def shm_dir_for(data_dir: Path) -> Path:
     return root / f"ember-{digest}"
 
 
+def tmpfs_has_huge_pages(path: Path) -> bool:
+    """Whether files under `path` get huge pages: its tmpfs is mounted huge=always|within_size,
+    or the kernel forces huge pages on every tmpfs (shmem_enabled = force)."""
+    try:
+        shmem_enabled = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+        mounts = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return False
+    return huge_tmpfs_in(str(Path(path).resolve()), mounts, forced="[force]" in shmem_enabled)
+
+
+def huge_tmpfs_in(target: str, mounts: str, *, forced: bool = False) -> bool:
+    """Whether the mount holding `target` (the longest matching mount point in a
+    /proc/mounts text) is a tmpfs that hands out huge pages."""
+    best, best_fs, best_opts = "", "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_fs, best_opts = point, parts[2], parts[3]
+    if best_fs != "tmpfs":
+        return False
+    opts = best_opts.split(",")
+    return forced or "huge=always" in opts or "huge=within_size" in opts
+
+
 class DramTier:
     """The node's DRAM pool (see the module docstring)."""
 
@@ -128,6 +157,9 @@ class DramTier:
                 vm.madvise(m.addr, m.length, vm.MADV_HUGEPAGE)
         self.created = created
         self.prefaulted = bool(self.capacity_bytes) and (created if pretouch is None else pretouch)
+        # Huge pages (a tmpfs mounted huge=always|within_size): direct I/O straight into the pool
+        # is then the fastest fill; with 4 KiB pages reads are staged through huge anonymous pages.
+        self.huge_pages = tmpfs_has_huge_pages(self.dir)
 
     # --- queries ----------------------------------------------------------------------------
     def lookup(self, name: str) -> DramEntry | None:

@@ -35,6 +35,7 @@ from ember.loader.pipeline import (
     read_from_fds,
     run_parallel,
     tensors_from_buffer,
+    worker_pool,
 )
 from ember.loader.ssd import SsdTier
 from ember.loader.store import (
@@ -94,6 +95,7 @@ class NodeTiers:
         self.ssd = SsdTier(self.data_dir / "ssd", ssd_capacity_bytes)
         self.dram = DramTier(self.data_dir, dram_capacity_bytes, pretouch=pretouch)
         self.pinned_pool = bool(self.dram.rw) and register_host_memory(self.dram.rw.addr, self.dram.capacity_bytes)
+        worker_pool("ember-read", threads, warm=True)  # reader threads started now, not during a cold start
         self._stores: dict[str, CheckpointStore] = {}
         self._lock = threading.Lock()
         self._names_lock = threading.Lock()
@@ -226,7 +228,10 @@ class NodeTiers:
                 dest = self.dram.rw_slice(entry) if view is None else view.array()
                 up = DeviceUpload(manifest.total_bytes, dev) if dev.type == "cuda" else None
                 on_chunk = self._pool_uploader(entry, up) if up is not None else None
-                read_from_fds(fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk, stage_direct=True)
+                read_from_fds(
+                    fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk,
+                    stage_direct=not self.dram.huge_pages,
+                )
                 _copy_meta(directory, entry.meta_dir)
                 done = self.dram.filled_view(entry, view)
                 self.dram.commit(name)

@@ -76,7 +76,7 @@ def test_bench_loader_writes_json_and_plot(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["cache"] == "hot" and doc["rounds"] == 1 and doc["bytes"] > 0 and doc["counted"]
-    assert set(doc["results"]) == {"raw_read", "safetensors", "safetensors_copy", "torch_load", "torch_load_mmap",
+    assert set(doc["results"]) == {"raw_read", "raw_read_pool", "safetensors", "safetensors_copy", "torch_load", "torch_load_mmap",
                                    "ember_ssd", "ember_dram", "ember_dram_same_process"}
     for r_ in doc["results"].values():
         assert r_["seconds"] > 0 and r_["gbps"] > 0 and len(r_["all"]) == 1
