@@ -325,3 +325,46 @@ def test_concurrent_loads_of_one_checkpoint_are_single_flight(tmp_path, tiny_mod
         assert all(ok for _, ok in results)
     finally:
         tiers.close(destroy_dram=True)
+
+
+@pytest.mark.parametrize("huge_pool", [False, True], ids=["staged-4k-pool", "direct-huge-pool"])
+def test_ssd_loads_with_direct_io_into_either_pool_kind(tmp_path, make_tiers, monkeypatch, huge_pool) -> None:
+    """Cold-style SSD loads (O_DIRECT forced): staged through huge anonymous pages for a 4 KiB pool,
+    straight into a huge-page pool; both give the exact bytes and catch a corrupted chunk."""
+    import ember.loader.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "O_DIRECT_BELOW_CACHED", 2.0)  # every file counts as cold
+    src = _hf(tmp_path / "hf", 40, seed=5)
+    ref = load_file(src / "model.safetensors")
+    open_store(f"file://{tmp_path / 'store'}").push(src, "big")
+    tiers = make_tiers(dram=128 << 20)
+    tiers.dram.huge_pages = huge_pool
+    tiers.load("big").release()
+    assert tiers.dram.evict("big")
+    seen = []
+    real = pipeline.read_from_fds
+
+    def spy(fds, *a, **k):
+        seen.append(([d for _, d in fds], k.get("stage_direct")))
+        return real(fds, *a, **k)
+
+    monkeypatch.setattr("ember.loader.tiers.read_from_fds", spy)
+    loaded = tiers.load("big")
+    assert loaded.tier == "ssd" and _equal(loaded.state_dict, ref)
+    loaded.release()
+    assert seen[-1][1] is (not huge_pool)
+    if hasattr(os, "O_DIRECT") and all(seen[-1][0]):  # the file system took O_DIRECT
+        assert tiers.dram.evict("big")
+        from ember.loader.convert import read_manifest
+
+        entry = tiers.ssd.path("big")
+        biggest = max(read_manifest(entry).partitions, key=lambda p: p.size)
+        at = biggest.size // 2
+        with open(entry / biggest.file, "r+b") as f:  # flip one byte in the middle of a chunk
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(IntegrityError):
+            tiers.load("big")
+        assert tiers.holdings().get("big") != "dram"  # nothing half-filled is served
