@@ -215,6 +215,31 @@ def chunk_hasher(kind: str):
     raise CheckpointError(f"unknown chunk hash {kind!r}")
 
 
+class _Crc32:
+    """zlib.crc32 with the update/hexdigest shape of a streaming hash."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, buf) -> None:
+        self.value = zlib.crc32(buf, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+def chunk_stream_hasher(kind: str):
+    """A new streaming hasher (update(buf), hexdigest()) for the manifest's chunk hash; its digest
+    over pieces equals chunk_hasher's over the whole."""
+    if kind == "xxh3_64":
+        import xxhash
+
+        return xxhash.xxh3_64()
+    if kind == "crc32":
+        return _Crc32()
+    raise CheckpointError(f"unknown chunk hash {kind!r}")
+
+
 def default_chunk_hash() -> str:
     """xxh3-64 when xxhash is installed, else crc32."""
     try:

@@ -16,6 +16,7 @@ from ember.loader.format import (
     CheckpointManifest,
     chunk_hash_available,
     chunk_hasher,
+    chunk_stream_hasher,
     sha256_hex,
     torch_dtype,
 )
@@ -136,22 +137,27 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
     jobs = []
     for (fd, direct), base, p in zip(fds, manifest.partition_bases(), manifest.partitions, strict=False):
         for i, off in enumerate(range(0, p.size, step)):
-            jobs.append((fd, direct and stage_direct, p, i, off, min(step, p.size - off), base + off))
+            jobs.append((fd, direct, direct and stage_direct, p, i, off, min(step, p.size - off), base + off))
 
     def run(job) -> None:
-        fd, staged, p, i, off, n, at = job
+        fd, direct, staged, p, i, off, n, at = job
         if staged:
             stage = _staging_buffer(step)
             view = stage.memoryview()[:n]
         else:
             view = dest[at : at + n]
-        got = 0
-        while got < n:
-            r = os.preadv(fd, [view[got:]], off + got)
-            if r <= 0:
-                raise CheckpointError(f"partition {p.file} ended early at byte {off + got}")
-            got += r
-        if hasher is not None and hasher(view) != p.chunks[i]:
+        if hasher is not None and not direct:
+            # Buffered (page cache) reads: hash each piece while it is still in the CPU's cache.
+            h = chunk_stream_hasher(manifest.chunk_hash)
+            for lo in range(0, n, FUSED_PIECE_BYTES):
+                piece = view[lo : min(n, lo + FUSED_PIECE_BYTES)]
+                _pread_full(fd, piece, off + lo, p.file)
+                h.update(piece)
+            digest = h.hexdigest()
+        else:
+            _pread_full(fd, view, off, p.file)
+            digest = hasher(view) if hasher is not None else None
+        if digest is not None and digest != p.chunks[i]:
             raise IntegrityError(f"partition {p.file}: chunk {i} (bytes {off}..{off + n}) fails its checksum")
         if staged:
             np.copyto(dest_np[at : at + n], stage.array()[:n])
@@ -169,6 +175,19 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
 
 
 _staging = threading.local()
+# Buffered reads are read and hashed in pieces of this size (hot from page cache: ~+10% over
+# hashing a whole 16 MiB chunk after reading it, measured on 2 vCPUs).
+FUSED_PIECE_BYTES = 4 << 20
+
+
+def _pread_full(fd: int, view: memoryview, offset: int, file: str) -> None:
+    """preadv until `view` is full; CheckpointError if the file ends first."""
+    got, n = 0, len(view)
+    while got < n:
+        r = os.preadv(fd, [view[got:]], offset + got)
+        if r <= 0:
+            raise CheckpointError(f"partition {file} ended early at byte {offset + got}")
+        got += r
 
 
 def _staging_buffer(nbytes: int):
