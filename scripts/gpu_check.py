@@ -138,15 +138,9 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
         # Host side (runs everywhere): SSD -> DRAM pool through the loader, and the raw read.
         read_s, ssd_dram_s = [], []
         for _ in range(rounds):
-            read_s.append(_raw_read(ssd_dir, manifest, cold))
-            tiers.dram.evict(name)
-            if cold:
-                _drop()
-            t = time.perf_counter()
-            loaded = tiers.load(name)
-            ssd_dram_s.append(time.perf_counter() - t)
-            assert loaded.tier == "ssd", loaded.tier
-            loaded.release()
+            r, h = _host_round(tiers, ssd_dir, manifest, name, cold)
+            read_s.append(r)
+            ssd_dram_s.append(h)
         out["host"] = {
             "raw_read_gbps": nbytes / statistics.median(read_s) / 1e9,
             "ssd_to_dram_gbps": nbytes / statistics.median(ssd_dram_s) / 1e9,
@@ -176,18 +170,8 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
         check = {k: v for k, v in list(reference.state_dict.items())[:4]}
         dram_gpu_s = []
         for _ in range(rounds):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            loaded = tiers.load(name, device="cuda")
-            torch.cuda.synchronize()
-            dram_gpu_s.append(time.perf_counter() - t)
-            assert loaded.tier == "dram", loaded.tier
-            assert all(_same_bytes(loaded.state_dict[k], v) for k, v in check.items()), (
-                "bytes differ on the GPU"
-            )
-            allocations = len({v.untyped_storage().data_ptr() for v in loaded.state_dict.values()})
-            loaded.release()
-            del loaded
+            seconds, allocations = _timed_cuda_load(tiers, name, "dram", check)
+            dram_gpu_s.append(seconds)
         plain_gbps = nbytes / statistics.median(copy_s) / 1e9
         loader_gbps = nbytes / statistics.median(dram_gpu_s) / 1e9
         out["dram_to_gpu"] = {
@@ -228,27 +212,13 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
         total_s, read2_s, host2_s = [], [], []
         try:
             for _ in range(rounds):
-                read2_s.append(_raw_read(ssd_dir, manifest, cold))
+                r, h = _host_round(tiers, ssd_dir, manifest, name, cold)
+                read2_s.append(r)
+                host2_s.append(h)
                 tiers.dram.evict(name)
                 if cold:
                     _drop()
-                t = time.perf_counter()
-                tiers.load(name).release()
-                host2_s.append(time.perf_counter() - t)
-                tiers.dram.evict(name)
-                if cold:
-                    _drop()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                loaded = tiers.load(name, device="cuda")
-                torch.cuda.synchronize()
-                total_s.append(time.perf_counter() - t)
-                assert loaded.tier == "ssd", loaded.tier
-                assert all(_same_bytes(loaded.state_dict[k], v) for k, v in check.items()), (
-                    "bytes differ on the GPU"
-                )
-                loaded.release()
-                del loaded
+                total_s.append(_timed_cuda_load(tiers, name, "ssd", check)[0])
         finally:
             device_mod.DeviceUpload.__init__, device_mod.DeviceUpload.finish = orig_init, orig_finish
         slower = max(statistics.median(read2_s), statistics.median(copy_s))
@@ -307,6 +277,38 @@ def tiny_model(workdir: Path) -> dict:
     out["first_logits_max_abs_diff"] = float((logits.float().cpu() - cpu_logits.float()).abs().max())
     out["ok"] = bool(out["tokens_equal"] and out["all_on_cuda"] and out["device_allocations"] == 1)
     return out
+
+
+def _host_round(tiers, ssd_dir: Path, manifest, name: str, cold: bool) -> tuple[float, float]:
+    """The partitions read alone, then the loader's SSD tier -> DRAM pool: (seconds, seconds)."""
+    read = _raw_read(ssd_dir, manifest, cold)
+    tiers.dram.evict(name)
+    if cold:
+        _drop()
+    t = time.perf_counter()
+    loaded = tiers.load(name)
+    seconds = time.perf_counter() - t
+    assert loaded.tier == "ssd", loaded.tier
+    loaded.release()
+    return read, seconds
+
+
+def _timed_cuda_load(tiers, name: str, tier: str, check: dict) -> tuple[float, int]:
+    """One load onto the GPU, timed to the last byte there: (seconds, device allocations);
+    checks the tier it came from and the bytes of the `check` tensors."""
+    import torch
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    loaded = tiers.load(name, device="cuda")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    try:
+        assert loaded.tier == tier, loaded.tier
+        assert all(_same_bytes(loaded.state_dict[k], v) for k, v in check.items()), "bytes differ on the GPU"
+        return seconds, len({v.untyped_storage().data_ptr() for v in loaded.state_dict.values()})
+    finally:
+        loaded.release()
 
 
 def _same_bytes(a, b) -> bool:
