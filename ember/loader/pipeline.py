@@ -15,7 +15,6 @@ from ember.errors import CheckpointError, IntegrityError
 from ember.loader.format import (
     CheckpointManifest,
     chunk_hash_available,
-    chunk_hasher,
     chunk_stream_hasher,
     sha256_hex,
     torch_dtype,
@@ -132,7 +131,6 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
 
     dest_np = np.frombuffer(dest, dtype=np.uint8)
     fast = verify and chunk_hash_available(manifest.chunk_hash)
-    hasher = chunk_hasher(manifest.chunk_hash) if fast else None
     step = manifest.chunk_bytes
     jobs = []
     for (fd, direct), base, p in zip(fds, manifest.partition_bases(), manifest.partitions, strict=False):
@@ -141,26 +139,32 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
 
     def run(job) -> None:
         fd, direct, staged, p, i, off, n, at = job
+        h = chunk_stream_hasher(manifest.chunk_hash) if fast else None
         if staged:
+            # O_DIRECT into this thread's huge-page buffer, then copied into `dest` piece by
+            # piece, each piece hashed right after the copy read it (it is in the CPU's cache).
             stage = _staging_buffer(step)
-            view = stage.memoryview()[:n]
-        else:
-            view = dest[at : at + n]
-        if hasher is not None and not direct:
-            # Buffered (page cache) reads: hash each piece while it is still in the CPU's cache.
-            h = chunk_stream_hasher(manifest.chunk_hash)
+            _pread_full(fd, stage.memoryview()[:n], off, p.file)
+            src = stage.array()
             for lo in range(0, n, FUSED_PIECE_BYTES):
-                piece = view[lo : min(n, lo + FUSED_PIECE_BYTES)]
-                _pread_full(fd, piece, off + lo, p.file)
-                h.update(piece)
-            digest = h.hexdigest()
-        else:
+                hi = min(n, lo + FUSED_PIECE_BYTES)
+                np.copyto(dest_np[at + lo : at + hi], src[lo:hi])
+                if h is not None:
+                    h.update(src[lo:hi])
+        elif direct:
+            view = dest[at : at + n]
             _pread_full(fd, view, off, p.file)
-            digest = hasher(view) if hasher is not None else None
-        if digest is not None and digest != p.chunks[i]:
+            if h is not None:
+                h.update(view)
+        else:
+            # Buffered (page cache) reads: read and hash piece by piece, each still in the cache.
+            for lo in range(0, n, FUSED_PIECE_BYTES):
+                piece = dest[at + lo : at + min(n, lo + FUSED_PIECE_BYTES)]
+                _pread_full(fd, piece, off + lo, p.file)
+                if h is not None:
+                    h.update(piece)
+        if h is not None and h.hexdigest() != p.chunks[i]:
             raise IntegrityError(f"partition {p.file}: chunk {i} (bytes {off}..{off + n}) fails its checksum")
-        if staged:
-            np.copyto(dest_np[at : at + n], stage.array()[:n])
         if on_chunk is not None:
             on_chunk(at, n)
 
