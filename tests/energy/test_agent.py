@@ -54,3 +54,28 @@ def test_prometheus_metrics() -> None:
     assert 'ember_gpu_power_limit_watts{device="sim:0",node="n1"} 700.0' in text
     assert 'ember_energy_joules_total{device="sim:0",node="n1"} 315.0' in text
     assert 'ember_energy_per_token_joules{function="chat"} 31.5' in text
+
+
+def _first_request_slow(warmup: int) -> NodeEnergyAgent:
+    gpu = SimulatedGpu("sim:0")
+    agent = NodeEnergyAgent("n1", [gpu], "recommend", warmup_requests=warmup, profile_windows=2, min_requests=3)
+    agent.record_request("chat", "sim:0", 64, 0.9, 0.01, 0.5, 0.1)  # kernels loading: TTFT 1.8x the SLO
+    for window in range(4):
+        for _ in range(3 if window == 0 else 4):
+            agent.record_request("chat", "sim:0", 64, 0.01, 0.009, 0.5, 0.1)
+        agent.tick()
+    return agent
+
+
+def test_warmup_requests_are_counted_but_not_shown_to_the_controller() -> None:
+    plain, warm = _first_request_slow(0), _first_request_slow(1)
+    # without a warm-up allowance the one slow first request ends profiling at the top
+    assert plain.controllers["sim:0"].phase == "online"
+    assert plain.controllers["sim:0"].setting.sm_clock_mhz is None
+    # with it, profiling goes on stepping down through the slack
+    assert warm.controllers["sim:0"].phase == "profiling"
+    assert warm.controllers["sim:0"].setting.sm_clock_mhz is not None
+    # the slow request still counts against the function's SLO attainment either way
+    for agent in (plain, warm):
+        chat = agent.snapshot()[0]["functions"]["chat"]
+        assert chat["requests"] == 16 and chat["slo_attainment"] == 15 / 16

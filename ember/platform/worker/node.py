@@ -126,7 +126,7 @@ class WorkerNode:
         devices = detect_devices(simulated=self.settings.simulated_gpus,
                                  allow_actuation=self.settings.energy_mode == "actuate")
         if devices:
-            self.energy = NodeEnergyAgent(self.node_id, devices, self.settings.energy_mode)
+            self.energy = NodeEnergyAgent(self.node_id, devices, self.settings.energy_mode, warmup_requests=1)
             self.energy_device_ids = [d.device_id for d in devices]
 
     def _energy_tick(self) -> None:
