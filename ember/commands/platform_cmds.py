@@ -95,7 +95,7 @@ def worker(
     advertise_url: str = typer.Option(None, help="URL gateways use to reach this worker"),
     node_id: str = typer.Option(None, help="node id (default: remembered in the data dir)"),
     energy_mode: str = typer.Option("recommend", help="observe | recommend | actuate"),
-    cpu_slots: int = typer.Option(2, help="instances slots on a node without GPUs"),
+    cpu_slots: int = typer.Option(2, envvar="EMBER_CPU_SLOTS", help="instance slots on a node without GPUs"),
     dram_capacity_bytes: int = typer.Option(None, envvar="EMBER_DRAM_CAPACITY_BYTES", help="DRAM tier size"),
     simulated_gpus: int = typer.Option(0, envvar="EMBER_SIMULATED_GPUS",
                                        help="simulated GPUs for energy accounting (CPU demos)"),

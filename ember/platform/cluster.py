@@ -122,6 +122,7 @@ class RedisCluster:
         self._register = client.register_script(_REGISTER)
         self._claim = client.register_script(_CLAIM)
         self._remove = client.register_script(_REMOVE_INSTANCE)
+        self._evict = client.register_script(_EVICT_IF_IDLE)
         self._drop_node = client.register_script(_DROP_NODE)
         self._reap = client.register_script(_REAP_DEAD)
         self._heartbeat = client.register_script(_HEARTBEAT)
@@ -235,6 +236,13 @@ class RedisCluster:
         """Forget an instance and free its claim on the device (idempotent)."""
         self._remove(keys=[Keys.instance(instance_id), Keys.instances, Keys.devices_free],
                      args=[PREFIX, instance_id])
+
+    @_state_errors
+    def evict_if_idle(self, instance_id: str) -> bool:
+        """Forget a ready instance with no outstanding request and free its claim, atomically (a
+        request cannot take it in between); False if it is busy, loading or gone."""
+        return bool(self._evict(keys=[Keys.instance(instance_id), Keys.instances, Keys.devices_free],
+                                args=[PREFIX, instance_id]))
 
     @_state_errors
     def instances(self, function: str | None = None) -> list[InstanceRecord]:
@@ -540,6 +548,12 @@ redis.call('SREM', p .. 'function:' .. f[1] .. ':instances', id)
 redis.call('SREM', p .. 'node:' .. f[2] .. ':instances', id)
 return 1
 """
+
+# The same, only for a ready instance with no outstanding request (eviction to make room).
+_EVICT_IF_IDLE = """
+local g = redis.call('HMGET', KEYS[1], 'state', 'outstanding')
+if g[1] ~= 'ready' or (tonumber(g[2]) or 0) > 0 then return 0 end
+""" + _REMOVE_INSTANCE
 
 # Drops node n (its instances, claims, devices, holdings); with only_if_dead, only when its
 # heartbeat key has expired (checked inside the script, so a beat cannot race the reaper).

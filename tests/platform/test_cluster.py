@@ -319,3 +319,21 @@ def test_claim_enforces_max_instances_atomically(redis_url: str) -> None:
     assert len(cluster.instances("f")) == 2
     cluster.remove_instance(placed[0].instance_id)
     assert cluster.place(req, get_policy("ember")) is not None  # room again after one went away
+
+
+def test_evict_if_idle_only_takes_ready_idle_instances(redis_url: str) -> None:
+    c = _cluster(redis_url)
+    _register(c, "n", gpus=1, mem=10 * GB)
+    busy, idle, loading = (c.place(_req(fn, 3 * GB), FirstFit()) for fn in ("busy", "idle", "loading"))
+    assert busy and idle and loading
+    for p in (busy, idle):
+        c.mark_ready(p.instance_id)
+    assert c.acquire_warm("busy", 1) is not None  # serving a request now
+    assert c.devices_with_room(2 * GB) == []
+    assert not c.evict_if_idle(busy.instance_id)  # outstanding request: stays
+    assert not c.evict_if_idle(loading.instance_id)  # still loading: stays
+    assert c.evict_if_idle(idle.instance_id)
+    assert not c.evict_if_idle(idle.instance_id)  # already gone
+    assert c.instance(idle.instance_id) is None and c.instances("idle") == []
+    assert [d.free_bytes for d in c.devices_with_room(GB)] == [4 * GB]  # its claim was freed
+    assert c.acquire_warm("idle", 1) is None

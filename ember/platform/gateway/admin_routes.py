@@ -112,10 +112,5 @@ async def resolve_checkpoint(request: Request, checkpoint: str) -> int:
 
 async def unload_instance(app: Any, inst: Any) -> None:
     """Tell the instance's worker to unload it (its checkpoint stays in the DRAM tier); forget it."""
-    try:
-        await app.state.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
-                                    headers={CLUSTER_TOKEN_HEADER: app.state.settings.resolved_cluster_token()},
-                                    timeout=10.0)
-    except httpx.HTTPError as e:
-        log.warning("unload of %s on %s failed: %s", inst.instance_id, inst.node_id, e)
+    await app.state.invoker.unload_on_worker(inst)
     await to_thread.run_sync(app.state.cluster.remove_instance, inst.instance_id)

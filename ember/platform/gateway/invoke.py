@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +23,11 @@ from anyio import to_thread
 
 from ember.config import Settings
 from ember.errors import EmberError, NoCapacity, WorkerError
-from ember.platform.cluster import RedisCluster
+from ember.platform.cluster import InstanceRecord, RedisCluster
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
+from ember.platform.gateway.registry import FunctionRegistry
+from ember.scheduler.eviction import IdleInstance, choose_evictions
 from ember.scheduler.routing import should_scale_out
 from ember.scheduler.view import PlacementRequest
 
@@ -71,6 +73,7 @@ class Invoker:
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
+        self._room_tried: dict[str, float] = {}  # function -> when this gateway last tried evicting for it
 
     async def acquire(self, spec: FunctionSpec) -> InvocationTarget:
         """A target with one outstanding slot taken for this request; release it with `release`."""
@@ -92,7 +95,9 @@ class Invoker:
                                             spec.name)
                 if cold is None and await self._should_start(spec):
                     cold = await self.cold_start(spec)
-                    continue
+                    if cold is not None:
+                        continue
+                    # no device has room: wait (and try again) until the deadline, not in a tight loop
                 if time.monotonic() > deadline:
                     raise NoCapacity(
                         f"no instance of {spec.name!r} could serve within {self.settings.slo_timeout_s:.0f}s "
@@ -144,6 +149,8 @@ class Invoker:
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances)
         placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
+        if placement is None and await self._make_room(spec, request):
+            placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
         if placement is None:
             return None
         try:
@@ -167,6 +174,45 @@ class Invoker:
         self.metrics.cold_starts.labels(result.tier).inc()
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result
+
+    async def _make_room(self, spec: FunctionSpec, request: PlacementRequest) -> bool:
+        """No device has room: evict least recently used idle instances of other functions (never
+        below their min_instances, never one serving a request) on the device that needs the fewest.
+        Tried at most every 0.5 s per function by this gateway; True if something was evicted."""
+        now = time.monotonic()
+        if now - self._room_tried.get(spec.name, -1.0) < 0.5:
+            return False
+        self._room_tried[spec.name] = now
+        instances = await to_thread.run_sync(self.cluster.instances)
+        idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
+                for i in instances if i.state == "ready" and i.outstanding == 0 and i.function != spec.name]
+        if not idle:
+            return False
+        specs = {f.name: f for f in await to_thread.run_sync(FunctionRegistry(self.cluster.r).list)}
+        counts = Counter(i.function for i in instances)
+        spare = {f: n - (specs[f].scaling.min_instances if f in specs else 0) for f, n in counts.items()}
+        nodes = await to_thread.run_sync(self.cluster.nodes, sorted({i.device_key.split("/")[0] for i in idle}))
+        free = {d.key: d.free_bytes for n in nodes for d in n.devices}
+        victims = choose_evictions(request.nbytes, free, idle, spare)
+        by_id = {i.instance_id: i for i in instances}
+        evicted = False
+        for v in victims:
+            if not await to_thread.run_sync(self.cluster.evict_if_idle, v.instance_id):
+                break  # it took a request meanwhile: the device stays full
+            evicted = True
+            log.info("evicting idle instance %s of %s from %s to make room for %s", v.instance_id, v.function,
+                     v.device_key, spec.name)
+            self.metrics.evictions.labels(v.function).inc()
+            await self.unload_on_worker(by_id[v.instance_id])
+        return evicted
+
+    async def unload_on_worker(self, inst: InstanceRecord) -> None:
+        """Ask the worker to drop an instance Redis no longer lists (its checkpoint stays cached)."""
+        try:
+            await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
+                                   headers={CLUSTER_TOKEN_HEADER: self.token}, timeout=10.0)
+        except httpx.HTTPError as e:
+            log.warning("unload of %s on %s failed: %s", inst.instance_id, inst.node_id, e)
 
     async def open(self, spec: FunctionSpec, req: GenerateRequest,
                    attempts: int = 3) -> tuple[InvocationTarget, AsyncIterator[dict[str, Any]]]:

@@ -26,6 +26,8 @@ class GatewayMetrics:
                                  ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.instances = Gauge("ember_instances", "Function instances by state", ["function", "state"],
                                registry=self.registry)
+        self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
+                                 ["function"], registry=self.registry)
 
 
 class ClusterEnergyCollector:
