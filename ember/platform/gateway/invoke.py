@@ -184,14 +184,15 @@ class Invoker:
             return False
         self._room_tried[spec.name] = now
         instances = await to_thread.run_sync(self.cluster.instances)
-        idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
-                for i in instances if i.state == "ready" and i.outstanding == 0 and i.function != spec.name]
-        if not idle:
+        idle_recs = [i for i in instances if i.state == "ready" and i.outstanding == 0 and i.function != spec.name]
+        if not idle_recs:
             return False
+        idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
+                for i in idle_recs]
         specs = {f.name: f for f in await to_thread.run_sync(FunctionRegistry(self.cluster.r).list)}
         counts = Counter(i.function for i in instances)
         spare = {f: n - (specs[f].scaling.min_instances if f in specs else 0) for f, n in counts.items()}
-        nodes = await to_thread.run_sync(self.cluster.nodes, sorted({i.device_key.split("/")[0] for i in idle}))
+        nodes = await to_thread.run_sync(self.cluster.nodes, sorted({i.node_id for i in idle_recs}))  # live ones
         free = {d.key: d.free_bytes for n in nodes for d in n.devices}
         victims = choose_evictions(request.nbytes, free, idle, spare)
         by_id = {i.instance_id: i for i in instances}
