@@ -27,7 +27,6 @@ from ember.loader.format import (
     chunk_hash_available,
     chunk_hasher,
     parse_manifest,
-    sha256_hex,
 )
 from ember.loader.pipeline import (
     DEFAULT_THREADS,
@@ -327,6 +326,10 @@ class NodeTiers:
                 os.ftruncate(fd, p.size)
                 fds[p.file] = fd
         jobs = []
+        # Entering the SSD tier: the whole-partition sha256 as well, over memory, fed in order as
+        # the chunks land (it overlaps the download instead of following it).
+        digests = {p.file: _InOrderSha256(dest, base, p.size, manifest.chunk_bytes)
+                   for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False)}
         for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
             for i, off in enumerate(range(0, p.size, manifest.chunk_bytes)):
                 jobs.append((p, i, off, min(manifest.chunk_bytes, p.size - off), base + off))
@@ -341,12 +344,12 @@ class NodeTiers:
                 os.pwrite(fds[p.file], view, off)
             if on_chunk is not None:
                 on_chunk(at, n)
+            digests[p.file].landed(i)
 
         try:
             run_parallel(run, jobs, S3_THREADS, "ember-get")
-            # Entering the SSD tier: the whole-partition sha256 as well (over memory, not disk).
-            for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
-                if sha256_hex(dest[base : base + p.size]) != p.sha256:
+            for p in manifest.partitions:
+                if digests[p.file].hexdigest() != p.sha256:
                     raise IntegrityError(f"{store.uri}/{name}/{p.file}: sha256 mismatch")
         finally:
             for fd in fds.values():
@@ -422,6 +425,45 @@ class NodeTiers:
         return LoadedCheckpoint(
             name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release
         )
+
+
+class _InOrderSha256:
+    """sha256 of one partition whose chunks land in any order: whichever thread finds the next
+    chunk in order landed hashes it (and those after it) while the others go on downloading."""
+
+    def __init__(self, dest: memoryview, base: int, size: int, chunk_bytes: int) -> None:
+        import hashlib
+
+        self.dest, self.base, self.size, self.chunk_bytes = dest, base, size, chunk_bytes
+        self.sha = hashlib.sha256()
+        self.next = 0
+        self.landed_chunks: set[int] = set()
+        self.hashing = False
+        self.lock = threading.Lock()
+
+    def landed(self, i: int) -> None:
+        with self.lock:
+            self.landed_chunks.add(i)
+            if self.hashing:
+                return  # the thread hashing now will get to chunk i
+            self.hashing = True
+        while True:
+            with self.lock:
+                if self.next not in self.landed_chunks:
+                    self.hashing = False
+                    return
+                j = self.next
+            lo = self.base + j * self.chunk_bytes
+            self.sha.update(self.dest[lo : min(self.base + self.size, lo + self.chunk_bytes)])
+            with self.lock:
+                self.landed_chunks.discard(j)
+                self.next = j + 1
+
+    def hexdigest(self) -> str:
+        """The partition's sha256; every chunk must have landed (a partition of 0 bytes has none)."""
+        if self.next * self.chunk_bytes < self.size:
+            raise IntegrityError(f"sha256 of a partition asked before chunk {self.next} landed")
+        return self.sha.hexdigest()
 
 
 def _copy_meta(src: Path, meta_dir: Path) -> None:

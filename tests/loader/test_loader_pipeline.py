@@ -92,3 +92,24 @@ def test_run_parallel_works_in_a_forked_child() -> None:
 )
 def test_huge_tmpfs_detection(target: str, forced: bool, expected: bool) -> None:
     assert huge_tmpfs_in(target, MOUNTS, forced=forced) is expected
+
+
+def test_in_order_sha256_of_chunks_landing_in_any_order_on_many_threads() -> None:
+    import hashlib
+    import random
+
+    from ember.loader.tiers import _InOrderSha256
+
+    data = memoryview(os.urandom((5 << 20) + 12345))
+    base, size, chunk = 1000, len(data) - 1000, 256 << 10
+    order = list(range(-(-size // chunk)))
+    random.Random(7).shuffle(order)
+    digest = _InOrderSha256(data, base, size, chunk)
+    run_parallel(lambda i: (time.sleep(random.random() / 1000), digest.landed(i)), order, 6, "test-sha")
+    assert digest.hexdigest() == hashlib.sha256(data[base:]).hexdigest()
+
+    partial = _InOrderSha256(data, base, size, chunk)
+    for i in order[:-1]:
+        partial.landed(i)
+    with pytest.raises(Exception, match="before chunk"):
+        partial.hexdigest()  # one chunk never landed: no digest over a hole

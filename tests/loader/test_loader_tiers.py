@@ -179,9 +179,11 @@ def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, 
     tiers = make_tiers()
     tiers.load("good").release()
     assert tiers.dram.evict("good")
-    for name in ("flipped", "truncated", "terabytes", "nopart", "outofbounds", "overlap", "dtype"):
+    for name in ("flipped", "truncated", "terabytes", "nopart", "outofbounds", "overlap", "dtype", "forgedsha"):
         store.push(tiny_model_dir, name)
     edits = {
+        # every chunk checksum still matches: only the whole-partition sha256 can catch it
+        "forgedsha": lambda d: d["partitions"][0].update(sha256="0" * 64),
         "outofbounds": lambda d: d["tensors"][-1].update(offset=d["partitions"][0]["size"]),
         "overlap": lambda d: d["tensors"][1].update(offset=d["tensors"][0]["offset"]),
         "dtype": lambda d: d["tensors"][0].update(dtype="F7"),
@@ -203,6 +205,7 @@ def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, 
     before = snapshot(tiers)
     cases = [
         ("flipped", IntegrityError, "checksum"),
+        ("forgedsha", IntegrityError, "sha256 mismatch"),
         ("truncated", CheckpointError, "claims"),
         ("terabytes", CheckpointError, "claims"),
         ("nopart", CheckpointNotFound, "part-00000.bin"),
