@@ -319,12 +319,10 @@ class NodeTiers:
     def _download(self, store, name, manifest: CheckpointManifest, dest: memoryview, ssd_tmp, on_chunk) -> None:
         fast = chunk_hash_available(manifest.chunk_hash)
         hasher = chunk_hasher(manifest.chunk_hash) if fast else None
-        fds = {}
-        if ssd_tmp is not None:
-            for p in manifest.partitions:
-                fd = os.open(ssd_tmp / p.file, os.O_RDWR | os.O_CREAT, 0o600)
-                os.ftruncate(fd, p.size)
-                fds[p.file] = fd
+        fds: dict[str, tuple[int, int | None]] = {}  # partition -> (buffered fd, O_DIRECT fd or None)
+        import numpy as np
+
+        dest_addr = np.frombuffer(dest, dtype=np.uint8).ctypes.data if len(dest) else 0
         jobs = []
         # Entering the SSD tier: the whole-partition sha256 as well, over memory, fed in order as
         # the chunks land (it overlaps the download instead of following it).
@@ -341,19 +339,32 @@ class NodeTiers:
             if hasher is not None and hasher(view) != p.chunks[i]:
                 raise IntegrityError(f"{store.uri}/{name}/{p.file}: chunk {i} fails its checksum")
             if p.file in fds:
-                os.pwrite(fds[p.file], view, off)
+                # The SSD copy goes straight from memory to the disk where it can (O_DIRECT: no page
+                # cache to allocate, nothing left to flush at commit); a ragged tail goes buffered.
+                buffered, direct = fds[p.file]
+                aligned = (dest_addr + at) % 4096 == 0 and off % 4096 == 0 and n % 4096 == 0
+                written = os.pwrite(direct if direct is not None and aligned else buffered, view, off)
+                if written != n:
+                    raise CapacityError(f"SSD tier: short write of {p.file} at byte {off} ({written} of {n})")
             if on_chunk is not None:
                 on_chunk(at, n)
             digests[p.file].landed(i)
 
         try:
+            for p in manifest.partitions if ssd_tmp is not None else ():
+                fd = os.open(ssd_tmp / p.file, os.O_RDWR | os.O_CREAT, 0o600)
+                fds[p.file] = (fd, None)
+                os.ftruncate(fd, p.size)
+                fds[p.file] = (fd, _open_direct_writer(ssd_tmp / p.file))
             run_parallel(run, jobs, S3_THREADS, "ember-get")
             for p in manifest.partitions:
                 if digests[p.file].hexdigest() != p.sha256:
                     raise IntegrityError(f"{store.uri}/{name}/{p.file}: sha256 mismatch")
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for pair in fds.values():
+                for fd in pair:
+                    if fd is not None:
+                        os.close(fd)
         if ssd_tmp is not None:
             (ssd_tmp / MANIFEST_FILE).write_bytes(manifest.to_json())
 
@@ -425,6 +436,16 @@ class NodeTiers:
         return LoadedCheckpoint(
             name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release
         )
+
+
+def _open_direct_writer(path: Path) -> int | None:
+    """A second descriptor on `path` with O_DIRECT, or None where the file system refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return None
 
 
 class _InOrderSha256:
