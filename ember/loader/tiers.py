@@ -7,6 +7,7 @@ every chunk into the DRAM pool and the SSD tier's temporary entry at once, verif
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -343,7 +344,12 @@ class NodeTiers:
                 # cache to allocate, nothing left to flush at commit); a ragged tail goes buffered.
                 buffered, direct = fds[p.file]
                 aligned = (dest_addr + at) % 4096 == 0 and off % 4096 == 0 and n % 4096 == 0
-                written = os.pwrite(direct if direct is not None and aligned else buffered, view, off)
+                try:
+                    written = os.pwrite(direct if direct is not None and aligned else buffered, view, off)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or direct is None:
+                        raise
+                    written = os.pwrite(buffered, view, off)  # a device wanting larger alignment
                 if written != n:
                     raise CapacityError(f"SSD tier: short write of {p.file} at byte {off} ({written} of {n})")
             if on_chunk is not None:
