@@ -15,7 +15,7 @@ def bench_loader(
     cold: bool = typer.Option(False, "--cold", help="Drop the page cache before every measurement (root)."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds; methods are interleaved within each."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Where checkpoints are written (default: beside --json)."),
-    threads: int | None = typer.Option(None, "--threads", help="Reader threads (default EMBER_LOADER_THREADS or 12)."),
+    threads: int | None = typer.Option(None, "--threads", help="Reader threads (default EMBER_LOADER_THREADS or 8)."),
 ) -> None:
     """Checkpoint loading: Ember's tiers against safetensors and torch.load, one interleaved run."""
     from rich.console import Console

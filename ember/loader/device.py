@@ -28,6 +28,20 @@ def register_host_memory(addr: int, length: int) -> bool:
     return int(rc) == 0
 
 
+def unregister_host_memory(addr: int) -> bool:
+    """Undo register_host_memory (before the range is unmapped: the driver would otherwise keep a
+    registration over addresses a later mapping may reuse). Best effort."""
+    if not cuda_available():
+        return False
+    import torch
+
+    try:
+        rc = torch.cuda.cudart().cudaHostUnregister(addr)
+    except (RuntimeError, AttributeError):
+        return False
+    return int(rc) == 0
+
+
 class DeviceUpload:
     """One device buffer for a whole checkpoint, filled by async copies on a side stream."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ember.errors import CapacityError, CheckpointError, IntegrityError
 from ember.loader import vm
 from ember.loader.convert import read_manifest
-from ember.loader.device import DeviceUpload, register_host_memory, run_slices
+from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.dram import DramEntry, DramTier
 from ember.loader.format import (
     FILES_DIR,
@@ -196,6 +196,9 @@ class NodeTiers:
         """Close handles. The DRAM pool goes when its last process closes (destroy_dram None),
         now (True), or is kept for the next worker on this data dir (False)."""
         self.ssd.close()
+        if self.pinned_pool and self.dram.rw is not None:
+            unregister_host_memory(self.dram.rw.addr)
+            self.pinned_pool = False
         if destroy_dram:
             self.dram.destroy()
         else:
