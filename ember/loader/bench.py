@@ -102,21 +102,11 @@ def run_loader_bench(
                     dt = _torch_load(pt_file, mmap=True)
                 elif method == "ember_ssd":
                     tiers.dram.evict(CKPT_NAME)
-                    t = time.perf_counter()
-                    loaded = tiers.load(CKPT_NAME)
-                    dt = time.perf_counter() - t
-                    assert loaded.tier == "ssd", loaded.tier
-                    loaded.release()
-                    del loaded
+                    dt = _timed_load(tiers, "ssd")
                 elif method == "ember_dram":
                     dt = _ember_dram_child(workdir / "node", tiers)
                 else:
-                    t = time.perf_counter()
-                    loaded = tiers.load(CKPT_NAME)
-                    dt = time.perf_counter() - t
-                    assert loaded.tier == "dram", loaded.tier
-                    loaded.release()
-                    del loaded
+                    dt = _timed_load(tiers, "dram")
                 times[method].append(dt)
                 log(f"  {method:18s} {dt:7.3f} s  {nbytes / dt / 1e9:6.2f} GB/s")
         del torch
@@ -278,6 +268,16 @@ def _raw_read(ssd_dir: Path, manifest, buffer, direct: bool, threads: int) -> fl
         for fd, _ in fds:
             os.close(fd)
     return time.perf_counter() - t
+
+
+def _timed_load(tiers, tier: str) -> float:
+    """Seconds for one NodeTiers.load of the bench checkpoint, which must come from `tier`."""
+    t = time.perf_counter()
+    loaded = tiers.load(CKPT_NAME)
+    dt = time.perf_counter() - t
+    assert loaded.tier == tier, loaded.tier
+    loaded.release()
+    return dt
 
 
 def _read_through(path: Path) -> None:

@@ -145,7 +145,7 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
             # O_DIRECT into this thread's huge-page buffer, then copied into `dest` piece by
             # piece, each piece hashed right after the copy read it (it is in the CPU's cache).
             stage = _staging_buffer(step)
-            _pread_full(fd, stage.memoryview()[:n], off, p.file)
+            pread_full(fd, stage.memoryview()[:n], off, f"partition {p.file}")
             src = stage.array()
             for lo in range(0, n, FUSED_PIECE_BYTES):
                 hi = min(n, lo + FUSED_PIECE_BYTES)
@@ -154,14 +154,14 @@ def _read(fds, manifest, dest: memoryview, threads: int, verify: bool, on_chunk,
                     h.update(src[lo:hi])
         elif direct:
             view = dest[at : at + n]
-            _pread_full(fd, view, off, p.file)
+            pread_full(fd, view, off, f"partition {p.file}")
             if h is not None:
                 h.update(view)
         else:
             # Buffered (page cache) reads: read and hash piece by piece, each still in the cache.
             for lo in range(0, n, FUSED_PIECE_BYTES):
                 piece = dest[at + lo : at + min(n, lo + FUSED_PIECE_BYTES)]
-                _pread_full(fd, piece, off + lo, p.file)
+                pread_full(fd, piece, off + lo, f"partition {p.file}")
                 if h is not None:
                     h.update(piece)
         if h is not None and h.hexdigest() != p.chunks[i]:
@@ -186,13 +186,13 @@ _staging = threading.local()
 FUSED_PIECE_BYTES = 4 << 20
 
 
-def _pread_full(fd: int, view: memoryview, offset: int, file: str) -> None:
-    """preadv until `view` is full; CheckpointError if the file ends first."""
+def pread_full(fd: int, view: memoryview, offset: int, what: str) -> None:
+    """preadv until `view` is full; CheckpointError naming `what` if the file ends first."""
     got, n = 0, len(view)
     while got < n:
         r = os.preadv(fd, [view[got:]], offset + got)
         if r <= 0:
-            raise CheckpointError(f"partition {file} ended early at byte {offset + got}")
+            raise CheckpointError(f"{what} ended early at byte {offset + got}")
         got += r
 
 

@@ -21,6 +21,7 @@ from ember.errors import CheckpointError, CheckpointNotFound, StoreAccessDenied,
 from ember.loader.convert import convert_checkpoint, is_converted, read_manifest, verify_checkpoint
 from ember.loader.format import MANIFEST_FILE, CheckpointManifest, parse_manifest
 from ember.loader.names import validate_name
+from ember.loader.pipeline import pread_full
 
 RANGE_BYTES = 16 << 20
 S3_THREADS = 8
@@ -179,12 +180,7 @@ class FileStore(CheckpointStore):
         except FileNotFoundError as e:
             raise CheckpointNotFound(f"{self.uri}/{name}/{relpath} does not exist") from e
         try:
-            got = 0
-            while got < len(dest):
-                n = os.preadv(fd, [dest[got:]], offset + got)
-                if n <= 0:
-                    raise CheckpointError(f"{self.uri}/{name}/{relpath} ended early at byte {offset + got}")
-                got += n
+            pread_full(fd, dest, offset, f"{self.uri}/{name}/{relpath}")
         finally:
             os.close(fd)
 
