@@ -45,6 +45,7 @@ class DeviceSpec:
 
     device_id: str
     memory_bytes: int
+    uuid: str = ""  # the GPU's UUID ("GPU-..."), how a GPU is identified across workers and NVML
 
 
 @dataclass
@@ -63,6 +64,7 @@ class InstanceRecord:
     created_s: float
     last_used_s: float
     tier: str = "remote"  # where the checkpoint was when the instance was placed
+    kv_bytes: int = 0  # the instance's KV-cache budget, claimed on top of the (shared) weights
 
     @classmethod
     def from_hash(cls, instance_id: str, h: dict[str, str]) -> InstanceRecord:
@@ -79,6 +81,7 @@ class InstanceRecord:
             created_s=float(h.get("created_s", 0.0)),
             last_used_s=float(h.get("last_used_s", 0.0)),
             tier=h.get("tier", "remote"),
+            kv_bytes=int(h.get("kv_bytes", 0)),
         )
 
     def to_hash(self) -> dict[str, str]:
@@ -207,7 +210,7 @@ class RedisCluster:
             rec = InstanceRecord(
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,
                 node_id=est.node_id, device_id=est.device_id, worker_url="", state="loading", outstanding=0,
-                nbytes=request.nbytes, created_s=now, last_used_s=now, tier=est.tier,
+                nbytes=request.nbytes, created_s=now, last_used_s=now, tier=est.tier, kv_bytes=request.kv_bytes,
             )
             fields: list[str] = ["estimate_s", repr(est.seconds)]
             for k, v in rec.to_hash().items():
@@ -496,8 +499,16 @@ local claimed = tonumber(redis.call('HGET', KEYS[2], 'claimed_bytes') or '0')
 local n = tonumber(ARGV[1])
 local max_instances = tonumber(ARGV[6])
 if max_instances > 0 and redis.call('SCARD', KEYS[5]) >= max_instances then return -2 end
+-- weights once per checkpoint per device, plus this instance's KV budget
+local kv, ck = 0, ''
+for i = 7, #ARGV, 2 do
+  if ARGV[i] == 'kv_bytes' then kv = tonumber(ARGV[i + 1]) elseif ARGV[i] == 'checkpoint' then ck = ARGV[i + 1] end
+end
+if tonumber(redis.call('HGET', KEYS[2], 'ckpt:' .. ck) or '0') > 0 then n = 0 end
+n = n + kv
 if mem - claimed < n then return 0 end
-claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[1])
+claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', n)
+redis.call('HINCRBY', KEYS[2], 'ckpt:' .. ck, 1)
 redis.call('HINCRBY', KEYS[2], 'instances', 1)
 local now = tonumber(ARGV[2])
 local busy = tonumber(redis.call('HGET', KEYS[2], 'busy_until_s') or '0')
@@ -522,7 +533,16 @@ redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[1])
 local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
 if mem then
-  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[2])
+  local n = tonumber(ARGV[2])
+  -- weights once per checkpoint per device, plus this instance's KV budget
+  local kv, ck = 0, ''
+  for i = 4, #ARGV, 2 do
+    if ARGV[i] == 'kv_bytes' then kv = tonumber(ARGV[i + 1]) elseif ARGV[i] == 'checkpoint' then ck = ARGV[i + 1] end
+  end
+  if tonumber(redis.call('HGET', KEYS[2], 'ckpt:' .. ck) or '0') > 0 then n = 0 end
+  n = n + kv
+  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', n)
+  redis.call('HINCRBY', KEYS[2], 'ckpt:' .. ck, 1)
   redis.call('HINCRBY', KEYS[2], 'instances', 1)
   redis.call('ZADD', KEYS[6], mem - claimed, ARGV[3])
 end
@@ -531,12 +551,19 @@ return 1
 
 # KEYS: instance, instances, devices_free; ARGV: prefix, instance id
 _REMOVE_INSTANCE = """
-local f = redis.call('HMGET', KEYS[1], 'function', 'node_id', 'device_id', 'nbytes')
+local f = redis.call('HMGET', KEYS[1], 'function', 'node_id', 'device_id', 'nbytes', 'kv_bytes', 'checkpoint')
 if not f[1] then return 0 end
 local p, id = ARGV[1], ARGV[2]
 local dkey = p .. 'device:' .. f[2] .. '/' .. f[3]
 if redis.call('EXISTS', dkey) == 1 then
-  local c = redis.call('HINCRBY', dkey, 'claimed_bytes', -tonumber(f[4]))
+  -- the KV budget always goes; the weights with the device's last instance of the checkpoint
+  local free = tonumber(f[5] or '0') or 0
+  local ck = 'ckpt:' .. (f[6] or '')
+  if redis.call('HINCRBY', dkey, ck, -1) <= 0 then
+    redis.call('HDEL', dkey, ck)
+    free = free + tonumber(f[4])
+  end
+  local c = redis.call('HINCRBY', dkey, 'claimed_bytes', 0 - free)
   if c < 0 then redis.call('HSET', dkey, 'claimed_bytes', 0); c = 0 end
   if redis.call('HINCRBY', dkey, 'instances', -1) < 0 then redis.call('HSET', dkey, 'instances', 0) end
   local mem = tonumber(redis.call('HGET', dkey, 'memory_bytes'))

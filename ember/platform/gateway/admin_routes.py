@@ -35,9 +35,9 @@ async def put_function(name: str, body: FunctionDeploy, request: Request, respon
         from ember.scheduler.policies import get_policy
 
         get_policy(body.placement_policy)  # unknown names are a 400 now, not at the first cold start
-    nbytes = await resolve_checkpoint(request, body.checkpoint)
+    info = await resolve_checkpoint(request, body.checkpoint)
     spec, created = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).put, name, body, principal,
-                                             nbytes)
+                                             int(info.get("nbytes", 0)), int(info.get("kv_budget_bytes", 0)))
     response.status_code = 201 if created else 200
     return spec
 
@@ -89,13 +89,14 @@ async def delete_key(key_id: str, request: Request, _: AdminPrincipal) -> Respon
     return Response(status_code=204)
 
 
-async def resolve_checkpoint(request: Request, checkpoint: str) -> int:
-    """Ask a live worker for the checkpoint's size (gateways never read the store themselves).
-    Returns 0 when no worker is up yet; the first cold start then learns the size."""
+async def resolve_checkpoint(request: Request, checkpoint: str) -> dict[str, Any]:
+    """Ask a live worker for the checkpoint's size, KV budget and whether its architecture can be
+    served (a 400 if not; gateways never read the store themselves). Empty when no worker is up
+    yet; the first cold start then learns the size."""
     app = request.app
     nodes = await to_thread.run_sync(app.state.cluster.live_nodes)
     if not nodes:
-        return 0
+        return {}
     node = random.choice(nodes)
     url = await to_thread.run_sync(app.state.cluster.node_url, node)
     try:
@@ -104,10 +105,10 @@ async def resolve_checkpoint(request: Request, checkpoint: str) -> int:
                                         timeout=30.0)
     except httpx.HTTPError as e:
         log.warning("could not ask worker %s about %s: %s", node, checkpoint, e)
-        return 0
+        return {}
     if resp.status_code != 200:
         raise worker_error(resp, f"checkpoint {checkpoint!r}")
-    return int(resp.json()["nbytes"])
+    return dict(resp.json())
 
 
 async def unload_instance(app: Any, inst: Any) -> None:

@@ -147,7 +147,8 @@ class Invoker:
         """Place and load one new instance of `spec`; None when no device has room now."""
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
-                                   max_instances=spec.scaling.max_instances)
+                                   max_instances=spec.scaling.max_instances,
+                                   kv_bytes=spec.kv_bytes or self.settings.kv_budget_bytes)
         placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
         if placement is None and await self._make_room(spec, request):
             placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
@@ -156,7 +157,8 @@ class Invoker:
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
-                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint},
+                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint,
+                      "kv_budget_bytes": request.kv_bytes},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=2.0),
             )
@@ -273,8 +275,10 @@ def worker_error(resp: httpx.Response, context: str) -> EmberError:
     try:
         body = resp.json()["error"]
         err = EmberError(f"{context}: {body['message']}", code=body.get("code") or "worker_error")
-        err.status_code = resp.status_code if resp.status_code < 500 else 502
+        err.status_code = resp.status_code if resp.status_code < 500 or resp.status_code == 503 else 502
         err.error_type = body.get("type") or "server_error"
+        if "retry-after" in resp.headers:  # a full instance queue: the client may retry (429)
+            err.retry_after_s = float(resp.headers["retry-after"])  # type: ignore[attr-defined]
         return err
     except (ValueError, KeyError, TypeError):
         return WorkerError(f"{context}: HTTP {resp.status_code}")

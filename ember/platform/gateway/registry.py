@@ -30,7 +30,8 @@ class FunctionRegistry:
         return sorted((FunctionSpec.model_validate_json(v) for v in self.client.hgetall(Keys.functions).values()),
                       key=lambda s: s.name)
 
-    def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int) -> tuple[FunctionSpec, bool]:
+    def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
+            kv_bytes: int = 0) -> tuple[FunctionSpec, bool]:
         """Create or replace; returns (spec, created)."""
         check_name(name, "function name")
         raw = self.client.hget(Keys.functions, name)
@@ -39,10 +40,10 @@ class FunctionRegistry:
             old = FunctionSpec.model_validate_json(raw)
             self.check_owner(old, owner)
             spec = FunctionSpec(name=name, owner=old.owner, created=old.created, updated=now, nbytes=nbytes,
-                                **body.model_dump())
+                                kv_bytes=kv_bytes, **body.model_dump())
         else:
             spec = FunctionSpec(name=name, owner=owner.id, created=now, updated=now, nbytes=nbytes,
-                                **body.model_dump())
+                                kv_bytes=kv_bytes, **body.model_dump())
         self.client.hset(Keys.functions, name, spec.model_dump_json())
         return spec, raw is None
 

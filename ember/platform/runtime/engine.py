@@ -23,14 +23,14 @@ from ember.platform.runtime.solo import run_alone
 
 __all__ = ["ModelInstance", "TokenDelta", "GenerationDone", "EngineLimits"]
 
-DEFAULT_KV_BUDGET_BYTES = 256 << 20
+DEFAULT_KV_BUDGET_TOKENS = 8192
 
 
 class ModelInstance:
     """A model ready to serve, with its batching engine."""
 
     def __init__(self, instance_id: str, function: str, model: Any, tokenizer: Any, loaded: Any = None, *,
-                 kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES, max_batch: int = 64, max_queue: int = 256,
+                 kv_budget_bytes: int = 0, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS, max_batch: int = 64, max_queue: int = 256,
                  device_id: str | None = None, listener: Any = None) -> None:
         import torch
 
@@ -52,7 +52,8 @@ class ModelInstance:
         dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
         self.kv_bytes_per_token = kvcache.kv_bytes_per_token(model.config, dtype_bytes)
         self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        budget_tokens = max(1, kv_budget_bytes // self.kv_bytes_per_token)
+        budget_tokens = max(1, kv_budget_bytes // self.kv_bytes_per_token) if kv_budget_bytes else kv_budget_tokens
+        self.kv_budget_bytes = budget_tokens * self.kv_bytes_per_token
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids, default=0))
         self.device_id = device_id or str(self.device)
         self.listener = listener

@@ -15,18 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ember.loader.model import kv_bytes_per_token  # noqa: F401 - the budget's unit, re-exported
+
 GROW = 64  # spare columns allocated when a layer's buffer must grow
-
-
-def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
-    """KV-cache bytes one token costs, from a transformers config."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layers = int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 1))
-    heads = int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1))
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    hidden = int(getattr(text, "hidden_size", None) or getattr(text, "n_embd", 1))
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    return layers * kv_heads * head_dim * 2 * dtype_bytes
 
 
 def make_cache(config: Any) -> Any:

@@ -55,14 +55,14 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def healthz(request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
         return {"status": "ok", "node": node.node_id, "instances": {
-            i.instance_id: {"function": i.function, "active": i.active, "finished": i.finished}
+            i.instance_id: {"function": i.function, "active": i.active, "finished": i.finished,
+                            "engine": i.stats()}
             for i in list(node.instances.values())}}
 
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
-        nbytes = await to_thread.run_sync(node.tiers.checkpoint_nbytes, ref)
-        return {"name": ref, "nbytes": nbytes}
+        return await to_thread.run_sync(node.checkpoint_info, ref)
 
     @app.post("/internal/instances")
     async def load(body: LoadRequest, request: Request) -> LoadResult:
@@ -86,21 +86,22 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         node: WorkerNode = request.app.state.node
         inst = node.get(instance_id)
         # tokenized before streaming, so a context-length error is a 400 rather than an in-stream error
-        ids = await to_thread.run_sync(inst.prompt_ids, body)
-        return StreamingResponse(_ndjson(node, inst, body, ids), media_type="application/x-ndjson")
+        # tokenized and queued before streaming, so a context-length error is a 400, a full queue a 429
+        # (Retry-After) and a request no KV budget could hold a 503, rather than in-stream errors
+        seq = await to_thread.run_sync(inst.submit, body)
+        return StreamingResponse(_ndjson(node, inst, body, seq), media_type="application/x-ndjson")
 
     return app
 
 
-async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[int]) -> AsyncIterator[bytes]:
-    """Run generation in its own thread; stream its events; cancel it when the client goes away."""
+async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) -> AsyncIterator[bytes]:
+    """Relay the sequence's events (its engine runs them); cancel it when the client goes away."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
-    cancelled = threading.Event()
 
     def produce() -> None:
         try:
-            for ev in inst.generate(body, cancelled, ids):
+            for ev in inst.stream(seq):
                 loop.call_soon_threadsafe(queue.put_nowait, ev)
         except EmberError as e:
             loop.call_soon_threadsafe(queue.put_nowait, e)
@@ -110,7 +111,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    thread = threading.Thread(target=produce, name=f"gen-{inst.instance_id}", daemon=True)
+    thread = threading.Thread(target=produce, name=f"stream-{inst.instance_id}", daemon=True)
     thread.start()
     try:
         while True:
@@ -128,4 +129,5 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
             elif isinstance(ev, EmberError):
                 yield json.dumps(ev.to_openai()).encode() + b"\n"
     finally:
-        cancelled.set()  # client gone (or done): the decode loop stops at its next token
+        if seq.finish is None:
+            inst.engine.cancel(seq)  # client gone: the engine drops it before its next step

@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 
 
 def detect_compute_devices(settings: Settings) -> list[DeviceSpec]:
-    """The GPUs this process sees, else `cpu_slots` CPU slots sharing the DRAM capacity."""
+    """The GPUs this worker owns (`EMBER_DEVICES`, else all it sees), each offering its memory less
+    the per-device reserve; else `cpu_slots` CPU slots sharing the DRAM capacity."""
     import torch
 
     if torch.cuda.is_available():
-        return [DeviceSpec(f"cuda:{i}", torch.cuda.get_device_properties(i).total_memory)
-                for i in range(torch.cuda.device_count())]
+        from ember.platform.devices import cuda_devices, select_devices
+
+        owned = select_devices(cuda_devices(), settings.devices)
+        return [DeviceSpec(f"cuda:{d.index}", max(0, d.memory_bytes - settings.device_reserve_bytes), d.uuid)
+                for d in owned]
     per_slot = max(1, settings.dram_capacity_bytes // max(1, settings.cpu_slots))
     return [DeviceSpec(f"cpu:{i}", per_slot) for i in range(settings.cpu_slots)]
 
@@ -149,8 +153,14 @@ class WorkerNode:
         device_id = rec.device_id if rec is not None else "cpu:0"
         device = device_id if device_id.startswith("cuda") else "cpu"
         loaded = self.tiers.load(req.checkpoint, device=device)
+        listener = self.energy if hasattr(self.energy, "phase_starts") else None
         try:
-            inst = ModelInstance.from_loaded(req.instance_id, req.function, loaded, device=device)
+            inst = ModelInstance.from_loaded(
+                req.instance_id, req.function, loaded, device=device,
+                kv_budget_bytes=req.kv_budget_bytes or self.settings.kv_budget_bytes,
+                kv_budget_tokens=self.settings.kv_budget_tokens,
+                max_batch=self.settings.engine_max_batch, max_queue=self.settings.engine_max_queue,
+                device_id=self._energy_device_id(device_id), listener=listener)
         except BaseException:
             loaded.release()
             raise
@@ -193,11 +203,31 @@ class WorkerNode:
         inst.close()
         log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
 
+    def checkpoint_info(self, ref: str) -> dict[str, Any]:
+        """Size and serving facts of a checkpoint, for deploy: refuses (400) an architecture that
+        cannot be served, so a deploy fails rather than the first invoke."""
+        from ember.loader.model import check_servable
+        from ember.loader.store import split_ref
+
+        nbytes = self.tiers.checkpoint_nbytes(ref)
+        store_uri, name = split_ref(ref)
+        store = self.tiers.store(store_uri or self.tiers.store_url)
+        facts = check_servable(store.read_bytes(name, "files/config.json"))
+        kv_bytes = self.settings.kv_budget_bytes or facts["kv_bytes_per_token"] * self.settings.kv_budget_tokens
+        return {"name": ref, "nbytes": nbytes, **facts, "kv_budget_bytes": kv_bytes}
+
     def get(self, instance_id: str) -> ModelInstance:
         inst = self.instances.get(instance_id)
         if inst is None:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         return inst
+
+    def _energy_device_id(self, device_id: str) -> str:
+        """The energy agent's id for one of this worker's devices (CPU slots map onto simulated GPUs by index)."""
+        if not self.energy_device_ids or device_id in self.energy_device_ids:
+            return device_id
+        index = next((i for i, d in enumerate(self.devices) if d.device_id == device_id), 0)
+        return self.energy_device_ids[index % len(self.energy_device_ids)]
 
     def record_request(self, inst: ModelInstance, done: Any, req: GenerateRequest) -> None:
         """Feed the energy agent with the request's tokens, latencies and its function's SLO."""
