@@ -31,6 +31,7 @@ from ember.scheduler.view import (
     NodeState,
     PlacementPolicy,
     PlacementRequest,
+    StartupEstimate,
     Tier,
 )
 
@@ -203,7 +204,7 @@ class RedisCluster:
         """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
         state "loading", atomically. Retries when the claim loses a race; None if nothing fits."""
         for _ in range(_CLAIM_ATTEMPTS):
-            est = policy.place(request, _DecisionView(self, request))
+            est = policy.place(request, _DecisionView(self, request)) or self._beside_weights(request)
             if est is None:
                 return None
             now = time.time()
@@ -227,6 +228,16 @@ class RedisCluster:
                 return Placement(rec.instance_id, est.node_id, est.device_id, url, est.tier, est.seconds)
             if url == -2:  # the function already has max_instances (another gateway won the race)
                 return None
+        return None
+
+    def _beside_weights(self, request: PlacementRequest) -> StartupEstimate | None:
+        """A device that already holds the checkpoint's weights (claimed once per device) and has
+        room for one more KV budget: what the policy cannot see when the weights do not fit twice."""
+        if request.kv_bytes <= 0:
+            return None
+        for d in self.devices_with_room(request.kv_bytes, limit=64):
+            if self.r.hget(Keys.device(d.node_id, d.device_id), f"ckpt:{request.checkpoint}"):
+                return StartupEstimate(d.node_id, d.device_id, "gpu", 0.0, d.awake)
         return None
 
     @_state_errors

@@ -107,7 +107,13 @@ class ModelInstance:
 
     def new_sequence(self, req: GenerateRequest, ids: list[int] | None = None) -> Sequence:
         ids = ids if ids is not None else self.prompt_ids(req)
-        return Sequence(ids, req, self.tokenizer, self.eos_ids, self.device)
+        seq = Sequence(ids, req, self.tokenizer, self.eos_ids, self.device)
+        seq.on_end = self._count
+        return seq
+
+    def _count(self, finish: str) -> None:
+        with self._lock:
+            self.finished[finish] = self.finished.get(finish, 0) + 1
 
     def submit(self, req: GenerateRequest, ids: list[int] | None = None) -> Sequence:
         """Queue a request in the engine (raises Overloaded / ServiceUnavailable right away)."""
@@ -122,11 +128,7 @@ class ModelInstance:
             watcher = threading.Thread(target=_forward_cancel, args=(cancelled, seq, self.engine), daemon=True)
             watcher.start()
         try:
-            for ev in seq.stream():
-                if isinstance(ev, GenerationDone):
-                    with self._lock:
-                        self.finished[ev.finish_reason] = self.finished.get(ev.finish_reason, 0) + 1
-                yield ev
+            yield from seq.stream()
         finally:
             if seq.finish is None:
                 self.engine.cancel(seq)
@@ -142,7 +144,8 @@ class ModelInstance:
 
     def generate_alone(self, req: GenerateRequest, ids: list[int] | None = None) -> Iterator[TokenDelta | GenerationDone]:
         """The request-at-a-time loop in the caller's thread (reference and benchmark baseline)."""
-        yield from run_alone(self.model, self.new_sequence(req, ids), self.listener, self.device_id, self.function)
+        yield from run_alone(self.model, self.new_sequence(req, ids), self.listener, self.device_id, self.function,
+                             self.model_bytes)
 
 
 def _forward_cancel(cancelled: threading.Event, seq: Sequence, engine: BatchingEngine) -> None:

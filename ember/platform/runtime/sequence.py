@@ -37,6 +37,7 @@ class Sequence:
         self.t_first: float | None = None
         self.finish: str | None = None
         self.last = ids[-1]
+        self.on_end: Any = None  # called with the finish reason when the sequence ends
 
     # --- engine side ---------------------------------------------------------------------------
     def take(self, token: int) -> bool:
@@ -69,6 +70,8 @@ class Sequence:
         t_end = time.perf_counter()
         t_first = self.t_first or t_end
         self.events.put(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_end - t_first))
+        if self.on_end is not None:
+            self.on_end(self.finish)
 
     def fail(self, err: EmberError) -> None:
         self.finish = "error"

@@ -16,7 +16,7 @@ from ember.platform.runtime.sequence import Sequence, sample
 
 
 def run_alone(model: Any, seq: Sequence, listener: Any = None, device_id: str = "cpu:0",
-              function: str = "") -> Iterator[TokenDelta | GenerationDone]:
+              function: str = "", model_bytes: int = 0) -> Iterator[TokenDelta | GenerationDone]:
     import torch
 
     params = inspect.signature(model.forward).parameters
@@ -45,7 +45,7 @@ def run_alone(model: Any, seq: Sequence, listener: Any = None, device_id: str = 
                     from ember.energy.steps import EngineStep
 
                     listener.step_done(EngineStep(device_id, phase, int(step.shape[1]), 1, time.perf_counter() - t0,
-                                                  function, kvcache.cache_len(cache)))
+                                                  function, kvcache.cache_len(cache), model_bytes))
                 if seq.take(tok):
                     break
                 while not seq.events.empty():
