@@ -90,8 +90,11 @@ def build_model(model_files: Path | str, state_dict: dict, device: str = "cpu") 
     cls = causal_lm_class(config)
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
     try:
+        # device_map keeps tensors already on the device where they are (transformers' default map
+        # is {"": "cpu"}, which would copy a GPU state dict to the host and back)
+        placement = {"device_map": {"": device}} if str(device) != "cpu" else {}
         model, info = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
-                                          output_loading_info=True)
+                                          output_loading_info=True, **placement)
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"transformers could not build {cls.__name__} from the checkpoint: {e}") from e
     missing = sorted(info.get("missing_keys") or [])

@@ -116,7 +116,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, models: dict[str, tuple[P
     store.push(tiny_model_dir, "tiny")
     redis = RedisServerProcess(tmp / "redis", persistent=False).start()
     # a small KV budget and queue bound, so the admission test below can fill them
-    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="60", EMBER_KV_BUDGET_TOKENS="1024",
+    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="60", EMBER_KV_BUDGET_TOKENS="400",
                    EMBER_ENGINE_MAX_QUEUE="1", EMBER_DRAM_CAPACITY_BYTES=str(256 << 20))
     procs: list[Proc] = []
     try:
@@ -156,17 +156,17 @@ def test_unservable_architecture_refused_at_deploy(platform: Platform) -> None:
 
 
 def test_full_queue_answers_429_and_too_big_503(platform: Platform) -> None:
-    """Worker: KV budget 1024 tokens, queue bound 1. A ~1000-token request runs, the next one
+    """Worker: KV budget 400 tokens, queue bound 1. A ~390-token request runs, the next one
     queues, a third is refused with 429 + Retry-After; a request no instance could hold gets 503."""
     assert platform.deploy("q", "tiny", max_instances=1, target_concurrency=8).status_code == 201
-    r = platform.complete("q", max_tokens=1500)
+    r = platform.complete("q", max_tokens=600)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "exceeds_kv_budget"
     statuses: list[tuple[int, str | None]] = []
     started = threading.Event()
 
     def long(stream: bool) -> None:
-        body = {"model": "q", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": stream}
+        body = {"model": "q", "prompt": PROMPT, "max_tokens": 380, "temperature": 0, "stream": stream}
         with httpx.stream("POST", f"{platform.url}/v1/completions", headers=admin_headers(), json=body,
                           timeout=120) as resp:
             statuses.append((resp.status_code, resp.headers.get("retry-after")))
@@ -186,3 +186,8 @@ def test_full_queue_answers_429_and_too_big_503(platform: Platform) -> None:
     assert codes == [200, 200, 429], statuses
     assert all(int(ra) >= 1 for s, ra in statuses if s == 429 and ra is not None)
     assert [ra for s, ra in statuses if s == 429][0] is not None
+    metrics = httpx.get(f"{platform.worker.url}/metrics").text  # Prometheus, per function and instance
+    for family in ("ember_engine_kv_cache_usage_ratio", "ember_engine_batch_size", "ember_engine_queue_depth",
+                   "ember_engine_preemptions_total", "ember_engine_kv_budget_tokens"):
+        assert f'{family}{{function="q",instance=' in metrics, family
+    assert 'ember_engine_kv_budget_tokens{function="q"' in metrics and " 400.0" in metrics

@@ -82,10 +82,15 @@ class ModelInstance:
     def close(self) -> None:
         """Stop the engine (its requests end with 503), drop the model; the loader keeps the bytes."""
         self.engine.close()
+        on_cuda = getattr(self.device, "type", "cpu") == "cuda"
         self.model = None
         if self.loaded is not None:
             self.loaded.release()
             self.loaded = None
+        if on_cuda:  # the engine's cache blocks go back to the device, not to this process's cache
+            import torch
+
+            torch.cuda.empty_cache()
 
     # --- tokens ------------------------------------------------------------------------------
     def prompt_ids(self, req: GenerateRequest) -> list[int]:

@@ -14,14 +14,15 @@ from typing import Annotated, Any
 import redis
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
 from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult, PrefetchRequest
-from ember.platform.http_common import install_error_handlers
+from ember.platform.http_common import error_response, install_error_handlers
 from ember.platform.runtime.engine import GenerationDone, TokenDelta
 from ember.platform.worker.node import WorkerNode
 
@@ -91,6 +92,19 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         seq = await to_thread.run_sync(inst.submit, body)
         return StreamingResponse(_ndjson(node, inst, body, seq), media_type="application/x-ndjson")
 
+    async def metrics(request: Request) -> Response:
+        """Prometheus: each instance's engine (KV-cache usage, batch size, queue depth, preemptions)."""
+        if settings.metrics_require_key:
+            given = request.headers.get(CLUSTER_TOKEN_HEADER, "")
+            if not secrets.compare_digest(given, token):
+                return error_response(Unauthorized(f"missing or wrong {CLUSTER_TOKEN_HEADER}"))
+        from ember.platform.runtime.metrics import render_engine_metrics
+
+        node: WorkerNode = request.app.state.node
+        body, content_type = render_engine_metrics(node.node_id, list(node.instances.values()))
+        return Response(body, media_type=content_type)
+
+    app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))  # outside the token dependency
     return app
 
 
