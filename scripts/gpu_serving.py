@@ -270,7 +270,6 @@ def flood(dev: str, scale: str) -> dict:
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["device_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
     inst.close()
-    del inst, model
     gc.collect()
     out["ok"] = bool(len(done) == n and not errors and out["peak_queue_depth"] > 0)
     return out

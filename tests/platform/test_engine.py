@@ -157,7 +157,13 @@ def test_kv_bytes_per_token_from_config() -> None:
 
 def test_gpus_are_divided_between_workers_and_matched_by_uuid() -> None:
     from ember.errors import ConfigError, DevicePermissionError
-    from ember.platform.devices import GpuInfo, match_nvml, refuse_power_control, select_devices, split_devices
+    from ember.platform.devices import (
+        GpuInfo,
+        match_nvml,
+        refuse_power_control,
+        select_devices,
+        split_devices,
+    )
 
     assert split_devices(["GPU-a", "GPU-b", "GPU-c", "GPU-d", "GPU-e"], 2) == ["GPU-a,GPU-b,GPU-c", "GPU-d,GPU-e"]
     assert split_devices([], 3) == [None, None, None]

@@ -233,7 +233,7 @@ class BatchingEngine:
         self._take(batch, tokens)
 
     def _take(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        done = [s for s, t in zip(seqs, tokens) if s.take(t)]
+        done = [s for s, t in zip(seqs, tokens, strict=True) if s.take(t)]
         self._drop(done, None)
 
     def _drop(self, seqs: list[Sequence], finish: str | None) -> None:

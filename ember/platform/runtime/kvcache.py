@@ -119,7 +119,7 @@ def cache_select(cache: Any, rows: Any, drop_left: int) -> None:
 def cache_merge(cache: Any, other: Any) -> None:
     if len(cache.layers) != len(other.layers):
         raise RuntimeError("caches of different depth cannot be merged")
-    for mine, theirs in zip(cache.layers, other.layers):
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
         if theirs.is_initialized:
             mine.merge(theirs)
 
