@@ -73,9 +73,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, st
         model.save_pretrained(d)
         tok.save_pretrained(d)
         ids = tok(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
-        reloaded = AutoModelForCausalLM.from_pretrained(d).eval()  # the checkpoint as saved
         with torch.inference_mode():
-            gen = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
                                     do_sample=False)
         out[name] = (d, tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2,
@@ -87,8 +86,49 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, st
 
 
 class Platform:
-    def __init__(self, gateway: Proc, worker: Proc) -> None:
-        self.gateway, self.worker = gateway, worker
+    """Started in the background (worker and gateway boot while the models are built); `ready()`
+    waits for both, once."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], store_url: str) -> None:
+        self.store_url = store_url
+        self.procs: dict[str, Proc] = {}
+        self.errors: list[BaseException] = []
+
+        def start(name: str) -> None:
+            try:
+                self.procs[name] = start_worker(tmp, env, "w0") if name == "worker" else start_gateway(tmp, env)
+            except BaseException as e:  # raised by ready()
+                self.errors.append(e)
+
+        self.threads = [threading.Thread(target=start, args=(n,)) for n in ("worker", "gateway")]
+        for t in self.threads:
+            t.start()
+        self.pushed: set[str] = set()
+
+    def ready(self, models: dict[str, tuple[Path, str]]) -> Platform:
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+        from ember.loader import open_store
+
+        store = open_store(self.store_url)
+        for name, (d, _) in models.items():
+            if name not in self.pushed:
+                store.push(d, name)
+                self.pushed.add(name)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{self.url}/readyz").json().get("workers") != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self
+
+    @property
+    def gateway(self) -> Proc:
+        return self.procs["gateway"]
+
+    @property
+    def worker(self) -> Proc:
+        return self.procs["worker"]
 
     @property
     def url(self) -> str:
@@ -104,32 +144,23 @@ class Platform:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory, models: dict[str, tuple[Path, str]],
-             tiny_model_dir: Path) -> Iterator[Platform]:
+def platform(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Platform]:
     from ember.loader import open_store
 
     tmp = tmp_path_factory.mktemp("archs-platform")
     store_url = f"file://{tmp / 'store'}"
-    store = open_store(store_url)
-    for name, (d, _) in models.items():
-        store.push(d, name)
-    store.push(tiny_model_dir, "tiny")
+    open_store(store_url).push(tiny_model_dir, "tiny")
     redis = RedisServerProcess(tmp / "redis", persistent=False).start()
     # a small KV budget and queue bound, so the admission test below can fill them
     env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="60", EMBER_KV_BUDGET_TOKENS="400",
                    EMBER_ENGINE_MAX_QUEUE="1", EMBER_DRAM_CAPACITY_BYTES=str(256 << 20))
-    procs: list[Proc] = []
+    plat = Platform(tmp, env, store_url)
     try:
-        worker = start_worker(tmp, env, "w0")
-        procs.append(worker)
-        gateway = start_gateway(tmp, env)
-        procs.append(gateway)
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{gateway.url}/readyz").json().get("workers") != 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield Platform(gateway, worker)
+        yield plat
     finally:
-        for p in procs:
+        for t in plat.threads:
+            t.join()
+        for p in plat.procs.values():
             p.stop()
         redis.stop()
 
@@ -139,6 +170,7 @@ ARCHS = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "mixtral"]
 
 def test_every_causal_lm_serves_transformers_greedy_text(platform: Platform,
                                                          models: dict[str, tuple[Path, str]]) -> None:
+    platform.ready(models)
     for name in ARCHS:
         r = platform.deploy(name, name)
         assert r.status_code == 201, (name, r.text)
@@ -148,17 +180,17 @@ def test_every_causal_lm_serves_transformers_greedy_text(platform: Platform,
         assert r.json()["choices"][0]["text"] == models[name][1], name
 
 
-def test_unservable_architecture_refused_at_deploy(platform: Platform) -> None:
-    r = platform.deploy("t5", "t5")
+def test_unservable_architecture_refused_at_deploy(platform: Platform, models: dict[str, tuple[Path, str]]) -> None:
+    r = platform.ready(models).deploy("t5", "t5")
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "unsupported_architecture" and "encoder-decoder" in err["message"]
 
 
-def test_full_queue_answers_429_and_too_big_503(platform: Platform) -> None:
+def test_full_queue_answers_429_and_too_big_503(platform: Platform, models: dict[str, tuple[Path, str]]) -> None:
     """Worker: KV budget 400 tokens, queue bound 1. A ~390-token request runs, the next one
     queues, a third is refused with 429 + Retry-After; a request no instance could hold gets 503."""
-    assert platform.deploy("q", "tiny", max_instances=1, target_concurrency=8).status_code == 201
+    assert platform.ready(models).deploy("q", "tiny", max_instances=1, target_concurrency=8).status_code == 201
     r = platform.complete("q", max_tokens=600)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "exceeds_kv_budget"

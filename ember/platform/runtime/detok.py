@@ -25,6 +25,7 @@ class Detokenizer:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._before: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -33,12 +34,15 @@ class Detokenizer:
         """Take one token; return the text that may be sent now (held back: a possible stop-string
         prefix). Sets `stopped` when a stop string appeared (the text is cut before it)."""
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
+        if self._before is None:  # the window's settled text changes only when the window moves
+            self._before = self._decode(self.ids[self.prefix:self.read])
+        before = self._before
         now = self._decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):
             start = max(0, len(self.text) - max(0, self.hold))
             self.text += now[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
+            self._before = None
             cut = _first_stop(self.text, self.stops, start)
             if cut is not None:
                 self.text = self.text[:cut]

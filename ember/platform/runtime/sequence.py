@@ -94,6 +94,8 @@ def sample(logits: Any, seqs: list[Sequence]) -> list[int]:
     sampling with each sequence's own generator. One device->host transfer for the batch."""
     import torch
 
+    if all(s.greedy for s in seqs):
+        return logits.argmax(-1).tolist()
     out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
     greedy = [i for i, s in enumerate(seqs) if s.greedy]
     if greedy:
