@@ -118,6 +118,9 @@ class BatchingEngine:
         """Waiting sequences that fit now, FIFO (a sequence that does not fit blocks the ones behind
         it, so a long request is not starved by short ones). Called with the lock held."""
         group: list[Sequence] = []
+        for seq in [s for s in self.waiting if s.cancelled.is_set()]:  # gone before their turn
+            self.waiting.remove(seq)
+            seq.end("cancelled")
         while self.waiting:
             seq = self.waiting[0]
             if seq.cancelled.is_set():
