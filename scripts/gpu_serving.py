@@ -226,7 +226,8 @@ def flood(dev: str, scale: str) -> dict:
         shape, dtype, n, prompt, tokens = {"hidden": 64, "layers": 2, "model_kw": {}}, "float32", 20, 96, 8
     model, tok = build_random_model(shape["hidden"], shape["layers"], dev, dtype, **shape["model_kw"])
     need = prompt + tokens
-    inst = ModelInstance("flood", "flood", model, tok, kv_budget_tokens=30 * need, max_batch=64, max_queue=n,
+    holds = 30 if scale == "full" else 6  # the budget holds this many at once; the rest must queue
+    inst = ModelInstance("flood", "flood", model, tok, kv_budget_tokens=holds * need, max_batch=64, max_queue=n,
                          device_id=dev)
     inst.eos_ids = set()
     peak_queue = [0]
@@ -260,7 +261,7 @@ def flood(dev: str, scale: str) -> dict:
     for th in threads:
         th.join()
     stop.set()
-    out: dict[str, Any] = {"requests": n, "prompt_tokens": prompt, "max_tokens": tokens,
+    out: dict[str, Any] = {"requests": n, "prompt_tokens": prompt, "max_tokens": tokens, "budget_holds": holds,
                            "kv_budget_tokens": inst.engine.limits.kv_budget_tokens,
                            "kv_budget_bytes": inst.kv_budget_bytes, "completed": len(done),
                            "all_full_length": all(c == tokens for c in done), "errors": errors[:5],
@@ -271,5 +272,5 @@ def flood(dev: str, scale: str) -> dict:
         out["device_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
     inst.close()
     gc.collect()
-    out["ok"] = bool(len(done) == n and not errors and out["peak_queue_depth"] > 0)
+    out["ok"] = bool(len(done) == n and not errors and out["peak_queue_depth"] > 0 and out["peak_batch"] <= holds)
     return out
