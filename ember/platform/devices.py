@@ -83,14 +83,28 @@ def split_devices(visible: list[str], workers: int) -> list[str | None]:
 
 
 def visible_gpu_ids() -> list[str]:
-    """The UUIDs of the GPUs visible here (empty without CUDA), for `split_devices`."""
+    """The GPUs `ember up`'s workers will see, for `split_devices`, without creating a CUDA context
+    in the supervisor: with CUDA_VISIBLE_DEVICES set, indices into that list (the workers inherit
+    it); else every GPU's UUID from NVML; empty without NVML (no GPUs, or CPU slots)."""
+    import os
+
+    masked = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if masked is not None:
+        return [str(i) for i, d in enumerate(x for x in masked.split(",") if x.strip() and x.strip() != "-1")]
     try:
-        import torch
-    except ImportError:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVML library or no driver: no GPUs to divide
         return []
-    if not torch.cuda.is_available():
-        return []
-    return [d.uuid or str(d.index) for d in cuda_devices()]
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+            out.append(u.decode() if isinstance(u, bytes) else str(u))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def match_nvml(cuda: list[GpuInfo], nvml_uuids: list[str]) -> dict[int, int]:

@@ -155,7 +155,7 @@ def test_kv_bytes_per_token_from_config() -> None:
     assert kv_bytes_per_token(GPT2Config(n_embd=64, n_layer=2, n_head=4), 4) == 2 * 4 * 16 * 2 * 4
 
 
-def test_gpus_are_divided_between_workers_and_matched_by_uuid() -> None:
+def test_gpus_are_divided_between_workers_and_matched_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
     from ember.errors import ConfigError, DevicePermissionError
     from ember.platform.devices import (
         GpuInfo,
@@ -181,6 +181,10 @@ def test_gpus_are_divided_between_workers_and_matched_by_uuid() -> None:
     assert match_nvml(visible, ["MIG-z", "GPU-y", "GPU-x"]) == {0: 2, 1: 1, 2: 0}
     with pytest.raises(ConfigError):
         match_nvml(visible, ["GPU-x"])
+    from ember.platform.devices import visible_gpu_ids
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")  # workers inherit the mask: indices into it
+    assert split_devices(visible_gpu_ids(), 2) == ["0,1", "2"]
     refuse_power_control(visible[0])
     with pytest.raises(DevicePermissionError, match="MIG instance"):
         refuse_power_control(visible[2])
