@@ -77,6 +77,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, st
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
                                     do_sample=False)
         out[name] = (d, tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    # for the admission test: greedy never picks EOS (its output row is zero while the other 500+
+    # logits are random), so a request runs exactly max_tokens
+    torch.manual_seed(1)
+    nostop = AutoModelForCausalLM.from_config(_configs(tok)["llama"].__class__(
+        **{**_configs(tok)["llama"].to_dict(), "max_position_embeddings": 2048}))
+    with torch.no_grad():
+        for p in nostop.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+        nostop.lm_head.weight[tok.eos_token_id] = 0.0
+    nostop.save_pretrained(root / "nostop")
+    tok.save_pretrained(root / "nostop")
+    out["nostop"] = (root / "nostop", "")
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2,
                                              d_kv=16, decoder_start_token_id=0))
     t5.save_pretrained(root / "t5")
@@ -152,7 +165,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     open_store(store_url).push(tiny_model_dir, "tiny")
     redis = RedisServerProcess(tmp / "redis", persistent=False).start()
     # a small KV budget and queue bound, so the admission test below can fill them
-    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="60", EMBER_KV_BUDGET_TOKENS="400",
+    env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="60", EMBER_KV_BUDGET_TOKENS="1000",
                    EMBER_ENGINE_MAX_QUEUE="1", EMBER_DRAM_CAPACITY_BYTES=str(256 << 20))
     plat = Platform(tmp, env, store_url)
     try:
@@ -188,17 +201,18 @@ def test_unservable_architecture_refused_at_deploy(platform: Platform, models: d
 
 
 def test_full_queue_answers_429_and_too_big_503(platform: Platform, models: dict[str, tuple[Path, str]]) -> None:
-    """Worker: KV budget 400 tokens, queue bound 1. A ~390-token request runs, the next one
+    """Worker: KV budget 1000 tokens, queue bound 1. A ~990-token request runs (its model never
+    picks EOS), the next one
     queues, a third is refused with 429 + Retry-After; a request no instance could hold gets 503."""
-    assert platform.ready(models).deploy("q", "tiny", max_instances=1, target_concurrency=8).status_code == 201
-    r = platform.complete("q", max_tokens=600)
+    assert platform.ready(models).deploy("q", "nostop", max_instances=1, target_concurrency=8).status_code == 201
+    r = platform.complete("q", max_tokens=1200)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "exceeds_kv_budget"
     statuses: list[tuple[int, str | None]] = []
     started = threading.Event()
 
     def long(stream: bool) -> None:
-        body = {"model": "q", "prompt": PROMPT, "max_tokens": 380, "temperature": 0, "stream": stream}
+        body = {"model": "q", "prompt": PROMPT, "max_tokens": 980, "temperature": 0, "stream": stream}
         with httpx.stream("POST", f"{platform.url}/v1/completions", headers=admin_headers(), json=body,
                           timeout=120) as resp:
             statuses.append((resp.status_code, resp.headers.get("retry-after")))
@@ -222,4 +236,4 @@ def test_full_queue_answers_429_and_too_big_503(platform: Platform, models: dict
     for family in ("ember_engine_kv_cache_usage_ratio", "ember_engine_batch_size", "ember_engine_queue_depth",
                    "ember_engine_preemptions_total", "ember_engine_kv_budget_tokens"):
         assert f'{family}{{function="q",instance=' in metrics, family
-    assert 'ember_engine_kv_budget_tokens{function="q"' in metrics and " 400.0" in metrics
+    assert 'ember_engine_kv_budget_tokens{function="q"' in metrics and " 1000.0" in metrics
