@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     placement_policy: str = "ember"
     autoscaler_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
+    # instance lifecycle and faults (ember/platform/cluster/records.py)
+    claim_timeout_s: float = 60.0  # a claim the worker has not reported loading by then is reaped
+    slot_ttl_s: float = 60.0  # a request slot's lease; the gateway holding it renews it
+    worker_connect_timeout_s: float = 2.0
+    worker_read_timeout_s: float = 30.0  # gateway -> worker: to the first byte and between chunks
+    drain_grace_s: float = 30.0  # SIGTERM: streams in flight may finish within this
+    expected_workers: int = 0  # set by `ember up`: /readyz says "degraded" (503) with fewer live workers
 
     # worker
     node_id: str | None = None

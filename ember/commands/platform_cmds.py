@@ -60,15 +60,14 @@ def gateway(
                                                         'e.g. \'{"cluster_watts": 3000}\''),
     log_level: str = typer.Option("info"),
 ) -> None:
-    import uvicorn
-
     from ember.platform.gateway.app import create_app
+    from ember.platform.http_common import serve
 
     _logging(log_level)
     settings = _settings(redis_url=redis_url, host=host, port=port)
     if initial_budget_json:
         _seed_budget(settings.redis_url, initial_budget_json)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    serve(create_app(settings), host, port, log_level=log_level, grace_s=settings.drain_grace_s)
 
 
 def _seed_budget(redis_url: str | None, raw: str) -> None:
@@ -101,8 +100,7 @@ def worker(
                                        help="simulated GPUs for energy accounting (CPU demos)"),
     log_level: str = typer.Option("info"),
 ) -> None:
-    import uvicorn
-
+    from ember.platform.http_common import serve
     from ember.platform.redis_server import free_port
     from ember.platform.worker.app import create_worker_app
 
@@ -115,8 +113,9 @@ def worker(
                          cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes, simulated_gpus=simulated_gpus)
     os.environ["EMBER_DATA_DIR"] = str(Path(data_dir).resolve())  # other processes of this node find its tiers
     url = advertise_url or f"http://{host}:{port}"
-    uvicorn.run(create_worker_app(settings, url), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    app = create_worker_app(settings, url)
+    serve(app, host, port, log_level=log_level, grace_s=settings.drain_grace_s,
+          on_sigterm=lambda: app.state.node.begin_shutdown() if hasattr(app.state, "node") else None)
 
 
 # --- HTTP client verbs ----------------------------------------------------------------------------
