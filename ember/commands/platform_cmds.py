@@ -244,3 +244,24 @@ def bench_coldstart(
     for tier, r in summary["results"].items():
         typer.echo(f"{tier:7s} startup {r['startup_ms']:8.1f} ms  ttft {r['ttft_ms']:8.1f} ms  {r['tiers_seen']}")
     typer.echo(f"from_pretrained {summary['baseline']['from_pretrained_ms']:.1f} ms (load only)")
+
+
+def bench_gateway(
+    json_out: Path = typer.Option(..., "--json", help="where to write the results"),
+    url: str = typer.Option(None, help="a running gateway (its worker is found through EMBER_REDIS_URL); "
+                                       "default: a private `ember up`"),
+    rates: str = typer.Option("20,40,80,160", help="offered request rates per step (req/s), comma-separated"),
+    step_s: float = typer.Option(4.0, help="seconds per step (each run through the gateway and direct)"),
+    clients: int = typer.Option(32, help="clients of the closed-loop step"),
+) -> None:
+    """Warm-request overhead of the gateway against the worker called directly, at increasing rates."""
+    from ember.platform.bench_gateway import run_gateway_bench
+
+    summary = run_gateway_bench(json_out, url=url, rates=tuple(float(r) for r in rates.split(",") if r),
+                                step_s=step_s, clients=clients)
+    for s in summary["steps"]:
+        typer.echo(f"{s['rate_rps']:6.0f} req/s offered: {s['rps']:6.1f} achieved, {s['errors']} errors, "
+                   f"overhead p50 {s['p50_overhead_ms']:7.2f} ms  p99 {s['p99_overhead_ms']:7.2f} ms")
+    c = summary["closed_loop"]
+    typer.echo(f"{c['clients']} clients: gateway p99 {c['gateway']['p99_ms']:.1f} ms, direct p99 "
+               f"{c['direct']['p99_ms']:.1f} ms (x{c['p99_ratio']})")

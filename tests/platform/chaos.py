@@ -45,6 +45,7 @@ class Chaos:
     reference: dict[str, str] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    degraded_seen: int = 0
 
     @property
     def url(self) -> str:
@@ -127,6 +128,16 @@ class Chaos:
         if len(live) > 1:  # keep one serving: the point is recovery, not an outage
             _, proc = rng.choice(live)
             os.kill(proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 6  # /readyz must say so while the worker is missing
+            while time.monotonic() < deadline and not self.stop.is_set():
+                try:
+                    r = httpx.get(f"{self.url}/readyz", timeout=2)
+                    if r.status_code == 503 and r.json().get("status") == "degraded":
+                        self.degraded_seen += 1
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                time.sleep(0.2)
 
     def pause_worker(self, rng: random.Random) -> None:
         live = self.workers()

@@ -54,6 +54,9 @@ def test_chaos_keeps_every_invariant(tmp_path: Path) -> None:
               f"restarts {platform.restarts}")
         assert problems == [], problems
         assert kinds["complete"] > 0
+        assert sum(v for k, v in platform.restarts.items() if k != "redis") >= 1 or not chaos.faults["kill_worker"]
+        assert platform.restarts.get("redis", 0) == chaos.faults["restart_redis"]  # restarted, from its AOF
+        assert chaos.degraded_seen > 0 or not chaos.faults["kill_worker"]
         # the platform is whole again: both workers back, and a request is served
         r = httpx.get(f"{platform.url}/readyz", timeout=5)
         assert r.status_code == 200 and r.json()["workers"] == 2, r.text

@@ -18,7 +18,6 @@ import redis
 
 from ember.platform.cluster import RedisCluster
 from ember.platform.redis_server import RedisServerProcess
-from ember.platform.state import Keys
 from ember.scheduler.view import PlacementRequest, StartupEstimate
 from tests.platform.conftest import CLUSTER_TOKEN, Proc, admin_headers, base_env, start_gateway, start_worker
 
