@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -50,15 +52,21 @@ def test_chaos_keeps_every_invariant(tmp_path: Path) -> None:
         assert supervisor.is_alive(), "the supervisor gave up"
         problems = chaos.violations(platform.redis.url if platform.redis else "", TOKEN, settle_s=40)
         kinds = {k: sum(1 for o in chaos.outcomes if o.kind == k) for k in ("complete", "error", "dropped", "bad")}
+        errors = Counter(o.detail for o in chaos.outcomes if o.kind == "error")
         print(f"chaos seed={seed} {duration_s:.0f}s: faults {dict(chaos.faults)}, outcomes {kinds}, "
-              f"restarts {platform.restarts}")
+              f"errors {dict(errors)}, restarts {platform.restarts}")
         assert problems == [], problems
         assert kinds["complete"] > 0
         assert sum(v for k, v in platform.restarts.items() if k != "redis") >= 1 or not chaos.faults["kill_worker"]
         assert platform.restarts.get("redis", 0) == chaos.faults["restart_redis"]  # restarted, from its AOF
         assert chaos.degraded_seen > 0 or not chaos.faults["kill_worker"]
-        # the platform is whole again: both workers back, and a request is served
-        r = httpx.get(f"{platform.url}/readyz", timeout=5)
+        # the platform is whole again without a manual step: both workers back
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{platform.url}/readyz", timeout=5)
+            if r.status_code == 200:
+                break
+            time.sleep(0.5)
         assert r.status_code == 200 and r.json()["workers"] == 2, r.text
     finally:
         platform.stop()
