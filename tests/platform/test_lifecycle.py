@@ -73,12 +73,18 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
                  EMBER_CPU_SLOTS="1")
     procs: list[Proc] = []
     try:
-        workers = {}
-        for node in ("w0", "w1"):
-            workers[node] = start_worker(tmp, e, node)
-            procs.append(workers[node])
+        workers: dict[str, Proc] = {}
+        # started side by side: most of a worker's start is imports and a bandwidth probe
+        starters = [threading.Thread(target=lambda n=node: workers.__setitem__(n, start_worker(tmp, e, n)))
+                    for node in ("w0", "w1")]
+        for t in starters:
+            t.start()
         gateway = start_gateway(tmp, e)
         procs.append(gateway)
+        for t in starters:
+            t.join()
+        procs += list(workers.values())
+        assert set(workers) == {"w0", "w1"}
         assert _until(lambda: httpx.get(f"{gateway.url}/readyz").json().get("workers") == 2, 20)
         yield Env(server.url, gateway, workers)
     finally:

@@ -110,6 +110,7 @@ class Invoker:
         t0 = time.monotonic()
         cold: LoadResult | None = None
         starting: asyncio.Task[LoadResult | None] | None = None
+        placed: dict[str, str] = {}  # the instance id our cold start placed, once placed
         ev = self.queues.join(name)
         try:
             while True:
@@ -131,6 +132,11 @@ class Invoker:
                 ev.clear()
                 rec = await self._take(spec, exclude)
                 if rec is not None:
+                    if starting is not None and placed.get("instance_id") == rec.instance_id:
+                        # our cold start's instance is ready; its load answer is on its way
+                        await asyncio.wait({starting}, timeout=5.0)
+                        if starting.done() and not starting.cancelled() and starting.exception() is None:
+                            cold, starting = starting.result(), None
                     if cold is not None and rec.instance_id == cold.instance_id:
                         return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier,
                                                 cold.startup_ms, name, rec)
@@ -139,7 +145,8 @@ class Invoker:
                                             cold.tier if cold else "warm",
                                             (time.monotonic() - t0) * 1000 if waited_cold else 0.0, name, rec)
                 if starting is None and cold is None and await self._should_start(spec):
-                    starting = asyncio.ensure_future(self.cold_start(spec))
+                    placed = {}
+                    starting = asyncio.ensure_future(self.cold_start(spec, placed))
         finally:
             self.queues.leave(name, ev)
             if starting is not None and not starting.done():
@@ -189,8 +196,9 @@ class Invoker:
     def _ewma(table: dict[str, float], key: str, value: float, alpha: float = 0.2) -> None:
         table[key] = value if key not in table else (1 - alpha) * table[key] + alpha * value
 
-    async def cold_start(self, spec: FunctionSpec) -> LoadResult | None:
-        """Place and load one new instance of `spec`; None when no device has room now."""
+    async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
+        """Place and load one new instance of `spec`; None when no device has room now. `placed`
+        receives the instance id as soon as it is placed."""
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances)
@@ -199,6 +207,8 @@ class Invoker:
             placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
         if placement is None:
             return None
+        if placed is not None:
+            placed["instance_id"] = placement.instance_id
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
