@@ -10,7 +10,6 @@ gateway's SLO timeout, then 503.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.waiting import WaitQueues
+from ember.platform.gateway.worker_stream import Retry, prepend, worker_error, worker_events
 from ember.scheduler.eviction import IdleInstance, choose_evictions
 from ember.scheduler.routing import should_scale_out
 from ember.scheduler.view import PlacementRequest
@@ -308,7 +308,7 @@ class Invoker:
             target = await self.acquire(spec, tried)
             try:
                 events = await self._start(target, req)
-            except _Retry as r:
+            except Retry as r:
                 await self.release(target)
                 tried.add(target.instance_id)
                 last = r.error
@@ -331,32 +331,32 @@ class Invoker:
             resp = await self.http.send(request, stream=True)
         except httpx.ConnectError as e:
             await self._node_gone(target.node_id, e)
-            raise _Retry(WorkerError(f"worker {target.node_id} unreachable: {e}")) from e
+            raise Retry(WorkerError(f"worker {target.node_id} unreachable: {e}")) from e
         except httpx.TimeoutException as e:
-            raise _Retry(WorkerTimeout(f"worker {target.node_id} did not answer within "
+            raise Retry(WorkerTimeout(f"worker {target.node_id} did not answer within "
                                        f"{self.settings.worker_read_timeout_s:.0f}s"), stalled=True) from e
         except httpx.HTTPError as e:
-            raise _Retry(WorkerError(f"worker {target.node_id} failed before answering: {e}"), stalled=True) from e
+            raise Retry(WorkerError(f"worker {target.node_id} failed before answering: {e}"), stalled=True) from e
         if resp.status_code in (404, 409):
             await resp.aclose()
             await self._forget(target.instance_id)
-            raise _Retry(WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}"))
+            raise Retry(WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}"))
         if resp.status_code != 200:
             await resp.aread()
             await resp.aclose()
             raise worker_error(resp, f"worker {target.node_id} refused the request")
-        events = self._events(target, resp)
+        events = worker_events(target.node_id, resp, self.settings.worker_read_timeout_s)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
             first = None
         except WorkerError as e:
             await events.aclose()
-            raise _Retry(e, stalled=True) from e
+            raise Retry(e, stalled=True) from e
         except BaseException:
             await events.aclose()
             raise
-        return _prepend(first, events)
+        return prepend(first, events)
 
     async def _node_gone(self, node_id: str, err: Exception) -> None:
         """A refused connection means the worker process is gone: drop the node and its instances
@@ -364,56 +364,6 @@ class Invoker:
         log.warning("worker %s refused a connection (%s); deregistering it", node_id, err)
         await to_thread.run_sync(self.cluster.deregister_node, node_id)
 
-    async def _events(self, target: InvocationTarget, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async for line in resp.aiter_lines():
-                if not line:
-                    continue
-                ev = json.loads(line)
-                if "error" in ev:  # the worker failed mid-stream; it answers in the OpenAI error shape
-                    raise EmberError(ev["error"]["message"], code=ev["error"].get("code"))
-                yield ev
-        except httpx.TimeoutException as e:
-            raise WorkerTimeout(f"worker {target.node_id} sent nothing for "
-                                f"{self.settings.worker_read_timeout_s:.0f}s") from e
-        except httpx.HTTPError as e:
-            raise WorkerError(f"lost the stream from worker {target.node_id}: {e}") from e
-        finally:
-            with anyio.CancelScope(shield=True):
-                await resp.aclose()
-
-
-class _Retry(Exception):
-    """This attempt failed before anything reached the client: try another instance."""
-
-    def __init__(self, error: EmberError, stalled: bool = False) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.stalled = stalled  # the worker accepted the request and then died or stalled
-
-
-async def _prepend(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    try:
-        if first is not None:
-            yield first
-            async for ev in rest:
-                yield ev
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-
-
 def _log_cold_start(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("a cold start no request waits for anymore failed: %s", task.exception())
-
-
-def worker_error(resp: httpx.Response, context: str) -> EmberError:
-    """Rebuild the worker's Ember error (it answers in the OpenAI error shape), keeping its status."""
-    try:
-        body = resp.json()["error"]
-        err = EmberError(f"{context}: {body['message']}", code=body.get("code") or "worker_error")
-        err.status_code = resp.status_code if resp.status_code < 500 else 502
-        err.error_type = body.get("type") or "server_error"
-        return err
-    except (ValueError, KeyError, TypeError):
-        return WorkerError(f"{context}: HTTP {resp.status_code}")
