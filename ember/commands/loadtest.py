@@ -26,6 +26,7 @@ def loadtest(
     functions_per_checkpoint: int = typer.Option(2, help="cold: functions deployed over each checkpoint"),
     keep_alive_s: float = typer.Option(0.5, help="cold, burst: the functions' keep_alive_s"),
     burst_period_s: float = typer.Option(8.0, help="burst: seconds between waves"),
+    burst_functions: int = typer.Option(4, help="burst: functions the users spread over"),
     checkpoint: str = typer.Option("tiny", help="with --url: the checkpoint the functions use"),
     baseline: bool = typer.Option(False, help="private platform: also time from_pretrained + the same prompt"),
 ) -> None:
@@ -41,7 +42,7 @@ def loadtest(
             duration_s=parse_duration_s(duration), max_requests=max_requests, max_tokens=max_tokens,
             rate_per_user=rate, workers=workers, hidden=hidden, layers=layers, checkpoints=checkpoints,
             functions_per_checkpoint=functions_per_checkpoint, keep_alive_s=keep_alive_s,
-            burst_period_s=burst_period_s, checkpoint=checkpoint, baseline=baseline)
+            burst_period_s=burst_period_s, burst_functions=burst_functions, checkpoint=checkpoint, baseline=baseline)
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task(f"{scenario}: starting", total=opts.duration_s)
 
@@ -54,4 +55,13 @@ def loadtest(
         typer.echo(f"error: {e.message}", err=True)
         raise typer.Exit(1) from e
     typer.echo(json.dumps(result.summary, indent=2))
+    baseline = out / "baseline.json"
+    if baseline.exists():
+        b = json.loads(baseline.read_text())
+        typer.echo(f"from_pretrained + page-in + first token (the usual way): p50 {b['ttft_p50_s'] * 1000:.0f} ms "
+                   f"page cache warm, {b['cold']['ttft_s_p50'] * 1000:.0f} ms cold")
+        for tier, entry in result.summary["cold"].items():
+            if entry["p50_s"]:
+                typer.echo(f"cold start from {tier}: TTFT p50 {entry['p50_s'] * 1000:.0f} ms, "
+                           f"{b['ttft_p50_s'] / entry['p50_s']:.1f}x faster than the usual way (page cache warm)")
     typer.echo(f"reports in {out}: summary.json, ttft.png, locust.html, locust_stats.csv")

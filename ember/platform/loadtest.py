@@ -58,6 +58,7 @@ class LoadTestOptions:
     functions_per_checkpoint: int = 2
     keep_alive_s: float = 0.5  # cold and burst functions
     burst_period_s: float = 8.0
+    burst_functions: int = 4  # burst: functions the users spread over
     checkpoint: str = "tiny"  # with url: the checkpoint every function uses
     baseline: bool = False  # own platform: time from_pretrained + the same prompt in this run
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -106,6 +107,8 @@ def validate(opts: LoadTestOptions) -> None:
         raise BadRequest(f"duration must be 1-{MAX_DURATION_S:.0f} s", code="invalid_duration")
     if opts.spawn_rate is not None and not 0 < opts.spawn_rate <= MAX_USERS:
         raise BadRequest(f"spawn rate must be in (0, {MAX_USERS}] users/s", code="invalid_spawn_rate")
+    if not 1 <= opts.burst_functions <= 64 or not 1 <= opts.checkpoints <= 64:
+        raise BadRequest("burst functions and checkpoints must be 1-64", code="invalid_bounds")
     if not 1 <= opts.max_requests <= 1_000_000 or not 1 <= opts.max_tokens <= 4096:
         raise BadRequest("max requests must be 1-1000000 and max tokens 1-4096", code="invalid_bounds")
     if opts.url is not None and not opts.url.startswith(("http://", "https://")):
@@ -124,11 +127,16 @@ def run_loadtest(opts: LoadTestOptions, echo: Callable[[str], None] = print,
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("samples.jsonl", "summary.json", "locust.json"):
         (opts.out_dir / stale).unlink(missing_ok=True)
+    conditions: dict[str, Any] = {"started": time.time(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="ember-loadtest-") as tmp:
         target = _Target.own(opts, Path(tmp), echo) if opts.url is None else _Target.given(opts)
         try:
             plan = target.prepare(opts, echo)
+            conditions["loadavg_at_locust_start"] = os.getloadavg()
             code = _run_locust(opts, locustfile, target.url, plan, progress)
+            conditions["loadavg_at_locust_end"] = os.getloadavg()
+            conditions.update(target.facts)
+            _write_run_facts(opts, plan, conditions)
             if opts.baseline and target.model_dir is not None:
                 echo("timing from_pretrained + the same prompt (the usual way) on the idle machine")
                 _write_baseline(target.model_dir, opts)
@@ -151,6 +159,7 @@ class _Target:
         self.model_dir: Path | None = None
         self.functions: list[str] = []
         self.key_ids: list[str] = []
+        self.facts: dict[str, Any] = {"url": url}
 
     @classmethod
     def given(cls, opts: LoadTestOptions) -> _Target:
@@ -189,6 +198,7 @@ class _Target:
              f"{count} checkpoint(s) of {model_bytes / 1e6:.1f} MB)")
         target = cls(platform.url, admin, platform)
         target.checkpoints, target.model_dir = names, models[0]
+        target.facts.update(workers=opts.workers, model_bytes=model_bytes, checkpoints=names, node_env=env)
         try:
             platform.start(echo=lambda s: None)
         except BaseException:
@@ -206,7 +216,7 @@ class _Target:
             fns = [(f"lt-cold-{i}-{j}", ck, {**short, "max_instances": 1, "target_concurrency": 1})
                    for i, ck in enumerate(self.checkpoints) for j in range(opts.functions_per_checkpoint)]
         elif opts.scenario == "burst":
-            count = max(1, min(4, opts.users // 4))
+            count = min(opts.burst_functions, opts.users)
             per_fn = -(-opts.users // count)
             fns = [(f"lt-burst-{i}", self.checkpoints[0], {**short, "max_instances": 2,
                                                              "target_concurrency": max(1, -(-per_fn // 2))})
@@ -293,13 +303,29 @@ def _make_models(root: Path, count: int, hidden: int | None, layers: int | None,
 
 def _tier_env(opts: LoadTestOptions, model_bytes: int, disk_bytes: int) -> dict[str, str]:
     """Node tier sizes. For `cold`: DRAM for the instances the node can run plus one more
-    checkpoint, SSD for half the checkpoints, so cycling through them misses both tiers."""
+    checkpoint, SSD for about halfway between that and all of them, so that calls spread over the
+    checkpoints hit DRAM, the SSD and the store (EMBER_CPU_SLOTS sets the instances per node)."""
     block = -(-model_bytes // DRAM_BLOCK_BYTES) * DRAM_BLOCK_BYTES
     slots = int(os.environ.get("EMBER_CPU_SLOTS", "2"))
     if opts.scenario != "cold":
         return {"EMBER_DRAM_CAPACITY_BYTES": str(max(1 << 30, (slots + 1) * block))}
-    ssd = max(1, opts.checkpoints // 2) * (disk_bytes + (1 << 20))
+    dram_held = slots + 1
+    ssd = max(dram_held + 1, (opts.checkpoints + dram_held) // 2) * (disk_bytes + (1 << 20))
     return {"EMBER_DRAM_CAPACITY_BYTES": str((slots + 1) * block), "EMBER_SSD_CAPACITY_BYTES": str(ssd)}
+
+
+def _write_run_facts(opts: LoadTestOptions, plan: dict[str, Any], conditions: dict[str, Any]) -> None:
+    """run.json: what ran, on what, under which machine load (the summary stays exactly its fields)."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "api_key"}
+    from ember.platform.loadtest_report import percentile, read_samples
+
+    samples = read_samples(opts.out_dir / "samples.jsonl")
+    startup = {}
+    for tier in sorted({s["tier"] for s in samples if s["cold"]}):
+        ms = [s["startup_ms"] for s in samples if s["cold"] and s["tier"] == tier]
+        startup[tier] = {"count": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
+    facts = {"options": options, "functions": plan["functions"], "startup_ms_by_tier": startup, **conditions}
+    (opts.out_dir / "run.json").write_text(json.dumps(facts, indent=2) + "\n")
 
 
 # --- locust -----------------------------------------------------------------------------------------
@@ -359,7 +385,7 @@ def _live_counts(prefix: Path) -> tuple[int, int]:
 
 
 # --- the usual way, for comparison --------------------------------------------------------------------
-def _write_baseline(model_dir: Path, opts: LoadTestOptions, rounds: int = 3) -> None:
+def _write_baseline(model_dir: Path, opts: LoadTestOptions, rounds: int = 5) -> None:
     """from_pretrained + the same prompt's first token, in a fresh process (imports excluded)."""
     out = opts.out_dir / "baseline.json"
     code = subprocess.run([sys.executable, "-m", "ember.platform.loadtest_baseline", str(model_dir), str(out),
