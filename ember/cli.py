@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from ember.commands import checkpoint, energy, loadtest, loader_bench, model, platform_cmds, scheduler_cmds
+from ember.commands import checkpoint, energy, loader_bench, loadtest, model, platform_cmds, scheduler_cmds
 
 app = typer.Typer(help="Ember: serverless LLM functions.", no_args_is_help=True, add_completion=False)
 
