@@ -22,8 +22,8 @@ SUMMARY_KEYS = {"scenario", "requests", "failures", "ttft_s", "tpot_s", "e2e_s",
 def test_cold_smoke_run_has_cold_starts_from_two_tiers_and_no_failures(tmp_path: Path) -> None:
     out = tmp_path / "cold"
     env = {k: v for k, v in os.environ.items() if k not in ("EMBER_REDIS_URL", "EMBER_STORE_URL", "EMBER_URL")}
-    proc = subprocess.run([sys.executable, "-m", "ember", "loadtest", "cold", "--users", "4", "--duration", "10s",
-                           "--checkpoints", "4", "--max-tokens", "8", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "ember", "loadtest", "cold", "--users", "3", "--duration", "8s",
+                           "--workers", "1", "--checkpoints", "5", "--max-tokens", "8", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=170, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
