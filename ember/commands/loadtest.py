@@ -27,6 +27,7 @@ def loadtest(
     keep_alive_s: float = typer.Option(0.5, help="cold, burst: the functions' keep_alive_s"),
     burst_period_s: float = typer.Option(8.0, help="burst: seconds between waves"),
     burst_functions: int = typer.Option(4, help="burst: functions the users spread over"),
+    flood_rpm: int = typer.Option(600, help="tenants: requests/minute limit of the flooding tenant's key (0: none)"),
     checkpoint: str = typer.Option("tiny", help="with --url: the checkpoint the functions use"),
     baseline: bool = typer.Option(False, help="private platform: also time from_pretrained + the same prompt"),
 ) -> None:
@@ -42,7 +43,8 @@ def loadtest(
             duration_s=parse_duration_s(duration), max_requests=max_requests, max_tokens=max_tokens,
             rate_per_user=rate, workers=workers, hidden=hidden, layers=layers, checkpoints=checkpoints,
             functions_per_checkpoint=functions_per_checkpoint, keep_alive_s=keep_alive_s,
-            burst_period_s=burst_period_s, burst_functions=burst_functions, checkpoint=checkpoint, baseline=baseline)
+            burst_period_s=burst_period_s, burst_functions=burst_functions, flood_rpm=flood_rpm,
+            checkpoint=checkpoint, baseline=baseline)
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task(f"{scenario}: starting", total=opts.duration_s)
 

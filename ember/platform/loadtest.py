@@ -55,6 +55,7 @@ class LoadTestOptions:
     keep_alive_s: float = 0.5  # cold and burst functions
     burst_period_s: float = 8.0
     burst_functions: int = 4  # burst: functions the users spread over
+    flood_rpm: int = 600  # tenants: the flooding tenant's key limit, requests/minute (0: none)
     checkpoint: str = "tiny"  # with url: the checkpoint every function uses
     baseline: bool = False  # own platform: time from_pretrained + the same prompt in this run
     extra_env: dict[str, str] = field(default_factory=dict)

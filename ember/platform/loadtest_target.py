@@ -4,6 +4,7 @@ gateway the user names; what the scenario deploys on it, and taking all of it do
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -63,7 +64,7 @@ class TargetPlatform:
         model_bytes = sum(f.stat().st_size for f in models[0].glob("*.safetensors"))
         disk_bytes = sum(f.stat().st_size for f in (data_dir / "store" / names[0]).rglob("*") if f.is_file())
         env = {"EMBER_STORE_URL": store_url, "EMBER_AUTOSCALER_INTERVAL_S": "0.2",
-               "EMBER_HEARTBEAT_INTERVAL_S": "0.5", **_tier_env(opts, model_bytes, disk_bytes), **opts.extra_env}
+               "EMBER_HEARTBEAT_INTERVAL_S": "0.5", **_tier_env(opts, models[0], model_bytes, disk_bytes), **opts.extra_env}
         admin = "lt-" + secrets.token_urlsafe(18)
         port = free_port()
         platform = Platform(UpOptions(port=port, workers=opts.workers, data_dir=data_dir, demo=False,
@@ -104,7 +105,8 @@ class TargetPlatform:
         echo(f"deployed {len(fns)} function(s): {', '.join(plan['functions'][:4])}{' ...' if len(fns) > 4 else ''}")
         if opts.scenario == "tenants":
             for tenant in ("flood", "steady"):
-                r = self.http.post("/v1/keys", json={"role": "invoker", "name": f"lt-{tenant}"})
+                limits = {"rpm": opts.flood_rpm} if tenant == "flood" and opts.flood_rpm else {}
+                r = self.http.post("/v1/keys", json={"role": "invoker", "name": f"lt-{tenant}", **limits})
                 _check(r, f"creating the {tenant} tenant's key")
                 self.key_ids.append(r.json()["id"])
                 plan["keys"][tenant] = r.json()["key"]
@@ -175,14 +177,30 @@ def _make_models(root: Path, count: int, hidden: int | None, layers: int | None,
     return [make_tiny_model(root / f"m{i}", TinyModelSpec(seed=i, **kw)) for i in range(count)]
 
 
-def _tier_env(opts: LoadTestOptions, model_bytes: int, disk_bytes: int) -> dict[str, str]:
-    """Node tier sizes. For `cold`: DRAM for the instances the node can run plus one more
-    checkpoint, SSD for about halfway between that and all of them, so that calls spread over the
-    checkpoints hit DRAM, the SSD and the store (EMBER_CPU_SLOTS sets the instances per node)."""
+def _tier_env(opts: LoadTestOptions, model_dir: Path, model_bytes: int, disk_bytes: int) -> dict[str, str]:
+    """Node tier and instance sizes. A CPU slot offers DRAM capacity / slots bytes and an instance
+    claims its weights plus its KV-cache budget there, so the capacity is sized from both; the KV
+    budget is what the scenario's requests need (EMBER_CPU_SLOTS sets the instances per node).
+    For `cold`: the DRAM tier holds one checkpoint more than the node runs, the SSD tier about
+    halfway between that and all of them, so calls spread over the checkpoints hit DRAM, the SSD
+    and the store."""
     block = -(-model_bytes // DRAM_BLOCK_BYTES) * DRAM_BLOCK_BYTES
     slots = int(os.environ.get("EMBER_CPU_SLOTS", "2"))
+    kv_tokens = min(8192, max(1024, opts.users * (opts.max_tokens + 64)))
+    kv_bytes = kv_tokens * _kv_bytes_per_token(model_dir)
+    env = {"EMBER_KV_BUDGET_TOKENS": str(kv_tokens)}
+    dram = slots * (block + kv_bytes) + block
     if opts.scenario != "cold":
-        return {"EMBER_DRAM_CAPACITY_BYTES": str(max(1 << 30, (slots + 1) * block))}
+        return {**env, "EMBER_DRAM_CAPACITY_BYTES": str(max(1 << 30, dram))}
     dram_held = slots + 1
     ssd = max(dram_held + 1, (opts.checkpoints + dram_held) // 2) * (disk_bytes + (1 << 20))
-    return {"EMBER_DRAM_CAPACITY_BYTES": str((slots + 1) * block), "EMBER_SSD_CAPACITY_BYTES": str(ssd)}
+    return {**env, "EMBER_DRAM_CAPACITY_BYTES": str(dram), "EMBER_SSD_CAPACITY_BYTES": str(ssd)}
+
+
+def _kv_bytes_per_token(model_dir: Path) -> int:
+    """K and V of every layer for one token, from the model's config.json."""
+    c = json.loads((model_dir / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    dtype_bytes = 2 if str(c.get("dtype") or c.get("torch_dtype")) in ("float16", "bfloat16") else 4
+    return 2 * c["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
