@@ -47,12 +47,17 @@ def loadtest(
             checkpoint=checkpoint, baseline=baseline)
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task(f"{scenario}: starting", total=opts.duration_s)
+            last_line = [-10.0]
 
             def progress(elapsed_s: float, requests: int, failures: int) -> None:
-                bar.update(task, completed=min(elapsed_s, opts.duration_s),
-                           description=f"{scenario}: {requests} requests, {failures} failures")
+                text = f"{scenario}: {requests} requests, {failures} failures"
+                bar.update(task, completed=min(elapsed_s, opts.duration_s), description=text)
+                if not bar.console.is_terminal and elapsed_s - last_line[0] >= 10:  # a log, not a live bar
+                    last_line[0] = elapsed_s
+                    typer.echo(f"{elapsed_s:5.0f} s / {opts.duration_s:.0f} s  {text}")
 
-            result = run_loadtest(opts, echo=bar.console.print, progress=progress)
+            echo = bar.console.print if bar.console.is_terminal else typer.echo
+            result = run_loadtest(opts, echo=echo, progress=progress)
     except EmberError as e:
         typer.echo(f"error: {e.message}", err=True)
         raise typer.Exit(1) from e
