@@ -123,7 +123,7 @@ def run_loadtest(opts: LoadTestOptions, echo: Callable[[str], None] = print,
     validate(opts)
     locustfile = locustfile_path()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("samples.jsonl", "summary.json", "locust.json"):
+    for stale in ("samples.jsonl", "summary.json", "locust.json", "run.json", "baseline.json", "tenants.json"):
         (opts.out_dir / stale).unlink(missing_ok=True)
     conditions: dict[str, Any] = {"started": time.time(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="ember-loadtest-") as tmp:
@@ -136,7 +136,7 @@ def run_loadtest(opts: LoadTestOptions, echo: Callable[[str], None] = print,
             conditions.update(target.facts)
             _write_run_facts(opts, plan, conditions)
             if opts.baseline and target.model_dir is not None:
-                echo("timing from_pretrained + the same prompt (the usual way) on the idle machine")
+                echo("timing from_pretrained + the same prompt (the usual way) while the platform idles")
                 _write_baseline(target.model_dir, opts)
         finally:
             target.close(echo)
@@ -146,9 +146,9 @@ def run_loadtest(opts: LoadTestOptions, echo: Callable[[str], None] = print,
 
 def _write_run_facts(opts: LoadTestOptions, plan: dict[str, Any], conditions: dict[str, Any]) -> None:
     """run.json: what ran, on what, under which machine load (the summary stays exactly its fields)."""
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "api_key"}
     from ember.platform.loadtest_report import percentile, read_samples
 
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items() if k != "api_key"}
     samples = read_samples(opts.out_dir / "samples.jsonl")
     startup = {}
     for tier in sorted({s["tier"] for s in samples if s["cold"]}):
