@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from ember.commands import checkpoint, energy, loader_bench, model, platform_cmds, scheduler_cmds
+from ember.commands import checkpoint, energy, loader_bench, loadtest, model, platform_cmds, scheduler_cmds
 
 app = typer.Typer(help="Ember: serverless LLM functions.", no_args_is_help=True, add_completion=False)
 
@@ -28,6 +28,9 @@ bench_app.command("coldstart", help="Cold-start latency of a local platform by l
     platform_cmds.bench_coldstart
 )
 app.add_typer(bench_app, name="bench")
+app.command("loadtest", help="Load test (locust) a platform: steady, cold, burst or tenants; reports by tier.")(
+    loadtest.loadtest
+)
 app.command("sim", help="Trace-driven cluster simulation comparing placement policies.")(scheduler_cmds.sim)
 
 
