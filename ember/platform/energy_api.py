@@ -43,6 +43,9 @@ DEVICE_FIELDS = (
     "slo_attainment",
     "mode",
     "last_decision",
+    "decisions",  # the device's recent decisions, with reasons and whether they were applied
+    "prefill_sm_clock_mhz",  # the clock prefills run at (per-phase clocks), None: unlocked
+    "clock_switches",  # emulated GPUs: how often the SM clock lock changed (per-phase switching)
 )
 
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
