@@ -23,9 +23,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the raw JSO
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    from rich.console import Console
-
-    Console().print(_render(data))
+    _console().print(_render(data))
 
 
 @app.command("watch")
@@ -34,10 +32,9 @@ def watch(
     iterations: int = typer.Option(0, "--iterations", min=0, help="Stop after N refreshes (0: until Ctrl-C)."),
 ) -> None:
     """A live view of every GPU: power against limit and cap, J/token, SLO attainment, the last decision."""
-    from rich.console import Console
     from rich.live import Live
 
-    console = Console()
+    console = _console()
     done = 0
     with Live(console=console, refresh_per_second=4, auto_refresh=console.is_terminal) as live:
         try:
@@ -49,6 +46,14 @@ def watch(
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
+
+
+def _console() -> Any:
+    """A console; piped or captured output gets room for every column instead of ellipses."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 220))
 
 
 def _render(data: dict[str, Any]) -> Any:
@@ -68,12 +73,12 @@ def _render(data: dict[str, Any]) -> Any:
         last = d.get("last_decision") or {}
         decision = ""
         if last:
-            decision = ("[applied] " if last.get("applied") else "[not applied] ") + str(last.get("reason", ""))
+            decision = ("applied: " if last.get("applied") else "not applied: ") + str(last.get("reason", ""))
         table.add_row(
             str(d.get("node")), str(d.get("device")), _fmt(d.get("power_w")), _fmt(d.get("limit_w")),
             _fmt(d.get("cap_w")), _bar(d.get("power_w"), d.get("limit_w"), d.get("cap_w")),
             _fmt(d.get("sm_clock_mhz")), _fmt(d.get("energy_j"), 0), _fmt(d.get("j_per_token"), 3),
-            _fmt(d.get("slo_attainment"), 4), str(d.get("mode")), decision[:100],
+            _fmt(d.get("slo_attainment"), 4), str(d.get("mode")), Text(decision[:100]),
         )
     misses = [Text(f"miss {m['function']} on {m['node']}/{m['device']}: {m['reason']}", style="yellow")
               for m in (data.get("allocation") or {}).get("misses", [])]
@@ -153,7 +158,7 @@ def bench_energy(
     simulated_params_b: float = typer.Option(None, "--simulated-params-b", min=0.0,
                                              help="Emulated model size, billions of bf16 parameters "
                                                   "[EMBER_SIMULATED_PARAMS_B, else 7]."),
-    ttft_ms: float = typer.Option(1000.0, "--ttft-ms"), tpot_ms: float = typer.Option(200.0, "--tpot-ms"),
+    ttft_ms: float = typer.Option(3000.0, "--ttft-ms"), tpot_ms: float = typer.Option(200.0, "--tpot-ms"),
     eta: float = typer.Option(0.5, "--eta", help="The function's energy/time knob (Zeus eta)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:

@@ -40,7 +40,9 @@ class EnergyBenchConfig:
     prompt_words: int = 40
     simulated_gpus: int = 1
     params_b: float = 7.0  # emulated model size: every step is charged as a 7B bf16 model's
-    ttft_ms: float = 1000.0
+    # the tiny model's CPU time is most of what TTFT measures here, and 8 engineers share 2 cores:
+    # a TTFT SLO of 3 s keeps contention from reading as an SLO risk (the emulated GPU's share is ms)
+    ttft_ms: float = 3000.0
     tpot_ms: float = 200.0
     eta: float = 0.5
     warmup_requests: int = 6
