@@ -44,7 +44,8 @@ DEVICE_FIELDS = (
     "mode",
     "last_decision",
     "decisions",  # the device's recent decisions, with reasons and whether they were applied
-    "prefill_sm_clock_mhz",  # the clock prefills run at (per-phase clocks), None: unlocked
+    "recommended_sm_clock_mhz",  # the controller's (decode) clock; applied in actuate mode. None: unlocked
+    "prefill_sm_clock_mhz",  # its clock for prefills (per-phase clocks), None: unlocked
     "clock_switches",  # emulated GPUs: how often the SM clock lock changed (per-phase switching)
 )
 

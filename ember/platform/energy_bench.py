@@ -201,13 +201,27 @@ async def _sample(client: httpx.AsyncClient, t0: float, timeline: list[dict[str,
         if snap is not None:
             timeline.append({"t_s": round(time.monotonic() - t0, 2), "devices": {
                 f"{d['node']}/{d['device']}": {"power_w": d.get("power_w"), "limit_w": d.get("limit_w"),
-                                               "sm_clock_mhz": d.get("sm_clock_mhz"), "cap_w": d.get("cap_w")}
+                                               "cap_w": d.get("cap_w"), **_clocks(d)}
                 for d in snap["devices"]}})
             _collect_decisions(snap, decisions)
         try:
             await asyncio.wait_for(done.wait(), 1.0)
         except asyncio.TimeoutError:
             pass
+
+
+def _clocks(d: dict[str, Any]) -> dict[str, Any]:
+    """The decode and prefill SM clocks a device runs at (with per-phase clocks the device's own
+    reading alternates between the two, so a sample of it says little; None: unlocked)."""
+    from ember.energy.simulated import MAX_SM_CLOCK_MHZ
+
+    top = MAX_SM_CLOCK_MHZ  # unlocked: the emulated H100's top clock
+    if d.get("mode") != "actuate":
+        return {"sm_clock_mhz": d.get("sm_clock_mhz"), "decode_sm_clock_mhz": d.get("sm_clock_mhz"),
+                "prefill_sm_clock_mhz": d.get("sm_clock_mhz")}
+    decode, prefill = d.get("recommended_sm_clock_mhz"), d.get("prefill_sm_clock_mhz")
+    return {"sm_clock_mhz": d.get("sm_clock_mhz"), "decode_sm_clock_mhz": top if decode is None else decode,
+            "prefill_sm_clock_mhz": top if prefill is None else prefill}
 
 
 def _collect_decisions(snap: dict[str, Any], out: dict[tuple[str, str, float], dict[str, Any]]) -> None:
@@ -240,9 +254,11 @@ def plot_energy_bench(doc: dict[str, Any], path: Path) -> None:
             ts = [t for t, _ in pts]
             ax_p.plot(ts, [v["power_w"] or 0 for _, v in pts], style, label=f"{name} {dev} power")
             ax_p.plot(ts, [v["limit_w"] or 0 for _, v in pts], style, alpha=0.4, label=f"{name} {dev} limit")
-            ax_c.plot(ts, [v["sm_clock_mhz"] or 0 for _, v in pts], style, label=f"{name} {dev}")
+            ax_c.plot(ts, [v["decode_sm_clock_mhz"] or 0 for _, v in pts], style, label=f"{name} {dev} decode")
+            ax_c.plot(ts, [v["prefill_sm_clock_mhz"] or 0 for _, v in pts], style, alpha=0.5,
+                      label=f"{name} {dev} prefill")
     ax_p.set_ylabel("W")
-    ax_c.set_ylabel("SM clock MHz (locked, or max)")
+    ax_c.set_ylabel("SM clock MHz")
     ax_c.set_xlabel("seconds since the load started")
     mp, ac = doc["runs"]["max_power"], doc["runs"]["actuate"]
     ax_p.set_title(f"max_power {mp['joules_per_token']:.2f} J/token, actuate {ac['joules_per_token']:.2f} J/token "
