@@ -48,13 +48,16 @@ def up(
                                                   "[EMBER_SIMULATED_GPUS, 0]"),
     energy_mode: str = typer.Option(None, help="observe | recommend | actuate, for every worker "
                                                "[EMBER_ENERGY_MODE, recommend]"),
+    simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
+                                                        "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
+                                                        "0: the model's own size]"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
     _logging("warning")
     _check_mode(energy_mode)
     settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
-                         energy_mode=energy_mode)
+                         energy_mode=energy_mode, simulated_params_b=simulated_params_b)
     code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
                             demo=demo, extra_env=worker_energy_env(settings)), settings,
                   echo=lambda s: typer.echo(s))
