@@ -165,9 +165,8 @@ def bench_energy(
     """The same bounded load in observe mode (max power) and in actuate mode, on the live platform."""
     from rich.console import Console
 
-    from ember.platform.energy_bench import EnergyBenchConfig, plot_energy_bench, run_energy_bench
-
     from ember.config import Settings
+    from ember.platform.energy_bench import EnergyBenchConfig, plot_energy_bench, run_energy_bench
 
     console = Console(stderr=True)
     settings = Settings()

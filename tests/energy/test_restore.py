@@ -18,7 +18,6 @@ import pytest
 
 from ember.energy import nvml
 from ember.energy.agent import NodeEnergyAgent
-from ember.energy.nvml import NvmlDevice
 from ember.energy.restore import SettingsJournal
 from ember.energy.simulated import SimulatedGpu
 
