@@ -49,7 +49,7 @@ def test_every_option_with_a_setting_defaults_to_the_setting() -> None:
     assert ("checkpoint push", "store") in checked
 
 
-def test_up_hands_its_energy_options_to_the_workers(monkeypatch: object) -> None:
+def test_up_hands_its_energy_options_to_the_workers() -> None:
     from ember.commands.platform_cmds import _settings, worker_energy_env
 
     env = worker_energy_env(_settings(simulated_gpus=2, energy_mode="actuate"))
