@@ -54,7 +54,12 @@ class Settings(BaseSettings):
     dram_capacity_bytes: int = 1 << 30
     ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
-    simulated_gpus: int = 0  # energy accounting on simulated GPUs (CPU-only demos)
+    simulated_gpus: int = 0  # emulated GPUs driven by the engine's steps (CPU-only machines)
+    # emulated GPUs charge every step as if the model had this many billion parameters (bf16);
+    # 0: the model's own size
+    simulated_params_b: float = Field(default=0.0, ge=0.0)
+    # switch the SM clock per phase (prefill / decode) at the engine's phase signal, actuate mode
+    energy_phase_clocks: bool = True
 
 
     demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")

@@ -101,6 +101,8 @@ class WorkerNode:
         for inst in list(self.instances.values()):
             inst.close()
         self.instances.clear()
+        if self.energy is not None:
+            self.energy.close()  # actuate mode: every GPU back to its original limit and clocks
         self.tiers.close()  # the DRAM pool goes with the last process of this node that uses it
 
     def register(self) -> None:
@@ -155,11 +157,20 @@ class WorkerNode:
             from ember.energy.agent import NodeEnergyAgent
         except ImportError:
             return
-        devices = detect_devices(simulated=self.settings.simulated_gpus,
-                                 allow_actuation=self.settings.energy_mode == "actuate")
+        from ember.energy.restore import SettingsJournal
+
+        s = self.settings
+        devices = detect_devices(simulated=s.simulated_gpus, allow_actuation=s.energy_mode == "actuate", live=True)
         if devices:
-            self.energy = NodeEnergyAgent(self.node_id, devices, self.settings.energy_mode, warmup_requests=1)
+            # actuate mode: original limits and clocks are persisted before the first change and
+            # restored on stop; a journal a killed process left behind is restored here first
+            journal = SettingsJournal(self.data_dir / "energy" / "original_settings.json")
+            self.energy = NodeEnergyAgent(self.node_id, devices, s.energy_mode, warmup_requests=1, journal=journal,
+                                          emulated_model_bytes=s.simulated_params_b * 2e9,
+                                          phase_clocks=s.energy_phase_clocks)
             self.energy_device_ids = [d.device_id for d in devices]
+            for i, d in enumerate(self.devices):  # CPU slots are accounted on emulated GPUs by index
+                self.energy.aliases.setdefault(d.device_id, self.energy_device_ids[i % len(devices)])
 
     def _energy_tick(self) -> None:
         if self.energy is None:
@@ -192,7 +203,8 @@ class WorkerNode:
             device = rec.device_id if rec.device_id.startswith("cuda") else "cpu"
             loaded = self.tiers.load(req.checkpoint, device=device)
             try:
-                inst = ModelInstance.from_loaded(iid, req.function, loaded, device=device)
+                inst = ModelInstance.from_loaded(iid, req.function, loaded, device=device,
+                                                 device_id=rec.device_id, step_listener=self.energy)
             except BaseException:
                 loaded.release()
                 raise
@@ -312,9 +324,8 @@ class WorkerNode:
         if self.energy is None:
             return
         rec = self.records.get(inst.instance_id)
-        device_id = rec.device_id if rec else self.devices[0].device_id
-        if device_id not in self.energy_device_ids:  # CPU slots accounted on simulated GPUs: same index
-            index = next((i for i, d in enumerate(self.devices) if d.device_id == device_id), 0)
-            device_id = self.energy_device_ids[index % len(self.energy_device_ids)]
+        device_id = self.energy.device_for(rec.device_id if rec else self.devices[0].device_id)
+        if device_id is None:
+            return
         self.energy.record_request(inst.function, device_id, done.completion_tokens, done.ttft_s, done.tpot_s,
                                    req.ttft_slo_s, req.tpot_slo_s, req.eta)
