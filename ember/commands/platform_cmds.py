@@ -42,12 +42,18 @@ def up(
     workers: int = typer.Option(2, help="number of local worker processes (nodes)"),
     data_dir: Path = typer.Option(Path("data"), help="Redis AOF, checkpoint store, tiers, logs, keys"),
     demo: bool = typer.Option(True, help="deploy the demo function 'tiny' on first start"),
+    node_backend: str = typer.Option("none", help="none | local: the gateway's node scaler starts and stops "
+                                                  "worker processes (from --workers up to --max-workers)"),
+    max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
+    if node_backend not in ("none", "local"):
+        raise typer.BadParameter("--node-backend must be none or local (aws runs on the gateways terraform deploys)")
     _logging("warning")
     settings = _settings(data_dir=data_dir)
-    code = run_up(UpOptions(host=host, port=port, workers=workers, data_dir=data_dir, demo=demo), settings,
+    code = run_up(UpOptions(host=host, port=port, workers=workers, data_dir=data_dir, demo=demo,
+                            node_backend=node_backend, max_workers=max_workers), settings,
                   echo=lambda s: typer.echo(s))
     raise typer.Exit(code)
 

@@ -139,7 +139,7 @@ class RedisCluster:
     # --- worker side ----------------------------------------------------------------------
     @_state_errors
     def register_node(self, node_id: str, url: str, devices: list[DeviceSpec],
-                      bandwidth_bps: dict[str, float]) -> None:
+                      bandwidth_bps: dict[str, float], cloud_instance_id: str = "") -> None:
         """Announce a node, its devices and measured tier bandwidths. Idempotent: claims of
         instances already recorded on its devices are kept (call again after a Redis restart)."""
         mapping: dict[str, str] = {
@@ -147,6 +147,7 @@ class RedisCluster:
             "devices": json.dumps([asdict(d) for d in devices]),
             "bandwidth": json.dumps(bandwidth_bps),
             "registered_s": repr(time.time()),
+            "cloud_instance_id": cloud_instance_id,  # the node scaler terminates by this id
         }
         mapping.update({f"bw:{tier}": repr(float(bps)) for tier, bps in bandwidth_bps.items()})
         flat: list[str] = []
@@ -216,7 +217,8 @@ class RedisCluster:
             url = self._claim(
                 keys=[Keys.node_alive(est.node_id), Keys.device(est.node_id, est.device_id),
                       Keys.instance(rec.instance_id), Keys.instances, Keys.function_instances(request.function),
-                      Keys.node_instances(est.node_id), Keys.devices_free, Keys.node(est.node_id)],
+                      Keys.node_instances(est.node_id), Keys.devices_free, Keys.node(est.node_id),
+                      Keys.nodes_draining],
                 args=[request.nbytes, repr(now), repr(est.seconds), f"{est.node_id}/{est.device_id}",
                       rec.instance_id, request.max_instances or 0, *fields],
             )
@@ -286,6 +288,18 @@ class RedisCluster:
     def reap_dead_nodes(self) -> list[str]:
         """Drop nodes whose heartbeat expired, releasing their instances and claims."""
         return sorted(self._reap(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX]))
+
+    @_state_errors
+    def set_draining(self, node_id: str, draining: bool) -> None:
+        """Mark a node draining (placement and warm routing skip it) or take it back."""
+        if draining:
+            self.r.sadd(Keys.nodes_draining, node_id)
+        else:
+            self.r.srem(Keys.nodes_draining, node_id)
+
+    @_state_errors
+    def draining_nodes(self) -> set[str]:
+        return set(self.r.smembers(Keys.nodes_draining))
 
     @_state_errors
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
@@ -483,11 +497,14 @@ end
 return 1
 """
 
-# KEYS: alive, device, instance, instances, function instances, node instances, devices_free, node
+# KEYS: alive, device, instance, instances, function instances, node instances, devices_free, node,
+#       nodes draining
 # ARGV: nbytes, now, estimate_s, "node/device", instance id, max_instances (0: no limit), field, value, ...
-# Returns the node's worker URL when the claim holds, 0 when the device lacks room, -1 when gone.
+# Returns the node's worker URL when the claim holds, 0 when the device lacks room, -1 when gone
+# or draining.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SISMEMBER', KEYS[9], string.match(ARGV[4], '^[^/]+')) == 1 then return -1 end
 local url = redis.call('HGET', KEYS[8], 'url')
 if not url then return -1 end
 local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
@@ -580,6 +597,7 @@ local function drop_node(p, n, only_if_dead, nodes_key, instances_key, free_key)
   end
   redis.call('DEL', nodekey .. ':holdings', nodekey .. ':alive', nodekey)
   redis.call('SREM', nodes_key, n)
+  redis.call('SREM', p .. 'nodes:draining', n)
   return true
 end
 """
@@ -625,7 +643,8 @@ local p, target = ARGV[1], tonumber(ARGV[2])
 local best, best_out = nil, nil
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local f = redis.call('HMGET', p .. 'instance:' .. id, 'state', 'outstanding', 'node_id')
-  if f[1] == 'ready' and redis.call('EXISTS', p .. 'node:' .. f[3] .. ':alive') == 1 then
+  if f[1] == 'ready' and redis.call('EXISTS', p .. 'node:' .. f[3] .. ':alive') == 1
+     and redis.call('SISMEMBER', p .. 'nodes:draining', f[3]) == 0 then
     local o = tonumber(f[2]) or 0
     if o < target and (best == nil or o < best_out or (o == best_out and id < best)) then
       best, best_out = id, o
@@ -674,6 +693,7 @@ _LUA_NODE_ENTRY = """
 local function node_entry(p, n, only)
   local nk = p .. 'node:' .. n
   if redis.call('EXISTS', nk .. ':alive') == 0 then return nil end
+  if redis.call('SISMEMBER', p .. 'nodes:draining', n) == 1 then return nil end
   local h = redis.call('HGETALL', nk)
   local devs, bw = nil, {}
   for i = 1, #h, 2 do
@@ -711,7 +731,8 @@ local function room_rows(p, zkey, nbytes, count, spread)
     local slash = string.find(m, '/', 1, true)
     if slash then
       local n = string.sub(m, 1, slash - 1)
-      if redis.call('EXISTS', p .. 'node:' .. n .. ':alive') == 1 then
+      if redis.call('EXISTS', p .. 'node:' .. n .. ':alive') == 1
+         and redis.call('SISMEMBER', p .. 'nodes:draining', n) == 0 then
         local f = redis.call('HMGET', p .. 'device:' .. m, 'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
         if f[1] then
           rows[#rows + 1] = m .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')

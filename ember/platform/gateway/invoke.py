@@ -69,6 +69,7 @@ class Invoker:
         self.metrics = metrics
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
         self.waiting: dict[str, int] = defaultdict(int)
+        self.waiting_for_room = 0  # requests of this gateway whose placement found no room (node scaler input)
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
@@ -82,6 +83,7 @@ class Invoker:
         t0 = time.monotonic()
         pause_s = 0.005  # backs off to 50 ms while waiting for a slot (each try is one Redis script)
         self.waiting[spec.name] += 1
+        waits_for_room = False
         try:
             while True:
                 rec = await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency)
@@ -98,6 +100,10 @@ class Invoker:
                     if cold is not None:
                         continue
                     # no device has room: wait (and try again) until the deadline, not in a tight loop
+                    if not waits_for_room:
+                        waits_for_room = True
+                        self.waiting_for_room += 1
+                        self.metrics.placements_waited.inc()
                 if time.monotonic() > deadline:
                     raise NoCapacity(
                         f"no instance of {spec.name!r} could serve within {self.settings.slo_timeout_s:.0f}s "
@@ -107,6 +113,8 @@ class Invoker:
                 pause_s = min(0.05, pause_s * 1.5)
         finally:
             self.waiting[spec.name] -= 1
+            if waits_for_room:
+                self.waiting_for_room -= 1
 
     async def release(self, target: InvocationTarget) -> None:
         self._ewma(self.service_s, target.function, time.monotonic() - target.acquired_at)

@@ -98,7 +98,8 @@ class WorkerNode:
         self.tiers.close()  # the DRAM pool goes with the last process of this node that uses it
 
     def register(self) -> None:
-        self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps)
+        self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps,
+                                   cloud_instance_id=self.settings.cloud_instance_id)
         for rec in list(self.records.values()):
             self.cluster.restore_instance(rec)
         self.cluster.heartbeat(self.node_id, self.tiers.holdings())
