@@ -51,7 +51,7 @@ class NodeScalerConfig:
     boot_s: float = 180.0  # from scale-out to a registered worker
     grace_s: float = 60.0  # idle beyond the functions' keep-alive before a node is drained
     target_memory_utilization: float = 0.85  # claimed / memory of awake nodes above this: add a node
-    consolidate_below: float = 0.6  # ... and drain the emptiest node while the rest would stay below this
+    consolidate_below: float = 0.0  # (0: off) ... and drain the emptiest node while the rest would stay below this
     requests_per_node: int = 8  # waiting placements one new node is expected to absorb
     max_scale_in_per_step: int = 4
 
@@ -194,7 +194,7 @@ class NodeScaler:
 
     def _consolidation_victim(self, active: Sequence[FleetNode], now: float) -> FleetNode | None:
         """The emptiest node, if the others would hold every claim below `consolidate_below`."""
-        if len(active) < 2:
+        if len(active) < 2 or self.config.consolidate_below <= 0:
             return None
         memory = sum(n.memory_bytes for n in active)
         claimed = sum(n.claimed_bytes for n in active)
