@@ -160,8 +160,9 @@ class NodeScaler:
         if waiting > 0:
             want = max(0, math.ceil(waiting / cfg.requests_per_node) - booting)
             reason = "waiting"
-        elif booting == 0 and self._memory_tight(active):
-            want, reason = 1, "memory"
+        else:
+            want = self._memory_shortfall(active, booting)
+            reason = "memory" if want else ""
         if total < cfg.min_nodes:
             want, reason = max(want, cfg.min_nodes - total), reason or "min_nodes"
         if want > 0:
@@ -186,29 +187,43 @@ class NodeScaler:
         room = min(len(active) - cfg.min_nodes, cfg.max_scale_in_per_step)
         for idle_s, n in idle[:max(0, room)]:
             actions.append(Drain(n.node_id, n.cloud_id, idle_s))
-        if not actions and not draining and room > 0:
-            victim = self._consolidation_victim(active, now)
-            if victim is not None:
+        room -= len(actions)
+        if room > 0:
+            chosen = {a.node_id for a in actions if isinstance(a, Drain)}
+            for victim in self._consolidation_victims([n for n in active if n.node_id not in chosen], room):
                 actions.append(Drain(victim.node_id, victim.cloud_id, now - victim.last_active_s))
         return actions
 
-    def _consolidation_victim(self, active: Sequence[FleetNode], now: float) -> FleetNode | None:
-        """The emptiest node, if the others would hold every claim below `consolidate_below`."""
+    def _consolidation_victims(self, active: Sequence[FleetNode], limit: int) -> list[FleetNode]:
+        """The emptiest nodes, as long as the others would hold every claim below
+        `consolidate_below` (the claims of drained nodes move to the rest)."""
         if len(active) < 2 or self.config.consolidate_below <= 0:
-            return None
+            return []
         memory = sum(n.memory_bytes for n in active)
         claimed = sum(n.claimed_bytes for n in active)
-        victim = min(active, key=lambda n: (n.claimed_bytes, n.last_active_s, n.node_id))
-        rest = memory - victim.memory_bytes
-        if rest <= 0 or claimed / rest > self.config.consolidate_below:
-            return None
-        return victim
+        out: list[FleetNode] = []
+        for victim in sorted(active, key=lambda n: (n.claimed_bytes, n.last_active_s, n.node_id)):
+            if len(out) >= limit or len(out) >= len(active) - 1:
+                break
+            rest = memory - victim.memory_bytes
+            if rest <= 0 or claimed / rest > self.config.consolidate_below:
+                break
+            memory = rest
+            out.append(victim)
+        return out
 
-    def _memory_tight(self, active: Sequence[FleetNode]) -> bool:
+    def _memory_shortfall(self, active: Sequence[FleetNode], booting: int) -> int:
+        """Nodes to add so claimed memory fits `target_memory_utilization` of the awake and
+        booting nodes (a booting node is counted as the average awake one)."""
         memory = sum(n.memory_bytes for n in active)
-        if memory <= 0:
-            return False
-        return sum(n.claimed_bytes for n in active) / memory > self.config.target_memory_utilization
+        if memory <= 0 or not active:
+            return 0
+        per_node = memory / len(active)
+        claimed = sum(n.claimed_bytes for n in active)
+        if claimed <= self.config.target_memory_utilization * (memory + booting * per_node):
+            return 0
+        needed = math.ceil(claimed / (self.config.target_memory_utilization * per_node))
+        return max(1, needed - len(active) - booting)
 
 
 @dataclass

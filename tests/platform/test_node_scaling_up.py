@@ -67,6 +67,9 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
         redis_url = _redis_url(data_dir)
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         assert r.hget(Keys.node("node-l0"), "cloud_instance_id") == "local-0"  # workers record their id
+        worker_url = r.hget(Keys.node("node-l0"), "url")
+        assert httpx.get(f"{worker_url}/healthz", timeout=10).status_code == 200  # load-balancer check, no token
+        assert httpx.get(f"{worker_url}/internal/healthz", timeout=10).status_code == 401
 
         with httpx.Client(base_url=url, headers=auth, timeout=200) as c:
             for name, body in (("a", {"min_instances": 1, "keep_alive_s": 300}),

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -69,7 +70,7 @@ class NodeScalerLoop:
                 await self.publish_waiting()
                 if self.backend is not None:
                     await self.step()
-            except (redis.RedisError, EmberError) as e:
+            except (redis.RedisError, EmberError, OSError) as e:  # OSError: a local worker would not start
                 log.warning("node scaler step skipped: %s", e)
             await asyncio.sleep(self.settings.node_scaler_interval_s)
 
@@ -96,14 +97,13 @@ class NodeScalerLoop:
         for f in facts:
             if f.cloud_id in held and not f.draining:
                 await to_thread.run_sync(cluster.set_draining, f.node_id, True)
-        facts = [FleetNode(**{**f.__dict__, "draining": f.draining or f.cloud_id in held}) for f in facts]
+        facts = [replace(f, draining=f.draining or f.cloud_id in held) for f in facts]
         booting = [cid for cid, state in cloud.items() if cid not in registered
                    and not state.startswith(("Terminating", "Terminated", "Warmed:Stopped"))]
         unprotected = getattr(backend, "unprotected", None)  # Ember, not the group, picks which node goes
         if unprotected is not None:
             await to_thread.run_sync(lambda: backend.protect(unprotected()))
         actions = self.scaler.step(facts, now, waiting=waiting, booting=len(booting), budget_w=budget_w)
-        by_id = {f.node_id: f for f in facts}
         for a in actions:
             if isinstance(a, ScaleOut):
                 desired = await to_thread.run_sync(backend.desired_capacity)
@@ -182,10 +182,12 @@ class NodeScalerLoop:
             facts.append(FleetNode(n, len(insts), busy, last, ka, n in draining, cloud_id or "", memory, claimed))
         self.activity.forget(live)
         waiting = 0
-        for raw in r.hgetall(Keys.placements_waiting).values():
+        for gateway, raw in r.hgetall(Keys.placements_waiting).items():
             count, _, stamp = raw.partition(" ")
             if now - float(stamp or 0) <= WAITING_FRESH_S:
                 waiting += int(count)
+            else:  # that gateway is gone
+                r.hdel(Keys.placements_waiting, gateway)
         budget_w = None
         raw_budget = r.get(Keys.energy_budget)
         if raw_budget:
