@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,10 @@ class LocalWorkerFleet:
         self.terminated = 0
         self._next = 0
         self._lock = threading.Lock()
+        # Workers get SIGTERM when the thread that started them exits (PR_SET_PDEATHSIG follows the
+        # thread, not the process): start them all from one thread that lives as long as the gateway.
+        self._spawns: queue.SimpleQueue[tuple[list[str], dict[str, str], Path, Future]] = queue.SimpleQueue()
+        threading.Thread(target=self._spawner, name="local-fleet-spawner", daemon=True).start()
 
     def desired_capacity(self) -> int:
         return self.desired
@@ -113,11 +119,22 @@ class LocalWorkerFleet:
         env.pop("EMBER_NODE_ID", None)
         args = [sys.executable, "-m", "ember", "worker", "--data-dir", str(self.data_dir / "nodes" / node_id),
                 "--node-id", node_id, "--host", self.host, "--port", str(port)]
-        with open(logs / f"{node_id}.log", "ab") as out:
-            proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=die_with_parent)
+        done: Future[subprocess.Popen[bytes]] = Future()
+        self._spawns.put((args, env, logs / f"{node_id}.log", done))
+        proc = done.result(timeout=60)
         self.running[cloud_id] = _LocalInstance(cloud_id, node_id, proc)
         log.info("local fleet: started %s as %s on port %d", cloud_id, node_id, port)
+
+
+    def _spawner(self) -> None:
+        while True:
+            args, env, log_path, done = self._spawns.get()
+            try:
+                with open(log_path, "ab") as out:
+                    done.set_result(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent))
+            except OSError as e:
+                done.set_exception(e)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

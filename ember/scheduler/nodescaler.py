@@ -245,10 +245,10 @@ class NodeActivity:
         if busy:
             last = now
         self.last_active_s[node_id] = last
-        ka = max(keep_alive_s, default=0.0)
-        kept = max(self.keep_alive_s.get(node_id, self.default_keep_alive_s), ka)
-        self.keep_alive_s[node_id] = kept
-        return last, kept
+        seen = list(keep_alive_s)
+        if seen:  # the longest keep-alive of the functions it ran (remembered once they unload)
+            self.keep_alive_s[node_id] = max(self.keep_alive_s.get(node_id, 0.0), *seen)
+        return last, self.keep_alive_s.get(node_id, self.default_keep_alive_s)
 
     def forget(self, live: Iterable[str]) -> None:
         keep = set(live)

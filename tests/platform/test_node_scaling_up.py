@@ -64,7 +64,7 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
             if line.startswith("ready: "):
                 break
         assert lines and lines[-1].startswith("ready: "), "\n".join(lines)
-        redis_url = _redis_url(data_dir)
+        redis_url = next(line.split()[1] for line in lines if line.startswith("redis: "))
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         assert r.hget(Keys.node("node-l0"), "cloud_instance_id") == "local-0"  # workers record their id
         worker_url = r.hget(Keys.node("node-l0"), "url")
@@ -112,6 +112,9 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
                 t.join(timeout=60)
             assert statuses and all(s == 200 for s in statuses), statuses
             assert call("a") == 200
+            gateway_log = (logs / "gateway.log").read_text()
+            assert "terminating node-l1 (local-1)" in gateway_log
+            assert "local-0 exited" not in gateway_log and "node-l2" not in gateway_log  # the first node stayed
     finally:
         proc.terminate()
         try:
@@ -119,16 +122,3 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
         except subprocess.TimeoutExpired:
             proc.kill()
 
-
-def _redis_url(data_dir: Path) -> str:
-    """The private Redis `ember up` started (its port is in the gateway's environment, via /proc)."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            raw = environ.read_bytes()
-        except OSError:
-            continue
-        if str(data_dir).encode() in raw and b"EMBER_REDIS_URL=" in raw:
-            for item in raw.split(b"\0"):
-                if item.startswith(b"EMBER_REDIS_URL="):
-                    return item.split(b"=", 1)[1].decode()
-    pytest.fail("could not find the Redis URL of ember up")
