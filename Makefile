@@ -30,11 +30,12 @@ test-terraform:
 
 # The wheel terraform's user data installs (ember_package = "s3://<bucket>/<key>.whl"):
 #   make wheel && aws s3 cp dist/ember-0.1.0-py3-none-any.whl s3://my-artifacts/
+DIST ?= dist
 wheel:
-	rm -rf build dist/ember-*.whl
-	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf build $(DIST)/ember-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
 	rm -rf build
-	@ls dist/ember-*.whl
+	@ls $(DIST)/ember-*.whl
 
 lint: install
 	$(BIN)/ruff check ember tests loadtests
