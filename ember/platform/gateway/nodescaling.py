@@ -98,6 +98,11 @@ class NodeScalerLoop:
             if f.cloud_id in held and not f.draining:
                 await to_thread.run_sync(cluster.set_draining, f.node_id, True)
         facts = [replace(f, draining=f.draining or f.cloud_id in held) for f in facts]
+        for cid in held - registered:  # nothing to drain (our own terminations included): let it go
+            try:
+                await to_thread.run_sync(backend.complete_termination, cid)
+            except EmberError as e:  # already past the hook: nothing to do
+                log.info("node scaler: lifecycle action of %s: %s", cid, e)
         booting = [cid for cid, state in cloud.items() if cid not in registered
                    and not state.startswith(("Terminating", "Terminated", "Warmed:Stopped"))]
         unprotected = getattr(backend, "unprotected", None)  # Ember, not the group, picks which node goes
