@@ -128,7 +128,7 @@ class _FleetSimulation(_Simulation):
         self.waiting = 0
         self.parked: dict[str, float] = {}  # instance id -> ready time, while its node drains
         self.next_node_step = fleet.interval_s
-        self.activity = NodeActivity(default_keep_alive_s=cfg.keep_alive_s)
+        self.activity = NodeActivity(default_keep_alive_s=0.0)  # as live: a node that never ran anything
         self.scale_outs = self.scale_ins = 0
         self.min_up = self.peak_up = len(self.node_list)
         self._visible_ids = list(self._node_ids)

@@ -104,3 +104,56 @@ def test_make_backend_needs_a_group_for_aws() -> None:
     assert make_backend(Settings(node_backend="none")) is None
     with pytest.raises(ConfigError, match="EMBER_AWS_AUTOSCALING_GROUP"):
         make_backend(Settings(node_backend="aws"))
+
+
+def test_gateway_node_scaler_drives_the_group(group, moto_url: str, redis_url: str, tmp_path: Path) -> None:
+    """A real gateway with EMBER_NODE_BACKEND=aws against moto: two idle registered nodes are drained
+    and terminated with the desired capacity decremented; requests waiting for room (as another
+    gateway reports them) raise it again; metrics go to CloudWatch."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.state import Keys
+    from tests.platform.conftest import base_env, start_gateway
+
+    name, session = group
+    asg = session.client("autoscaling", endpoint_url=moto_url)
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    backend.set_desired_capacity(2)
+    ids = sorted(backend.instances())
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    for i, cid in enumerate(ids):
+        cluster.register_node(f"n{i}", f"http://127.0.0.1:1/n{i}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                              cloud_instance_id=cid)
+    env = base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
+                   EMBER_AWS_AUTOSCALING_GROUP=name, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
+                   EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
+                   EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_DEFAULT_REGION="us-east-1")
+    gateway = start_gateway(tmp_path, env)
+    try:
+        _until(lambda: backend.desired_capacity() == 0 and not backend.instances(), gateway)
+        assert cluster.live_nodes() == [] and cluster.draining_nodes() == set()
+        # Another gateway has 3 requests waiting for room: one node is enough for them.
+        cluster.r.hset(Keys.placements_waiting, "gw-other", f"3 {time.time():.3f}")
+        _until(lambda: backend.desired_capacity() == 1, gateway)
+        _until(lambda: backend.unprotected() == [] and len(backend.instances()) == 1, gateway)
+        rows = asg.describe_auto_scaling_instances()["AutoScalingInstances"]
+        assert [r["ProtectedFromScaleIn"] for r in rows if r["AutoScalingGroupName"] == name] == [True]
+        cw = session.client("cloudwatch", endpoint_url=moto_url)
+        names = {m["MetricName"] for m in cw.list_metrics(Namespace="Ember")["Metrics"]
+                 if {"Name": "AutoScalingGroupName", "Value": name} in m["Dimensions"]}
+        assert {"PlacementsWaiting", "NodesActive", "NodesDraining", "NodesBooting", "DesiredNodes"} <= names
+        log = gateway.output()
+        assert "draining n0" in log and "terminating n1" in log
+    finally:
+        gateway.stop()
+
+
+def _until(cond, gateway, timeout_s: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    pytest.fail("timed out; gateway log:\n" + gateway.output())

@@ -61,7 +61,7 @@ class NodeScalerLoop:
         self.backend = backend
         self.settings = app.state.settings
         self.scaler = NodeScaler(scaler_config(self.settings))
-        self.activity = NodeActivity()
+        self.activity = NodeActivity(default_keep_alive_s=0.0)  # a node that never ran anything: grace only
         self.booting_since: dict[str, float] = {}  # cloud id -> first seen, until its worker registers
 
     async def run(self) -> None:
