@@ -54,8 +54,8 @@ class FleetConfig:
     grace_s: float = 60.0
     interval_s: float = 10.0
     min_nodes: int = 1
-    target_memory_utilization: float = 0.6
-    consolidate_below: float = 0.4
+    target_memory_utilization: float = 0.55  # 0.6/0.4 saved more node-hours (19%) but lost 0.006 of SLO
+    consolidate_below: float = 0.35
     requests_per_node: int = 8
     budget_w: float | None = None
     ssd_kept_when_stopped: bool = False
