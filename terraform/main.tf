@@ -109,6 +109,7 @@ module "gateway" {
   initial_power_budget_w        = var.initial_power_budget_w
   worker_autoscaling_group_name = module.workers.autoscaling_group_name
   worker_max_size               = var.worker_max_size
+  worker_min_nodes              = var.worker_min_nodes
   node_power_w                  = var.node_power_w
   extra_env                     = var.extra_env
   tags                          = local.tags

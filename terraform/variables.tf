@@ -416,3 +416,14 @@ variable "extra_env" {
     error_message = "Secrets do not go in extra_env: EMBER_REDIS_URL, EMBER_ADMIN_KEY and EMBER_CLUSTER_TOKEN come from Secrets Manager."
   }
 }
+
+variable "worker_min_nodes" {
+  description = "Fewest GPU workers the gateways' node scaler keeps up (0 scales to zero: the first request then waits for a node to boot, longer than EMBER_SLO_TIMEOUT_S unless raised)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.worker_min_nodes >= 0 && var.worker_min_nodes <= var.worker_max_size && floor(var.worker_min_nodes) == var.worker_min_nodes
+    error_message = "worker_min_nodes must be a whole number from 0 to worker_max_size."
+  }
+}

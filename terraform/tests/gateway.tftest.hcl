@@ -120,7 +120,7 @@ run "alb_serves_streams_and_checks_readiness" {
   }
 
   assert {
-    condition     = strcontains(output.user_data, "EMBER_NODE_BACKEND=aws") && strcontains(output.user_data, "EMBER_AWS_AUTOSCALING_GROUP=ember-worker-abc") && strcontains(output.user_data, "EMBER_NODE_MAX=8")
+    condition     = strcontains(output.user_data, "EMBER_NODE_BACKEND=aws") && strcontains(output.user_data, "EMBER_AWS_AUTOSCALING_GROUP=ember-worker-abc") && strcontains(output.user_data, "EMBER_NODE_MAX=8") && strcontains(output.user_data, "EMBER_NODE_MIN=1")
     error_message = "The gateways' node scaler sizes the worker group."
   }
 

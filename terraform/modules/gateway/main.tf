@@ -18,6 +18,7 @@ locals {
     initial_power_budget_w      = var.initial_power_budget_w
     worker_autoscaling_group    = var.worker_autoscaling_group_name
     worker_max_size             = var.worker_max_size
+    worker_min_nodes            = var.worker_min_nodes
     node_power_w                = var.node_power_w
     node_boot_s                 = var.node_boot_s
     metrics_namespace           = var.metrics_namespace

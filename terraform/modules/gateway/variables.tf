@@ -155,3 +155,9 @@ variable "extra_env" {
   type        = map(string)
   default     = {}
 }
+
+variable "worker_min_nodes" {
+  description = "Fewest workers the node scaler keeps up (0: scale to zero; the first request then waits for a boot)."
+  type        = number
+  default     = 1
+}
