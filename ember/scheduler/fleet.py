@@ -166,9 +166,6 @@ class _FleetSimulation(_Simulation):
         self._visible_ids = [n for n in self._node_ids if n not in self.hidden]
 
     # --- the node scaler's inputs and actions ---------------------------------------------------
-    def _cold_start(self, f: int, t: float):
-        return super()._cold_start(f, t)
-
     def _relieve_pressure(self, nbytes: int) -> bool:
         self.waiting += 1  # no device had room: live, _make_room runs for a placement that waits
         return super()._relieve_pressure(nbytes)
