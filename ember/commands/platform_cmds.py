@@ -51,15 +51,21 @@ def up(
     simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
                                                         "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
                                                         "0: the model's own size]"),
+    node_backend: str = typer.Option("none", help="none | local: the gateway's node scaler starts and stops "
+                                                  "worker processes (from --workers up to --max-workers)"),
+    max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
+    if node_backend not in ("none", "local"):
+        raise typer.BadParameter("--node-backend must be none or local (aws runs on the gateways terraform deploys)")
     _logging("warning")
     _check_mode(energy_mode)
     settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
                          energy_mode=energy_mode, simulated_params_b=simulated_params_b)
     code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
-                            demo=demo, extra_env=worker_energy_env(settings)), settings,
+                            demo=demo, extra_env=worker_energy_env(settings), node_backend=node_backend,
+                            max_workers=max_workers), settings,
                   echo=lambda s: typer.echo(s))
     raise typer.Exit(code)
 

@@ -20,12 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
 from ember.platform import energy_api
+from ember.platform.cloud import make_backend
 from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
 from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
+from ember.platform.gateway.nodescaling import NodeScalerLoop
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
@@ -68,12 +70,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         scaler = AutoscalerLoop(app, gateway_id)
         task = asyncio.create_task(scaler.run(), name="autoscaler")
         task.add_done_callback(log_task_errors)
+        backend = make_backend(settings)  # the machines under the platform (None: nobody scales nodes)
+        node_task = asyncio.create_task(NodeScalerLoop(app, gateway_id, backend).run(), name="nodescaler")
+        node_task.add_done_callback(log_task_errors)
         try:
             yield
         finally:
             stop.set()
             task.cancel()
-            await asyncio.gather(task, *helpers, return_exceptions=True)
+            node_task.cancel()
+            await asyncio.gather(task, node_task, *helpers, return_exceptions=True)
+            if backend is not None:
+                await to_thread.run_sync(backend.close)
             await app.state.http.aclose()
             await aclient.aclose()
             client.close()

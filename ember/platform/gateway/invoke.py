@@ -76,6 +76,7 @@ class Invoker:
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
         self.slots = slots
         self.queues = WaitQueues()
+        self.waiting_for_room = 0  # requests of this gateway whose placement found no room (node scaler input)
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
@@ -111,6 +112,7 @@ class Invoker:
         cold: LoadResult | None = None
         starting: asyncio.Task[LoadResult | None] | None = None
         placed: dict[str, str] = {}  # the instance id our cold start placed, once placed
+        waits_for_room = False
         ev = self.queues.join(name)
         try:
             while True:
@@ -126,6 +128,10 @@ class Invoker:
                 if starting is not None and starting.done():
                     cold = starting.result()  # a failed cold start fails the request that started it
                     starting = None
+                    if cold is None and not waits_for_room:  # no device had room: the node scaler's signal
+                        waits_for_room = True
+                        self.waiting_for_room += 1
+                        self.metrics.placements_waited.inc()
                 if not self.queues.is_head(name, ev):
                     ev.clear()
                     continue
@@ -151,6 +157,8 @@ class Invoker:
             self.queues.leave(name, ev)
             if starting is not None and not starting.done():
                 starting.add_done_callback(_log_cold_start)  # it finishes for the next request
+            if waits_for_room:
+                self.waiting_for_room -= 1
 
     async def release(self, target: InvocationTarget) -> None:
         """Free the request's slot; shielded, so a cancelled request (a client that went away)

@@ -15,6 +15,7 @@ import redis
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
@@ -50,6 +51,13 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
 
     app = FastAPI(title="Ember worker", lifespan=lifespan, dependencies=[Depends(check_token)])
     install_error_handlers(app)
+
+    async def public_healthz(request: Request) -> JSONResponse:
+        """Liveness for load-balancer health checks (the cloud group replaces a worker that fails
+        it): no token, nothing about the node beyond that it serves."""
+        return JSONResponse({"status": "ok"})
+
+    app.router.routes.append(Route("/healthz", public_healthz, methods=["GET"]))  # outside the token dependency
 
     @app.get("/internal/healthz")
     async def healthz(request: Request) -> dict[str, Any]:

@@ -109,7 +109,8 @@ class WorkerNode:
         """Register the node and re-assert every instance it holds with its REAL state (never a
         copy read before it became ready), then beat once to reconcile."""
         with self._state_lock:
-            self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps)
+            self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps,
+                                       cloud_instance_id=self.settings.cloud_instance_id)
             for iid, state in list(self.states.items()):
                 rec = self.records.get(iid)
                 if rec is None or state == "loading":
