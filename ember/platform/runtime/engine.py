@@ -31,7 +31,7 @@ class ModelInstance:
 
     def __init__(self, instance_id: str, function: str, model: Any, tokenizer: Any, loaded: Any = None, *,
                  kv_budget_bytes: int = 0, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS, max_batch: int = 64, max_queue: int = 256,
-                 device_id: str | None = None, listener: Any = None) -> None:
+                 device_id: str | None = None, listener: Any = None, step_listener: Any = None) -> None:
         import torch
 
         self.instance_id = instance_id
@@ -56,7 +56,8 @@ class ModelInstance:
         self.kv_budget_bytes = budget_tokens * self.kv_bytes_per_token
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids, default=0))
         self.device_id = device_id or str(self.device)
-        self.listener = listener
+        listener = listener if listener is not None else step_listener  # the phase signal (ember.energy.steps)
+        self.listener = self.step_listener = listener
         self.engine = BatchingEngine(model, EngineLimits(budget_tokens, max_batch, max_queue),
                                      device_id=self.device_id, function=function, listener=listener,
                                      model_bytes=self.model_bytes, pad_id=int(pad))
@@ -74,7 +75,8 @@ class ModelInstance:
 
     @property
     def active(self) -> int:
-        return self._active
+        """Requests in progress: queued or running in the engine, or still streaming out."""
+        return max(self._active, len(self.engine.waiting) + len(self.engine.running))
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
