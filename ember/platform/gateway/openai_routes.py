@@ -23,6 +23,7 @@ from ember.platform.gateway.protocol import (
     _Sampling,
 )
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.gateway.tracing import InvocationTrace
 
 router = APIRouter()
 
@@ -76,32 +77,47 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     gen = gen.model_copy(update={"ttft_slo_s": spec.slo.ttft_ms / 1000, "tpot_slo_s": spec.slo.tpot_ms / 1000,
                                  "eta": spec.energy.eta})
     t_start = time.perf_counter()  # TTFT counts routing and any cold start, as the client sees it
+    trace = app.state.tracer.start(spec.name, "chat" if chat else "text_completion", request.headers,
+                                   {"max_tokens": gen.max_tokens, "temperature": gen.temperature,
+                                    "top_p": gen.top_p, "seed": gen.seed})
     try:
-        target, events = await invoker.open(spec, gen)
-    except EmberError as e:
-        metrics.requests.labels(spec.name, str(e.status_code)).inc()
+        with trace.active():
+            target, events = await invoker.open(spec, gen)
+    except BaseException as e:
+        if isinstance(e, EmberError):
+            metrics.requests.labels(spec.name, str(e.status_code)).inc()
+            app.state.stats.failed(spec.name)
+        trace.fail(e)
+        trace.end()
         raise
+    trace.acquired(target)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start)
-        return StreamingResponse(sse, media_type="text/event-stream", headers=target.headers())
+        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start, trace)
+        return StreamingResponse(sse, media_type="text/event-stream", headers={**target.headers(), **trace.headers()})
     try:
         text, done, t_first = echo, {}, None
         async for ev in events:
-            t_first = t_first or time.perf_counter()
+            if t_first is None:
+                t_first = time.perf_counter()
+                trace.first_token()
             if "text" in ev:
                 text += ev["text"]
             elif "done" in ev:
                 done = ev["done"]
+                trace.done(done, rid)
     except EmberError as e:
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
+        app.state.stats.failed(spec.name)
+        trace.fail(e)
         raise
     finally:
+        trace.end()
         await events.aclose()  # type: ignore[attr-defined]
         await invoker.release(target)
-    _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
+    _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
     metrics.requests.labels(spec.name, "200").inc()
     usage = _usage(done)
     finish = _finish(done)
@@ -113,12 +129,12 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         obj = "text_completion"
     return JSONResponse({"id": rid, "object": obj, "created": created, "model": spec.name, "choices": [choice],
-                         "usage": usage, "system_fingerprint": None}, headers=target.headers())
+                         "usage": usage, "system_fingerprint": None}, headers={**target.headers(), **trace.headers()})
 
 
 async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, events: AsyncIterator[dict[str, Any]],
                spec: FunctionSpec, rid: str, created: int, chat: bool, include_usage: bool, echo: str,
-               t_start: float) -> AsyncIterator[bytes]:
+               t_start: float, trace: InvocationTrace) -> AsyncIterator[bytes]:
     metrics = request.app.state.metrics
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -144,22 +160,28 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
         done: dict[str, Any] = {}
         t_first = None
         async for ev in events:
-            t_first = t_first or time.perf_counter()
+            if t_first is None:
+                t_first = time.perf_counter()
+                trace.first_token()
             if "text" in ev:
                 yield chunk(ev["text"], None)
             elif "done" in ev:
                 done = ev["done"]
+                trace.done(done, rid)
         yield chunk(None if chat else "", _finish(done))
         if include_usage:
             payload = {"id": rid, "object": obj, "created": created, "model": spec.name, "choices": [],
                        "usage": _usage(done)}
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
-        _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
+        _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
     except EmberError as e:
         status = str(e.status_code)
+        request.app.state.stats.failed(spec.name)
+        trace.fail(e)
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
     finally:
+        trace.end()
         metrics.requests.labels(spec.name, status).inc()
         await events.aclose()  # type: ignore[attr-defined]
         await invoker.release(target)
@@ -174,11 +196,17 @@ def _finish(done: dict[str, Any]) -> str:
     return "length" if done.get("finish_reason") == "length" else "stop"
 
 
-def _observe(request: Request, function: str, done: dict[str, Any], ttft_s: float) -> None:
+def _observe(request: Request, spec: FunctionSpec, target: InvocationTarget, done: dict[str, Any],
+             ttft_s: float) -> None:
     if not done:
         return
+    function = spec.name
     request.app.state.invoker.observe_done(function, done)
     metrics = request.app.state.metrics
     metrics.ttft.labels(function).observe(ttft_s)
-    if int(done.get("completion_tokens", 0)) > 1:
-        metrics.tpot.labels(function).observe(float(done.get("tpot_s", 0.0)))
+    tpot_s = float(done.get("tpot_s", 0.0)) if int(done.get("completion_tokens", 0)) > 1 else None
+    if tpot_s is not None:
+        metrics.tpot.labels(function).observe(tpot_s)
+    met = ttft_s <= spec.slo.ttft_ms / 1000 and (tpot_s is None or tpot_s <= spec.slo.tpot_ms / 1000)
+    metrics.slo_requests.labels(function, "met" if met else "missed").inc()
+    request.app.state.stats.record(function, ttft_s, tpot_s, met, target.tier if target.cold else None)

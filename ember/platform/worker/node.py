@@ -199,14 +199,38 @@ class WorkerNode:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         return inst
 
-    def record_request(self, inst: ModelInstance, done: Any, req: GenerateRequest) -> None:
-        """Feed the energy agent with the request's tokens, latencies and its function's SLO."""
-        if self.energy is None:
-            return
+    def _energy_device(self, inst: ModelInstance) -> str:
         rec = self.records.get(inst.instance_id)
         device_id = rec.device_id if rec else self.devices[0].device_id
         if device_id not in self.energy_device_ids:  # CPU slots accounted on simulated GPUs: same index
             index = next((i for i, d in enumerate(self.devices) if d.device_id == device_id), 0)
             device_id = self.energy_device_ids[index % len(self.energy_device_ids)]
+        return device_id
+
+    def begin_request_energy(self, inst: ModelInstance) -> tuple[str, float, int] | None:
+        """Mark a request's start on its device's energy counter (None without an energy agent)."""
+        if self.energy is None:
+            return None
+        device_id = self._energy_device(inst)
+        return device_id, self.energy.monitor.device(device_id).energy_j(), self._active_on(device_id)
+
+    def end_request_energy(self, mark: tuple[str, float, int] | None) -> float | None:
+        """Joules the request's device drew since `mark`, split evenly among the requests running
+        there (the others counted at its start and end, before and after it ran): its trace's share."""
+        if mark is None or self.energy is None:
+            return None
+        device_id, start_j, active_then = mark
+        drawn_j = max(0.0, self.energy.monitor.device(device_id).energy_j() - start_j)
+        sharing = 1.0 + (active_then + self._active_on(device_id)) / 2  # the others, and this one
+        return round(drawn_j / sharing, 6)
+
+    def _active_on(self, device_id: str) -> int:
+        return sum(i.active for i in list(self.instances.values()) if self._energy_device(i) == device_id)
+
+    def record_request(self, inst: ModelInstance, done: Any, req: GenerateRequest) -> None:
+        """Feed the energy agent with the request's tokens, latencies and its function's SLO."""
+        if self.energy is None:
+            return
+        device_id = self._energy_device(inst)
         self.energy.record_request(inst.function, device_id, done.completion_tokens, done.ttft_s, done.tpot_s,
                                    req.ttft_slo_s, req.tpot_slo_s, req.eta)
