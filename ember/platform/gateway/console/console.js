@@ -16,7 +16,7 @@
     for (const [k, v] of Object.entries(attrs || {})) {
       if (v === null || v === undefined || v === false) continue;
       if (k === "class") el.className = v;
-      else if (k === "style") el.setAttribute("style", v);
+      else if (k === "style") Object.assign(el.style, v);  // CSSOM: the page's CSP forbids inline style attributes
       else el.setAttribute(k, v === true ? "" : String(v));
     }
     for (const c of children.flat()) {
@@ -35,11 +35,12 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return fmt(n, n >= 100 || i === 0 ? 0 : 1) + " " + units[i];
   }
-  function bar(value, max, marker) {
+  // A horizontal gauge; `highIsGood` for attainment-like values (else filling up is the warning).
+  function bar(value, max, marker, highIsGood) {
     const frac = max > 0 ? Math.min(1, Math.max(0, value / max)) : 0;
-    const cls = frac > 0.95 ? "bar bad" : frac > 0.8 ? "bar warn" : "bar";
-    const b = h("div", { class: cls }, h("span", { style: `width:${(100 * frac).toFixed(1)}%` }));
-    if (marker && max > 0) b.appendChild(h("i", { style: `left:${Math.min(100, 100 * marker / max).toFixed(1)}%` }));
+    const level = highIsGood ? (frac < 0.9 ? " bad" : frac < 0.99 ? " warn" : "") : (frac > 0.95 ? " bad" : frac > 0.8 ? " warn" : "");
+    const b = h("div", { class: "bar" + level }, h("span", { style: { width: `${(100 * frac).toFixed(1)}%` } }));
+    if (marker && max > 0) b.appendChild(h("i", { style: { left: `${Math.min(100, 100 * marker / max).toFixed(1)}%` } }));
     return b;
   }
 
@@ -128,13 +129,13 @@
       const list = fns.functions || [];
       const ready = list.reduce((n, f) => n + ((f.instance_states || {}).ready || 0), 0);
       const colds = list.reduce((n, f) => n + Object.values(f.cold_starts || {}).reduce((a, b) => a + b, 0), 0);
-      tiles.push(["Functions", list.length, fns.limited ? "names only for this role" : `${ready} instances ready`]);
+      tiles.push(["Functions", list.length, fns.limited ? "names only for this role" : `${ready} instance${ready === 1 ? "" : "s"} ready`]);
       if (!fns.limited) tiles.push(["Cold starts", colds, "since this gateway started"]);
     }
     if (nodes) {
       const up = nodes.nodes.filter((n) => n.up).length;
       const devs = nodes.nodes.reduce((n, x) => n + x.devices.length, 0);
-      tiles.push(["Nodes up", `${up} / ${nodes.nodes.length}`, `${devs} devices`]);
+      tiles.push(["Nodes up", `${up} / ${nodes.nodes.length}`, `${devs} device${devs === 1 ? "" : "s"}`]);
     }
     if (energy) {
       const power = energy.devices.reduce((w, d) => w + (d.power_w || 0), 0);
@@ -158,17 +159,17 @@
       const states = Object.entries(f.instance_states || {}).map(([s, n]) => h("span", { class: "pill " + s }, `${n} ${s}`));
       const tiers = [...new Set((f.instances || []).map((i) => i.tier))].map((t) => h("span", { class: "pill " + t }, t));
       const cold = Object.entries(f.cold_starts || {}).map(([t, n]) => h("span", { class: "pill " + t }, `${t} ${n}`));
-      const target = f.slo ? `TTFT ≤ ${f.slo.ttft_ms} ms, TPOT ≤ ${f.slo.tpot_ms} ms` : "";
+      const target = f.slo ? `target TTFT ≤ ${f.slo.ttft_ms} ms, TPOT ≤ ${f.slo.tpot_ms} ms` : "";
       const att = f.slo_attainment;
       return h("tr", { "data-function": f.name },
-        h("td", {}, h("b", {}, f.name), h("div", { class: "muted" }, f.checkpoint || "")),
+        h("td", {}, h("b", {}, f.name), h("div", { class: "muted small" }, `checkpoint ${f.checkpoint}`)),
         h("td", { class: "instances" }, states.length ? states : h("span", { class: "muted" }, "scaled to zero")),
         h("td", { class: "tier" }, tiers.length ? tiers : "–"),
         h("td", { class: "num" }, f.outstanding ?? 0),
         h("td", { class: "num" }, `${ms(f.ttft_ms.p50)} / ${ms(f.ttft_ms.p99)} ms`),
         h("td", { class: "num" }, `${ms(f.tpot_ms.p50)} / ${ms(f.tpot_ms.p99)} ms`),
-        h("td", { title: target }, h("div", { class: "barrow" }, att === null ? h("span", { class: "muted" }, "no requests") :
-          [bar(att, 1), h("span", { class: "num" }, pct(att))])),
+        h("td", {}, h("div", { class: "barrow" }, att === null ? h("span", { class: "muted" }, "no requests") :
+          [bar(att, 1, null, true), h("span", { class: "num" }, pct(att))]), h("div", { class: "muted small" }, target)),
         h("td", { class: "cold" }, cold.length ? cold : h("span", { class: "muted" }, "none")),
         h("td", { class: "num" }, fmt(f.j_per_token, 3)));
     });
