@@ -24,6 +24,9 @@ bench_app.command("scheduler", help="Live placement decisions against Redis.")(s
 bench_app.command("coldstart", help="Cold-start latency of a local platform by load tier.")(
     platform_cmds.bench_coldstart
 )
+bench_app.command("tracing", help="What OpenTelemetry tracing adds to warm request latency.")(
+    platform_cmds.bench_tracing
+)
 app.add_typer(bench_app, name="bench")
 app.command("sim", help="Trace-driven cluster simulation comparing placement policies.")(scheduler_cmds.sim)
 

@@ -245,3 +245,23 @@ def bench_coldstart(
     for tier, r in summary["results"].items():
         typer.echo(f"{tier:7s} startup {r['startup_ms']:8.1f} ms  ttft {r['ttft_ms']:8.1f} ms  {r['tiers_seen']}")
     typer.echo(f"from_pretrained {summary['baseline']['from_pretrained_ms']:.1f} ms (load only)")
+
+
+def bench_tracing(
+    json_out: Path = typer.Option(..., "--json", help="where to write the results"),
+    requests: int = typer.Option(200, help="warm requests per arm (tracing off / on), interleaved"),
+    max_tokens: int = typer.Option(8),
+) -> None:
+    """Warm-request latency through a gateway with tracing off and one exporting every span (OTLP)."""
+    from rich.progress import Progress
+
+    from ember.platform.bench_tracing import run_tracing_bench
+
+    with Progress() as bar:
+        task = bar.add_task("interleaved rounds", total=requests)
+        s = run_tracing_bench(json_out, requests=requests, max_tokens=max_tokens,
+                              progress=lambda done, total: bar.update(task, completed=done))
+    for arm, st in s["arms_ms"].items():
+        typer.echo(f"tracing {arm:3s}: median {st['median']:.2f} ms  mean {st['mean']:.2f} ms  p90 {st['p90']:.2f} ms")
+    typer.echo(f"overhead: {s['overhead_pct_median']:+.2f}% (median), {s['overhead_pct_mean']:+.2f}% (mean); "
+               f"{s['otlp_exports']} OTLP exports")
