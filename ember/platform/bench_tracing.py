@@ -107,8 +107,8 @@ def run_tracing_bench(out_json: Path, *, requests: int = 200, max_tokens: int = 
                 except subprocess.TimeoutExpired:
                     p.kill()
             redis.stop()
-            sink.shutdown()
     arms = {arm: _stats(v) for arm, v in lat.items()}
+    cost = span_cost_us(f"http://127.0.0.1:{sink.server_port}/v1/traces")
     paired = [on - off for on, off in zip(lat["on"], lat["off"], strict=True)]
     summary = {
         "requests_per_arm": requests, "max_tokens": max_tokens,
@@ -117,14 +117,58 @@ def run_tracing_bench(out_json: Path, *, requests: int = 200, max_tokens: int = 
         "overhead_pct_mean": 100 * (arms["on"]["mean"] / arms["off"]["mean"] - 1),
         "paired_diff_ms_median": statistics.median(paired),
         "traced_responses_with_trace_id": trace_ids,
+        "span_cost_us": cost,
+        "span_cost_pct_of_fastest_warm_request": 100 * cost["cpu_us_per_invocation"] / 1000 / arms["off"]["min"],
         "otlp_exports": _OtlpSink.exports, "otlp_bytes": _OtlpSink.bytes,
         "counted": "client-side latency of a warm, non-streamed chat completion through each gateway (same worker "
                    "instance); 'on' exports every span over OTLP/HTTP to a local sink.",
         "raw_ms": lat,
     }
+    sink.shutdown()
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def span_cost_us(endpoint: str, n: int = 2000) -> dict[str, float]:
+    """The gateway's tracing work for one warm invocation, in this process: the invocation span and
+    its queue/prefill/decode children, exported over OTLP/HTTP to `endpoint` (batched, as configured
+    by default). CPU time includes the export thread's serialisation and sends."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from ember.platform.gateway.invoke import InvocationTarget
+    from ember.platform.gateway.tracing import InvocationTracer
+
+    target = InvocationTarget("inst-1", "node-0", "http://127.0.0.1:1", False, "warm", 0.0, "tiny")
+    done = {"finish_reason": "length", "prompt_tokens": 12, "completion_tokens": 8, "ttft_s": 0.004,
+            "tpot_s": 0.002, "energy_j": 1.5}
+    params = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": None}
+
+    def run(tracer: InvocationTracer) -> tuple[float, float]:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for i in range(n):
+            trace = tracer.start("tiny", "chat", {}, params)
+            with trace.active():
+                pass
+            trace.acquired(target)
+            trace.first_token()
+            trace.done(done, f"chatcmpl-{i}")
+            trace.end()
+        wall = time.perf_counter() - wall0
+        if tracer.provider is not None:
+            tracer.provider.force_flush()
+        return wall, time.process_time() - cpu0
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    run(InvocationTracer(provider))  # warm-up (imports, first connection)
+    on_wall, on_cpu = run(InvocationTracer(provider))
+    provider.shutdown()
+    off_wall, off_cpu = run(InvocationTracer(None))
+    return {"invocations": n, "wall_us_per_invocation": 1e6 * on_wall / n, "cpu_us_per_invocation": 1e6 * on_cpu / n,
+            "off_wall_us_per_invocation": 1e6 * off_wall / n}
 
 
 def _stats(v: list[float]) -> dict[str, float]:

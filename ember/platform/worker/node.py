@@ -211,8 +211,12 @@ class WorkerNode:
         """Mark a request's start on its device's energy counter (None without an energy agent)."""
         if self.energy is None:
             return None
-        device_id = self._energy_device(inst)
-        return device_id, self.energy.monitor.device(device_id).energy_j(), self._active_on(device_id)
+        try:  # a trace's joules must never fail the request
+            device_id = self._energy_device(inst)
+            return device_id, self.energy.monitor.device(device_id).energy_j(), self._active_on(device_id)
+        except Exception as e:  # noqa: BLE001 - NVML errors of every kind end here
+            log.debug("no energy mark for %s: %r", inst.instance_id, e)
+            return None
 
     def end_request_energy(self, mark: tuple[str, float, int] | None) -> float | None:
         """Joules the request's device drew since `mark`, split evenly among the requests running
@@ -220,12 +224,16 @@ class WorkerNode:
         if mark is None or self.energy is None:
             return None
         device_id, start_j, active_then = mark
-        drawn_j = max(0.0, self.energy.monitor.device(device_id).energy_j() - start_j)
+        try:
+            drawn_j = max(0.0, self.energy.monitor.device(device_id).energy_j() - start_j)
+        except Exception as e:  # noqa: BLE001 - as above
+            log.debug("no energy reading on %s: %r", device_id, e)
+            return None
         sharing = 1.0 + (active_then + self._active_on(device_id)) / 2  # the others, and this one
         return round(drawn_j / sharing, 6)
 
     def _active_on(self, device_id: str) -> int:
-        return sum(i.active for i in list(self.instances.values()) if self._energy_device(i) == device_id)
+        return sum(getattr(i, "active", 0) for i in list(self.instances.values()) if self._energy_device(i) == device_id)
 
     def record_request(self, inst: ModelInstance, done: Any, req: GenerateRequest) -> None:
         """Feed the energy agent with the request's tokens, latencies and its function's SLO."""

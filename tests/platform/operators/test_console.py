@@ -93,3 +93,21 @@ def test_console_page_holds_no_data_and_the_api_needs_a_key(ops: OpsPlatform) ->
     assert httpx.get(f"{ops.url}/v1/stats/functions", headers=ops.headers("invoker")).status_code == 403
     me = httpx.get(f"{ops.url}/v1/me", headers=ops.headers("operator")).json()
     assert me["role"] == "operator" and me["name"] == "operator-ops"
+
+
+def test_nodes_and_function_stats_routes(ops: OpsPlatform) -> None:
+    ops.deploy("tiny")
+    assert ops.chat("tiny").status_code == 200
+    nodes = httpx.get(f"{ops.url}/v1/nodes", headers=ops.headers("operator")).json()["nodes"]
+    node = next(n for n in nodes if n["node"] == "ops-node")
+    assert node["up"] is True and [d["device"] for d in node["devices"]] == ["cpu:0"]
+    dev = node["devices"][0]
+    assert dev["claimed_bytes"] > 0 and dev["claimed_bytes"] + dev["free_bytes"] == dev["memory_bytes"]
+    assert [i["function"] for i in dev["instances"]] == ["tiny"]
+    assert node["tiers"]["device"] == ["tiny"] and "tiny" in node["tiers"]["dram"] + node["tiers"]["ssd"]
+    assert node["energy"][0]["device"] == "sim:0" and node["energy"][0]["limit_w"] > 0
+    fns = httpx.get(f"{ops.url}/v1/stats/functions", headers=ops.headers("developer")).json()["functions"]
+    tiny = next(f for f in fns if f["name"] == "tiny")
+    assert tiny["instance_states"] == {"ready": 1} and tiny["instances"][0]["node"] == "ops-node"
+    assert tiny["requests"] >= 1 and tiny["ttft_ms"]["p50"] > 0 and 0 <= tiny["slo_attainment"] <= 1
+    assert sum(tiny["cold_starts"].values()) == 1
