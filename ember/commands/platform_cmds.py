@@ -265,3 +265,7 @@ def bench_tracing(
         typer.echo(f"tracing {arm:3s}: median {st['median']:.2f} ms  mean {st['mean']:.2f} ms  p90 {st['p90']:.2f} ms")
     typer.echo(f"overhead: {s['overhead_pct_median']:+.2f}% (median), {s['overhead_pct_mean']:+.2f}% (mean); "
                f"{s['otlp_exports']} OTLP exports")
+    c = s["span_cost_us"]
+    typer.echo(f"tracing work per invocation: {c['request_path_us']:.0f} us on the request path "
+               f"({s['request_path_pct_of_fastest_warm_request']:.2f}% of the fastest warm request), "
+               f"{c['cpu_with_export_us']:.0f} us CPU with the OTLP export")

@@ -118,7 +118,8 @@ def run_tracing_bench(out_json: Path, *, requests: int = 200, max_tokens: int = 
         "paired_diff_ms_median": statistics.median(paired),
         "traced_responses_with_trace_id": trace_ids,
         "span_cost_us": cost,
-        "span_cost_pct_of_fastest_warm_request": 100 * cost["cpu_us_per_invocation"] / 1000 / arms["off"]["min"],
+        "request_path_pct_of_fastest_warm_request": 100 * cost["request_path_us"] / 1000 / arms["off"]["min"],
+        "cpu_with_export_pct_of_fastest_warm_request": 100 * cost["cpu_with_export_us"] / 1000 / arms["off"]["min"],
         "otlp_exports": _OtlpSink.exports, "otlp_bytes": _OtlpSink.bytes,
         "counted": "client-side latency of a warm, non-streamed chat completion through each gateway (same worker "
                    "instance); 'on' exports every span over OTLP/HTTP to a local sink.",
@@ -130,10 +131,13 @@ def run_tracing_bench(out_json: Path, *, requests: int = 200, max_tokens: int = 
     return summary
 
 
-def span_cost_us(endpoint: str, n: int = 2000) -> dict[str, float]:
-    """The gateway's tracing work for one warm invocation, in this process: the invocation span and
-    its queue/prefill/decode children, exported over OTLP/HTTP to `endpoint` (batched, as configured
-    by default). CPU time includes the export thread's serialisation and sends."""
+def span_cost_us(endpoint: str, n: int = 400, repeats: int = 5) -> dict[str, float]:
+    """The gateway's tracing work for one warm invocation, in this process (best of `repeats` runs
+    of `n`, as microbenchmarks on a shared machine are read): `request_path_us`, making the
+    invocation span and its queue/prefill/decode children and handing them to the batch processor
+    (what a request waits for), and `cpu_with_export_us`, the same plus the export thread's OTLP
+    serialisation and HTTP sends (CPU time, off the request path). `n` stays under the batch queue
+    (2048 spans), so no span is dropped."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -145,11 +149,12 @@ def span_cost_us(endpoint: str, n: int = 2000) -> dict[str, float]:
     done = {"finish_reason": "length", "prompt_tokens": 12, "completion_tokens": 8, "ttft_s": 0.004,
             "tpot_s": 0.002, "energy_j": 1.5}
     params = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": None}
+    headers = {"host": "127.0.0.1", "authorization": "Bearer x", "content-type": "application/json"}
 
     def run(tracer: InvocationTracer) -> tuple[float, float]:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         for i in range(n):
-            trace = tracer.start("tiny", "chat", {}, params)
+            trace = tracer.start("tiny", "chat", headers, params)
             with trace.active():
                 pass
             trace.acquired(target)
@@ -159,16 +164,17 @@ def span_cost_us(endpoint: str, n: int = 2000) -> dict[str, float]:
         wall = time.perf_counter() - wall0
         if tracer.provider is not None:
             tracer.provider.force_flush()
-        return wall, time.process_time() - cpu0
+        return 1e6 * wall / n, 1e6 * (time.process_time() - cpu0) / n
 
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    run(InvocationTracer(provider))  # warm-up (imports, first connection)
-    on_wall, on_cpu = run(InvocationTracer(provider))
+    tracer = InvocationTracer(provider)
+    run(tracer)  # warm-up (imports, first connection)
+    on = [run(tracer) for _ in range(repeats)]
     provider.shutdown()
-    off_wall, off_cpu = run(InvocationTracer(None))
-    return {"invocations": n, "wall_us_per_invocation": 1e6 * on_wall / n, "cpu_us_per_invocation": 1e6 * on_cpu / n,
-            "off_wall_us_per_invocation": 1e6 * off_wall / n}
+    off = [run(InvocationTracer(None)) for _ in range(repeats)]
+    return {"invocations_per_run": n, "runs": repeats, "request_path_us": min(w for w, _ in on),
+            "cpu_with_export_us": min(c for _, c in on), "off_us": min(w for w, _ in off)}
 
 
 def _stats(v: list[float]) -> dict[str, float]:
