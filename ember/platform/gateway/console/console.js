@@ -140,7 +140,8 @@
     if (energy) {
       const power = energy.devices.reduce((w, d) => w + (d.power_w || 0), 0);
       const budget = energy.budget.cluster_watts;
-      tiles.push(["GPU power", fmt(power, 0) + " W", budget ? `budget ${fmt(budget, 0)} W` : "no power budget"]);
+      tiles.push(["GPU power", energy.devices.length ? fmt(power, 0) + " W" : "–",
+                  energy.devices.length ? (budget ? `budget ${fmt(budget, 0)} W` : "no power budget") : "no GPU monitored"]);
       tiles.push(["Energy today", fmt(energy.allocation.used_kwh_today, 3) + " kWh",
                   `projected ${fmt(energy.projected_kwh_today, 2)} kWh`]);
     }
@@ -211,8 +212,8 @@
         h("div", {}, items && items.length ? items.map((c) => h("span", { class: "pill " + name }, c)) : h("span", { class: "muted" }, "–"))];
       return h("div", { class: "node", "data-node": n.node },
         h("div", { class: "node-head" }, h("h3", {}, n.node),
-          h("span", { class: "muted" }, n.power_budget_w ? `${fmt(n.power_w, 0)} W of ${fmt(n.power_budget_w, 0)} W budget` :
-            `${fmt(n.power_w, 0)} W`)),
+          h("span", { class: "muted" }, !n.energy.length ? "no power readings" : n.power_budget_w ?
+            `${fmt(n.power_w, 0)} W of ${fmt(n.power_budget_w, 0)} W budget` : `${fmt(n.power_w, 0)} W GPU power`)),
         h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "device"), h("th", {}, "memory claimed"), h("th", {}, "instances"))),
           h("tbody", {}, devRows)),
         energyRows.length ? h("table", { class: "energy" }, h("thead", {}, h("tr", {}, h("th", {}, "GPU"),
