@@ -34,6 +34,7 @@ def chromium(profile_dir: Path) -> Iterator[Any]:
     for flag in FLAGS:
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={profile_dir}")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     try:
         yield driver
@@ -76,3 +77,8 @@ def assert_not_blank(png: Path) -> None:
     lo, hi = small.convert("L").getextrema()
     assert colors > 40, f"the screenshot has only {colors} colours: blank?"
     assert hi - lo > 100, "no contrast: blank?"
+
+
+def page_errors(driver: Any) -> list[str]:
+    """Errors the page logged since the last call (script errors, failed requests)."""
+    return [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.platform.conftest import ADMIN_KEY
-from tests.platform.operators.browser import assert_not_blank, chromium, sign_in, text, wait
+from tests.platform.operators.browser import assert_not_blank, chromium, page_errors, sign_in, text, wait
 from tests.platform.operators.conftest import OpsPlatform
 
 
@@ -40,6 +40,7 @@ def test_admin_sees_tiny_after_cold_start_and_the_node(ops: OpsPlatform, browser
     assert "tiny" in text(browser, f'{node} [data-device="cpu:0"]')  # the instance on its device
     assert " W" in text(browser, f'{node} [data-energy-device="sim:0"]')  # power vs limit
     assert "tiny" in text(browser, f"{node} .tiers")  # what each tier holds
+    assert page_errors(browser) == []
     # the key was held by the page only
     assert browser.execute_script("return localStorage.length + sessionStorage.length") == 0
     assert browser.execute_script("return document.cookie") == ""
