@@ -29,7 +29,6 @@ CONSOLE_HEADERS = {
 }
 
 Operator = Depends(require_roles("admin", "operator"))
-Reader = Depends(require_roles("admin", "operator", "developer"))
 
 
 @router.get("/v1/me")
@@ -44,12 +43,15 @@ async def list_nodes(request: Request) -> dict[str, Any]:
     return await to_thread.run_sync(nodes_view, app.state.cluster, app.state.redis)
 
 
-@router.get("/v1/stats/functions", dependencies=[Reader])
-async def function_stats(request: Request) -> dict[str, Any]:
+@router.get("/v1/stats/functions")
+async def function_stats(request: Request, principal: AnyPrincipal) -> dict[str, Any]:
+    """Admins and operators see every function, developers their own."""
+    principal.require("admin", "operator", "developer")
     app = request.app
 
     def read() -> dict[str, Any]:
-        specs = FunctionRegistry(app.state.redis).list()
+        specs = [s for s in FunctionRegistry(app.state.redis).list()
+                 if principal.role != "developer" or s.owner == principal.id]
         return functions_view(specs, app.state.cluster, app.state.redis, app.state.stats)
 
     body = await to_thread.run_sync(read)
