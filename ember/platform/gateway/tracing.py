@@ -66,12 +66,26 @@ def _exporter(name: str) -> Any:
     return found[name].load()()
 
 
+class _Otel:
+    """The OpenTelemetry names the hooks use, imported once (only when tracing is on)."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.context, self.trace, self.server = context, trace, SpanKind.SERVER
+        self.Status, self.StatusCode = Status, StatusCode
+        self.propagator = TraceContextTextMapPropagator()
+
+
 class InvocationTracer:
     """Starts invocation traces for one gateway app (None provider: every trace is a no-op)."""
 
     def __init__(self, provider: Any = None) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("ember.gateway") if provider is not None else None
+        self.otel = _Otel() if provider is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -82,7 +96,7 @@ class InvocationTracer:
         """Begin the invocation span (`operation` is "chat" or "text_completion")."""
         if self.tracer is None:
             return _NOOP
-        return InvocationTrace(self.tracer, function, operation, request_headers, params)
+        return InvocationTrace(self.tracer, self.otel, function, operation, request_headers, params)
 
     def shutdown(self) -> None:
         if self.provider is not None:
@@ -93,19 +107,19 @@ class InvocationTrace:
     """The spans of one invocation. Call in order: `active()` around routing, `acquired`,
     `first_token`, `done`, and `end` on every path (it is idempotent)."""
 
-    def __init__(self, tracer: Any, function: str, operation: str, request_headers: Mapping[str, str],
+    def __init__(self, tracer: Any, otel: _Otel, function: str, operation: str, request_headers: Mapping[str, str],
                  params: Mapping[str, Any]) -> None:
-        from opentelemetry.trace import SpanKind
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
         self.tracer = tracer
-        parent = TraceContextTextMapPropagator().extract(
-            {k: v for k, v in request_headers.items() if k.lower() in ("traceparent", "tracestate")})
+        self.otel = otel
+        parent = None
+        if "traceparent" in request_headers:  # a caller's trace to continue (W3C trace context)
+            parent = otel.propagator.extract({k: request_headers[k] for k in ("traceparent", "tracestate")
+                                              if k in request_headers})
         attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": "ember",
                                  "gen_ai.request.model": function, "ember.function": function}
         attrs.update({f"gen_ai.request.{k}": v for k, v in params.items() if v is not None})
-        self.root = tracer.start_span(f"{operation} {function}", context=parent, kind=SpanKind.SERVER,
-                                      attributes=attrs)
+        self.root = tracer.start_span(f"{operation} {function}", context=parent, kind=otel.server, attributes=attrs)
+        self.root_context = otel.trace.set_span_in_context(self.root)
         self.t0_ns = time.time_ns()
         self.t_acquired_ns: int | None = None
         self.t_first_ns: int | None = None
@@ -114,20 +128,16 @@ class InvocationTrace:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Make the invocation span current, so placement and load spans become its children."""
-        from opentelemetry import context, trace
-
-        token = context.attach(trace.set_span_in_context(self.root))
+        token = self.otel.context.attach(self.root_context)
         cv = _current.set(self)
         try:
             yield
         finally:
             _current.reset(cv)
-            context.detach(token)
+            self.otel.context.detach(token)
 
     def child(self, name: str, start_ns: int | None = None, **attrs: Any) -> Any:
-        from opentelemetry import trace
-
-        return self.tracer.start_span(name, context=trace.set_span_in_context(self.root), start_time=start_ns,
+        return self.tracer.start_span(name, context=self.root_context, start_time=start_ns,
                                       attributes={k: v for k, v in attrs.items() if v is not None})
 
     def headers(self) -> dict[str, str]:
@@ -163,9 +173,7 @@ class InvocationTrace:
         self.root.set_attributes({k: v for k, v in attrs.items() if v is not None})
 
     def fail(self, err: BaseException) -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        self.root.set_status(Status(StatusCode.ERROR, str(err)[:200]))
+        self.root.set_status(self.otel.Status(self.otel.StatusCode.ERROR, str(err)[:200]))
         self.root.set_attribute("error.type", type(err).__name__)
         status = getattr(err, "status_code", None)
         if status is not None:
@@ -233,9 +241,7 @@ def step(name: str, **attrs: Any) -> Iterator[_StepSpan]:
         yield _StepSpan(span)
     except BaseException as e:
         span.record_exception(e)
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+        span.set_status(trace.otel.Status(trace.otel.StatusCode.ERROR, type(e).__name__))
         raise
     finally:
         span.end()
