@@ -49,11 +49,10 @@ def wait(driver: Any, condition: Any, timeout_s: float = 20) -> Any:
 
 
 def text(driver: Any, selector: str) -> str:
-    """Visible text of the first element matching a CSS selector ("" when none)."""
-    from selenium.webdriver.common.by import By
-
-    els = driver.find_elements(By.CSS_SELECTOR, selector)
-    return els[0].text if els else ""
+    """Rendered text of the first element matching a CSS selector ("" when none), read in one
+    script call: the page re-renders every 2 s, so an element handle could go stale in between."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+                                 selector)
 
 
 def sign_in(driver: Any, url: str, key: str) -> None:
