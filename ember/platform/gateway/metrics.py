@@ -29,6 +29,13 @@ class GatewayMetrics:
         self.slo_requests = Counter("ember_slo_requests", "Finished requests by whether they met the function's "
                                     "TTFT and TPOT SLO (TTFT as the client saw it)", ["function", "result"],
                                     registry=self.registry)
+        self.placements_waiting = Gauge("ember_placements_waiting",
+                                        "Requests of this gateway waiting because no device had room",
+                                        registry=self.registry)
+        self.placements_waited = Counter("ember_placements_waited", "Requests that waited because no device had room",
+                                         registry=self.registry)
+        self.nodes = Gauge("ember_nodes", "Worker nodes by fleet state (node scaler's view)", ["state"],
+                           registry=self.registry)
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
 
