@@ -46,7 +46,7 @@ def test_cold_then_warm_request_span_trees(ops: OpsPlatform) -> None:
     assert a["gen_ai.request.max_tokens"] == 6 and a["gen_ai.request.temperature"] == 0.0
     assert a["ember.function"] == "traced" and a["ember.worker"] == cold.headers["x-ember-worker"] == "ops-node"
     assert a["ember.cold_start"] is True and a["ember.load_tier"] == cold.headers["x-ember-load-tier"]
-    assert a["ember.energy_j"] >= 0.0  # the simulated GPU's monitor measured the request's device
+    assert a["ember.energy_j"] > 0.0  # the emulated GPU drew energy while the request ran on it
     load = kids["ember.load"].attributes
     assert load["ember.load_tier"] == cold.headers["x-ember-load-tier"]
     assert load["ember.load_bytes"] > 0 and load["ember.load_seconds"] > 0
