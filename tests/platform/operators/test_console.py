@@ -70,7 +70,7 @@ def test_operator_sets_budget_invoker_is_refused(ops: OpsPlatform, browser: Any)
     sign_in(browser, ops.url, ops.keys["invoker"])
     wait(browser, lambda d: "invoker" in text(d, "#budget-note"))
     assert not browser.find_element(By.ID, "budget-save").is_enabled()
-    assert "visible to admin and operator" in text(browser, "#budget-view")
+    wait(browser, lambda d: "visible to admin and operator" in text(d, "#budget-view"))  # after its first refresh
     wait(browser, lambda d: "need an admin" in text(d, 'tr[data-function="tiny"]'))  # names only
     # send the form anyway: the gateway refuses, and the page says so
     browser.execute_script("document.getElementById('budget-cluster-watts').value = '1';"
