@@ -51,12 +51,14 @@ def up(
     simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
                                                         "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
                                                         "0: the model's own size]"),
-    node_backend: str = typer.Option("none", help="none | local: the gateway's node scaler starts and stops "
-                                                  "worker processes (from --workers up to --max-workers)"),
+    node_backend: str = typer.Option(None, help="none | local: the gateway's node scaler starts and stops "
+                                                "worker processes (from --workers up to --max-workers) "
+                                                "[EMBER_NODE_BACKEND, none]"),
     max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
+    node_backend = node_backend or _settings().node_backend
     if node_backend not in ("none", "local"):
         raise typer.BadParameter("--node-backend must be none or local (aws runs on the gateways terraform deploys)")
     _logging("warning")
