@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     placement_policy: str = "ember"
     autoscaler_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
+    allowed_stores: str = ""  # comma-separated store URIs deploys may name besides store_url
+    default_rpm: int = 0  # requests per minute per API key when the key sets none (0: unlimited)
+    default_tpm: int = 0  # tokens (prompt + max_tokens) per minute per API key (0: unlimited)
 
     # worker
     node_id: str | None = None

@@ -91,6 +91,13 @@ class IntegrityError(CheckpointError):
     code = "checksum_mismatch"
 
 
+class CheckpointChanged(CheckpointError):
+    """The store's checkpoint is not the one a function was deployed with (another manifest)."""
+
+    status_code = 409
+    code = "checkpoint_changed"
+
+
 class UnsafeFormat(CheckpointError):
     """A format that would need unpickling (.bin, .pt): refused."""
 

@@ -47,8 +47,28 @@ class FunctionSpec(FunctionDeploy):
     name: str
     owner: str = "admin"
     nbytes: int = 0
+    checkpoint_id: str = ""  # the pinned identity STORE/NAME#MANIFEST_DIGEST ("" until a worker told it)
     created: float = Field(default_factory=time.time)
     updated: float = Field(default_factory=time.time)
+
+    @property
+    def checkpoint_ref(self) -> str:
+        """What workers load and holdings are published under: the pinned identity when known."""
+        return self.checkpoint_id or self.checkpoint
+
+
+class StoreAllow(EmberModel):
+    """Body of PUT /v1/stores: a checkpoint store deploys may name."""
+
+    uri: str = Field(..., min_length=1, max_length=1024)
+
+
+class CheckpointGrant(EmberModel):
+    """Body of PUT /v1/checkpoints/{name}: who may deploy a checkpoint besides admins."""
+
+    store: str | None = Field(None, max_length=1024)  # default: the cluster's store
+    owner: str | None = Field(None, max_length=64)  # an API key id
+    shared: bool = False
 
 
 # --- keys ------------------------------------------------------------------------------------
