@@ -16,6 +16,7 @@ from ember.errors import BadRequest, EmberError
 from ember.platform.gateway.deps import AnyPrincipal
 from ember.platform.gateway.invoke import InvocationTarget, Invoker
 from ember.platform.gateway.protocol import (
+    SEED_RANGE,
     ChatCompletionRequest,
     CompletionRequest,
     FunctionSpec,
@@ -40,6 +41,11 @@ async def list_models(request: Request, principal: AnyPrincipal) -> dict[str, An
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: AnyPrincipal) -> Any:
+    for m in body.messages:
+        kind = m.non_text_part()
+        if kind is not None:
+            raise BadRequest(f"messages[].content parts of type {kind!r} are not supported (text only)",
+                             code="unsupported_parameter")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     gen = _generate_request(body, request, DEFAULT_CHAT_MAX_TOKENS, messages=messages)
     return await _invoke(request, principal, body, gen, chat=True)
@@ -56,12 +62,48 @@ async def completions(body: CompletionRequest, request: Request, principal: AnyP
 
 
 def _generate_request(body: _Sampling, request: Request, default_max: int, **kw: Any) -> GenerateRequest:
+    check_input(body)
     limit = request.app.state.settings.max_tokens_limit
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max
     if max_tokens > limit:
         raise BadRequest(f"max_tokens {max_tokens} exceeds this gateway's limit of {limit}")
     return GenerateRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            stop=body.stop_list(), seed=body.seed, **kw)
+
+
+def check_input(body: _Sampling) -> None:
+    """What pydantic lets through but generation cannot take: a 400 naming it (never a 500)."""
+    name = body.unsupported()
+    if name is not None:
+        raise BadRequest(f"parameter {name!r} is not supported by Ember", code="unsupported_parameter")
+    if body.seed is not None and not SEED_RANGE[0] <= body.seed <= SEED_RANGE[1]:
+        raise BadRequest(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}", code="invalid_seed")
+    bad = _not_utf8(body.model_dump(exclude_none=True))
+    if bad is not None:
+        raise BadRequest(f"{bad} is not valid Unicode text (a lone surrogate?)", code="invalid_unicode")
+
+
+def _not_utf8(value: Any, where: str = "body") -> str | None:
+    """Where a string that cannot be encoded as UTF-8 sits in a parsed body, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        if isinstance(k, str) and _not_utf8(k) is not None:
+            return f"{where} key"
+        found = _not_utf8(v, f"{where}.{k}" if where != "body" else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, gen: GenerateRequest, *,

@@ -96,7 +96,20 @@ class StreamOptions(EmberModel):
     include_usage: bool = False
 
 
+# OpenAI parameters Ember does not implement: a request that sets one (to anything but its
+# neutral value) gets a 400 naming it, never a silently different answer.
+UNSUPPORTED_PARAMETERS = (
+    "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "response_format", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "best_of",
+    "suffix", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "min_p", "top_k",
+)
+_NEUTRAL: tuple[object, ...] = (None, False, 0, 0.0, [], {}, "")
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed takes
+
+
 class _Sampling(EmberModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)  # extras are checked, then ignored
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -116,6 +129,20 @@ class _Sampling(EmberModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    def unsupported(self) -> str | None:
+        """The first OpenAI parameter this request sets that Ember does not implement, if any."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_PARAMETERS:
+            value = extra.get(name)
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if name == "best_of" and value == 1:
+                continue
+            if any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
+                continue
+            return name
+        return None
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -125,6 +152,15 @@ class _Sampling(EmberModel):
 class ChatMessage(EmberModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = ""
+
+    def non_text_part(self) -> str | None:
+        """The type of the first content part that is not text (images, audio, files), if any."""
+        if isinstance(self.content, list):
+            for p in self.content:
+                kind = p.get("type", "text") if isinstance(p, dict) else type(p).__name__
+                if kind != "text":
+                    return str(kind)
+        return None
 
     def text(self) -> str:
         if isinstance(self.content, list):
