@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import redis
@@ -19,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def error_response(err: EmberError) -> JSONResponse:
-    return JSONResponse(err.to_openai(), status_code=err.status_code)
+    headers = None
+    retry_after_s = getattr(err, "retry_after_s", None)
+    if retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

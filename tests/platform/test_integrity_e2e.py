@@ -11,91 +11,14 @@ Tier layout a test (or the chaos test) can fault, for a worker started with --da
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ember.loader.dram import shm_dir_for
-from ember.platform.redis_server import RedisServerProcess, free_port
-from tests.platform.conftest import (
-    CLUSTER_TOKEN,
-    Proc,
-    admin_headers,
-    base_env,
-    start_gateway,
-    start_worker,
-)
-
-
-@dataclass
-class Cluster:
-    gateway: Proc
-    worker: Proc
-    node_dir: Path  # the worker's --data-dir
-    node_root: Path  # the same path as the worker sees it (its own mount namespace), for faults
-    tmp: Path
-    small_ssd: bool  # the SSD tier is a 96 MiB tmpfs (a test can fill it)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Cluster]:
-    """One gateway and one worker for the module. The worker's SSD tier is a small tmpfs in the
-    worker's own mount namespace where unshare and mount work (root), else a plain directory."""
-    from ember.loader import open_store
-
-    tmp = tmp_path_factory.mktemp("integrity")
-    from ember.loader.convert import convert_checkpoint
-
-    store = open_store(f"file://{tmp / 'store'}")
-    convert_checkpoint(tiny_model_dir, tmp / "conv")
-    for name in ("victim", "twin", "third"):
-        store.push(tmp / "conv", name)
-    # another tenant's store with its own "twin": other weights under the same name
-    other = _other_weights(tiny_model_dir, tmp / "other-hf")
-    open_store(f"file://{tmp / 'elsewhere'}").push(other, "twin")
-    redis = RedisServerProcess(tmp / "redis").start()
-    env = base_env(redis.url, store.uri)
-    node = tmp / "w0"
-    (node / "ssd").mkdir(parents=True)
-    small_ssd = bool(shutil.which("unshare")) and subprocess.run(
-        ["unshare", "--mount", "--", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {node / 'ssd'}"],
-        capture_output=True).returncode == 0
-    procs: list[Proc] = []
-    try:
-        if small_ssd:
-            port = free_port()
-            script = (f"mount -t tmpfs -o size=96m tmpfs {node / 'ssd'} && exec {sys.executable} -m ember worker "
-                      f"--data-dir {node} --node-id w0 --host 127.0.0.1 --port {port}")
-            procs.append(_start_shell(["unshare", "--mount", "--", "sh", "-c", script], env, tmp / "w0.log",
-                                      f"http://127.0.0.1:{port}/internal/healthz"))
-            root = Path(f"/proc/{procs[0].proc.pid}/root") / str(node).lstrip("/")
-        else:
-            procs.append(start_worker(tmp, env, "w0"))
-            root = node
-        procs.append(start_gateway(tmp, env))
-        yield Cluster(procs[1], procs[0], node, root, tmp, small_ssd)
-    finally:
-        for p in procs:
-            p.stop()
-        redis.stop()
-
-
-def _other_weights(src: Path, dst: Path) -> Path:
-    """The same model files with other weights (every matrix rolled by one row)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    sd = load_file(src / "model.safetensors")
-    save_file({k: torch.roll(v, 1, dims=0).contiguous() if v.dim() > 1 else v for k, v in sd.items()},
-              dst / "model.safetensors")
-    return dst
+from tests.platform.conftest import TierCluster, admin_headers
 
 
 def _deploy(url: str, name: str, checkpoint: str, headers: dict | None = None) -> None:
@@ -145,46 +68,46 @@ def _bump_digit(path: Path, field: str) -> None:
     path.write_text(text[:at] + str(int(text[at]) % 9 + 1) + text[at + 1:])
 
 
-def test_a_flipped_byte_in_any_tier_is_healed_never_served(cluster: Cluster) -> None:
-    u = cluster.gateway.url
+def test_a_flipped_byte_in_any_tier_is_healed_never_served(tier_cluster: TierCluster) -> None:
+    u = tier_cluster.gateway.url
     _deploy(u, "f", "victim")
     first = _chat(u, "f")
     reference = _text(first)
     assert first.headers["x-ember-load-tier"] == "remote"
 
     # DRAM tier: one byte of the entry's tensor bytes
-    shm, e, block = _dram_entry(cluster.node_dir, "victim")
+    shm, e, block = _dram_entry(tier_cluster.node_dir, "victim")
     _flip(shm / "pool", e["runs"][0][0] * block + 4096 + 7)
     r = _cold(u, "f", "victim")
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "ssd"
 
     # DRAM tier: the model's config.json (still valid JSON, another model)
-    shm, e, _ = _dram_entry(cluster.node_dir, "victim")
+    shm, e, _ = _dram_entry(tier_cluster.node_dir, "victim")
     _bump_digit(shm / "meta" / f"{e['key']}.{e['gen']}" / "files" / "config.json", "rms_norm_eps")
     r = _cold(u, "f", "victim")
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "ssd"
 
     # SSD tier partition and config.json, with the DRAM entry bad too: the store serves, and the
     # tiers are whole again afterwards (the next cold start is a clean DRAM hit)
-    shm, e, block = _dram_entry(cluster.node_dir, "victim")
+    shm, e, block = _dram_entry(tier_cluster.node_dir, "victim")
     _flip(shm / "pool", e["runs"][0][0] * block + 11)
-    ssd_entry = cluster.node_root / "ssd" / e["key"]
+    ssd_entry = tier_cluster.node_root / "ssd" / e["key"]
     _flip(ssd_entry / "part-00000.bin", 5000)
     _bump_digit(ssd_entry / "files" / "config.json", "rms_norm_eps")
     r = _cold(u, "f", "victim")
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "remote"
     r = _cold(u, "f", "victim")
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "dram"
-    log = cluster.worker.log.read_text()
+    log = tier_cluster.worker.log.read_text()
     assert "DRAM tier entry" in log and "SSD tier entry" in log and "failed verification" in log
 
 
-def test_two_stores_same_name_never_confused(cluster: Cluster) -> None:
+def test_two_stores_same_name_never_confused(tier_cluster: TierCluster) -> None:
     """A developer's `file:///elsewhere/twin` loaded first must not serve the admin's `twin`."""
-    u = cluster.gateway.url
+    u = tier_cluster.gateway.url
     dev = httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": "developer"}).json()
     dev_h = {"Authorization": f"Bearer {dev['key']}"}
-    elsewhere = f"file://{cluster.tmp / 'elsewhere'}"
+    elsewhere = f"file://{tier_cluster.tmp / 'elsewhere'}"
     # refused until an admin allows the store and grants the checkpoint
     r = httpx.put(f"{u}/v1/functions/devf", headers=dev_h, json={"checkpoint": f"{elsewhere}/twin"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "store_not_allowed", r.text
@@ -205,13 +128,13 @@ def test_two_stores_same_name_never_confused(cluster: Cluster) -> None:
     assert _text(r) == admin_text and r.headers["x-ember-load-tier"] == "dram"
 
 
-def test_ssd_tier_on_a_full_disk_serves_from_memory(cluster: Cluster) -> None:
+def test_ssd_tier_on_a_full_disk_serves_from_memory(tier_cluster: TierCluster) -> None:
     """The worker's SSD tier filled to the last byte: every SSD write fails with ENOSPC; cold starts
     still succeed, from memory, and the log says so once."""
-    if not cluster.small_ssd:
+    if not tier_cluster.small_ssd:
         pytest.skip("needs unshare and mount (root) for a small tmpfs under the worker's SSD tier")
-    u = cluster.gateway.url
-    filler = cluster.node_root / "ssd" / "filler"
+    u = tier_cluster.gateway.url
+    filler = tier_cluster.node_root / "ssd" / "filler"
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)  # until ENOSPC
     try:
         _deploy(u, "f3", "third")
@@ -222,31 +145,10 @@ def test_ssd_tier_on_a_full_disk_serves_from_memory(cluster: Cluster) -> None:
             r = _cold(u, "f3", "third")
             assert _text(r) == first and r.headers["x-ember-load-tier"] == "dram"
         # a DRAM miss after that: still served from the store, still said once
-        shm, e, block = _dram_entry(cluster.node_dir, "third")
+        shm, e, block = _dram_entry(tier_cluster.node_dir, "third")
         _flip(shm / "pool", e["runs"][0][0] * block + 3)
         r = _cold(u, "f3", "third")
         assert _text(r) == first and r.headers["x-ember-load-tier"] == "remote"
-        assert cluster.worker.log.read_text().count("cannot write") == 1
+        assert tier_cluster.worker.log.read_text().count("cannot write") == 1
     finally:
         filler.unlink(missing_ok=True)
-
-
-def _start_shell(cmd: list[str], env: dict[str, str], log: Path, health_url: str) -> Proc:
-    import time
-
-    out = open(log, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    p = Proc(proc, health_url.rsplit("/", 2)[0], log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}:\n{p.output()}")
-        try:
-            if httpx.get(health_url, headers={"x-ember-cluster-token": CLUSTER_TOKEN}, timeout=1).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    p.stop()
-    raise RuntimeError(f"worker did not become healthy:\n{p.output()}")

@@ -19,6 +19,7 @@ from ember.platform.gateway.protocol import (
     KeyCreate,
     KeyCreated,
     KeyInfo,
+    KeyLimitsUpdate,
     StoreAllow,
 )
 from ember.platform.gateway.registry import FunctionRegistry
@@ -80,7 +81,9 @@ async def delete_function(name: str, request: Request, principal: AnyPrincipal) 
 async def create_key(body: KeyCreate, request: Request, _: AdminPrincipal) -> KeyCreated:
     if body.name:
         check_name(body.name, "key name")
-    return await to_thread.run_sync(KeyStore(request.app.state.redis).create, body.role, body.name)
+    created = await to_thread.run_sync(KeyStore(request.app.state.redis).create, body.role, body.name)
+    limits = await to_thread.run_sync(request.app.state.ratelimiter.set_limits, created.id, body.rpm, body.tpm)
+    return created.model_copy(update={"rpm": limits.rpm, "tpm": limits.tpm})
 
 
 @router.get("/v1/keys")
@@ -90,7 +93,17 @@ async def list_keys(request: Request, _: AdminPrincipal) -> dict[str, list[KeyIn
 
 @router.get("/v1/keys/{key_id}")
 async def get_key(key_id: str, request: Request, _: AdminPrincipal) -> KeyInfo:
-    return await to_thread.run_sync(KeyStore(request.app.state.redis).get, key_id)
+    info = await to_thread.run_sync(KeyStore(request.app.state.redis).get, key_id)
+    limits = await to_thread.run_sync(request.app.state.ratelimiter.limits, key_id)
+    return info.model_copy(update={"rpm": limits.rpm, "tpm": limits.tpm})
+
+
+@router.patch("/v1/keys/{key_id}")
+async def update_key_limits(key_id: str, body: KeyLimitsUpdate, request: Request, _: AdminPrincipal) -> KeyInfo:
+    """Change a key's requests/tokens per minute; takes effect at the key's next request."""
+    info = await to_thread.run_sync(KeyStore(request.app.state.redis).get, key_id)
+    limits = await to_thread.run_sync(request.app.state.ratelimiter.set_limits, key_id, body.rpm, body.tpm)
+    return info.model_copy(update={"rpm": limits.rpm, "tpm": limits.tpm})
 
 
 @router.delete("/v1/keys/{key_id}", status_code=204)
@@ -99,6 +112,7 @@ async def delete_key(key_id: str, request: Request, _: AdminPrincipal) -> Respon
     unloaded), so nothing keeps serving on behalf of a tenant whose access was revoked."""
     app = request.app
     await to_thread.run_sync(KeyStore(app.state.redis).delete, key_id)
+    await to_thread.run_sync(app.state.ratelimiter.forget, key_id)
     registry = FunctionRegistry(app.state.redis)
     for spec in await to_thread.run_sync(registry.owned_by, key_id):
         await to_thread.run_sync(app.state.redis.hdel, Keys.functions, spec.name)

@@ -26,6 +26,7 @@ from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
 from ember.scheduler.policies import PolicyChooser
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cluster = RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
+        app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))
         app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for)
         try:
             await to_thread.run_sync(KeyStore(client).bootstrap_admin, settings.resolved_admin_key())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ember.errors import BadRequest, EmberError
+from ember.errors import BadRequest, EmberError, RateLimited
 from ember.platform.gateway.deps import AnyPrincipal
 from ember.platform.gateway.invoke import InvocationTarget, Invoker
 from ember.platform.gateway.protocol import (
@@ -23,8 +24,10 @@ from ember.platform.gateway.protocol import (
     GenerateRequest,
     _Sampling,
 )
+from ember.platform.gateway.ratelimit import estimate_tokens
 from ember.platform.gateway.registry import FunctionRegistry
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 DEFAULT_CHAT_MAX_TOKENS = 128
@@ -114,6 +117,14 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     registry = FunctionRegistry(app.state.redis)
     spec: FunctionSpec = await to_thread.run_sync(registry.get, body.model)
     registry.check_invoke(spec, principal)
+    prompt_chars = len(gen.prompt or "") + sum(len(m.get("content", "")) for m in gen.messages or [])
+    estimated = estimate_tokens(prompt_chars, gen.max_tokens)
+    try:
+        counted_at = await to_thread.run_sync(app.state.ratelimiter.admit, principal.id, estimated)
+    except RateLimited:
+        metrics.requests.labels(spec.name, "429").inc()
+        raise
+    settle = _Settle(app.state.ratelimiter, principal.id, counted_at, estimated)
     app.state.demand.count(spec.name)
     gen = gen.model_copy(update={"ttft_slo_s": spec.slo.ttft_ms / 1000, "tpot_slo_s": spec.slo.tpot_ms / 1000,
                                  "eta": spec.energy.eta})
@@ -127,7 +138,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start)
+        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start, settle)
         return StreamingResponse(sse, media_type="text/event-stream", headers=target.headers())
     try:
         text, done, t_first = echo, {}, None
@@ -144,6 +155,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
         await events.aclose()  # type: ignore[attr-defined]
         await invoker.release(target)
     _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
+    await settle(done)
     metrics.requests.labels(spec.name, "200").inc()
     usage = _usage(done)
     finish = _finish(done)
@@ -160,7 +172,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
 
 async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, events: AsyncIterator[dict[str, Any]],
                spec: FunctionSpec, rid: str, created: int, chat: bool, include_usage: bool, echo: str,
-               t_start: float) -> AsyncIterator[bytes]:
+               t_start: float, settle: _Settle | None = None) -> AsyncIterator[bytes]:
     metrics = request.app.state.metrics
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -198,6 +210,8 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
         _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
+        if settle is not None:
+            await settle(done)
     except EmberError as e:
         status = str(e.status_code)
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
@@ -205,6 +219,22 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
         metrics.requests.labels(spec.name, status).inc()
         await events.aclose()  # type: ignore[attr-defined]
         await invoker.release(target)
+
+
+class _Settle:
+    """Corrects a request's up-front token charge with its real usage once it is done."""
+
+    def __init__(self, limiter: Any, key_id: str, counted_at: int, estimated: int) -> None:
+        self.limiter, self.key_id, self.counted_at, self.estimated = limiter, key_id, counted_at, estimated
+
+    async def __call__(self, done: dict[str, Any]) -> None:
+        if not done or not self.counted_at:
+            return
+        actual = _usage(done)["total_tokens"]
+        try:
+            await to_thread.run_sync(self.limiter.settle, self.key_id, self.counted_at, self.estimated, actual)
+        except Exception as e:  # best effort: the window keeps the estimate
+            log.debug("could not settle the token count of key %s: %s", self.key_id, e)
 
 
 def _usage(done: dict[str, Any]) -> dict[str, int]:

@@ -78,6 +78,15 @@ Role = Literal["admin", "operator", "developer", "invoker"]
 class KeyCreate(EmberModel):
     role: Role
     name: str = Field("", max_length=128)
+    rpm: int | None = Field(None, ge=0, le=10**9)  # requests per minute (0: unlimited; absent: the default)
+    tpm: int | None = Field(None, ge=0, le=10**12)  # tokens per minute
+
+
+class KeyLimitsUpdate(EmberModel):
+    """Body of PATCH /v1/keys/{id}: change a key's per-minute limits (0: unlimited)."""
+
+    rpm: int | None = Field(None, ge=0, le=10**9)
+    tpm: int | None = Field(None, ge=0, le=10**12)
 
 
 class KeyInfo(EmberModel):
@@ -85,6 +94,8 @@ class KeyInfo(EmberModel):
     role: Role
     name: str
     created: float
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 class KeyCreated(KeyInfo):
