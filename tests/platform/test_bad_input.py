@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.platform.conftest import Proc, admin_headers, base_env, start_gateway
+from tests.platform.conftest import Proc, TierCluster, admin_headers, base_env, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +31,28 @@ def _err(resp: httpx.Response, status: int) -> dict:
     return err
 
 
-def test_bodies_that_used_to_give_500_get_400(gateway: Proc) -> None:
-    u, h = gateway.url, {**admin_headers(), "content-type": "application/json"}
-    chat = '{"model": "ghost", "messages": [{"role": "user", "content": %s}]%s}'
+def test_bodies_that_used_to_give_500_get_400(tier_cluster: TierCluster) -> None:
+    """Against a deployed function on a real worker: out-of-range seeds and lone surrogates are
+    refused at the gateway with 400 (they were 500s from the worker), in-range ones still serve."""
+    u, h = tier_cluster.gateway.url, {**admin_headers(), "content-type": "application/json"}
+    r = httpx.put(f"{u}/v1/functions/badin", headers=admin_headers(), json={"checkpoint": "rlck"})
+    assert r.status_code in (200, 201), r.text
+    chat = '{"model": "badin", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]%s}'
     cases = {
         "seed": chat % ('"hi"', ', "seed": 18446744073709551616'),
         "negative seed": chat % ('"hi"', ', "seed": -9223372036854775809'),
         "lone surrogate": chat % ('"\\ud800"', ""),
         "surrogate in stop": chat % ('"hi"', ', "stop": ["\\udfff"]'),
-        "surrogate prompt": '{"model": "ghost", "prompt": "a\\ud800b"}',
+        "surrogate prompt": '{"model": "badin", "max_tokens": 2, "prompt": "a\\ud800b"}',
     }
     for what, body in cases.items():
         route = "completions" if "prompt" in what else "chat/completions"
-        err = _err(httpx.post(f"{u}/v1/{route}", headers=h, content=body.encode()), 400)
+        r = httpx.post(f"{u}/v1/{route}", headers=h, content=body.encode(), timeout=120)
+        err = _err(r, 400)
         assert err["code"] in ("invalid_seed", "invalid_unicode"), (what, err)
-    # an in-range seed passes validation (404: the function does not exist)
-    _err(httpx.post(f"{u}/v1/chat/completions", headers=h, content=(chat % ('"hi"', ', "seed": 7')).encode()), 404)
+    ok = httpx.post(f"{u}/v1/chat/completions", headers=h, timeout=120,
+                    content=(chat % ('"hi"', ', "seed": 18446744073709551615, "temperature": 1')).encode())
+    assert ok.status_code == 200, ok.text
 
 
 def test_unsupported_openai_parameters_are_named(gateway: Proc) -> None:

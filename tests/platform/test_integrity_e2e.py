@@ -48,7 +48,7 @@ def _cold(url: str, name: str, checkpoint: str) -> httpx.Response:
 def _dram_entry(node_dir: Path, name: str) -> tuple[Path, dict, int]:
     shm = shm_dir_for(node_dir)
     index = json.loads((shm / "index.json").read_text())
-    (key, e), = [(k, e) for k, e in index["entries"].items() if k.startswith(name + "@") and e["state"] == "ready"]
+    (key, e), = [(k, e) for k, e in index["entries"].items() if k.partition("@")[0] == name and e["state"] == "ready"]
     return shm, {"key": key, **e}, index["block_bytes"]
 
 
