@@ -123,7 +123,7 @@ def tier_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     open_store(f"file://{tmp / 'elsewhere'}").push(other, "twin")
     store.push(_big_model(tmp / "big-hf"), "big")
     redis = RedisServerProcess(tmp / "redis").start()
-    env = base_env(redis.url, store.uri)
+    env = base_env(redis.url, store.uri, EMBER_ALLOWED_STORES=f"file://{tmp / 'elsewhere'}")
     node = tmp / "w0"
     (node / "ssd").mkdir(parents=True)
     small_ssd = bool(shutil.which("unshare")) and subprocess.run(

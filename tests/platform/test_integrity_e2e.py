@@ -103,29 +103,22 @@ def test_a_flipped_byte_in_any_tier_is_healed_never_served(tier_cluster: TierClu
 
 
 def test_two_stores_same_name_never_confused(tier_cluster: TierCluster) -> None:
-    """A developer's `file:///elsewhere/twin` loaded first must not serve the admin's `twin`."""
+    """Another store's `twin` loaded first (it is in this node's DRAM and SSD tiers) must not
+    serve a function on the cluster store's `twin`."""
     u = tier_cluster.gateway.url
-    dev = httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": "developer"}).json()
-    dev_h = {"Authorization": f"Bearer {dev['key']}"}
-    elsewhere = f"file://{tier_cluster.tmp / 'elsewhere'}"
-    # refused until an admin allows the store and grants the checkpoint
-    r = httpx.put(f"{u}/v1/functions/devf", headers=dev_h, json={"checkpoint": f"{elsewhere}/twin"})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "store_not_allowed", r.text
-    assert httpx.put(f"{u}/v1/stores", headers=admin_headers(), json={"uri": elsewhere}).status_code == 200
-    r = httpx.put(f"{u}/v1/functions/devf", headers=dev_h, json={"checkpoint": f"{elsewhere}/twin"})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "checkpoint_not_allowed", r.text
-    grant = {"store": elsewhere, "owner": dev["id"]}
-    assert httpx.put(f"{u}/v1/checkpoints/twin", headers=admin_headers(), json=grant).status_code == 200
-    _deploy(u, "devf", f"{elsewhere}/twin", dev_h)
-    dev_text = _text(_chat(u, "devf", dev_h))  # now in this node's DRAM and SSD tiers
-    _deploy(u, "adminf", "twin")
-    r = _chat(u, "adminf")
-    assert r.headers["x-ember-load-tier"] == "remote"  # not the developer's cached bytes
-    admin_text = _text(r)
-    assert admin_text != dev_text
-    # and the admin's cached copy serves the admin's text again from DRAM
-    r = _cold(u, "adminf", "twin")
-    assert _text(r) == admin_text and r.headers["x-ember-load-tier"] == "dram"
+    elsewhere = f"file://{tier_cluster.tmp / 'elsewhere'}"  # allowed by EMBER_ALLOWED_STORES
+    _deploy(u, "otherf", f"{elsewhere}/twin")
+    other_text = _text(_chat(u, "otherf"))
+    _deploy(u, "twinf", "twin")
+    r = _chat(u, "twinf")
+    assert r.headers["x-ember-load-tier"] == "remote"  # not the other store's cached bytes
+    twin_text = _text(r)
+    assert twin_text != other_text
+    # and each one's cached copy serves its own text again from DRAM
+    r = _cold(u, "twinf", "twin")
+    assert _text(r) == twin_text and r.headers["x-ember-load-tier"] == "dram"
+    r = _cold(u, "otherf", f"{elsewhere}/twin")
+    assert _text(r) == other_text and r.headers["x-ember-load-tier"] == "dram"
 
 
 def test_ssd_tier_on_a_full_disk_serves_from_memory(tier_cluster: TierCluster) -> None:

@@ -60,6 +60,14 @@ def test_developers_see_and_deploy_only_their_own(tier_cluster: TierCluster) -> 
     assert [f["name"] for f in httpx.get(f"{u}/v1/functions", headers=_h(dev1)).json()["functions"]] == ["d1f"]
     for who in (admin_headers(), _h(op), _h(dev1)):
         assert httpx.get(f"{u}/v1/functions/d1f", headers=who).status_code == 200
+    # checkpoint URIs outside the cluster's stores are refused (admins too) until an admin allows them
+    nowhere = f"file://{tier_cluster.tmp / 'nowhere'}/twin"
+    for who in (_h(dev2), admin_headers()):
+        r = httpx.put(f"{u}/v1/functions/d2f", headers=who, json={"checkpoint": nowhere})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "store_not_allowed", r.text
+    assert httpx.put(f"{u}/v1/stores", headers=admin_headers(), json={"uri": nowhere[:-5]}).status_code == 200
+    r = httpx.put(f"{u}/v1/functions/d2f", headers=_h(dev2), json={"checkpoint": nowhere})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "checkpoint_not_allowed", r.text
     # a shared checkpoint any developer may deploy
     assert httpx.put(f"{u}/v1/checkpoints/victim", headers=admin_headers(), json={"shared": True}).status_code == 200
     assert httpx.put(f"{u}/v1/functions/d2f", headers=_h(dev2), json={"checkpoint": "victim"}).status_code == 201
