@@ -188,7 +188,7 @@ class NodeTiers:
         if ssd_dir is not None:
             try:
                 sd, manifest, entry, files = self._load_local(ident, ssd_dir, dev)
-            except CheckpointError as e:
+            except (CheckpointError, OSError) as e:  # bad bytes, a truncated or unreadable file
                 self.ssd.remove(key)
                 log.warning("SSD tier entry %s failed verification (%s): dropped; fetching from the store",
                             ident.ref, e)

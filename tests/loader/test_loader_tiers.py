@@ -394,3 +394,30 @@ def test_ssd_loads_with_direct_io_into_either_pool_kind(tmp_path, make_tiers, mo
         healed = tiers.load("big")  # the bad SSD entry is dropped, the store serves
         assert healed.tier == "remote" and _equal(healed.state_dict, ref)
         healed.release()
+
+
+def test_corrupted_dram_entry_is_set_aside_even_while_pinned(tmp_path, tiny_model_dir, make_tiers, caplog) -> None:
+    """A flipped byte in the DRAM pool, or in a model file beside the entry, fails the next
+    attach: the entry is taken out of service (its pinned reader keeps its mapping) and the SSD
+    tier serves; the refilled entry then serves DRAM hits again."""
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    ref = load_file(tiny_model_dir / "model.safetensors")
+    tiers = make_tiers()
+    held = tiers.load("tiny")  # keeps the entry pinned
+    entry = tiers.dram.lookup(tiers.key("tiny"))
+    off, _ = entry.runs[0]
+    pool = tiers.dram.rw.array()
+    pool[off + 100] ^= 0x01
+    again = tiers.load("tiny")
+    assert again.tier == "ssd" and _equal(again.state_dict, ref)
+    again.release()
+    held.release()
+    config = tiers.dram.lookup(tiers.key("tiny")).meta_dir / "files" / "config.json"
+    config.write_text(config.read_text() + " ")  # still valid JSON, other bytes
+    third = tiers.load("tiny")
+    assert third.tier == "ssd" and _equal(third.state_dict, ref)
+    third.release()
+    fourth = tiers.load("tiny")
+    assert fourth.tier == "dram"
+    fourth.release()
+    assert caplog.text.count("DRAM tier entry") == 2
