@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     dram_capacity_bytes: int = 1 << 30
     ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
+    dram_scrub_interval_s: float = 30.0  # verify the DRAM tier this often (0: only when attached)
     simulated_gpus: int = 0  # energy accounting on simulated GPUs (CPU-only demos)
 
 

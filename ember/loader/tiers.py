@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import CapacityError, CheckpointChanged, CheckpointError, IntegrityError
+from ember.errors import CapacityError, CheckpointChanged, CheckpointError, EmberError, IntegrityError
 from ember.loader import vm
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.dram import DramEntry, DramTier
@@ -198,6 +198,33 @@ class NodeTiers:
         store = self.store(ident.store_uri)
         sd, manifest, entry, files = self._load_remote(store, ident, dev)
         return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry)
+
+    def scrub(self) -> list[str]:
+        """Verify every ready DRAM entry (manifest, model files, every chunk), as an attach does;
+        entries that fail are taken out of service and logged. Returns their refs, so the caller
+        can retire instances built on them (an attach-time check cannot see bytes that change
+        under a running instance). Cost: the verification rate (scripts/dram_verify_cost.py)."""
+        bad = []
+        for key, ref in self.dram.refs().items():
+            try:
+                ident = self.identity(ref)
+            except EmberError:
+                continue
+            entry = self.dram.pin(key)
+            if entry is None:
+                continue  # evicted meanwhile
+            try:
+                manifest = _verified_manifest(entry.meta_dir, ident)
+                _verify_files(entry.meta_dir, manifest)
+                verify_chunks(manifest, self.dram.read_view(entry), self.threads)
+            except (CheckpointError, OSError) as e:
+                self.dram.unpin(key)
+                self.dram.quarantine(key)
+                log.warning("DRAM tier entry %s failed verification in a scrub (%s): dropped", ref, e)
+                bad.append(ref)
+                continue
+            self.dram.unpin(key)
+        return bad
 
     def adopt(self, directory: Path | str, name: str) -> str:
         """Install a converted checkpoint directory (moved, not copied) as the SSD-tier entry of

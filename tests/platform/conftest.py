@@ -107,7 +107,7 @@ def tier_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     """One gateway and one worker (2 CPU slots of 64 MiB) shared by the tier, tenancy and limit
     tests; each uses its own functions and checkpoints. The worker's SSD tier is a 96 MiB tmpfs in
     its own mount namespace where unshare and mount work (root), else a plain directory.
-    Checkpoints: victim, twin, third, rlck, earlyck (the tiny model), `elsewhere` store's twin (other weights),
+    Checkpoints: victim, twin, third, rlck, earlyck, scrubck (the tiny model), `elsewhere` store's twin (other weights),
     big (more than a device holds). Function `early` is deployed before any worker is up."""
     from ember.loader import open_store
 
@@ -116,14 +116,15 @@ def tier_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
 
     store = open_store(f"file://{tmp / 'store'}")
     convert_checkpoint(tiny_model_dir, tmp / "conv")
-    for name in ("victim", "twin", "third", "rlck", "earlyck"):
+    for name in ("victim", "twin", "third", "rlck", "earlyck", "scrubck"):
         store.push(tmp / "conv", name)
     # another tenant's store with its own "twin": other weights under the same name
     other = _other_weights(tiny_model_dir, tmp / "other-hf")
     open_store(f"file://{tmp / 'elsewhere'}").push(other, "twin")
     store.push(_big_model(tmp / "big-hf"), "big")
     redis = RedisServerProcess(tmp / "redis").start()
-    env = base_env(redis.url, store.uri, EMBER_ALLOWED_STORES=f"file://{tmp / 'elsewhere'}")
+    env = base_env(redis.url, store.uri, EMBER_ALLOWED_STORES=f"file://{tmp / 'elsewhere'}",
+                   EMBER_DRAM_SCRUB_INTERVAL_S="0.5")
     node = tmp / "w0"
     (node / "ssd").mkdir(parents=True)
     small_ssd = bool(shutil.which("unshare")) and subprocess.run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -100,6 +101,26 @@ def test_a_flipped_byte_in_any_tier_is_healed_never_served(tier_cluster: TierClu
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "dram"
     log = tier_cluster.worker.log.read_text()
     assert "DRAM tier entry" in log and "SSD tier entry" in log and "failed verification" in log
+
+
+def test_corruption_under_a_warm_instance_is_retired_by_the_scrub(tier_cluster: TierCluster) -> None:
+    """An attach-time check cannot see bytes that change under a running instance: the worker's
+    DRAM scrub finds them, the instance takes no new request, and the next one cold-starts from
+    the SSD tier with the right text."""
+    u = tier_cluster.gateway.url
+    _deploy(u, "warmf", "scrubck")
+    reference = _text(_chat(u, "warmf"))
+    assert _chat(u, "warmf").headers["x-ember-load-tier"] == "warm"
+    shm, e, block = _dram_entry(tier_cluster.node_dir, "scrubck")
+    _flip(shm / "pool", e["runs"][0][0] * block + 4096 + 9)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = _chat(u, "warmf")
+        if r.headers.get("x-ember-load-tier") != "warm":
+            break
+        time.sleep(0.2)
+    assert r.headers["x-ember-load-tier"] == "ssd" and _text(r) == reference
+    assert "failed verification in a scrub" in tier_cluster.worker.log.read_text()
 
 
 def test_two_stores_same_name_never_confused(tier_cluster: TierCluster) -> None:

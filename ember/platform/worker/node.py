@@ -69,6 +69,8 @@ class WorkerNode:
         self._stop = threading.Event()
         self._prefetching: set[str] = set()
         self._heartbeat_thread: threading.Thread | None = None
+        self._scrub_thread: threading.Thread | None = None
+        self._retired: set[str] = set()  # instances built on DRAM bytes a scrub found corrupted
         self.bandwidth_bps: dict[str, float] = {}
         self.energy: Any = None
         self.energy_device_ids: list[str] = []
@@ -83,6 +85,9 @@ class WorkerNode:
         self.register()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
+        if self.settings.dram_scrub_interval_s > 0:
+            self._scrub_thread = threading.Thread(target=self._scrub_loop, name="dram-scrub", daemon=True)
+            self._scrub_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -115,6 +120,34 @@ class WorkerNode:
                 log.warning("heartbeat failed: %s", e)
             except Exception:  # the heartbeat must survive anything one tick throws
                 log.exception("heartbeat tick failed")
+
+    # --- DRAM scrub: corruption under running instances lives at most one interval ----------------
+    def _scrub_loop(self) -> None:
+        """Every `dram_scrub_interval_s`, verify the DRAM tier; an instance built on an entry that
+        fails takes no new request (404: the gateway forgets it and starts a fresh one from the next
+        tier) and is closed once its requests are done. Its own thread: a large pool takes a while."""
+        while not self._stop.wait(self.settings.dram_scrub_interval_s):
+            try:
+                bad = set(self.tiers.scrub())
+                with self._lock:
+                    for inst in self.instances.values():
+                        loaded = inst.loaded
+                        if loaded is not None and loaded.ref in bad and loaded.tier != "gpu":
+                            self._retired.add(inst.instance_id)
+                self._close_retired()
+            except Exception:  # the scrub must survive anything one pass throws
+                log.exception("DRAM scrub failed")
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            done = [i for i in self._retired if i in self.instances and self.instances[i].active == 0]
+            closing = [self.instances.pop(i) for i in done]
+            for i in done:
+                self.records.pop(i, None)
+            self._retired -= set(done) | {i for i in self._retired if i not in self.instances}
+        for inst in closing:
+            inst.close()
+            log.warning("instance %s retired: its DRAM-tier bytes failed verification", inst.instance_id)
 
     # --- energy (read-only unless configured) -----------------------------------------------
     def _start_energy_agent(self) -> None:
@@ -195,7 +228,7 @@ class WorkerNode:
 
     def get(self, instance_id: str) -> ModelInstance:
         inst = self.instances.get(instance_id)
-        if inst is None:
+        if inst is None or instance_id in self._retired:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         return inst
 
