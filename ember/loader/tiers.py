@@ -7,7 +7,6 @@ every chunk into the DRAM pool and the SSD tier's temporary entry at once, verif
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -25,8 +24,6 @@ from ember.loader.format import (
     FILES_DIR,
     MANIFEST_FILE,
     CheckpointManifest,
-    chunk_hash_available,
-    chunk_hasher,
     parse_manifest,
 )
 from ember.loader.identity import CheckpointIdentity, manifest_digest, split_digest
@@ -35,19 +32,19 @@ from ember.loader.pipeline import (
     DEFAULT_THREADS,
     open_partitions,
     read_from_fds,
-    run_parallel,
     tensors_from_buffer,
     worker_pool,
 )
+from ember.loader.remote import download_partitions
 from ember.loader.ssd import REF_FILE, SsdTier
 from ember.loader.store import (
-    S3_THREADS,
     CheckpointStore,
     default_data_dir,
     default_store_url,
     open_store,
     split_ref,
 )
+from ember.loader.verify import verified_manifest, verify_chunks, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +211,8 @@ class NodeTiers:
             if entry is None:
                 continue  # evicted meanwhile
             try:
-                manifest = _verified_manifest(entry.meta_dir, ident)
-                _verify_files(entry.meta_dir, manifest)
+                manifest = verified_manifest(entry.meta_dir, ident)
+                verify_files(entry.meta_dir, manifest)
                 verify_chunks(manifest, self.dram.read_view(entry), self.threads)
             except (CheckpointError, OSError) as e:
                 self.dram.unpin(key)
@@ -294,8 +291,8 @@ class NodeTiers:
         """Check a DRAM entry before a new instance uses it: its manifest against the identity's
         digest, its model files against their sha256, every chunk of its bytes against its hash.
         Returns (manifest, numpy view of the entry's bytes); CheckpointError when anything differs."""
-        manifest = _verified_manifest(entry.meta_dir, ident)
-        _verify_files(entry.meta_dir, manifest)
+        manifest = verified_manifest(entry.meta_dir, ident)
+        verify_files(entry.meta_dir, manifest)
         view = self.dram.read_view(entry)
         if self.verify_dram:
             verify_chunks(manifest, view, self.threads)
@@ -317,8 +314,8 @@ class NodeTiers:
         manifest, the model files and every chunk are verified; CheckpointError if one differs."""
         import torch
 
-        manifest = _verified_manifest(directory, ident)
-        _verify_files(directory, manifest)
+        manifest = verified_manifest(directory, ident)
+        verify_files(directory, manifest)
         key = ident.key
         fds = open_partitions(directory, manifest, None)  # opened now: eviction cannot pull files away
         try:
@@ -410,7 +407,7 @@ class NodeTiers:
                 on_chunk = self._pool_uploader(entry, up) if entry is not None else (
                     lambda at, n: up.copy(host[at : at + n], at)
                 )
-            ssd_error = self._download(store, name, manifest, raw, memoryview(dest), ssd_tmp, on_chunk)
+            ssd_error = download_partitions(store, name, manifest, raw, memoryview(dest), ssd_tmp, on_chunk)
             if ssd_error is not None:
                 self.ssd.abort(ssd_tmp)
                 ssd_tmp = None
@@ -448,80 +445,6 @@ class NodeTiers:
                         self.ssd.root, err)
         else:
             log.debug("SSD tier %s still cannot write: %s", self.ssd.root, err)
-
-    def _download(self, store, name, manifest: CheckpointManifest, raw: bytes, dest: memoryview, ssd_tmp,
-                  on_chunk) -> OSError | None:
-        """Fetch every chunk into `dest` (verified) and, while the SSD tier writes, into `ssd_tmp`.
-        Returns the SSD tier's write error (the caller drops its copy), or None."""
-        fast = chunk_hash_available(manifest.chunk_hash)
-        hasher = chunk_hasher(manifest.chunk_hash) if fast else None
-        fds: dict[str, tuple[int, int | None]] = {}  # partition -> (buffered fd, O_DIRECT fd or None)
-        ssd_error: list[OSError] = []
-        import numpy as np
-
-        dest_addr = np.frombuffer(dest, dtype=np.uint8).ctypes.data if len(dest) else 0
-        jobs = []
-        # Entering the SSD tier: the whole-partition sha256 as well, over memory, fed in order as
-        # the chunks land (it overlaps the download instead of following it).
-        digests = {p.file: _InOrderSha256(dest, base, p.size, manifest.chunk_bytes)
-                   for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False)}
-        for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
-            for i, off in enumerate(range(0, p.size, manifest.chunk_bytes)):
-                jobs.append((p, i, off, min(manifest.chunk_bytes, p.size - off), base + off))
-
-        def write_ssd(p, view, off: int, n: int, at: int) -> None:
-            # The SSD copy goes straight from memory to the disk where it can (O_DIRECT: no page
-            # cache to allocate, nothing left to flush at commit); a ragged tail goes buffered.
-            buffered, direct = fds[p.file]
-            aligned = (dest_addr + at) % 4096 == 0 and off % 4096 == 0 and n % 4096 == 0
-            try:
-                written = os.pwrite(direct if direct is not None and aligned else buffered, view, off)
-            except OSError as e:
-                if e.errno != errno.EINVAL or direct is None:
-                    raise
-                written = os.pwrite(buffered, view, off)  # a device wanting larger alignment
-            if written != n:
-                raise OSError(errno.ENOSPC, f"short write of {p.file} at byte {off} ({written} of {n})")
-
-        def run(job) -> None:
-            p, i, off, n, at = job
-            view = dest[at : at + n]
-            store.read_range(name, p.file, off, view)
-            if hasher is not None and hasher(view) != p.chunks[i]:
-                raise IntegrityError(f"{store.uri}/{name}/{p.file}: chunk {i} fails its checksum")
-            if p.file in fds and not ssd_error:
-                try:
-                    write_ssd(p, view, off, n, at)
-                except OSError as e:  # a full disk costs the SSD copy, never the load
-                    ssd_error.append(e)
-            if on_chunk is not None:
-                on_chunk(at, n)
-            digests[p.file].landed(i)
-
-        try:
-            try:
-                for p in manifest.partitions if ssd_tmp is not None else ():
-                    fd = os.open(ssd_tmp / p.file, os.O_RDWR | os.O_CREAT, 0o600)
-                    fds[p.file] = (fd, None)
-                    os.ftruncate(fd, p.size)
-                    fds[p.file] = (fd, _open_direct_writer(ssd_tmp / p.file))
-            except OSError as e:
-                ssd_error.append(e)
-            run_parallel(run, jobs, S3_THREADS, "ember-get")
-            for p in manifest.partitions:
-                if digests[p.file].hexdigest() != p.sha256:
-                    raise IntegrityError(f"{store.uri}/{name}/{p.file}: sha256 mismatch")
-        finally:
-            for pair in fds.values():
-                for fd in pair:
-                    if fd is not None:
-                        os.close(fd)
-        if ssd_tmp is not None and not ssd_error:
-            try:
-                (ssd_tmp / MANIFEST_FILE).write_bytes(raw)  # as stored: its digest is the identity's
-            except OSError as e:
-                ssd_error.append(e)
-        return ssd_error[0] if ssd_error else None
 
     def _download_files(self, store, name, manifest: CheckpointManifest, raw: bytes, ssd_tmp: Path | None,
                         meta_dir: Path | None) -> tuple[Path, Path | None]:
@@ -619,107 +542,6 @@ class NodeTiers:
             ident.name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release,
             ref=ident.ref,
         )
-
-
-def _open_direct_writer(path: Path) -> int | None:
-    """A second descriptor on `path` with O_DIRECT, or None where the file system refuses it."""
-    if not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return None
-
-
-class _InOrderSha256:
-    """sha256 of one partition whose chunks land in any order: whichever thread finds the next
-    chunk in order landed hashes it (and those after it) while the others go on downloading."""
-
-    def __init__(self, dest: memoryview, base: int, size: int, chunk_bytes: int) -> None:
-        import hashlib
-
-        self.dest, self.base, self.size, self.chunk_bytes = dest, base, size, chunk_bytes
-        self.sha = hashlib.sha256()
-        self.next = 0
-        self.landed_chunks: set[int] = set()
-        self.hashing = False
-        self.lock = threading.Lock()
-
-    def landed(self, i: int) -> None:
-        with self.lock:
-            self.landed_chunks.add(i)
-            if self.hashing:
-                return  # the thread hashing now will get to chunk i
-            self.hashing = True
-        while True:
-            with self.lock:
-                if self.next not in self.landed_chunks:
-                    self.hashing = False
-                    return
-                j = self.next
-            lo = self.base + j * self.chunk_bytes
-            self.sha.update(self.dest[lo : min(self.base + self.size, lo + self.chunk_bytes)])
-            with self.lock:
-                self.landed_chunks.discard(j)
-                self.next = j + 1
-
-    def hexdigest(self) -> str:
-        """The partition's sha256; every chunk must have landed (a partition of 0 bytes has none)."""
-        if self.next * self.chunk_bytes < self.size:
-            raise IntegrityError(f"sha256 of a partition asked before chunk {self.next} landed")
-        return self.sha.hexdigest()
-
-
-def _verified_manifest(directory: Path, ident: CheckpointIdentity) -> CheckpointManifest:
-    """The manifest of a local entry, if its bytes are the identity's; IntegrityError otherwise."""
-    try:
-        raw = (directory / MANIFEST_FILE).read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{directory / MANIFEST_FILE} cannot be read: {e}") from e
-    if manifest_digest(raw) != ident.digest:
-        raise IntegrityError(f"{directory / MANIFEST_FILE}: digest differs from {ident.ref}")
-    return parse_manifest(raw)
-
-
-def _verify_files(directory: Path, manifest: CheckpointManifest) -> None:
-    """Every model file (config, tokenizer, ...) against its sha256 in the manifest."""
-    import hashlib
-
-    for f in manifest.files:
-        path = directory / FILES_DIR / f.path
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise IntegrityError(f"{path} cannot be read: {e}") from e
-        if len(data) != f.size or hashlib.sha256(data).hexdigest() != f.sha256:
-            raise IntegrityError(f"{path}: sha256 mismatch")
-
-
-def verify_chunks(manifest: CheckpointManifest, buf, threads: int) -> None:
-    """Every chunk of a buffer holding all partitions back to back against its hash (sha256 per
-    partition where the fast chunk hash is not available); IntegrityError names the first bad one."""
-    import numpy as np
-
-    mv = memoryview(np.ascontiguousarray(buf)).cast("B")
-    if not chunk_hash_available(manifest.chunk_hash):
-        import hashlib
-
-        for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
-            if hashlib.sha256(mv[base : base + p.size]).hexdigest() != p.sha256:
-                raise IntegrityError(f"partition {p.file}: sha256 mismatch")
-        return
-    hasher = chunk_hasher(manifest.chunk_hash)
-    jobs = []
-    for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
-        for i, off in enumerate(range(0, p.size, manifest.chunk_bytes)):
-            jobs.append((p, i, base + off, min(manifest.chunk_bytes, p.size - off)))
-
-    def run(job) -> None:
-        p, i, at, n = job
-        if hasher(mv[at : at + n]) != p.chunks[i]:
-            raise IntegrityError(f"partition {p.file}: chunk {i} fails its checksum")
-
-    run_parallel(run, jobs, threads, "ember-read")
 
 
 def _copy_meta(src: Path, meta_dir: Path) -> None:
