@@ -29,6 +29,7 @@ from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
 from ember.platform.gateway.nodescaling import NodeScalerLoop
 from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
 from ember.scheduler.policies import PolicyChooser
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          claim_timeout_s=settings.claim_timeout_s, slot_ttl_s=settings.slot_ttl_s)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
+        app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))
         aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
                                         socket_connect_timeout=2, health_check_interval=10,
                                         retry_on_error=[redis.ConnectionError])  # a stale pooled connection after a Redis restart
