@@ -41,7 +41,20 @@ app.command("sim", help="Trace-driven cluster simulation comparing placement pol
 
 
 def main() -> None:
-    app()
+    """Run the command; an I/O or Ember error ends it with one clear line on stderr, not a traceback."""
+    import sys
+
+    from ember.errors import EmberError
+
+    try:
+        app()
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
+    except EmberError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -51,12 +51,14 @@ def up(
     simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
                                                         "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
                                                         "0: the model's own size]"),
-    node_backend: str = typer.Option("none", help="none | local: the gateway's node scaler starts and stops "
-                                                  "worker processes (from --workers up to --max-workers)"),
+    node_backend: str = typer.Option(None, help="none | local: the gateway's node scaler starts and stops "
+                                                "worker processes (from --workers up to --max-workers) "
+                                                "[EMBER_NODE_BACKEND, none]"),
     max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
+    node_backend = node_backend or _settings().node_backend
     if node_backend not in ("none", "local"):
         raise typer.BadParameter("--node-backend must be none or local (aws runs on the gateways terraform deploys)")
     _logging("warning")
@@ -238,9 +240,21 @@ def rm(name: str = typer.Argument(...)) -> None:
 
 @keys_app.command("create")
 def keys_create(role: str = typer.Option(..., help="admin | operator | developer | invoker"),
-                name: str = typer.Option("", help="a label for the key")) -> None:
+                name: str = typer.Option("", help="a label for the key"),
+                rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
+                tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
+    body: dict[str, Any] = {"role": role, "name": name, "rpm": rpm, "tpm": tpm}
     with _client() as c:
-        typer.echo(json.dumps(_check(c.post("/v1/keys", json={"role": role, "name": name})), indent=2))
+        typer.echo(json.dumps(_check(c.post("/v1/keys", json=body)), indent=2))
+
+
+@keys_app.command("limits")
+def keys_limits(key_id: str = typer.Argument(...),
+                rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
+                tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
+    """Change a key's per-minute limits."""
+    with _client() as c:
+        typer.echo(json.dumps(_check(c.patch(f"/v1/keys/{key_id}", json={"rpm": rpm, "tpm": tpm})), indent=2))
 
 
 @keys_app.command("ls")

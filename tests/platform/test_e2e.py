@@ -224,6 +224,23 @@ def test_cli_client_verbs(up: Up) -> None:
     assert "cli-fn" not in runner.invoke(app, ["ls"], env=env).stdout
 
 
+def test_private_redis_refuses_clients_without_its_password(up: Up) -> None:
+    """`ember up` starts its Redis with a generated password kept in the data dir: a key written
+    straight into Redis by anyone who merely reaches the port is no longer possible."""
+    import redis
+
+    line = next(ln for ln in up.lines if ln.startswith("redis: "))
+    url = line.split()[1]
+    assert "@" not in url  # the password is not printed
+    password = (up.data_dir / "redis_password").read_text().strip()
+    assert (up.data_dir / "redis_password").stat().st_mode & 0o077 == 0
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(url, socket_timeout=5).hset("ember:apikey:forged", "role", "admin")
+    authed = redis.Redis.from_url(url.replace("redis://", f"redis://:{password}@"), socket_timeout=5)
+    assert authed.ping() and authed.hlen("ember:functions") >= 1  # the gateway and workers use it
+    authed.close()
+
+
 def test_locust_load_run_is_bounded_and_error_free(up: Up, tmp_path: Path) -> None:
     out = tmp_path / "load"
     env = {**os.environ, "EMBER_API_KEY": ADMIN, "EMBER_LOAD_MAX_TOKENS": "4"}

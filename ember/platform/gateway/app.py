@@ -31,6 +31,7 @@ from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetric
 from ember.platform.gateway.nodescaling import NodeScalerLoop
 from ember.platform.gateway.operator_routes import mount_console
 from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
 from ember.platform.gateway.stats import InvocationStats
 from ember.platform.gateway.tracing import InvocationTracer, provider_from_env
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
         app.state.metrics.registry.register(FleetCollector(lambda: client, lambda: app.state.cluster))
+        app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))
         aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
                                         socket_connect_timeout=2, health_check_interval=10,
                                         retry_on_error=[redis.ConnectionError])  # a stale pooled connection after a Redis restart

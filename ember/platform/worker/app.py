@@ -71,8 +71,8 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
-        nbytes = await to_thread.run_sync(node.tiers.checkpoint_nbytes, ref)
-        return {"name": ref, "nbytes": nbytes}
+        ident, manifest = await to_thread.run_sync(node.tiers.describe, ref)
+        return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref}
 
     @app.post("/internal/instances")
     async def load(body: LoadRequest, request: Request) -> LoadResult:

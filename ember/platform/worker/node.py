@@ -75,6 +75,8 @@ class WorkerNode:
         self._stop = threading.Event()
         self._prefetching: set[str] = set()
         self._heartbeat_thread: threading.Thread | None = None
+        self._scrub_thread: threading.Thread | None = None
+        self._retired: set[str] = set()  # instances built on DRAM bytes a scrub found corrupted
         self.bandwidth_bps: dict[str, float] = {}
         self.energy: Any = None
         self.energy_device_ids: list[str] = []
@@ -89,6 +91,9 @@ class WorkerNode:
         self.register()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
+        if self.settings.dram_scrub_interval_s > 0:
+            self._scrub_thread = threading.Thread(target=self._scrub_loop, name="dram-scrub", daemon=True)
+            self._scrub_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -150,6 +155,34 @@ class WorkerNode:
                 log.warning("heartbeat failed: %s", e)
             except Exception:  # the heartbeat must survive anything one tick throws
                 log.exception("heartbeat tick failed")
+
+    # --- DRAM scrub: corruption under running instances lives at most one interval ----------------
+    def _scrub_loop(self) -> None:
+        """Every `dram_scrub_interval_s`, verify the DRAM tier; an instance built on an entry that
+        fails takes no new request (404 at once, and draining in Redis: the gateway starts a fresh
+        one from the next tier) and is dropped once its requests are done. Its own thread: a large
+        pool takes a while."""
+        while not self._stop.wait(self.settings.dram_scrub_interval_s):
+            try:
+                bad = set(self.tiers.scrub())
+                if bad:
+                    self._retire_instances_on(bad)
+                self._retired &= set(self.instances)
+            except Exception:  # the scrub must survive anything one pass throws
+                log.exception("DRAM scrub failed")
+
+    def _retire_instances_on(self, bad_refs: set[str]) -> None:
+        for iid, inst in list(self.instances.items()):
+            loaded = inst.loaded
+            if loaded is None or loaded.ref not in bad_refs or loaded.tier == "gpu" or iid in self._retired:
+                continue
+            self._retired.add(iid)
+            log.warning("instance %s retired: its DRAM-tier bytes failed verification", iid)
+            try:
+                self.cluster.drain(iid, force=True)
+            except EmberError as e:
+                log.warning("could not mark %s draining: %s", iid, e)
+            self._drop_when_idle(iid, remove=True)
 
     # --- energy (read-only unless configured) -----------------------------------------------
     def _start_energy_agent(self) -> None:
@@ -316,7 +349,7 @@ class WorkerNode:
 
     def get(self, instance_id: str) -> ModelInstance:
         inst = self.instances.get(instance_id)
-        if inst is None:
+        if inst is None or instance_id in self._retired:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         return inst
 
