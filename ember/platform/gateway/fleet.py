@@ -24,6 +24,11 @@ ENERGY_FIELDS = ("device", "power_w", "limit_w", "cap_w", "sm_clock_mhz", "energ
                  "slo_attainment", "mode")
 
 
+def checkpoint_name(ref: str) -> str:
+    """The checkpoint's name in a ref or pinned identity (`STORE/NAME#DIGEST` -> `NAME`)."""
+    return ref.split("#", 1)[0].rstrip("/").rpartition("/")[2] or ref
+
+
 def registered_nodes(client: redis.Redis) -> list[str]:
     """Every node id that registered and was not deregistered or reaped (live or not)."""
     return sorted(client.smembers(Keys.nodes))  # type: ignore[arg-type]
@@ -50,13 +55,15 @@ def nodes_view(cluster: RedisCluster, client: redis.Redis) -> dict[str, Any]:
             devices.append({
                 "device": d.device_id, "memory_bytes": d.memory_bytes, "free_bytes": d.free_bytes,
                 "claimed_bytes": d.memory_bytes - d.free_bytes, "awake": d.awake,
-                "instances": [{"id": i.instance_id, "function": i.function, "checkpoint": i.checkpoint,
+                "instances": [{"id": i.instance_id, "function": i.function,
+                               "checkpoint": checkpoint_name(i.checkpoint), "checkpoint_ref": i.checkpoint,
                                "state": i.state, "outstanding": i.outstanding}
                               for i in insts if i.device_id == d.device_id],
             })
-        tiers: dict[str, list[str]] = {"device": sorted({i.checkpoint for i in insts}), "dram": [], "ssd": []}
+        tiers: dict[str, list[str]] = {"device": sorted({checkpoint_name(i.checkpoint) for i in insts}),
+                                       "dram": [], "ssd": []}
         for ck, tier in sorted(node.holdings.items()):
-            tiers.setdefault(tier, []).append(ck)
+            tiers.setdefault(tier, []).append(checkpoint_name(ck))
         energy = [{f: s.get(f) for f in ENERGY_FIELDS} for s in snaps if s.get("node") == node_id]
         out.append({
             "node": node_id, "up": True, "devices": devices, "tiers": tiers,
