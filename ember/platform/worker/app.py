@@ -140,7 +140,8 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) 
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    thread = threading.Thread(target=produce, name=f"stream-{inst.instance_id}", daemon=True)
+    energy_mark = node.begin_request_energy(inst)
+    thread = threading.Thread(target=produce, name=f"gen-{inst.instance_id}", daemon=True)
     thread.start()
     try:
         while True:
@@ -154,6 +155,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) 
                 yield json.dumps({"done": {
                     "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
                     "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
+                    "energy_j": node.end_request_energy(energy_mark),
                 }}).encode() + b"\n"
             elif isinstance(ev, EmberError):
                 yield json.dumps(ev.to_openai()).encode() + b"\n"
