@@ -357,8 +357,8 @@ class WorkerNode:
     def checkpoint_info(self, ref: str) -> dict[str, Any]:
         """Identity, size and serving facts of a checkpoint, for deploy: refuses (400) an
         architecture that cannot be served, so a deploy fails rather than the first invoke."""
-        from ember.loader.model import check_servable
         from ember.loader.identity import split_digest
+        from ember.loader.model import check_servable
         from ember.loader.store import split_ref
 
         ident, manifest = self.tiers.describe(ref)
