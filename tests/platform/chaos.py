@@ -166,7 +166,22 @@ class Chaos:
         with self.lock:
             self.outcomes.append(Outcome("dropped"))
 
-    FAULTS = ("kill_worker", "pause_worker", "restart_redis", "drop_stream")
+    def flip_tier_byte(self, rng: random.Random) -> None:
+        """One flipped byte in a file of a node's local tiers (its SSD-tier copy of a checkpoint)."""
+        files = [f for f in sorted((self.platform.data_dir / "nodes").glob("*/ssd/**/*"))
+                 if f.is_file() and f.stat().st_size > 0]
+        if files:
+            f = rng.choice(files)
+            with open(f, "r+b") as fh:
+                fh.seek(rng.randrange(f.stat().st_size))
+                b = fh.read(1)
+                fh.seek(-1, os.SEEK_CUR)
+                fh.write(bytes([b[0] ^ 0x40]))
+
+    # Integrity faults join only where the platform detects and heals them (issue 10's integrity
+    # work): EMBER_CHAOS_INTEGRITY=1. A full SSD tier is not injected yet.
+    FAULTS = ("kill_worker", "pause_worker", "restart_redis", "drop_stream") + (
+        ("flip_tier_byte",) if os.environ.get("EMBER_CHAOS_INTEGRITY") == "1" else ())
 
     def fault_loop(self, every_s: float) -> None:
         rng = random.Random(self.seed)
