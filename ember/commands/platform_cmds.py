@@ -36,26 +36,57 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Options that have a setting default to None: left unset, the EMBER_* setting (or its default)
+# applies; given, they win. tests/test_cli_settings.py walks every command to keep it so.
 def up(
-    host: str = typer.Option("127.0.0.1", help="gateway bind address"),
-    port: int = typer.Option(8000, help="gateway port"),
+    host: str = typer.Option(None, help="gateway bind address [EMBER_HOST, 127.0.0.1]"),
+    port: int = typer.Option(None, help="gateway port [EMBER_PORT, 8000]"),
     workers: int = typer.Option(2, help="number of local worker processes (nodes)"),
-    data_dir: Path = typer.Option(Path("data"), help="Redis AOF, checkpoint store, tiers, logs, keys"),
+    data_dir: Path = typer.Option(None, help="Redis AOF, checkpoint store, tiers, logs, keys [EMBER_DATA_DIR, data]"),
     demo: bool = typer.Option(True, help="deploy the demo function 'tiny' on first start"),
+    simulated_gpus: int = typer.Option(None, help="emulated GPUs per worker, driven by the work they run "
+                                                  "[EMBER_SIMULATED_GPUS, 0]"),
+    energy_mode: str = typer.Option(None, help="observe | recommend | actuate, for every worker "
+                                               "[EMBER_ENERGY_MODE, recommend]"),
+    simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
+                                                        "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
+                                                        "0: the model's own size]"),
+    node_backend: str = typer.Option(None, help="none | local: the gateway's node scaler starts and stops "
+                                                "worker processes (from --workers up to --max-workers) "
+                                                "[EMBER_NODE_BACKEND, none]"),
+    max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
+    node_backend = node_backend or _settings().node_backend
+    if node_backend not in ("none", "local"):
+        raise typer.BadParameter("--node-backend must be none or local (aws runs on the gateways terraform deploys)")
     _logging("warning")
-    settings = _settings(data_dir=data_dir)
-    code = run_up(UpOptions(host=host, port=port, workers=workers, data_dir=data_dir, demo=demo), settings,
+    _check_mode(energy_mode)
+    settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
+                         energy_mode=energy_mode, simulated_params_b=simulated_params_b)
+    code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
+                            demo=demo, extra_env=worker_energy_env(settings), node_backend=node_backend,
+                            max_workers=max_workers), settings,
                   echo=lambda s: typer.echo(s))
     raise typer.Exit(code)
 
 
+def worker_energy_env(settings: Any) -> dict[str, str]:
+    """The energy settings `ember up` hands its workers (explicitly, so options given to `up` win)."""
+    return {"EMBER_SIMULATED_GPUS": str(settings.simulated_gpus), "EMBER_ENERGY_MODE": settings.energy_mode,
+            "EMBER_SIMULATED_PARAMS_B": str(settings.simulated_params_b)}
+
+
+def _check_mode(energy_mode: str | None) -> None:
+    if energy_mode is not None and energy_mode not in ("observe", "recommend", "actuate"):
+        raise typer.BadParameter("--energy-mode must be observe, recommend or actuate")
+
+
 def gateway(
-    redis_url: str = typer.Option(None, envvar="EMBER_REDIS_URL", help="redis:// or rediss:// URL"),
-    host: str = typer.Option("127.0.0.1", help="bind address"),
-    port: int = typer.Option(8000, help="port"),
+    redis_url: str = typer.Option(None, help="redis:// or rediss:// URL [EMBER_REDIS_URL]"),
+    host: str = typer.Option(None, help="bind address [EMBER_HOST, 127.0.0.1]"),
+    port: int = typer.Option(None, help="port [EMBER_PORT, 8000]"),
     initial_budget_json: str = typer.Option(None, help='power budget written to Redis if none is there, '
                                                         'e.g. \'{"cluster_watts": 3000}\''),
     log_level: str = typer.Option("info"),
@@ -67,7 +98,7 @@ def gateway(
     settings = _settings(redis_url=redis_url, host=host, port=port)
     if initial_budget_json:
         _seed_budget(settings.redis_url, initial_budget_json)
-    serve(create_app(settings), host, port, log_level=log_level, grace_s=settings.drain_grace_s)
+    serve(create_app(settings), settings.host, settings.port, log_level=log_level, grace_s=settings.drain_grace_s)
 
 
 def _seed_budget(redis_url: str | None, raw: str) -> None:
@@ -86,35 +117,36 @@ def _seed_budget(redis_url: str | None, raw: str) -> None:
 
 
 def worker(
-    redis_url: str = typer.Option(None, envvar="EMBER_REDIS_URL", help="redis:// or rediss:// URL"),
-    store_url: str = typer.Option(None, envvar="EMBER_STORE_URL", help="checkpoint store: file://DIR or s3://B/P"),
-    data_dir: Path = typer.Option(Path("data/node"), envvar="EMBER_DATA_DIR", help="this node's tiers and state"),
-    host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
-    port: int = typer.Option(0, help="port (0: a free one)"),
+    redis_url: str = typer.Option(None, help="redis:// or rediss:// URL [EMBER_REDIS_URL]"),
+    store_url: str = typer.Option(None, help="checkpoint store: file://DIR or s3://B/P [EMBER_STORE_URL]"),
+    data_dir: Path = typer.Option(None, help="this node's tiers and state [EMBER_DATA_DIR, data]"),
+    host: str = typer.Option(None, help="bind address, loopback unless told otherwise [EMBER_HOST, 127.0.0.1]"),
+    port: int = typer.Option(0, help="port (0: a free one; EMBER_PORT is the gateway's)"),
     advertise_url: str = typer.Option(None, help="URL gateways use to reach this worker"),
-    node_id: str = typer.Option(None, help="node id (default: remembered in the data dir)"),
-    energy_mode: str = typer.Option("recommend", help="observe | recommend | actuate"),
-    cpu_slots: int = typer.Option(2, envvar="EMBER_CPU_SLOTS", help="instance slots on a node without GPUs"),
-    dram_capacity_bytes: int = typer.Option(None, envvar="EMBER_DRAM_CAPACITY_BYTES", help="DRAM tier size"),
-    simulated_gpus: int = typer.Option(0, envvar="EMBER_SIMULATED_GPUS",
-                                       help="simulated GPUs for energy accounting (CPU demos)"),
+    node_id: str = typer.Option(None, help="node id [EMBER_NODE_ID; default: remembered in the data dir]"),
+    energy_mode: str = typer.Option(None, help="observe | recommend | actuate [EMBER_ENERGY_MODE, recommend]"),
+    cpu_slots: int = typer.Option(None, help="instance slots on a node without GPUs [EMBER_CPU_SLOTS, 2]"),
+    dram_capacity_bytes: int = typer.Option(None, help="DRAM tier size [EMBER_DRAM_CAPACITY_BYTES, 1 GiB]"),
+    simulated_gpus: int = typer.Option(None, help="emulated GPUs driven by the work they run "
+                                                  "[EMBER_SIMULATED_GPUS, 0]"),
+    simulated_params_b: float = typer.Option(None, help="emulated GPUs charge steps as if the model had this many "
+                                                        "billion parameters [EMBER_SIMULATED_PARAMS_B, 0: its own]"),
     log_level: str = typer.Option("info"),
 ) -> None:
     from ember.platform.http_common import serve
     from ember.platform.redis_server import free_port
     from ember.platform.worker.app import create_worker_app
 
-    if energy_mode not in ("observe", "recommend", "actuate"):
-        raise typer.BadParameter("--energy-mode must be observe, recommend or actuate")
+    _check_mode(energy_mode)
     _logging(log_level)
-    port = port or free_port(host)
-    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, node_id=node_id,
-                         energy_mode=energy_mode,
-                         cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes, simulated_gpus=simulated_gpus)
-    os.environ["EMBER_DATA_DIR"] = str(Path(data_dir).resolve())  # other processes of this node find its tiers
-    url = advertise_url or f"http://{host}:{port}"
+    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, node_id=node_id, host=host,
+                         energy_mode=energy_mode, cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes,
+                         simulated_gpus=simulated_gpus, simulated_params_b=simulated_params_b)
+    port = port or free_port(settings.host)
+    os.environ["EMBER_DATA_DIR"] = str(Path(settings.data_dir).resolve())  # other processes of this node find its tiers
+    url = advertise_url or f"http://{settings.host}:{port}"
     app = create_worker_app(settings, url)
-    serve(app, host, port, log_level=log_level, grace_s=settings.drain_grace_s,
+    serve(app, settings.host, port, log_level=log_level, grace_s=settings.drain_grace_s,
           on_sigterm=lambda: app.state.node.begin_shutdown() if hasattr(app.state, "node") else None)
 
 
@@ -208,9 +240,21 @@ def rm(name: str = typer.Argument(...)) -> None:
 
 @keys_app.command("create")
 def keys_create(role: str = typer.Option(..., help="admin | operator | developer | invoker"),
-                name: str = typer.Option("", help="a label for the key")) -> None:
+                name: str = typer.Option("", help="a label for the key"),
+                rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
+                tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
+    body: dict[str, Any] = {"role": role, "name": name, "rpm": rpm, "tpm": tpm}
     with _client() as c:
-        typer.echo(json.dumps(_check(c.post("/v1/keys", json={"role": role, "name": name})), indent=2))
+        typer.echo(json.dumps(_check(c.post("/v1/keys", json=body)), indent=2))
+
+
+@keys_app.command("limits")
+def keys_limits(key_id: str = typer.Argument(...),
+                rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
+                tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
+    """Change a key's per-minute limits."""
+    with _client() as c:
+        typer.echo(json.dumps(_check(c.patch(f"/v1/keys/{key_id}", json={"rpm": rpm, "tpm": tpm})), indent=2))
 
 
 @keys_app.command("ls")
@@ -244,6 +288,30 @@ def bench_coldstart(
     for tier, r in summary["results"].items():
         typer.echo(f"{tier:7s} startup {r['startup_ms']:8.1f} ms  ttft {r['ttft_ms']:8.1f} ms  {r['tiers_seen']}")
     typer.echo(f"from_pretrained {summary['baseline']['from_pretrained_ms']:.1f} ms (load only)")
+
+
+def bench_tracing(
+    json_out: Path = typer.Option(..., "--json", help="where to write the results"),
+    requests: int = typer.Option(200, help="warm requests per arm (tracing off / on), interleaved"),
+    max_tokens: int = typer.Option(8),
+) -> None:
+    """Warm-request latency through a gateway with tracing off and one exporting every span (OTLP)."""
+    from rich.progress import Progress
+
+    from ember.platform.bench_tracing import run_tracing_bench
+
+    with Progress() as bar:
+        task = bar.add_task("interleaved rounds", total=requests)
+        s = run_tracing_bench(json_out, requests=requests, max_tokens=max_tokens,
+                              progress=lambda done, total: bar.update(task, completed=done))
+    for arm, st in s["arms_ms"].items():
+        typer.echo(f"tracing {arm:3s}: median {st['median']:.2f} ms  mean {st['mean']:.2f} ms  p90 {st['p90']:.2f} ms")
+    typer.echo(f"overhead: {s['overhead_pct_median']:+.2f}% (median), {s['overhead_pct_mean']:+.2f}% (mean); "
+               f"{s['otlp_exports']} OTLP exports")
+    c = s["span_cost_us"]
+    typer.echo(f"tracing work per invocation: {c['request_path_us']:.0f} us on the request path "
+               f"({s['request_path_pct_of_fastest_warm_request']:.2f}% of the fastest warm request), "
+               f"{c['cpu_with_export_us']:.0f} us CPU with the OTLP export")
 
 
 def bench_gateway(

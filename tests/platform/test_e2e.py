@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
            "EMBER_HEARTBEAT_INTERVAL_S": "0.3", "EMBER_DRAM_CAPACITY_BYTES": str(128 << 20), "PYTHONUNBUFFERED": "1"}
     env.pop("EMBER_REDIS_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "ember", "up", "--port", str(port), "--workers", "2",
-                             "--data-dir", str(data_dir)], env=env, stdout=subprocess.PIPE,
+                             "--data-dir", str(data_dir), "--simulated-gpus", "2", "--energy-mode", "actuate"],
+                            env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     deadline = time.monotonic() + 180
@@ -117,6 +119,24 @@ def test_cold_then_warm_with_openai_client(up: Up) -> None:
     assert raw2.headers["x-ember-cold-start"] == "false"
     assert raw2.headers["x-ember-load-tier"] == "warm"
     assert raw2.parse().choices[0].message.content == first.choices[0].message.content  # greedy: same text
+
+
+def test_console_after_up_shows_the_demo_function_and_the_nodes(up: Up, tmp_path: Path) -> None:
+    """What a newcomer sees after `make up`: /console, signed in with the admin key (headless Chromium)."""
+    from tests.platform.operators.browser import assert_not_blank, chromium, sign_in, text, wait
+
+    with chromium(tmp_path / "profile") as browser:
+        sign_in(browser, up.url, (up.data_dir / "admin_key").read_text().strip())
+        row = 'tr[data-function="tiny"]'
+        wait(browser, lambda d: "ready" in text(d, f"{row} td.instances") and "ms" in text(d, row))
+        for node in ("node-0", "node-1"):
+            wait(browser, lambda d, node=node: "cpu:0" in text(d, f'[data-node="{node}"]'))
+        assert "tiny" in text(browser, ".nodes")  # the instance on its device, the checkpoint in a tier
+        shot = tmp_path / "console-after-up.png"
+        browser.save_screenshot(str(shot))
+    assert_not_blank(shot)
+    if os.environ.get("EMBER_SCREENSHOT_DIR"):  # to refresh the examples in docs/
+        shutil.copyfile(shot, Path(os.environ["EMBER_SCREENSHOT_DIR"]) / "console.png")
 
 
 def test_streaming_chat_and_completions_with_usage_and_seed(up: Up) -> None:
@@ -204,6 +224,23 @@ def test_cli_client_verbs(up: Up) -> None:
     assert "cli-fn" not in runner.invoke(app, ["ls"], env=env).stdout
 
 
+def test_private_redis_refuses_clients_without_its_password(up: Up) -> None:
+    """`ember up` starts its Redis with a generated password kept in the data dir: a key written
+    straight into Redis by anyone who merely reaches the port is no longer possible."""
+    import redis
+
+    line = next(ln for ln in up.lines if ln.startswith("redis: "))
+    url = line.split()[1]
+    assert "@" not in url  # the password is not printed
+    password = (up.data_dir / "redis_password").read_text().strip()
+    assert (up.data_dir / "redis_password").stat().st_mode & 0o077 == 0
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(url, socket_timeout=5).hset("ember:apikey:forged", "role", "admin")
+    authed = redis.Redis.from_url(url.replace("redis://", f"redis://:{password}@"), socket_timeout=5)
+    assert authed.ping() and authed.hlen("ember:functions") >= 1  # the gateway and workers use it
+    authed.close()
+
+
 def test_locust_load_run_is_bounded_and_error_free(up: Up, tmp_path: Path) -> None:
     out = tmp_path / "load"
     env = {**os.environ, "EMBER_API_KEY": ADMIN, "EMBER_LOAD_MAX_TOKENS": "4"}
@@ -212,9 +249,30 @@ def test_locust_load_run_is_bounded_and_error_free(up: Up, tmp_path: Path) -> No
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["chat (headers)"]["count"] > 0 and summary["chat (headers)"]["failures"] == 0
-    assert summary["ttft_warm"]["count"] > 0 and summary["e2e"]["count"] > 0
-    assert (out / "latency.png").stat().st_size > 0 and (out / "locust.html").exists()
+    assert summary["scenario"] == "steady" and summary["requests"] > 0 and summary["failures"] == 0
+    assert summary["warm"]["count"] > 0 and summary["e2e_s"]["p50"] > 0
+    assert (out / "ttft.png").stat().st_size > 0 and (out / "locust.html").exists()
+    # what the scenario deployed on the given platform is gone again
+    functions = httpx.get(f"{up.url}/v1/functions", headers={"Authorization": f"Bearer {ADMIN}"}).json()["functions"]
+    assert not [f["name"] for f in functions if f["name"].startswith("lt-")]
+
+
+def test_energy_status_shows_the_emulated_gpus_of_ember_up(up: Up) -> None:
+    """`ember up --simulated-gpus 2 --energy-mode actuate` reached both workers; after the requests
+    above, `ember energy status` shows power, energy and J/token that are not zero."""
+    from typer.testing import CliRunner
+
+    from ember.cli import app
+
+    r = CliRunner().invoke(app, ["energy", "status", "--json"], env={"EMBER_URL": up.url, "EMBER_API_KEY": ADMIN})
+    assert r.exit_code == 0, r.output
+    devices = json.loads(r.stdout)["devices"]
+    assert sorted((d["node"], d["device"]) for d in devices) == [
+        (n, s) for n in ("node-0", "node-1") for s in ("sim:0", "sim:1")]
+    assert all(d["mode"] == "actuate" and d["power_w"] > 0 and d["energy_j"] > 0 for d in devices)
+    assert any((d["j_per_token"] or 0) > 0 for d in devices)
+    # actuate mode journaled each GPU's original settings before changing them
+    assert len(list(up.data_dir.glob("nodes/node-*/energy/original_settings.json"))) == 2
 
 
 def test_sigterm_stops_every_child(up: Up) -> None:
@@ -228,3 +286,5 @@ def test_sigterm_stops_every_child(up: Up) -> None:
     assert _alive(children) == set()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=1)
+    # every worker put its (emulated) GPUs back as it found them and dropped its journal
+    assert list(up.data_dir.glob("nodes/node-*/energy/original_settings.json")) == []
