@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.ember-installed
 
-.PHONY: install up test test-py test-terraform lint clean
+.PHONY: install up test test-py test-terraform lint clean wheel
 
 install: $(STAMP)
 
@@ -28,8 +28,17 @@ test-py: install
 test-terraform:
 	bash terraform/test.sh
 
+# The wheel terraform's user data installs (ember_package = "s3://<bucket>/<key>.whl"):
+#   make wheel && aws s3 cp dist/ember-0.1.0-py3-none-any.whl s3://my-artifacts/
+DIST ?= dist
+wheel:
+	rm -rf build $(DIST)/ember-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
+	rm -rf build
+	@ls $(DIST)/ember-*.whl
+
 lint: install
 	$(BIN)/ruff check ember tests loadtests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist

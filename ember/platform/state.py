@@ -76,6 +76,12 @@ class Keys:
     def lease(name: str) -> str:  # string holder with TTL (autoscaler, energy allocator)
         return f"{PREFIX}lease:{name}"
 
+    # --- fleet (platform/fleet.py, gateway/nodescaling.py: the node scaler) ----------------
+    nodes_draining = PREFIX + "nodes:draining"  # set of node ids: nothing new is placed there
+    placements_waiting = PREFIX + "placements:waiting"  # hash: gateway id -> "count timestamp"
+    placements_waited_total = PREFIX + "placements:waited_total"  # counter: requests that waited for room
+    # a node's cloud instance id is the field `cloud_instance_id` of Keys.node(node_id)
+
     # --- energy (platform/energy_api.py) -------------------------------------------------
     energy_budget = PREFIX + "energy:budget"  # JSON: cluster_watts, node_watts, energy_kwh_per_day
 

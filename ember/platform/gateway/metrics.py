@@ -26,6 +26,13 @@ class GatewayMetrics:
                                  ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.instances = Gauge("ember_instances", "Function instances by state", ["function", "state"],
                                registry=self.registry)
+        self.placements_waiting = Gauge("ember_placements_waiting",
+                                        "Requests of this gateway waiting because no device had room",
+                                        registry=self.registry)
+        self.placements_waited = Counter("ember_placements_waited", "Requests that waited because no device had room",
+                                         registry=self.registry)
+        self.nodes = Gauge("ember_nodes", "Worker nodes by fleet state (node scaler's view)", ["state"],
+                           registry=self.registry)
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
 
