@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     placement_policy: str = "ember"
     autoscaler_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
+    allowed_stores: str = ""  # comma-separated store URIs deploys may name besides store_url
+    default_rpm: int = 0  # requests per minute per API key when the key sets none (0: unlimited)
+    default_tpm: int = 0  # tokens (prompt + max_tokens) per minute per API key (0: unlimited)
     # instance lifecycle and faults (ember/platform/cluster/records.py)
     claim_timeout_s: float = 60.0  # a claim the worker has not reported loading by then is reaped
     slot_ttl_s: float = 60.0  # a request slot's lease; the gateway holding it renews it
@@ -54,6 +57,7 @@ class Settings(BaseSettings):
     dram_capacity_bytes: int = 1 << 30
     ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
+    dram_scrub_interval_s: float = 30.0  # verify the DRAM tier this often (0: only when attached)
     simulated_gpus: int = 0  # emulated GPUs driven by the engine's steps (CPU-only machines)
     # emulated GPUs charge every step as if the model had this many billion parameters (bf16);
     # 0: the model's own size

@@ -103,9 +103,13 @@ class Platform:
         if redis_url:
             _check_redis(redis_url)
         else:
-            self.redis = RedisServerProcess(self.data_dir / "redis", persistent=True).start()
+            # A password generated once and kept in the data dir: a process that can reach the port
+            # but cannot read the data dir cannot write keys (an admin API key, say) into Redis.
+            password = read_or_create_secret(self.data_dir / "redis_password", None)
+            self.redis = RedisServerProcess(self.data_dir / "redis", persistent=True, password=password).start()
             redis_url = self.redis.url
-            echo(f"redis: {redis_url} (AOF in {self.data_dir / 'redis'})")
+            echo(f"redis: {self.redis.public_url} (AOF in {self.data_dir / 'redis'}, password in "
+                 f"{self.data_dir / 'redis_password'})")
         store_url = self.settings.resolved_store_url if self.settings.store_url else \
             f"file://{self.data_dir / 'store'}"
         env = {**os.environ, "EMBER_EXPECTED_WORKERS": str(self.opts.workers), **self.opts.extra_env,

@@ -65,6 +65,8 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
                 break
         assert lines and lines[-1].startswith("ready: "), "\n".join(lines)
         redis_url = next(line.split()[1] for line in lines if line.startswith("redis: "))
+        password = (data_dir / "redis_password").read_text().strip()  # `ember up`'s Redis has one
+        redis_url = redis_url.replace("redis://", f"redis://:{password}@")
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         assert r.hget(Keys.node("node-l0"), "cloud_instance_id") == "local-0"  # workers record their id
         worker_url = r.hget(Keys.node("node-l0"), "url")

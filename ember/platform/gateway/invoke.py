@@ -25,6 +25,8 @@ from anyio import to_thread
 from ember.config import Settings
 from ember.errors import EmberError, NoCapacity, StateUnavailable, WorkerError, WorkerTimeout
 from ember.platform.cluster import AsyncSlots, InstanceRecord, RedisCluster
+from ember.platform.gateway import tracing
+from ember.platform.gateway.checkpoints import sized_spec
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.registry import FunctionRegistry
@@ -207,20 +209,37 @@ class Invoker:
     async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
         """Place and load one new instance of `spec`; None when no device has room now. `placed`
         receives the instance id as soon as it is placed."""
-        request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
+        sized = await sized_spec(self.cluster, self.http, self.settings, spec)  # never booked by a guess
+        if sized is None:
+            return None  # no worker up to tell the checkpoint's size yet: wait as for a full cluster
+        spec = sized
+        request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances)
-        placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
-        if placement is None and await self._make_room(spec, request):
+        with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
             placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
+            if placement is None and await self._make_room(spec, request):
+                placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
+            step.set(**({"ember.placed": False} if placement is None else {
+                "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
+                "ember.estimate_s": placement.estimate_s}))
         if placement is None:
             return None
         if placed is not None:
             placed["instance_id"] = placement.instance_id
+        with tracing.step("ember.load", **{"ember.worker": placement.node_id}) as step:
+            result = await self._load_on_worker(spec, placement)
+            if result is not None:
+                step.set(**{"ember.load_tier": result.tier, "ember.load_bytes": result.nbytes,
+                            "ember.load_seconds": result.startup_ms / 1000})
+        return result
+
+    async def _load_on_worker(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
+        """POST the load to the placed worker; None when the worker is gone (place again)."""
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
-                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint},
+                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
             )

@@ -71,8 +71,8 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
-        nbytes = await to_thread.run_sync(node.tiers.checkpoint_nbytes, ref)
-        return {"name": ref, "nbytes": nbytes}
+        ident, manifest = await to_thread.run_sync(node.tiers.describe, ref)
+        return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref}
 
     @app.post("/internal/instances")
     async def load(body: LoadRequest, request: Request) -> LoadResult:
@@ -128,6 +128,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
+    energy_mark = node.begin_request_energy(inst)
     thread = threading.Thread(target=produce, name=f"gen-{inst.instance_id}", daemon=True)
     thread.start()
     try:
@@ -142,6 +143,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
                 yield json.dumps({"done": {
                     "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
                     "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
+                    "energy_j": node.end_request_energy(energy_mark),
                 }}).encode() + b"\n"
             elif isinstance(ev, EmberError):
                 yield json.dumps(ev.to_openai()).encode() + b"\n"
