@@ -142,7 +142,12 @@ class Invoker:
                 if rec is not None:
                     if starting is not None and placed.get("instance_id") == rec.instance_id:
                         # our cold start's instance is ready; its load answer is on its way
-                        await asyncio.wait({starting}, timeout=5.0)
+                        try:
+                            await asyncio.wait({starting}, timeout=5.0)
+                        except BaseException:
+                            await self.release(InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url,
+                                                                True, "", 0.0, name, rec))
+                            raise
                         if starting.done() and not starting.cancelled() and starting.exception() is None:
                             cold, starting = starting.result(), None
                     if cold is not None and rec.instance_id == cold.instance_id:
@@ -152,7 +157,7 @@ class Invoker:
                     return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, waited_cold,
                                             cold.tier if cold else "warm",
                                             (time.monotonic() - t0) * 1000 if waited_cold else 0.0, name, rec)
-                if starting is None and cold is None and await self._should_start(spec):
+                if starting is None and await self._should_start(spec):
                     placed = {}
                     starting = asyncio.ensure_future(self.cold_start(spec, placed))
         finally:

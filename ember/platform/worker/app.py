@@ -90,7 +90,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         then remove it from Redis. Waits up to `wait_s`; 202 when it is still draining then."""
         node: WorkerNode = request.app.state.node
         node.get(instance_id)  # 404 when this worker does not hold it
-        node._drop_when_idle(instance_id, remove=True)
+        node.drop_when_idle(instance_id, remove=True)
         deadline = asyncio.get_running_loop().time() + max(0.0, min(wait_s, 60.0))
         while instance_id in node.instances and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)

@@ -141,9 +141,9 @@ class WorkerNode:
             return False
         for iid in hb.unknown:
             log.warning("instance %s is not booked in Redis (reaped or given up): dropping it", iid)
-            self._drop_when_idle(iid, remove=False)
+            self.drop_when_idle(iid, remove=False)
         for iid in hb.draining:
-            self._drop_when_idle(iid, remove=True)
+            self.drop_when_idle(iid, remove=True)
         if hb.removed:
             log.warning("Redis dropped claims of instances this worker does not hold: %s", ", ".join(hb.removed))
         return True
@@ -259,9 +259,13 @@ class WorkerNode:
                 log.warning("could not free the claim of failed load %s: %s", iid, e)
             raise
         startup_ms = (time.perf_counter() - t0) * 1000
+        failure: EmberError | None = None
         with self._state_lock:
             self.instances[iid] = inst
-            ready = self.cluster.mark_ready(iid, req.function)
+            try:
+                ready = self.cluster.mark_ready(iid, req.function)
+            except EmberError as e:  # Redis unreachable: never hold what Redis may not book
+                ready, failure = False, e
             if ready:
                 self.states[iid] = "ready"
             else:
@@ -270,6 +274,12 @@ class WorkerNode:
                 self.records.pop(iid, None)
         if not ready:
             inst.close()
+            if failure is not None:
+                try:
+                    self.cluster.remove_instance(iid)
+                except EmberError:
+                    pass  # not reported by this worker, the claim is removed past its deadline
+                raise failure
             raise InstanceGone(f"instance {iid!r} was removed while it loaded (the gateway gave up?): dropped")
         try:
             self.cluster.observe_load(self.node_id, loaded.tier, loaded.nbytes, max(loaded.seconds, 1e-6))
@@ -306,7 +316,7 @@ class WorkerNode:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         self._drop(instance_id, remove=True, timeout_s=timeout_s)
 
-    def _drop_when_idle(self, instance_id: str, *, remove: bool) -> None:
+    def drop_when_idle(self, instance_id: str, *, remove: bool) -> None:
         """Drop in the background (a beat must not wait for requests to finish)."""
         with self._state_lock:
             if instance_id in self._dropping or instance_id not in self.instances:
@@ -349,7 +359,7 @@ class WorkerNode:
                 self.cluster.drain(iid, force=True)
             except EmberError as e:
                 log.warning("could not mark %s draining: %s", iid, e)
-            self._drop_when_idle(iid, remove=True)
+            self.drop_when_idle(iid, remove=True)
 
     def active_requests(self) -> int:
         return sum(i.active for i in list(self.instances.values()))
