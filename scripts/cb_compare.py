@@ -29,9 +29,9 @@ def main() -> None:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from ember.platform.gateway.protocol import GenerateRequest
     from ember.platform.runtime.bench import build_random_model
     from ember.platform.runtime.engine import ModelInstance
+    from ember.platform.wire import GenerateRequest
 
     model, tok = build_random_model(args.hidden, args.layers, args.device)
     rng = random.Random(0)

@@ -67,8 +67,8 @@ def real_path(workdir: Path, dev: str) -> dict:
     import torch
 
     from ember.loader import NodeTiers
-    from ember.platform.gateway.protocol import GenerateRequest
     from ember.platform.runtime.engine import ModelInstance
+    from ember.platform.wire import GenerateRequest
 
     url = _store(workdir)
     greedy = GenerateRequest(prompt="What is the capital of France?", max_tokens=32, temperature=0)
@@ -216,9 +216,9 @@ def flood(dev: str, scale: str) -> dict:
     """100 concurrent long requests against a budget that holds about 30 of them."""
     import torch
 
-    from ember.platform.gateway.protocol import GenerateRequest
     from ember.platform.runtime.bench import build_random_model
     from ember.platform.runtime.engine import ModelInstance
+    from ember.platform.wire import GenerateRequest
 
     if scale == "full":
         shape, dtype, n, prompt, tokens = EIGHT_B, "bfloat16", 100, 4064, 32

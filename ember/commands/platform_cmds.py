@@ -109,7 +109,7 @@ def _seed_budget(redis_url: str | None, raw: str) -> None:
     except json.JSONDecodeError as e:
         raise typer.BadParameter(f"--initial-budget-json is not JSON: {e}") from e
     from ember.energy.budget import EnergyBudget
-    from ember.platform.energy_api import seed_budget
+    from ember.platform.energy_state import seed_budget
 
     client = redis.Redis.from_url(redis_url or "", decode_responses=True)
     if seed_budget(client, EnergyBudget.from_dict(budget)):

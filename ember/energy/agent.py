@@ -2,7 +2,7 @@
 
 The worker reports each finished request with `record_request`, calls `tick()` every few
 seconds, and publishes `snapshot()` (one dict per device, the fields of GET /v1/energy's
-"devices" entries) to Redis through ember.platform.energy_api.publish_device_snapshots.
+"devices" entries) to Redis through ember.platform.energy_state.publish_device_snapshots.
 
 The agent is also the engine's `StepListener` (ember.energy.steps): at `phase_starts` it switches
 the device to the controller's clock for that phase (`phase_clocks`, actuate mode only), and at

@@ -1,7 +1,7 @@
 """Operator power and energy budgets, and the allocator that splits them across devices.
 
 Pure logic over device snapshots (the dicts `NodeEnergyAgent.snapshot()` makes); the platform
-stores budgets and snapshots in Redis (ember.platform.energy_api) and calls `allocate`.
+stores budgets and snapshots in Redis (ember.platform.energy_state) and calls `allocate`.
 
 - Watts (cluster and per node) bound the sum of device power LIMITS, so the draw stays under
   the budget at every moment. Each device first gets its hardware minimum, then what its SLOs

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 
 from ember.config import Settings
+from ember.platform.wire import CLUSTER_TOKEN_HEADER
 
 FUNCTION = "bench-gateway"
-CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
 
 
 def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[float, ...] = (20, 40, 80, 160),

@@ -1,53 +1,27 @@
-"""Energy HTTP API and its Redis state: operator budgets, device snapshots, the allocator.
+"""Energy HTTP API: operator budgets and per-device energy state.
 
 Routes (admin and operator only):
 - `PUT /v1/energy/budget` `{"cluster_watts": W, "node_watts": {"<node id>": W}, "energy_kwh_per_day": E}`:
   each field optional; fields given replace the stored ones (null clears one). Returns the budget.
 - `GET /v1/energy` -> `{"budget", "projected_kwh_today", "devices": [...], "allocation": {...}}`.
 
-Workers call `publish_device_snapshots` every heartbeat; it returns the caps the allocator set
-for that node's devices (feed them to `NodeEnergyAgent.set_caps_w`). `allocate_and_store` runs the
-allocator over the live snapshots and stores caps and misses; GET /v1/energy runs it too, and
-`allocate_if_leader` runs it from any periodic loop under the `energy-allocator` lease.
+The Redis state behind them (budgets, device snapshots, the allocator) is ember.platform.energy_state.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.energy.budget import EnergyBudget, allocate
-from ember.errors import StateUnavailable
+from ember.platform.energy_state import allocate_and_store, load_budget, save_budget
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.deps import get_redis, require_roles
 from ember.platform.names import check_name
-from ember.platform.state import Keys
 
 router = APIRouter(tags=["energy"])
-
-DEVICE_FIELDS = (
-    "node",
-    "device",
-    "power_w",
-    "limit_w",
-    "sm_clock_mhz",
-    "energy_j",
-    "j_per_token",
-    "slo_attainment",
-    "mode",
-    "last_decision",
-    "decisions",  # the device's recent decisions, with reasons and whether they were applied
-    "recommended_sm_clock_mhz",  # the controller's (decode) clock; applied in actuate mode. None: unlocked
-    "prefill_sm_clock_mhz",  # its clock for prefills (per-phase clocks), None: unlocked
-    "clock_switches",  # emulated GPUs: how often the SM clock lock changed (per-phase switching)
-)
 
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 EnergyOperator = Annotated[Principal, Depends(require_roles("admin", "operator"))]
@@ -85,148 +59,3 @@ def put_budget(body: BudgetBody, client: RedisDep, principal: EnergyOperator) ->
 def get_energy(client: RedisDep, principal: EnergyOperator) -> dict[str, Any]:
     """Budget, projected kWh today, every live device and the allocation."""
     return allocate_and_store(client)
-
-
-# --- state ------------------------------------------------------------------------------------
-def load_budget(client: redis.Redis) -> EnergyBudget:
-    """The stored budget (empty when none was set)."""
-    raw = _redis(client.get, Keys.energy_budget)
-    return EnergyBudget.from_dict(json.loads(raw) if raw else None)
-
-
-def save_budget(client: redis.Redis, budget: EnergyBudget) -> None:
-    _redis(client.set, Keys.energy_budget, json.dumps(budget.to_dict()))
-
-
-def seed_budget(client: redis.Redis, budget: EnergyBudget) -> bool:
-    """Store `budget` only if none is stored (a deployment's seed); True if it was stored."""
-    return bool(_redis(client.set, Keys.energy_budget, json.dumps(budget.to_dict()), nx=True))
-
-
-def publish_device_snapshots(
-    client: redis.Redis,
-    node_id: str,
-    snapshots: Sequence[Mapping[str, Any]],
-    ttl_s: float,
-    now: float | None = None,
-) -> dict[str, float | None]:
-    """Store this node's device snapshots (expiring after `ttl_s`) and return the caps the
-    allocator set for its devices (device id -> watts, None: uncapped)."""
-    if not snapshots:
-        return {}
-    now = time.time() if now is None else now
-    day_key = Keys.energy_day_start(_day(now))
-    members = [f"{node_id}/{s['device']}" for s in snapshots]
-    try:
-        starts = client.hmget(day_key, members)
-        pipe = client.pipeline(transaction=True)
-        for snap, member, start in zip(snapshots, members, starts, strict=True):
-            key = Keys.energy_device(node_id, str(snap["device"]))
-            pipe.hset(key, mapping={"snapshot": json.dumps(dict(snap), default=str), "at": now})
-            pipe.expire(key, max(1, int(ttl_s)))
-            pipe.sadd(Keys.energy_devices, member)
-            energy_j = float(snap.get("energy_j") or 0.0)
-            if start is None or float(start) > energy_j:  # first sight today, or the counter restarted
-                pipe.hset(day_key, member, energy_j)
-        pipe.expire(day_key, 2 * 86400)
-        pipe.hmget(Keys.energy_caps, members)
-        caps_raw = pipe.execute()[-1]
-    except redis.RedisError as e:
-        raise StateUnavailable(f"redis: {e}") from e
-    return {
-        str(s["device"]): (float(c) if c not in (None, "", "none") else None)
-        for s, c in zip(snapshots, caps_raw, strict=True)
-    }
-
-
-def device_snapshots(client: redis.Redis) -> list[dict[str, Any]]:
-    """Every live device snapshot (expired ones are dropped from the index)."""
-    members = sorted(_redis(client.smembers, Keys.energy_devices))
-    out, gone = [], []
-    for member in members:
-        node, _, device = member.partition("/")
-        raw = _redis(client.hget, Keys.energy_device(node, device), "snapshot")
-        if raw is None:
-            gone.append(member)
-            continue
-        out.append(json.loads(raw))
-    if gone:
-        _redis(client.srem, Keys.energy_devices, *gone)
-    return out
-
-
-def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[str, Any]:
-    """Run the allocator over the live snapshots, store caps and misses; returns GET /v1/energy's body."""
-    now = time.time() if now is None else now
-    budget = load_budget(client)
-    snapshots = device_snapshots(client)
-    used_j = energy_used_today_j(client, snapshots, now)
-    midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    seconds_left = max(0.0, 86400.0 - (now - midnight.timestamp()))
-    allocation = allocate(budget, snapshots, used_j, seconds_left)
-    try:
-        pipe = client.pipeline(transaction=True)
-        pipe.delete(Keys.energy_caps)
-        caps = {k: v for k, v in allocation.caps_w.items() if v is not None}
-        if caps:
-            pipe.hset(Keys.energy_caps, mapping=caps)
-        pipe.set(Keys.energy_allocation, json.dumps(allocation.to_dict()))
-        pipe.execute()
-    except redis.RedisError as e:
-        raise StateUnavailable(f"redis: {e}") from e
-    devices = []
-    for s in snapshots:
-        entry = {f: s.get(f) for f in DEVICE_FIELDS}
-        entry["cap_w"] = allocation.caps_w.get(f"{s['node']}/{s['device']}")
-        devices.append(entry)
-    return {
-        "budget": budget.to_dict(),
-        "projected_kwh_today": allocation.projected_kwh_today,
-        "devices": devices,
-        "allocation": {
-            "used_kwh_today": allocation.used_kwh_today,
-            "need_w": allocation.need_w,
-            "misses": allocation.to_dict()["misses"],
-        },
-    }
-
-
-def energy_used_today_j(client: redis.Redis, snapshots: Sequence[Mapping[str, Any]],
-                        now: float | None = None) -> float:
-    """Joules the devices in `snapshots` drew since midnight UTC (since first seen today)."""
-    now = time.time() if now is None else now
-    starts = _redis(client.hgetall, Keys.energy_day_start(_day(now)))
-    used_j = 0.0
-    for s in snapshots:
-        start = starts.get(f"{s['node']}/{s['device']}")
-        if start is not None:
-            used_j += max(0.0, float(s.get("energy_j") or 0.0) - float(start))
-    return used_j
-
-
-def allocate_if_leader(client: redis.Redis, holder: str, lease_s: float = 15.0) -> dict[str, Any] | None:
-    """Run `allocate_and_store` if this process holds (or takes) the allocator lease; call it
-    periodically from any number of gateways or workers: one of them allocates per lease."""
-    key = Keys.lease("energy-allocator")
-    ttl_ms = max(1000, int(lease_s * 1000))
-    try:
-        took = client.set(key, holder, nx=True, px=ttl_ms)
-        if not took:
-            current = client.get(key)
-            if current != holder:
-                return None
-            client.pexpire(key, ttl_ms)
-    except redis.RedisError as e:
-        raise StateUnavailable(f"redis: {e}") from e
-    return allocate_and_store(client)
-
-
-def _day(now: float) -> str:
-    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d")
-
-
-def _redis(fn: Any, *args: Any, **kw: Any) -> Any:
-    try:
-        return fn(*args, **kw)
-    except redis.RedisError as e:
-        raise StateUnavailable(f"redis: {e}") from e

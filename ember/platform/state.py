@@ -95,7 +95,7 @@ class Keys:
     placements_waited_total = PREFIX + "placements:waited_total"  # counter: requests that waited for room
     # a node's cloud instance id is the field `cloud_instance_id` of Keys.node(node_id)
 
-    # --- energy (platform/energy_api.py) -------------------------------------------------
+    # --- energy (platform/energy_state.py) -------------------------------------------------
     energy_budget = PREFIX + "energy:budget"  # JSON: cluster_watts, node_watts, energy_kwh_per_day
 
     @staticmethod

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from ember.energy.agent import NodeEnergyAgent
 from ember.energy.simulated import SimulatedGpu
-from ember.platform.energy_api import allocate_and_store, allocate_if_leader, publish_device_snapshots, router
+from ember.platform.energy_api import router
+from ember.platform.energy_state import allocate_and_store, allocate_if_leader, publish_device_snapshots
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.deps import get_principal
 from ember.platform.http_common import install_error_handlers

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from ember.errors import Overloaded, ServiceUnavailable
-from ember.platform.gateway.protocol import GenerateRequest
 from ember.platform.runtime.events import GenerationDone, TokenDelta
+from ember.platform.wire import GenerateRequest
 
 PROMPTS = ["Hello there", "What is the capital of France? Paris is", "one two three four five six seven eight",
            "Tell me a story about a cat and a dog who", "x", "Good morning, good evening, good night. Please"]

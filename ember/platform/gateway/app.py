@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
-from ember.platform import energy_api
+from ember.platform import energy_api, energy_state
 from ember.platform.cloud import make_backend
 from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         app.state.http = httpx.AsyncClient(transport=transport)
-        app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
+        app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)))
         app.state.metrics.registry.register(FleetCollector(lambda: client, lambda: app.state.cluster))
         app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))
         aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,

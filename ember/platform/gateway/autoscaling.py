@@ -18,11 +18,11 @@ import redis
 from anyio import to_thread
 
 from ember.errors import EmberError
-from ember.platform import energy_api
+from ember.platform import energy_state
 from ember.platform.gateway.admin_routes import unload_instance
-from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class AutoscalerLoop:
         demand = self.demand.rates_per_s()
         if await to_thread.run_sync(cluster.try_lease, "energy-allocator", self.holder, ttl):
             # split the operator's power budget across devices by SLO pressure (workers apply the caps)
-            await to_thread.run_sync(energy_api.allocate_and_store, self.app.state.redis)
+            await to_thread.run_sync(energy_state.allocate_and_store, self.app.state.redis)
         if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
             return
         # the step's actions may take long (a cold start): the lease is renewed while they run

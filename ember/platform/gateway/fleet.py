@@ -14,7 +14,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ember.platform.cluster import InstanceRecord, RedisCluster
-from ember.platform.energy_api import device_snapshots, energy_used_today_j, load_budget
+from ember.platform.energy_state import device_snapshots, energy_used_today_j, load_budget
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.stats import InvocationStats
 from ember.platform.state import Keys

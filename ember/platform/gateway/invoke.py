@@ -32,13 +32,12 @@ from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadR
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.waiting import WaitQueues
 from ember.platform.gateway.worker_stream import Retry, prepend, worker_error, worker_events
+from ember.platform.wire import CLUSTER_TOKEN_HEADER  # noqa: F401 - some callers import it from here
 from ember.scheduler.eviction import IdleInstance, choose_evictions
 from ember.scheduler.routing import should_scale_out
 from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
-
-CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
 
 
 @dataclass

@@ -90,8 +90,8 @@ class _Energy:
 
 def run_case(inst: Any, engine: str, concurrency: int, *, rounds: int, prompt_tokens: int, max_tokens: int,
              vocab: int, seed: int = 0) -> dict[str, Any]:
-    from ember.platform.gateway.protocol import GenerateRequest
     from ember.platform.runtime.events import GenerationDone
+    from ember.platform.wire import GenerateRequest
 
     rng = random.Random(seed * 1000 + concurrency)
     prompts = [[rng.randrange(3, vocab) for _ in range(prompt_tokens)] for _ in range(concurrency * rounds)]

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from ember.errors import BadRequest
-from ember.platform.gateway.protocol import GenerateRequest
 from ember.platform.runtime import kvcache
 from ember.platform.runtime.batcher import BatchingEngine, EngineLimits
 from ember.platform.runtime.events import GenerationDone, TokenDelta
 from ember.platform.runtime.sequence import Sequence
 from ember.platform.runtime.solo import run_alone
+from ember.platform.wire import GenerateRequest
 
 __all__ = ["ModelInstance", "TokenDelta", "GenerationDone", "EngineLimits"]
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ember.errors import EmberError
-from ember.platform.gateway.protocol import GenerateRequest
 from ember.platform.runtime.detok import Detokenizer
 from ember.platform.runtime.events import GenerationDone, TokenDelta
+from ember.platform.wire import GenerateRequest
 
 GREEDY_T = 1e-5
 

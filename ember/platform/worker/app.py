@@ -20,10 +20,15 @@ from starlette.routing import Route
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
 from ember.platform.cluster import RedisCluster
-from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
-from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult, PrefetchRequest
 from ember.platform.http_common import error_response, install_error_handlers
 from ember.platform.runtime.engine import GenerationDone, TokenDelta
+from ember.platform.wire import (
+    CLUSTER_TOKEN_HEADER,
+    GenerateRequest,
+    LoadRequest,
+    LoadResult,
+    PrefetchRequest,
+)
 from ember.platform.worker.node import WorkerNode
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from typing import Any
 from ember.config import Settings
 from ember.errors import EmberError, InstanceGone, NotFound
 from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
-from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult
 from ember.platform.runtime.engine import ModelInstance
+from ember.platform.wire import GenerateRequest, LoadRequest, LoadResult
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class WorkerNode:
             return
         self.energy.tick()
         try:
-            from ember.platform.energy_api import publish_device_snapshots
+            from ember.platform.energy_state import publish_device_snapshots
         except ImportError:
             return
         caps_w = publish_device_snapshots(self.cluster.r, self.node_id, self.energy.snapshot(),
