@@ -11,6 +11,12 @@ from typing import Literal, Protocol
 
 Tier = Literal["gpu", "dram", "ssd", "remote"]
 TIERS: tuple[Tier, ...] = ("gpu", "dram", "ssd", "remote")
+TIER_RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}  # nearest first (holders are sorted by it)
+
+
+def tier_rank(tier: str | None) -> int:
+    """Rank of a tier, nearest first; unknown or missing tiers rank as remote."""
+    return TIER_RANK.get(tier or "remote", TIER_RANK["remote"])
 
 
 # Snapshots below are plain slotted dataclasses, not frozen ones: a placement decision builds
