@@ -52,15 +52,17 @@ def should_start(*, instances: int, loading: int, waiting: int, target_concurren
                  predicted_wait_s: float, prefill_s: float, ttft_slo_s: float, cold_start_s: float) -> bool:
     """The scale-out rule for a request that found no free slot (the gateway's `Invoker` and the
     simulator both call this). `instances` of the function exist, `loading` of them still load,
-    `waiting` requests (this one included) wait for a slot. With nothing ready, start another
-    instance when the loading ones cannot take every waiting request; otherwise apply
-    `should_scale_out` to the predicted queue wait."""
+    `waiting` requests (this one included) wait for a slot; `predicted_wait_s` is the wait for
+    the earliest slot (a loading instance's slot frees when its load ends). Start another
+    instance when there is none; when only loading ones exist and they cannot take every waiting
+    request; otherwise by `should_scale_out` (queueing would break the TTFT SLO and a cold start,
+    estimated at `cold_start_s`, would be ready sooner)."""
     if instances >= max_instances:
         return False
     if instances == 0:
         return True
-    if instances == loading:
-        return waiting > loading * target_concurrency
+    if instances == loading and waiting > loading * target_concurrency:
+        return True
     return should_scale_out(predicted_wait_s, prefill_s, ttft_slo_s, instances=instances,
                             max_instances=max_instances, cold_start_s=cold_start_s)
 
