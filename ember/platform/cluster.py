@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 import redis
 
 from ember.errors import StateUnavailable
+from ember.platform.loadqueues import LUA_IDLE_BY_DEVICE, evict_for_placement, parse_bandwidth_and_queues
 from ember.platform.state import PREFIX, Keys
 from ember.scheduler.estimator import EWMA_ALPHA
 from ember.scheduler.view import (
@@ -32,6 +33,8 @@ from ember.scheduler.view import (
     PlacementPolicy,
     PlacementRequest,
     Tier,
+    room_order,
+    tier_rank,
 )
 
 __all__ = ["DeviceSpec", "InstanceRecord", "Placement", "RedisCluster", "EWMA_ALPHA"]
@@ -196,13 +199,23 @@ class RedisCluster:
 
     # --- placement (gateway) --------------------------------------------------------------
     @_state_errors
-    def place(self, request: PlacementRequest, policy: PlacementPolicy) -> Placement | None:
+    def place(self, request: PlacementRequest, policy: PlacementPolicy,
+              evicted: list[InstanceRecord] | None = None) -> Placement | None:
         """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
-        state "loading", atomically. Retries when the claim loses a race; None if nothing fits."""
+        state "loading", atomically. Retries when the claim loses a race; None if nothing fits.
+        A device chosen for its idle bytes is made room on first (`evict_for_placement`); the
+        instances evicted are appended to `evicted` (their workers must unload them)."""
         for _ in range(_CLAIM_ATTEMPTS):
-            est = policy.place(request, _DecisionView(self, request))
+            view = _DecisionView(self, request)
+            est = policy.place(request, view)
             if est is None:
                 return None
+            dev = view.device(est.node_id, est.device_id)
+            if dev is not None and dev.free_bytes < request.nbytes:
+                gone = evict_for_placement(self, est.node_id, est.device_id, request.nbytes, dev.free_bytes,
+                                           request.function)
+                if evicted is not None:
+                    evicted.extend(gone)
             now = time.time()
             rec = InstanceRecord(
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,
@@ -309,7 +322,7 @@ class RedisCluster:
                       only_checkpoint: str = "") -> Sequence[NodeState]:
         """Live nodes with the checkpoint in a local tier (from the holders index), nearest first."""
         nodes = self._node_states("holders", [checkpoint], only_checkpoint)
-        nodes.sort(key=lambda n: (_TIER_RANK.get(n.holdings.get(checkpoint, "remote"), 3), n.node_id))
+        nodes.sort(key=lambda n: (tier_rank(n.holdings.get(checkpoint)), n.node_id))
         return nodes if limit is None else nodes[:limit]
 
     @_state_errors
@@ -376,7 +389,7 @@ class _DecisionView:
                   self.ROOM_NODES])
         now = time.time()
         self._holders = sorted((_node_entry(e, now) for e in holders),
-                               key=lambda n: (_TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))
+                               key=lambda n: (tier_rank(n.holdings.get(req.checkpoint)), n.node_id))
         self._rows = _room_devices(rows, req.nbytes, now)
         self._keep(self._holders)
         self._keep([_node_entry(e, now) for e in extra])
@@ -409,6 +422,14 @@ class _DecisionView:
         self._load()
         return _order_room(self._rows[: limit * 2], spread)[:limit]
 
+    def device(self, node_id: str, device_id: str) -> DeviceState | None:
+        """A device as this decision read it (read now if it did not; None if unknown or dead)."""
+        found = self.nodes([node_id])
+        for d in (found[0].devices if found else ()):
+            if d.node_id == node_id and d.device_id == device_id:
+                return d
+        return None
+
     def node_ids(self) -> Sequence[str]:
         return self.cluster.node_ids()
 
@@ -420,9 +441,9 @@ def _node_entry(entry: list, now: float) -> NodeState:
     """Parse a node entry of the snapshot scripts."""
     node_id, bw, holdings = entry[0], entry[1], _pairs(entry[2])
     devices = tuple(_compact_device(node_id, row, now) for row in entry[3:])
-    bandwidth = {t: float(v) for t, v in (kv.split("=", 1) for kv in bw.split(";") if kv)}
+    bandwidth, tier_queue = parse_bandwidth_and_queues(bw, now)
     return NodeState(node_id=node_id, devices=devices, bandwidth_bps=bandwidth,
-                     holdings=cast("dict[str, Tier]", holdings))
+                     holdings=cast("dict[str, Tier]", holdings), tier_queue_s=tier_queue)
 
 
 def _room_devices(rows: list[str], nbytes: int, now: float) -> list[DeviceState]:
@@ -438,25 +459,20 @@ def _room_devices(rows: list[str], nbytes: int, now: float) -> list[DeviceState]
 
 
 def _order_room(devices: list[DeviceState], spread: bool) -> list[DeviceState]:
-    if spread:
-        return sorted(devices, key=lambda d: (-d.free_bytes, d.queue_s))
-    return sorted(devices, key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
+    return room_order(devices, spread)
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-_TIER_RANK = {"gpu": 0, "dram": 1, "ssd": 2, "remote": 3}
-
-
 def _compact_device(node_id: str, row: str, now: float) -> DeviceState:
-    """Parse "device_id,memory,claimed,instances,busy_until" (device ids hold no commas)."""
-    device_id, memory, claimed, instances, busy = row.rsplit(",", 4)
+    """Parse "device_id,memory,claimed,instances,busy_until,idle_bytes" (device ids hold no commas)."""
+    device_id, memory, claimed, instances, busy, idle = row.rsplit(",", 5)
     mem, n = int(memory), int(instances)
     return DeviceState(node_id=node_id, device_id=device_id, memory_bytes=mem,
                        free_bytes=max(0, mem - int(claimed)), instances=n,
-                       queue_s=max(0.0, float(busy) - now), awake=n > 0)
+                       queue_s=max(0.0, float(busy) - now), awake=n > 0, idle_bytes=int(idle))
 
 
 # --- Lua scripts ----------------------------------------------------------------------------
@@ -500,11 +516,16 @@ if mem - claimed < n then return 0 end
 claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'instances', 1)
 local now = tonumber(ARGV[2])
-local busy = tonumber(redis.call('HGET', KEYS[2], 'busy_until_s') or '0')
-if busy < now then busy = now end
-redis.call('HSET', KEYS[2], 'busy_until_s', tostring(busy + tonumber(ARGV[3])))
 redis.call('ZADD', KEYS[7], mem - claimed, ARGV[4])
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+-- load queues (ember.scheduler.estimator.queue_after_claim): device and source tier busy until the estimated end
+local done_at = now + tonumber(ARGV[3])
+local tq = 'tq:' .. (redis.call('HGET', KEYS[3], 'tier') or 'remote')
+if tonumber(redis.call('HGET', KEYS[2], 'busy_until_s') or '0') < done_at then
+  redis.call('HSET', KEYS[2], 'busy_until_s', tostring(done_at))
+end
+if tonumber(redis.call('HGET', KEYS[8], tq) or '0') < done_at then redis.call('HSET', KEYS[8], tq, tostring(done_at)) end
+redis.call('HSET', KEYS[3], 'expected_end_s', tostring(done_at))
 redis.call('SADD', KEYS[4], ARGV[5])
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('SADD', KEYS[6], ARGV[5])
@@ -670,7 +691,7 @@ return 1
 # A Lua function shared by the snapshot scripts: one live node as
 # {node id, "tier=bps;...", holdings (only `only`'s tier unless only == ''), "device_id,memory,claimed,instances,busy_until", ...}
 # or nil when the node is dead or unknown.
-_LUA_NODE_ENTRY = """
+_LUA_NODE_ENTRY = LUA_IDLE_BY_DEVICE + """
 local function node_entry(p, n, only)
   local nk = p .. 'node:' .. n
   if redis.call('EXISTS', nk .. ':alive') == 0 then return nil end
@@ -678,8 +699,10 @@ local function node_entry(p, n, only)
   local devs, bw = nil, {}
   for i = 1, #h, 2 do
     if h[i] == 'devices' then devs = h[i + 1]
-    elseif string.sub(h[i], 1, 3) == 'bw:' then bw[#bw + 1] = string.sub(h[i], 4) .. '=' .. h[i + 1] end
+    elseif string.sub(h[i], 1, 3) == 'bw:' then bw[#bw + 1] = string.sub(h[i], 4) .. '=' .. h[i + 1]
+    elseif string.sub(h[i], 1, 3) == 'tq:' then bw[#bw + 1] = h[i] .. '=' .. h[i + 1] end
   end
+  local idle = idle_by_device(p, n)
   if not devs then return nil end
   local holdings = {}
   if only == '' then
@@ -693,7 +716,7 @@ local function node_entry(p, n, only)
     local f = redis.call('HMGET', p .. 'device:' .. n .. '/' .. d['device_id'],
                          'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
     if f[1] then
-      entry[#entry + 1] = d['device_id'] .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
+      entry[#entry + 1] = d['device_id'] .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0') .. ',' .. (idle[d['device_id']] or 0)
     end
   end
   return entry
@@ -706,7 +729,7 @@ local function room_rows(p, zkey, nbytes, count, spread)
   else
     members = redis.call('ZRANGEBYSCORE', zkey, nbytes, '+inf', 'LIMIT', 0, count)
   end
-  local rows, nodes = {}, {}
+  local rows, nodes, idle = {}, {}, {}
   for _, m in ipairs(members) do
     local slash = string.find(m, '/', 1, true)
     if slash then
@@ -714,7 +737,9 @@ local function room_rows(p, zkey, nbytes, count, spread)
       if redis.call('EXISTS', p .. 'node:' .. n .. ':alive') == 1 then
         local f = redis.call('HMGET', p .. 'device:' .. m, 'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
         if f[1] then
+          if not idle[n] then idle[n] = idle_by_device(p, n) end
           rows[#rows + 1] = m .. ',' .. f[1] .. ',' .. (f[2] or '0') .. ',' .. (f[3] or '0') .. ',' .. (f[4] or '0')
+            .. ',' .. (idle[n][string.sub(m, slash + 1)] or 0)
           nodes[#nodes + 1] = n
         end
       end
@@ -762,7 +787,7 @@ local rows, row_nodes = room_rows(p, KEYS[1], ARGV[3], ARGV[4], '0')
 local now, k = tonumber(ARGV[5]), math.min(#rows, tonumber(ARGV[6]))
 local order = {}
 for i = 1, k do
-  local mem, claimed, inst, busy = string.match(rows[i], ',(%d+),(%-?%d+),(%-?%d+),([^,]+)$')
+  local mem, claimed, inst, busy = string.match(rows[i], ',(%d+),(%-?%d+),(%-?%d+),([^,]+),%d+$')
   local q = (tonumber(busy) or 0) - now
   if q < 0 then q = 0 end
   order[#order + 1] = {tonumber(inst) > 0 and 0 or 1, q, tonumber(mem) - tonumber(claimed), row_nodes[i]}

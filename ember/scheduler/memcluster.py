@@ -17,9 +17,14 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from ember.scheduler.estimator import ewma_bandwidth_bps, queue_after_claim, queue_after_load
+from ember.scheduler.estimator import (
+    DEFAULT_BANDWIDTH_BPS,
+    ewma_bandwidth_bps,
+    queue_after_claim,
+    queue_after_load,
+)
 from ember.scheduler.eviction import IdleInstance, choose_evictions
-from ember.scheduler.view import DeviceState, NodeState, Tier, tier_rank
+from ember.scheduler.view import DeviceState, NodeState, Tier, room_order, tier_rank
 
 __all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode"]
 
@@ -157,12 +162,7 @@ class MemCluster:
                         break
             if len(found) >= limit:
                 break
-        states = [self._device_state(d) for d in found]
-        if spread:
-            states.sort(key=lambda d: (-d.free_bytes, d.queue_s))
-        else:
-            states.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
-        return states
+        return room_order([self._device_state(d) for d in found], spread)
 
     def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
         return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
@@ -238,6 +238,14 @@ class MemCluster:
         if inst.load_s > 0:
             node.measured_bw[inst.tier] = ewma_bandwidth_bps(node.measured_bw.get(inst.tier), inst.nbytes,
                                                              inst.load_s)
+        node.version += 1
+
+    def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> None:
+        """A prefetch from tier `src` was sent to `node`: the tier is busy until its estimated end
+        (`queue_after_claim`; no end is reported, as live: ember.platform.loadqueues)."""
+        bw = node.measured_bw.get(src)
+        est = max(0.0, node.tier_until[src] - now) + nbytes / (bw if bw and bw > 0 else DEFAULT_BANDWIDTH_BPS[src])
+        node.tier_until[src] = queue_after_claim(node.tier_until[src], now, est)
         node.version += 1
 
     def remove(self, inst: SimInstance) -> None:

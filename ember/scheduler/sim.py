@@ -38,14 +38,7 @@ import numpy as np
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
-from ember.scheduler.estimator import (
-    EVICTION_S,
-    SERVICE_EWMA_ALPHA,
-    ewma,
-    queue_after_claim,
-    queue_after_load,
-    tier_bandwidth_bps,
-)
+from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm, should_start
@@ -242,7 +235,7 @@ class _Simulation:
                     self.cluster.ssd_put(self.cluster.node_list[int(k)], self.ckpt[i], self.nbytes[i])
         self.fn_instances: list[list[SimInstance]] = [[] for _ in range(nf)]
         self.cold_s: list[float | None] = [None] * nf  # EWMA of observed cold starts (as the gateway keeps)
-        self.pending_prefetch: list[tuple[float, int, str, str, int, str, float]] = []
+        self.pending_prefetch: list[tuple[float, int, str, str, int]] = []
         self.prefetches = 0
         self.decisions = 0
         self.decision_s = 0.0
@@ -498,24 +491,21 @@ class _Simulation:
         src: Tier = "ssd" if a.checkpoint in node.ssd else "remote"
         start = max(now, node.true_tier_until[src])
         # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device. It occupies
-        # the source tier's published queue like a load (claimed at its estimate, corrected at
-        # its end), as the live gateway publishes it when it sends the prefetch.
+        # the source tier's published queue until its estimated end, as the live gateway
+        # publishes it when it sends the prefetch (LoadQueues.publish_prefetch; the worker runs
+        # it on its own, so no end is reported and the estimate stands).
         done = start + nb / node.true_bw[src]
         node.true_tier_until[src] = done
-        est = max(0.0, node.tier_until[src] - now) + nb / tier_bandwidth_bps(self.cluster.node(node.node_id), src)
-        expected = now + est
-        node.tier_until[src] = queue_after_claim(node.tier_until[src], now, est)
-        node.version += 1
+        self.cluster.publish_prefetch(node, src, nb, now)
         self.prefetches += 1
-        heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb, src, expected))
+        heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb))
 
     def _apply_prefetches(self, now: float) -> None:
         pending = self.pending_prefetch
         cluster = self.cluster
         while pending and pending[0][0] <= now:
-            done, _, node_id, ck, nb, src, expected = heapq.heappop(pending)
+            _, _, node_id, ck, nb = heapq.heappop(pending)
             node = cluster.nodes_by_id[node_id]
-            node.tier_until[src] = queue_after_load(node.tier_until[src], expected, done)
             if ck not in node.ssd:
                 cluster.ssd_put(node, ck, nb)
             cluster.dram_put(node, ck, nb)

@@ -50,6 +50,14 @@ class NodeState:
     tier_queue_s: dict[str, float] = field(default_factory=dict)  # tier -> wait before a load from it starts
 
 
+def room_order(devices: Sequence[DeviceState], spread: bool) -> list[DeviceState]:
+    """The order `devices_with_room` answers in, in every backend: packing (awake, least queued,
+    least free first) or, with `spread`, most free first; ties by "node/device"."""
+    if spread:
+        return sorted(devices, key=lambda d: (-d.free_bytes, d.queue_s, d.node_id, d.device_id))
+    return sorted(devices, key=lambda d: (not d.awake, d.queue_s, d.free_bytes, d.node_id, d.device_id))
+
+
 @dataclass(frozen=True)
 class PlacementRequest:
     """A cold start to place."""

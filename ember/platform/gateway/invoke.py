@@ -13,12 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import redis
 from anyio import to_thread
 
 from ember.config import Settings
@@ -27,8 +28,10 @@ from ember.platform.cluster import InstanceRecord, RedisCluster
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.registry import FunctionRegistry
-from ember.scheduler.eviction import IdleInstance, choose_evictions
-from ember.scheduler.routing import should_scale_out
+from ember.platform.loadqueues import LoadQueues
+from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.eviction import plan_evictions
+from ember.scheduler.routing import should_start
 from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class Invoker:
                  metrics: GatewayMetrics, policy_for: Any) -> None:
         self.settings = settings
         self.cluster = cluster
+        self._load_queues: LoadQueues | None = None
         self.http = http
         self.metrics = metrics
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
@@ -74,6 +78,11 @@ class Invoker:
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
         self._room_tried: dict[str, float] = {}  # function -> when this gateway last tried evicting for it
+
+    def load_queues(self) -> LoadQueues:
+        if self._load_queues is None:
+            self._load_queues = LoadQueues(self.cluster.r)
+        return self._load_queues
 
     async def acquire(self, spec: FunctionSpec) -> InvocationTarget:
         """A target with one outstanding slot taken for this request; release it with `release`."""
@@ -116,23 +125,24 @@ class Invoker:
             log.warning("could not release a slot of instance %s", target.instance_id)
 
     async def _should_start(self, spec: FunctionSpec) -> bool:
-        """Start a cold instance when none can take the waiting requests, or (the scheduler's
-        scale-out rule) when the predicted queue wait would break the TTFT SLO and a cold start
-        would be ready sooner."""
+        """The scheduler's scale-out rule (`routing.should_start`, the simulator's too) on what this
+        gateway knows: the function's instances, its waiting requests, and EWMAs of service,
+        prefill and cold-start times. The predicted wait: with a ready instance, the queue drains
+        at slots/service_s per second; with only loading ones, the earliest expected end of a load."""
         instances = await to_thread.run_sync(self.cluster.instances, spec.name)
         s = spec.scaling
-        if len(instances) >= s.max_instances:
-            return False
         waiting = self.waiting[spec.name]
-        loading = sum(1 for i in instances if i.state == "loading")
-        ready = len(instances) - loading
-        if ready == 0:
-            return waiting > loading * s.target_concurrency
-        # every ready instance is at target_concurrency: the queue drains at slots/service_s per second
-        slots = (ready + loading) * s.target_concurrency
-        wait_s = self.service_s.get(spec.name, 0.0) * waiting / slots
-        return should_scale_out(wait_s, self.prefill_s.get(spec.name, 0.0), spec.slo.ttft_ms / 1000, instances=len(instances),
-                                max_instances=s.max_instances, cold_start_s=self.startup_s.get(spec.name, 0.0))
+        loading = [i for i in instances if i.state == "loading"]
+        startup_s = self.startup_s.get(spec.name, 0.0)
+        if instances and len(loading) == len(instances):
+            now = time.time()
+            wait_s = min(max(0.0, startup_s - (now - i.created_s)) for i in loading)
+        else:
+            wait_s = self.service_s.get(spec.name, 0.0) * waiting / max(1, len(instances) * s.target_concurrency)
+        return should_start(instances=len(instances), loading=len(loading), waiting=waiting,
+                            target_concurrency=s.target_concurrency, max_instances=s.max_instances,
+                            predicted_wait_s=wait_s, prefill_s=self.prefill_s.get(spec.name, 0.0),
+                            ttft_slo_s=spec.slo.ttft_ms / 1000, cold_start_s=startup_s)
 
     def observe_done(self, function: str, done: dict[str, Any]) -> None:
         """Learn the function's prefill time from a finished request (the worker's ttft_s)."""
@@ -140,17 +150,23 @@ class Invoker:
             self._ewma(self.prefill_s, function, float(done["ttft_s"]))
 
     @staticmethod
-    def _ewma(table: dict[str, float], key: str, value: float, alpha: float = 0.2) -> None:
-        table[key] = value if key not in table else (1 - alpha) * table[key] + alpha * value
+    def _ewma(table: dict[str, float], key: str, value: float) -> None:
+        table[key] = ewma(table.get(key), value, SERVICE_EWMA_ALPHA)
 
     async def cold_start(self, spec: FunctionSpec) -> LoadResult | None:
         """Place and load one new instance of `spec`; None when no device has room now."""
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances)
-        placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
-        if placement is None and await self._make_room(spec, request):
-            placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
+        evicted: list[InstanceRecord] = []
+        try:
+            placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+            if placement is None and await self._make_room(spec, request):
+                placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+        finally:
+            for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
+                self.metrics.evictions.labels(inst.function).inc()
+                await self.unload_on_worker(inst)
         if placement is None:
             return None
         try:
@@ -171,6 +187,11 @@ class Invoker:
             raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
         result = LoadResult.model_validate(resp.json())
         self._ewma(self.startup_s, spec.name, result.startup_ms / 1000)
+        try:  # correct the published load queues, learn the tier's bandwidth
+            await to_thread.run_sync(self.load_queues().load_done, placement.instance_id, placement.node_id,
+                                     placement.device_id, result.nbytes, result.startup_ms / 1000)
+        except redis.RedisError as e:
+            log.warning("could not publish the end of load %s: %s", placement.instance_id, e)
         self.metrics.cold_starts.labels(result.tier).inc()
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result
@@ -184,17 +205,15 @@ class Invoker:
             return False
         self._room_tried[spec.name] = now
         instances = await to_thread.run_sync(self.cluster.instances)
-        idle_recs = [i for i in instances if i.state == "ready" and i.outstanding == 0 and i.function != spec.name]
-        if not idle_recs:
+        idle_nodes = sorted({i.node_id for i in instances if i.state == "ready" and i.outstanding == 0
+                             and i.function != spec.name})
+        if not idle_nodes:
             return False
-        idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
-                for i in idle_recs]
         specs = {f.name: f for f in await to_thread.run_sync(FunctionRegistry(self.cluster.r).list)}
-        counts = Counter(i.function for i in instances)
-        spare = {f: n - (specs[f].scaling.min_instances if f in specs else 0) for f, n in counts.items()}
-        nodes = await to_thread.run_sync(self.cluster.nodes, sorted({i.node_id for i in idle_recs}))  # live ones
+        nodes = await to_thread.run_sync(self.cluster.nodes, idle_nodes)  # live ones
         free = {d.key: d.free_bytes for n in nodes for d in n.devices}
-        victims = choose_evictions(request.nbytes, free, idle, spare)
+        victims = plan_evictions(request.nbytes, free, instances, for_function=spec.name,
+                                 min_instances={f: s.scaling.min_instances for f, s in specs.items()})
         by_id = {i.instance_id: i for i in instances}
         evicted = False
         for v in victims:

@@ -1,0 +1,178 @@
+"""What the live cluster publishes beyond claims, so that policies read live what they read in the
+simulator (`ember.scheduler.memcluster.MemCluster` keeps the same by the same rules):
+
+- per device, a load queue: `busy_until_s` in the device hash (the claim script sets it by
+  `queue_after_claim`; `load_done` below corrects it by `queue_after_load` when the load ends);
+- per node and tier, a load queue: field `tq:<tier>` of the node hash (busy-until, seconds since
+  the epoch), set the same way, and by prefetches (`publish_prefetch`);
+- per device, evictable idle bytes: the bytes of ready instances with nothing outstanding,
+  summed when a node is read (`LUA_IDLE_BY_DEVICE`, used by the snapshot scripts);
+- per node, learned bandwidths: `bw:<tier>`, folded by `load_done` from each finished load
+  (the EWMA of `ember.scheduler.estimator`, alpha EWMA_ALPHA);
+- awake: a device with instances resident (the snapshot's instance count).
+
+And eviction's execution for a placement that chose a device by its idle bytes
+(`evict_for_placement`): the shared choice (`plan_evictions`), each victim taken atomically
+(`RedisCluster.evict_if_idle`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from ember.platform.state import Keys
+from ember.scheduler.estimator import DEFAULT_BANDWIDTH_BPS, EWMA_ALPHA
+from ember.scheduler.eviction import plan_evictions
+
+if TYPE_CHECKING:
+    import redis
+
+    from ember.platform.cluster import InstanceRecord, RedisCluster
+
+__all__ = ["LUA_IDLE_BY_DEVICE", "LoadQueues", "evict_for_placement", "parse_bandwidth_and_queues"]
+
+# A Lua function for the snapshot scripts: device id -> bytes of idle (ready, nothing outstanding)
+# instances on node n.
+LUA_IDLE_BY_DEVICE = """
+local function idle_by_device(p, n)
+  local out = {}
+  for _, id in ipairs(redis.call('SMEMBERS', p .. 'node:' .. n .. ':instances')) do
+    local f = redis.call('HMGET', p .. 'instance:' .. id, 'state', 'outstanding', 'device_id', 'nbytes')
+    if f[1] == 'ready' and (tonumber(f[2]) or 0) <= 0 and f[3] then
+      out[f[3]] = (out[f[3]] or 0) + (tonumber(f[4]) or 0)
+    end
+  end
+  return out
+end
+"""
+
+# KEYS: instance, device, node; ARGV: now, nbytes, load seconds (0: unknown), alpha
+# queue_after_load on both queues, the load folded into bw:<tier>; once per instance.
+_LOAD_DONE = """
+local f = redis.call('HMGET', KEYS[1], 'tier', 'expected_end_s', 'load_done')
+if not f[1] or f[3] then return 0 end
+redis.call('HSET', KEYS[1], 'load_done', '1')
+local now, nbytes, secs, a = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local shift = now - (tonumber(f[2]) or now)
+local function fix(key, field)
+  local busy = tonumber(redis.call('HGET', key, field) or '0')
+  local new = busy + shift
+  if new < now then new = now end
+  redis.call('HSET', key, field, tostring(new))
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then fix(KEYS[2], 'busy_until_s') end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  fix(KEYS[3], 'tq:' .. f[1])
+  if secs > 0 and nbytes > 0 then
+    local obs = nbytes / secs
+    local cur = tonumber(redis.call('HGET', KEYS[3], 'bw:' .. f[1]))
+    if cur and cur > 0 then obs = (1 - a) * cur + a * obs end
+    redis.call('HSET', KEYS[3], 'bw:' .. f[1], tostring(obs))
+  end
+end
+return 1
+"""
+
+# KEYS: node, node holdings; ARGV: now, checkpoint, nbytes, default ssd bps, default remote bps
+# A prefetch into DRAM occupies its source tier (ssd if the node has it there, else remote) from
+# now until its estimated end (queue_after_claim). Returns the source tier, or false when the
+# checkpoint is already in DRAM or on a GPU there, or the node is unknown.
+_PUBLISH_PREFETCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local held = redis.call('HGET', KEYS[2], ARGV[2])
+if held == 'dram' or held == 'gpu' then return false end
+local src = 'remote'
+if held == 'ssd' then src = 'ssd' end
+local now, nbytes = tonumber(ARGV[1]), tonumber(ARGV[3])
+local bw = tonumber(redis.call('HGET', KEYS[1], 'bw:' .. src))
+if not bw or bw <= 0 then bw = tonumber(src == 'ssd' and ARGV[4] or ARGV[5]) end
+local busy = tonumber(redis.call('HGET', KEYS[1], 'tq:' .. src) or '0')
+local wait = busy - now
+if wait < 0 then wait = 0 end
+local done_at = now + wait + nbytes / bw
+if busy < done_at then redis.call('HSET', KEYS[1], 'tq:' .. src, tostring(done_at)) end
+return src
+"""
+
+
+def parse_bandwidth_and_queues(flat: str, now: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Parse the snapshot's "tier=bps;...;tq:tier=busy_until;..." into (bandwidths, tier queues in
+    seconds from `now`, only those still in the future)."""
+    bandwidth: dict[str, float] = {}
+    queues: dict[str, float] = {}
+    for kv in flat.split(";"):
+        if not kv:
+            continue
+        k, v = kv.split("=", 1)
+        if k.startswith("tq:"):
+            left = float(v) - now
+            if left > 0:
+                queues[k[3:]] = left
+        else:
+            bandwidth[k] = float(v)
+    return bandwidth, queues
+
+
+class LoadQueues:
+    """The live writers of load queues and learned bandwidths (beside `RedisCluster`'s claim)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._done = client.register_script(_LOAD_DONE)
+        self._prefetch = client.register_script(_PUBLISH_PREFETCH)
+
+    def load_done(self, instance_id: str, node_id: str, device_id: str, nbytes: int, seconds: float,
+                  now: float | None = None) -> bool:
+        """A load ended (`seconds` long, 0 if unknown): correct the device's and the tier's queue
+        by how far off its estimate was, and fold the load into the node's tier bandwidth."""
+        return bool(self._done(keys=[Keys.instance(instance_id), Keys.device(node_id, device_id), Keys.node(node_id)],
+                               args=[repr(time.time() if now is None else now), int(nbytes),
+                                     repr(max(0.0, float(seconds))), repr(EWMA_ALPHA)]))
+
+    def publish_prefetch(self, node_id: str, checkpoint: str, nbytes: int, now: float | None = None) -> str | None:
+        """A prefetch was sent to the node: its source tier is busy until the estimated end."""
+        src = self._prefetch(keys=[Keys.node(node_id), Keys.node_holdings(node_id)],
+                             args=[repr(time.time() if now is None else now), checkpoint, int(nbytes),
+                                   repr(DEFAULT_BANDWIDTH_BPS["ssd"]), repr(DEFAULT_BANDWIDTH_BPS["remote"])])
+        return src if isinstance(src, str) else None
+
+
+def min_instances_of(client: redis.Redis, functions: set[str]) -> dict[str, int]:
+    """Each function's min_instances from the registry (0 when unknown)."""
+    if not functions:
+        return {}
+    names = sorted(functions)
+    out: dict[str, int] = {}
+    for name, raw in zip(names, client.hmget(Keys.functions, names), strict=True):
+        try:
+            out[name] = int(json.loads(raw)["scaling"]["min_instances"]) if raw else 0
+        except (ValueError, KeyError, TypeError):
+            out[name] = 0
+    return out
+
+
+def evict_for_placement(cluster: RedisCluster, node_id: str, device_id: str, nbytes: int, free_bytes: int,
+                        for_function: str) -> list[InstanceRecord]:
+    """The policy chose a device that needs idle instances evicted: evict them by the shared rule
+    (`plan_evictions`, never below a function's min_instances), each atomically. Returns the
+    instances evicted (their workers must be told), [] if none was needed or possible."""
+    if free_bytes >= nbytes:
+        return []
+    ids = sorted(cluster.r.smembers(Keys.node_instances(node_id)))
+    recs = [r for r in cluster._records(ids) if r.device_id == device_id]
+    key = f"{node_id}/{device_id}"
+    mins = min_instances_of(cluster.r, {r.function for r in recs})
+    # min_instances counts a function's instances cluster-wide, not only those on this device.
+    totals: dict[str, Any] = {f: cluster.r.scard(Keys.function_instances(f)) for f in mins}
+    spare_min = {f: mins[f] - (int(totals[f]) - sum(1 for r in recs if r.function == f)) for f in mins}
+    victims = plan_evictions(nbytes, {key: free_bytes}, recs, for_function=for_function,
+                             min_instances={f: max(0, m) for f, m in spare_min.items()})
+    by_id = {r.instance_id: r for r in recs}
+    out = []
+    for v in victims:
+        if not cluster.evict_if_idle(v.instance_id):
+            break  # it took a request meanwhile
+        out.append(by_id[v.instance_id])
+    return out
