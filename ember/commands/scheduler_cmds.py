@@ -16,7 +16,7 @@ from ember.errors import ConfigError
 def sim(
     json_out: Path = typer.Option(..., "--json", help="Write the results here (JSON)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write the startup-latency CDF per policy (PNG)."),
-    trace: Path | None = typer.Option(None, "--trace", help="Azure Functions 2019 invocation CSV (default: synthetic)."),
+    trace: Path | None = typer.Option(None, "--trace", help="Azure Functions 2019 invocation CSV or Azure LLM inference trace CSV (default: synthetic)."),
     nodes: int = typer.Option(16, "--nodes", help="Nodes in the cluster."),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (80 GB each)."),
     functions: int = typer.Option(1000, "--functions", help="Functions in the synthetic trace."),

@@ -147,11 +147,12 @@ class SimResult:
 
 
 def build_trace(cfg: SimConfig, trace_csv: str | None = None) -> Trace:
-    """The synthetic trace for `cfg`, or the Azure CSV (its functions replace cfg.functions)."""
+    """The synthetic trace for `cfg`, or an Azure CSV: the Functions 2019 format (its functions
+    replace cfg.functions) or the LLM inference format (token-level; cfg.functions functions)."""
     if trace_csv:
-        from ember.scheduler.trace import read_azure_csv
+        from ember.scheduler.trace import read_trace_csv
 
-        return read_azure_csv(trace_csv, duration_s=cfg.duration_s, seed=cfg.seed)
+        return read_trace_csv(trace_csv, duration_s=cfg.duration_s, seed=cfg.seed, functions=cfg.functions)
     return synthetic_trace(cfg.functions, cfg.duration_s, seed=cfg.seed, rate_per_function_s=cfg.rate_per_function_s)
 
 
@@ -273,7 +274,8 @@ class _Simulation:
         next_step = cfg.autoscaler_interval_s
         tc = cfg.target_concurrency
         max_inst = cfg.max_instances
-        exec_s, prefill_s, slo_s = self.exec_s, self.prefill_s, self.slo_s
+        slo_s = self.slo_s
+        prefill_req, exec_req = self._request_costs()
         fn_instances = self.fn_instances
         warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
         pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
@@ -327,7 +329,7 @@ class _Simulation:
                         start, chosen = s, inst
                 cs = self.cold_s[f]
                 if should_start(instances=len(insts), loading=loading, waiting=queued, target_concurrency=tc,
-                                max_instances=max_inst, predicted_wait_s=start - t, prefill_s=prefill_s[f],
+                                max_instances=max_inst, predicted_wait_s=start - t, prefill_s=prefill_req[i],
                                 ttft_slo_s=slo_s[f], cold_start_s=0.0 if cs is None else cs):
                     new = self._cold_start(f, t)
                     if new is not None and new.ready_s < start:
@@ -340,7 +342,7 @@ class _Simulation:
                 is_cold = chosen.ready_s > t
                 if start < t:
                     start = t
-            end = start + exec_s[f]
+            end = start + exec_req[i]
             ends = chosen.ends
             if len(ends) < tc:
                 heappush(ends, end)
@@ -352,7 +354,7 @@ class _Simulation:
             st = start - t
             startup[i] = st
             cold[i] = is_cold
-            pf = prefill_s[f]
+            pf = prefill_req[i]
             met[i] = st + pf <= slo_s[f]
             # Energy: charge the part of [start, end] this GPU was not already busy for.
             dev = chosen.device
@@ -385,6 +387,19 @@ class _Simulation:
                    "peak_instances": self.peak_instances,
                    **{f"loads_{k}": v for k, v in self.tier_loads.items()}},
         )
+
+    def _request_costs(self) -> tuple[list[float], list[float]]:
+        """Per request: prefill seconds and seconds holding a slot (prefill + decode), from the
+        trace's token counts when it has them, else the config's."""
+        fns = self.trace.function_idx
+        if self.trace.prompt_tokens is None or self.trace.output_tokens is None:
+            pf = np.asarray(self.prefill_s)[fns]
+            ex = np.asarray(self.exec_s)[fns]
+            return pf.tolist(), ex.tolist()
+        params_b = np.asarray(self.nbytes, dtype=np.float64)[fns] / 2e9
+        pf = self.trace.prompt_tokens * np.array([gpu_model.prefill_full_clock_s(1, 1.0)]) * params_b
+        step = np.array([gpu_model.decode_step_full_clock_s(1.0)]) * params_b
+        return pf.tolist(), (pf + self.trace.output_tokens * step).tolist()
 
     # --- cold starts -------------------------------------------------------------------------
     def _cold_start(self, f: int, t: float) -> SimInstance | None:
