@@ -42,6 +42,7 @@ from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm, should_start
+from ember.scheduler.serving import ServingModel
 from ember.scheduler.trace import Trace, synthetic_trace
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
 
@@ -123,6 +124,7 @@ class SimResult:
     unplaced: int
     wall_s: float
     loads: int = 0  # instances loaded (cold starts)
+    output_tokens: int = 0  # generated tokens served (counted with a serving model, ember sim --energy)
     extra: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | int]:
@@ -190,8 +192,10 @@ class _Simulation:
     (the in-memory `ClusterView` the policies read). It differs from the live gateway only in its
     clock, its event queue and that in-memory view; every decision is a shared function."""
 
-    def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler) -> None:
+    def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler,
+                 serving: ServingModel | None = None) -> None:
         self.cfg = cfg
+        self.serving = serving
         self.trace = trace
         self.policy = policy
         self.autoscaler = autoscaler
@@ -276,6 +280,12 @@ class _Simulation:
         max_inst = cfg.max_instances
         slo_s = self.slo_s
         prefill_req, exec_req = self._request_costs()
+        serving = self.serving
+        tokens = 0
+        if serving is not None:
+            step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
+            out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
+                       else [cfg.output_tokens] * n)
         fn_instances = self.fn_instances
         warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
         pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
@@ -342,7 +352,16 @@ class _Simulation:
                 is_cold = chosen.ready_s > t
                 if start < t:
                     start = t
-            end = start + exec_req[i]
+            if serving is None:
+                pf, end, pw, dw = prefill_req[i], start + exec_req[i], pre_w, dec_w
+            else:  # batching and the governor (ember sim --energy)
+                batch = 1
+                for e in chosen.ends:
+                    if e > start:
+                        batch += 1
+                c = serving.cost(prefill_req[i], step_fn[f], out_tok[i], batch, start - t, slo_s[f])
+                pf, end, pw, dw = c.prefill_s, start + c.held_s, c.prefill_w, c.decode_w
+                tokens += out_tok[i]
             ends = chosen.ends
             if len(ends) < tc:
                 heappush(ends, end)
@@ -354,7 +373,6 @@ class _Simulation:
             st = start - t
             startup[i] = st
             cold[i] = is_cold
-            pf = prefill_req[i]
             met[i] = st + pf <= slo_s[f]
             # Energy: charge the part of [start, end] this GPU was not already busy for.
             dev = chosen.device
@@ -367,7 +385,7 @@ class _Simulation:
             if end > from_s:
                 pf_end = start + pf
                 cov_pf = pf_end - from_s if pf_end > from_s else 0.0
-                dev.extra_j += pre_w * cov_pf + dec_w * (end - from_s - cov_pf)
+                dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
                 dev.busy_until = end
             if progress is not None and i % report_every == 0:
                 progress(self.policy.name, i / n)
@@ -382,7 +400,7 @@ class _Simulation:
         return SimResult(
             policy=self.policy.name, startup_s=startup, cold=cold, slo_met=met, gpu_energy_j=energy,
             decisions=self.decisions, decision_s=self.decision_s, unplaced=self.unplaced,
-            wall_s=time.perf_counter() - wall0, loads=self.loads,
+            wall_s=time.perf_counter() - wall0, loads=self.loads, output_tokens=tokens,
             extra={"evictions": self.evictions, "prefetches": self.prefetches,
                    "peak_instances": self.peak_instances,
                    **{f"loads_{k}": v for k, v in self.tier_loads.items()}},
