@@ -14,7 +14,7 @@ from ember.energy.sim import SimConfig, run_energy_sim
 def test_short_sim_has_the_documented_fields() -> None:
     result = run_energy_sim(SimConfig(hours=0.25, seed=3))
     controllers = result["controllers"]
-    assert set(controllers) == {"max_power", "zeus_static", "ember"}
+    assert set(controllers) == {"max_power", "zeus_static", "ember", "ember_phase_clocks"}
     for c in controllers.values():
         assert {"energy_j", "slo_attainment", "p99_ttft_s", "p99_tpot_s"} <= set(c)
         assert 0.0 <= c["slo_attainment"] <= 1.0 and c["energy_j"] > 0
@@ -32,7 +32,7 @@ def test_cli_writes_json_and_plot(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert set(data["controllers"]) == {"max_power", "zeus_static", "ember"}
+    assert set(data["controllers"]) == {"max_power", "zeus_static", "ember", "ember_phase_clocks"}
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "savings vs max_power" in res.output
 
