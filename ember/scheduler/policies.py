@@ -136,6 +136,7 @@ class ServerlessLLMPolicy:
 
     name = "serverlessllm"
     poll_interval_s = 1.0
+    prefetch = False  # no proactive DRAM copies: it loads to host memory when it schedules
     PCIE_BPS = 25e9  # hard-coded DRAM->GPU bandwidth
     PROBE_DISK_BPS = 25e9  # a buffered 100 MB read probe measures the page cache, not the disk
 
@@ -183,6 +184,7 @@ class KeepAlivePolicy(LeastLoadedPolicy):
 
     name = "keepalive"
     local_copies = False
+    prefetch = False
 
 
 class RandomPolicy:

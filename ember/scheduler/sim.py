@@ -196,6 +196,9 @@ class _Simulation:
                  serving: ServingModel | None = None) -> None:
         self.cfg = cfg
         self.serving = serving
+        # Prefetching popular checkpoints into DRAM is Ember's; a baseline without it (its
+        # published system has none) says so with `prefetch = False`.
+        self.prefetch = cfg.prefetch and getattr(policy, "prefetch", True)
         self.trace = trace
         self.policy = policy
         self.autoscaler = autoscaler
@@ -502,7 +505,7 @@ class _Simulation:
             inst.state = "ready" if inst.ready_s <= now else "loading"
             inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
         actions = self.autoscaler.step(self.specs, list(instances.values()), now,
-                                       view=self.cluster if self.cfg.prefetch else None, demand_per_s=demand)
+                                       view=self.cluster if self.prefetch else None, demand_per_s=demand)
         for a in actions:
             if isinstance(a, Unload):
                 inst = instances.get(a.instance_id)
