@@ -7,7 +7,9 @@ with step time growing with the batch. Entries (the JSON `policies` map, as `emb
 `ember` (Ember's placement and its energy controller as it runs live: one clock per GPU),
 `serverlessllm+max_power` and `keepalive+max_power` (those placements at the GPU's default
 governor: 700 W, clocks unlocked). Each reports `gpu_energy_kwh`, `joules_per_token` (GPU
-energy over generated tokens served) and `slo_attainment`, besides the `ember sim` fields.
+energy over generated tokens served) and `slo_attainment`, besides the `ember sim` fields, and
+`gpu_energy_above_idle_kwh` (what placement and the governor can act on: the idle floor of
+every GPU is the same for all).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict
 
+from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler
 from ember.scheduler.policies import get_policy
 from ember.scheduler.serving import ServingModel
@@ -49,6 +52,8 @@ def run_energy_simulation(cfg: SimConfig, *, trace: Trace | None = None, entries
         summary = res.summary()
         summary["joules_per_token"] = round(res.gpu_energy_j / res.output_tokens, 3) if res.output_tokens else 0.0
         summary["output_tokens"] = res.output_tokens
+        idle_j = gpu_model.IDLE_POWER_W * len(sim.devices) * trace.duration_s  # every GPU, all run long
+        summary["gpu_energy_above_idle_kwh"] = round((res.gpu_energy_j - idle_j) / 3.6e6, 4)
         summary["governor"] = governor
         total = sum(serving.clock_choices.values()) or 1
         summary["sm_clock_share"] = {f"{f:.2f}": round(c / total, 4) for f, c in sorted(serving.clock_choices.items())}
