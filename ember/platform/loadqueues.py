@@ -6,7 +6,7 @@ simulator (`ember.scheduler.memcluster.MemCluster` keeps the same by the same ru
 - per node and tier, a load queue: field `tq:<tier>` of the node hash (busy-until, seconds since
   the epoch), set the same way, and by prefetches (`publish_prefetch`);
 - per device, evictable idle bytes: the bytes of ready instances with nothing outstanding,
-  summed when a node is read (`LUA_IDLE_BY_DEVICE`, used by the snapshot scripts);
+  summed when a node is read (`idle_by_device` in cluster/lua/lib_node_entry.lua);
 - per node, learned bandwidths: `bw:<tier>`, folded by `load_done` from each finished load
   (the EWMA of `ember.scheduler.estimator`, alpha EWMA_ALPHA);
 - awake: a device with instances resident (the snapshot's instance count).
@@ -22,6 +22,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from ember.platform.cluster.scripts import Scripts
 from ember.platform.state import Keys
 from ember.scheduler.estimator import DEFAULT_BANDWIDTH_BPS, EWMA_ALPHA
 from ember.scheduler.eviction import plan_evictions
@@ -31,97 +32,16 @@ if TYPE_CHECKING:
 
     from ember.platform.cluster import InstanceRecord, RedisCluster
 
-__all__ = ["LUA_IDLE_BY_DEVICE", "LoadQueues", "evict_for_placement", "parse_bandwidth_and_queues"]
-
-# A Lua function for the snapshot scripts: device id -> bytes of idle (ready, nothing outstanding)
-# instances on node n.
-LUA_IDLE_BY_DEVICE = """
-local function idle_by_device(p, n)
-  local out = {}
-  for _, id in ipairs(redis.call('SMEMBERS', p .. 'node:' .. n .. ':instances')) do
-    local f = redis.call('HMGET', p .. 'instance:' .. id, 'state', 'outstanding', 'device_id', 'nbytes')
-    if f[1] == 'ready' and (tonumber(f[2]) or 0) <= 0 and f[3] then
-      out[f[3]] = (out[f[3]] or 0) + (tonumber(f[4]) or 0)
-    end
-  end
-  return out
-end
-"""
-
-# KEYS: instance, device, node; ARGV: now, nbytes, load seconds (0: unknown), alpha
-# queue_after_load on both queues, the load folded into bw:<tier>; once per instance.
-_LOAD_DONE = """
-local f = redis.call('HMGET', KEYS[1], 'tier', 'expected_end_s', 'load_done')
-if not f[1] or f[3] then return 0 end
-redis.call('HSET', KEYS[1], 'load_done', '1')
-local now, nbytes, secs, a = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local shift = now - (tonumber(f[2]) or now)
-local function fix(key, field)
-  local busy = tonumber(redis.call('HGET', key, field) or '0')
-  local new = busy + shift
-  if new < now then new = now end
-  redis.call('HSET', key, field, tostring(new))
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then fix(KEYS[2], 'busy_until_s') end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  fix(KEYS[3], 'tq:' .. f[1])
-  if secs > 0 and nbytes > 0 then
-    local obs = nbytes / secs
-    local cur = tonumber(redis.call('HGET', KEYS[3], 'bw:' .. f[1]))
-    if cur and cur > 0 then obs = (1 - a) * cur + a * obs end
-    redis.call('HSET', KEYS[3], 'bw:' .. f[1], tostring(obs))
-  end
-end
-return 1
-"""
-
-# KEYS: node, node holdings; ARGV: now, checkpoint, nbytes, default ssd bps, default remote bps
-# A prefetch into DRAM occupies its source tier (ssd if the node has it there, else remote) from
-# now until its estimated end (queue_after_claim). Returns the source tier, or false when the
-# checkpoint is already in DRAM or on a GPU there, or the node is unknown.
-_PUBLISH_PREFETCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local held = redis.call('HGET', KEYS[2], ARGV[2])
-if held == 'dram' or held == 'gpu' then return false end
-local src = 'remote'
-if held == 'ssd' then src = 'ssd' end
-local now, nbytes = tonumber(ARGV[1]), tonumber(ARGV[3])
-local bw = tonumber(redis.call('HGET', KEYS[1], 'bw:' .. src))
-if not bw or bw <= 0 then bw = tonumber(src == 'ssd' and ARGV[4] or ARGV[5]) end
-local busy = tonumber(redis.call('HGET', KEYS[1], 'tq:' .. src) or '0')
-local wait = busy - now
-if wait < 0 then wait = 0 end
-local done_at = now + wait + nbytes / bw
-if busy < done_at then redis.call('HSET', KEYS[1], 'tq:' .. src, tostring(done_at)) end
-return src
-"""
-
-
-def parse_bandwidth_and_queues(flat: str, now: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Parse the snapshot's "tier=bps;...;tq:tier=busy_until;..." into (bandwidths, tier queues in
-    seconds from `now`, only those still in the future)."""
-    bandwidth: dict[str, float] = {}
-    queues: dict[str, float] = {}
-    for kv in flat.split(";"):
-        if not kv:
-            continue
-        k, v = kv.split("=", 1)
-        if k.startswith("tq:"):
-            left = float(v) - now
-            if left > 0:
-                queues[k[3:]] = left
-        else:
-            bandwidth[k] = float(v)
-    return bandwidth, queues
-
+__all__ = ["LoadQueues", "evict_for_placement", "min_instances_of"]
 
 class LoadQueues:
     """The live writers of load queues and learned bandwidths (beside `RedisCluster`'s claim)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
-        self._done = client.register_script(_LOAD_DONE)
-        self._prefetch = client.register_script(_PUBLISH_PREFETCH)
+        scripts = Scripts(client, names=("load_done", "publish_prefetch"))  # cluster/lua/*.lua
+        self._done = scripts.load_done
+        self._prefetch = scripts.publish_prefetch
 
     def load_done(self, instance_id: str, node_id: str, device_id: str, nbytes: int, seconds: float,
                   now: float | None = None) -> bool:

@@ -50,7 +50,17 @@ class Keys:
     def instance(instance_id: str) -> str:  # hash: function, node, device, state, outstanding, ...
         return f"{PREFIX}instance:{instance_id}"
 
+    @staticmethod
+    def instance_slots(instance_id: str) -> str:  # sorted set: request slot id -> lease expiry (s)
+        return f"{PREFIX}instance:{instance_id}:slots"
+
     instances = PREFIX + "instances"  # set of instance ids
+
+    @staticmethod
+    def wake(function: str) -> str:  # pub/sub channel: a slot freed / an instance became ready
+        return f"{PREFIX}wake:{function}"
+
+    wake_pattern = PREFIX + "wake:*"
 
     @staticmethod
     def function_instances(function: str) -> str:  # set of instance ids of a function

@@ -84,7 +84,7 @@ def test_place_claims_memory_and_remove_frees_it(redis_url: str) -> None:
     dev = c.node("n1").devices[0]
     assert dev.free_bytes == 2 * GB and dev.instances == 2 and dev.awake and dev.queue_s > 0
     rec = c.instance(p1.instance_id)
-    assert rec.state == "loading" and rec.function == "a" and rec.nbytes == 4 * GB
+    assert rec.state == "claimed" and rec.function == "a" and rec.nbytes == 4 * GB
     assert [r.instance_id for r in c.instances("a")] == [p1.instance_id]
     assert len(c.instances()) == 2
     c.remove_instance(p1.instance_id)
@@ -148,7 +148,7 @@ def test_holdings_index_follows_heartbeats(redis_url: str) -> None:
     c.heartbeat("n1", {"ck-b": "gpu"})
     assert [n.node_id for n in c.nodes_holding("ck-a")] == ["n2"]
     assert c.node("n1").holdings == {"ck-b": "gpu"}
-    assert c.heartbeat("unknown", {}) is False
+    assert not c.heartbeat("unknown", {})
 
 
 def test_observe_load_corrects_bandwidth(redis_url: str) -> None:
@@ -184,7 +184,7 @@ def test_dead_node_is_never_chosen_and_reaped(redis_url: str) -> None:
     assert c.reap_dead_nodes() == ["dead"]
     assert c.instance(p.instance_id) is None
     assert [r.node_id for r in c.instances()] == ["live"]
-    assert c.heartbeat("dead", {}) is False  # it must register again
+    assert not c.heartbeat("dead", {})  # it must register again
     assert c.reap_dead_nodes() == []
 
 
@@ -195,7 +195,7 @@ def test_reregister_after_redis_restart_and_restore(redis_url: str) -> None:
     c.mark_ready(p.instance_id)
     rec = c.instance(p.instance_id)
     c.r.flushall()  # what a non-persistent Redis restart looks like
-    assert c.heartbeat("n1", {}) is False
+    assert not c.heartbeat("n1", {})
     _register(c, "n1", gpus=1)
     c.restore_instance(rec)
     c.restore_instance(rec)  # idempotent: claimed once

@@ -1,0 +1,95 @@
+"""Leases: request slots on instances (each slot a lease with an expiry that the gateway holding
+it renews, so a gateway that dies cannot leak one), named leases (the autoscaler and the energy
+allocator run in one process at a time), and the asyncio client of the gateway's hot path: slot
+acquire/release and the wake channel waiting requests listen on (no polling)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from ember.platform.cluster.base import ClusterBase, state_errors
+from ember.platform.cluster.records import InstanceRecord
+from ember.platform.cluster.scripts import Scripts
+from ember.platform.state import PREFIX, Keys
+
+
+def _acquire_args(target_concurrency: int, ttl_s: float, exclude: Iterable[str]) -> tuple[str, list[Any]]:
+    now = time.time()
+    slot = uuid.uuid4().hex[:12]
+    return slot, [PREFIX, target_concurrency, repr(now), slot, repr(now + ttl_s), *exclude]
+
+
+def _acquired(flat: Any, slot: str) -> InstanceRecord | None:
+    if not flat:
+        return None
+    instance_id, *rest = flat
+    rec = InstanceRecord.from_hash(instance_id, dict(zip(rest[::2], rest[1::2], strict=True)))
+    rec.slot_id = slot
+    return rec
+
+
+def _release_args(instance: str | InstanceRecord) -> tuple[list[str], list[str]]:
+    if isinstance(instance, InstanceRecord):
+        iid, slot, fn = instance.instance_id, instance.slot_id, instance.function
+    else:
+        iid, slot, fn = instance, "", ""
+    return [Keys.instance(iid), Keys.instance_slots(iid)], [repr(time.time()), slot, Keys.wake(fn)]
+
+
+class Leases(ClusterBase):
+    @state_errors
+    def acquire_warm(self, function: str, target_concurrency: int,
+                     exclude: Iterable[str] = ()) -> InstanceRecord | None:
+        """Atomically take a request slot on the least-outstanding ready instance of `function`
+        that is below `target_concurrency` on a live node (not in `exclude`); None if there is
+        none. The record's `slot_id` names the slot; it lapses after `slot_ttl_s` unless renewed."""
+        slot, args = _acquire_args(target_concurrency, self.slot_ttl_s, exclude)
+        return _acquired(self.scripts.acquire_warm(keys=[Keys.function_instances(function)], args=args), slot)
+
+    @state_errors
+    def release_request(self, instance: str | InstanceRecord) -> None:
+        """A request finished: its slot is freed once (a record from acquire_warm names it; a bare id
+        frees the oldest), last_used_s = now, and a waiting request of the function is woken."""
+        keys, args = _release_args(instance)
+        self.scripts.release_request(keys=keys, args=args)
+
+    @state_errors
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Acquire the named lease, or renew it if `holder` already has it."""
+        return bool(self.scripts.lease(keys=[Keys.lease(name)], args=[holder, max(1, int(ttl_s * 1000))]))
+
+
+class AsyncSlots:
+    """The gateway's hot path on redis.asyncio: take and free request slots, renew the leases of
+    the slots this gateway holds, and listen for wake-ups (a slot freed, an instance ready)."""
+
+    def __init__(self, client: Any, slot_ttl_s: float = 60.0) -> None:
+        self.r = client
+        self.slot_ttl_s = slot_ttl_s
+        self.scripts = Scripts(client, ("acquire_warm", "release_request", "renew_slots"))
+        self.held: dict[str, str] = {}  # slot id -> instance id, renewed while held
+
+    async def acquire(self, function: str, target_concurrency: int,
+                      exclude: Iterable[str] = ()) -> InstanceRecord | None:
+        slot, args = _acquire_args(target_concurrency, self.slot_ttl_s, exclude)
+        rec = _acquired(await self.scripts.acquire_warm(keys=[Keys.function_instances(function)], args=args), slot)
+        if rec is not None:
+            self.held[slot] = rec.instance_id
+        return rec
+
+    async def release(self, rec: InstanceRecord) -> None:
+        self.held.pop(rec.slot_id, None)
+        keys, args = _release_args(rec)
+        await self.scripts.release_request(keys=keys, args=args)
+
+    async def renew(self) -> int:
+        """Extend the lease of every slot this gateway holds; returns how many were still there."""
+        held = list(self.held.items())
+        if not held:
+            return 0
+        expiry = repr(time.time() + self.slot_ttl_s)
+        return int(await self.scripts.renew_slots(keys=[Keys.instance_slots(i) for _, i in held],
+                                                  args=[expiry, *(s for s, _ in held)]))

@@ -1,0 +1,27 @@
+-- A worker re-asserts an instance it holds, with its real state (after a Redis restart or after
+-- its node was reaped): recorded and claimed unless the record is there, whose state then
+-- follows the worker (never back to loading; draining stays draining).
+-- KEYS: instance, device, instances, function instances, node instances, devices_free
+-- ARGV: instance id, nbytes, "node/device", wake channel, field, value, ...  (fields include state)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local s = redis.call('HGET', KEYS[1], 'state')
+  local ws = nil
+  for i = 5, #ARGV, 2 do if ARGV[i] == 'state' then ws = ARGV[i + 1] end end
+  if ws == 'ready' and (s == 'claimed' or s == 'loading') then
+    redis.call('HSET', KEYS[1], 'state', 'ready', 'deadline_s', 0)
+    redis.call('PUBLISH', ARGV[4], 'ready')
+  end
+  return 0
+end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
+if mem then
+  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'instances', 1)
+  redis.call('ZADD', KEYS[6], mem - claimed, ARGV[3])
+end
+redis.call('PUBLISH', ARGV[4], 'ready')
+return 1

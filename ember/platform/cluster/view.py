@@ -1,0 +1,170 @@
+"""The cluster as placement policies read it (`ClusterView`), and the per-decision snapshot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import cast
+
+from ember.platform.cluster.base import ClusterBase, state_errors
+from ember.platform.cluster.records import (
+    TIER_RANK,
+    InstanceRecord,
+    node_entry,
+    order_room,
+    room_devices,
+)
+from ember.platform.state import PREFIX, Keys
+from ember.scheduler.view import DeviceState, NodeState, PlacementRequest
+
+
+class ClusterReads(ClusterBase):
+    """Reads of nodes, devices and instances; the live `ClusterView`."""
+
+    @state_errors
+    def instances(self, function: str | None = None) -> list[InstanceRecord]:
+        """Every instance, or those of one function."""
+        ids = sorted(self.r.smembers(Keys.function_instances(function) if function else Keys.instances))
+        return self._records(ids)
+
+    @state_errors
+    def instance(self, instance_id: str) -> InstanceRecord | None:
+        found = self._records([instance_id])
+        return found[0] if found else None
+
+    @state_errors
+    def node_url(self, node_id: str) -> str | None:
+        return cast("str | None", self.r.hget(Keys.node(node_id), "url"))
+
+    @state_errors
+    def live_nodes(self) -> list[str]:
+        """Registered nodes whose heartbeat has not expired."""
+        ids = sorted(self.r.smembers(Keys.nodes))
+        pipe = self.r.pipeline(transaction=False)
+        for n in ids:
+            pipe.exists(Keys.node_alive(n))
+        return [n for n, ok in zip(ids, pipe.execute(), strict=True) if ok]
+
+    @state_errors
+    def node(self, node_id: str) -> NodeState | None:
+        found = self._node_states("ids", [node_id])
+        return found[0] if found else None
+
+    @state_errors
+    def nodes(self, node_ids: Sequence[str], *, only_checkpoint: str = "") -> Sequence[NodeState]:
+        """Live nodes among `node_ids` in one round trip (holdings limited to `only_checkpoint`
+        when given: what one placement decision needs)."""
+        return self._node_states("ids", list(node_ids), only_checkpoint) if node_ids else []
+
+    @state_errors
+    def nodes_holding(self, checkpoint: str, limit: int | None = None, *,
+                      only_checkpoint: str = "") -> Sequence[NodeState]:
+        """Live nodes with the checkpoint in a local tier (from the holders index), nearest first."""
+        nodes = self._node_states("holders", [checkpoint], only_checkpoint)
+        nodes.sort(key=lambda n: (TIER_RANK.get(n.holdings.get(checkpoint, "remote"), 3), n.node_id))
+        return nodes if limit is None else nodes[:limit]
+
+    @state_errors
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        """Up to `limit` live devices with at least `nbytes` free, from the free-memory index, in one
+        round trip. Default order packs (awake, least queued, least free first); `spread` puts most
+        free first."""
+        rows = self.scripts.devices_with_room(keys=[Keys.devices_free],
+                                              args=[PREFIX, nbytes, limit * 2, "1" if spread else "0"])
+        return order_room(room_devices(rows, nbytes, time.time()), spread)[:limit]
+
+    def node_ids(self) -> Sequence[str]:
+        return self.live_nodes()
+
+    @state_errors
+    def all_nodes(self) -> Sequence[NodeState]:
+        return self._node_states("all", [])
+
+    def _records(self, ids: Sequence[str]) -> list[InstanceRecord]:
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(Keys.instance(i))
+        return [InstanceRecord.from_hash(i, h) for i, h in zip(ids, pipe.execute(), strict=True) if h]
+
+    def _node_states(self, mode: str, args: Sequence[str], only: str = "") -> list[NodeState]:
+        """Live nodes as NodeState, read by one script: mode "ids" (args: node ids), "holders"
+        (args: [checkpoint]) or "all". With `only`, holdings list that checkpoint alone."""
+        entries = self.scripts.snapshot_nodes(args=[PREFIX, mode, only, *args])
+        now = time.time()
+        return [node_entry(e, now) for e in entries]
+
+
+class DecisionView:
+    """What one placement decision reads. The first read of the request's holders or devices with
+    room fetches both, with the nodes of the first devices, in one script (one round trip, one
+    consistent snapshot); anything else falls through to the cluster."""
+
+    ROOM_ROWS = 32  # devices-with-room rows fetched (a policy asking limit <= 16 is served)
+    SORT_ROWS = 12  # rows whose nodes may be prefetched (ember asks for 6 devices: 12 rows)
+    ROOM_NODES = 4  # nodes prefetched whole, in packing order (remote estimates need bandwidths)
+
+    def __init__(self, cluster: ClusterReads, request: PlacementRequest) -> None:
+        self.cluster = cluster
+        self.request = request
+        self.cache: dict[str, NodeState] = {}
+        self._holders: list[NodeState] | None = None
+        self._rows: list[DeviceState] = []
+
+    def _load(self) -> None:
+        if self._holders is not None:
+            return
+        req = self.request
+        holders, rows, extra = self.cluster.scripts.decision_snapshot(
+            keys=[Keys.devices_free],
+            args=[PREFIX, req.checkpoint, req.nbytes, self.ROOM_ROWS, repr(time.time()), self.SORT_ROWS,
+                  self.ROOM_NODES])
+        now = time.time()
+        self._holders = sorted((node_entry(e, now) for e in holders),
+                               key=lambda n: (TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))
+        self._rows = room_devices(rows, req.nbytes, now)
+        self._keep(self._holders)
+        self._keep([node_entry(e, now) for e in extra])
+
+    def _keep(self, nodes: Sequence[NodeState]) -> Sequence[NodeState]:
+        for n in nodes:
+            self.cache[n.node_id] = n
+        return nodes
+
+    def node(self, node_id: str) -> NodeState | None:
+        found = self.nodes([node_id])
+        return found[0] if found else None
+
+    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
+        missing = [n for n in node_ids if n not in self.cache]
+        if missing:
+            self._keep(self.cluster.nodes(missing, only_checkpoint=self.request.checkpoint))
+        return [self.cache[n] for n in node_ids if n in self.cache]
+
+    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+        if checkpoint != self.request.checkpoint:
+            return self._keep(self.cluster.nodes_holding(checkpoint, limit))
+        self._load()
+        assert self._holders is not None
+        return self._holders if limit is None else self._holders[:limit]
+
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        if spread or nbytes != self.request.nbytes or limit * 2 > self.ROOM_ROWS:
+            return self.cluster.devices_with_room(nbytes, limit, spread)
+        self._load()
+        return order_room(self._rows[: limit * 2], spread)[:limit]
+
+    def device(self, node_id: str, device_id: str) -> DeviceState | None:
+        """A device as this decision read it (read now if it did not; None if unknown or dead)."""
+        found = self.nodes([node_id])
+        for d in (found[0].devices if found else ()):
+            if d.device_id == device_id:
+                return d
+        return None
+
+    def node_ids(self) -> Sequence[str]:
+        return self.cluster.node_ids()
+
+    def all_nodes(self) -> Sequence[NodeState]:
+        return self._keep(self.cluster.all_nodes())
