@@ -44,12 +44,13 @@ class LoadQueues:
         self._prefetch = scripts.publish_prefetch
 
     def load_done(self, instance_id: str, node_id: str, device_id: str, nbytes: int, seconds: float,
-                  now: float | None = None) -> bool:
-        """A load ended (`seconds` long, 0 if unknown): correct the device's and the tier's queue
-        by how far off its estimate was, and fold the load into the node's tier bandwidth."""
+                  now: float | None = None, tier: str = "") -> bool:
+        """A load ended (`seconds` long, 0 if unknown): correct the device's and the claimed tier's
+        queue by how far off its estimate was, and fold the load into the node's bandwidth for the
+        tier it really came from (`tier`, "" for the tier claimed)."""
         return bool(self._done(keys=[Keys.instance(instance_id), Keys.device(node_id, device_id), Keys.node(node_id)],
                                args=[repr(time.time() if now is None else now), int(nbytes),
-                                     repr(max(0.0, float(seconds))), repr(EWMA_ALPHA)]))
+                                     repr(max(0.0, float(seconds))), repr(EWMA_ALPHA), tier]))
 
     def publish_prefetch(self, node_id: str, checkpoint: str, nbytes: int, now: float | None = None) -> str | None:
         """A prefetch was sent to the node: its source tier is busy until the estimated end."""

@@ -33,8 +33,8 @@ GiB = 1 << 30
 
 class SimInstance:
     __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device_id", "device", "nbytes",
-                 "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier", "expected_end_s",
-                 "load_s", "loaded")
+                 "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier", "load_tier",
+                 "expected_end_s", "load_s", "loaded")
 
     def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: SimDevice,
                  nbytes: int, now: float) -> None:
@@ -52,7 +52,8 @@ class SimInstance:
         self.created_s = now
         self.state = "loading"
         self.outstanding = 0
-        self.tier: Tier = "remote"
+        self.tier: Tier = "remote"  # the tier claimed (the placement's estimate)
+        self.load_tier: Tier = "remote"  # the tier it really loads from
         self.expected_end_s = now  # claim time + the placement's estimate
         self.load_s = 0.0  # the transfer itself (what a worker reports as the load's duration)
         self.loaded = False  # load_done applied
@@ -204,7 +205,7 @@ class MemCluster:
         self._rebucket(dev)
         self._seq += 1
         inst = SimInstance(f"i{self._seq}", fn, function, checkpoint, dev, nbytes, now)
-        inst.tier = tier
+        inst.tier = inst.load_tier = tier
         inst.expected_end_s = now + estimate_s
         dev.load_until = queue_after_claim(dev.load_until, now, estimate_s)
         node.tier_until[tier] = queue_after_claim(node.tier_until[tier], now, estimate_s)
@@ -226,8 +227,8 @@ class MemCluster:
         self.now = now
 
     def load_done(self, inst: SimInstance, t: float) -> None:
-        """A load ended at `t`: correct both queues (`queue_after_load`) and fold the load into the
-        node's bandwidth for its tier (what the gateway reports live)."""
+        """A load ended at `t`: correct both queues of the tier claimed (`queue_after_load`) and fold
+        the load into the node's bandwidth for the tier it came from (what the gateway reports live)."""
         if inst.loaded:
             return
         inst.loaded = True
@@ -236,8 +237,8 @@ class MemCluster:
         dev.load_until = queue_after_load(dev.load_until, inst.expected_end_s, t)
         node.tier_until[inst.tier] = queue_after_load(node.tier_until[inst.tier], inst.expected_end_s, t)
         if inst.load_s > 0:
-            node.measured_bw[inst.tier] = ewma_bandwidth_bps(node.measured_bw.get(inst.tier), inst.nbytes,
-                                                             inst.load_s)
+            src = inst.load_tier
+            node.measured_bw[src] = ewma_bandwidth_bps(node.measured_bw.get(src), inst.nbytes, inst.load_s)
         node.version += 1
 
     def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> None:

@@ -352,7 +352,8 @@ class _Simulation:
         self.loads += 1
         self.cold_s[f] = ewma(self.cold_s[f], ready - t, SERVICE_EWMA_ALPHA)
         dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
-        inst = cluster.claim(f, name, ck, dev, nb, tier, est.seconds, t)
+        inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t)  # published as live: the estimate
+        inst.load_tier = tier
         inst.ready_s = inst.last_used_s = ready
         inst.load_s = transfer
         cluster.schedule_load_end(inst)

@@ -189,7 +189,8 @@ class Invoker:
         self._ewma(self.startup_s, spec.name, result.startup_ms / 1000)
         try:  # correct the published load queues, learn the tier's bandwidth
             await to_thread.run_sync(self.load_queues().load_done, placement.instance_id, placement.node_id,
-                                     placement.device_id, result.nbytes, result.startup_ms / 1000)
+                                     placement.device_id, result.nbytes, result.startup_ms / 1000, None,
+                                     result.tier if result.tier in ("gpu", "dram", "ssd", "remote") else "")
         except redis.RedisError as e:
             log.warning("could not publish the end of load %s: %s", placement.instance_id, e)
         self.metrics.cold_starts.labels(result.tier).inc()

@@ -1,7 +1,8 @@
 -- A load ended: queue_after_load (ember.scheduler.estimator) on the device's and the source tier's
 -- load queues (shift by how far off the estimate was, never into the past), and the load folded
 -- into the node's bw:<tier> (EWMA, alpha ARGV[4]); once per instance. See ember/platform/loadqueues.py.
--- KEYS: instance, device, node; ARGV: now, nbytes, load seconds (0: unknown), alpha
+-- KEYS: instance, device, node; ARGV: now, nbytes, load seconds (0: unknown), alpha, tier it really
+-- loaded from ('': the tier claimed). Queues are corrected on the tier claimed, bandwidth learned on the real one.
 local f = redis.call('HMGET', KEYS[1], 'tier', 'expected_end_s', 'load_done')
 if not f[1] or f[3] then return 0 end
 redis.call('HSET', KEYS[1], 'load_done', '1')
@@ -18,9 +19,11 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   fix(KEYS[3], 'tq:' .. f[1])
   if secs > 0 and nbytes > 0 then
     local obs = nbytes / secs
-    local cur = tonumber(redis.call('HGET', KEYS[3], 'bw:' .. f[1]))
+    local src = f[1]
+    if ARGV[5] and ARGV[5] ~= '' then src = ARGV[5] end
+    local cur = tonumber(redis.call('HGET', KEYS[3], 'bw:' .. src))
     if cur and cur > 0 then obs = (1 - a) * cur + a * obs end
-    redis.call('HSET', KEYS[3], 'bw:' .. f[1], tostring(obs))
+    redis.call('HSET', KEYS[3], 'bw:' .. src, tostring(obs))
   end
 end
 return 1
