@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from ember.commands import checkpoint, energy, loader_bench, model, platform_cmds, scheduler_cmds
+from ember.commands import checkpoint, energy, loader_bench, loadtest, model, platform_cmds, scheduler_cmds
 
 app = typer.Typer(help="Ember: serverless LLM functions.", no_args_is_help=True, add_completion=False)
 
@@ -21,10 +21,19 @@ bench_app.command("loader", help="Checkpoint loading: Ember's tiers against safe
     loader_bench.bench_loader
 )
 bench_app.command("scheduler", help="Live placement decisions against Redis.")(scheduler_cmds.bench_scheduler)
+bench_app.command("gateway", help="Warm-request overhead of the gateway against the worker, by rate.")(
+    platform_cmds.bench_gateway
+)
 bench_app.command("coldstart", help="Cold-start latency of a local platform by load tier.")(
     platform_cmds.bench_coldstart
 )
+bench_app.command("energy", help="The live energy control loop: max power against actuate, same load.")(
+    energy.bench_energy
+)
 app.add_typer(bench_app, name="bench")
+app.command("loadtest", help="Load test (locust) a platform: steady, cold, burst or tenants; reports by tier.")(
+    loadtest.loadtest
+)
 app.command("sim", help="Trace-driven cluster simulation comparing placement policies.")(scheduler_cmds.sim)
 
 

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     placement_policy: str = "ember"
     autoscaler_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
+    # instance lifecycle and faults (ember/platform/cluster/records.py)
+    claim_timeout_s: float = 60.0  # a claim the worker has not reported loading by then is reaped
+    slot_ttl_s: float = 60.0  # a request slot's lease; the gateway holding it renews it
+    worker_connect_timeout_s: float = 2.0
+    worker_read_timeout_s: float = 30.0  # gateway -> worker: to the first byte and between chunks
+    drain_grace_s: float = 30.0  # SIGTERM: streams in flight may finish within this
+    expected_workers: int = 0  # set by `ember up`: /readyz says "degraded" (503) with fewer live workers
 
     # worker
     node_id: str | None = None
@@ -47,7 +54,12 @@ class Settings(BaseSettings):
     dram_capacity_bytes: int = 1 << 30
     ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
-    simulated_gpus: int = 0  # energy accounting on simulated GPUs (CPU-only demos)
+    simulated_gpus: int = 0  # emulated GPUs driven by the engine's steps (CPU-only machines)
+    # emulated GPUs charge every step as if the model had this many billion parameters (bf16);
+    # 0: the model's own size
+    simulated_params_b: float = Field(default=0.0, ge=0.0)
+    # switch the SM clock per phase (prefill / decode) at the engine's phase signal, actuate mode
+    energy_phase_clocks: bool = True
 
 
     demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")

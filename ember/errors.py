@@ -144,6 +144,21 @@ class WorkerError(EmberError):
     code = "worker_error"
 
 
+class InstanceGone(EmberError):
+    """The cluster no longer books this instance (reaped, drained or given up): not loaded/served."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "instance_gone"
+
+
+class WorkerTimeout(WorkerError):
+    """A worker did not answer within the gateway's timeout (paused, overloaded, partitioned)."""
+
+    status_code = 504
+    code = "worker_timeout"
+
+
 # --- devices / energy -------------------------------------------------------------------
 class DeviceError(EmberError):
     """A GPU (NVML) or simulated device refused or failed an operation."""

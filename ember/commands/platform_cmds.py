@@ -36,39 +36,61 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Options that have a setting default to None: left unset, the EMBER_* setting (or its default)
+# applies; given, they win. tests/test_cli_settings.py walks every command to keep it so.
 def up(
-    host: str = typer.Option("127.0.0.1", help="gateway bind address"),
-    port: int = typer.Option(8000, help="gateway port"),
+    host: str = typer.Option(None, help="gateway bind address [EMBER_HOST, 127.0.0.1]"),
+    port: int = typer.Option(None, help="gateway port [EMBER_PORT, 8000]"),
     workers: int = typer.Option(2, help="number of local worker processes (nodes)"),
-    data_dir: Path = typer.Option(Path("data"), help="Redis AOF, checkpoint store, tiers, logs, keys"),
+    data_dir: Path = typer.Option(None, help="Redis AOF, checkpoint store, tiers, logs, keys [EMBER_DATA_DIR, data]"),
     demo: bool = typer.Option(True, help="deploy the demo function 'tiny' on first start"),
+    simulated_gpus: int = typer.Option(None, help="emulated GPUs per worker, driven by the work they run "
+                                                  "[EMBER_SIMULATED_GPUS, 0]"),
+    energy_mode: str = typer.Option(None, help="observe | recommend | actuate, for every worker "
+                                               "[EMBER_ENERGY_MODE, recommend]"),
+    simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
+                                                        "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
+                                                        "0: the model's own size]"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
     _logging("warning")
-    settings = _settings(data_dir=data_dir)
-    code = run_up(UpOptions(host=host, port=port, workers=workers, data_dir=data_dir, demo=demo), settings,
+    _check_mode(energy_mode)
+    settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
+                         energy_mode=energy_mode, simulated_params_b=simulated_params_b)
+    code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
+                            demo=demo, extra_env=worker_energy_env(settings)), settings,
                   echo=lambda s: typer.echo(s))
     raise typer.Exit(code)
 
 
+def worker_energy_env(settings: Any) -> dict[str, str]:
+    """The energy settings `ember up` hands its workers (explicitly, so options given to `up` win)."""
+    return {"EMBER_SIMULATED_GPUS": str(settings.simulated_gpus), "EMBER_ENERGY_MODE": settings.energy_mode,
+            "EMBER_SIMULATED_PARAMS_B": str(settings.simulated_params_b)}
+
+
+def _check_mode(energy_mode: str | None) -> None:
+    if energy_mode is not None and energy_mode not in ("observe", "recommend", "actuate"):
+        raise typer.BadParameter("--energy-mode must be observe, recommend or actuate")
+
+
 def gateway(
-    redis_url: str = typer.Option(None, envvar="EMBER_REDIS_URL", help="redis:// or rediss:// URL"),
-    host: str = typer.Option("127.0.0.1", help="bind address"),
-    port: int = typer.Option(8000, help="port"),
+    redis_url: str = typer.Option(None, help="redis:// or rediss:// URL [EMBER_REDIS_URL]"),
+    host: str = typer.Option(None, help="bind address [EMBER_HOST, 127.0.0.1]"),
+    port: int = typer.Option(None, help="port [EMBER_PORT, 8000]"),
     initial_budget_json: str = typer.Option(None, help='power budget written to Redis if none is there, '
                                                         'e.g. \'{"cluster_watts": 3000}\''),
     log_level: str = typer.Option("info"),
 ) -> None:
-    import uvicorn
-
     from ember.platform.gateway.app import create_app
+    from ember.platform.http_common import serve
 
     _logging(log_level)
     settings = _settings(redis_url=redis_url, host=host, port=port)
     if initial_budget_json:
         _seed_budget(settings.redis_url, initial_budget_json)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    serve(create_app(settings), settings.host, settings.port, log_level=log_level, grace_s=settings.drain_grace_s)
 
 
 def _seed_budget(redis_url: str | None, raw: str) -> None:
@@ -87,36 +109,37 @@ def _seed_budget(redis_url: str | None, raw: str) -> None:
 
 
 def worker(
-    redis_url: str = typer.Option(None, envvar="EMBER_REDIS_URL", help="redis:// or rediss:// URL"),
-    store_url: str = typer.Option(None, envvar="EMBER_STORE_URL", help="checkpoint store: file://DIR or s3://B/P"),
-    data_dir: Path = typer.Option(Path("data/node"), envvar="EMBER_DATA_DIR", help="this node's tiers and state"),
-    host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
-    port: int = typer.Option(0, help="port (0: a free one)"),
+    redis_url: str = typer.Option(None, help="redis:// or rediss:// URL [EMBER_REDIS_URL]"),
+    store_url: str = typer.Option(None, help="checkpoint store: file://DIR or s3://B/P [EMBER_STORE_URL]"),
+    data_dir: Path = typer.Option(None, help="this node's tiers and state [EMBER_DATA_DIR, data]"),
+    host: str = typer.Option(None, help="bind address, loopback unless told otherwise [EMBER_HOST, 127.0.0.1]"),
+    port: int = typer.Option(0, help="port (0: a free one; EMBER_PORT is the gateway's)"),
     advertise_url: str = typer.Option(None, help="URL gateways use to reach this worker"),
-    node_id: str = typer.Option(None, help="node id (default: remembered in the data dir)"),
-    energy_mode: str = typer.Option("recommend", help="observe | recommend | actuate"),
-    cpu_slots: int = typer.Option(2, envvar="EMBER_CPU_SLOTS", help="instance slots on a node without GPUs"),
-    dram_capacity_bytes: int = typer.Option(None, envvar="EMBER_DRAM_CAPACITY_BYTES", help="DRAM tier size"),
-    simulated_gpus: int = typer.Option(0, envvar="EMBER_SIMULATED_GPUS",
-                                       help="simulated GPUs for energy accounting (CPU demos)"),
+    node_id: str = typer.Option(None, help="node id [EMBER_NODE_ID; default: remembered in the data dir]"),
+    energy_mode: str = typer.Option(None, help="observe | recommend | actuate [EMBER_ENERGY_MODE, recommend]"),
+    cpu_slots: int = typer.Option(None, help="instance slots on a node without GPUs [EMBER_CPU_SLOTS, 2]"),
+    dram_capacity_bytes: int = typer.Option(None, help="DRAM tier size [EMBER_DRAM_CAPACITY_BYTES, 1 GiB]"),
+    simulated_gpus: int = typer.Option(None, help="emulated GPUs driven by the work they run "
+                                                  "[EMBER_SIMULATED_GPUS, 0]"),
+    simulated_params_b: float = typer.Option(None, help="emulated GPUs charge steps as if the model had this many "
+                                                        "billion parameters [EMBER_SIMULATED_PARAMS_B, 0: its own]"),
     log_level: str = typer.Option("info"),
 ) -> None:
-    import uvicorn
-
+    from ember.platform.http_common import serve
     from ember.platform.redis_server import free_port
     from ember.platform.worker.app import create_worker_app
 
-    if energy_mode not in ("observe", "recommend", "actuate"):
-        raise typer.BadParameter("--energy-mode must be observe, recommend or actuate")
+    _check_mode(energy_mode)
     _logging(log_level)
-    port = port or free_port(host)
-    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, node_id=node_id,
-                         energy_mode=energy_mode,
-                         cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes, simulated_gpus=simulated_gpus)
-    os.environ["EMBER_DATA_DIR"] = str(Path(data_dir).resolve())  # other processes of this node find its tiers
-    url = advertise_url or f"http://{host}:{port}"
-    uvicorn.run(create_worker_app(settings, url), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    settings = _settings(redis_url=redis_url, store_url=store_url, data_dir=data_dir, node_id=node_id, host=host,
+                         energy_mode=energy_mode, cpu_slots=cpu_slots, dram_capacity_bytes=dram_capacity_bytes,
+                         simulated_gpus=simulated_gpus, simulated_params_b=simulated_params_b)
+    port = port or free_port(settings.host)
+    os.environ["EMBER_DATA_DIR"] = str(Path(settings.data_dir).resolve())  # other processes of this node find its tiers
+    url = advertise_url or f"http://{settings.host}:{port}"
+    app = create_worker_app(settings, url)
+    serve(app, settings.host, port, log_level=log_level, grace_s=settings.drain_grace_s,
+          on_sigterm=lambda: app.state.node.begin_shutdown() if hasattr(app.state, "node") else None)
 
 
 # --- HTTP client verbs ----------------------------------------------------------------------------
@@ -245,3 +268,24 @@ def bench_coldstart(
     for tier, r in summary["results"].items():
         typer.echo(f"{tier:7s} startup {r['startup_ms']:8.1f} ms  ttft {r['ttft_ms']:8.1f} ms  {r['tiers_seen']}")
     typer.echo(f"from_pretrained {summary['baseline']['from_pretrained_ms']:.1f} ms (load only)")
+
+
+def bench_gateway(
+    json_out: Path = typer.Option(..., "--json", help="where to write the results"),
+    url: str = typer.Option(None, help="a running gateway (its worker is found through EMBER_REDIS_URL); "
+                                       "default: a private `ember up`"),
+    rates: str = typer.Option("20,40,80,160", help="offered request rates per step (req/s), comma-separated"),
+    step_s: float = typer.Option(4.0, help="seconds per step (each run through the gateway and direct)"),
+    clients: int = typer.Option(32, help="clients of the closed-loop step"),
+) -> None:
+    """Warm-request overhead of the gateway against the worker called directly, at increasing rates."""
+    from ember.platform.bench_gateway import run_gateway_bench
+
+    summary = run_gateway_bench(json_out, url=url, rates=tuple(float(r) for r in rates.split(",") if r),
+                                step_s=step_s, clients=clients)
+    for s in summary["steps"]:
+        typer.echo(f"{s['rate_rps']:6.0f} req/s offered: {s['rps']:6.1f} achieved, {s['errors']} errors, "
+                   f"overhead p50 {s['p50_overhead_ms']:7.2f} ms  p99 {s['p99_overhead_ms']:7.2f} ms")
+    c = summary["closed_loop"]
+    typer.echo(f"{c['clients']} clients: gateway p99 {c['gateway']['p99_ms']:.1f} ms, direct p99 "
+               f"{c['direct']['p99_ms']:.1f} ms (x{c['p99_ratio']})")

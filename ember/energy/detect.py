@@ -11,10 +11,15 @@ from ember.errors import DeviceError
 log = logging.getLogger(__name__)
 
 
-def detect_devices(simulated: int = 0, *, allow_actuation: bool = False) -> list[Device]:
-    """`simulated` > 0: that many SimulatedGpus (sim:0..). Otherwise every NVML GPU, or [] when
-    NVML, its driver or GPUs are missing. `allow_actuation` is passed to NvmlDevice (default off)."""
+def detect_devices(simulated: int = 0, *, allow_actuation: bool = False, live: bool = False) -> list[Device]:
+    """`simulated` > 0: that many SimulatedGpus (sim:0..); with `live`, EmulatedGpus on the wall
+    clock that the engine's steps drive (a worker's). Otherwise every NVML GPU, or [] when NVML,
+    its driver or GPUs are missing. `allow_actuation` is passed to NvmlDevice (default off)."""
     if simulated > 0:
+        if live:
+            from ember.energy.emulated import EmulatedGpu
+
+            return [EmulatedGpu(f"sim:{i}") for i in range(simulated)]
         return [SimulatedGpu(f"sim:{i}") for i in range(simulated)]
     try:
         from ember.energy.nvml import NvmlDevice, nvml_device_count

@@ -58,6 +58,10 @@ class NvmlDevice:
             return self._locked_mhz
         return float(_call(self._nvml.nvmlDeviceGetClockInfo, self._handle, self._nvml.NVML_CLOCK_SM))
 
+    def locked_sm_clock_mhz(self) -> float | None:
+        """The clock lock this process set (None: unlocked; NVML has no getter for it)."""
+        return self._locked_mhz
+
     def max_sm_clock_mhz(self) -> float:
         return float(_call(self._nvml.nvmlDeviceGetMaxClockInfo, self._handle, self._nvml.NVML_CLOCK_SM))
 

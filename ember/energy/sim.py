@@ -7,11 +7,10 @@ Controllers:
   intervals, from the top), keep the one with the lowest ZeusCost (eta 0.5) per device; then,
   with the same clock knob Ember has, profile static SM clock locks at that limit and keep the best;
 - `ember`: NodeEnergyAgent in `actuate` mode (the real PowerLimitController, SLO feedback,
-  clock locking, re-profiling on mix change) as live workers run it today: one clock per device;
-- `ember_phase_clocks`: the same with `phase_clocks`: the simulated engine runs each interval's
-  prefills at the controller's prefill clock and decode at the device's lock (as an engine that
-  switches the clock per phase would; the switch itself is taken as free). Labelled apart: live
-  workers do not switch clocks per phase yet.
+  clock locking, re-profiling on mix change) with `phase_clocks`: the simulated engine runs each
+  interval's prefills at the controller's prefill clock and decode at the device's lock, as live
+  workers' engines do (the switch itself is taken as free);
+- `ember_one_clock`: the same with one clock per device (an engine that cannot switch per phase).
 
 Load model (per device, fluid per `interval_s` with per-request sampling): Poisson arrivals with
 a diurnal rate (trough 04:00, peak 16:00) and random bursts; lognormal prompt and output
@@ -37,7 +36,7 @@ from ember.energy.simulated import (
     prefill_full_clock_s,
 )
 
-CONTROLLERS = ("max_power", "zeus_static", "ember", "ember_phase_clocks")
+CONTROLLERS = ("max_power", "zeus_static", "ember", "ember_one_clock")
 _DEVICE_LOCK = object()  # prefill runs under the device's own clock lock
 
 
@@ -201,11 +200,11 @@ def _run_one(
     bursts = _bursts(config, np.random.default_rng(config.seed + 7))
     agent = None
     zeus = None
-    if controller == "ember":  # what runs on live workers today: one clock per device
-        agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate", phase_clocks=False)
-    elif controller == "ember_phase_clocks":
-        # the simulated engine switches the SM clock per phase as the controller asks
+    if controller == "ember":
+        # the simulated engine switches the SM clock per phase as the controller asks (as live workers do)
         agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate", phase_clocks=True)
+    elif controller == "ember_one_clock":  # one clock per device (an engine without per-phase switching)
+        agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate", phase_clocks=False)
     elif controller == "zeus_static":
         zeus = _ZeusStatic([d.gpu for d in devices], config.interval_s)
     elif controller != "max_power":

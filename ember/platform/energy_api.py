@@ -43,6 +43,10 @@ DEVICE_FIELDS = (
     "slo_attainment",
     "mode",
     "last_decision",
+    "decisions",  # the device's recent decisions, with reasons and whether they were applied
+    "recommended_sm_clock_mhz",  # the controller's (decode) clock; applied in actuate mode. None: unlocked
+    "prefill_sm_clock_mhz",  # its clock for prefills (per-phase clocks), None: unlocked
+    "clock_switches",  # emulated GPUs: how often the SM clock lock changed (per-phase switching)
 )
 
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]

@@ -101,3 +101,22 @@ def log_task_errors(task: asyncio.Task[Any]) -> None:
     """Done-callback for background tasks: an exception is logged, never lost."""
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: float = 30.0,
+          on_sigterm: Any = None) -> None:
+    """Run `app` under uvicorn. On SIGTERM/SIGINT, `on_sigterm()` runs first (in a thread: a worker
+    stops taking new requests), then uvicorn stops accepting connections and lets requests in
+    flight, streams included, finish for up to `grace_s` seconds before cancelling them."""
+    import threading
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if on_sigterm is not None and not self.should_exit:
+                threading.Thread(target=on_sigterm, name="on-sigterm", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    _Server(config).run()

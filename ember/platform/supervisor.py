@@ -4,6 +4,12 @@ Starts a private Redis-protocol server (AOF persistence in the data dir) unless 
 names one, N workers (each its own node with its own data directory), and the gateway; deploys the
 demo function on first start; stops every child on SIGINT/SIGTERM (and, via PR_SET_PDEATHSIG, when
 the supervisor itself dies), so no process is orphaned.
+
+Faults: a worker that dies is restarted with back-off (1 s doubling to 30 s, reset after a minute
+up), and the gateway's /readyz says "degraded" while fewer workers than started are alive; a
+private Redis that dies is restarted on the same port from its AOF (gateways and workers reconnect;
+workers re-register with the instances they really hold). SIGTERM lets the gateway and workers
+finish streams in flight for up to EMBER_DRAIN_GRACE_S before they are stopped.
 """
 
 from __future__ import annotations
@@ -76,6 +82,10 @@ class Platform:
         self.data_dir = opts.data_dir.resolve()
         self.redis: RedisServerProcess | None = None
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._launch: dict[str, tuple[list[str], dict[str, str], Path]] = {}  # name -> how to start it again
+        self._restarts: dict[str, tuple[int, float]] = {}  # name -> (consecutive failures, not before)
+        self.restarts: dict[str, int] = {}  # name -> restarts so far (workers, "redis")
+        self._started_at: dict[str, float] = {}
         self.stopping = threading.Event()
         self.url = f"http://{opts.host}:{opts.port}"
         self.admin_key_path = self.data_dir / "admin_key"
@@ -96,7 +106,8 @@ class Platform:
             echo(f"redis: {redis_url} (AOF in {self.data_dir / 'redis'})")
         store_url = self.settings.resolved_store_url if self.settings.store_url else \
             f"file://{self.data_dir / 'store'}"
-        env = {**os.environ, **self.opts.extra_env, "EMBER_REDIS_URL": redis_url, "EMBER_CLUSTER_TOKEN": token,
+        env = {**os.environ, "EMBER_EXPECTED_WORKERS": str(self.opts.workers), **self.opts.extra_env,
+               "EMBER_REDIS_URL": redis_url, "EMBER_CLUSTER_TOKEN": token,
                "EMBER_ADMIN_KEY": admin_key, "EMBER_STORE_URL": store_url, "PYTHONUNBUFFERED": "1"}
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -114,11 +125,50 @@ class Platform:
             self._deploy_demo(admin_key, echo)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+        self._launch[name] = (args, env, logs)
+        self.children.append((name, self._popen(name)))
+
+    def _popen(self, name: str) -> subprocess.Popen[bytes]:
+        args, env, logs = self._launch[name]
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=die_with_parent)
         out.close()
-        self.children.append((name, proc))
+        return proc
+
+    def _restart_dead_workers(self) -> None:
+        """Start again every worker that exited, each after its back-off."""
+        now = time.monotonic()
+        for k, (name, proc) in enumerate(self.children):
+            if name == "gateway" or proc.poll() is None:
+                continue
+            failures, not_before = self._restarts.get(name, (0, 0.0))
+            if not_before == 0.0:  # just found dead: wait 1 s, 2 s, 4 s ... 30 s before starting it
+                delay = min(30.0, 2.0 ** failures)
+                log.warning("worker %s exited with %s; restarting it in %.0f s", name, proc.returncode, delay)
+                self._restarts[name] = (failures + 1, now + delay)
+                continue
+            if now < not_before:
+                continue
+            self.children[k] = (name, self._popen(name))
+            self._restarts[name] = (failures, 0.0)
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            self._started_at[name] = now
+        for name, started in list(self._started_at.items()):  # a minute up: the back-off starts over
+            if now - started > 60 and name in self._restarts:
+                self._restarts.pop(name, None)
+                self._started_at.pop(name, None)
+
+    def _restart_redis(self) -> None:
+        """A private Redis that died is started again on its port, from its AOF."""
+        if self.redis is None or self.redis.proc is None or self.redis.proc.poll() is None:
+            return
+        log.warning("the Redis server exited with %s; restarting it from its AOF", self.redis.proc.returncode)
+        try:
+            self.redis.start()
+            self.restarts["redis"] = self.restarts.get("redis", 0) + 1
+        except EmberError as e:
+            log.error("could not restart Redis: %s (trying again)", e)
 
     def _ensure_demo_checkpoint(self, store_url: str, echo: Callable[[str], None]) -> None:
         from ember.loader import open_store
@@ -170,22 +220,22 @@ class Platform:
             raise ServiceUnavailable("the Redis server exited")
 
     def wait(self) -> None:
-        """Block until a signal or until the gateway or Redis dies; workers that die are reported."""
-        reported: set[str] = set()
+        """Block until a signal or until the gateway dies; dead workers and Redis are restarted."""
         while not self.stopping.is_set():
-            self._check_children()
+            self._restart_redis()
+            self._restart_dead_workers()
             for name, proc in self.children:
-                if name != "gateway" and proc.poll() is not None and name not in reported:
-                    reported.add(name)
-                    log.warning("worker %s exited with %s", name, proc.returncode)
-            self.stopping.wait(0.5)
+                if name == "gateway" and proc.poll() is not None:
+                    raise ServiceUnavailable(f"the gateway exited with {proc.returncode}; "
+                                             f"see {self.data_dir / 'logs' / 'gateway.log'}")
+            self.stopping.wait(0.25)
 
     def stop(self) -> None:
         self.stopping.set()
         for _, proc in reversed(self.children):
             if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 10
+                proc.terminate()  # each drains its streams for up to drain_grace_s
+        deadline = time.monotonic() + self.settings.drain_grace_s + 5
         for _, proc in self.children:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

@@ -4,7 +4,7 @@ trace, for Ember against the baselines at the default governor.
 Every GPU draws idle power for the whole run (consolidation leaves GPUs idle, not off); busy
 GPUs draw what their governor sets (ember.scheduler.serving); requests on one instance batch,
 with step time growing with the batch. Entries (the JSON `policies` map, as `ember sim`):
-`ember` (Ember's placement and its energy controller as it runs live: one clock per GPU),
+`ember` (Ember's placement and its energy controller, one clock per request for both phases),
 `serverlessllm+max_power` and `keepalive+max_power` (those placements at the GPU's default
 governor: 700 W, clocks unlocked). Each reports `gpu_energy_kwh`, `joules_per_token` (GPU
 energy over generated tokens served) and `slo_attainment`, besides the `ember sim` fields, and

@@ -6,9 +6,9 @@ instance and what its GPU draws, given the batch it joins and the GPU's governor
   points and their source: docs/energy-calibration.md). Requests already running are not slowed
   by a later one (an optimistic simplification, the same for every policy).
 - Governors (`max_power`: the GPU's default governor, 700 W, clocks unlocked; `ember`: the
-  energy controller as it runs on live workers today: one SM clock per GPU at a time, the
-  lowest that keeps the request's TTFT within `ttft_margin` of its SLO and its decode within
-  `tpot_slowdown` of full speed).
+  energy controller's rule per request: the lowest SM clock that keeps the request's TTFT within
+  `ttft_margin` of its SLO and its decode within `tpot_slowdown` of full speed, one clock for
+  both phases: conservative, since live engines can switch per phase and run decode lower).
 Power and time at a clock come from ember.energy.simulated (the calibrated SimulatedGpu).
 """
 

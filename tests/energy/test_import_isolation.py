@@ -35,6 +35,7 @@ def test_energy_imports_without_platform_dependencies() -> None:
         import ember.energy.agent, ember.energy.budget, ember.energy.controller, ember.energy.detect
         import ember.energy.device, ember.energy.metrics, ember.energy.monitor, ember.energy.nvml
         import ember.energy.sim, ember.energy.simulated
+        import ember.energy.emulated, ember.energy.restore, ember.energy.steps
         from ember.energy import detect_devices
         from ember.energy.agent import NodeEnergyAgent
         from ember.energy.sim import SimConfig, run_energy_sim

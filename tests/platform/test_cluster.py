@@ -337,3 +337,68 @@ def test_evict_if_idle_only_takes_ready_idle_instances(redis_url: str) -> None:
     assert c.instance(idle.instance_id) is None and c.instances("idle") == []
     assert [d.free_bytes for d in c.devices_with_room(GB)] == [4 * GB]  # its claim was freed
     assert c.acquire_warm("idle", 1) is None
+
+
+def test_lifecycle_transitions_are_checked(redis_url: str) -> None:
+    """claimed -> loading -> ready -> draining -> gone; each step refuses the wrong start state."""
+    c = _cluster(redis_url)
+    _register(c, "n", gpus=1, mem=10 * GB)
+    p = c.place(_req("f", 3 * GB), FirstFit())
+    assert c.instance(p.instance_id).state == "claimed" and c.instance(p.instance_id).deadline_s > time.time()
+    assert c.drain(p.instance_id) == "claimed"  # not ready: nothing to drain
+    assert c.begin_load(p.instance_id) and c.instance(p.instance_id).state == "loading"
+    assert c.mark_ready(p.instance_id, "f") and c.instance(p.instance_id).state == "ready"
+    assert not c.begin_load(p.instance_id)  # never back to loading
+    held = c.acquire_warm("f", 2)
+    assert held is not None and held.slot_id
+    assert c.drain(p.instance_id) == "busy"  # keep-alive never takes an instance a request just got
+    assert c.instance(p.instance_id).state == "ready"
+    c.release_request(held)
+    c.release_request(held)  # a second release changes nothing
+    assert c.instance(p.instance_id).outstanding == 0
+    assert c.drain(p.instance_id) == "draining"
+    assert c.acquire_warm("f", 2) is None  # a draining instance takes no request
+    assert not c.mark_ready(p.instance_id, "f")  # and is never resurrected
+    assert c.devices_with_room(8 * GB) == []  # still booked until its worker drops it
+    c.remove_instance(p.instance_id)
+    assert c.instance(p.instance_id) is None and [d.free_bytes for d in c.devices_with_room(GB)] == [10 * GB]
+    gone = c.place(_req("g", GB), FirstFit())
+    c.remove_instance(gone.instance_id)
+    assert not c.begin_load(gone.instance_id) and not c.mark_ready(gone.instance_id, "g")
+
+
+def test_stuck_claims_are_reaped_and_slot_leases_lapse(redis_url: str) -> None:
+    c = RedisCluster(redis.Redis.from_url(redis_url, decode_responses=True), claim_timeout_s=0.2, slot_ttl_s=0.2)
+    _register(c, "n", gpus=1, mem=10 * GB)
+    stuck = c.place(_req("s", 2 * GB), FirstFit())
+    served = c.place(_req("f", 2 * GB), FirstFit())
+    c.mark_ready(served.instance_id, "f")
+    assert c.acquire_warm("f", 1) is not None
+    assert c.acquire_warm("f", 1) is None  # at target concurrency
+    time.sleep(0.3)
+    assert c.reap_stuck() == [stuck.instance_id]
+    assert c.instance(stuck.instance_id) is None
+    assert c.acquire_warm("f", 1) is not None  # the first slot's lease lapsed (its gateway died)
+    assert c.instance(served.instance_id).outstanding == 1
+
+
+def test_heartbeat_reconciles_what_the_worker_holds(redis_url: str) -> None:
+    c = RedisCluster(redis.Redis.from_url(redis_url, decode_responses=True), claim_timeout_s=30)
+    _register(c, "n", gpus=1, mem=10 * GB)
+    ready = c.place(_req("r", GB), FirstFit())
+    c.mark_ready(ready.instance_id, "r")
+    lost = c.place(_req("l", GB), FirstFit())  # ready in Redis, but the worker lost it
+    c.mark_ready(lost.instance_id, "l")
+    pending = c.place(_req("p", GB), FirstFit())  # claimed, on its way to the worker
+    stale = c.place(_req("s", GB), FirstFit())
+    c.begin_load(stale.instance_id)  # loading in Redis; the worker says ready (a missed mark_ready)
+    drained = c.place(_req("d", GB), FirstFit())
+    c.mark_ready(drained.instance_id, "d")
+    c.drain(drained.instance_id)
+    hb = c.heartbeat("n", {}, [(ready.instance_id, "ready"), (stale.instance_id, "ready"),
+                               (drained.instance_id, "ready"), ("phantom", "ready")])
+    assert hb.known and hb.unknown == ("phantom",) and hb.draining == (drained.instance_id,)
+    assert hb.removed == (lost.instance_id,)
+    assert c.instance(lost.instance_id) is None
+    assert c.instance(pending.instance_id).state == "claimed"  # within its deadline
+    assert c.instance(stale.instance_id).state == "ready"

@@ -65,7 +65,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
            "EMBER_HEARTBEAT_INTERVAL_S": "0.3", "EMBER_DRAM_CAPACITY_BYTES": str(128 << 20), "PYTHONUNBUFFERED": "1"}
     env.pop("EMBER_REDIS_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "ember", "up", "--port", str(port), "--workers", "2",
-                             "--data-dir", str(data_dir)], env=env, stdout=subprocess.PIPE,
+                             "--data-dir", str(data_dir), "--simulated-gpus", "2", "--energy-mode", "actuate"],
+                            env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     deadline = time.monotonic() + 180
@@ -212,9 +213,30 @@ def test_locust_load_run_is_bounded_and_error_free(up: Up, tmp_path: Path) -> No
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["chat (headers)"]["count"] > 0 and summary["chat (headers)"]["failures"] == 0
-    assert summary["ttft_warm"]["count"] > 0 and summary["e2e"]["count"] > 0
-    assert (out / "latency.png").stat().st_size > 0 and (out / "locust.html").exists()
+    assert summary["scenario"] == "steady" and summary["requests"] > 0 and summary["failures"] == 0
+    assert summary["warm"]["count"] > 0 and summary["e2e_s"]["p50"] > 0
+    assert (out / "ttft.png").stat().st_size > 0 and (out / "locust.html").exists()
+    # what the scenario deployed on the given platform is gone again
+    functions = httpx.get(f"{up.url}/v1/functions", headers={"Authorization": f"Bearer {ADMIN}"}).json()["functions"]
+    assert not [f["name"] for f in functions if f["name"].startswith("lt-")]
+
+
+def test_energy_status_shows_the_emulated_gpus_of_ember_up(up: Up) -> None:
+    """`ember up --simulated-gpus 2 --energy-mode actuate` reached both workers; after the requests
+    above, `ember energy status` shows power, energy and J/token that are not zero."""
+    from typer.testing import CliRunner
+
+    from ember.cli import app
+
+    r = CliRunner().invoke(app, ["energy", "status", "--json"], env={"EMBER_URL": up.url, "EMBER_API_KEY": ADMIN})
+    assert r.exit_code == 0, r.output
+    devices = json.loads(r.stdout)["devices"]
+    assert sorted((d["node"], d["device"]) for d in devices) == [
+        (n, s) for n in ("node-0", "node-1") for s in ("sim:0", "sim:1")]
+    assert all(d["mode"] == "actuate" and d["power_w"] > 0 and d["energy_j"] > 0 for d in devices)
+    assert any((d["j_per_token"] or 0) > 0 for d in devices)
+    # actuate mode journaled each GPU's original settings before changing them
+    assert len(list(up.data_dir.glob("nodes/node-*/energy/original_settings.json"))) == 2
 
 
 def test_sigterm_stops_every_child(up: Up) -> None:
@@ -228,3 +250,5 @@ def test_sigterm_stops_every_child(up: Up) -> None:
     assert _alive(children) == set()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=1)
+    # every worker put its (emulated) GPUs back as it found them and dropped its journal
+    assert list(up.data_dir.glob("nodes/node-*/energy/original_settings.json")) == []

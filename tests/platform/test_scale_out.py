@@ -30,7 +30,8 @@ def _decide(states: tuple[str, ...], waiting: int, *, service_s: float = 0.0, st
     spec = FunctionSpec(name="f", **FunctionDeploy(checkpoint="c", slo={"ttft_ms": ttft_ms}, scaling={
         "max_instances": max_instances, "target_concurrency": target}).model_dump())
     inv = Invoker(Settings(), Instances(*states), None, GatewayMetrics(), lambda s: None)  # type: ignore[arg-type]
-    inv.waiting["f"] = waiting
+    for _ in range(waiting):
+        inv.queues.join("f")
     if service_s:
         inv.service_s["f"] = service_s
     if startup_s:

@@ -62,7 +62,7 @@ async def delete_function(name: str, request: Request, principal: AnyPrincipal) 
     spec = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).delete, name, principal)
     # instances of a deleted function go away at once (the autoscaler would also reap them)
     for inst in await to_thread.run_sync(request.app.state.cluster.instances, spec.name):
-        await unload_instance(request.app, inst)
+        await unload_instance(request.app, inst, force=True)
     return Response(status_code=204)
 
 
@@ -110,7 +110,7 @@ async def resolve_checkpoint(request: Request, checkpoint: str) -> int:
     return int(resp.json()["nbytes"])
 
 
-async def unload_instance(app: Any, inst: Any) -> None:
-    """Tell the instance's worker to unload it (its checkpoint stays in the DRAM tier); forget it."""
-    await app.state.invoker.unload_on_worker(inst)
-    await to_thread.run_sync(app.state.cluster.remove_instance, inst.instance_id)
+async def unload_instance(app: Any, inst: Any, *, force: bool = False) -> bool:
+    """Drain the instance, then its worker drops it when idle (its checkpoint stays in the DRAM
+    tier) and removes it. Without `force`, only an instance with no outstanding request."""
+    return bool(await app.state.invoker.unload(inst, force=force))

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import redis
+import redis.asyncio as aredis
 from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,13 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
 from ember.platform import energy_api
-from ember.platform.cluster import RedisCluster
+from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
 from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
 from ember.scheduler.policies import PolicyChooser
 
@@ -44,10 +46,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
                                       health_check_interval=10)
         app.state.redis = client
-        app.state.cluster = RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s)
+        app.state.cluster = RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                                         claim_timeout_s=settings.claim_timeout_s, slot_ttl_s=settings.slot_ttl_s)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
-        app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for)
+        aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                        socket_connect_timeout=2, health_check_interval=10,
+                                        retry_on_error=[redis.ConnectionError])  # a stale pooled connection after a Redis restart
+        slots = AsyncSlots(aclient, slot_ttl_s=settings.slot_ttl_s)
+        app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for, slots)
+        stop = asyncio.Event()
+        helpers = [asyncio.create_task(listen_for_wakeups(settings.redis_url, app.state.invoker.queues, stop),
+                                       name="wake-listener"),
+                   asyncio.create_task(renew_slot_leases(slots, settings.slot_ttl_s / 3, stop), name="slot-leases")]
+        for t in helpers:
+            t.add_done_callback(log_task_errors)
         try:
             await to_thread.run_sync(KeyStore(client).bootstrap_admin, settings.resolved_admin_key())
         except redis.RedisError as e:
@@ -58,9 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            stop.set()
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.gather(task, *helpers, return_exceptions=True)
             await app.state.http.aclose()
+            await aclient.aclose()
             client.close()
 
     policies = PolicyChooser(settings.placement_policy)  # built once: round_robin and random keep state
@@ -89,6 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             nodes = await to_thread.run_sync(request.app.state.cluster.live_nodes)
         except (redis.RedisError, EmberError) as e:
             return JSONResponse({"status": "unavailable", "reason": f"redis: {e}"}, status_code=503)
+        expected = settings.expected_workers
+        if expected and len(nodes) < expected:  # `ember up` says how many it runs: one is missing
+            return JSONResponse({"status": "degraded", "workers": len(nodes), "expected": expected},
+                                status_code=503)
         return JSONResponse({"status": "ready", "workers": len(nodes)})
 
     @app.get("/metrics")

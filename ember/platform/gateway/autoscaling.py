@@ -73,6 +73,10 @@ class AutoscalerLoop:
                 await self.step()
             except (redis.RedisError, EmberError) as e:
                 log.warning("autoscaler step skipped: %s", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad step must not end autoscaling for good
+                log.exception("autoscaler step failed")
             await asyncio.sleep(self.settings.autoscaler_interval_s)
 
     async def step(self) -> None:
@@ -84,19 +88,44 @@ class AutoscalerLoop:
             await to_thread.run_sync(energy_api.allocate_and_store, self.app.state.redis)
         if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
             return
+        # the step's actions may take long (a cold start): the lease is renewed while they run
+        renew = asyncio.create_task(self._keep_lease(ttl), name="autoscaler-lease")
+        try:
+            await self._act(cluster, demand)
+        finally:
+            renew.cancel()
+            await asyncio.gather(renew, return_exceptions=True)
+
+    async def _keep_lease(self, ttl: float) -> None:
+        cluster = self.app.state.cluster
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
+                    log.warning("autoscaler lease lost to another gateway during a step")
+                    return
+            except EmberError as e:
+                log.warning("could not renew the autoscaler lease: %s", e)
+
+    async def _act(self, cluster: Any, demand: dict[str, float]) -> None:
         await to_thread.run_sync(cluster.reap_dead_nodes)
+        stuck = await to_thread.run_sync(cluster.reap_stuck)
+        if stuck:
+            log.warning("autoscaler: reaped claims stuck starting past their deadline: %s", ", ".join(stuck))
         functions = await to_thread.run_sync(FunctionRegistry(self.app.state.redis).list)
         specs = {f.name: scaling_spec(f) for f in functions}
-        instances = await to_thread.run_sync(cluster.instances)
-        self._export_gauge(instances)
+        all_instances = await to_thread.run_sync(cluster.instances)
+        self._export_gauge(all_instances)
+        instances = [i for i in all_instances if i.state != "draining"]  # on their way out already
         actions = await to_thread.run_sync(
             lambda: self.autoscaler.step(specs, instances, time.time(), view=cluster, demand_per_s=demand))
         by_id = {i.instance_id: i for i in instances}
         by_name = {f.name: f for f in functions}
         for action in actions:
             if isinstance(action, Unload) and action.instance_id in by_id:
-                log.info("autoscaler: unload %s of %s (%s)", action.instance_id, action.function, action.reason)
-                await unload_instance(self.app, by_id[action.instance_id])
+                # draining only if still idle at this instant: a request that just took it keeps it
+                if await unload_instance(self.app, by_id[action.instance_id]):
+                    log.info("autoscaler: unload %s of %s (%s)", action.instance_id, action.function, action.reason)
             elif isinstance(action, EnsureInstances) and action.function in by_name:
                 await self._ensure(by_name[action.function], action.count - action.current)
             elif isinstance(action, Prefetch):

@@ -10,24 +10,25 @@ gateway's SLO timeout, then 503.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import redis
 from anyio import to_thread
 
 from ember.config import Settings
-from ember.errors import EmberError, NoCapacity, WorkerError
-from ember.platform.cluster import InstanceRecord, RedisCluster
+from ember.errors import EmberError, NoCapacity, StateUnavailable, WorkerError, WorkerTimeout
+from ember.platform.cluster import AsyncSlots, InstanceRecord, RedisCluster
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.gateway.waiting import WaitQueues
+from ember.platform.gateway.worker_stream import Retry, prepend, worker_error, worker_events
 from ember.platform.loadqueues import LoadQueues
 from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
 from ember.scheduler.eviction import plan_evictions
@@ -50,7 +51,9 @@ class InvocationTarget:
     tier: str
     startup_ms: float
     function: str = ""
+    record: InstanceRecord | None = None  # the slot's holder (its slot_id)
     acquired_at: float = field(default_factory=time.monotonic)
+    released: bool = False
 
     def headers(self) -> dict[str, str]:
         return {
@@ -62,84 +65,133 @@ class InvocationTarget:
 
 
 class Invoker:
-    """Routes invocations of one gateway. Redis calls run in the threadpool (sync client)."""
+    """Routes invocations of one gateway. The hot path (slots, wake-ups) is redis.asyncio; the cold
+    path (placement, eviction) runs the sync cluster in the threadpool."""
 
     def __init__(self, settings: Settings, cluster: RedisCluster, http: httpx.AsyncClient,
-                 metrics: GatewayMetrics, policy_for: Any) -> None:
+                 metrics: GatewayMetrics, policy_for: Any, slots: AsyncSlots | None = None) -> None:
         self.settings = settings
         self.cluster = cluster
         self._load_queues: LoadQueues | None = None
         self.http = http
         self.metrics = metrics
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
-        self.waiting: dict[str, int] = defaultdict(int)
+        self.slots = slots
+        self.queues = WaitQueues()
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
         self._room_tried: dict[str, float] = {}  # function -> when this gateway last tried evicting for it
+        self.timeout = httpx.Timeout(settings.worker_read_timeout_s, connect=settings.worker_connect_timeout_s)
 
     def load_queues(self) -> LoadQueues:
         if self._load_queues is None:
             self._load_queues = LoadQueues(self.cluster.r)
         return self._load_queues
 
-    async def acquire(self, spec: FunctionSpec) -> InvocationTarget:
-        """A target with one outstanding slot taken for this request; release it with `release`."""
+    @property
+    def waiting(self) -> dict[str, int]:
+        return {fn: len(q) for fn, q in self.queues.queues.items()}
+
+    async def _take(self, spec: FunctionSpec, exclude: set[str]) -> InstanceRecord | None:
+        if self.slots is not None:
+            try:
+                return await self.slots.acquire(spec.name, spec.scaling.target_concurrency, exclude)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                raise StateUnavailable(f"cluster state (Redis) unavailable: {e}") from e
+        return await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency,
+                                        exclude)
+
+    async def acquire(self, spec: FunctionSpec, exclude: set[str] | None = None) -> InvocationTarget:
+        """A target with one request slot taken for this request; release it with `release`.
+        Requests that must wait queue in arrival order and are woken (pub/sub) when a slot frees or
+        an instance becomes ready; the head of the queue starts cold instances when needed."""
+        exclude = exclude or set()
+        name = spec.name
+        if not self.queues.waiting(name):  # nobody waiting: never jump the queue
+            rec = await self._take(spec, exclude)
+            if rec is not None:
+                return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0, name, rec)
         deadline = time.monotonic() + self.settings.slo_timeout_s
-        cold: LoadResult | None = None
         t0 = time.monotonic()
-        pause_s = 0.005  # backs off to 50 ms while waiting for a slot (each try is one Redis script)
-        self.waiting[spec.name] += 1
+        cold: LoadResult | None = None
+        starting: asyncio.Task[LoadResult | None] | None = None
+        placed: dict[str, str] = {}  # the instance id our cold start placed, once placed
+        ev = self.queues.join(name)
         try:
             while True:
-                rec = await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency)
-                if rec is not None:
-                    if cold is None:
-                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, False, "warm", 0.0,
-                                                spec.name)
-                    startup_ms = (time.monotonic() - t0) * 1000 if rec.instance_id != cold.instance_id \
-                        else cold.startup_ms
-                    return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier, startup_ms,
-                                            spec.name)
-                if cold is None and await self._should_start(spec):
-                    cold = await self.cold_start(spec)
-                    if cold is not None:
-                        continue
-                    # no device has room: wait (and try again) until the deadline, not in a tight loop
-                if time.monotonic() > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise NoCapacity(
-                        f"no instance of {spec.name!r} could serve within {self.settings.slo_timeout_s:.0f}s "
-                        "(all busy or no device has room)"
-                    )
-                await asyncio.sleep(pause_s)
-                pause_s = min(0.05, pause_s * 1.5)
+                        f"no instance of {name!r} could serve within {self.settings.slo_timeout_s:.0f}s "
+                        "(all busy or no device has room)")
+                waiter = asyncio.ensure_future(ev.wait())
+                pending = {waiter} | ({starting} if starting is not None else set())
+                await asyncio.wait(pending, timeout=min(remaining, 1.0), return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if starting is not None and starting.done():
+                    cold = starting.result()  # a failed cold start fails the request that started it
+                    starting = None
+                if not self.queues.is_head(name, ev):
+                    ev.clear()
+                    continue
+                ev.clear()
+                rec = await self._take(spec, exclude)
+                if rec is not None:
+                    if starting is not None and placed.get("instance_id") == rec.instance_id:
+                        # our cold start's instance is ready; its load answer is on its way
+                        await asyncio.wait({starting}, timeout=5.0)
+                        if starting.done() and not starting.cancelled() and starting.exception() is None:
+                            cold, starting = starting.result(), None
+                    if cold is not None and rec.instance_id == cold.instance_id:
+                        return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, True, cold.tier,
+                                                cold.startup_ms, name, rec)
+                    waited_cold = cold is not None or starting is not None
+                    return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, waited_cold,
+                                            cold.tier if cold else "warm",
+                                            (time.monotonic() - t0) * 1000 if waited_cold else 0.0, name, rec)
+                if starting is None and cold is None and await self._should_start(spec):
+                    placed = {}
+                    starting = asyncio.ensure_future(self.cold_start(spec, placed))
         finally:
-            self.waiting[spec.name] -= 1
+            self.queues.leave(name, ev)
+            if starting is not None and not starting.done():
+                starting.add_done_callback(_log_cold_start)  # it finishes for the next request
 
     async def release(self, target: InvocationTarget) -> None:
+        """Free the request's slot; shielded, so a cancelled request (a client that went away)
+        still frees it. A release that cannot reach Redis leaves a lease that lapses."""
+        if target.released:
+            return
+        target.released = True
         self._ewma(self.service_s, target.function, time.monotonic() - target.acquired_at)
-        try:
-            await to_thread.run_sync(self.cluster.release_request, target.instance_id)
-        except EmberError:
-            log.warning("could not release a slot of instance %s", target.instance_id)
+        with anyio.CancelScope(shield=True):
+            try:
+                if self.slots is not None and target.record is not None:
+                    await self.slots.release(target.record)
+                else:
+                    await to_thread.run_sync(self.cluster.release_request, target.record or target.instance_id)
+            except (EmberError, redis.RedisError, OSError) as e:
+                log.warning("could not release a slot of instance %s (%s): its lease lapses", target.instance_id, e)
 
     async def _should_start(self, spec: FunctionSpec) -> bool:
         """The scheduler's scale-out rule (`routing.should_start`, the simulator's too) on what this
-        gateway knows: the function's instances, its waiting requests, and EWMAs of service,
-        prefill and cold-start times. The predicted wait: with a ready instance, the queue drains
-        at slots/service_s per second; with only loading ones, the earliest expected end of a load."""
-        instances = await to_thread.run_sync(self.cluster.instances, spec.name)
+        gateway knows: the function's instances (draining ones do not count), its waiting requests,
+        and EWMAs of service, prefill and cold-start times. The predicted wait: with a ready
+        instance, the queue drains at slots/service_s per second; with only starting ones, the
+        earliest expected end of a load (the cold-start EWMA from when each was placed)."""
+        instances = [i for i in await to_thread.run_sync(self.cluster.instances, spec.name) if i.state != "draining"]
         s = spec.scaling
-        waiting = self.waiting[spec.name]
-        loading = [i for i in instances if i.state == "loading"]
+        waiting = self.queues.waiting(spec.name)
+        starting = [i for i in instances if i.state in ("claimed", "loading")]
         startup_s = self.startup_s.get(spec.name, 0.0)
-        if instances and len(loading) == len(instances):
+        if instances and len(starting) == len(instances):
             now = time.time()
-            wait_s = min(max(0.0, startup_s - (now - i.created_s)) for i in loading)
+            wait_s = min(max(0.0, startup_s - (now - i.created_s)) for i in starting)
         else:
             wait_s = self.service_s.get(spec.name, 0.0) * waiting / max(1, len(instances) * s.target_concurrency)
-        return should_start(instances=len(instances), loading=len(loading), waiting=waiting,
+        return should_start(instances=len(instances), loading=len(starting), waiting=waiting,
                             target_concurrency=s.target_concurrency, max_instances=s.max_instances,
                             predicted_wait_s=wait_s, prefill_s=self.prefill_s.get(spec.name, 0.0),
                             ttft_slo_s=spec.slo.ttft_ms / 1000, cold_start_s=startup_s)
@@ -153,8 +205,9 @@ class Invoker:
     def _ewma(table: dict[str, float], key: str, value: float) -> None:
         table[key] = ewma(table.get(key), value, SERVICE_EWMA_ALPHA)
 
-    async def cold_start(self, spec: FunctionSpec) -> LoadResult | None:
-        """Place and load one new instance of `spec`; None when no device has room now."""
+    async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
+        """Place and load one new instance of `spec`; None when no device has room now. `placed`
+        receives the instance id as soon as it is placed."""
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances)
@@ -166,24 +219,29 @@ class Invoker:
         finally:
             for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
                 self.metrics.evictions.labels(inst.function).inc()
-                await self.unload_on_worker(inst)
+                await self._drop_on_worker(inst)
         if placement is None:
             return None
+        if placed is not None:
+            placed["instance_id"] = placement.instance_id
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
                 json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
-                timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=2.0),
+                timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
             )
         except httpx.ConnectError as e:
+            await self._forget(placement.instance_id)
             await self._node_gone(placement.node_id, e)
             return None  # the caller places again, on a live node
-        except httpx.HTTPError as e:
-            await to_thread.run_sync(self.cluster.remove_instance, placement.instance_id)
-            raise WorkerError(f"worker {placement.node_id} failed to start {spec.name!r}: {e}") from e
+        except BaseException as e:  # timed out, cancelled: give up (a load finishing later finds its claim gone)
+            await self._forget(placement.instance_id)
+            if isinstance(e, httpx.HTTPError):
+                raise WorkerError(f"worker {placement.node_id} failed to start {spec.name!r}: {e}") from e
+            raise
         if resp.status_code != 200:
-            await to_thread.run_sync(self.cluster.remove_instance, placement.instance_id)
+            await self._forget(placement.instance_id)
             raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
         result = LoadResult.model_validate(resp.json())
         self._ewma(self.startup_s, spec.name, result.startup_ms / 1000)
@@ -197,10 +255,31 @@ class Invoker:
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result
 
+    async def _drop_on_worker(self, inst: InstanceRecord) -> None:
+        """Tell a worker to drop an instance Redis already forgot (evicted for a placement); if it
+        cannot be reached, its next heartbeat reconciles (Redis no longer knows the instance)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
+                                       params={"wait_s": 0}, headers={CLUSTER_TOKEN_HEADER: self.token},
+                                       timeout=httpx.Timeout(5.0, connect=self.settings.worker_connect_timeout_s))
+            except httpx.HTTPError as e:
+                log.warning("drop of evicted %s on %s: %s (its heartbeat reconciles)", inst.instance_id,
+                            inst.node_id, e)
+
+    async def _forget(self, instance_id: str) -> None:
+        """Remove an instance this gateway gave up on (shielded: it runs when cancelled too)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await to_thread.run_sync(self.cluster.remove_instance, instance_id)
+            except EmberError as e:  # the claim's deadline reaps it
+                log.warning("could not forget instance %s: %s", instance_id, e)
+
     async def _make_room(self, spec: FunctionSpec, request: PlacementRequest) -> bool:
-        """No device has room: evict least recently used idle instances of other functions (never
-        below their min_instances, never one serving a request) on the device that needs the fewest.
-        Tried at most every 0.5 s per function by this gateway; True if something was evicted."""
+        """No device has room: drain least recently used idle instances of other functions (never
+        below their min_instances, never one serving a request) on the device that needs the fewest;
+        their workers drop them and free the claims. Tried at most every 0.5 s per function by this
+        gateway; True if something was unloaded."""
         now = time.monotonic()
         if now - self._room_tried.get(spec.name, -1.0) < 0.5:
             return False
@@ -218,53 +297,97 @@ class Invoker:
         by_id = {i.instance_id: i for i in instances}
         evicted = False
         for v in victims:
-            if not await to_thread.run_sync(self.cluster.evict_if_idle, v.instance_id):
+            if not await self.unload(by_id[v.instance_id]):
                 break  # it took a request meanwhile: the device stays full
             evicted = True
-            log.info("evicting idle instance %s of %s from %s to make room for %s", v.instance_id, v.function,
+            log.info("evicted idle instance %s of %s from %s to make room for %s", v.instance_id, v.function,
                      v.device_key, spec.name)
             self.metrics.evictions.labels(v.function).inc()
-            await self.unload_on_worker(by_id[v.instance_id])
         return evicted
 
-    async def unload_on_worker(self, inst: InstanceRecord) -> None:
-        """Ask the worker to drop an instance Redis no longer lists (its checkpoint stays cached)."""
+    async def unload(self, inst: InstanceRecord, *, force: bool = False, wait_s: float = 5.0) -> bool:
+        """Unload an instance: draining first (atomically, and without `force` only when it has no
+        outstanding request), then its worker drops it when idle and removes it from Redis. False
+        when it is busy or not ready (nothing changed)."""
+        state = await to_thread.run_sync(lambda: self.cluster.drain(inst.instance_id, force=force))
+        if state == "removed":
+            return True
+        if state != "draining":
+            return False
         try:
-            await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
-                                   headers={CLUSTER_TOKEN_HEADER: self.token}, timeout=10.0)
-        except httpx.HTTPError as e:
-            log.warning("unload of %s on %s failed: %s", inst.instance_id, inst.node_id, e)
+            resp = await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
+                                          params={"wait_s": wait_s}, headers={CLUSTER_TOKEN_HEADER: self.token},
+                                          timeout=httpx.Timeout(wait_s + 5.0, connect=self.settings.worker_connect_timeout_s))
+            if resp.status_code == 404:  # the worker does not hold it: nothing is loaded, free the claim
+                await self._forget(inst.instance_id)
+        except httpx.HTTPError as e:  # its worker learns of the drain at its next heartbeat (or is reaped)
+            log.warning("unload of %s on %s: %s (the worker's heartbeat finishes it)", inst.instance_id,
+                        inst.node_id, e)
+        return True
 
     async def open(self, spec: FunctionSpec, req: GenerateRequest,
                    attempts: int = 3) -> tuple[InvocationTarget, AsyncIterator[dict[str, Any]]]:
-        """Acquire a target and open its token stream. An instance whose worker cannot be reached
-        (or no longer has it) is forgotten and another is tried, so a dead worker costs a retry, not
-        an error. Closing the returned iterator cancels generation on the worker."""
+        """Acquire a target and open its token stream, reading its first event before returning. An
+        instance whose worker cannot be reached (or no longer has it) is forgotten and another is
+        tried; a worker that dies or stalls before sending anything costs one retry elsewhere, not
+        an error (nothing has reached the client yet). The slot is released on every failure here;
+        closing the returned iterator cancels generation on the worker."""
         last: EmberError | None = None
+        tried: set[str] = set()
+        stalls = 0
         for _ in range(attempts):
-            target = await self.acquire(spec)
-            url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
-            request = self.http.build_request("POST", url, json=req.model_dump(),
-                                              headers={CLUSTER_TOKEN_HEADER: self.token},
-                                              timeout=httpx.Timeout(None, connect=2.0))
+            target = await self.acquire(spec, tried)
             try:
-                resp = await self.http.send(request, stream=True)
-            except httpx.ConnectError as e:
-                await self._node_gone(target.node_id, e)
-                last = WorkerError(f"worker {target.node_id} unreachable: {e}")
-                continue
-            if resp.status_code == 404:
-                await resp.aclose()
-                await to_thread.run_sync(self.cluster.remove_instance, target.instance_id)
-                last = WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}")
-                continue
-            if resp.status_code != 200:
-                await resp.aread()
-                await resp.aclose()
+                events = await self._start(target, req)
+            except Retry as r:
                 await self.release(target)
-                raise worker_error(resp, f"worker {target.node_id} refused the request")
-            return target, self._events(target, resp)
+                tried.add(target.instance_id)
+                last = r.error
+                if r.stalled:
+                    stalls += 1
+                    if stalls > 1:
+                        raise r.error from None
+                continue
+            except BaseException:
+                await self.release(target)
+                raise
+            return target, events
         raise last or WorkerError(f"no reachable instance of {spec.name!r}")
+
+    async def _start(self, target: InvocationTarget, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
+        request = self.http.build_request("POST", url, json=req.model_dump(),
+                                          headers={CLUSTER_TOKEN_HEADER: self.token}, timeout=self.timeout)
+        try:
+            resp = await self.http.send(request, stream=True)
+        except httpx.ConnectError as e:
+            await self._node_gone(target.node_id, e)
+            raise Retry(WorkerError(f"worker {target.node_id} unreachable: {e}")) from e
+        except httpx.TimeoutException as e:
+            raise Retry(WorkerTimeout(f"worker {target.node_id} did not answer within "
+                                       f"{self.settings.worker_read_timeout_s:.0f}s"), stalled=True) from e
+        except httpx.HTTPError as e:
+            raise Retry(WorkerError(f"worker {target.node_id} failed before answering: {e}"), stalled=True) from e
+        if resp.status_code in (404, 409):
+            await resp.aclose()
+            await self._forget(target.instance_id)
+            raise Retry(WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}"))
+        if resp.status_code != 200:
+            await resp.aread()
+            await resp.aclose()
+            raise worker_error(resp, f"worker {target.node_id} refused the request")
+        events = worker_events(target.node_id, resp, self.settings.worker_read_timeout_s)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except WorkerError as e:
+            await events.aclose()
+            raise Retry(e, stalled=True) from e
+        except BaseException:
+            await events.aclose()
+            raise
+        return prepend(first, events)
 
     async def _node_gone(self, node_id: str, err: Exception) -> None:
         """A refused connection means the worker process is gone: drop the node and its instances
@@ -272,29 +395,6 @@ class Invoker:
         log.warning("worker %s refused a connection (%s); deregistering it", node_id, err)
         await to_thread.run_sync(self.cluster.deregister_node, node_id)
 
-    @staticmethod
-    async def _events(target: InvocationTarget, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async for line in resp.aiter_lines():
-                if not line:
-                    continue
-                ev = json.loads(line)
-                if "error" in ev:  # the worker failed mid-stream; it answers in the OpenAI error shape
-                    raise EmberError(ev["error"]["message"], code=ev["error"].get("code"))
-                yield ev
-        except httpx.HTTPError as e:
-            raise WorkerError(f"lost the stream from worker {target.node_id}: {e}") from e
-        finally:
-            await resp.aclose()
-
-
-def worker_error(resp: httpx.Response, context: str) -> EmberError:
-    """Rebuild the worker's Ember error (it answers in the OpenAI error shape), keeping its status."""
-    try:
-        body = resp.json()["error"]
-        err = EmberError(f"{context}: {body['message']}", code=body.get("code") or "worker_error")
-        err.status_code = resp.status_code if resp.status_code < 500 else 502
-        err.error_type = body.get("type") or "server_error"
-        return err
-    except (ValueError, KeyError, TypeError):
-        return WorkerError(f"{context}: HTTP {resp.status_code}")
+def _log_cold_start(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a cold start no request waits for anymore failed: %s", task.exception())

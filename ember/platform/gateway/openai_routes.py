@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -86,7 +87,8 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start)
-        return StreamingResponse(sse, media_type="text/event-stream", headers=target.headers())
+        return _ReleasingStream(sse, events, invoker, target, media_type="text/event-stream",
+                                headers=target.headers())
     try:
         text, done, t_first = echo, {}, None
         async for ev in events:
@@ -99,8 +101,9 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
         raise
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
-        await invoker.release(target)
+        with anyio.CancelScope(shield=True):  # a cancelled request still closes the stream and frees its slot
+            await events.aclose()  # type: ignore[attr-defined]
+            await invoker.release(target)
     _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
     metrics.requests.labels(spec.name, "200").inc()
     usage = _usage(done)
@@ -161,8 +164,29 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
     finally:
         metrics.requests.labels(spec.name, status).inc()
-        await events.aclose()  # type: ignore[attr-defined]
-        await invoker.release(target)
+        # Starlette cancels this generator when the client goes away: without the shield these awaits
+        # would be cancelled too and the slot would leak
+        with anyio.CancelScope(shield=True):
+            await events.aclose()  # type: ignore[attr-defined]
+            await invoker.release(target)
+
+
+class _ReleasingStream(StreamingResponse):
+    """A streaming response that closes the worker stream and frees the slot however it ends: an
+    async generator that never started (the client left before the first chunk) runs no `finally`."""
+
+    def __init__(self, content: AsyncIterator[bytes], events: AsyncIterator[dict[str, Any]], invoker: Invoker,
+                 target: InvocationTarget, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._events, self._invoker, self._target = events, invoker, target
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()  # type: ignore[attr-defined]
+                await self._invoker.release(self._target)
 
 
 def _usage(done: dict[str, Any]) -> dict[str, int]:

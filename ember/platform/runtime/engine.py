@@ -4,6 +4,10 @@ streaming generation loop that can be cancelled between tokens.
 Concurrency: each request runs its own decode loop in its own thread over the shared, read-only
 weights (KV caches are per request). On CPU with tiny models this keeps per-token latency low;
 continuous batching would pay off with larger models on GPUs and is not done here.
+
+Phase signal: around every forward pass the instance calls its `StepListener` (the node's energy
+agent, ember.energy.steps): `phase_starts` before, `step_done` after; the first forward of a
+request is its prefill, the rest are decode steps (one sequence each).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ember.energy.steps import EngineStep, StepListener
 from ember.errors import BadRequest
 from ember.platform.gateway.protocol import GenerateRequest
 
@@ -41,12 +46,17 @@ class GenerationDone:
 class ModelInstance:
     """A model ready to serve: built on the meta device and given the loader's tensors."""
 
-    def __init__(self, instance_id: str, function: str, model: Any, tokenizer: Any, loaded: Any = None) -> None:
+    def __init__(self, instance_id: str, function: str, model: Any, tokenizer: Any, loaded: Any = None, *,
+                 device_id: str = "", step_listener: StepListener | None = None) -> None:
         self.instance_id = instance_id
         self.function = function
         self.model = model
         self.tokenizer = tokenizer
         self.loaded = loaded
+        self.device_id = device_id  # the worker's device id ("cpu:0", "cuda:1"), for the phase signal
+        self.step_listener = step_listener
+        self.model_bytes = int(getattr(loaded, "nbytes", 0) or 0) or sum(
+            p.numel() * p.element_size() for p in model.parameters())
         self.active = 0
         self.finished: dict[str, int] = {"stop": 0, "length": 0, "cancelled": 0}
         self._lock = threading.Lock()
@@ -62,7 +72,8 @@ class ModelInstance:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
-    def from_loaded(cls, instance_id: str, function: str, loaded: Any, device: str = "cpu") -> ModelInstance:
+    def from_loaded(cls, instance_id: str, function: str, loaded: Any, device: str = "cpu", *,
+                    device_id: str = "", step_listener: StepListener | None = None) -> ModelInstance:
         """Build from a loader `LoadedCheckpoint` (no random init, no second copy of the weights)."""
         from transformers import AutoTokenizer
 
@@ -70,7 +81,8 @@ class ModelInstance:
 
         model = build_model(loaded.model_files, loaded.state_dict, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(loaded.model_files))
-        return cls(instance_id, function, model, tokenizer, loaded)
+        return cls(instance_id, function, model, tokenizer, loaded, device_id=device_id or device,
+                   step_listener=step_listener)
 
     def close(self) -> None:
         """Drop the model; the loader keeps the checkpoint bytes in its DRAM tier."""
@@ -124,8 +136,18 @@ class ModelInstance:
                     if cancelled.is_set():
                         finish = "cancelled"
                         break
+                    phase = "prefill" if past is None else "decode"
+                    listener = self.step_listener
+                    if listener is not None:
+                        listener.phase_starts(self.device_id, phase)
+                    t_step = time.perf_counter()
                     out = self.model(input_ids=step_input, use_cache=True, **{self._cache_kw: past})
                     past = out.get("cache", None) if self._cache_kw == "cache" else out.past_key_values
+                    if listener is not None:
+                        listener.step_done(EngineStep(
+                            self.device_id, phase, tokens=int(step_input.shape[1]), batch_size=1,
+                            seconds=time.perf_counter() - t_step, function=self.function,
+                            kv_tokens=len(ids) + len(out_ids), model_bytes=self.model_bytes))
                     tok = _sample(out.logits[0, -1].float(), req.temperature, req.top_p, gen)
                     if t_first is None:
                         t_first = time.perf_counter()

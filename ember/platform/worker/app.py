@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import redis
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
@@ -55,8 +55,10 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def healthz(request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
         return {"status": "ok", "node": node.node_id, "instances": {
-            i.instance_id: {"function": i.function, "active": i.active, "finished": i.finished}
-            for i in list(node.instances.values())}}
+            i.instance_id: {"function": i.function, "active": i.active, "finished": i.finished,
+                            "state": node.states.get(i.instance_id, "ready")}
+            for i in list(node.instances.values())},
+            "loading": [k for k, v in list(node.states.items()) if v == "loading"]}
 
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
@@ -76,10 +78,18 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         return {"status": "started" if started else "already running", "checkpoint": body.checkpoint}
 
     @app.delete("/internal/instances/{instance_id}")
-    async def unload(instance_id: str, request: Request) -> dict[str, str]:
+    async def unload(instance_id: str, request: Request, wait_s: float = 5.0) -> JSONResponse:
+        """Drop an instance when it has no active request (the gateway marked it draining first),
+        then remove it from Redis. Waits up to `wait_s`; 202 when it is still draining then."""
         node: WorkerNode = request.app.state.node
-        await to_thread.run_sync(node.unload, instance_id)
-        return {"status": "unloaded", "instance_id": instance_id}
+        node.get(instance_id)  # 404 when this worker does not hold it
+        node._drop_when_idle(instance_id, remove=True)
+        deadline = asyncio.get_running_loop().time() + max(0.0, min(wait_s, 60.0))
+        while instance_id in node.instances and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        done = instance_id not in node.instances
+        return JSONResponse({"status": "unloaded" if done else "draining", "instance_id": instance_id},
+                            status_code=200 if done else 202)
 
     @app.post("/internal/instances/{instance_id}/generate")
     async def generate(instance_id: str, body: GenerateRequest, request: Request) -> StreamingResponse:

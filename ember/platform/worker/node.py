@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.config import Settings
-from ember.errors import EmberError, NotFound
+from ember.errors import EmberError, InstanceGone, NotFound
 from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
 from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult
 from ember.platform.runtime.engine import ModelInstance
@@ -65,6 +65,12 @@ class WorkerNode:
                                ssd_capacity_bytes=settings.ssd_capacity_bytes)
         self.instances: dict[str, ModelInstance] = {}
         self.records: dict[str, InstanceRecord] = {}
+        # what this worker really holds: instance id -> "loading" | "ready" | "draining". Published on
+        # every heartbeat and re-registration; changed, with its Redis transition, under _state_lock
+        # (so a beat never reports a snapshot older than what Redis was told)
+        self.states: dict[str, str] = {}
+        self._state_lock = threading.RLock()
+        self._dropping: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._prefetching: set[str] = set()
@@ -95,19 +101,47 @@ class WorkerNode:
         for inst in list(self.instances.values()):
             inst.close()
         self.instances.clear()
+        if self.energy is not None:
+            self.energy.close()  # actuate mode: every GPU back to its original limit and clocks
         self.tiers.close()  # the DRAM pool goes with the last process of this node that uses it
 
     def register(self) -> None:
-        self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps)
-        for rec in list(self.records.values()):
-            self.cluster.restore_instance(rec)
-        self.cluster.heartbeat(self.node_id, self.tiers.holdings())
+        """Register the node and re-assert every instance it holds with its REAL state (never a
+        copy read before it became ready), then beat once to reconcile."""
+        with self._state_lock:
+            self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps)
+            for iid, state in list(self.states.items()):
+                rec = self.records.get(iid)
+                if rec is None or state == "loading":
+                    continue  # a load in progress re-asserts itself when it finishes (mark_ready)
+                rec.state = state
+                rec.outstanding = 0
+                rec.deadline_s = 0.0
+                self.cluster.restore_instance(rec)
+        self.beat()
         log.info("node %s registered at %s with %d devices", self.node_id, self.url, len(self.devices))
+
+    def beat(self) -> bool:
+        """One heartbeat: publish holdings and the instances held; act on Redis's answer. False when
+        Redis did not know the node (the caller registers again)."""
+        with self._state_lock:
+            report = list(self.states.items())
+            hb = self.cluster.heartbeat(self.node_id, self.tiers.holdings(), report)
+        if not hb.known:
+            return False
+        for iid in hb.unknown:
+            log.warning("instance %s is not booked in Redis (reaped or given up): dropping it", iid)
+            self._drop_when_idle(iid, remove=False)
+        for iid in hb.draining:
+            self._drop_when_idle(iid, remove=True)
+        if hb.removed:
+            log.warning("Redis dropped claims of instances this worker does not hold: %s", ", ".join(hb.removed))
+        return True
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
-                if not self.cluster.heartbeat(self.node_id, self.tiers.holdings()):
+                if not self.beat():
                     log.warning("Redis forgot node %s (restart?): registering again", self.node_id)
                     self.register()
                 self._energy_tick()
@@ -123,11 +157,20 @@ class WorkerNode:
             from ember.energy.agent import NodeEnergyAgent
         except ImportError:
             return
-        devices = detect_devices(simulated=self.settings.simulated_gpus,
-                                 allow_actuation=self.settings.energy_mode == "actuate")
+        from ember.energy.restore import SettingsJournal
+
+        s = self.settings
+        devices = detect_devices(simulated=s.simulated_gpus, allow_actuation=s.energy_mode == "actuate", live=True)
         if devices:
-            self.energy = NodeEnergyAgent(self.node_id, devices, self.settings.energy_mode, warmup_requests=1)
+            # actuate mode: original limits and clocks are persisted before the first change and
+            # restored on stop; a journal a killed process left behind is restored here first
+            journal = SettingsJournal(self.data_dir / "energy" / "original_settings.json")
+            self.energy = NodeEnergyAgent(self.node_id, devices, s.energy_mode, warmup_requests=1, journal=journal,
+                                          emulated_model_bytes=s.simulated_params_b * 2e9,
+                                          phase_clocks=s.energy_phase_clocks)
             self.energy_device_ids = [d.device_id for d in devices]
+            for i, d in enumerate(self.devices):  # CPU slots are accounted on emulated GPUs by index
+                self.energy.aliases.setdefault(d.device_id, self.energy_device_ids[i % len(devices)])
 
     def _energy_tick(self) -> None:
         if self.energy is None:
@@ -145,22 +188,52 @@ class WorkerNode:
     def load(self, req: LoadRequest) -> LoadResult:
         """Load a checkpoint through the tiers and build an instance; blocks until ready."""
         t0 = time.perf_counter()
-        rec = self.cluster.instance(req.instance_id)
-        device_id = rec.device_id if rec is not None else "cpu:0"
-        device = device_id if device_id.startswith("cuda") else "cpu"
-        loaded = self.tiers.load(req.checkpoint, device=device)
+        iid = req.instance_id
+        rec = self.cluster.instance(iid)
+        if rec is None or rec.node_id != self.node_id:
+            raise InstanceGone(f"instance {iid!r} is not booked on node {self.node_id} (reaped or given up)")
+        with self._state_lock:
+            if iid in self.states:
+                raise InstanceGone(f"instance {iid!r} is already on node {self.node_id}")
+            if not self.cluster.begin_load(iid):
+                raise InstanceGone(f"instance {iid!r} is no longer claimed (reaped or given up)")
+            self.states[iid] = "loading"
+            self.records[iid] = rec
         try:
-            inst = ModelInstance.from_loaded(req.instance_id, req.function, loaded, device=device)
+            device = rec.device_id if rec.device_id.startswith("cuda") else "cpu"
+            loaded = self.tiers.load(req.checkpoint, device=device)
+            try:
+                inst = ModelInstance.from_loaded(iid, req.function, loaded, device=device,
+                                                 device_id=rec.device_id, step_listener=self.energy)
+            except BaseException:
+                loaded.release()
+                raise
         except BaseException:
-            loaded.release()
+            with self._state_lock:
+                self.states.pop(iid, None)
+                self.records.pop(iid, None)
+            try:
+                self.cluster.remove_instance(iid)  # a failed load holds nothing: free its claim
+            except EmberError as e:
+                log.warning("could not free the claim of failed load %s: %s", iid, e)
             raise
         startup_ms = (time.perf_counter() - t0) * 1000
-        with self._lock:
-            self.instances[req.instance_id] = inst
-            if rec is not None:
-                self.records[req.instance_id] = rec
-        self.cluster.observe_load(self.node_id, loaded.tier, loaded.nbytes, max(loaded.seconds, 1e-6))
-        self.cluster.mark_ready(req.instance_id)
+        with self._state_lock:
+            self.instances[iid] = inst
+            ready = self.cluster.mark_ready(iid, req.function)
+            if ready:
+                self.states[iid] = "ready"
+            else:
+                self.instances.pop(iid, None)
+                self.states.pop(iid, None)
+                self.records.pop(iid, None)
+        if not ready:
+            inst.close()
+            raise InstanceGone(f"instance {iid!r} was removed while it loaded (the gateway gave up?): dropped")
+        try:
+            self.cluster.observe_load(self.node_id, loaded.tier, loaded.nbytes, max(loaded.seconds, 1e-6))
+        except EmberError as e:
+            log.warning("could not record the load's bandwidth: %s", e)
         log.info("instance %s of %s ready in %.1f ms from %s", req.instance_id, req.function, startup_ms, loaded.tier)
         return LoadResult(instance_id=req.instance_id, tier=loaded.tier, startup_ms=startup_ms, nbytes=loaded.nbytes)
 
@@ -184,14 +257,61 @@ class WorkerNode:
         threading.Thread(target=run, name=f"prefetch-{checkpoint}", daemon=True).start()
         return True
 
-    def unload(self, instance_id: str) -> None:
-        with self._lock:
-            inst = self.instances.pop(instance_id, None)
-            self.records.pop(instance_id, None)
-        if inst is None:
+    def unload(self, instance_id: str, timeout_s: float | None = None) -> None:
+        """Drop an instance once it has no active request (waiting up to `timeout_s`, default the
+        drain grace), then remove it from Redis (its claim is freed only now: memory is booked
+        for as long as this worker holds it)."""
+        if instance_id not in self.instances:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
-        inst.close()
-        log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
+        self._drop(instance_id, remove=True, timeout_s=timeout_s)
+
+    def _drop_when_idle(self, instance_id: str, *, remove: bool) -> None:
+        """Drop in the background (a beat must not wait for requests to finish)."""
+        with self._state_lock:
+            if instance_id in self._dropping or instance_id not in self.instances:
+                return
+            self._dropping.add(instance_id)
+        threading.Thread(target=self._drop, args=(instance_id,), kwargs={"remove": remove, "claimed": True},
+                         name=f"drop-{instance_id}", daemon=True).start()
+
+    def _drop(self, instance_id: str, *, remove: bool, timeout_s: float | None = None, claimed: bool = False) -> None:
+        try:
+            with self._state_lock:
+                if instance_id in self.states:
+                    self.states[instance_id] = "draining"
+            inst = self.instances.get(instance_id)
+            deadline = time.monotonic() + (self.settings.drain_grace_s if timeout_s is None else timeout_s)
+            while inst is not None and inst.active > 0 and time.monotonic() < deadline and not self._stop.is_set():
+                time.sleep(0.05)
+            with self._state_lock:
+                inst = self.instances.pop(instance_id, None)
+                self.states.pop(instance_id, None)
+                self.records.pop(instance_id, None)
+                if remove:
+                    try:
+                        self.cluster.remove_instance(instance_id)
+                    except EmberError as e:  # the next beat reconciles: Redis drops what we do not hold
+                        log.warning("could not remove %s from Redis: %s", instance_id, e)
+            if inst is not None:
+                inst.close()
+                log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
+        finally:
+            if claimed:
+                with self._state_lock:
+                    self._dropping.discard(instance_id)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: every instance drains (gateways route no new request here); requests in flight
+        finish within the drain grace, and each instance is dropped and removed when idle."""
+        for iid in list(self.instances):
+            try:
+                self.cluster.drain(iid, force=True)
+            except EmberError as e:
+                log.warning("could not mark %s draining: %s", iid, e)
+            self._drop_when_idle(iid, remove=True)
+
+    def active_requests(self) -> int:
+        return sum(i.active for i in list(self.instances.values()))
 
     def get(self, instance_id: str) -> ModelInstance:
         inst = self.instances.get(instance_id)
@@ -204,9 +324,8 @@ class WorkerNode:
         if self.energy is None:
             return
         rec = self.records.get(inst.instance_id)
-        device_id = rec.device_id if rec else self.devices[0].device_id
-        if device_id not in self.energy_device_ids:  # CPU slots accounted on simulated GPUs: same index
-            index = next((i for i, d in enumerate(self.devices) if d.device_id == device_id), 0)
-            device_id = self.energy_device_ids[index % len(self.energy_device_ids)]
+        device_id = self.energy.device_for(rec.device_id if rec else self.devices[0].device_id)
+        if device_id is None:
+            return
         self.energy.record_request(inst.function, device_id, done.completion_tokens, done.ttft_s, done.tpot_s,
                                    req.ttft_slo_s, req.tpot_slo_s, req.eta)

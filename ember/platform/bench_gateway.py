@@ -1,0 +1,174 @@
+"""`ember bench gateway`: what the gateway adds to a warm request, on loopback.
+
+Warm, non-streaming requests (`max_tokens` 1) are sent open-loop at increasing rates, first through
+the gateway, then straight to the worker's instance (its internal API) at the same rate; per step
+the achieved rate, errors and latency percentiles of both, and the overhead (gateway minus direct)
+at p50 and p99. A closed-loop step with 32 clients compares the two p99s. Without `--url` the
+bench starts its own `ember up` (one worker) in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ember.config import Settings
+
+FUNCTION = "bench-gateway"
+CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
+
+
+def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[float, ...] = (20, 40, 80, 160),
+                      step_s: float = 4.0, clients: int = 32, progress: Any = None) -> dict[str, Any]:
+    """Run the bench (against `url`, or a private `ember up`) and write the JSON summary."""
+    if url:
+        settings = Settings()
+        return _bench(url, settings.resolved_admin_key(), settings.resolved_cluster_token(), settings.redis_url,
+                      out_json, rates, step_s, clients, progress)
+    from ember.platform.redis_server import free_port
+    from ember.platform.supervisor import Platform, UpOptions
+
+    with tempfile.TemporaryDirectory(prefix="ember-bench-gw-") as tmp:
+        data_dir = Path(tmp) / "data"
+        admin, token = "bench-admin-key-0123456789", "bench-cluster-token-0123456789"
+        saved = {k: os.environ.pop(k, None) for k in ("EMBER_REDIS_URL", "EMBER_STORE_URL")}
+        platform = Platform(UpOptions(port=free_port(), workers=1, data_dir=data_dir,
+                                      extra_env={"EMBER_DRAM_CAPACITY_BYTES": str(256 << 20)}),
+                            Settings(admin_key=admin, cluster_token=token, data_dir=data_dir))
+        try:
+            platform.start(echo=lambda s: None)
+            redis_url = platform.redis.url if platform.redis else None
+            return _bench(platform.url, admin, token, redis_url, out_json, rates, step_s, clients, progress)
+        finally:
+            platform.stop()
+            for k, v in saved.items():
+                if v is not None:
+                    os.environ[k] = v
+
+
+def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Path, rates: tuple[float, ...],
+           step_s: float, clients: int, progress: Any) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {admin}"}
+    r = httpx.put(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=60, json={
+        "checkpoint": Settings().demo_function,
+        "scaling": {"max_instances": 1, "target_concurrency": 256, "keep_alive_s": 3600}})
+    r.raise_for_status()
+    body = {"model": FUNCTION, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    first = httpx.post(f"{url}/v1/chat/completions", headers=headers, json=body, timeout=180)
+    first.raise_for_status()
+    inst = httpx.get(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=10).json()["instances"][0]
+    worker_url = _worker_url(redis_url, inst["node"])
+    direct = {"url": f"{worker_url}/internal/instances/{inst['id']}/generate", "headers": {CLUSTER_TOKEN_HEADER: token},
+              "json": {"messages": body["messages"], "max_tokens": 1, "temperature": 0}}
+    via = {"url": f"{url}/v1/chat/completions", "headers": headers, "json": body}
+    steps = []
+    for i, rate in enumerate(rates):
+        g = asyncio.run(_open_loop(via, rate, step_s))
+        d = asyncio.run(_open_loop(direct, rate, step_s))
+        steps.append(_step(rate, g, d))
+        if progress:
+            progress(i + 1, len(rates) + 1)
+    g32 = asyncio.run(_closed_loop(via, clients, step_s))
+    d32 = asyncio.run(_closed_loop(direct, clients, step_s))
+    closed = {"clients": clients, "gateway": _stats(g32), "direct": _stats(d32)}
+    closed["p99_ratio"] = round(closed["gateway"]["p99_ms"] / max(closed["direct"]["p99_ms"], 1e-9), 3)
+    if progress:
+        progress(len(rates) + 1, len(rates) + 1)
+    sustained = [s for s in steps if s["errors"] == 0 and s["rps"] >= 0.9 * s["rate_rps"]]
+    summary = {"bench": "gateway", "url": url, "worker": inst["node"], "step_s": step_s, "steps": steps,
+               "closed_loop": closed,
+               "highest_sustained_rps": max((s["rate_rps"] for s in sustained), default=0.0),
+               "note": "overhead = gateway percentile - direct percentile at the same offered rate; "
+                       "client, gateway and worker share this machine's CPUs"}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(summary, indent=2))
+    httpx.delete(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=30)
+    return summary
+
+
+def _worker_url(redis_url: str | None, node: str) -> str:
+    import redis
+
+    from ember.platform.state import Keys
+
+    if not redis_url:
+        raise SystemExit("the worker's URL comes from Redis: set EMBER_REDIS_URL (and EMBER_CLUSTER_TOKEN)")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        found = client.hget(Keys.node(node), "url")
+    finally:
+        client.close()
+    if not found:
+        raise SystemExit(f"node {node} is not registered in Redis")
+    return str(found)
+
+
+async def _call(client: httpx.AsyncClient, target: dict[str, Any], out: list[tuple[float, bool]]) -> None:
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(target["url"], headers=target["headers"], json=target["json"])
+        ok = r.status_code == 200 and b'"error"' not in r.content
+    except httpx.HTTPError:
+        ok = False
+    out.append((time.perf_counter() - t0, ok))
+
+
+async def _open_loop(target: dict[str, Any], rate: float, seconds: float) -> tuple[list[tuple[float, bool]], float]:
+    """Requests started at `rate` per second (not waiting for answers) for `seconds`."""
+    out: list[tuple[float, bool]] = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+        tasks = []
+        t0 = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_call(client, target, out)))
+        await asyncio.gather(*tasks)
+        return out, time.perf_counter() - t0
+
+
+async def _closed_loop(target: dict[str, Any], clients: int, seconds: float) -> tuple[list[tuple[float, bool]], float]:
+    out: list[tuple[float, bool]] = []
+    async with httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_connections=clients * 2)) as client:
+        t0 = time.perf_counter()
+
+        async def loop() -> None:
+            while time.perf_counter() - t0 < seconds:
+                await _call(client, target, out)
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        return out, time.perf_counter() - t0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _stats(run: tuple[list[tuple[float, bool]], float]) -> dict[str, Any]:
+    calls, elapsed = run
+    ok = [t for t, good in calls if good]
+    return {"requests": len(calls), "errors": len(calls) - len(ok), "rps": round(len(calls) / max(elapsed, 1e-9), 1),
+            "p50_ms": round(_pct(ok, 0.5) * 1000, 2), "p99_ms": round(_pct(ok, 0.99) * 1000, 2),
+            "mean_ms": round(statistics.fmean(ok) * 1000, 2) if ok else 0.0}
+
+
+def _step(rate: float, g: Any, d: Any) -> dict[str, Any]:
+    gs, ds = _stats(g), _stats(d)
+    return {"rate_rps": rate, "rps": gs["rps"], "requests": gs["requests"], "errors": gs["errors"],
+            "p50_ms": gs["p50_ms"], "p99_ms": gs["p99_ms"],
+            "p50_overhead_ms": round(gs["p50_ms"] - ds["p50_ms"], 2),
+            "p99_overhead_ms": round(gs["p99_ms"] - ds["p99_ms"], 2), "direct": ds}

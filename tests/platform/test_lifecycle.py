@@ -1,0 +1,183 @@
+"""Instance lifecycle and faults through the real gateway and workers (uvicorn processes, a real
+redis-server): slots freed when clients drop streams, real states published after a
+re-registration, claims always matching what workers hold, and timeouts with a retry elsewhere
+when a worker stalls before answering."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from ember.platform.cluster import RedisCluster
+from ember.platform.redis_server import RedisServerProcess
+from ember.scheduler.view import PlacementRequest, StartupEstimate
+from tests.platform.conftest import CLUSTER_TOKEN, Proc, admin_headers, base_env, start_gateway, start_worker
+
+pytestmark = pytest.mark.slow
+
+
+class Env:
+    def __init__(self, redis_url: str, gateway: Proc, workers: dict[str, Proc]) -> None:
+        self.redis_url, self.gateway, self.workers = redis_url, gateway, workers
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def deploy(self, name: str, **scaling: object) -> None:
+        r = httpx.put(f"{self.url}/v1/functions/{name}", headers=admin_headers(), timeout=60,
+                      json={"checkpoint": "tiny", "scaling": {"keep_alive_s": 300, **scaling}})
+        assert r.status_code in (200, 201), r.text
+
+    def chat(self, model: str, timeout: float = 60, **kw: object) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, **kw}
+        return httpx.post(f"{self.url}/v1/chat/completions", headers=admin_headers(), json=body, timeout=timeout)
+
+    def instances(self, name: str) -> list[dict]:
+        r = httpx.get(f"{self.url}/v1/functions/{name}", headers=admin_headers(), timeout=10)
+        return r.json()["instances"]
+
+    def held(self, node: str) -> dict:
+        r = httpx.get(f"{self.workers[node].url}/internal/healthz", headers={"x-ember-cluster-token": CLUSTER_TOKEN},
+                      timeout=10)
+        return r.json()
+
+
+def _until(cond, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return bool(cond())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Env]:
+    from ember.loader import open_store
+
+    tmp = tmp_path_factory.mktemp("lifecycle")
+    store_url = f"file://{tmp / 'store'}"
+    open_store(store_url).push(tiny_model_dir, "tiny")
+    server = RedisServerProcess(tmp / "redis", persistent=False).start()
+    e = base_env(server.url, store_url, EMBER_SLO_TIMEOUT_S="20", EMBER_WORKER_READ_TIMEOUT_S="3",
+                 EMBER_CPU_SLOTS="1")
+    procs: list[Proc] = []
+    try:
+        workers: dict[str, Proc] = {}
+        # started side by side: most of a worker's start is imports and a bandwidth probe
+        starters = [threading.Thread(target=lambda n=node: workers.__setitem__(n, start_worker(tmp, e, n)))
+                    for node in ("w0", "w1")]
+        for t in starters:
+            t.start()
+        gateway = start_gateway(tmp, e)
+        procs.append(gateway)
+        for t in starters:
+            t.join()
+        procs += list(workers.values())
+        assert set(workers) == {"w0", "w1"}
+        assert _until(lambda: httpx.get(f"{gateway.url}/readyz").json().get("workers") == 2, 20)
+        yield Env(server.url, gateway, workers)
+    finally:
+        for p in procs:
+            p.stop()
+        server.stop()
+
+
+def test_dropped_streams_release_their_slots(env: Env) -> None:
+    """Clients that drop a stream mid-way must not keep its slot (today's main: outstanding stuck
+    at target_concurrency, the next request waits for a 503)."""
+    env.deploy("drop", max_instances=1, target_concurrency=2)
+    assert env.chat("drop").status_code == 200
+    body = {"model": "drop", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", f"{env.url}/v1/chat/completions", headers=admin_headers(), json=body,
+                          timeout=30) as resp:
+            assert resp.status_code == 200
+            next(resp.iter_lines())  # the first chunk, then the client goes away
+    assert _until(lambda: all(i["outstanding"] == 0 for i in env.instances("drop")), 10), env.instances("drop")
+    r = env.chat("drop", timeout=60)
+    assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"
+
+
+def test_reregistration_publishes_the_real_state(env: Env) -> None:
+    """After Redis forgets the ephemeral state (a restart without persistence), workers register
+    again with what they hold: the instance comes back ready, never stuck "loading"."""
+    env.deploy("rereg", max_instances=1)
+    assert env.chat("rereg").status_code == 200
+    (inst,) = env.instances("rereg")
+    for pattern in ("ember:node*", "ember:instance*", "ember:function:*", "ember:device*", "ember:holders:*"):
+        keys = list(env.r.scan_iter(pattern))
+        if keys:
+            env.r.delete(*keys)
+    assert _until(lambda: [i["state"] for i in env.instances("rereg")] == ["ready"], 15), env.instances("rereg")
+    assert env.instances("rereg")[0]["id"] == inst["id"]
+    r = env.chat("rereg", timeout=60)
+    assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"
+
+
+def test_every_claim_matches_an_instance_a_worker_holds(env: Env) -> None:
+    """A claim never loaded (its gateway died) is reaped; a load the gateway gave up on is dropped
+    by the worker; a load for a claim that is gone is refused."""
+    c = RedisCluster(redis.Redis.from_url(env.redis_url, decode_responses=True), heartbeat_ttl_s=2,
+                     claim_timeout_s=1.0)
+
+    class OnW0:
+        name = "on_w0"
+
+        def place(self, request, view):
+            d = next(d for n in view.all_nodes() if n.node_id == "w0" for d in n.devices)
+            return StartupEstimate("w0", d.device_id, "remote", 0.1)
+
+    free_before = {d.key: d.free_bytes for d in c.node("w0").devices}
+    orphan = c.place(PlacementRequest(function="orphan", checkpoint="tiny", nbytes=1 << 20), OnW0())
+    assert orphan is not None and c.instance(orphan.instance_id).state == "claimed"
+    assert _until(lambda: c.instance(orphan.instance_id) is None, 10)  # reaped past its deadline
+    assert _until(lambda: {d.key: d.free_bytes for d in c.node("w0").devices} == free_before, 5)
+
+    headers = {"x-ember-cluster-token": CLUSTER_TOKEN}
+    gone = c.place(PlacementRequest(function="gone", checkpoint="tiny", nbytes=1 << 20), OnW0())
+    c.remove_instance(gone.instance_id)
+    r = httpx.post(f"{env.workers['w0'].url}/internal/instances", headers=headers, timeout=30,
+                   json={"instance_id": gone.instance_id, "function": "gone", "checkpoint": "tiny"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "instance_gone"
+
+    late = RedisCluster(redis.Redis.from_url(env.redis_url, decode_responses=True), claim_timeout_s=30).place(
+        PlacementRequest(function="late", checkpoint="tiny", nbytes=1 << 20), OnW0())
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(
+        f"{env.workers['w0'].url}/internal/instances", headers=headers, timeout=60,
+        json={"instance_id": late.instance_id, "function": "late", "checkpoint": "tiny"})))
+    t.start()
+    c.remove_instance(late.instance_id)  # the gateway gave up while (or before) the worker loads
+    t.join(60)
+    assert result["r"].status_code in (200, 409)
+    assert _until(lambda: late.instance_id not in env.held("w0")["instances"], 10)
+    assert c.instance(late.instance_id) is None
+
+
+def test_stalled_worker_times_out_and_the_request_goes_elsewhere(env: Env) -> None:
+    """A paused worker (SIGSTOP) must not hang clients: the gateway's first-byte timeout fires and
+    the request, which had not reached the client yet, is served by the other worker."""
+    env.deploy("stall", max_instances=2)
+    r0 = env.chat("stall")
+    assert r0.status_code == 200
+    paused = r0.headers["x-ember-worker"]
+    other = next(n for n in env.workers if n != paused)
+    os.kill(env.workers[paused].proc.pid, signal.SIGSTOP)
+    try:
+        r = env.chat("stall", timeout=45)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ember-worker"] == other
+    finally:
+        os.kill(env.workers[paused].proc.pid, signal.SIGCONT)
+    assert _until(lambda: httpx.get(f"{env.url}/readyz").json().get("workers") == 2, 20)
