@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.ember-installed
 
-.PHONY: install up test test-py test-terraform lint clean
+.PHONY: install up test test-setup test-py test-terraform lint clean wheel
 
 install: $(STAMP)
 
@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml
 up: install
 	$(BIN)/ember up
 
-test: install test-py test-terraform
+test: install test-setup test-py test-terraform
+
+# Debian packages some tests use: headless Chromium + chromedriver (console browser tests) and
+# promtool (alert rule tests). Installed when missing and we are root with apt-get (CI); the tests
+# skip with a message where they are absent. A no-op when everything is already there.
+TEST_TOOLS_OK = command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null
+test-setup:
+	@if $(TEST_TOOLS_OK); then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium, chromium-driver and prometheus (promtool) for the browser and alert tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver prometheus >/dev/null) || echo "could not install them: those tests will skip"; \
+	else echo "chromium/chromedriver/promtool missing and not root with apt-get: the browser and alert tests will skip"; fi
 
 test-py: install
 	$(BIN)/python -m pytest -q
@@ -28,8 +40,17 @@ test-py: install
 test-terraform:
 	bash terraform/test.sh
 
+# The wheel terraform's user data installs (ember_package = "s3://<bucket>/<key>.whl"):
+#   make wheel && aws s3 cp dist/ember-0.1.0-py3-none-any.whl s3://my-artifacts/
+DIST ?= dist
+wheel:
+	rm -rf build $(DIST)/ember-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
+	rm -rf build
+	@ls $(DIST)/ember-*.whl
+
 lint: install
 	$(BIN)/ruff check ember tests loadtests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist

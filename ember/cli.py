@@ -27,6 +27,9 @@ bench_app.command("gateway", help="Warm-request overhead of the gateway against 
 bench_app.command("coldstart", help="Cold-start latency of a local platform by load tier.")(
     platform_cmds.bench_coldstart
 )
+bench_app.command("tracing", help="What OpenTelemetry tracing adds to warm request latency.")(
+    platform_cmds.bench_tracing
+)
 bench_app.command("energy", help="The live energy control loop: max power against actuate, same load.")(
     energy.bench_energy
 )
@@ -38,7 +41,20 @@ app.command("sim", help="Trace-driven cluster simulation comparing placement pol
 
 
 def main() -> None:
-    app()
+    """Run the command; an I/O or Ember error ends it with one clear line on stderr, not a traceback."""
+    import sys
+
+    from ember.errors import EmberError
+
+    try:
+        app()
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
+    except EmberError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

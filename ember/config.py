@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     placement_policy: str = "ember"
     autoscaler_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
+    allowed_stores: str = ""  # comma-separated store URIs deploys may name besides store_url
+    default_rpm: int = 0  # requests per minute per API key when the key sets none (0: unlimited)
+    default_tpm: int = 0  # tokens (prompt + max_tokens) per minute per API key (0: unlimited)
     # instance lifecycle and faults (ember/platform/cluster/records.py)
     claim_timeout_s: float = 60.0  # a claim the worker has not reported loading by then is reaped
     slot_ttl_s: float = 60.0  # a request slot's lease; the gateway holding it renews it
@@ -54,12 +57,29 @@ class Settings(BaseSettings):
     dram_capacity_bytes: int = 1 << 30
     ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
+    dram_scrub_interval_s: float = 30.0  # verify the DRAM tier this often (0: only when attached)
     simulated_gpus: int = 0  # emulated GPUs driven by the engine's steps (CPU-only machines)
     # emulated GPUs charge every step as if the model had this many billion parameters (bf16);
     # 0: the model's own size
     simulated_params_b: float = Field(default=0.0, ge=0.0)
     # switch the SM clock per phase (prefill / decode) at the engine's phase signal, actuate mode
     energy_phase_clocks: bool = True
+    cloud_instance_id: str = ""  # the machine's id in its cloud ("i-0abc...", "local-3"): the node scaler's handle
+
+    # fleet: the node scaler (one gateway at a time) and the cloud backend it drives
+    node_backend: Literal["none", "local", "aws"] = "none"
+    node_min: int = 0
+    node_max: int = 4
+    node_scaler_interval_s: float = 5.0
+    node_boot_s: float = 180.0  # scale-out to a registered worker (the local backend: seconds)
+    node_grace_s: float = 60.0  # idle beyond the functions' keep-alive before a node is drained
+    node_power_w: float = 5600.0  # the most one node may draw: the power budget caps nodes at budget / this
+    node_idle_power_w: float = 860.0
+    node_target_memory_utilization: float = 0.85
+    node_consolidate_below: float = 0.0  # 0: drain only idle nodes (see ember.scheduler.nodescaler)
+    aws_autoscaling_group: str | None = None
+    aws_endpoint_url: str | None = None  # tests: moto_server
+    cloudwatch_namespace: str = "Ember"
 
 
     demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")

@@ -70,6 +70,18 @@ class PayloadTooLarge(EmberError):
     code = "request_too_large"
 
 
+class RateLimited(EmberError):
+    """An API key over its requests or tokens per minute; `retry_after_s` says when to come back."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
 class Unprocessable(EmberError):
     status_code = 422
     error_type = "invalid_request_error"
@@ -89,6 +101,13 @@ class IntegrityError(CheckpointError):
     """Bytes that do not match their recorded checksum."""
 
     code = "checksum_mismatch"
+
+
+class CheckpointChanged(CheckpointError):
+    """The store's checkpoint is not the one a function was deployed with (another manifest)."""
+
+    status_code = 409
+    code = "checkpoint_changed"
 
 
 class UnsafeFormat(CheckpointError):

@@ -123,12 +123,8 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
         workdir / "node", f"file://{workdir / 'store'}", dram_capacity_bytes=pool, ssd_capacity_bytes=1 << 50
     )
     try:
-        if tiers.ssd.path(name) is None:
-            tmp = tiers.ssd.begin(name, 1)
-            tmp.rmdir()
-            os.replace(src, tmp)
-            tiers.ssd.commit(name, tmp)
-        ssd_dir = tiers.ssd.path(name)
+        name = tiers.adopt(src, name)  # from here on the pinned ref (entries are keyed by identity)
+        ssd_dir = tiers.ssd.path(tiers.key(name))
         manifest = read_manifest(ssd_dir)
         nbytes = manifest.total_bytes
         out["bytes"] = nbytes
@@ -215,7 +211,7 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
                 r, h = _host_round(tiers, ssd_dir, manifest, name, cold)
                 read2_s.append(r)
                 host2_s.append(h)
-                tiers.dram.evict(name)
+                tiers.dram.evict(tiers.key(name))
                 if cold:
                     _drop()
                 total_s.append(_timed_cuda_load(tiers, name, "ssd", check)[0])
@@ -282,7 +278,7 @@ def tiny_model(workdir: Path) -> dict:
 def _host_round(tiers, ssd_dir: Path, manifest, name: str, cold: bool) -> tuple[float, float]:
     """The partitions read alone, then the loader's SSD tier -> DRAM pool: (seconds, seconds)."""
     read = _raw_read(ssd_dir, manifest, cold)
-    tiers.dram.evict(name)
+    tiers.dram.evict(tiers.key(name))
     if cold:
         _drop()
     t = time.perf_counter()

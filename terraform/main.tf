@@ -40,6 +40,7 @@ module "secrets" {
   name             = var.name
   redis_auth_token = var.redis_auth_token
   admin_key        = var.admin_key
+  cluster_token    = var.cluster_token
   tags             = local.tags
 }
 
@@ -56,6 +57,10 @@ module "iam" {
   ]
   gateway_secret_arns = [
     module.secrets.secret_arns["redis-auth-token"],
+    module.secrets.secret_arns["cluster-token"],
+    module.secrets.secret_arns["admin-key"],
+  ]
+  gateway_generated_secret_arns = [
     module.secrets.secret_arns["cluster-token"],
     module.secrets.secret_arns["admin-key"],
   ]
@@ -80,29 +85,34 @@ module "redis" {
 }
 
 module "gateway" {
-  source                      = "./modules/gateway"
-  name                        = var.name
-  vpc_id                      = module.network.vpc_id
-  public_subnet_ids           = module.network.public_subnet_ids
-  private_subnet_ids          = module.network.private_subnet_ids
-  allowed_ingress_cidrs       = var.allowed_ingress_cidrs
-  certificate_arn             = var.certificate_arn
-  idle_timeout_s              = var.alb_idle_timeout_s
-  instance_type               = var.gateway_instance_type
-  ami_id                      = var.gateway_ami_id
-  min_size                    = var.gateway_min_size
-  max_size                    = var.gateway_max_size
-  desired_capacity            = var.gateway_desired_capacity
-  instance_profile_name       = module.iam.gateway_instance_profile_name
-  ember_package               = var.ember_package
-  region                      = data.aws_region.current.name
-  redis_host                  = module.redis.primary_endpoint_address
-  redis_port                  = module.redis.port
-  redis_auth_token_secret_arn = module.secrets.secret_arns["redis-auth-token"]
-  cluster_token_secret_arn    = module.secrets.secret_arns["cluster-token"]
-  admin_key_secret_arn        = module.secrets.secret_arns["admin-key"]
-  initial_power_budget_w      = var.initial_power_budget_w
-  tags                        = local.tags
+  source                        = "./modules/gateway"
+  name                          = var.name
+  vpc_id                        = module.network.vpc_id
+  public_subnet_ids             = module.network.public_subnet_ids
+  private_subnet_ids            = module.network.private_subnet_ids
+  allowed_ingress_cidrs         = var.allowed_ingress_cidrs
+  certificate_arn               = var.certificate_arn
+  idle_timeout_s                = var.alb_idle_timeout_s
+  instance_type                 = var.gateway_instance_type
+  ami_id                        = var.gateway_ami_id
+  min_size                      = var.gateway_min_size
+  max_size                      = var.gateway_max_size
+  desired_capacity              = var.gateway_desired_capacity
+  instance_profile_name         = module.iam.gateway_instance_profile_name
+  ember_package                 = var.ember_package
+  region                        = data.aws_region.current.name
+  redis_host                    = module.redis.primary_endpoint_address
+  redis_port                    = module.redis.port
+  redis_auth_token_secret_arn   = module.secrets.secret_arns["redis-auth-token"]
+  cluster_token_secret_arn      = module.secrets.secret_arns["cluster-token"]
+  admin_key_secret_arn          = module.secrets.secret_arns["admin-key"]
+  initial_power_budget_w        = var.initial_power_budget_w
+  worker_autoscaling_group_name = module.workers.autoscaling_group_name
+  worker_max_size               = var.worker_max_size
+  worker_min_nodes              = var.worker_min_nodes
+  node_power_w                  = var.node_power_w
+  extra_env                     = var.extra_env
+  tags                          = local.tags
 }
 
 module "workers" {
@@ -125,5 +135,8 @@ module "workers" {
   redis_auth_token_secret_arn = module.secrets.secret_arns["redis-auth-token"]
   cluster_token_secret_arn    = module.secrets.secret_arns["cluster-token"]
   store_url                   = "s3://${module.checkpoints.bucket_name}/${var.checkpoint_prefix}"
+  warm_pool_size              = var.worker_warm_pool_size
+  dram_percent                = var.worker_dram_percent
+  extra_env                   = var.extra_env
   tags                        = local.tags
 }

@@ -35,13 +35,13 @@ variable "ember_package" {
 # --- network -----------------------------------------------------------------------------
 
 variable "vpc_cidr" {
-  description = "IPv4 CIDR of the VPC, /16 to /20."
+  description = "IPv4 CIDR of the VPC, /16 to /19 (its public subnets are the VPC's prefix + 8: an ALB needs /27 or larger)."
   type        = string
   default     = "10.42.0.0/16"
 
   validation {
-    condition     = can(cidrhost(var.vpc_cidr, 0)) && can(regex("/(1[6-9]|20)$", var.vpc_cidr))
-    error_message = "vpc_cidr must be an IPv4 CIDR with a prefix length from /16 to /20."
+    condition     = can(cidrhost(var.vpc_cidr, 0)) && can(regex("/(1[6-9])$", var.vpc_cidr))
+    error_message = "vpc_cidr must be an IPv4 CIDR from /16 to /19: the public subnets (prefix + 8) must be /27 or larger for the load balancer."
   }
 }
 
@@ -68,7 +68,7 @@ variable "allowed_ingress_cidrs" {
 }
 
 variable "certificate_arn" {
-  description = "ACM certificate ARN for HTTPS on 443 (HTTP 80 then redirects); null serves plain HTTP on 80."
+  description = "ACM certificate ARN for HTTPS on 443 (HTTP 80 then redirects). Required unless allow_plain_http is set."
   type        = string
   default     = null
 
@@ -76,6 +76,17 @@ variable "certificate_arn" {
     condition     = var.certificate_arn == null || can(regex("^arn:[a-z-]+:acm:", var.certificate_arn))
     error_message = "certificate_arn must be an ACM certificate ARN or null."
   }
+
+  validation {
+    condition     = var.certificate_arn != null || var.allow_plain_http
+    error_message = "Give certificate_arn (HTTPS), or set allow_plain_http = true to serve API keys in clear text on port 80 knowingly."
+  }
+}
+
+variable "allow_plain_http" {
+  description = "Serve plain HTTP on 80 without a certificate (API keys then cross the network unencrypted)."
+  type        = bool
+  default     = false
 }
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -177,15 +188,27 @@ variable "redis_auth_token" {
   }
 }
 
-variable "admin_key" {
-  description = "Ember admin API key, or null to generate one. Kept in Secrets Manager either way."
+variable "cluster_token" {
+  description = "Gateway <-> worker token, or null: the first gateway generates it. Written write-only: never in state."
   type        = string
   default     = null
   sensitive   = true
 
   validation {
-    condition     = var.admin_key == null || can(regex("^[[:graph:]]{24,256}$", var.admin_key))
-    error_message = "admin_key must be 24-256 printable characters without spaces."
+    condition     = var.cluster_token == null || can(regex("^[A-Za-z0-9_-]{24,256}$", var.cluster_token))
+    error_message = "cluster_token must be 24-256 letters, digits, - or _."
+  }
+}
+
+variable "admin_key" {
+  description = "Ember admin API key, or null: the first gateway generates it. Written write-only: never in state."
+  type        = string
+  default     = null
+  sensitive   = true
+
+  validation {
+    condition     = var.admin_key == null || can(regex("^[A-Za-z0-9_.~+/=-]{24,256}$", var.admin_key))
+    error_message = "admin_key must be 24-256 characters: letters, digits and _ . ~ + / = -."
   }
 }
 
@@ -203,12 +226,11 @@ variable "gateway_instance_type" {
 }
 
 variable "gateway_ami_id" {
-  description = "Gateway AMI (Ubuntu), or null for the latest Canonical Ubuntu 22.04 LTS."
+  description = "Pinned gateway AMI (Canonical Ubuntu 22.04; see README for the lookup). A new one rolls out by instance refresh, one gateway at a time."
   type        = string
-  default     = null
 
   validation {
-    condition     = var.gateway_ami_id == null || can(regex("^ami-[0-9a-f]{8,17}$", var.gateway_ami_id))
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.gateway_ami_id))
     error_message = "gateway_ami_id must look like ami-0123456789abcdef0."
   }
 }
@@ -276,25 +298,29 @@ variable "worker_instance_type" {
   default     = "g5.xlarge"
 
   validation {
-    # x86 NVIDIA families only: the default AMI is x86, and g4ad (AMD) or g5g (Arm) would not boot it.
-    condition     = can(regex("^(p3|p3dn|p4d|p4de|p5|p5e|p5en|p6-b200|g4dn|g5|g6|g6e|gr6)\\.([0-9]*xlarge|large|metal)$", var.worker_instance_type))
-    error_message = "worker_instance_type must be an x86 NVIDIA GPU instance type (p3, p4d, p5, p6-b200, g4dn, g5, g6, g6e, gr6 families; e.g. g5.xlarge, p5.48xlarge)."
+    # x86 NVIDIA families only: the AMI is x86, and g4ad (AMD) or g5g (Arm) would not boot it.
+    condition     = can(regex("^(p4d|p4de|p5|p5e|p5en|p6-b200|g4dn|g5|g6|g6e|gr6)\\.([0-9]*xlarge|large|metal)$", var.worker_instance_type))
+    error_message = "worker_instance_type must be an x86 NVIDIA GPU instance type (p4d, p5, p6-b200, g4dn, g5, g6, g6e, gr6 families; e.g. g5.xlarge, p5.48xlarge)."
+  }
+
+  validation {
+    condition     = !can(regex("^p3", var.worker_instance_type))
+    error_message = "p3 instances carry V100 GPUs, which the Deep Learning Base OSS Nvidia Driver AMI's driver no longer supports."
   }
 }
 
 variable "worker_ami_id" {
-  description = "Worker AMI (Ubuntu with NVIDIA drivers), or null for the latest AWS Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)."
+  description = "Pinned worker AMI: an AWS Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04; see README for the lookup)."
   type        = string
-  default     = null
 
   validation {
-    condition     = var.worker_ami_id == null || can(regex("^ami-[0-9a-f]{8,17}$", var.worker_ami_id))
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.worker_ami_id))
     error_message = "worker_ami_id must look like ami-0123456789abcdef0."
   }
 }
 
 variable "worker_desired_capacity" {
-  description = "GPU workers to run; the group's minimum is 0 (a node scaler will own this later)."
+  description = "GPU workers at creation; afterwards the gateways' node scaler sizes the group (terraform ignores later changes)."
   type        = number
   default     = 1
 
@@ -334,5 +360,70 @@ variable "energy_mode" {
   validation {
     condition     = contains(["observe", "recommend", "actuate"], var.energy_mode)
     error_message = "energy_mode must be observe, recommend or actuate."
+  }
+}
+
+variable "worker_warm_pool_size" {
+  description = "Stopped, pre-initialised workers kept in a warm pool for fast scale-out (0: none)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.worker_warm_pool_size >= 0 && var.worker_warm_pool_size <= 100 && floor(var.worker_warm_pool_size) == var.worker_warm_pool_size
+    error_message = "worker_warm_pool_size must be a whole number from 0 to 100."
+  }
+}
+
+variable "worker_dram_percent" {
+  description = "Share of a worker's memory for the DRAM tier, in percent; its tmpfs gets this plus max(2 GiB, 5%) headroom."
+  type        = number
+  default     = 50
+
+  validation {
+    condition     = var.worker_dram_percent >= 5 && var.worker_dram_percent <= 80
+    error_message = "worker_dram_percent must be from 5 to 80 (the tmpfs adds headroom; the rest runs the system and the model code)."
+  }
+}
+
+variable "node_power_w" {
+  description = "The most one worker node may draw in watts: the node scaler runs at most power budget / this many nodes."
+  type        = number
+  default     = 5600
+
+  validation {
+    condition     = var.node_power_w >= 100
+    error_message = "node_power_w must be at least 100 W."
+  }
+}
+
+variable "extra_env" {
+  description = "Any EMBER_* setting for gateways and workers (e.g. EMBER_SLO_TIMEOUT_S = \"60\"); non-secret values only."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for k, v in var.extra_env : can(regex("^EMBER_[A-Z0-9_]+$", k))])
+    error_message = "extra_env keys must be EMBER_ settings (upper case letters, digits, underscores)."
+  }
+
+  validation {
+    condition     = alltrue([for k, v in var.extra_env : can(regex("^[^\"\\\\$`\r\n]*$", v))])
+    error_message = "extra_env values must be one line without quotes, backslashes, $ or backticks."
+  }
+
+  validation {
+    condition     = length(setintersection(keys(var.extra_env), ["EMBER_REDIS_URL", "EMBER_ADMIN_KEY", "EMBER_CLUSTER_TOKEN"])) == 0
+    error_message = "Secrets do not go in extra_env: EMBER_REDIS_URL, EMBER_ADMIN_KEY and EMBER_CLUSTER_TOKEN come from Secrets Manager."
+  }
+}
+
+variable "worker_min_nodes" {
+  description = "Fewest GPU workers the gateways' node scaler keeps up (0 scales to zero: the first request then waits for a node to boot, longer than EMBER_SLO_TIMEOUT_S unless raised)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.worker_min_nodes >= 0 && var.worker_min_nodes <= var.worker_max_size && floor(var.worker_min_nodes) == var.worker_min_nodes
+    error_message = "worker_min_nodes must be a whole number from 0 to worker_max_size."
   }
 }

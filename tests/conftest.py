@@ -13,7 +13,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a private redis-server (or valkey-server) process on a free loopback port."""
     from ember.platform.redis_server import RedisServerProcess
 
-    server = RedisServerProcess(tmp_path_factory.mktemp("redis"), persistent=False).start()
+    # with a password, as `ember up` runs it: every client in the suite must pass it (in the URL)
+    server = RedisServerProcess(tmp_path_factory.mktemp("redis"), persistent=False,
+                                password="test-redis-password").start()
     try:
         yield server.url
     finally:

@@ -49,6 +49,7 @@ MODULE_VARS = {
         "root_volume_size_gb": 200,
         "energy_mode": "actuate",
         "store_url": "s3://ember-ckpt/checkpoints",
+        "ami_id": "ami-0123456789abcdef0",
     },
     "gateway": {
         **COMMON_VARS,
@@ -62,6 +63,9 @@ MODULE_VARS = {
         "desired_capacity": 2,
         "admin_key_secret_arn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:admin",
         "initial_power_budget_w": 5600,
+        "ami_id": "ami-0123456789abcdef0",
+        "worker_autoscaling_group_name": "ember-worker-abc",
+        "worker_max_size": 8,
     },
 }
 
@@ -114,8 +118,8 @@ def test_worker_user_data_follows_variables(user_data: dict[str, str]) -> None:
     assert verb == "worker"
     assert flags["--energy-mode"] == "actuate"
     assert flags["--store-url"] == "s3://ember-ckpt/checkpoints"
-    assert flags["--redis-url"].startswith("rediss://:")
-    assert flags["--redis-url"].endswith("@master.ember-redis.abc123.use1.cache.amazonaws.com:6379/0")
+    assert "--redis-url" not in flags  # the token would show in `ps`: it comes from the 0600 env file
+    assert 'f"rediss://:{token}@master.ember-redis.abc123.use1.cache.amazonaws.com:6379/0"' in user_data["workers"]
     assert flags["--port"] == "8081" and flags["--host"] == "0.0.0.0"
     assert flags["--advertise-url"] == "http://$private_ip:8081"
 
@@ -124,7 +128,7 @@ def test_gateway_user_data_follows_variables(user_data: dict[str, str]) -> None:
     ((verb, flags),) = ember_calls(user_data["gateway"])
     assert verb == "gateway"
     assert json.loads(flags["--initial-budget-json"]) == {"cluster_watts": 5600}
-    assert flags["--redis-url"].startswith("rediss://:")
+    assert "--redis-url" not in flags
     assert flags["--port"] == "8000" and flags["--host"] == "0.0.0.0"
     assert "EMBER_ENV=production" in user_data["gateway"]
     assert (
@@ -136,7 +140,7 @@ def test_gateway_user_data_follows_variables(user_data: dict[str, str]) -> None:
 def test_user_data_is_valid_bash(module: str, user_data: dict[str, str], tmp_path: Path) -> None:
     """The script and the scripts it writes (quoted heredocs) parse as bash."""
     script = user_data[module]
-    embedded = re.findall(r"<<'(SCRIPT|RUN)'\n(.*?)\n\1\n", script, re.S)
+    embedded = re.findall(r"<<'(SCRIPT|RUN|SECRETS)'\n(.*?)\n\1\n", script, re.S)
     assert embedded, "expected the run script written by a quoted heredoc"
     for i, text in enumerate([script, *(body for _, body in embedded)]):
         path = tmp_path / f"script{i}.sh"
@@ -145,6 +149,104 @@ def test_user_data_is_valid_bash(module: str, user_data: dict[str, str], tmp_pat
         assert done.returncode == 0, (
             f"{module} user data script {i} is not valid bash:\n{done.stderr}\n{text}"
         )
+
+
+# --- the disk step, run against a fake machine --------------------------------------------------
+
+def _disk_script(user_data: dict[str, str]) -> str:
+    (body,) = re.findall(r"<<'SCRIPT'\n(.*?)\nSCRIPT\n", user_data["workers"], re.S)
+    return body
+
+
+def _run_disk_script(script: str, tmp_path: Path, *, dlami: bool, lsblk_out: str = "",
+                     mem_kb: int = 16 * 1024 * 1024) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
+    """Run the worker's disk step with its paths in `tmp_path` and the system tools stubbed (each
+    stub logs its call); returns the run, the root of the fake machine and the calls."""
+    root = tmp_path / "machine"
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls.log"
+    behaviour = {
+        "mountpoint": "exit 1",  # nothing is mounted on the fake machine
+        "systemctl": "exit 1",  # no dlami-nvme unit to wait for
+        "lsblk": f"printf '%s' {shlex.quote(lsblk_out)}",
+        "mount": "exit 0", "mkfs.xfs": "exit 0", "mdadm": "exit 0", "chown": "exit 0",
+    }
+    for name, body in behaviour.items():
+        path = stubs / name
+        path.write_text(f'#!/bin/bash\necho "{name} $*" >> {shlex.quote(str(calls))}\n{body}\n')
+        path.chmod(0o755)
+    nvme = root / "opt" / "dlami" / "nvme"
+    if dlami:
+        nvme.mkdir(parents=True)
+    (root / "mnt").mkdir(parents=True)
+    meminfo = root / "meminfo"
+    meminfo.write_text(f"MemTotal:       {mem_kb} kB\nMemFree:        1000 kB\n")
+    path = tmp_path / "ember-prepare-disk"
+    path.write_text(script)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "EMBER_DLAMI_NVME": str(nvme),
+           "EMBER_TIER_DATA_DIR": str(root / "mnt" / "ember"), "EMBER_TIER_SHM_DIR": str(root / "run" / "ember-shm"),
+           "EMBER_MEMINFO": str(meminfo), "EMBER_TIERS_ENV": str(root / "run" / "ember" / "tiers.env"),
+           "EMBER_SERVICE_USER": "root"}
+    done = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=60)
+    logged = calls.read_text().splitlines() if calls.exists() else []
+    return done, root, logged
+
+
+def _tiers(root: Path) -> dict[str, str]:
+    text = (root / "run" / "ember" / "tiers.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if line)
+
+
+def test_disk_step_reuses_the_dlami_instance_store_volume(user_data: dict[str, str], tmp_path: Path) -> None:
+    """The DLAMI's dlami-nvme service already built LVM at /opt/dlami/nvme: the SSD tier goes
+    there, and nothing touches the (busy) disks under it."""
+    done, root, calls = _run_disk_script(_disk_script(user_data), tmp_path, dlami=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data_dir = root / "mnt" / "ember"
+    assert data_dir.is_symlink() and data_dir.resolve() == (root / "opt" / "dlami" / "nvme" / "ember").resolve()
+    assert not [c for c in calls if c.split()[0] in ("mkfs.xfs", "mdadm", "lsblk")], calls
+    tiers = _tiers(root)
+    assert int(tiers["EMBER_SSD_CAPACITY_BYTES"]) > 0
+
+
+def test_dram_tier_tmpfs_has_an_explicit_size_with_headroom(user_data: dict[str, str], tmp_path: Path) -> None:
+    done, root, calls = _run_disk_script(_disk_script(user_data), tmp_path, dlami=True, mem_kb=64 * 1024 * 1024)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (mount,) = [c for c in calls if c.startswith("mount -t tmpfs")]
+    size = int(re.search(r"size=(\d+)", mount).group(1))
+    dram = int(_tiers(root)["EMBER_DRAM_CAPACITY_BYTES"])
+    assert dram == 32 << 30  # half of 64 GiB
+    assert size >= dram + (2 << 30) and size < 64 << 30  # the pool, plus headroom for tokenizer/manifest files
+    assert _tiers(root)["EMBER_SHM_DIR"].endswith("run/ember-shm")
+
+
+def test_disk_step_never_formats_a_disk_in_use_and_never_fails_the_boot(user_data: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    """Without the DLAMI volume, an instance-store disk that already holds LVM is left alone and
+    the SSD tier stays on the root volume; the step still succeeds (the worker must start)."""
+    busy = "/dev/nvme1n1 Amazon EC2 NVMe Instance Storage LVM2_member\n"
+    done, root, calls = _run_disk_script(_disk_script(user_data), tmp_path, dlami=False, lsblk_out=busy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not [c for c in calls if c.split()[0] in ("mkfs.xfs", "mdadm")], calls
+    assert (root / "mnt" / "ember").is_dir() and not (root / "mnt" / "ember").is_symlink()
+    assert int(_tiers(root)["EMBER_SSD_CAPACITY_BYTES"]) > 0
+
+
+def test_blank_instance_store_disks_are_striped_without_force(user_data: dict[str, str], tmp_path: Path) -> None:
+    blank = ("/dev/nvme1n1 Amazon EC2 NVMe Instance Storage\n"
+             "/dev/nvme2n1 Amazon EC2 NVMe Instance Storage\n")
+    done, root, calls = _run_disk_script(_disk_script(user_data), tmp_path, dlami=False, lsblk_out=blank)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (mdadm,) = [c for c in calls if c.startswith("mdadm")]
+    assert "--force" not in mdadm and "/dev/nvme1n1 /dev/nvme2n1" in mdadm
+    assert not any(c.startswith("mkfs.xfs") and " -f" in c for c in calls)
+
+
+def test_worker_unit_does_not_require_the_disk_step(user_data: dict[str, str]) -> None:
+    unit = re.search(r"ember-worker.service <<'UNIT'\n(.*?)\nUNIT\n", user_data["workers"], re.S).group(1)
+    assert "Requires=" not in unit
+    assert "ExecStartPre=+/usr/local/sbin/ember-worker-secrets" in unit
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -51,15 +51,23 @@ def up(
     simulated_params_b: float = typer.Option(None, help="emulated GPUs charge every step as if the model had this "
                                                         "many billion bf16 parameters [EMBER_SIMULATED_PARAMS_B, "
                                                         "0: the model's own size]"),
+    node_backend: str = typer.Option(None, help="none | local: the gateway's node scaler starts and stops "
+                                                "worker processes (from --workers up to --max-workers) "
+                                                "[EMBER_NODE_BACKEND, none]"),
+    max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
+    node_backend = node_backend or _settings().node_backend
+    if node_backend not in ("none", "local"):
+        raise typer.BadParameter("--node-backend must be none or local (aws runs on the gateways terraform deploys)")
     _logging("warning")
     _check_mode(energy_mode)
     settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
                          energy_mode=energy_mode, simulated_params_b=simulated_params_b)
     code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
-                            demo=demo, extra_env=worker_energy_env(settings)), settings,
+                            demo=demo, extra_env=worker_energy_env(settings), node_backend=node_backend,
+                            max_workers=max_workers), settings,
                   echo=lambda s: typer.echo(s))
     raise typer.Exit(code)
 
@@ -232,9 +240,21 @@ def rm(name: str = typer.Argument(...)) -> None:
 
 @keys_app.command("create")
 def keys_create(role: str = typer.Option(..., help="admin | operator | developer | invoker"),
-                name: str = typer.Option("", help="a label for the key")) -> None:
+                name: str = typer.Option("", help="a label for the key"),
+                rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
+                tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
+    body: dict[str, Any] = {"role": role, "name": name, "rpm": rpm, "tpm": tpm}
     with _client() as c:
-        typer.echo(json.dumps(_check(c.post("/v1/keys", json={"role": role, "name": name})), indent=2))
+        typer.echo(json.dumps(_check(c.post("/v1/keys", json=body)), indent=2))
+
+
+@keys_app.command("limits")
+def keys_limits(key_id: str = typer.Argument(...),
+                rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
+                tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
+    """Change a key's per-minute limits."""
+    with _client() as c:
+        typer.echo(json.dumps(_check(c.patch(f"/v1/keys/{key_id}", json={"rpm": rpm, "tpm": tpm})), indent=2))
 
 
 @keys_app.command("ls")
@@ -268,6 +288,30 @@ def bench_coldstart(
     for tier, r in summary["results"].items():
         typer.echo(f"{tier:7s} startup {r['startup_ms']:8.1f} ms  ttft {r['ttft_ms']:8.1f} ms  {r['tiers_seen']}")
     typer.echo(f"from_pretrained {summary['baseline']['from_pretrained_ms']:.1f} ms (load only)")
+
+
+def bench_tracing(
+    json_out: Path = typer.Option(..., "--json", help="where to write the results"),
+    requests: int = typer.Option(200, help="warm requests per arm (tracing off / on), interleaved"),
+    max_tokens: int = typer.Option(8),
+) -> None:
+    """Warm-request latency through a gateway with tracing off and one exporting every span (OTLP)."""
+    from rich.progress import Progress
+
+    from ember.platform.bench_tracing import run_tracing_bench
+
+    with Progress() as bar:
+        task = bar.add_task("interleaved rounds", total=requests)
+        s = run_tracing_bench(json_out, requests=requests, max_tokens=max_tokens,
+                              progress=lambda done, total: bar.update(task, completed=done))
+    for arm, st in s["arms_ms"].items():
+        typer.echo(f"tracing {arm:3s}: median {st['median']:.2f} ms  mean {st['mean']:.2f} ms  p90 {st['p90']:.2f} ms")
+    typer.echo(f"overhead: {s['overhead_pct_median']:+.2f}% (median), {s['overhead_pct_mean']:+.2f}% (mean); "
+               f"{s['otlp_exports']} OTLP exports")
+    c = s["span_cost_us"]
+    typer.echo(f"tracing work per invocation: {c['request_path_us']:.0f} us on the request path "
+               f"({s['request_path_pct_of_fastest_warm_request']:.2f}% of the fastest warm request), "
+               f"{c['cpu_with_export_us']:.0f} us CPU with the OTLP export")
 
 
 def bench_gateway(

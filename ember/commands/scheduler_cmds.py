@@ -28,6 +28,10 @@ def sim(
     keep_alive_s: float = typer.Option(60.0, "--keep-alive-s", help="Idle time before an instance is unloaded."),
     energy: bool = typer.Option(False, "--energy", help="Cluster-wide energy: placement, autoscaling, batching and "
                                 "the GPU governor together (ember vs serverlessllm+max_power, keepalive+max_power)."),
+    fleet: bool = typer.Option(False, "--fleet", help="Run the ember policy on a fleet fixed at --nodes and on one "
+                                                      "under the node scaler (up to --nodes); writes {\"fleet\": ...}."),
+    boot_s: float = typer.Option(180.0, "--boot-s", help="--fleet: seconds from scale-out to a placeable node."),
+    grace_s: float = typer.Option(60.0, "--grace-s", help="--fleet: idle beyond keep-alive before a node drains."),
 ) -> None:
     """Trace-driven cluster simulation comparing placement policies (same policy objects as live)."""
     from rich.console import Console
@@ -37,21 +41,39 @@ def sim(
         doc = run_sim_command(json_out, plot=plot, trace=trace, nodes=nodes, gpus_per_node=gpus_per_node,
                               functions=functions, duration_s=duration_s, seed=seed, policies=policies,
                               rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s,
-                              console=console, energy=energy)
+                              console=console, energy=energy, fleet=fleet, boot_s=boot_s, grace_s=grace_s)
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e.message}")
         raise typer.Exit(2) from e
+    if fleet:
+        console.print(json.dumps(doc["fleet"], indent=2))
+        return
     _print_table(console, doc)
 
 
 def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | None = None, nodes: int = 16,
                     gpus_per_node: int = 8, functions: int = 1000, duration_s: float = 600.0, seed: int = 0,
                     policies: str = "all", rate_per_function_s: float = 0.03, keep_alive_s: float = 60.0,
-                    console=None, energy: bool = False) -> dict:
+                    console=None, energy: bool = False, fleet: bool = False, boot_s: float = 180.0,
+                    grace_s: float = 60.0) -> dict:
     """What `ember sim` does: simulate, write JSON (and the PNG); returns the JSON document."""
     from ember.scheduler.energy_sim import ENERGY_ENTRIES, run_energy_simulation
     from ember.scheduler.policies import POLICY_NAMES, get_policy
     from ember.scheduler.sim import SimConfig, build_trace, run_simulation
+
+    if fleet:
+        from ember.scheduler.fleet import FleetConfig, run_fleet
+
+        cfg = SimConfig(nodes=nodes, gpus_per_node=gpus_per_node, functions=functions, duration_s=duration_s,
+                        seed=seed, rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s).check()
+        tr = build_trace(cfg, str(trace) if trace else None)
+        doc = _with_progress(console, lambda progress: run_fleet(cfg, FleetConfig(boot_s=boot_s, grace_s=grace_s),
+                                                                 trace=tr, progress=progress), ["fixed", "scaled"])
+        doc.pop("_results")
+        doc["config"]["trace"] = str(trace) if trace else "synthetic"
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2))
+        return doc
 
     known = list(ENERGY_ENTRIES) if energy else list(POLICY_NAMES)
     names = known if policies.strip() in ("", "all") else [p.strip() for p in policies.split(",") if p.strip()]

@@ -69,7 +69,8 @@ def run_loader_bench(
         threads=threads,
     )
     try:
-        ssd_dir = _install_ssd(tiers, hf_dir)
+        ssd_dir, ref = _install_ssd(tiers, hf_dir)
+        key = tiers.key(ref)
         from ember.loader.convert import read_manifest
 
         manifest = read_manifest(ssd_dir)
@@ -90,7 +91,7 @@ def run_loader_bench(
                 if method == "raw_read":
                     dt = _raw_read(ssd_dir, manifest, raw_buffer, cold and can_drop, threads)
                 elif method == "raw_read_pool":
-                    tiers.dram.evict(CKPT_NAME)  # the pool is sized for this one checkpoint: now free
+                    tiers.dram.evict(key)  # the pool is sized for this one checkpoint: now free
                     dt = _raw_read(ssd_dir, manifest, tiers.dram.rw, cold and can_drop, threads)
                 elif method == "safetensors":
                     dt = _safetensors(hf_dir / "model.safetensors", copy=False)
@@ -101,12 +102,12 @@ def run_loader_bench(
                 elif method == "torch_load_mmap":
                     dt = _torch_load(pt_file, mmap=True)
                 elif method == "ember_ssd":
-                    tiers.dram.evict(CKPT_NAME)
-                    dt = _timed_load(tiers, "ssd")
+                    tiers.dram.evict(key)
+                    dt = _timed_load(tiers, ref, "ssd")
                 elif method == "ember_dram":
-                    dt = _ember_dram_child(workdir / "node", tiers)
+                    dt = _ember_dram_child(workdir / "node", tiers, ref)
                 else:
-                    dt = _timed_load(tiers, "dram")
+                    dt = _timed_load(tiers, ref, "dram")
                 times[method].append(dt)
                 log(f"  {method:18s} {dt:7.3f} s  {nbytes / dt / 1e9:6.2f} GB/s")
         del torch
@@ -245,16 +246,18 @@ def _pool_bytes(hf_dir: Path) -> int:
     return (size * 11 // 10 + (64 << 20)) // (2 << 20) * (2 << 20)
 
 
-def _install_ssd(tiers, hf_dir: Path) -> Path:
+def _install_ssd(tiers, hf_dir: Path) -> tuple[Path, str]:
+    """The bench checkpoint as an SSD-tier entry (an earlier run's is reused): (its dir, its ref)."""
     from ember.loader.convert import convert_checkpoint
 
-    existing = tiers.ssd.path(CKPT_NAME)
-    if existing is not None:
-        return existing
-    tmp = tiers.ssd.begin(CKPT_NAME, (hf_dir / "model.safetensors").stat().st_size * 2)
-    tmp.rmdir()
-    convert_checkpoint(hf_dir, tmp)
-    return tiers.ssd.commit(CKPT_NAME, tmp)
+    for key, ref in tiers.ssd.refs().items():
+        if key.startswith(CKPT_NAME + "@"):
+            return tiers.ssd.path(key), ref
+    converted = hf_dir.parent / f"{CKPT_NAME}-converted"
+    shutil.rmtree(converted, ignore_errors=True)
+    convert_checkpoint(hf_dir, converted)
+    ref = tiers.adopt(converted, CKPT_NAME)
+    return tiers.ssd.path(tiers.key(ref)), ref
 
 
 def _raw_read(ssd_dir: Path, manifest, buffer, direct: bool, threads: int) -> float:
@@ -270,10 +273,10 @@ def _raw_read(ssd_dir: Path, manifest, buffer, direct: bool, threads: int) -> fl
     return time.perf_counter() - t
 
 
-def _timed_load(tiers, tier: str) -> float:
+def _timed_load(tiers, ref: str, tier: str) -> float:
     """Seconds for one NodeTiers.load of the bench checkpoint, which must come from `tier`."""
     t = time.perf_counter()
-    loaded = tiers.load(CKPT_NAME)
+    loaded = tiers.load(ref)
     dt = time.perf_counter() - t
     assert loaded.tier == tier, loaded.tier
     loaded.release()
@@ -323,7 +326,7 @@ def _torch_load(path: Path, *, mmap: bool) -> float:
     return dt
 
 
-def _ember_dram_child(data_dir: Path, tiers) -> float:
+def _ember_dram_child(data_dir: Path, tiers, ref: str) -> float:
     code = (
         "import json,sys,time\n"
         "from ember.loader.tiers import NodeTiers\n"
@@ -333,7 +336,7 @@ def _ember_dram_child(data_dir: Path, tiers) -> float:
         "l.release(); t.close()\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(data_dir), tiers.store_url, str(tiers.dram.capacity_bytes), CKPT_NAME],
+        [sys.executable, "-c", code, str(data_dir), tiers.store_url, str(tiers.dram.capacity_bytes), ref],
         check=True,
         capture_output=True,
         text=True,

@@ -174,6 +174,12 @@ class DramTier:
             entries = (self._read_index() or {}).get("entries", {})
             return {n: e["nbytes"] for n, e in entries.items() if e["state"] == "ready"}
 
+    def refs(self) -> dict[str, str]:
+        """Ready entries that know their identity: entry key -> canonical ref."""
+        with self._locked():
+            entries = (self._read_index() or {}).get("entries", {})
+            return {n: e["ref"] for n, e in entries.items() if e["state"] == "ready" and e.get("ref")}
+
     def used_bytes(self) -> int:
         """Bytes of the pool held by entries (ready or filling)."""
         with self._locked():
@@ -210,7 +216,7 @@ class DramTier:
             self._write_index(index)
 
     # --- filling ----------------------------------------------------------------------------
-    def allocate(self, name: str, nbytes: int) -> DramEntry | None:
+    def allocate(self, name: str, nbytes: int, ref: str = "") -> DramEntry | None:
         """Reserve blocks for a new entry (evicting LRU unpinned entries as needed), pinned by
         this process and in state "filling". None when the pool cannot hold it even empty of
         unpinned entries, or another live process is filling the same name."""
@@ -244,6 +250,7 @@ class DramTier:
                 "pins": {str(self.pid): 1},
                 "last_used": time.time(),
                 "gen": gen,
+                "ref": ref,
             }
             self._write_index(index)
             meta = self.dir / "meta" / f"{name}.{gen}"
@@ -280,6 +287,23 @@ class DramTier:
             self._drop(index["entries"], name)
             self._write_index(index)
             return True
+
+    def quarantine(self, name: str) -> None:
+        """Take a ready entry that failed verification out of service: dropped now when nobody
+        pins it, else renamed aside (never found again) until its pins go and LRU reclaims it."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"].get(name)
+            if not e:
+                return
+            if not self._pinned(e):
+                self._drop(index["entries"], name)
+            else:
+                e = index["entries"].pop(name)
+                e["state"] = "bad"
+                e["meta"] = f"{name}.{e['gen']}"
+                index["entries"][f"{name}!bad-{e['gen']}"] = e
+            self._write_index(index)
 
     def wait_filling(self, name: str, timeout_s: float = 600.0) -> None:
         """Wait while another live process fills `name`."""
@@ -373,11 +397,11 @@ class DramTier:
 
     def _entry(self, name: str, e: dict) -> DramEntry:
         runs = tuple((s * self.block_bytes, n * self.block_bytes) for s, n in e["runs"])
-        return DramEntry(name, runs, e["nbytes"], self.dir / "meta" / f"{name}.{e['gen']}")
+        return DramEntry(name, runs, e["nbytes"], self.dir / "meta" / e.get("meta", f"{name}.{e['gen']}"))
 
     def _drop(self, entries: dict, name: str) -> None:
         e = entries.pop(name)
-        shutil.rmtree(self.dir / "meta" / f"{name}.{e['gen']}", ignore_errors=True)
+        shutil.rmtree(self.dir / "meta" / e.get("meta", f"{name}.{e['gen']}"), ignore_errors=True)
 
     def _pinned(self, e: dict) -> bool:
         if e["state"] == "filling" and pid_alive(e.get("pid", 0)):

@@ -17,10 +17,12 @@ from pathlib import Path
 from ember.errors import CapacityError
 from ember.loader.convert import fsync_dir, fsync_tree
 from ember.loader.format import MANIFEST_FILE
+from ember.loader.identity import ENTRY_KEY_PATTERN
 from ember.loader.locks import NodeLock, pid_alive
 from ember.loader.names import NAME_PATTERN
 
 _USED = ".used"
+REF_FILE = ".ref"  # the entry's canonical checkpoint ref (store/name#digest)
 
 
 class SsdTier:
@@ -49,8 +51,16 @@ class SsdTier:
         """Installed entries: name -> bytes on disk."""
         out = {}
         for d in self.root.iterdir():
-            if d.is_dir() and NAME_PATTERN.fullmatch(d.name) and (d / MANIFEST_FILE).is_file():
+            if d.is_dir() and _entry_name(d.name) and (d / MANIFEST_FILE).is_file():
                 out[d.name] = _dir_bytes(d)
+        return out
+
+    def refs(self) -> dict[str, str]:
+        """Installed entries that know their identity: entry key -> canonical ref."""
+        out = {}
+        for key in self.entries():
+            with contextlib.suppress(OSError):
+                out[key] = (self.root / key / REF_FILE).read_text().strip()
         return out
 
     def used_bytes(self) -> int:
@@ -129,6 +139,10 @@ class SsdTier:
 
     def _locked(self):
         return self._lock.held()
+
+
+def _entry_name(name: str) -> bool:
+    return bool(ENTRY_KEY_PATTERN.fullmatch(name) or NAME_PATTERN.fullmatch(name))
 
 
 def _dir_bytes(d: Path) -> int:

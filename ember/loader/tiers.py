@@ -7,7 +7,7 @@ every chunk into the DRAM pool and the SSD tier's temporary entry at once, verif
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import shutil
 import threading
@@ -16,36 +16,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import CapacityError, CheckpointError, IntegrityError
+from ember.errors import CapacityError, CheckpointChanged, CheckpointError, EmberError, IntegrityError
 from ember.loader import vm
-from ember.loader.convert import read_manifest
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.dram import DramEntry, DramTier
 from ember.loader.format import (
     FILES_DIR,
     MANIFEST_FILE,
     CheckpointManifest,
-    chunk_hash_available,
-    chunk_hasher,
     parse_manifest,
 )
+from ember.loader.identity import CheckpointIdentity, manifest_digest, split_digest
+from ember.loader.names import validate_name
 from ember.loader.pipeline import (
     DEFAULT_THREADS,
     open_partitions,
     read_from_fds,
-    run_parallel,
     tensors_from_buffer,
     worker_pool,
 )
-from ember.loader.ssd import SsdTier
+from ember.loader.remote import download_partitions
+from ember.loader.ssd import REF_FILE, SsdTier
 from ember.loader.store import (
-    S3_THREADS,
     CheckpointStore,
     default_data_dir,
     default_store_url,
     open_store,
     split_ref,
 )
+from ember.loader.verify import verified_manifest, verify_chunks, verify_files
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DRAM_CAPACITY_BYTES = 1 << 30
 DEFAULT_SSD_CAPACITY_BYTES = 32 << 30
@@ -63,6 +64,7 @@ class LoadedCheckpoint:
     model_files: Path
     manifest: CheckpointManifest
     _on_release: Callable[[], None] | None = field(default=None, repr=False)
+    ref: str = ""  # the canonical ref (store/name#digest) of what was loaded
 
     def release(self) -> None:
         """This process no longer uses the tensors; the DRAM entry stays cached (LRU).
@@ -85,9 +87,12 @@ class NodeTiers:
         ssd_capacity_bytes: int = DEFAULT_SSD_CAPACITY_BYTES,
         threads: int = DEFAULT_THREADS,
         pretouch: bool | None = None,
+        verify_dram: bool | None = None,
     ) -> None:
         """pretouch: map the DRAM pool populated at start (the node's worker: True); None does
         so only when this process creates the pool; False attaches lazily (copy-on-write views)."""
+        if verify_dram is None:
+            verify_dram = os.environ.get("EMBER_DRAM_VERIFY", "1").lower() not in ("0", "false", "no")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store_url = store_url or f"file://{(self.data_dir / 'store').resolve()}"
@@ -100,7 +105,11 @@ class NodeTiers:
         self._lock = threading.Lock()
         self._names_lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
-        self._on_device: dict[tuple[str, str], list] = {}  # (name, device) -> [state_dict, manifest, files, refs]
+        self._on_device: dict[tuple[str, str], list] = {}  # (key, device) -> [state_dict, manifest, files, refs, name]
+        self._ssd_warned = False
+        # Verify a DRAM entry's bytes (chunk hashes) each time an instance attaches it; the
+        # manifest and the model files are always verified. EMBER_DRAM_VERIFY=0 turns the bytes off.
+        self.verify_dram = verify_dram
 
     @classmethod
     def from_env(cls, **overrides) -> NodeTiers:
@@ -116,64 +125,136 @@ class NodeTiers:
 
     # --- the API the worker uses ------------------------------------------------------------------
     def load(self, ref: str, device: str = "cpu") -> LoadedCheckpoint:
-        """Load a checkpoint (a name in the node's store, or a URI) from its nearest tier.
-        Concurrent loads of one checkpoint in this process are single-flight: the first fills
-        the tiers, the others then hit DRAM (no duplicate downloads, no entry replaced under a reader)."""
-        _, name = split_ref(ref)
+        """Load a checkpoint (a name in the node's store, a URI, either optionally pinned with
+        `#DIGEST`) from its nearest tier. Entries are keyed by identity (store + manifest digest),
+        never by a bare name. Every tier hit is verified; an entry that fails is dropped (logged)
+        and the next tier, else the store, serves. Concurrent loads of one checkpoint in this
+        process are single-flight: the first fills the tiers, the others then hit DRAM."""
+        ident = self.identity(ref)
         with self._names_lock:
-            lock = self._name_locks.setdefault(name, threading.Lock())
+            lock = self._name_locks.setdefault(ident.key, threading.Lock())
         with lock:
-            return self._load(ref, device)
+            return self._load(ident, device)
 
-    def _load(self, ref: str, device: str) -> LoadedCheckpoint:
+    def identity(self, ref: str) -> CheckpointIdentity:
+        """The identity of a ref. A ref pinned with `#DIGEST` needs no I/O; otherwise the
+        store's manifest is read to learn the digest."""
+        base, digest = split_digest(ref)
+        store_uri, name = split_ref(base)
+        store = self.store(store_uri or self.store_url)
+        if digest is None:
+            digest = manifest_digest(store.read_bytes(name, MANIFEST_FILE))
+        return CheckpointIdentity(store.uri, name, digest)
+
+    def key(self, ref: str) -> str:
+        """The tier entry key of a ref (see ember.loader.identity)."""
+        return self.identity(ref).key
+
+    def _load(self, ident: CheckpointIdentity, device: str) -> LoadedCheckpoint:
         import torch
 
         t0 = time.perf_counter()
-        store_uri, name = split_ref(ref)
+        key = ident.key
         dev = torch.device(device)
         if dev.type == "cuda":
-            hit = self._device_hit(name, str(dev), t0)
+            hit = self._device_hit(key, str(dev), t0)
             if hit is not None:
                 return hit
-        self.dram.wait_filling(name)
-        entry = self.dram.pin(name)
+        self.dram.wait_filling(key)
+        entry = self.dram.pin(key)
         if entry is not None:
             try:
-                manifest = read_manifest(entry.meta_dir)
-                sd = self._dram_tensors(entry, manifest, dev)
+                manifest, view = self._verified_dram(entry, ident)
+            except CheckpointError as e:  # IntegrityError included: the entry is bad, not the request
+                self.dram.unpin(key)
+                self.dram.quarantine(key)
+                log.warning("DRAM tier entry %s failed verification (%s): dropped; loading from the next tier",
+                            ident.ref, e)
             except BaseException:
-                self.dram.unpin(name)
+                self.dram.unpin(key)
                 raise
-            self.ssd.touch(name)
-            return self._loaded(name, sd, "dram", t0, manifest, entry.meta_dir / FILES_DIR, dev, entry)
-        ssd_dir = self.ssd.path(name)
+            else:
+                try:
+                    sd = self._dram_tensors(entry, manifest, dev, view)
+                except BaseException:
+                    self.dram.unpin(key)
+                    raise
+                self.ssd.touch(key)
+                return self._loaded(key, ident, sd, "dram", t0, manifest, entry.meta_dir / FILES_DIR, dev, entry)
+        ssd_dir = self.ssd.path(key)
         if ssd_dir is not None:
-            sd, manifest, entry, files = self._load_local(name, ssd_dir, dev)
-            self.ssd.touch(name)
-            return self._loaded(name, sd, "ssd", t0, manifest, files, dev, entry)
-        store = self.store(store_uri or self.store_url)
-        sd, manifest, entry, files = self._load_remote(store, name, dev)
-        return self._loaded(name, sd, "remote", t0, manifest, files, dev, entry)
+            try:
+                sd, manifest, entry, files = self._load_local(ident, ssd_dir, dev)
+            except (CheckpointError, OSError) as e:  # bad bytes, a truncated or unreadable file
+                self.ssd.remove(key)
+                log.warning("SSD tier entry %s failed verification (%s): dropped; fetching from the store",
+                            ident.ref, e)
+            else:
+                self.ssd.touch(key)
+                return self._loaded(key, ident, sd, "ssd", t0, manifest, files, dev, entry)
+        store = self.store(ident.store_uri)
+        sd, manifest, entry, files = self._load_remote(store, ident, dev)
+        return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry)
+
+    def scrub(self) -> list[str]:
+        """Verify every ready DRAM entry (manifest, model files, every chunk), as an attach does;
+        entries that fail are taken out of service and logged. Returns their refs, so the caller
+        can retire instances built on them (an attach-time check cannot see bytes that change
+        under a running instance). Cost: the verification rate (scripts/dram_verify_cost.py)."""
+        bad = []
+        for key, ref in self.dram.refs().items():
+            try:
+                ident = self.identity(ref)
+            except EmberError:
+                continue
+            entry = self.dram.pin(key)
+            if entry is None:
+                continue  # evicted meanwhile
+            try:
+                manifest = verified_manifest(entry.meta_dir, ident)
+                verify_files(entry.meta_dir, manifest)
+                verify_chunks(manifest, self.dram.read_view(entry), self.threads)
+            except (CheckpointError, OSError) as e:
+                self.dram.unpin(key)
+                self.dram.quarantine(key)
+                log.warning("DRAM tier entry %s failed verification in a scrub (%s): dropped", ref, e)
+                bad.append(ref)
+                continue
+            self.dram.unpin(key)
+        return bad
+
+    def adopt(self, directory: Path | str, name: str) -> str:
+        """Install a converted checkpoint directory (moved, not copied) as the SSD-tier entry of
+        `name` in the node's store, for benchmarks whose bytes never went through a store; an
+        entry already there for the same manifest is kept. Returns the pinned ref to load."""
+        directory = Path(directory)
+        raw = (directory / MANIFEST_FILE).read_bytes()
+        ident = CheckpointIdentity(self.store(self.store_url).uri, validate_name(name), manifest_digest(raw))
+        if self.ssd.path(ident.key) is None:
+            tmp = self.ssd.begin(ident.key, 1)
+            tmp.rmdir()
+            os.replace(directory, tmp)
+            (tmp / REF_FILE).write_text(ident.ref)
+            self.ssd.commit(ident.key, tmp)
+        return ident.ref
 
     def holdings(self) -> dict[str, str]:
-        """Checkpoint name -> nearest local tier ("dram" | "ssd")."""
-        out = {n: "ssd" for n in self.ssd.entries()}
-        out.update({n: "dram" for n in self.dram.holdings()})
+        """Canonical checkpoint ref (store/name#digest) -> nearest local tier ("dram" | "ssd")."""
+        out = {ref: "ssd" for ref in self.ssd.refs().values()}
+        out.update({ref: "dram" for ref in self.dram.refs().values()})
         return out
 
     def checkpoint_nbytes(self, ref: str) -> int:
-        """Total tensor bytes of a checkpoint, from its manifest (local tiers first)."""
-        store_uri, name = split_ref(ref)
-        entry = self.dram.lookup(name)
-        if entry is not None:
-            try:
-                return read_manifest(entry.meta_dir).tensor_nbytes
-            except CheckpointError:
-                pass
-        ssd_dir = self.ssd.path(name)
-        if ssd_dir is not None:
-            return read_manifest(ssd_dir).tensor_nbytes
-        return self.store(store_uri or self.store_url).manifest(name).tensor_nbytes
+        """Total tensor bytes of a checkpoint, from its manifest in its store."""
+        return self.describe(ref)[1].tensor_nbytes
+
+    def describe(self, ref: str) -> tuple[CheckpointIdentity, CheckpointManifest]:
+        """The checkpoint's identity and manifest as its store holds them now (what a deploy pins)."""
+        base, _ = split_digest(ref)
+        store_uri, name = split_ref(base)
+        store = self.store(store_uri or self.store_url)
+        raw = store.read_bytes(name, MANIFEST_FILE)
+        return CheckpointIdentity(store.uri, name, manifest_digest(raw)), parse_manifest(raw)
 
     def measure_bandwidth(self, probe_bytes: int = 64 << 20) -> dict[str, float]:
         """Quick probe at worker start: {"dram", "ssd", "remote"} in bytes/s."""
@@ -188,9 +269,10 @@ class NodeTiers:
                 self._stores[uri] = open_store(uri)
             return self._stores[uri]
 
-    def evict(self, name: str) -> dict[str, bool]:
+    def evict(self, ref: str) -> dict[str, bool]:
         """Drop a checkpoint from the local tiers (unpinned DRAM entry and SSD entry)."""
-        return {"dram": self.dram.evict(name), "ssd": self.ssd.remove(name)}
+        key = self.key(ref)
+        return {"dram": self.dram.evict(key), "ssd": self.ssd.remove(key)}
 
     def close(self, *, destroy_dram: bool | None = None) -> None:
         """Close handles. The DRAM pool goes when its last process closes (destroy_dram None),
@@ -205,7 +287,18 @@ class NodeTiers:
             self.dram.close(keep=destroy_dram is False)
 
     # --- loading paths --------------------------------------------------------------------------
-    def _dram_tensors(self, entry: DramEntry, manifest: CheckpointManifest, dev) -> dict:
+    def _verified_dram(self, entry: DramEntry, ident: CheckpointIdentity):
+        """Check a DRAM entry before a new instance uses it: its manifest against the identity's
+        digest, its model files against their sha256, every chunk of its bytes against its hash.
+        Returns (manifest, numpy view of the entry's bytes); CheckpointError when anything differs."""
+        manifest = verified_manifest(entry.meta_dir, ident)
+        verify_files(entry.meta_dir, manifest)
+        view = self.dram.read_view(entry)
+        if self.verify_dram:
+            verify_chunks(manifest, view, self.threads)
+        return manifest, view
+
+    def _dram_tensors(self, entry: DramEntry, manifest: CheckpointManifest, dev, view) -> dict:
         import torch
 
         if dev.type == "cuda":
@@ -214,16 +307,19 @@ class NodeTiers:
             for pool_off, entry_off, n in run_slices(entry.runs, 0, manifest.total_bytes):
                 up.copy(pool[pool_off : pool_off + n], entry_off)
             return tensors_from_buffer(manifest, up.finish())
-        return tensors_from_buffer(manifest, torch.from_numpy(self.dram.read_view(entry)))
+        return tensors_from_buffer(manifest, torch.from_numpy(view))
 
-    def _load_local(self, name: str, directory: Path, dev):
-        """SSD (or any local converted directory) -> DRAM pool (when it fits) -> device."""
+    def _load_local(self, ident: CheckpointIdentity, directory: Path, dev):
+        """SSD (or any local converted directory) -> DRAM pool (when it fits) -> device. The
+        manifest, the model files and every chunk are verified; CheckpointError if one differs."""
         import torch
 
-        manifest = read_manifest(directory)
+        manifest = verified_manifest(directory, ident)
+        verify_files(directory, manifest)
+        key = ident.key
         fds = open_partitions(directory, manifest, None)  # opened now: eviction cannot pull files away
         try:
-            entry = self.dram.allocate(name, manifest.total_bytes)
+            entry = self.dram.allocate(key, manifest.total_bytes, ref=ident.ref)
             if entry is None:
                 return self._read_private(manifest, fds, dev) + (None, directory / FILES_DIR)
             try:
@@ -237,9 +333,9 @@ class NodeTiers:
                 )
                 _copy_meta(directory, entry.meta_dir)
                 done = self.dram.filled_view(entry, view)
-                self.dram.commit(name)
+                self.dram.commit(key)
             except BaseException:
-                self.dram.abort(name)
+                self.dram.abort(key)
                 raise
             buf = up.finish() if up is not None else torch.from_numpy(done)
             return tensors_from_buffer(manifest, buf), manifest, entry, entry.meta_dir / FILES_DIR
@@ -264,11 +360,19 @@ class NodeTiers:
         read_from_fds(fds, manifest, mapping.memoryview(), threads=self.threads)
         return tensors_from_buffer(manifest, torch.from_numpy(mapping.array())), manifest
 
-    def _load_remote(self, store: CheckpointStore, name: str, dev):
-        """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk."""
+    def _load_remote(self, store: CheckpointStore, ident: CheckpointIdentity, dev):
+        """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk. An SSD
+        tier that cannot write (a full disk) is skipped: the load serves from memory."""
         import torch
 
-        manifest = parse_manifest(store.read_bytes(name, MANIFEST_FILE))
+        name, key = ident.name, ident.key
+        raw = store.read_bytes(name, MANIFEST_FILE)
+        if manifest_digest(raw) != ident.digest:
+            raise CheckpointChanged(
+                f"{store.uri}/{name} changed in its store since it was deployed (manifest digest "
+                f"{manifest_digest(raw)[:12]}, pinned {ident.digest[:12]}): deploy the function again"
+            )
+        manifest = parse_manifest(raw)
         for p in manifest.partitions:
             size = store.object_size(name, p.file)
             if size != p.size:
@@ -282,10 +386,13 @@ class NodeTiers:
             raise CapacityError(f"checkpoint {name} needs {total} bytes; this node has {physical} bytes of memory")
         ssd_tmp = None
         if total + files_bytes + (1 << 20) <= self.ssd.capacity_bytes:
-            ssd_tmp = self.ssd.begin(name, total + files_bytes + (1 << 20))
+            try:
+                ssd_tmp = self.ssd.begin(key, total + files_bytes + (1 << 20))
+            except OSError as e:
+                self._ssd_unwritable(e)
         entry = None
         try:
-            entry = self.dram.allocate(name, total)
+            entry = self.dram.allocate(key, total, ref=ident.ref)
             view = None
             if entry is not None:
                 view = self.dram.writable_view(entry)
@@ -300,101 +407,90 @@ class NodeTiers:
                 on_chunk = self._pool_uploader(entry, up) if entry is not None else (
                     lambda at, n: up.copy(host[at : at + n], at)
                 )
-            self._download(store, name, manifest, memoryview(dest), ssd_tmp, on_chunk)
-            meta_dir = entry.meta_dir if entry is not None else None
-            files_dir = self._download_files(store, name, manifest, [d for d in (ssd_tmp, meta_dir) if d])
-            if ssd_tmp is not None:
-                self.ssd.commit(name, ssd_tmp)
+            ssd_error = download_partitions(store, name, manifest, raw, memoryview(dest), ssd_tmp, on_chunk)
+            if ssd_error is not None:
+                self.ssd.abort(ssd_tmp)
                 ssd_tmp = None
-                files_dir = self.ssd.root / name / FILES_DIR
+                self._ssd_unwritable(ssd_error)
+            meta_dir = entry.meta_dir if entry is not None else None
+            files_dir, ssd_tmp = self._download_files(store, name, manifest, raw, ssd_tmp, meta_dir)
+            if ssd_tmp is not None:
+                try:
+                    (ssd_tmp / REF_FILE).write_text(ident.ref)
+                    self.ssd.commit(key, ssd_tmp)
+                    files_dir = self.ssd.root / key / FILES_DIR
+                    self._ssd_warned = False  # writing again: a later failure is news again
+                except OSError as e:
+                    self.ssd.abort(ssd_tmp)
+                    self._ssd_unwritable(e)
+                ssd_tmp = None
             if entry is not None:
                 dest = self.dram.filled_view(entry, view)
-                self.dram.commit(name)
+                self.dram.commit(key)
                 files_dir = entry.meta_dir / FILES_DIR
         except BaseException:
             if entry is not None:
-                self.dram.abort(name)
+                self.dram.abort(key)
             if ssd_tmp is not None:
                 self.ssd.abort(ssd_tmp)
             raise
         buf = up.finish() if up is not None else torch.from_numpy(dest)
         return tensors_from_buffer(manifest, buf), manifest, entry, files_dir
 
-    def _download(self, store, name, manifest: CheckpointManifest, dest: memoryview, ssd_tmp, on_chunk) -> None:
-        fast = chunk_hash_available(manifest.chunk_hash)
-        hasher = chunk_hasher(manifest.chunk_hash) if fast else None
-        fds: dict[str, tuple[int, int | None]] = {}  # partition -> (buffered fd, O_DIRECT fd or None)
-        import numpy as np
+    def _ssd_unwritable(self, err: BaseException) -> None:
+        """The SSD tier could not write (full disk, read-only, ...): said once in the log."""
+        if not self._ssd_warned:
+            self._ssd_warned = True
+            log.warning("SSD tier %s cannot write (%s): serving from memory without caching on SSD",
+                        self.ssd.root, err)
+        else:
+            log.debug("SSD tier %s still cannot write: %s", self.ssd.root, err)
 
-        dest_addr = np.frombuffer(dest, dtype=np.uint8).ctypes.data if len(dest) else 0
-        jobs = []
-        # Entering the SSD tier: the whole-partition sha256 as well, over memory, fed in order as
-        # the chunks land (it overlaps the download instead of following it).
-        digests = {p.file: _InOrderSha256(dest, base, p.size, manifest.chunk_bytes)
-                   for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False)}
-        for base, p in zip(manifest.partition_bases(), manifest.partitions, strict=False):
-            for i, off in enumerate(range(0, p.size, manifest.chunk_bytes)):
-                jobs.append((p, i, off, min(manifest.chunk_bytes, p.size - off), base + off))
-
-        def run(job) -> None:
-            p, i, off, n, at = job
-            view = dest[at : at + n]
-            store.read_range(name, p.file, off, view)
-            if hasher is not None and hasher(view) != p.chunks[i]:
-                raise IntegrityError(f"{store.uri}/{name}/{p.file}: chunk {i} fails its checksum")
-            if p.file in fds:
-                # The SSD copy goes straight from memory to the disk where it can (O_DIRECT: no page
-                # cache to allocate, nothing left to flush at commit); a ragged tail goes buffered.
-                buffered, direct = fds[p.file]
-                aligned = (dest_addr + at) % 4096 == 0 and off % 4096 == 0 and n % 4096 == 0
-                try:
-                    written = os.pwrite(direct if direct is not None and aligned else buffered, view, off)
-                except OSError as e:
-                    if e.errno != errno.EINVAL or direct is None:
-                        raise
-                    written = os.pwrite(buffered, view, off)  # a device wanting larger alignment
-                if written != n:
-                    raise CapacityError(f"SSD tier: short write of {p.file} at byte {off} ({written} of {n})")
-            if on_chunk is not None:
-                on_chunk(at, n)
-            digests[p.file].landed(i)
-
-        try:
-            for p in manifest.partitions if ssd_tmp is not None else ():
-                fd = os.open(ssd_tmp / p.file, os.O_RDWR | os.O_CREAT, 0o600)
-                fds[p.file] = (fd, None)
-                os.ftruncate(fd, p.size)
-                fds[p.file] = (fd, _open_direct_writer(ssd_tmp / p.file))
-            run_parallel(run, jobs, S3_THREADS, "ember-get")
-            for p in manifest.partitions:
-                if digests[p.file].hexdigest() != p.sha256:
-                    raise IntegrityError(f"{store.uri}/{name}/{p.file}: sha256 mismatch")
-        finally:
-            for pair in fds.values():
-                for fd in pair:
-                    if fd is not None:
-                        os.close(fd)
-        if ssd_tmp is not None:
-            (ssd_tmp / MANIFEST_FILE).write_bytes(manifest.to_json())
-
-    def _download_files(self, store, name, manifest: CheckpointManifest, targets: list[Path]) -> Path:
+    def _download_files(self, store, name, manifest: CheckpointManifest, raw: bytes, ssd_tmp: Path | None,
+                        meta_dir: Path | None) -> tuple[Path, Path | None]:
+        """Fetch and verify the model files into the DRAM entry's and the SSD entry's directories.
+        Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
         import hashlib
 
-        if not targets:
+        targets = [d for d in (meta_dir,) if d]
+        if not targets and ssd_tmp is None:
             targets = [self.data_dir / "files" / name]
             shutil.rmtree(targets[0], ignore_errors=True)
             targets[0].mkdir(parents=True)
-            (targets[0] / MANIFEST_FILE).write_bytes(manifest.to_json())
         for t in targets:
             (t / FILES_DIR).mkdir(parents=True, exist_ok=True)
-            (t / MANIFEST_FILE).write_bytes(manifest.to_json())
+            (t / MANIFEST_FILE).write_bytes(raw)
+        if ssd_tmp is not None:
+            try:
+                (ssd_tmp / FILES_DIR).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                self.ssd.abort(ssd_tmp)
+                self._ssd_unwritable(e)
+                ssd_tmp = None
         for f in manifest.files:
             data = store.read_bytes(name, f"{FILES_DIR}/{f.path}")
             if hashlib.sha256(data).hexdigest() != f.sha256:
                 raise IntegrityError(f"{store.uri}/{name}/{FILES_DIR}/{f.path}: sha256 mismatch")
             for t in targets:
                 (t / FILES_DIR / f.path).write_bytes(data)
-        return targets[0] / FILES_DIR
+            if ssd_tmp is not None:
+                try:
+                    (ssd_tmp / FILES_DIR / f.path).write_bytes(data)
+                except OSError as e:
+                    self.ssd.abort(ssd_tmp)
+                    self._ssd_unwritable(e)
+                    ssd_tmp = None
+        if targets:
+            return targets[0] / FILES_DIR, ssd_tmp
+        if ssd_tmp is not None:
+            return ssd_tmp / FILES_DIR, ssd_tmp
+        # the SSD tier failed and DRAM holds nothing: keep the model files beside the node's data
+        fallback = self.data_dir / "files" / name
+        shutil.rmtree(fallback, ignore_errors=True)
+        (fallback / FILES_DIR).mkdir(parents=True)
+        for f in manifest.files:
+            (fallback / FILES_DIR / f.path).write_bytes(store.read_bytes(name, f"{FILES_DIR}/{f.path}"))
+        return fallback / FILES_DIR, None
 
     def _pool_uploader(self, entry: DramEntry, up: DeviceUpload):
         """on_chunk that copies landed bytes from the (page-locked) pool mapping to the device."""
@@ -417,7 +513,7 @@ class NodeTiers:
             held[3] += 1
         sd, manifest, files = held[0], held[1], held[2]
         return LoadedCheckpoint(
-            name, dict(sd), "gpu", time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest,
+            held[4], dict(sd), "gpu", time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest,
             lambda: self._device_release(name, dev),
         )
 
@@ -429,71 +525,23 @@ class NodeTiers:
                 if held[3] <= 0:
                     del self._on_device[(name, dev)]
 
-    def _loaded(self, name, sd, tier, t0, manifest, files, dev, entry) -> LoadedCheckpoint:
+    def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry) -> LoadedCheckpoint:
         def release() -> None:
             if entry is not None:
-                self.dram.unpin(name)
+                self.dram.unpin(key)
             if dev.type == "cuda":
-                self._device_release(name, str(dev))
+                self._device_release(key, str(dev))
 
         if dev.type == "cuda":
             with self._lock:
-                self._on_device[(name, str(dev))] = [sd, manifest, files, 1]
+                self._on_device[(key, str(dev))] = [sd, manifest, files, 1, ident.name]
             if entry is not None:  # device bytes are private: the DRAM entry need not stay pinned
-                self.dram.unpin(name)
+                self.dram.unpin(key)
                 entry = None
         return LoadedCheckpoint(
-            name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release
+            ident.name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release,
+            ref=ident.ref,
         )
-
-
-def _open_direct_writer(path: Path) -> int | None:
-    """A second descriptor on `path` with O_DIRECT, or None where the file system refuses it."""
-    if not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return None
-
-
-class _InOrderSha256:
-    """sha256 of one partition whose chunks land in any order: whichever thread finds the next
-    chunk in order landed hashes it (and those after it) while the others go on downloading."""
-
-    def __init__(self, dest: memoryview, base: int, size: int, chunk_bytes: int) -> None:
-        import hashlib
-
-        self.dest, self.base, self.size, self.chunk_bytes = dest, base, size, chunk_bytes
-        self.sha = hashlib.sha256()
-        self.next = 0
-        self.landed_chunks: set[int] = set()
-        self.hashing = False
-        self.lock = threading.Lock()
-
-    def landed(self, i: int) -> None:
-        with self.lock:
-            self.landed_chunks.add(i)
-            if self.hashing:
-                return  # the thread hashing now will get to chunk i
-            self.hashing = True
-        while True:
-            with self.lock:
-                if self.next not in self.landed_chunks:
-                    self.hashing = False
-                    return
-                j = self.next
-            lo = self.base + j * self.chunk_bytes
-            self.sha.update(self.dest[lo : min(self.base + self.size, lo + self.chunk_bytes)])
-            with self.lock:
-                self.landed_chunks.discard(j)
-                self.next = j + 1
-
-    def hexdigest(self) -> str:
-        """The partition's sha256; every chunk must have landed (a partition of 0 bytes has none)."""
-        if self.next * self.chunk_bytes < self.size:
-            raise IntegrityError(f"sha256 of a partition asked before chunk {self.next} landed")
-        return self.sha.hexdigest()
 
 
 def _copy_meta(src: Path, meta_dir: Path) -> None:

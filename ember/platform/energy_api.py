@@ -160,12 +160,7 @@ def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[st
     now = time.time() if now is None else now
     budget = load_budget(client)
     snapshots = device_snapshots(client)
-    starts = _redis(client.hgetall, Keys.energy_day_start(_day(now)))
-    used_j = 0.0
-    for s in snapshots:
-        start = starts.get(f"{s['node']}/{s['device']}")
-        if start is not None:
-            used_j += max(0.0, float(s.get("energy_j") or 0.0) - float(start))
+    used_j = energy_used_today_j(client, snapshots, now)
     midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     seconds_left = max(0.0, 86400.0 - (now - midnight.timestamp()))
     allocation = allocate(budget, snapshots, used_j, seconds_left)
@@ -194,6 +189,19 @@ def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[st
             "misses": allocation.to_dict()["misses"],
         },
     }
+
+
+def energy_used_today_j(client: redis.Redis, snapshots: Sequence[Mapping[str, Any]],
+                        now: float | None = None) -> float:
+    """Joules the devices in `snapshots` drew since midnight UTC (since first seen today)."""
+    now = time.time() if now is None else now
+    starts = _redis(client.hgetall, Keys.energy_day_start(_day(now)))
+    used_j = 0.0
+    for s in snapshots:
+        start = starts.get(f"{s['node']}/{s['device']}")
+        if start is not None:
+            used_j += max(0.0, float(s.get("energy_j") or 0.0) - float(start))
+    return used_j
 
 
 def allocate_if_leader(client: redis.Redis, holder: str, lease_s: float = 15.0) -> dict[str, Any] | None:

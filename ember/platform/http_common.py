@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import redis
@@ -19,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def error_response(err: EmberError) -> JSONResponse:
-    return JSONResponse(err.to_openai(), status_code=err.status_code)
+    headers = None
+    retry_after_s = getattr(err, "retry_after_s", None)
+    if retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -80,21 +85,40 @@ class BodySizeLimit:
                         return
                 except ValueError:
                     pass
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+        if not any(name == b"content-length" for name, _ in scope.get("headers", [])):
+            # A body without a length (chunked): read it here, up to the limit, and answer 413
+            # past it. (Raised from inside the app, FastAPI's body parsing would turn it into a 400.)
+            chunks, seen, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    await self.app(scope, _replay([message]), send)
+                    return
+                chunks.append(message.get("body", b""))
+                seen += len(chunks[-1])
+                more = message.get("more_body", False)
                 if seen > self.max_bytes:
-                    raise too_large
-            return message
+                    await error_response(too_large)(scope, receive, send)
+                    return
+            body = b"".join(chunks)
+            await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive),
+                           send)
+            return
+        await self.app(scope, receive, send)
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except PayloadTooLarge as e:
-            await error_response(e)(scope, receive, send)
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    """A receive() that yields `messages` first, then defers to `then` (a disconnect, later)."""
+    queue = list(messages)
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 def log_task_errors(task: asyncio.Task[Any]) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from ember.errors import ConfigError, StateUnavailable
 
@@ -49,15 +50,23 @@ class RedisServerProcess:
     """A redis-server child process bound to loopback, optionally with AOF persistence in `data_dir`."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, host: str = "127.0.0.1",
-                 persistent: bool = True) -> None:
+                 persistent: bool = True, password: str | None = None) -> None:
+        """password: every client must AUTH with it (kept in a 0600 config file, never on the command line)."""
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
         self.persistent = persistent
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """The URL without its password (for logs and messages)."""
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServerProcess:
@@ -71,6 +80,12 @@ class RedisServerProcess:
             "--daemonize", "no",
             "--protected-mode", "yes",
         ]
+        if self.password:
+            conf = self.data_dir / "auth.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f'requirepass "{self.password}"\n')
+            args.insert(1, str(conf.resolve()))  # the config file comes first, options after it
         if self.persistent:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
@@ -83,7 +98,7 @@ class RedisServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise StateUnavailable(f"redis server exited with {self.proc.returncode}; see {self.data_dir}/redis.log")
-            if _ping(self.host, self.port):
+            if _ping(self.host, self.port, self.password):
                 return self
             time.sleep(0.05)
         self.stop()
@@ -115,9 +130,14 @@ def die_with_parent() -> None:
         pass
 
 
-def _ping(host: str, port: int) -> bool:
+def _ping(host: str, port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2) as s:
+            if password:
+                pw = password.encode()
+                s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:

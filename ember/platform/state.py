@@ -23,6 +23,19 @@ class Keys:
 
     api_key_ids = PREFIX + "apikeys"  # hash: id -> key_hash
 
+    # --- tenancy (platform: gateway/checkpoints.py) -------------------------------------
+    allowed_stores = PREFIX + "stores:allowed"  # set of canonical store URIs an admin allowed
+    checkpoint_grants = PREFIX + "checkpoint:grants"  # hash: "STORE/NAME" -> {"owner", "shared"} JSON
+
+    # --- per-key rate limits (platform: gateway/ratelimit.py) ---------------------------
+    @staticmethod
+    def key_limits(key_id: str) -> str:  # hash: rpm, tpm (absent: the gateway's defaults)
+        return f"{PREFIX}limits:{key_id}"
+
+    @staticmethod
+    def rate_window(key_id: str, kind: str) -> str:  # sorted set: member "ts:rand:n", score = ms
+        return f"{PREFIX}rate:{key_id}:{kind}"
+
     # --- cluster (platform/cluster.py: nodes, devices, instances, claims, leases) --------
     nodes = PREFIX + "nodes"  # set of node ids that registered
 
@@ -75,6 +88,12 @@ class Keys:
     @staticmethod
     def lease(name: str) -> str:  # string holder with TTL (autoscaler, energy allocator)
         return f"{PREFIX}lease:{name}"
+
+    # --- fleet (platform/fleet.py, gateway/nodescaling.py: the node scaler) ----------------
+    nodes_draining = PREFIX + "nodes:draining"  # set of node ids: nothing new is placed there
+    placements_waiting = PREFIX + "placements:waiting"  # hash: gateway id -> "count timestamp"
+    placements_waited_total = PREFIX + "placements:waited_total"  # counter: requests that waited for room
+    # a node's cloud instance id is the field `cloud_instance_id` of Keys.node(node_id)
 
     # --- energy (platform/energy_api.py) -------------------------------------------------
     energy_budget = PREFIX + "energy:budget"  # JSON: cluster_watts, node_watts, energy_kwh_per_day

@@ -43,6 +43,8 @@ class UpOptions:
     demo: bool = True
     ready_timeout_s: float = 120.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    node_backend: str = "none"  # "local": the gateway's node scaler starts and stops the workers
+    max_workers: int = 0  # with the local backend: the most workers (0: as many as `workers`)
 
 
 def read_or_create_secret(path: Path, env_value: str | None) -> str:
@@ -101,19 +103,28 @@ class Platform:
         if redis_url:
             _check_redis(redis_url)
         else:
-            self.redis = RedisServerProcess(self.data_dir / "redis", persistent=True).start()
+            # A password generated once and kept in the data dir: a process that can reach the port
+            # but cannot read the data dir cannot write keys (an admin API key, say) into Redis.
+            password = read_or_create_secret(self.data_dir / "redis_password", None)
+            self.redis = RedisServerProcess(self.data_dir / "redis", persistent=True, password=password).start()
             redis_url = self.redis.url
-            echo(f"redis: {redis_url} (AOF in {self.data_dir / 'redis'})")
+            echo(f"redis: {self.redis.public_url} (AOF in {self.data_dir / 'redis'}, password in "
+                 f"{self.data_dir / 'redis_password'})")
         store_url = self.settings.resolved_store_url if self.settings.store_url else \
             f"file://{self.data_dir / 'store'}"
         env = {**os.environ, "EMBER_EXPECTED_WORKERS": str(self.opts.workers), **self.opts.extra_env,
                "EMBER_REDIS_URL": redis_url, "EMBER_CLUSTER_TOKEN": token,
                "EMBER_ADMIN_KEY": admin_key, "EMBER_STORE_URL": store_url, "PYTHONUNBUFFERED": "1"}
+        scaled = self.opts.node_backend == "local"
+        if scaled:  # the gateway's node scaler owns the workers, as it owns an Auto Scaling group
+            env.update({"EMBER_NODE_BACKEND": "local", "EMBER_NODE_MIN": str(self.opts.workers),
+                        "EMBER_NODE_MAX": str(max(self.opts.workers, self.opts.max_workers, 1)),
+                        "EMBER_FLEET_DATA_DIR": str(self.data_dir), "EMBER_FLEET_WORKER_HOST": self.opts.host})
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         if self.opts.demo:
             self._ensure_demo_checkpoint(store_url, echo)
-        for i in range(self.opts.workers):
+        for i in range(0 if scaled else self.opts.workers):
             node = f"node-{i}"
             port = free_port(self.opts.host)
             self._spawn(node, [sys.executable, "-m", "ember", "worker", "--data-dir", str(self.data_dir / "nodes" / node),

@@ -116,8 +116,7 @@ class _Simulation:
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}
         self.ckpt_index = {c: i for i, c in enumerate(self.ckpt)}
         # Nodes and devices.
-        self.cluster = MemCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
-                                  ssd_bytes=cfg.ssd_bytes)
+        self.cluster = self._make_cluster(cfg)
         base = {"gpu": cfg.gpu_peer_bps, "dram": cfg.dram_bps, "ssd": cfg.ssd_bps, "remote": cfg.remote_bps}
         for k in range(cfg.nodes):
             true_bw = {t: bw * float(rng.lognormal(0.0, cfg.bandwidth_spread)) for t, bw in base.items()}
@@ -145,6 +144,16 @@ class _Simulation:
         self.loads = 0
         self.tier_loads: dict[str, int] = {"gpu": 0, "dram": 0, "ssd": 0, "remote": 0}
         self.peak_instances = 0
+
+    def _make_cluster(self, cfg: SimConfig) -> MemCluster:
+        return MemCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
+                          ssd_bytes=cfg.ssd_bytes)
+
+    def _relieve_pressure(self, nbytes: int, function: str) -> bool:
+        """Nothing has room: the gateway's eviction rule over the whole cluster; True if it evicted."""
+        gone = self.cluster.evict(self.cluster.devices, nbytes, function)
+        self._forget(gone)
+        return bool(gone)
 
     @property
     def now(self) -> float:
@@ -324,12 +333,8 @@ class _Simulation:
         name = self.names[f]
         req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
         est = self._decide(req)
-        if est is None:
-            # Nothing has room: the gateway's rule, over the whole cluster, then decide again.
-            gone = cluster.evict(cluster.devices, nb, name)
-            self._forget(gone)
-            if gone:
-                est = self._decide(req)
+        if est is None and self._relieve_pressure(nb, name):  # then decide again
+            est = self._decide(req)
         if est is None:
             return None
         node = cluster.nodes_by_id[est.node_id]

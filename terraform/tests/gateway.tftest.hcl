@@ -1,30 +1,36 @@
-# Gateways: a public ALB with a long idle timeout for SSE streams and a /readyz health
-# check; the gateway instances are reachable only from the ALB.
+# Gateways: a public ALB with a long idle timeout for SSE streams and a /healthz health check
+# (not /readyz: a Redis failover would fail every gateway at once); the gateway instances are
+# reachable only from the ALB; no secret on a command line; /metrics behind a key; the node
+# scaler pointed at the worker group.
 
 mock_provider "aws" {
   source = "./tests/mocks"
 }
 
 variables {
-  name                        = "ember"
-  vpc_id                      = "vpc-0123456789abcdef0"
-  public_subnet_ids           = ["subnet-public-a", "subnet-public-b"]
-  private_subnet_ids          = ["subnet-private-a", "subnet-private-b"]
-  allowed_ingress_cidrs       = ["0.0.0.0/0"]
-  idle_timeout_s              = 900
-  instance_type               = "c7i.large"
-  min_size                    = 1
-  max_size                    = 4
-  desired_capacity            = 2
-  instance_profile_name       = "ember-gateway"
-  ember_package               = "ember==0.1.0"
-  region                      = "us-east-1"
-  redis_host                  = "master.ember-redis.abc123.use1.cache.amazonaws.com"
-  redis_port                  = 6379
-  redis_auth_token_secret_arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:redis"
-  cluster_token_secret_arn    = "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster"
-  admin_key_secret_arn        = "arn:aws:secretsmanager:us-east-1:123456789012:secret:admin"
-  initial_power_budget_w      = 5600
+  name                          = "ember"
+  vpc_id                        = "vpc-0123456789abcdef0"
+  public_subnet_ids             = ["subnet-public-a", "subnet-public-b"]
+  private_subnet_ids            = ["subnet-private-a", "subnet-private-b"]
+  allowed_ingress_cidrs         = ["0.0.0.0/0"]
+  idle_timeout_s                = 900
+  instance_type                 = "c7i.large"
+  min_size                      = 1
+  max_size                      = 4
+  desired_capacity              = 2
+  instance_profile_name         = "ember-gateway"
+  ember_package                 = "ember==0.1.0"
+  region                        = "us-east-1"
+  redis_host                    = "master.ember-redis.abc123.use1.cache.amazonaws.com"
+  redis_port                    = 6379
+  redis_auth_token_secret_arn   = "arn:aws:secretsmanager:us-east-1:123456789012:secret:redis"
+  cluster_token_secret_arn      = "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster"
+  admin_key_secret_arn          = "arn:aws:secretsmanager:us-east-1:123456789012:secret:admin"
+  initial_power_budget_w        = 5600
+  ami_id                        = "ami-0123456789abcdef0"
+  worker_autoscaling_group_name = "ember-worker-abc"
+  worker_max_size               = 8
+  extra_env                     = { EMBER_SLO_TIMEOUT_S = "60" }
 }
 
 run "alb_serves_streams_and_checks_readiness" {
@@ -45,8 +51,8 @@ run "alb_serves_streams_and_checks_readiness" {
   }
 
   assert {
-    condition     = one(aws_lb_target_group.this.health_check).path == "/readyz" && aws_lb_target_group.this.port == 8000
-    error_message = "Health checks go to /readyz on the gateway port."
+    condition     = one(aws_lb_target_group.this.health_check).path == "/healthz" && aws_lb_target_group.this.port == 8000
+    error_message = "Health checks go to /healthz on the gateway port (/readyz fails on a Redis failover and would replace every gateway)."
   }
 
   assert {
@@ -91,6 +97,41 @@ run "alb_serves_streams_and_checks_readiness" {
   assert {
     condition     = strcontains(output.user_data, "EMBER_ENV=production") && strcontains(output.user_data, "EMBER_ADMIN_KEY")
     error_message = "The gateway runs in production mode with its admin key."
+  }
+
+  assert {
+    condition = (
+      !strcontains(output.user_data, "--redis-url") &&
+      strcontains(output.user_data, "ExecStartPre=+/usr/local/sbin/ember-gateway-secrets") &&
+      strcontains(output.user_data, "chmod 0600 /run/ember/gateway.env.tmp") &&
+      strcontains(output.user_data, "chown ember:ember /run/ember/gateway.env.tmp")
+    )
+    error_message = "Secrets go to an env file only the service user reads, never onto the command line."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "EMBER_METRICS_REQUIRE_KEY=true")
+    error_message = "/metrics needs a key."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "EMBER_SLO_TIMEOUT_S=\"60\"")
+    error_message = "extra_env reaches the gateway."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "EMBER_NODE_BACKEND=aws") && strcontains(output.user_data, "EMBER_AWS_AUTOSCALING_GROUP=ember-worker-abc") && strcontains(output.user_data, "EMBER_NODE_MAX=8") && strcontains(output.user_data, "EMBER_NODE_MIN=1")
+    error_message = "The gateways' node scaler sizes the worker group."
+  }
+
+  assert {
+    condition     = aws_launch_template.this.image_id == "ami-0123456789abcdef0" && output.ami_id == "ami-0123456789abcdef0"
+    error_message = "The AMI is the pinned one, not SSM's latest read at plan time."
+  }
+
+  assert {
+    condition     = one(one(aws_autoscaling_group.this.instance_refresh).preferences).min_healthy_percentage == 100
+    error_message = "An instance refresh keeps every gateway serving (min_healthy_percentage 100)."
   }
 }
 

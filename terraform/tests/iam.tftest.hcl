@@ -6,11 +6,12 @@ mock_provider "aws" {
 }
 
 variables {
-  name                = "ember"
-  bucket_arn          = "arn:aws:s3:::ember-ckpt"
-  checkpoint_prefix   = "checkpoints"
-  worker_secret_arns  = ["arn:aws:secretsmanager:us-east-1:123456789012:secret:redis", "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster"]
-  gateway_secret_arns = ["arn:aws:secretsmanager:us-east-1:123456789012:secret:redis", "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster", "arn:aws:secretsmanager:us-east-1:123456789012:secret:admin"]
+  name                          = "ember"
+  bucket_arn                    = "arn:aws:s3:::ember-ckpt"
+  checkpoint_prefix             = "checkpoints"
+  worker_secret_arns            = ["arn:aws:secretsmanager:us-east-1:123456789012:secret:redis", "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster"]
+  gateway_generated_secret_arns = ["arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster", "arn:aws:secretsmanager:us-east-1:123456789012:secret:admin"]
+  gateway_secret_arns           = ["arn:aws:secretsmanager:us-east-1:123456789012:secret:redis", "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster", "arn:aws:secretsmanager:us-east-1:123456789012:secret:admin"]
 }
 
 run "roles_are_scoped_to_the_prefix" {
@@ -92,6 +93,50 @@ run "roles_are_scoped_to_the_prefix" {
   assert {
     condition     = jsondecode(aws_iam_role.worker.assume_role_policy).Statement[0].Principal.Service == "ec2.amazonaws.com"
     error_message = "Only EC2 instances may assume the worker role."
+  }
+
+  # Gateways: the node scaler's calls only on this deployment's worker group.
+  assert {
+    condition = alltrue(flatten([
+      for s in jsondecode(aws_iam_role_policy.gateway.policy).Statement : [
+        for a in s.Action : (
+          try(s.Condition.StringEquals["autoscaling:ResourceTag/ember:deployment"], "") == "ember" &&
+          try(s.Condition.StringEquals["autoscaling:ResourceTag/ember:role"], "") == "worker"
+        ) if startswith(a, "autoscaling:") && !startswith(a, "autoscaling:Describe")
+      ]
+    ]))
+    error_message = "Scaling calls are allowed only on the group tagged as this deployment's workers."
+  }
+
+  assert {
+    condition = toset(flatten([
+      for s in jsondecode(aws_iam_role_policy.gateway.policy).Statement : [
+        for a in s.Action : a if startswith(a, "autoscaling:") && !startswith(a, "autoscaling:Describe")
+      ]
+    ])) == toset(["autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup", "autoscaling:SetInstanceProtection", "autoscaling:CompleteLifecycleAction"])
+    error_message = "Gateways get exactly the node scaler's calls."
+  }
+
+  assert {
+    condition = alltrue([
+      for s in jsondecode(aws_iam_role_policy.gateway.policy).Statement :
+      try(s.Condition.StringEquals["cloudwatch:namespace"], "") == "Ember" if contains(s.Action, "cloudwatch:PutMetricData")
+    ]) && anytrue([for s in jsondecode(aws_iam_role_policy.gateway.policy).Statement : contains(s.Action, "cloudwatch:PutMetricData")])
+    error_message = "PutMetricData only in the Ember namespace."
+  }
+
+  assert {
+    condition = toset(flatten([
+      for s in jsondecode(aws_iam_role_policy.gateway.policy).Statement : s.Resource if contains(s.Action, "secretsmanager:PutSecretValue")
+    ])) == toset(var.gateway_generated_secret_arns)
+    error_message = "Gateways may create only the secrets they generate (cluster token, admin key)."
+  }
+
+  assert {
+    condition = alltrue([
+      for s in jsondecode(aws_iam_role_policy.worker.policy).Statement : alltrue([for a in s.Action : !startswith(a, "autoscaling:") && !startswith(a, "cloudwatch:")])
+    ])
+    error_message = "Workers get no scaling or metrics rights."
   }
 }
 

@@ -5,7 +5,10 @@ mock_provider "aws" {
 }
 
 variables {
-  ember_package = "ember==0.1.0"
+  ember_package   = "ember==0.1.0"
+  gateway_ami_id  = "ami-0aaaaaaaaaaaaaaaa"
+  worker_ami_id   = "ami-0bbbbbbbbbbbbbbbb"
+  certificate_arn = "arn:aws:acm:us-east-1:123456789012:certificate/abc"
 }
 
 run "defaults_deploy" {
@@ -17,8 +20,18 @@ run "defaults_deploy" {
   }
 
   assert {
-    condition     = startswith(output.gateway_url, "http://") && output.gateway_url == "http://${output.alb_dns_name}"
-    error_message = "The gateway URL is the load balancer's."
+    condition     = output.gateway_url == "https://${output.alb_dns_name}"
+    error_message = "The gateway URL is the load balancer's, over HTTPS."
+  }
+
+  assert {
+    condition     = module.workers.ami_id == "ami-0bbbbbbbbbbbbbbbb" && module.gateway.ami_id == "ami-0aaaaaaaaaaaaaaaa"
+    error_message = "Pinned AMIs, chosen by the operator (not SSM's latest at plan time)."
+  }
+
+  assert {
+    condition     = strcontains(module.gateway.user_data, "EMBER_AWS_AUTOSCALING_GROUP=${output.worker_autoscaling_group_name}")
+    error_message = "The gateways' node scaler drives this deployment's worker group."
   }
 
   assert {
@@ -79,6 +92,73 @@ run "accepts_given_redis_token_and_observe_mode" {
     condition     = strcontains(module.workers.user_data, "--energy-mode observe")
     error_message = "energy_mode reaches the workers."
   }
+}
+
+run "plain_http_only_when_waived" {
+  command = plan
+
+  variables {
+    certificate_arn  = null
+    allow_plain_http = true
+  }
+
+  assert {
+    condition     = startswith(output.gateway_url, "http://")
+    error_message = "Waived: plain HTTP on 80."
+  }
+}
+
+run "refuses_plain_http_by_default" {
+  command = plan
+
+  variables {
+    certificate_arn = null
+  }
+
+  expect_failures = [var.certificate_arn]
+}
+
+run "refuses_v100_workers" {
+  command = plan
+
+  variables {
+    worker_instance_type = "p3.2xlarge"
+  }
+
+  expect_failures = [var.worker_instance_type]
+}
+
+run "refuses_a_vpc_whose_public_subnets_cannot_hold_an_alb" {
+  command = plan
+
+  variables {
+    vpc_cidr = "10.42.0.0/20"
+  }
+
+  expect_failures = [var.vpc_cidr]
+}
+
+run "extra_env_reaches_both_and_refuses_secrets" {
+  command = plan
+
+  variables {
+    extra_env = { EMBER_SLO_TIMEOUT_S = "60" }
+  }
+
+  assert {
+    condition     = strcontains(module.workers.user_data, "EMBER_SLO_TIMEOUT_S=\"60\"") && strcontains(module.gateway.user_data, "EMBER_SLO_TIMEOUT_S=\"60\"")
+    error_message = "extra_env reaches gateways and workers."
+  }
+}
+
+run "extra_env_refuses_secrets_and_bad_names" {
+  command = plan
+
+  variables {
+    extra_env = { EMBER_ADMIN_KEY = "x", "not-ember" = "y", EMBER_OK = "with \"quote" }
+  }
+
+  expect_failures = [var.extra_env]
 }
 
 run "rejects_unknown_energy_mode" {

@@ -1,5 +1,7 @@
 # GPU workers: IMDSv2 only, no public address, reachable only from the gateways, an Auto
-# Scaling group that may scale to zero, and user data that starts `ember worker` right.
+# Scaling group that may scale to zero (its size owned by Ember's node scaler), ELB health,
+# a stopped warm pool, a drain hook, a pinned AMI, and user data that starts `ember worker`
+# right: no secret on its command line, the DLAMI's instance-store volume reused.
 
 mock_provider "aws" {
   source = "./tests/mocks"
@@ -23,6 +25,8 @@ variables {
   redis_auth_token_secret_arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:redis"
   cluster_token_secret_arn    = "arn:aws:secretsmanager:us-east-1:123456789012:secret:cluster"
   store_url                   = "s3://ember-ckpt/checkpoints"
+  ami_id                      = "ami-0123456789abcdef0"
+  extra_env                   = { EMBER_CPU_SLOTS = "4" }
 }
 
 run "workers_are_locked_down" {
@@ -85,8 +89,79 @@ run "workers_are_locked_down" {
   }
 
   assert {
-    condition     = strcontains(output.user_data, "--redis-url \"rediss://:$redis_token@master.ember-redis.abc123.use1.cache.amazonaws.com:6379/0\"")
+    condition     = strcontains(output.user_data, "rediss://:{token}@master.ember-redis.abc123.use1.cache.amazonaws.com:6379/0")
     error_message = "Workers must connect to Redis over TLS with the AUTH token."
+  }
+
+  assert {
+    condition = (
+      !strcontains(output.user_data, "--redis-url") &&
+      strcontains(output.user_data, "ExecStartPre=+/usr/local/sbin/ember-worker-secrets") &&
+      strcontains(output.user_data, "chmod 0600 /run/ember/worker.env.tmp") &&
+      strcontains(output.user_data, "chown \"$owner:$owner\" /run/ember/worker.env.tmp") &&
+      strcontains(output.user_data, "owner='ember'")
+    )
+    error_message = "Secrets go to an env file only the service user reads, never onto the worker's command line."
+  }
+
+  assert {
+    condition     = !strcontains(output.user_data, "Requires=ember-ssd.service") && !strcontains(output.user_data, "Requires=ember-disk.service") && strcontains(output.user_data, "Wants=network-online.target ember-disk.service")
+    error_message = "The worker must not require the disk step: a failed disk step leaves the SSD tier on the root volume, not a dead worker."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "/opt/dlami/nvme") && !strcontains(output.user_data, "mkfs.xfs -f") && !strcontains(output.user_data, "--force")
+    error_message = "The DLAMI's instance-store volume is reused; nothing force-formats disks."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "size=$tmpfs_bytes")
+    error_message = "The DRAM tier's tmpfs has an explicit size."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "EMBER_CPU_SLOTS=\"4\"")
+    error_message = "extra_env reaches the worker."
+  }
+
+  assert {
+    condition     = strcontains(output.user_data, "EMBER_CLOUD_INSTANCE_ID=$(imds instance-id)")
+    error_message = "Workers record their cloud instance id."
+  }
+
+  assert {
+    condition     = aws_launch_template.this.image_id == "ami-0123456789abcdef0" && output.ami_id == "ami-0123456789abcdef0"
+    error_message = "The AMI is the pinned one, not SSM's latest read at plan time."
+  }
+
+  assert {
+    condition = (
+      one(one(aws_autoscaling_group.this.instance_refresh).preferences).min_healthy_percentage == 100 &&
+      aws_autoscaling_group.this.health_check_type == "ELB" &&
+      aws_autoscaling_group.this.target_group_arns == toset([aws_lb_target_group.health.arn]) &&
+      one(aws_lb_target_group.health.health_check).path == "/healthz"
+    )
+    error_message = "Workers: ELB health (a dead worker process is replaced) and refreshes that never drop below full strength."
+  }
+
+  assert {
+    condition     = one(aws_autoscaling_group.this.warm_pool).pool_state == "Stopped" && one(aws_autoscaling_group.this.warm_pool).min_size == 1
+    error_message = "A stopped warm pool for fast node start."
+  }
+
+  assert {
+    condition     = one(aws_autoscaling_group.this.initial_lifecycle_hook).lifecycle_transition == "autoscaling:EC2_INSTANCE_TERMINATING" && one(aws_autoscaling_group.this.initial_lifecycle_hook).name == "ember-drain"
+    error_message = "A terminating lifecycle hook lets Ember drain a node first."
+  }
+
+  assert {
+    condition     = aws_autoscaling_group.this.protect_from_scale_in
+    error_message = "Ember, not the group, picks which worker goes."
+  }
+
+  assert {
+    condition     = length(aws_vpc_security_group_ingress_rule.from_health.referenced_security_group_id) > 0 && aws_lb.health.internal
+    error_message = "The health-check balancer is internal."
   }
 
   assert {
@@ -101,7 +176,7 @@ run "workers_are_locked_down" {
 
   assert {
     condition     = strcontains(output.user_data, "Amazon EC2 NVMe Instance Storage")
-    error_message = "User data must mount the instance-store NVMe as the SSD tier."
+    error_message = "Without the DLAMI's volume, blank instance-store NVMe disks become the SSD tier."
   }
 
   assert {
@@ -112,6 +187,24 @@ run "workers_are_locked_down" {
   assert {
     condition     = strcontains(output.user_data, "User=ember") && !strcontains(output.user_data, "User=root")
     error_message = "Outside actuate mode the worker runs unprivileged."
+  }
+}
+
+run "node_scaler_owns_the_desired_capacity" {
+  command = apply
+
+  module {
+    source = "./modules/workers"
+  }
+
+  # The same state as "workers_are_locked_down": the node scaler has set the group's size since.
+  variables {
+    desired_capacity = 3
+  }
+
+  assert {
+    condition     = aws_autoscaling_group.this.desired_capacity == 1
+    error_message = "terraform must not fight the node scaler: desired_capacity is ignored after creation."
   }
 }
 
@@ -128,8 +221,8 @@ run "actuate_mode_runs_as_root" {
   }
 
   assert {
-    condition     = strcontains(output.user_data, "--energy-mode actuate") && strcontains(output.user_data, "User=root")
-    error_message = "Setting GPU power limits needs root."
+    condition     = strcontains(output.user_data, "--energy-mode actuate") && strcontains(output.user_data, "User=root") && strcontains(output.user_data, "owner='root'")
+    error_message = "Setting GPU power limits needs root (and the env file is then root's)."
   }
 
   assert {

@@ -98,7 +98,7 @@ def test_in_order_sha256_of_chunks_landing_in_any_order_on_many_threads() -> Non
     import hashlib
     import random
 
-    from ember.loader.tiers import _InOrderSha256
+    from ember.loader.remote import _InOrderSha256
 
     data = memoryview(os.urandom((5 << 20) + 12345))
     base, size, chunk = 1000, len(data) - 1000, 256 << 10

@@ -32,6 +32,11 @@ def _hf(dir_: Path, mib: int, seed: int) -> Path:
     return dir_
 
 
+def _held(tiers) -> dict[str, str]:
+    """Holdings by bare checkpoint name (the tiers publish canonical refs: store/name#digest)."""
+    return {ref.rpartition("/")[2].partition("#")[0]: tier for ref, tier in tiers.holdings().items()}
+
+
 def _equal(sd: dict, ref: dict) -> bool:
     return set(sd) == set(ref) and all(torch.equal(sd[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref)
 
@@ -41,22 +46,22 @@ def test_remote_then_dram_then_ssd(tmp_path, tiny_model_dir, make_tiers) -> None
     store.push(tiny_model_dir, "tiny")
     ref = load_file(tiny_model_dir / "model.safetensors")
     tiers = make_tiers()
-    assert tiers.holdings() == {}
+    assert _held(tiers) == {}
     first = tiers.load("tiny")
     assert first.tier == "remote" and _equal(first.state_dict, ref)
     assert first.nbytes == sum(t.numel() * t.element_size() for t in ref.values()) == tiers.checkpoint_nbytes("tiny")
     assert (first.model_files / "config.json").is_file() and (first.model_files / "chat_template.jinja").is_file()
-    assert tiers.holdings() == {"tiny": "dram"}
+    assert _held(tiers) == {"tiny": "dram"}
     first.release()
     second = tiers.load("tiny")
     assert second.tier == "dram" and _equal(second.state_dict, ref)
     second.release()
-    assert tiers.dram.evict("tiny")
-    assert tiers.holdings() == {"tiny": "ssd"}
+    assert tiers.dram.evict(tiers.key("tiny"))
+    assert _held(tiers) == {"tiny": "ssd"}
     third = tiers.load(f"file://{tmp_path / 'store'}/tiny")
     assert third.tier == "ssd" and _equal(third.state_dict, ref)
     third.release()
-    assert tiers.holdings() == {"tiny": "dram"}
+    assert _held(tiers) == {"tiny": "dram"}
 
 
 def test_second_process_shares_dram_copy_on_write(tmp_path, tiny_model_dir, make_tiers) -> None:
@@ -127,20 +132,20 @@ def test_dram_lru_evicts_only_what_it_must_and_never_pinned(tmp_path, make_tiers
     tiers = make_tiers(dram=10 << 20)  # five blocks: two checkpoints and a spare block
     held = tiers.load("m0")  # stays pinned
     tiers.load("m1").release()
-    assert set(tiers.dram.holdings()) == {"m0", "m1"}
+    assert {k.partition("@")[0] for k in tiers.dram.holdings()} == {"m0", "m1"}
     got = tiers.load("m2")
     assert got.tier == "remote"
     got.release()
-    assert set(tiers.dram.holdings()) == {"m0", "m2"}  # only the LRU unpinned entry went
+    assert {k.partition("@")[0] for k in tiers.dram.holdings()} == {"m0", "m2"}  # only the LRU unpinned entry went
     tiers.load("m1").release()
-    assert set(tiers.dram.holdings()) == {"m0", "m1"}
+    assert {k.partition("@")[0] for k in tiers.dram.holdings()} == {"m0", "m1"}
     tiers.load("m0").release()  # m0 used again: now m1 is the LRU one (but m0 is pinned anyway)
     tiers.load("m3").release()
-    assert set(tiers.dram.holdings()) == {"m0", "m3"}
-    assert tiers.holdings() == {"m0": "dram", "m1": "ssd", "m2": "ssd", "m3": "dram"}
+    assert {k.partition("@")[0] for k in tiers.dram.holdings()} == {"m0", "m3"}
+    assert _held(tiers) == {"m0": "dram", "m1": "ssd", "m2": "ssd", "m3": "dram"}
     assert _equal(held.state_dict, load_file(tmp_path / "hf0" / "model.safetensors"))
     held.release()
-    assert not tiers.dram.evict("nope") and tiers.dram.evict("m0")
+    assert not tiers.dram.evict("nope") and tiers.dram.evict(tiers.key("m0"))
 
 
 def test_checkpoint_larger_than_pool_still_loads(tmp_path, make_tiers) -> None:
@@ -153,7 +158,7 @@ def test_checkpoint_larger_than_pool_still_loads(tmp_path, make_tiers) -> None:
         assert got.tier == tier and _equal(got.state_dict, ref)
         assert (got.model_files / "config.json").is_file()
         got.release()
-    assert tiers.holdings() == {"big": "ssd"} and tiers.dram.used_bytes() == 0
+    assert _held(tiers) == {"big": "ssd"} and tiers.dram.used_bytes() == 0
 
 
 def test_ssd_lru_capacity_and_restart(tmp_path, make_tiers) -> None:
@@ -163,12 +168,12 @@ def test_ssd_lru_capacity_and_restart(tmp_path, make_tiers) -> None:
     tiers = make_tiers(dram=2 << 20, ssd=4 << 20)  # the SSD holds two of the three (1.25 MiB each + 1 MiB install margin)
     for i in range(3):
         tiers.load(f"s{i}").release()
-    assert set(tiers.ssd.entries()) == {"s1", "s2"}
+    assert {k.partition("@")[0] for k in tiers.ssd.entries()} == {"s1", "s2"}
     # A half-written entry from a dead process and an index rebuilt from disk on restart.
     (tiers.ssd.tmp / "s9.999999999.abcd").mkdir()
     (tiers.ssd.tmp / "s9.999999999.abcd" / "part-00000.bin").write_bytes(b"half")
     again = SsdTier(tiers.ssd.root, 4 << 20)
-    assert set(again.entries()) == {"s1", "s2"} and not list(again.tmp.iterdir())
+    assert {k.partition("@")[0] for k in again.entries()} == {"s1", "s2"} and not list(again.tmp.iterdir())
     again.close()
 
 
@@ -178,7 +183,7 @@ def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, 
     store.push(tiny_model_dir, "good")
     tiers = make_tiers()
     tiers.load("good").release()
-    assert tiers.dram.evict("good")
+    assert tiers.dram.evict(tiers.key("good"))
     for name in ("flipped", "truncated", "terabytes", "nopart", "outofbounds", "overlap", "dtype", "forgedsha"):
         store.push(tiny_model_dir, name)
     edits = {
@@ -226,12 +231,30 @@ def test_bad_remote_checkpoints_leave_tiers_unchanged(tmp_path, tiny_model_dir, 
     ok.release()
 
 
-def test_corrupted_ssd_entry_is_never_served(tmp_path, tiny_model_dir, make_tiers, snapshot) -> None:
+def test_corrupted_ssd_entry_is_dropped_and_refetched(tmp_path, tiny_model_dir, make_tiers, caplog) -> None:
+    """A flipped byte in an SSD partition is never served: the entry is dropped (logged) and the
+    load is served from the intact store, which also rebuilds the entry."""
     open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
     tiers = make_tiers()
     tiers.load("tiny").release()
-    tiers.dram.evict("tiny")
-    part = tiers.ssd.path("tiny") / "part-00000.bin"
+    tiers.dram.evict(tiers.key("tiny"))
+    part = tiers.ssd.path(tiers.key("tiny")) / "part-00000.bin"
+    data = bytearray(part.read_bytes())
+    data[-1] ^= 0xFF
+    part.write_bytes(data)
+    healed = tiers.load("tiny")
+    assert healed.tier == "remote" and _equal(healed.state_dict, load_file(tiny_model_dir / "model.safetensors"))
+    healed.release()
+    assert "failed verification" in caplog.text and "part-00000.bin" in caplog.text
+    assert part.read_bytes() != bytes(data)  # the entry was fetched again
+
+
+def test_corrupted_everywhere_is_an_integrity_error(tmp_path, tiny_model_dir, make_tiers, snapshot) -> None:
+    """No good copy anywhere (the store's bytes are bad too): IntegrityError, nothing cached."""
+    store_dir = tmp_path / "store"
+    open_store(f"file://{store_dir}").push(tiny_model_dir, "tiny")
+    tiers = make_tiers()
+    part = store_dir / "tiny" / "part-00000.bin"
     data = bytearray(part.read_bytes())
     data[-1] ^= 0xFF
     part.write_bytes(data)
@@ -257,7 +280,7 @@ def test_bandwidth_probe_and_env(tmp_path, tiny_model_dir, monkeypatch) -> None:
         assert set(bw) == {"dram", "ssd", "remote"} and all(v > 0 for v in bw.values())
         sd = load_state_dict("tiny")
         assert _equal(sd, load_file(tiny_model_dir / "model.safetensors"))
-        assert os.path.isdir(tmp_path / "envnode" / "ssd" / "tiny")
+        assert os.path.isdir(tmp_path / "envnode" / "ssd" / tiers.key("tiny"))
     finally:
         loader_api._tiers.close(destroy_dram=True)
         monkeypatch.setattr(loader_api, "_tiers", None)
@@ -343,7 +366,7 @@ def test_ssd_loads_with_direct_io_into_either_pool_kind(tmp_path, make_tiers, mo
     tiers = make_tiers(dram=128 << 20)
     tiers.dram.huge_pages = huge_pool
     tiers.load("big").release()
-    assert tiers.dram.evict("big")
+    assert tiers.dram.evict(tiers.key("big"))
     seen = []
     real = pipeline.read_from_fds
 
@@ -357,10 +380,10 @@ def test_ssd_loads_with_direct_io_into_either_pool_kind(tmp_path, make_tiers, mo
     loaded.release()
     assert seen[-1][1] is (not huge_pool)
     if hasattr(os, "O_DIRECT") and all(seen[-1][0]):  # the file system took O_DIRECT
-        assert tiers.dram.evict("big")
+        assert tiers.dram.evict(tiers.key("big"))
         from ember.loader.convert import read_manifest
 
-        entry = tiers.ssd.path("big")
+        entry = tiers.ssd.path(tiers.key("big"))
         biggest = max(read_manifest(entry).partitions, key=lambda p: p.size)
         at = biggest.size // 2
         with open(entry / biggest.file, "r+b") as f:  # flip one byte in the middle of a chunk
@@ -368,6 +391,33 @@ def test_ssd_loads_with_direct_io_into_either_pool_kind(tmp_path, make_tiers, mo
             b = f.read(1)
             f.seek(at)
             f.write(bytes([b[0] ^ 0xFF]))
-        with pytest.raises(IntegrityError):
-            tiers.load("big")
-        assert tiers.holdings().get("big") != "dram"  # nothing half-filled is served
+        healed = tiers.load("big")  # the bad SSD entry is dropped, the store serves
+        assert healed.tier == "remote" and _equal(healed.state_dict, ref)
+        healed.release()
+
+
+def test_corrupted_dram_entry_is_set_aside_even_while_pinned(tmp_path, tiny_model_dir, make_tiers, caplog) -> None:
+    """A flipped byte in the DRAM pool, or in a model file beside the entry, fails the next
+    attach: the entry is taken out of service (its pinned reader keeps its mapping) and the SSD
+    tier serves; the refilled entry then serves DRAM hits again."""
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    ref = load_file(tiny_model_dir / "model.safetensors")
+    tiers = make_tiers()
+    held = tiers.load("tiny")  # keeps the entry pinned
+    entry = tiers.dram.lookup(tiers.key("tiny"))
+    off, _ = entry.runs[0]
+    pool = tiers.dram.rw.array()
+    pool[off + 100] ^= 0x01
+    again = tiers.load("tiny")
+    assert again.tier == "ssd" and _equal(again.state_dict, ref)
+    again.release()
+    held.release()
+    config = tiers.dram.lookup(tiers.key("tiny")).meta_dir / "files" / "config.json"
+    config.write_text(config.read_text() + " ")  # still valid JSON, other bytes
+    third = tiers.load("tiny")
+    assert third.tier == "ssd" and _equal(third.state_dict, ref)
+    third.release()
+    fourth = tiers.load("tiny")
+    assert fourth.tier == "dram"
+    fourth.release()
+    assert caplog.text.count("DRAM tier entry") == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,24 @@ def test_cold_then_warm_with_openai_client(up: Up) -> None:
     assert raw2.parse().choices[0].message.content == first.choices[0].message.content  # greedy: same text
 
 
+def test_console_after_up_shows_the_demo_function_and_the_nodes(up: Up, tmp_path: Path) -> None:
+    """What a newcomer sees after `make up`: /console, signed in with the admin key (headless Chromium)."""
+    from tests.platform.operators.browser import assert_not_blank, chromium, sign_in, text, wait
+
+    with chromium(tmp_path / "profile") as browser:
+        sign_in(browser, up.url, (up.data_dir / "admin_key").read_text().strip())
+        row = 'tr[data-function="tiny"]'
+        wait(browser, lambda d: "ready" in text(d, f"{row} td.instances") and "ms" in text(d, row))
+        for node in ("node-0", "node-1"):
+            wait(browser, lambda d, node=node: "cpu:0" in text(d, f'[data-node="{node}"]'))
+        assert "tiny" in text(browser, ".nodes")  # the instance on its device, the checkpoint in a tier
+        shot = tmp_path / "console-after-up.png"
+        browser.save_screenshot(str(shot))
+    assert_not_blank(shot)
+    if os.environ.get("EMBER_SCREENSHOT_DIR"):  # to refresh the examples in docs/
+        shutil.copyfile(shot, Path(os.environ["EMBER_SCREENSHOT_DIR"]) / "console.png")
+
+
 def test_streaming_chat_and_completions_with_usage_and_seed(up: Up) -> None:
     client = _client(up)
     texts = []
@@ -203,6 +222,23 @@ def test_cli_client_verbs(up: Up) -> None:
     r = runner.invoke(app, ["rm", "cli-fn"], env=env)
     assert r.exit_code == 0
     assert "cli-fn" not in runner.invoke(app, ["ls"], env=env).stdout
+
+
+def test_private_redis_refuses_clients_without_its_password(up: Up) -> None:
+    """`ember up` starts its Redis with a generated password kept in the data dir: a key written
+    straight into Redis by anyone who merely reaches the port is no longer possible."""
+    import redis
+
+    line = next(ln for ln in up.lines if ln.startswith("redis: "))
+    url = line.split()[1]
+    assert "@" not in url  # the password is not printed
+    password = (up.data_dir / "redis_password").read_text().strip()
+    assert (up.data_dir / "redis_password").stat().st_mode & 0o077 == 0
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(url, socket_timeout=5).hset("ember:apikey:forged", "role", "admin")
+    authed = redis.Redis.from_url(url.replace("redis://", f"redis://:{password}@"), socket_timeout=5)
+    assert authed.ping() and authed.hlen("ember:functions") >= 1  # the gateway and workers use it
+    authed.close()
 
 
 def test_locust_load_run_is_bounded_and_error_free(up: Up, tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ def test_keys_roles_and_function_ownership(gateway: Proc) -> None:
 
     spec = {"checkpoint": "tiny", "scaling": {"max_instances": 2}}
     dev = _h(keys["developer"]["key"])
+    grant = {"owner": keys["developer"]["id"]}  # developers deploy checkpoints granted to them
+    assert httpx.put(f"{u}/v1/checkpoints/tiny", headers=admin_headers(), json=grant).status_code == 200
     r = httpx.put(f"{u}/v1/functions/mine", headers=dev, json=spec)
     assert r.status_code == 201, r.text
     got = r.json()

@@ -53,7 +53,8 @@ class InstanceLifecycle(ClusterBase):
             url = self.scripts.claim(
                 keys=[Keys.node_alive(est.node_id), Keys.device(est.node_id, est.device_id),
                       Keys.instance(rec.instance_id), Keys.instances, Keys.function_instances(request.function),
-                      Keys.node_instances(est.node_id), Keys.devices_free, Keys.node(est.node_id)],
+                      Keys.node_instances(est.node_id), Keys.devices_free, Keys.node(est.node_id),
+                      Keys.nodes_draining],
                 args=[request.nbytes, repr(now), repr(est.seconds), f"{est.node_id}/{est.device_id}",
                       rec.instance_id, request.max_instances or 0, *fields],
             )

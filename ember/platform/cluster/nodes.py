@@ -18,7 +18,7 @@ from ember.scheduler.estimator import EWMA_ALPHA
 class NodeMembership(ClusterBase):
     @state_errors
     def register_node(self, node_id: str, url: str, devices: list[DeviceSpec],
-                      bandwidth_bps: dict[str, float]) -> None:
+                      bandwidth_bps: dict[str, float], cloud_instance_id: str = "") -> None:
         """Announce a node, its devices and measured tier bandwidths. Idempotent: claims of
         instances already recorded on its devices are kept (call again after a Redis restart)."""
         mapping: dict[str, str] = {
@@ -26,6 +26,7 @@ class NodeMembership(ClusterBase):
             "devices": json.dumps([asdict(d) for d in devices]),
             "bandwidth": json.dumps(bandwidth_bps),
             "registered_s": repr(time.time()),
+            "cloud_instance_id": cloud_instance_id,  # the node scaler terminates the node by this id
         }
         mapping.update({f"bw:{tier}": repr(float(bps)) for tier, bps in bandwidth_bps.items()})
         flat: list[str] = []
@@ -36,6 +37,18 @@ class NodeMembership(ClusterBase):
             args += [d.device_id, d.memory_bytes]
         self.scripts.register(keys=[Keys.node(node_id), Keys.nodes, Keys.node_alive(node_id), Keys.devices_free],
                               args=[*args, *flat])
+
+    @state_errors
+    def set_draining(self, node_id: str, draining: bool) -> None:
+        """Mark a node draining (placement, claims and warm routing skip it) or take it back."""
+        if draining:
+            self.r.sadd(Keys.nodes_draining, node_id)
+        else:
+            self.r.srem(Keys.nodes_draining, node_id)
+
+    @state_errors
+    def draining_nodes(self) -> set[str]:
+        return set(self.r.smembers(Keys.nodes_draining))
 
     @state_errors
     def heartbeat(self, node_id: str, holdings: dict[str, str],

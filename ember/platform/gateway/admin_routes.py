@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import logging
-import random
-from typing import Any
+from typing import Annotated, Any
 
-import httpx
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request, Response
 
 from ember.errors import BadRequest
-from ember.platform.gateway.auth import KeyStore
+from ember.platform.gateway.auth import KeyStore, Principal
+from ember.platform.gateway.checkpoints import CheckpointPolicy, canonical_store, size_checkpoint
 from ember.platform.gateway.deps import AdminPrincipal, AnyPrincipal, require_roles
-from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER, worker_error
-from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec, KeyCreate, KeyCreated, KeyInfo
+from ember.platform.gateway.protocol import (
+    CheckpointGrant,
+    FunctionDeploy,
+    FunctionSpec,
+    KeyCreate,
+    KeyCreated,
+    KeyInfo,
+    KeyLimitsUpdate,
+    StoreAllow,
+)
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.names import check_name
+from ember.platform.state import Keys
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-Reader = Depends(require_roles("admin", "operator", "developer"))
+ReaderPrincipal = Annotated[Principal, Depends(require_roles("admin", "operator", "developer"))]
 
 
 @router.put("/v1/functions/{name}")
@@ -35,21 +43,24 @@ async def put_function(name: str, body: FunctionDeploy, request: Request, respon
         from ember.scheduler.policies import get_policy
 
         get_policy(body.placement_policy)  # unknown names are a 400 now, not at the first cold start
-    nbytes = await resolve_checkpoint(request, body.checkpoint)
+    policy = CheckpointPolicy(request.app.state.redis, request.app.state.settings)
+    await to_thread.run_sync(policy.check_deploy, principal, body.checkpoint)
+    app = request.app
+    size = await size_checkpoint(app.state.cluster, app.state.http, app.state.settings, body.checkpoint)  # None: no worker up, sized before placing
     spec, created = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).put, name, body, principal,
-                                             nbytes)
+                                             size.nbytes if size else 0, size.ref if size else "")
     response.status_code = 201 if created else 200
     return spec
 
 
-@router.get("/v1/functions", dependencies=[Reader])
-async def list_functions(request: Request) -> dict[str, list[FunctionSpec]]:
-    return {"functions": await to_thread.run_sync(FunctionRegistry(request.app.state.redis).list)}
+@router.get("/v1/functions")
+async def list_functions(request: Request, principal: ReaderPrincipal) -> dict[str, list[FunctionSpec]]:
+    return {"functions": await to_thread.run_sync(FunctionRegistry(request.app.state.redis).visible, principal)}
 
 
-@router.get("/v1/functions/{name}", dependencies=[Reader])
-async def get_function(name: str, request: Request) -> dict[str, Any]:
-    spec = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).get, name)
+@router.get("/v1/functions/{name}")
+async def get_function(name: str, request: Request, principal: ReaderPrincipal) -> dict[str, Any]:
+    spec = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).get_visible, name, principal)
     instances = await to_thread.run_sync(request.app.state.cluster.instances, name)
     return {**spec.model_dump(), "instances": [
         {"id": i.instance_id, "node": i.node_id, "device": i.device_id, "state": i.state,
@@ -70,7 +81,9 @@ async def delete_function(name: str, request: Request, principal: AnyPrincipal) 
 async def create_key(body: KeyCreate, request: Request, _: AdminPrincipal) -> KeyCreated:
     if body.name:
         check_name(body.name, "key name")
-    return await to_thread.run_sync(KeyStore(request.app.state.redis).create, body.role, body.name)
+    created = await to_thread.run_sync(KeyStore(request.app.state.redis).create, body.role, body.name)
+    limits = await to_thread.run_sync(request.app.state.ratelimiter.set_limits, created.id, body.rpm, body.tpm)
+    return created.model_copy(update={"rpm": limits.rpm, "tpm": limits.tpm})
 
 
 @router.get("/v1/keys")
@@ -80,34 +93,82 @@ async def list_keys(request: Request, _: AdminPrincipal) -> dict[str, list[KeyIn
 
 @router.get("/v1/keys/{key_id}")
 async def get_key(key_id: str, request: Request, _: AdminPrincipal) -> KeyInfo:
-    return await to_thread.run_sync(KeyStore(request.app.state.redis).get, key_id)
+    info = await to_thread.run_sync(KeyStore(request.app.state.redis).get, key_id)
+    limits = await to_thread.run_sync(request.app.state.ratelimiter.limits, key_id)
+    return info.model_copy(update={"rpm": limits.rpm, "tpm": limits.tpm})
+
+
+@router.patch("/v1/keys/{key_id}")
+async def update_key_limits(key_id: str, body: KeyLimitsUpdate, request: Request, _: AdminPrincipal) -> KeyInfo:
+    """Change a key's requests/tokens per minute; takes effect at the key's next request."""
+    info = await to_thread.run_sync(KeyStore(request.app.state.redis).get, key_id)
+    limits = await to_thread.run_sync(request.app.state.ratelimiter.set_limits, key_id, body.rpm, body.tpm)
+    return info.model_copy(update={"rpm": limits.rpm, "tpm": limits.tpm})
 
 
 @router.delete("/v1/keys/{key_id}", status_code=204)
 async def delete_key(key_id: str, request: Request, _: AdminPrincipal) -> Response:
-    await to_thread.run_sync(KeyStore(request.app.state.redis).delete, key_id)
+    """Revoke a key. The stated rule: the functions it owns go with it (deleted, their instances
+    unloaded), so nothing keeps serving on behalf of a tenant whose access was revoked."""
+    app = request.app
+    await to_thread.run_sync(KeyStore(app.state.redis).delete, key_id)
+    await to_thread.run_sync(app.state.ratelimiter.forget, key_id)
+    registry = FunctionRegistry(app.state.redis)
+    for spec in await to_thread.run_sync(registry.owned_by, key_id):
+        await to_thread.run_sync(app.state.redis.hdel, Keys.functions, spec.name)
+        for inst in await to_thread.run_sync(app.state.cluster.instances, spec.name):
+            await unload_instance(app, inst)
+        log.info("function %s deleted with its owner's revoked key %s", spec.name, key_id)
     return Response(status_code=204)
 
 
-async def resolve_checkpoint(request: Request, checkpoint: str) -> int:
-    """Ask a live worker for the checkpoint's size (gateways never read the store themselves).
-    Returns 0 when no worker is up yet; the first cold start then learns the size."""
-    app = request.app
-    nodes = await to_thread.run_sync(app.state.cluster.live_nodes)
-    if not nodes:
-        return 0
-    node = random.choice(nodes)
-    url = await to_thread.run_sync(app.state.cluster.node_url, node)
-    try:
-        resp = await app.state.http.get(f"{url}/internal/checkpoints", params={"ref": checkpoint},
-                                        headers={CLUSTER_TOKEN_HEADER: app.state.settings.resolved_cluster_token()},
-                                        timeout=30.0)
-    except httpx.HTTPError as e:
-        log.warning("could not ask worker %s about %s: %s", node, checkpoint, e)
-        return 0
-    if resp.status_code != 200:
-        raise worker_error(resp, f"checkpoint {checkpoint!r}")
-    return int(resp.json()["nbytes"])
+# --- stores and checkpoint grants (tenancy) -----------------------------------------------------
+@router.get("/v1/stores")
+async def list_stores(request: Request, _: AdminPrincipal) -> dict[str, list[str]]:
+    policy = CheckpointPolicy(request.app.state.redis, request.app.state.settings)
+    return {"stores": await to_thread.run_sync(policy.allowed_stores)}
+
+
+@router.put("/v1/stores")
+async def allow_store(body: StoreAllow, request: Request, _: AdminPrincipal) -> dict[str, str]:
+    policy = CheckpointPolicy(request.app.state.redis, request.app.state.settings)
+    return {"store": await to_thread.run_sync(policy.allow_store, body.uri)}
+
+
+@router.delete("/v1/stores", status_code=204)
+async def disallow_store(uri: str, request: Request, _: AdminPrincipal) -> Response:
+    policy = CheckpointPolicy(request.app.state.redis, request.app.state.settings)
+    await to_thread.run_sync(policy.disallow_store, uri)
+    return Response(status_code=204)
+
+
+@router.get("/v1/checkpoints")
+async def list_grants(request: Request, principal: ReaderPrincipal) -> dict[str, list[dict[str, Any]]]:
+    policy = CheckpointPolicy(request.app.state.redis, request.app.state.settings)
+    grants = await to_thread.run_sync(policy.grants)
+    if principal.role == "developer":
+        grants = [g for g in grants if g.get("shared") or g.get("owner") == principal.id]
+    return {"checkpoints": grants}
+
+
+@router.put("/v1/checkpoints/{name}")
+async def grant_checkpoint(name: str, body: CheckpointGrant, request: Request, _: AdminPrincipal) -> dict[str, Any]:
+    """Give a checkpoint an owner (a key id) and/or mark it shared: who may deploy it."""
+    check_name(name, "checkpoint name")
+    settings = request.app.state.settings
+    store = canonical_store(body.store or settings.resolved_store_url)
+    if body.owner is not None:
+        await to_thread.run_sync(KeyStore(request.app.state.redis).get, body.owner)  # 404 for an unknown key
+    policy = CheckpointPolicy(request.app.state.redis, settings)
+    return await to_thread.run_sync(policy.grant, store, name, body.owner, body.shared)
+
+
+@router.delete("/v1/checkpoints/{name}", status_code=204)
+async def revoke_grant(name: str, request: Request, _: AdminPrincipal, store: str | None = None) -> Response:
+    settings = request.app.state.settings
+    policy = CheckpointPolicy(request.app.state.redis, settings)
+    await to_thread.run_sync(policy.revoke_grant, canonical_store(store or settings.resolved_store_url), name)
+    return Response(status_code=204)
 
 
 async def unload_instance(app: Any, inst: Any, *, force: bool = False) -> bool:

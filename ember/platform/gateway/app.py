@@ -20,13 +20,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
 from ember.platform import energy_api
+from ember.platform.cloud import make_backend
 from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
 from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+from ember.platform.gateway.fleet import FleetCollector
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
+from ember.platform.gateway.nodescaling import NodeScalerLoop
+from ember.platform.gateway.operator_routes import mount_console
 from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
+from ember.platform.gateway.stats import InvocationStats
+from ember.platform.gateway.tracing import InvocationTracer, provider_from_env
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
 from ember.scheduler.policies import PolicyChooser
@@ -34,8 +41,10 @@ from ember.scheduler.policies import PolicyChooser
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build a gateway app; Redis, HTTP clients and the autoscaler start in its lifespan."""
+def create_app(settings: Settings | None = None, tracer_provider: Any = None) -> FastAPI:
+    """Build a gateway app; Redis, HTTP clients and the autoscaler start in its lifespan.
+    `tracer_provider`: an OpenTelemetry TracerProvider for invocation traces (default: what the
+    OTEL_* variables ask for, usually none: tracing off)."""
     settings = settings or Settings()
     gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
 
@@ -50,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          claim_timeout_s=settings.claim_timeout_s, slot_ttl_s=settings.slot_ttl_s)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
+        app.state.metrics.registry.register(FleetCollector(lambda: client, lambda: app.state.cluster))
+        app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))
         aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
                                         socket_connect_timeout=2, health_check_interval=10,
                                         retry_on_error=[redis.ConnectionError])  # a stale pooled connection after a Redis restart
@@ -68,15 +79,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         scaler = AutoscalerLoop(app, gateway_id)
         task = asyncio.create_task(scaler.run(), name="autoscaler")
         task.add_done_callback(log_task_errors)
+        backend = make_backend(settings)  # the machines under the platform (None: nobody scales nodes)
+        node_task = asyncio.create_task(NodeScalerLoop(app, gateway_id, backend).run(), name="nodescaler")
+        node_task.add_done_callback(log_task_errors)
         try:
             yield
         finally:
             stop.set()
             task.cancel()
-            await asyncio.gather(task, *helpers, return_exceptions=True)
+            node_task.cancel()
+            await asyncio.gather(task, node_task, *helpers, return_exceptions=True)
+            if backend is not None:
+                await to_thread.run_sync(backend.close)
             await app.state.http.aclose()
             await aclient.aclose()
             client.close()
+            app.state.tracer.shutdown()
 
     policies = PolicyChooser(settings.placement_policy)  # built once: round_robin and random keep state
 
@@ -88,11 +106,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = GatewayMetrics()
     app.state.gateway_id = gateway_id
     app.state.demand = DemandMeter()
+    app.state.stats = InvocationStats()
+    app.state.tracer = InvocationTracer(tracer_provider if tracer_provider is not None else provider_from_env())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(energy_api.router)
+    mount_console(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def scaling_spec(spec: FunctionSpec) -> ScalingSpec:
     s = spec.scaling
-    return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint, nbytes=spec.nbytes,
+    return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                        min_instances=s.min_instances, max_instances=s.max_instances, keep_alive_s=s.keep_alive_s,
                        target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000)
 

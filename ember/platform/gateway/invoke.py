@@ -24,6 +24,8 @@ from anyio import to_thread
 from ember.config import Settings
 from ember.errors import EmberError, NoCapacity, StateUnavailable, WorkerError, WorkerTimeout
 from ember.platform.cluster import AsyncSlots, InstanceRecord, RedisCluster
+from ember.platform.gateway import tracing
+from ember.platform.gateway.checkpoints import sized_spec
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.registry import FunctionRegistry
@@ -78,6 +80,7 @@ class Invoker:
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
         self.slots = slots
         self.queues = WaitQueues()
+        self.waiting_for_room = 0  # requests of this gateway whose placement found no room (node scaler input)
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
@@ -118,6 +121,7 @@ class Invoker:
         cold: LoadResult | None = None
         starting: asyncio.Task[LoadResult | None] | None = None
         placed: dict[str, str] = {}  # the instance id our cold start placed, once placed
+        waits_for_room = False
         ev = self.queues.join(name)
         try:
             while True:
@@ -133,6 +137,10 @@ class Invoker:
                 if starting is not None and starting.done():
                     cold = starting.result()  # a failed cold start fails the request that started it
                     starting = None
+                    if cold is None and not waits_for_room:  # no device had room: the node scaler's signal
+                        waits_for_room = True
+                        self.waiting_for_room += 1
+                        self.metrics.placements_waited.inc()
                 if not self.queues.is_head(name, ev):
                     ev.clear()
                     continue
@@ -158,6 +166,8 @@ class Invoker:
             self.queues.leave(name, ev)
             if starting is not None and not starting.done():
                 starting.add_done_callback(_log_cold_start)  # it finishes for the next request
+            if waits_for_room:
+                self.waiting_for_room -= 1
 
     async def release(self, target: InvocationTarget) -> None:
         """Free the request's slot; shielded, so a cancelled request (a client that went away)
@@ -208,14 +218,22 @@ class Invoker:
     async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
         """Place and load one new instance of `spec`; None when no device has room now. `placed`
         receives the instance id as soon as it is placed."""
-        request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint, nbytes=max(spec.nbytes, 1),
+        sized = await sized_spec(self.cluster, self.http, self.settings, spec)  # never booked by a guess
+        if sized is None:
+            return None  # no worker up to tell the checkpoint's size yet: wait as for a full cluster
+        spec = sized
+        request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances)
         evicted: list[InstanceRecord] = []
         try:
-            placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
-            if placement is None and await self._make_room(spec, request):
+            with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
                 placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+                if placement is None and await self._make_room(spec, request):
+                    placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+                step.set(**({"ember.placed": False} if placement is None else {
+                    "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
+                    "ember.estimate_s": placement.estimate_s}))
         finally:
             for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
                 self.metrics.evictions.labels(inst.function).inc()
@@ -224,10 +242,19 @@ class Invoker:
             return None
         if placed is not None:
             placed["instance_id"] = placement.instance_id
+        with tracing.step("ember.load", **{"ember.worker": placement.node_id}) as step:
+            result = await self._load_on_worker(spec, placement)
+            if result is not None:
+                step.set(**{"ember.load_tier": result.tier, "ember.load_bytes": result.nbytes,
+                            "ember.load_seconds": result.startup_ms / 1000})
+        return result
+
+    async def _load_on_worker(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
+        """POST the load to the placed worker; None when the worker is gone (place again)."""
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
-                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint},
+                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
             )

@@ -26,6 +26,16 @@ class GatewayMetrics:
                                  ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.instances = Gauge("ember_instances", "Function instances by state", ["function", "state"],
                                registry=self.registry)
+        self.slo_requests = Counter("ember_slo_requests", "Finished requests by whether they met the function's "
+                                    "TTFT and TPOT SLO (TTFT as the client saw it)", ["function", "result"],
+                                    registry=self.registry)
+        self.placements_waiting = Gauge("ember_placements_waiting",
+                                        "Requests of this gateway waiting because no device had room",
+                                        registry=self.registry)
+        self.placements_waited = Counter("ember_placements_waited", "Requests that waited because no device had room",
+                                         registry=self.registry)
+        self.nodes = Gauge("ember_nodes", "Worker nodes by fleet state (node scaler's view)", ["state"],
+                           registry=self.registry)
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
 
@@ -33,7 +43,9 @@ class GatewayMetrics:
 class ClusterEnergyCollector:
     """GPU power, limits and energy of every device in the cluster, read at scrape time from the
     snapshots workers publish to Redis: `ember_gpu_power_watts`, `ember_gpu_power_limit_watts`,
-    `ember_energy_joules_total` (labels node, device) and `ember_energy_per_token_joules{function}`."""
+    `ember_energy_joules_total`, `ember_gpu_sm_clock_mhz`, `ember_gpu_power_cap_watts` (the allocator's
+    cap, where one is set), `ember_gpu_slo_attainment` (labels node, device) and
+    `ember_energy_per_token_joules{function}`."""
 
     def __init__(self, snapshots: Callable[[], list[dict[str, Any]]]) -> None:
         self.snapshots = snapshots
@@ -46,6 +58,11 @@ class ClusterEnergyCollector:
                                      labels=["node", "device"])
         per_token = GaugeMetricFamily("ember_energy_per_token_joules", "Energy attributed per generated token",
                                       labels=["function"])
+        clock = GaugeMetricFamily("ember_gpu_sm_clock_mhz", "GPU SM clock", labels=["node", "device"])
+        cap = GaugeMetricFamily("ember_gpu_power_cap_watts", "Power cap the budget allocator set",
+                                labels=["node", "device"])
+        slo = GaugeMetricFamily("ember_gpu_slo_attainment", "Share of the device's recent requests that met their SLO",
+                                labels=["node", "device"])
         tokens_j: dict[str, list[float]] = {}
         try:
             snaps = self.snapshots()
@@ -56,9 +73,14 @@ class ClusterEnergyCollector:
             power.add_metric(labels, float(s.get("power_w") or 0.0))
             limit.add_metric(labels, float(s.get("limit_w") or 0.0))
             energy.add_metric(labels, float(s.get("energy_j") or 0.0))
+            clock.add_metric(labels, float(s.get("sm_clock_mhz") or 0.0))
+            if s.get("cap_w") is not None:
+                cap.add_metric(labels, float(s["cap_w"]))
+            if s.get("slo_attainment") is not None:
+                slo.add_metric(labels, float(s["slo_attainment"]))
             for fn, f in (s.get("functions") or {}).items():
                 if f.get("j_per_token"):
                     tokens_j.setdefault(fn, []).append(float(f["j_per_token"]))
         for fn, values in sorted(tokens_j.items()):
             per_token.add_metric([fn], sum(values) / len(values))
-        yield from (power, limit, energy, per_token)
+        yield from (power, limit, energy, per_token, clock, cap, slo)

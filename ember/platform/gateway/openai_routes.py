@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,18 +14,22 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ember.errors import BadRequest, EmberError
+from ember.errors import BadRequest, EmberError, RateLimited
 from ember.platform.gateway.deps import AnyPrincipal
 from ember.platform.gateway.invoke import InvocationTarget, Invoker
 from ember.platform.gateway.protocol import (
+    SEED_RANGE,
     ChatCompletionRequest,
     CompletionRequest,
     FunctionSpec,
     GenerateRequest,
     _Sampling,
 )
+from ember.platform.gateway.ratelimit import estimate_tokens
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.gateway.tracing import InvocationTrace
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 DEFAULT_CHAT_MAX_TOKENS = 128
@@ -41,6 +46,11 @@ async def list_models(request: Request, principal: AnyPrincipal) -> dict[str, An
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: AnyPrincipal) -> Any:
+    for m in body.messages:
+        kind = m.non_text_part()
+        if kind is not None:
+            raise BadRequest(f"messages[].content parts of type {kind!r} are not supported (text only)",
+                             code="unsupported_parameter")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     gen = _generate_request(body, request, DEFAULT_CHAT_MAX_TOKENS, messages=messages)
     return await _invoke(request, principal, body, gen, chat=True)
@@ -57,12 +67,48 @@ async def completions(body: CompletionRequest, request: Request, principal: AnyP
 
 
 def _generate_request(body: _Sampling, request: Request, default_max: int, **kw: Any) -> GenerateRequest:
+    check_input(body)
     limit = request.app.state.settings.max_tokens_limit
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max
     if max_tokens > limit:
         raise BadRequest(f"max_tokens {max_tokens} exceeds this gateway's limit of {limit}")
     return GenerateRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            stop=body.stop_list(), seed=body.seed, **kw)
+
+
+def check_input(body: _Sampling) -> None:
+    """What pydantic lets through but generation cannot take: a 400 naming it (never a 500)."""
+    name = body.unsupported()
+    if name is not None:
+        raise BadRequest(f"parameter {name!r} is not supported by Ember", code="unsupported_parameter")
+    if body.seed is not None and not SEED_RANGE[0] <= body.seed <= SEED_RANGE[1]:
+        raise BadRequest(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}", code="invalid_seed")
+    bad = _not_utf8(body.model_dump(exclude_none=True))
+    if bad is not None:
+        raise BadRequest(f"{bad} is not valid Unicode text (a lone surrogate?)", code="invalid_unicode")
+
+
+def _not_utf8(value: Any, where: str = "body") -> str | None:
+    """Where a string that cannot be encoded as UTF-8 sits in a parsed body, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        if isinstance(k, str) and _not_utf8(k) is not None:
+            return f"{where} key"
+        found = _not_utf8(v, f"{where}.{k}" if where != "body" else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, gen: GenerateRequest, *,
@@ -73,38 +119,63 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     registry = FunctionRegistry(app.state.redis)
     spec: FunctionSpec = await to_thread.run_sync(registry.get, body.model)
     registry.check_invoke(spec, principal)
+    prompt_chars = len(gen.prompt or "") + sum(len(m.get("content", "")) for m in gen.messages or [])
+    estimated = estimate_tokens(prompt_chars, gen.max_tokens)
+    try:
+        counted_at = await to_thread.run_sync(app.state.ratelimiter.admit, principal.id, estimated)
+    except RateLimited:
+        metrics.requests.labels(spec.name, "429").inc()
+        raise
+    settle = _Settle(app.state.ratelimiter, principal.id, counted_at, estimated)
     app.state.demand.count(spec.name)
     gen = gen.model_copy(update={"ttft_slo_s": spec.slo.ttft_ms / 1000, "tpot_slo_s": spec.slo.tpot_ms / 1000,
                                  "eta": spec.energy.eta})
     t_start = time.perf_counter()  # TTFT counts routing and any cold start, as the client sees it
+    trace = app.state.tracer.start(spec.name, "chat" if chat else "text_completion", request.headers,
+                                   {"max_tokens": gen.max_tokens, "temperature": gen.temperature,
+                                    "top_p": gen.top_p, "seed": gen.seed})
     try:
-        target, events = await invoker.open(spec, gen)
-    except EmberError as e:
-        metrics.requests.labels(spec.name, str(e.status_code)).inc()
+        with trace.active():
+            target, events = await invoker.open(spec, gen)
+    except BaseException as e:
+        if isinstance(e, EmberError):
+            metrics.requests.labels(spec.name, str(e.status_code)).inc()
+            app.state.stats.failed(spec.name)
+        trace.fail(e)
+        trace.end()
         raise
+    trace.acquired(target)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start)
+        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start, trace,
+                   settle)
         return _ReleasingStream(sse, events, invoker, target, media_type="text/event-stream",
-                                headers=target.headers())
+                                headers={**target.headers(), **trace.headers()})
     try:
         text, done, t_first = echo, {}, None
         async for ev in events:
-            t_first = t_first or time.perf_counter()
+            if t_first is None:
+                t_first = time.perf_counter()
+                trace.first_token()
             if "text" in ev:
                 text += ev["text"]
             elif "done" in ev:
                 done = ev["done"]
+                trace.done(done, rid)
     except EmberError as e:
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
+        app.state.stats.failed(spec.name)
+        trace.fail(e)
         raise
     finally:
+        trace.end()
         with anyio.CancelScope(shield=True):  # a cancelled request still closes the stream and frees its slot
             await events.aclose()  # type: ignore[attr-defined]
             await invoker.release(target)
-    _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
+    _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
+    await settle(done)
     metrics.requests.labels(spec.name, "200").inc()
     usage = _usage(done)
     finish = _finish(done)
@@ -116,12 +187,12 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         obj = "text_completion"
     return JSONResponse({"id": rid, "object": obj, "created": created, "model": spec.name, "choices": [choice],
-                         "usage": usage, "system_fingerprint": None}, headers=target.headers())
+                         "usage": usage, "system_fingerprint": None}, headers={**target.headers(), **trace.headers()})
 
 
 async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, events: AsyncIterator[dict[str, Any]],
                spec: FunctionSpec, rid: str, created: int, chat: bool, include_usage: bool, echo: str,
-               t_start: float) -> AsyncIterator[bytes]:
+               t_start: float, trace: InvocationTrace, settle: _Settle | None = None) -> AsyncIterator[bytes]:
     metrics = request.app.state.metrics
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -147,22 +218,30 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
         done: dict[str, Any] = {}
         t_first = None
         async for ev in events:
-            t_first = t_first or time.perf_counter()
+            if t_first is None:
+                t_first = time.perf_counter()
+                trace.first_token()
             if "text" in ev:
                 yield chunk(ev["text"], None)
             elif "done" in ev:
                 done = ev["done"]
+                trace.done(done, rid)
         yield chunk(None if chat else "", _finish(done))
         if include_usage:
             payload = {"id": rid, "object": obj, "created": created, "model": spec.name, "choices": [],
                        "usage": _usage(done)}
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
-        _observe(request, spec.name, done, (t_first or time.perf_counter()) - t_start)
+        _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
+        if settle is not None:
+            await settle(done)
     except EmberError as e:
         status = str(e.status_code)
+        request.app.state.stats.failed(spec.name)
+        trace.fail(e)
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
     finally:
+        trace.end()
         metrics.requests.labels(spec.name, status).inc()
         # Starlette cancels this generator when the client goes away: without the shield these awaits
         # would be cancelled too and the slot would leak
@@ -189,6 +268,22 @@ class _ReleasingStream(StreamingResponse):
                 await self._invoker.release(self._target)
 
 
+class _Settle:
+    """Corrects a request's up-front token charge with its real usage once it is done."""
+
+    def __init__(self, limiter: Any, key_id: str, counted_at: int, estimated: int) -> None:
+        self.limiter, self.key_id, self.counted_at, self.estimated = limiter, key_id, counted_at, estimated
+
+    async def __call__(self, done: dict[str, Any]) -> None:
+        if not done or not self.counted_at:
+            return
+        actual = _usage(done)["total_tokens"]
+        try:
+            await to_thread.run_sync(self.limiter.settle, self.key_id, self.counted_at, self.estimated, actual)
+        except Exception as e:  # best effort: the window keeps the estimate
+            log.debug("could not settle the token count of key %s: %s", self.key_id, e)
+
+
 def _usage(done: dict[str, Any]) -> dict[str, int]:
     p, c = int(done.get("prompt_tokens", 0)), int(done.get("completion_tokens", 0))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -198,11 +293,17 @@ def _finish(done: dict[str, Any]) -> str:
     return "length" if done.get("finish_reason") == "length" else "stop"
 
 
-def _observe(request: Request, function: str, done: dict[str, Any], ttft_s: float) -> None:
+def _observe(request: Request, spec: FunctionSpec, target: InvocationTarget, done: dict[str, Any],
+             ttft_s: float) -> None:
     if not done:
         return
+    function = spec.name
     request.app.state.invoker.observe_done(function, done)
     metrics = request.app.state.metrics
     metrics.ttft.labels(function).observe(ttft_s)
-    if int(done.get("completion_tokens", 0)) > 1:
-        metrics.tpot.labels(function).observe(float(done.get("tpot_s", 0.0)))
+    tpot_s = float(done.get("tpot_s", 0.0)) if int(done.get("completion_tokens", 0)) > 1 else None
+    if tpot_s is not None:
+        metrics.tpot.labels(function).observe(tpot_s)
+    met = ttft_s <= spec.slo.ttft_ms / 1000 and (tpot_s is None or tpot_s <= spec.slo.tpot_ms / 1000)
+    metrics.slo_requests.labels(function, "met" if met else "missed").inc()
+    request.app.state.stats.record(function, ttft_s, tpot_s, met, target.tier if target.cold else None)

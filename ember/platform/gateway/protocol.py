@@ -47,8 +47,28 @@ class FunctionSpec(FunctionDeploy):
     name: str
     owner: str = "admin"
     nbytes: int = 0
+    checkpoint_id: str = ""  # the pinned identity STORE/NAME#MANIFEST_DIGEST ("" until a worker told it)
     created: float = Field(default_factory=time.time)
     updated: float = Field(default_factory=time.time)
+
+    @property
+    def checkpoint_ref(self) -> str:
+        """What workers load and holdings are published under: the pinned identity when known."""
+        return self.checkpoint_id or self.checkpoint
+
+
+class StoreAllow(EmberModel):
+    """Body of PUT /v1/stores: a checkpoint store deploys may name."""
+
+    uri: str = Field(..., min_length=1, max_length=1024)
+
+
+class CheckpointGrant(EmberModel):
+    """Body of PUT /v1/checkpoints/{name}: who may deploy a checkpoint besides admins."""
+
+    store: str | None = Field(None, max_length=1024)  # default: the cluster's store
+    owner: str | None = Field(None, max_length=64)  # an API key id
+    shared: bool = False
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -58,6 +78,15 @@ Role = Literal["admin", "operator", "developer", "invoker"]
 class KeyCreate(EmberModel):
     role: Role
     name: str = Field("", max_length=128)
+    rpm: int | None = Field(None, ge=0, le=10**9)  # requests per minute (0: unlimited; absent: the default)
+    tpm: int | None = Field(None, ge=0, le=10**12)  # tokens per minute
+
+
+class KeyLimitsUpdate(EmberModel):
+    """Body of PATCH /v1/keys/{id}: change a key's per-minute limits (0: unlimited)."""
+
+    rpm: int | None = Field(None, ge=0, le=10**9)
+    tpm: int | None = Field(None, ge=0, le=10**12)
 
 
 class KeyInfo(EmberModel):
@@ -65,6 +94,8 @@ class KeyInfo(EmberModel):
     role: Role
     name: str
     created: float
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 class KeyCreated(KeyInfo):
@@ -76,7 +107,20 @@ class StreamOptions(EmberModel):
     include_usage: bool = False
 
 
+# OpenAI parameters Ember does not implement: a request that sets one (to anything but its
+# neutral value) gets a 400 naming it, never a silently different answer.
+UNSUPPORTED_PARAMETERS = (
+    "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "response_format", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "best_of",
+    "suffix", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "min_p", "top_k",
+)
+_NEUTRAL: tuple[object, ...] = (None, False, 0, 0.0, [], {}, "")
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed takes
+
+
 class _Sampling(EmberModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)  # extras are checked, then ignored
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -96,6 +140,20 @@ class _Sampling(EmberModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    def unsupported(self) -> str | None:
+        """The first OpenAI parameter this request sets that Ember does not implement, if any."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_PARAMETERS:
+            value = extra.get(name)
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if name == "best_of" and value == 1:
+                continue
+            if any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
+                continue
+            return name
+        return None
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -105,6 +163,15 @@ class _Sampling(EmberModel):
 class ChatMessage(EmberModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = ""
+
+    def non_text_part(self) -> str | None:
+        """The type of the first content part that is not text (images, audio, files), if any."""
+        if isinstance(self.content, list):
+            for p in self.content:
+                kind = p.get("type", "text") if isinstance(p, dict) else type(p).__name__
+                if kind != "text":
+                    return str(kind)
+        return None
 
     def text(self) -> str:
         if isinstance(self.content, list):

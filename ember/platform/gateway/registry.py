@@ -30,7 +30,20 @@ class FunctionRegistry:
         return sorted((FunctionSpec.model_validate_json(v) for v in self.client.hgetall(Keys.functions).values()),
                       key=lambda s: s.name)
 
-    def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int) -> tuple[FunctionSpec, bool]:
+    def visible(self, principal: Principal) -> list[FunctionSpec]:
+        """The specs a caller may see: a developer its own, every other role all of them."""
+        specs = self.list()
+        return [s for s in specs if principal.role != "developer" or s.owner == principal.id]
+
+    def get_visible(self, name: str, principal: Principal) -> FunctionSpec:
+        """A spec the caller may see; another tenant's function is as unknown as a missing one."""
+        spec = self.get(name)
+        if principal.role == "developer" and spec.owner != principal.id:
+            raise FunctionNotFound(f"the model (function) {name!r} does not exist")
+        return spec
+
+    def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
+            checkpoint_id: str = "") -> tuple[FunctionSpec, bool]:
         """Create or replace; returns (spec, created)."""
         check_name(name, "function name")
         raw = self.client.hget(Keys.functions, name)
@@ -39,12 +52,30 @@ class FunctionRegistry:
             old = FunctionSpec.model_validate_json(raw)
             self.check_owner(old, owner)
             spec = FunctionSpec(name=name, owner=old.owner, created=old.created, updated=now, nbytes=nbytes,
-                                **body.model_dump())
+                                checkpoint_id=checkpoint_id, **body.model_dump())
         else:
             spec = FunctionSpec(name=name, owner=owner.id, created=now, updated=now, nbytes=nbytes,
-                                **body.model_dump())
+                                checkpoint_id=checkpoint_id, **body.model_dump())
         self.client.hset(Keys.functions, name, spec.model_dump_json())
         return spec, raw is None
+
+    def set_resolved(self, spec: FunctionSpec, nbytes: int, checkpoint_id: str) -> FunctionSpec:
+        """Record a checkpoint's size and identity learned after deploy, unless the spec changed
+        meanwhile (WATCH): a redeploy's own values win. Returns the spec to use now."""
+        resolved = spec.model_copy(update={"nbytes": nbytes, "checkpoint_id": checkpoint_id})
+        with self.client.pipeline() as p:
+            try:
+                p.watch(Keys.functions)
+                raw = p.hget(Keys.functions, spec.name)
+                if raw is None or FunctionSpec.model_validate_json(raw).updated != spec.updated:
+                    p.unwatch()
+                    return resolved
+                p.multi()
+                p.hset(Keys.functions, spec.name, resolved.model_dump_json())
+                p.execute()
+            except redis.WatchError:
+                pass
+        return resolved
 
     def set_nbytes(self, name: str, nbytes: int) -> None:
         raw = self.client.hget(Keys.functions, name)
@@ -52,6 +83,9 @@ class FunctionRegistry:
             spec = FunctionSpec.model_validate_json(raw)
             spec.nbytes = nbytes
             self.client.hset(Keys.functions, name, spec.model_dump_json())
+
+    def owned_by(self, owner: str) -> list[FunctionSpec]:
+        return [s for s in self.list() if s.owner == owner]
 
     def delete(self, name: str, principal: Principal) -> FunctionSpec:
         spec = self.get(name)

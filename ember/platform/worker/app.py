@@ -15,6 +15,7 @@ import redis
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
@@ -51,6 +52,13 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     app = FastAPI(title="Ember worker", lifespan=lifespan, dependencies=[Depends(check_token)])
     install_error_handlers(app)
 
+    async def public_healthz(request: Request) -> JSONResponse:
+        """Liveness for load-balancer health checks (the cloud group replaces a worker that fails
+        it): no token, nothing about the node beyond that it serves."""
+        return JSONResponse({"status": "ok"})
+
+    app.router.routes.append(Route("/healthz", public_healthz, methods=["GET"]))  # outside the token dependency
+
     @app.get("/internal/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
@@ -63,8 +71,8 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
-        nbytes = await to_thread.run_sync(node.tiers.checkpoint_nbytes, ref)
-        return {"name": ref, "nbytes": nbytes}
+        ident, manifest = await to_thread.run_sync(node.tiers.describe, ref)
+        return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref}
 
     @app.post("/internal/instances")
     async def load(body: LoadRequest, request: Request) -> LoadResult:
@@ -120,6 +128,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
+    energy_mark = node.begin_request_energy(inst)
     thread = threading.Thread(target=produce, name=f"gen-{inst.instance_id}", daemon=True)
     thread.start()
     try:
@@ -134,6 +143,7 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
                 yield json.dumps({"done": {
                     "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
                     "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
+                    "energy_j": node.end_request_energy(energy_mark),
                 }}).encode() + b"\n"
             elif isinstance(ev, EmberError):
                 yield json.dumps(ev.to_openai()).encode() + b"\n"

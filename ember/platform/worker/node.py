@@ -75,6 +75,8 @@ class WorkerNode:
         self._stop = threading.Event()
         self._prefetching: set[str] = set()
         self._heartbeat_thread: threading.Thread | None = None
+        self._scrub_thread: threading.Thread | None = None
+        self._retired: set[str] = set()  # instances built on DRAM bytes a scrub found corrupted
         self.bandwidth_bps: dict[str, float] = {}
         self.energy: Any = None
         self.energy_device_ids: list[str] = []
@@ -89,6 +91,9 @@ class WorkerNode:
         self.register()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
+        if self.settings.dram_scrub_interval_s > 0:
+            self._scrub_thread = threading.Thread(target=self._scrub_loop, name="dram-scrub", daemon=True)
+            self._scrub_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,7 +114,8 @@ class WorkerNode:
         """Register the node and re-assert every instance it holds with its REAL state (never a
         copy read before it became ready), then beat once to reconcile."""
         with self._state_lock:
-            self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps)
+            self.cluster.register_node(self.node_id, self.url, self.devices, self.bandwidth_bps,
+                                       cloud_instance_id=self.settings.cloud_instance_id)
             for iid, state in list(self.states.items()):
                 rec = self.records.get(iid)
                 if rec is None or state == "loading":
@@ -149,6 +155,34 @@ class WorkerNode:
                 log.warning("heartbeat failed: %s", e)
             except Exception:  # the heartbeat must survive anything one tick throws
                 log.exception("heartbeat tick failed")
+
+    # --- DRAM scrub: corruption under running instances lives at most one interval ----------------
+    def _scrub_loop(self) -> None:
+        """Every `dram_scrub_interval_s`, verify the DRAM tier; an instance built on an entry that
+        fails takes no new request (404 at once, and draining in Redis: the gateway starts a fresh
+        one from the next tier) and is dropped once its requests are done. Its own thread: a large
+        pool takes a while."""
+        while not self._stop.wait(self.settings.dram_scrub_interval_s):
+            try:
+                bad = set(self.tiers.scrub())
+                if bad:
+                    self._retire_instances_on(bad)
+                self._retired &= set(self.instances)
+            except Exception:  # the scrub must survive anything one pass throws
+                log.exception("DRAM scrub failed")
+
+    def _retire_instances_on(self, bad_refs: set[str]) -> None:
+        for iid, inst in list(self.instances.items()):
+            loaded = inst.loaded
+            if loaded is None or loaded.ref not in bad_refs or loaded.tier == "gpu" or iid in self._retired:
+                continue
+            self._retired.add(iid)
+            log.warning("instance %s retired: its DRAM-tier bytes failed verification", iid)
+            try:
+                self.cluster.drain(iid, force=True)
+            except EmberError as e:
+                log.warning("could not mark %s draining: %s", iid, e)
+            self._drop_when_idle(iid, remove=True)
 
     # --- energy (read-only unless configured) -----------------------------------------------
     def _start_energy_agent(self) -> None:
@@ -315,16 +349,50 @@ class WorkerNode:
 
     def get(self, instance_id: str) -> ModelInstance:
         inst = self.instances.get(instance_id)
-        if inst is None:
+        if inst is None or instance_id in self._retired:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         return inst
+
+    def _energy_device(self, inst: Any) -> str | None:
+        """The energy agent's device that accounts for `inst` (None: none does)."""
+        rec = self.records.get(inst.instance_id)
+        return self.energy.device_for(rec.device_id if rec else self.devices[0].device_id)
+
+    def begin_request_energy(self, inst: ModelInstance) -> tuple[str, float, int] | None:
+        """Mark a request's start on its device's energy counter (None without an energy agent)."""
+        if self.energy is None:
+            return None
+        try:  # a trace's joules must never fail the request
+            device_id = self._energy_device(inst)
+            if device_id is None:
+                return None
+            return device_id, self.energy.monitor.device(device_id).energy_j(), self._active_on(device_id)
+        except Exception as e:  # noqa: BLE001 - NVML errors of every kind end here
+            log.debug("no energy mark for %s: %r", inst.instance_id, e)
+            return None
+
+    def end_request_energy(self, mark: tuple[str, float, int] | None) -> float | None:
+        """Joules the request's device drew since `mark`, split evenly among the requests running
+        there (the others counted at its start and end, before and after it ran): its trace's share."""
+        if mark is None or self.energy is None:
+            return None
+        device_id, start_j, active_then = mark
+        try:
+            drawn_j = max(0.0, self.energy.monitor.device(device_id).energy_j() - start_j)
+        except Exception as e:  # noqa: BLE001 - as above
+            log.debug("no energy reading on %s: %r", device_id, e)
+            return None
+        sharing = 1.0 + (active_then + self._active_on(device_id)) / 2  # the others, and this one
+        return round(drawn_j / sharing, 6)
+
+    def _active_on(self, device_id: str) -> int:
+        return sum(getattr(i, "active", 0) for i in list(self.instances.values()) if self._energy_device(i) == device_id)
 
     def record_request(self, inst: ModelInstance, done: Any, req: GenerateRequest) -> None:
         """Feed the energy agent with the request's tokens, latencies and its function's SLO."""
         if self.energy is None:
             return
-        rec = self.records.get(inst.instance_id)
-        device_id = self.energy.device_for(rec.device_id if rec else self.devices[0].device_id)
+        device_id = self._energy_device(inst)
         if device_id is None:
             return
         self.energy.record_request(inst.function, device_id, done.completion_tokens, done.ttft_s, done.tpot_s,

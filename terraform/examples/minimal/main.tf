@@ -1,7 +1,8 @@
-# A minimal deployment of Ember: one gateway behind a plain-HTTP load balancer, one GPU
-# worker, Redis and the checkpoint bucket, with generated secrets.
+# A minimal deployment of Ember: one gateway behind an HTTPS load balancer, one GPU worker (more
+# when the gateways' node scaler asks), Redis and the checkpoint bucket, with generated secrets.
 #
-#   terraform init && terraform apply -var 'ember_package=s3://my-bucket/ember-0.1.0-py3-none-any.whl'
+#   terraform init && terraform apply -var 'ember_package=s3://my-bucket/ember-0.1.0-py3-none-any.whl' \
+#     -var certificate_arn=arn:aws:acm:... -var gateway_ami_id=ami-... -var worker_ami_id=ami-...
 
 terraform {
   required_version = ">= 1.9"
@@ -29,6 +30,21 @@ variable "ember_package" {
   type        = string
 }
 
+variable "certificate_arn" {
+  description = "ACM certificate for the API's HTTPS listener."
+  type        = string
+}
+
+variable "gateway_ami_id" {
+  description = "Canonical Ubuntu 22.04 AMI (see terraform/README.md for the lookup)."
+  type        = string
+}
+
+variable "worker_ami_id" {
+  description = "Deep Learning Base OSS Nvidia Driver GPU AMI, Ubuntu 22.04 (see terraform/README.md)."
+  type        = string
+}
+
 variable "allowed_ingress_cidrs" {
   description = "Who may reach the API."
   type        = list(string)
@@ -40,11 +56,15 @@ module "ember" {
 
   name                     = "ember-demo"
   ember_package            = var.ember_package
+  certificate_arn          = var.certificate_arn
+  gateway_ami_id           = var.gateway_ami_id
+  worker_ami_id            = var.worker_ami_id
   allowed_ingress_cidrs    = var.allowed_ingress_cidrs
   gateway_min_size         = 1
   gateway_desired_capacity = 1
   worker_instance_type     = "g5.xlarge"
   worker_desired_capacity  = 1
+  worker_max_size          = 4
   energy_mode              = "recommend"
   initial_power_budget_w   = 300
   redis_num_cache_clusters = 1

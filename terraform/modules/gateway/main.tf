@@ -16,13 +16,15 @@ locals {
     admin_key_secret_arn        = var.admin_key_secret_arn
     port                        = local.port
     initial_power_budget_w      = var.initial_power_budget_w
+    worker_autoscaling_group    = var.worker_autoscaling_group_name
+    worker_max_size             = var.worker_max_size
+    worker_min_nodes            = var.worker_min_nodes
+    node_power_w                = var.node_power_w
+    node_boot_s                 = var.node_boot_s
+    metrics_namespace           = var.metrics_namespace
+    extra_env                   = var.extra_env
   })
   listener_ports = local.https ? [80, 443] : [80]
-}
-
-data "aws_ssm_parameter" "ubuntu" {
-  count = var.ami_id == null ? 1 : 0
-  name  = "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
 }
 
 # --- security groups ---------------------------------------------------------------------
@@ -114,8 +116,10 @@ resource "aws_lb_target_group" "this" {
   deregistration_delay = min(var.idle_timeout_s, 3600)
   tags                 = var.tags
 
+  # /healthz, not /readyz: /readyz fails on any Redis error, and a Redis failover longer than
+  # the unhealthy threshold would then replace every gateway at once.
   health_check {
-    path                = "/readyz"
+    path                = "/healthz"
     port                = "traffic-port"
     protocol            = "HTTP"
     matcher             = "200"
@@ -169,7 +173,7 @@ resource "aws_lb_listener" "https" {
 resource "aws_launch_template" "this" {
   name_prefix            = "${var.name}-gateway-"
   description            = "Ember gateway"
-  image_id               = var.ami_id != null ? var.ami_id : nonsensitive(data.aws_ssm_parameter.ubuntu[0].value)
+  image_id               = var.ami_id # pinned: a new AMI is a deliberate change, rolled out by instance refresh
   instance_type          = var.instance_type
   update_default_version = true
   user_data              = base64encode(local.user_data)
@@ -227,7 +231,8 @@ resource "aws_autoscaling_group" "this" {
   instance_refresh {
     strategy = "Rolling"
     preferences {
-      min_healthy_percentage = 50
+      min_healthy_percentage = 100
+      max_healthy_percentage = 200
     }
   }
 

@@ -27,3 +27,8 @@ output "user_data" {
   description = "The rendered gateway bootstrap script (it contains no secret)."
   value       = local.user_data
 }
+
+output "ami_id" {
+  description = "The pinned gateway AMI."
+  value       = aws_launch_template.this.image_id
+}

@@ -40,9 +40,8 @@ variable "instance_type" {
 }
 
 variable "ami_id" {
-  description = "Ubuntu AMI, or null for the latest Canonical Ubuntu 22.04 LTS."
+  description = "Pinned Ubuntu 22.04 AMI."
   type        = string
-  default     = null
 }
 
 variable "min_size" {
@@ -121,4 +120,44 @@ variable "tags" {
   description = "Tags added to every resource."
   type        = map(string)
   default     = {}
+}
+
+variable "worker_autoscaling_group_name" {
+  description = "The workers' Auto Scaling group the gateways' node scaler sizes."
+  type        = string
+}
+
+variable "worker_max_size" {
+  description = "Most workers the node scaler may run."
+  type        = number
+}
+
+variable "node_power_w" {
+  description = "The most one worker node may draw (the power budget caps nodes at budget / this)."
+  type        = number
+  default     = 5600
+}
+
+variable "node_boot_s" {
+  description = "Seconds from scale-out to a registered worker (weighed against idle watts at scale-in)."
+  type        = number
+  default     = 300
+}
+
+variable "metrics_namespace" {
+  description = "CloudWatch namespace of the node scaler's metrics."
+  type        = string
+  default     = "Ember"
+}
+
+variable "extra_env" {
+  description = "EMBER_* settings for the gateway process (non-secret)."
+  type        = map(string)
+  default     = {}
+}
+
+variable "worker_min_nodes" {
+  description = "Fewest workers the node scaler keeps up (0: scale to zero; the first request then waits for a boot)."
+  type        = number
+  default     = 1
 }

@@ -1,6 +1,8 @@
 # Least privilege, one role per job:
 #   workers   read checkpoint objects under the prefix (and list only that prefix)
-#   gateways  read nothing from the bucket (only the Ember wheel, when it is installed from there)
+#   gateways  read nothing from the bucket (only the Ember wheel, when it is installed from there);
+#             size and drain the worker group (only a group tagged as this deployment's workers)
+#             and put metrics (only in the Ember namespace)
 #   uploader  the only role that writes checkpoints
 # Every policy is built with jsonencode(): offline test mocks would fill an
 # aws_iam_policy_document's JSON with random text.
@@ -111,6 +113,45 @@ resource "aws_iam_role_policy" "gateway" {
         Effect   = "Allow"
         Action   = ["secretsmanager:GetSecretValue"]
         Resource = var.gateway_secret_arns
+      },
+      {
+        # The first gateway generates the cluster token and admin key when none was given.
+        Sid      = "CreateGeneratedSecrets"
+        Effect   = "Allow"
+        Action   = ["secretsmanager:PutSecretValue"]
+        Resource = var.gateway_generated_secret_arns
+      },
+      {
+        # The node scaler: only on the group tagged as this deployment's workers.
+        Sid    = "ScaleOwnWorkerGroup"
+        Effect = "Allow"
+        Action = [
+          "autoscaling:SetDesiredCapacity",
+          "autoscaling:TerminateInstanceInAutoScalingGroup",
+          "autoscaling:SetInstanceProtection",
+          "autoscaling:CompleteLifecycleAction",
+        ]
+        Resource = ["*"]
+        Condition = {
+          StringEquals = {
+            "autoscaling:ResourceTag/ember:deployment" = var.name
+            "autoscaling:ResourceTag/ember:role"       = "worker"
+          }
+        }
+      },
+      {
+        # Describe calls have no resource-level permissions.
+        Sid      = "DescribeGroups"
+        Effect   = "Allow"
+        Action   = ["autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeAutoScalingInstances"]
+        Resource = ["*"]
+      },
+      {
+        Sid       = "PutEmberMetrics"
+        Effect    = "Allow"
+        Action    = ["cloudwatch:PutMetricData"]
+        Resource  = ["*"]
+        Condition = { StringEquals = { "cloudwatch:namespace" = var.metrics_namespace } }
       },
     ], local.package_statements)
   })

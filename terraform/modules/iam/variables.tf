@@ -52,3 +52,15 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "gateway_generated_secret_arns" {
+  description = "Secrets the first gateway generates when the deployment gives none (cluster token, admin key)."
+  type        = list(string)
+  default     = []
+}
+
+variable "metrics_namespace" {
+  description = "The only CloudWatch namespace gateways may put metrics in."
+  type        = string
+  default     = "Ember"
+}

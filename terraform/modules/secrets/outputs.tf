@@ -1,6 +1,6 @@
 output "redis_auth_token" {
   description = "The Redis AUTH token (for the replication group)."
-  value       = aws_secretsmanager_secret_version.this["redis-auth-token"].secret_string
+  value       = aws_secretsmanager_secret_version.redis.secret_string
   sensitive   = true
 }
 

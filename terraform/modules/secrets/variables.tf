@@ -11,10 +11,23 @@ variable "redis_auth_token" {
 }
 
 variable "admin_key" {
-  description = "Ember admin API key, or null to generate one."
+  description = "Ember admin API key (written write-only: never in state), or null: the first gateway generates it."
   type        = string
   default     = null
   sensitive   = true
+}
+
+variable "cluster_token" {
+  description = "Gateway <-> worker cluster token (written write-only), or null: the first gateway generates it."
+  type        = string
+  default     = null
+  sensitive   = true
+}
+
+variable "secret_version" {
+  description = "Version of the given write-only secrets (cluster token, admin key): bump it to write new values."
+  type        = number
+  default     = 1
 }
 
 variable "recovery_window_in_days" {

@@ -1,6 +1,7 @@
-# GPU workers: a launch template (IMDSv2 only, no public address, instance-store NVMe as
-# the SSD tier) and an Auto Scaling group that may scale to zero. Only the gateways can
-# reach a worker's port.
+# GPU workers: a launch template (IMDSv2 only, no public address, the DLAMI's instance-store
+# volume as the SSD tier) and an Auto Scaling group that may scale to zero and that Ember's node
+# scaler sizes (terraform ignores its desired capacity after creation). Only the gateways (and
+# the internal health-check balancer) can reach a worker's port.
 
 locals {
   port     = 8081
@@ -16,12 +17,11 @@ locals {
     data_dir                    = local.data_dir
     port                        = local.port
     energy_mode                 = var.energy_mode
+    service_user                = var.energy_mode == "actuate" ? "root" : "ember"
+    dram_percent                = var.dram_percent
+    extra_env                   = var.extra_env
   })
-}
-
-data "aws_ssm_parameter" "dlami" {
-  count = var.ami_id == null ? 1 : 0
-  name  = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+  group_tags = merge(var.tags, { "ember:role" = "worker", "ember:deployment" = var.name })
 }
 
 resource "aws_security_group" "this" {
@@ -55,7 +55,7 @@ resource "aws_vpc_security_group_egress_rule" "all" {
 resource "aws_launch_template" "this" {
   name_prefix            = "${var.name}-worker-"
   description            = "Ember GPU worker"
-  image_id               = var.ami_id != null ? var.ami_id : nonsensitive(data.aws_ssm_parameter.dlami[0].value)
+  image_id               = var.ami_id # pinned: a new AMI is a deliberate change, rolled out by instance refresh
   instance_type          = var.instance_type
   update_default_version = true
   user_data              = base64encode(local.user_data)
@@ -108,7 +108,11 @@ resource "aws_autoscaling_group" "this" {
   desired_capacity    = var.desired_capacity
   # Installing Ember and its CUDA wheels takes minutes on first boot.
   health_check_grace_period = 900
-  health_check_type         = "EC2"
+  # A worker whose process is down fails the balancer's check and is replaced, not only a dead VM.
+  health_check_type = "ELB"
+  target_group_arns = [aws_lb_target_group.health.arn]
+  # Ember chooses which node goes (after draining it); the group never picks one itself.
+  protect_from_scale_in = true
 
   launch_template {
     id      = aws_launch_template.this.id
@@ -118,16 +122,124 @@ resource "aws_autoscaling_group" "this" {
   instance_refresh {
     strategy = "Rolling"
     preferences {
-      min_healthy_percentage = 50
+      # A new AMI or template replaces workers one at a time, launching first: never fewer.
+      min_healthy_percentage       = 100
+      max_healthy_percentage       = 200
+      scale_in_protected_instances = "Refresh"
     }
   }
 
+  # Stopped, pre-initialised instances (Ember installed, drivers loaded): a scale-out starts one
+  # in about a minute instead of installing from scratch.
+  dynamic "warm_pool" {
+    for_each = var.warm_pool_size > 0 ? [1] : []
+    content {
+      pool_state                  = "Stopped"
+      min_size                    = var.warm_pool_size
+      max_group_prepared_capacity = var.warm_pool_size
+      instance_reuse_policy {
+        reuse_on_scale_in = false
+      }
+    }
+  }
+
+  # Something else terminating a worker (a refresh, an operator, a zone rebalance) waits here
+  # until Ember has drained it and completes the action (ember.platform.cloud.LIFECYCLE_HOOK).
+  initial_lifecycle_hook {
+    name                 = "ember-drain"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+    default_result       = "CONTINUE"
+    heartbeat_timeout    = var.drain_timeout_s
+  }
+
   dynamic "tag" {
-    for_each = merge(var.tags, { "ember:role" = "worker" })
+    for_each = local.group_tags
     content {
       key                 = tag.key
       value               = tag.value
       propagate_at_launch = false
     }
+  }
+
+  lifecycle {
+    # Ember's node scaler owns the size from now on.
+    ignore_changes = [desired_capacity]
+  }
+}
+
+# --- health: an internal balancer nobody can reach, whose checks the group uses ----------
+
+resource "aws_security_group" "health" {
+  name_prefix = "${var.name}-worker-health-"
+  description = "Ember worker health checks (no ingress)"
+  vpc_id      = var.vpc_id
+  tags        = merge(var.tags, { Name = "${var.name}-worker-health" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_vpc_security_group_egress_rule" "health_to_workers" {
+  security_group_id            = aws_security_group.health.id
+  description                  = "Health checks to the workers"
+  ip_protocol                  = "tcp"
+  from_port                    = local.port
+  to_port                      = local.port
+  referenced_security_group_id = aws_security_group.this.id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "from_health" {
+  security_group_id            = aws_security_group.this.id
+  description                  = "Health checks from the internal balancer"
+  ip_protocol                  = "tcp"
+  from_port                    = local.port
+  to_port                      = local.port
+  referenced_security_group_id = aws_security_group.health.id
+}
+
+resource "aws_lb" "health" {
+  name_prefix                = "ewh-"
+  load_balancer_type         = "application"
+  internal                   = true
+  subnets                    = var.subnet_ids
+  security_groups            = [aws_security_group.health.id]
+  drop_invalid_header_fields = true
+  tags                       = merge(var.tags, { Name = "${var.name}-worker-health" })
+}
+
+resource "aws_lb_target_group" "health" {
+  name_prefix = "ewh-"
+  port        = local.port
+  protocol    = "HTTP"
+  target_type = "instance"
+  vpc_id      = var.vpc_id
+  tags        = var.tags
+
+  health_check {
+    path                = "/healthz"
+    port                = "traffic-port"
+    protocol            = "HTTP"
+    matcher             = "200"
+    interval            = 15
+    timeout             = 5
+    healthy_threshold   = 2
+    unhealthy_threshold = 4
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+# Health checks run only for a target group behind a listener; its security group admits no one.
+resource "aws_lb_listener" "health" {
+  load_balancer_arn = aws_lb.health.arn
+  port              = local.port
+  protocol          = "HTTP"
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.health.arn
   }
 }

@@ -17,3 +17,13 @@ output "user_data" {
   description = "The rendered worker bootstrap script (it contains no secret)."
   value       = local.user_data
 }
+
+output "autoscaling_group_arn" {
+  description = "ARN of the workers' Auto Scaling group."
+  value       = aws_autoscaling_group.this.arn
+}
+
+output "ami_id" {
+  description = "The pinned worker AMI."
+  value       = aws_launch_template.this.image_id
+}

@@ -24,13 +24,12 @@ variable "instance_type" {
 }
 
 variable "ami_id" {
-  description = "AMI with NVIDIA drivers, or null for the latest AWS Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)."
+  description = "Pinned AMI with NVIDIA drivers (an AWS Deep Learning Base OSS Nvidia Driver GPU AMI, Ubuntu 22.04)."
   type        = string
-  default     = null
 }
 
 variable "desired_capacity" {
-  description = "Workers to run (a node scaler will own this later)."
+  description = "Workers at creation; afterwards Ember's node scaler owns the group's size."
   type        = number
 }
 
@@ -93,4 +92,28 @@ variable "tags" {
   description = "Tags added to every resource."
   type        = map(string)
   default     = {}
+}
+
+variable "dram_percent" {
+  description = "Share of host memory for the DRAM tier, in percent (its tmpfs gets this plus max(2 GiB, 5%) headroom)."
+  type        = number
+  default     = 50
+}
+
+variable "extra_env" {
+  description = "EMBER_* settings for the worker process (non-secret)."
+  type        = map(string)
+  default     = {}
+}
+
+variable "warm_pool_size" {
+  description = "Stopped, pre-initialised workers kept for fast scale-out (0: no warm pool)."
+  type        = number
+  default     = 1
+}
+
+variable "drain_timeout_s" {
+  description = "How long a terminating worker waits for Ember to drain it (lifecycle hook heartbeat)."
+  type        = number
+  default     = 900
 }

@@ -75,3 +75,9 @@ mock_resource "aws_iam_role" {
     arn = "arn:aws:iam::123456789012:role/ember-mock"
   }
 }
+
+mock_resource "aws_autoscaling_group" {
+  defaults = {
+    arn = "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:0123:autoScalingGroupName/ember-worker-mock"
+  }
+}

@@ -9,7 +9,8 @@ local best, best_out = nil, nil
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local ikey = p .. 'instance:' .. id
   local f = redis.call('HMGET', ikey, 'state', 'outstanding', 'node_id')
-  if f[1] == 'ready' and not excluded[id] and redis.call('EXISTS', p .. 'node:' .. f[3] .. ':alive') == 1 then
+  if f[1] == 'ready' and not excluded[id] and redis.call('EXISTS', p .. 'node:' .. f[3] .. ':alive') == 1
+     and redis.call('SISMEMBER', p .. 'nodes:draining', f[3]) == 0 then
     local o = tonumber(f[2]) or 0
     local lapsed = redis.call('ZREMRANGEBYSCORE', ikey .. ':slots', '-inf', now)
     if lapsed > 0 then

@@ -1,8 +1,10 @@
--- KEYS: alive, device, instance, instances, function instances, node instances, devices_free, node
+-- KEYS: alive, device, instance, instances, function instances, node instances, devices_free, node,
+--       nodes draining (a draining node takes nothing new)
 -- ARGV: nbytes, now, estimate_s, "node/device", instance id, max_instances (0: no limit), field, value, ...
 -- Returns the node's worker URL when the claim holds, 0 when the device lacks room, -1 when gone,
 -- -2 when the function already has max_instances.
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SISMEMBER', KEYS[9], string.match(ARGV[4], '^[^/]+')) == 1 then return -1 end
 local url = redis.call('HGET', KEYS[8], 'url')
 if not url then return -1 end
 local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))

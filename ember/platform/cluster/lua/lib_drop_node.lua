@@ -23,5 +23,6 @@ local function drop_node(p, n, only_if_dead, nodes_key, instances_key, free_key)
   end
   redis.call('DEL', nodekey .. ':holdings', nodekey .. ':alive', nodekey)
   redis.call('SREM', nodes_key, n)
+  redis.call('SREM', p .. 'nodes:draining', n)
   return true
 end

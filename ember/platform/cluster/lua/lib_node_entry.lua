@@ -17,6 +17,7 @@ end
 local function node_entry(p, n, only)
   local nk = p .. 'node:' .. n
   if redis.call('EXISTS', nk .. ':alive') == 0 then return nil end
+  if redis.call('SISMEMBER', p .. 'nodes:draining', n) == 1 then return nil end  -- placement skips it
   local h = redis.call('HGETALL', nk)
   local devs, bw = nil, {}
   for i = 1, #h, 2 do
@@ -57,7 +58,8 @@ local function room_rows(p, zkey, nbytes, count, spread)
     local slash = string.find(m, '/', 1, true)
     if slash then
       local n = string.sub(m, 1, slash - 1)
-      if redis.call('EXISTS', p .. 'node:' .. n .. ':alive') == 1 then
+      if redis.call('EXISTS', p .. 'node:' .. n .. ':alive') == 1
+         and redis.call('SISMEMBER', p .. 'nodes:draining', n) == 0 then
         local f = redis.call('HMGET', p .. 'device:' .. m, 'memory_bytes', 'claimed_bytes', 'instances', 'busy_until_s')
         if f[1] then
           if not idle[n] then idle[n] = idle_by_device(p, n) end

@@ -1,0 +1,257 @@
+"""Node scaler: a pure step from (fleet facts, now) to node actions. It scales the machines under
+the function instances, the way the autoscaler scales instances.
+
+Rules:
+- scale out when placements wait for room (requests no device could take, counted in Redis
+  live and by the simulator), or when the awake fleet's claimed memory passes
+  `target_memory_utilization` (headroom: a node takes `boot_s` to come up, so waiting for
+  the first refusal would miss every SLO for that long). A draining node is taken back first
+  (it is already up); new nodes are capped by the operator's power budget divided by the
+  watts one node may draw (`node_power_w`), and by `max_nodes`;
+- scale in a node that has served nothing for its functions' keep-alive plus a grace period.
+  The grace is at least the break-even idle time: booting a replacement costs `boot_s` at
+  `boot_power_w`, idling costs `idle_power_w - absent_power_w`, so a node idle for less than
+  `boot_s * boot_power_w / (idle_power_w - absent_power_w)` is cheaper to keep;
+- consolidate: placement spreads instances by checkpoint locality, so in a large fleet no node
+  is ever wholly idle. While the awake fleet's claimed memory would stay below
+  `consolidate_below` without it, the node with the least claimed memory (longest idle first) is
+  drained too: its requests go to instances elsewhere, its instances unload once idle. The gap
+  to `target_memory_utilization` is the hysteresis that keeps the two rules from fighting;
+- scale-in drains: `Drain` marks the node (nothing new is placed there, its idle instances
+  unload), and `Terminate` follows once it holds no instance (the cloud group's desired
+  capacity decremented with it).
+
+Live, one gateway runs `step` under `RedisCluster.try_lease("nodescaler", ...)` and carries out
+the actions through a `CloudBackend` (ember.platform.fleet); `ember sim --fleet` runs the same
+object (ember.scheduler.fleet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ember.errors import ConfigError
+
+__all__ = ["Drain", "FleetNode", "NodeAction", "NodeActivity", "NodeScaler", "NodeScalerConfig", "ScaleOut",
+           "Terminate", "Undrain"]
+
+
+@dataclass(frozen=True)
+class NodeScalerConfig:
+    """Fleet limits and the power/time figures the scale-in rule weighs (units: watts, seconds)."""
+
+    min_nodes: int = 0
+    max_nodes: int = 100
+    node_power_w: float = 5600.0  # the most one node may draw (budget cap: budget_w // node_power_w nodes)
+    idle_power_w: float = 860.0  # an awake node with nothing to do (8 GPUs x 70 W + host)
+    absent_power_w: float = 0.0  # a stopped or terminated node
+    boot_power_w: float = 860.0  # while a node boots
+    boot_s: float = 180.0  # from scale-out to a registered worker
+    grace_s: float = 60.0  # idle beyond the functions' keep-alive before a node is drained
+    target_memory_utilization: float = 0.85  # claimed / memory of awake nodes above this: add a node
+    consolidate_below: float = 0.0  # (0: off) ... and drain the emptiest node while the rest would stay below this
+    requests_per_node: int = 8  # waiting placements one new node is expected to absorb
+    max_scale_in_per_step: int = 4
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 0 or self.max_nodes < max(1, self.min_nodes):
+            raise ConfigError("node scaler: need 0 <= min_nodes <= max_nodes and max_nodes >= 1")
+        if self.node_power_w <= 0 or self.idle_power_w < 0 or self.absent_power_w < 0 or self.boot_power_w < 0:
+            raise ConfigError("node scaler: node_power_w must be > 0 and the other watts >= 0")
+        if self.boot_s < 0 or self.grace_s < 0:
+            raise ConfigError("node scaler: boot_s and grace_s must be >= 0")
+        if not 0 < self.target_memory_utilization <= 1:
+            raise ConfigError("node scaler: target_memory_utilization must be in (0, 1]")
+        if not 0 <= self.consolidate_below < self.target_memory_utilization:
+            raise ConfigError("node scaler: consolidate_below must be in [0, target_memory_utilization)")
+        if self.requests_per_node < 1 or self.max_scale_in_per_step < 1:
+            raise ConfigError("node scaler: requests_per_node and max_scale_in_per_step must be >= 1")
+
+    @property
+    def breakeven_idle_s(self) -> float:
+        """Idle seconds whose energy equals one boot's: below it, keeping the node is cheaper."""
+        saved_w = self.idle_power_w - self.absent_power_w
+        return math.inf if saved_w <= 0 else self.boot_s * self.boot_power_w / saved_w
+
+    @property
+    def scale_in_grace_s(self) -> float:
+        return max(self.grace_s, self.breakeven_idle_s)
+
+
+@dataclass(frozen=True)
+class FleetNode:
+    """One registered node as the node scaler sees it."""
+
+    node_id: str
+    instances: int  # resident instances (loading or ready)
+    busy: bool  # an instance is loading or serving a request
+    last_active_s: float  # when it last served (or was registered): see NodeActivity
+    keep_alive_s: float  # the longest keep-alive among functions it ran
+    draining: bool = False
+    cloud_id: str = ""  # the cloud's instance id ("i-0abc...", "local-3"); "" when unknown
+    memory_bytes: int = 0
+    claimed_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """Raise the group's desired capacity by `count` (to `desired`)."""
+
+    count: int
+    desired: int
+    reason: str  # "waiting" | "memory" | "min_nodes"
+
+
+@dataclass(frozen=True)
+class Undrain:
+    """Waiting placements: take a draining node back instead of booting one."""
+
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Drain:
+    node_id: str
+    cloud_id: str
+    idle_s: float
+
+
+@dataclass(frozen=True)
+class Terminate:
+    """The drained node holds nothing: terminate it and decrement the desired capacity."""
+
+    node_id: str
+    cloud_id: str
+
+
+NodeAction = ScaleOut | Undrain | Drain | Terminate
+
+
+class NodeScaler:
+    """Stateless between steps (the caller keeps `NodeActivity`), so any gateway can take over."""
+
+    def __init__(self, config: NodeScalerConfig | None = None) -> None:
+        self.config = config or NodeScalerConfig()
+
+    def capacity(self, budget_w: float | None) -> int:
+        """The most nodes the power budget and `max_nodes` allow."""
+        cap = self.config.max_nodes
+        if budget_w is not None and budget_w > 0:
+            cap = min(cap, int(budget_w // self.config.node_power_w))
+        return cap
+
+    def step(self, nodes: Sequence[FleetNode], now: float, *, waiting: int, booting: int,
+             budget_w: float | None = None) -> list[NodeAction]:
+        """Actions for this step. `waiting`: placements that found no room since the last step (or
+        now); `booting`: nodes asked for that have not registered yet."""
+        cfg = self.config
+        actions: list[NodeAction] = []
+        draining = [n for n in nodes if n.draining]
+        active = [n for n in nodes if not n.draining]
+        for n in draining:
+            if n.instances == 0 and not n.busy:
+                actions.append(Terminate(n.node_id, n.cloud_id))
+        cap = self.capacity(budget_w)
+        total = len(active) + booting
+        want = 0
+        reason = ""
+        if waiting > 0:
+            want = max(0, math.ceil(waiting / cfg.requests_per_node) - booting)
+            reason = "waiting"
+        else:
+            want = self._memory_shortfall(active, booting)
+            reason = "memory" if want else ""
+        if total < cfg.min_nodes:
+            want, reason = max(want, cfg.min_nodes - total), reason or "min_nodes"
+        if want > 0:
+            # A draining node is already up: taking it back is faster than any boot.
+            for n in sorted(draining, key=lambda n: -n.instances):
+                if want == 0 or total >= cap:
+                    break
+                actions = [a for a in actions if not (isinstance(a, Terminate) and a.node_id == n.node_id)]
+                actions.append(Undrain(n.node_id))
+                want -= 1
+                total += 1
+            count = min(want, max(0, cap - total))
+            if count > 0:
+                actions.append(ScaleOut(count, total + count, reason))
+            return actions
+        if booting or waiting:
+            return actions
+        grace = cfg.scale_in_grace_s
+        idle = sorted(((now - n.last_active_s, n) for n in active
+                       if not n.busy and now - n.last_active_s >= n.keep_alive_s + grace),
+                      key=lambda p: (-p[0], p[1].node_id))
+        room = min(len(active) - cfg.min_nodes, cfg.max_scale_in_per_step)
+        for idle_s, n in idle[:max(0, room)]:
+            actions.append(Drain(n.node_id, n.cloud_id, idle_s))
+        room -= len(actions)
+        if room > 0:
+            chosen = {a.node_id for a in actions if isinstance(a, Drain)}
+            for victim in self._consolidation_victims([n for n in active if n.node_id not in chosen], room):
+                actions.append(Drain(victim.node_id, victim.cloud_id, now - victim.last_active_s))
+        return actions
+
+    def _consolidation_victims(self, active: Sequence[FleetNode], limit: int) -> list[FleetNode]:
+        """The emptiest nodes, as long as the others would hold every claim below
+        `consolidate_below` (the claims of drained nodes move to the rest)."""
+        if len(active) < 2 or self.config.consolidate_below <= 0:
+            return []
+        memory = sum(n.memory_bytes for n in active)
+        claimed = sum(n.claimed_bytes for n in active)
+        out: list[FleetNode] = []
+        for victim in sorted(active, key=lambda n: (n.claimed_bytes, n.last_active_s, n.node_id)):
+            if len(out) >= limit or len(out) >= len(active) - 1:
+                break
+            rest = memory - victim.memory_bytes
+            if rest <= 0 or claimed / rest > self.config.consolidate_below:
+                break
+            memory = rest
+            out.append(victim)
+        return out
+
+    def _memory_shortfall(self, active: Sequence[FleetNode], booting: int) -> int:
+        """Nodes to add so claimed memory fits `target_memory_utilization` of the awake and
+        booting nodes (a booting node is counted as the average awake one)."""
+        memory = sum(n.memory_bytes for n in active)
+        if memory <= 0 or not active:
+            return 0
+        per_node = memory / len(active)
+        claimed = sum(n.claimed_bytes for n in active)
+        if claimed <= self.config.target_memory_utilization * (memory + booting * per_node):
+            return 0
+        needed = math.ceil(claimed / (self.config.target_memory_utilization * per_node))
+        return max(1, needed - len(active) - booting)
+
+
+@dataclass
+class NodeActivity:
+    """When each node last served, folded from what the caller sees at each step (instances come and
+    go between steps; a node's idle time must survive its instances being unloaded). A new lease
+    holder starts from `first_seen` = now: it may scale in later than needed, never earlier."""
+
+    default_keep_alive_s: float = 60.0
+    last_active_s: dict[str, float] = field(default_factory=dict)
+    keep_alive_s: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, node_id: str, now: float, *, last_used_s: Iterable[float] = (), busy: bool = False,
+                keep_alive_s: Iterable[float] = ()) -> tuple[float, float]:
+        """Fold one step's view of a node; returns (last_active_s, keep_alive_s)."""
+        last = self.last_active_s.get(node_id, now)  # first sight: as if it served just now
+        for t in last_used_s:
+            last = max(last, min(t, now))
+        if busy:
+            last = now
+        self.last_active_s[node_id] = last
+        seen = list(keep_alive_s)
+        if seen:  # the longest keep-alive of the functions it ran (remembered once they unload)
+            self.keep_alive_s[node_id] = max(self.keep_alive_s.get(node_id, 0.0), *seen)
+        return last, self.keep_alive_s.get(node_id, self.default_keep_alive_s)
+
+    def forget(self, live: Iterable[str]) -> None:
+        keep = set(live)
+        for table in (self.last_active_s, self.keep_alive_s):
+            for k in [k for k in table if k not in keep]:
+                del table[k]

@@ -1,0 +1,159 @@
+"""The AWS backend against moto's server on loopback: the Auto Scaling and CloudWatch calls the
+node scaler makes, checked by reading the group back (moto does not evaluate scaling policies)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from ember.config import Settings
+from ember.platform.cloud import AwsAutoScalingBackend, CloudError, make_backend
+from ember.platform.redis_server import free_port
+
+CREDS = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture()
+def group(moto_url: str) -> tuple[str, boto3.session.Session]:
+    session = boto3.session.Session(**CREDS)
+    ec2 = session.client("ec2", endpoint_url=moto_url)
+    asg = session.client("autoscaling", endpoint_url=moto_url)
+    name = f"ember-workers-{time.monotonic_ns()}"
+    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    lt = ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": ami,
+                                                                                 "InstanceType": "g5.xlarge"})
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+    asg.create_auto_scaling_group(AutoScalingGroupName=name, MinSize=0, MaxSize=4, DesiredCapacity=1,
+                                  LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplate"]["LaunchTemplateId"]},
+                                  VPCZoneIdentifier=subnet)
+    return name, session
+
+
+def test_scale_out_protect_and_terminate_with_decrement(group, moto_url: str) -> None:
+    name, session = group
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    asg = session.client("autoscaling", endpoint_url=moto_url)
+    assert backend.desired_capacity() == 1
+    backend.set_desired_capacity(3)
+    described = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    assert described["DesiredCapacity"] == 3
+    assert len(backend.instances()) == 3
+    backend.set_desired_capacity(99)  # clamped to the group's MaxSize
+    assert backend.desired_capacity() == 4
+
+    # Ember, not the group, picks which node goes: in-service instances are protected.
+    backend.protect(backend.unprotected())
+    rows = asg.describe_auto_scaling_instances()["AutoScalingInstances"]
+    assert all(r["ProtectedFromScaleIn"] for r in rows if r["AutoScalingGroupName"] == name)
+    assert backend.unprotected() == []
+
+    victim = sorted(backend.instances())[0]
+    backend.terminate(victim)
+    described = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    assert described["DesiredCapacity"] == 3  # decremented: the group does not replace the node
+    assert victim not in {i["InstanceId"] for i in described["Instances"]}
+
+
+def test_metrics_go_to_the_ember_namespace(group, moto_url: str) -> None:
+    name, session = group
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    backend.put_metrics({"PlacementsWaiting": 3, "NodesActive": 2, "NodesDraining": 1})
+    cw = session.client("cloudwatch", endpoint_url=moto_url)
+    metrics = cw.list_metrics(Namespace="Ember")["Metrics"]
+    names = {m["MetricName"] for m in metrics
+             if {"Name": "AutoScalingGroupName", "Value": name} in m["Dimensions"]}
+    assert names == {"PlacementsWaiting", "NodesActive", "NodesDraining"}
+
+
+def test_unknown_group_is_a_cloud_error(moto_url: str) -> None:
+    backend = AwsAutoScalingBackend("no-such-group", endpoint_url=moto_url,
+                                    session=boto3.session.Session(**CREDS))
+    with pytest.raises(CloudError, match="no Auto Scaling group"):
+        backend.desired_capacity()
+
+
+def test_make_backend_needs_a_group_for_aws() -> None:
+    from ember.errors import ConfigError
+
+    assert make_backend(Settings(node_backend="none")) is None
+    with pytest.raises(ConfigError, match="EMBER_AWS_AUTOSCALING_GROUP"):
+        make_backend(Settings(node_backend="aws"))
+
+
+def test_gateway_node_scaler_drives_the_group(group, moto_url: str, redis_url: str, tmp_path: Path) -> None:
+    """A real gateway with EMBER_NODE_BACKEND=aws against moto: two idle registered nodes are drained
+    and terminated with the desired capacity decremented; requests waiting for room (as another
+    gateway reports them) raise it again; metrics go to CloudWatch."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.state import Keys
+    from tests.platform.conftest import base_env, start_gateway
+
+    name, session = group
+    asg = session.client("autoscaling", endpoint_url=moto_url)
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    backend.set_desired_capacity(2)
+    ids = sorted(backend.instances())
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    for i, cid in enumerate(ids):
+        cluster.register_node(f"n{i}", f"http://127.0.0.1:1/n{i}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                              cloud_instance_id=cid)
+    env = base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
+                   EMBER_AWS_AUTOSCALING_GROUP=name, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
+                   EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
+                   EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_DEFAULT_REGION="us-east-1")
+    gateway = start_gateway(tmp_path, env)
+    try:
+        _until(lambda: backend.desired_capacity() == 0 and not backend.instances(), gateway)
+        assert cluster.live_nodes() == [] and cluster.draining_nodes() == set()
+        # Another gateway has 3 requests waiting for room: one node is enough for them.
+        cluster.r.hset(Keys.placements_waiting, "gw-other", f"3 {time.time():.3f}")
+        _until(lambda: backend.desired_capacity() == 1, gateway)
+        _until(lambda: backend.unprotected() == [] and len(backend.instances()) == 1, gateway)
+        rows = asg.describe_auto_scaling_instances()["AutoScalingInstances"]
+        assert [r["ProtectedFromScaleIn"] for r in rows if r["AutoScalingGroupName"] == name] == [True]
+        cw = session.client("cloudwatch", endpoint_url=moto_url)
+        names = {m["MetricName"] for m in cw.list_metrics(Namespace="Ember")["Metrics"]
+                 if {"Name": "AutoScalingGroupName", "Value": name} in m["Dimensions"]}
+        assert {"PlacementsWaiting", "NodesActive", "NodesDraining", "NodesBooting", "DesiredNodes"} <= names
+        log = gateway.output()
+        assert "draining n0" in log and "terminating n1" in log
+    finally:
+        gateway.stop()
+
+
+def _until(cond, gateway, timeout_s: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    pytest.fail("timed out; gateway log:\n" + gateway.output())

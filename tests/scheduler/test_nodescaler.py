@@ -1,0 +1,104 @@
+"""The node scaler's decisions (pure) and `ember sim --fleet` on a small cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ember.errors import ConfigError
+from ember.scheduler.nodescaler import (
+    Drain,
+    FleetNode,
+    NodeActivity,
+    NodeScaler,
+    NodeScalerConfig,
+    ScaleOut,
+    Terminate,
+    Undrain,
+)
+
+GB = 10**9
+
+
+def node(nid: str, *, instances: int = 0, busy: bool = False, last: float = 0.0, keep: float = 60.0,
+         draining: bool = False, claimed: int = 0) -> FleetNode:
+    return FleetNode(nid, instances, busy, last, keep, draining, f"i-{nid}", 80 * GB, claimed)
+
+
+def test_waiting_placements_scale_out_capped_by_the_power_budget() -> None:
+    s = NodeScaler(NodeScalerConfig(max_nodes=10, node_power_w=1000, requests_per_node=2))
+    nodes = [node("a", instances=1, busy=True, last=100)]
+    assert s.step(nodes, 100, waiting=5, booting=0) == [ScaleOut(3, 4, "waiting")]
+    assert s.step(nodes, 100, waiting=5, booting=0, budget_w=2500) == [ScaleOut(1, 2, "waiting")]
+    assert s.step(nodes, 100, waiting=5, booting=3) == []  # already coming
+    assert s.step(nodes, 100, waiting=0, booting=0) == []
+
+
+def test_idle_node_drains_after_keep_alive_plus_grace_then_terminates() -> None:
+    cfg = NodeScalerConfig(min_nodes=1, grace_s=30, boot_s=0)
+    s = NodeScaler(cfg)
+    nodes = [node("a", instances=1, busy=True, last=1000), node("b", last=900, keep=60)]
+    assert s.step(nodes, 980, waiting=0, booting=0) == []  # 80 s idle < 60 + 30
+    assert s.step(nodes, 1000, waiting=0, booting=0) == [Drain("b", "i-b", 100)]
+    drained = [nodes[0], node("b", last=900, draining=True)]
+    assert s.step(drained, 1001, waiting=0, booting=0) == [Terminate("b", "i-b")]
+    still_busy = [nodes[0], node("b", instances=1, busy=True, draining=True)]
+    assert s.step(still_busy, 1001, waiting=0, booting=0) == []
+    # never below min_nodes
+    assert s.step([node("b", last=0)], 1000, waiting=0, booting=0) == []
+
+
+def test_grace_is_at_least_the_break_even_of_a_boot() -> None:
+    cfg = NodeScalerConfig(grace_s=10, boot_s=300, boot_power_w=800, idle_power_w=800)
+    assert cfg.breakeven_idle_s == pytest.approx(300)
+    s = NodeScaler(cfg)
+    nodes = [node("a", instances=1, busy=True, last=0), node("b", last=0, keep=60)]
+    assert s.step(nodes, 200, waiting=0, booting=0) == []  # 200 < 60 + 300
+    assert s.step(nodes, 400, waiting=0, booting=0) == [Drain("b", "i-b", 400)]
+
+
+def test_waiting_takes_a_draining_node_back_before_booting_one() -> None:
+    s = NodeScaler(NodeScalerConfig(max_nodes=4))
+    nodes = [node("a", instances=1, busy=True), node("b", draining=True)]
+    assert s.step(nodes, 10, waiting=1, booting=0) == [Undrain("b")]
+
+
+def test_memory_headroom_scales_out_and_low_use_consolidates() -> None:
+    s = NodeScaler(NodeScalerConfig(max_nodes=8, target_memory_utilization=0.6, consolidate_below=0.3))
+    full = [node("a", instances=3, busy=True, claimed=70 * GB), node("b", instances=2, busy=True, claimed=60 * GB)]
+    assert s.step(full, 10, waiting=0, booting=0) == [ScaleOut(1, 3, "memory")]
+    light = [node("a", instances=1, busy=True, last=10, claimed=15 * GB), node("b", instances=1, last=5, claimed=5 * GB)]
+    assert s.step(light, 10, waiting=0, booting=0) == [Drain("b", "i-b", 5)]
+
+
+def test_activity_remembers_use_after_instances_go() -> None:
+    act = NodeActivity(default_keep_alive_s=60)
+    assert act.observe("n", 100.0) == (100.0, 60)  # first sight counts as use
+    assert act.observe("n", 150.0, last_used_s=[140.0], keep_alive_s=[120.0]) == (140.0, 120.0)
+    assert act.observe("n", 200.0) == (140.0, 120.0)  # its instances unloaded: still idle since 140
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        NodeScalerConfig(min_nodes=5, max_nodes=2)
+    with pytest.raises(ConfigError):
+        NodeScalerConfig(consolidate_below=0.9, target_memory_utilization=0.5)
+
+
+def test_sim_fleet_writes_fixed_and_scaled(tmp_path) -> None:
+    from ember.commands.scheduler_cmds import run_sim_command
+
+    out = tmp_path / "fleet.json"
+    doc = run_sim_command(out, nodes=4, gpus_per_node=4, functions=60, duration_s=600, seed=1, fleet=True)
+    written = json.loads(out.read_text())
+    assert written == doc
+    for kind in ("fixed", "scaled"):
+        r = doc["fleet"][kind]
+        for key in ("node_hours", "idle_energy_kwh", "gpu_energy_kwh", "slo_attainment", "p99_cold_startup_s"):
+            assert key in r
+        assert 0 <= r["slo_attainment"] <= 1
+    fixed, scaled = doc["fleet"]["fixed"], doc["fleet"]["scaled"]
+    assert fixed["node_hours"] == pytest.approx(4 * 600 / 3600, rel=1e-3)  # every node up all the time
+    assert scaled["node_hours"] < fixed["node_hours"]  # a lightly used fleet shrinks
+    assert scaled["idle_energy_kwh"] < fixed["idle_energy_kwh"]
