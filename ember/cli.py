@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import typer
 
-from ember.commands import checkpoint, energy, loader_bench, loadtest, model, platform_cmds, scheduler_cmds
+from ember.commands import (
+    checkpoint,
+    energy,
+    engine_bench,
+    loader_bench,
+    loadtest,
+    model,
+    platform_cmds,
+    scheduler_cmds,
+)
 
 app = typer.Typer(help="Ember: serverless LLM functions.", no_args_is_help=True, add_completion=False)
 
@@ -20,6 +29,7 @@ bench_app = typer.Typer(help="Benchmarks that write JSON (and plots).", no_args_
 bench_app.command("loader", help="Checkpoint loading: Ember's tiers against safetensors and torch.load.")(
     loader_bench.bench_loader
 )
+bench_app.command("engine", help="Batching engine against the request-at-a-time loop.")(engine_bench.bench_engine)
 bench_app.command("scheduler", help="Live placement decisions against Redis.")(scheduler_cmds.bench_scheduler)
 bench_app.command("gateway", help="Warm-request overhead of the gateway against the worker, by rate.")(
     platform_cmds.bench_gateway

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     aws_autoscaling_group: str | None = None
     aws_endpoint_url: str | None = None  # tests: moto_server
     cloudwatch_namespace: str = "Ember"
+    # engine (issue 11): each instance's KV-cache budget (claimed on its device with the weights),
+    # the per-device reserve (CUDA context, activations) kept out of claims on GPUs, batch and queue bounds
+    kv_budget_tokens: int = 8192  # per instance; bytes = tokens x the model's KV bytes per token
+    kv_budget_bytes: int = 0  # when set, overrides kv_budget_tokens
+    device_reserve_bytes: int = 2 << 30
+    engine_max_batch: int = 64
+    engine_max_queue: int = 256
+    devices: str | None = None  # GPUs this worker owns: CUDA indices or UUIDs, comma-separated (`ember up` sets it)
 
 
     demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")

@@ -157,6 +157,18 @@ class StateUnavailable(ServiceUnavailable):
     code = "state_unavailable"
 
 
+class Overloaded(EmberError):
+    """An instance's queue is full: try again after `retry_after_s` (429 + Retry-After)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
 class WorkerError(EmberError):
     status_code = 502
     error_type = "server_error"

@@ -14,7 +14,12 @@ after and reports both). Prints one JSON document with one entry per section:
   tiny_model:  `ember model tiny` loaded with load_state_dict(device="cuda"), built with
                build_model, greedy tokens and logits compared with the same model on CPU;
   nvml:        NVML readings, energy counter against integrated power over a matmul burst;
-  energy:      NodeEnergyAgent (recommend) over a model serving requests on the GPU.
+  energy:      NodeEnergyAgent (recommend) over a model serving requests on the GPU;
+  serving:     Ember's serving path on the GPU (scripts/gpu_serving.py): NodeTiers.load ->
+               ModelInstance -> batching engine (greedy equals CPU, seeded repeats, no device
+               memory held after unload), the worker's HTTP app when fastapi/redis are here,
+               `ember bench engine` on an 8B-shaped bf16 model, 100 concurrent 4k-token requests
+               that must queue and never run out of memory.
 A section that fails reports its traceback; the others still run. Without CUDA the GPU parts
 are skipped (reported as such).
 """
@@ -39,7 +44,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ember-gpu-check"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
-    ap.add_argument("--sections", default="env,loader,tiny_model,nvml,energy")
+    ap.add_argument("--sections", default="env,loader,tiny_model,nvml,energy,serving")
+    ap.add_argument("--serving-scale", choices=["full", "small"], default=None,
+                    help="serving section: full (8B-shaped bf16, 100 x 4k requests; default on CUDA) or small")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     report: dict = {}
@@ -49,6 +56,7 @@ def main() -> None:
         "tiny_model": lambda: tiny_model(args.workdir),
         "nvml": lambda: nvml_check(),
         "energy": lambda: energy_check(args.workdir),
+        "serving": lambda: _serving(args.workdir, args.serving_scale),
     }
     limit_before = _power_limit()
     for key in args.sections.split(","):
@@ -66,6 +74,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(text)
     print(text)
+
+
+def _serving(workdir: Path, scale: str | None) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_serving import serving_check
+
+    return serving_check(workdir, scale)
 
 
 def env_info() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -125,7 +126,7 @@ async def _open_loop(target: dict[str, Any], rate: float, seconds: float) -> tup
     """Requests started at `rate` per second (not waiting for answers) for `seconds`."""
     out: list[tuple[float, bool]] = []
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=60.0, transport=_transport(limits)) as client:
         tasks = []
         t0 = time.perf_counter()
         n = int(rate * seconds)
@@ -140,7 +141,7 @@ async def _open_loop(target: dict[str, Any], rate: float, seconds: float) -> tup
 
 async def _closed_loop(target: dict[str, Any], clients: int, seconds: float) -> tuple[list[tuple[float, bool]], float]:
     out: list[tuple[float, bool]] = []
-    async with httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_connections=clients * 2)) as client:
+    async with httpx.AsyncClient(timeout=60.0, transport=_transport(httpx.Limits(max_connections=clients * 2))) as client:
         t0 = time.perf_counter()
 
         async def loop() -> None:
@@ -149,6 +150,10 @@ async def _closed_loop(target: dict[str, Any], clients: int, seconds: float) -> 
 
         await asyncio.gather(*(loop() for _ in range(clients)))
         return out, time.perf_counter() - t0
+
+
+def _transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    return httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 
 def _pct(xs: list[float], q: float) -> float:

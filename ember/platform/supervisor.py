@@ -75,6 +75,10 @@ def _check_redis(url: str) -> None:
                                f"does not answer: {e}") from e
 
 
+def _ids(spec: str | None) -> list[str]:
+    return [s.strip() for s in (spec or "").split(",") if s.strip()]
+
+
 class Platform:
     """The running processes of `ember up`."""
 
@@ -124,11 +128,15 @@ class Platform:
         logs.mkdir(exist_ok=True)
         if self.opts.demo:
             self._ensure_demo_checkpoint(store_url, echo)
+        from ember.platform.devices import split_devices, visible_gpu_ids
+
+        shares = split_devices(_ids(env.get("EMBER_DEVICES")) or visible_gpu_ids(), self.opts.workers)
         for i in range(0 if scaled else self.opts.workers):
             node = f"node-{i}"
             port = free_port(self.opts.host)
+            worker_env = env if shares[i] is None else {**env, "EMBER_DEVICES": shares[i]}  # never a shared GPU
             self._spawn(node, [sys.executable, "-m", "ember", "worker", "--data-dir", str(self.data_dir / "nodes" / node),
-                               "--node-id", node, "--host", self.opts.host, "--port", str(port)], env, logs)
+                               "--node-id", node, "--host", self.opts.host, "--port", str(port)], worker_env, logs)
         self._spawn("gateway", [sys.executable, "-m", "ember", "gateway", "--host", self.opts.host,
                                 "--port", str(self.opts.port)], env, logs)
         self._wait_ready(admin_key)

@@ -68,6 +68,7 @@ class PlacementRequest:
     ttft_slo_s: float = 1.0
     policy: str | None = None  # per-deployment override of the global policy
     max_instances: int | None = None  # the claim fails atomically once the function has this many
+    kv_bytes: int = 0  # claimed beyond the weights: the instance's KV-cache budget (weights are shared per device)
 
 
 @dataclass(slots=True)

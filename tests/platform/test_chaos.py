@@ -1,5 +1,6 @@
 """Chaos under a real `ember up` (Redis, gateway, 2 workers): seeded load on three functions while
-workers are SIGKILLed and paused, Redis is SIGKILLed, and clients drop streams; then invariants are
+workers are SIGKILLed and paused, Redis is SIGKILLed, clients drop streams and a byte flips in an
+SSD-tier partition; then invariants are
 checked from Redis and the workers (see tests/platform/chaos.py).
 
 Bounded for the normal suite (EMBER_CHAOS_S seconds of faults, default 25); a longer run:

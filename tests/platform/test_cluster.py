@@ -351,9 +351,15 @@ def test_lifecycle_transitions_are_checked(redis_url: str) -> None:
     assert not c.begin_load(p.instance_id)  # never back to loading
     held = c.acquire_warm("f", 2)
     assert held is not None and held.slot_id
+    assert c.r.zscore(Keys.instance_slots(p.instance_id), held.slot_id) > time.time()  # a lease, in the schema's key
     assert c.drain(p.instance_id) == "busy"  # keep-alive never takes an instance a request just got
     assert c.instance(p.instance_id).state == "ready"
+    sub = c.r.pubsub()
+    sub.subscribe(Keys.wake("f"))
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
     c.release_request(held)
+    assert sub.get_message(timeout=1)["channel"] == Keys.wake("f")  # a waiting request is woken
+    sub.close()
     c.release_request(held)  # a second release changes nothing
     assert c.instance(p.instance_id).outstanding == 0
     assert c.drain(p.instance_id) == "draining"

@@ -31,8 +31,11 @@ def one_slot(tmp_path: Path) -> Iterator[tuple[Proc, Proc]]:
     capacity = (nbytes * 3 // 2 // (2 << 20) + 1) * (2 << 20)
     assert nbytes < capacity < 2 * nbytes
     redis = RedisServerProcess(tmp_path / "redis").start()
+    # each instance also claims its KV budget; a second instance of the same checkpoint on the
+    # device claims only that (weights once per device): 0.4x the weights, so two do not fit
+    kv_tokens = int(0.4 * nbytes) // (4 * 2 * 64 * 2 * 4)  # layers x KV heads x head dim x K,V x fp32
     env = base_env(redis.url, store_url, EMBER_SLO_TIMEOUT_S="3", EMBER_CPU_SLOTS="1",
-                   EMBER_DRAM_CAPACITY_BYTES=str(capacity))
+                   EMBER_DRAM_CAPACITY_BYTES=str(capacity), EMBER_KV_BUDGET_TOKENS=str(kv_tokens))
     procs: list[Proc] = []
     try:
         procs.append(start_worker(tmp_path, env, "w0"))

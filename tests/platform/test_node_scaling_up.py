@@ -43,6 +43,9 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
     env = {**os.environ, "EMBER_ADMIN_KEY": ADMIN, "EMBER_AUTOSCALER_INTERVAL_S": "0.3",
            "EMBER_HEARTBEAT_INTERVAL_S": "0.3", "EMBER_CPU_SLOTS": "1",
            "EMBER_DRAM_CAPACITY_BYTES": str(1 << 20),  # one slot of 1 MiB: one tiny instance per worker
+           # each instance claims its KV budget too (64 tokens x 512 B beside 755 kB of weights); weights are
+           # claimed once per device, so `b` deploys its own copy of the checkpoint ("tiny2", pushed below)
+           "EMBER_KV_BUDGET_TOKENS": "64",
            "EMBER_NODE_SCALER_INTERVAL_S": "0.5", "EMBER_NODE_GRACE_S": "1", "EMBER_NODE_BOOT_S": "0",
            "EMBER_SLO_TIMEOUT_S": "150", "PYTHONUNBUFFERED": "1"}
     env.pop("EMBER_REDIS_URL", None)
@@ -73,10 +76,14 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
         assert httpx.get(f"{worker_url}/healthz", timeout=10).status_code == 200  # load-balancer check, no token
         assert httpx.get(f"{worker_url}/internal/healthz", timeout=10).status_code == 401
 
+        from ember.loader import open_store
+        from ember.tinymodel import make_tiny_model
+
+        open_store(f"file://{data_dir / 'store'}").push(make_tiny_model(tmp_path / "tiny2"), "tiny2")
         with httpx.Client(base_url=url, headers=auth, timeout=200) as c:
-            for name, body in (("a", {"min_instances": 1, "keep_alive_s": 300}),
-                               ("b", {"min_instances": 0, "keep_alive_s": 1, "max_instances": 1})):
-                resp = c.put(f"/v1/functions/{name}", json={"checkpoint": "tiny", "scaling": body})
+            for name, ck, body in (("a", "tiny", {"min_instances": 1, "keep_alive_s": 300}),
+                                   ("b", "tiny2", {"min_instances": 0, "keep_alive_s": 1, "max_instances": 1})):
+                resp = c.put(f"/v1/functions/{name}", json={"checkpoint": ck, "scaling": body})
                 assert resp.status_code in (200, 201), resp.text
             statuses: list[int] = []
             stop = threading.Event()

@@ -12,7 +12,7 @@ from ember.platform.cluster.base import ClusterBase, state_errors
 from ember.platform.cluster.records import InstanceRecord, Placement
 from ember.platform.cluster.view import DecisionView
 from ember.platform.state import PREFIX, Keys
-from ember.scheduler.view import PlacementPolicy, PlacementRequest
+from ember.scheduler.view import PlacementPolicy, PlacementRequest, StartupEstimate
 
 _CLAIM_ATTEMPTS = 4
 
@@ -30,7 +30,7 @@ class InstanceLifecycle(ClusterBase):
 
         for _ in range(_CLAIM_ATTEMPTS):
             view = DecisionView(self, request)  # type: ignore[arg-type]
-            est = policy.place(request, view)
+            est = policy.place(request, view) or self._beside_weights(request)
             if est is None:
                 return None
             dev = view.device(est.node_id, est.device_id)
@@ -44,7 +44,7 @@ class InstanceLifecycle(ClusterBase):
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,
                 node_id=est.node_id, device_id=est.device_id, worker_url="", state="claimed", outstanding=0,
                 nbytes=request.nbytes, created_s=now, last_used_s=now, tier=est.tier,
-                deadline_s=now + self.claim_timeout_s,
+                deadline_s=now + self.claim_timeout_s, kv_bytes=request.kv_bytes,
             )
             fields: list[str] = ["estimate_s", repr(est.seconds)]
             for k, v in rec.to_hash().items():
@@ -62,6 +62,16 @@ class InstanceLifecycle(ClusterBase):
                 return Placement(rec.instance_id, est.node_id, est.device_id, url, est.tier, est.seconds)
             if url == -2:  # the function already has max_instances (another gateway won the race)
                 return None
+        return None
+
+    def _beside_weights(self, request: PlacementRequest) -> StartupEstimate | None:
+        """A device that already holds the checkpoint's weights (claimed once per device) and has
+        room for one more KV budget: what the policy cannot see when the weights do not fit twice."""
+        if request.kv_bytes <= 0:
+            return None
+        for d in self.devices_with_room(request.kv_bytes, limit=64):  # type: ignore[attr-defined]
+            if self.r.hget(Keys.device(d.node_id, d.device_id), f"ckpt:{request.checkpoint}"):
+                return StartupEstimate(d.node_id, d.device_id, "gpu", 0.0, d.awake)
         return None
 
     @state_errors

@@ -41,6 +41,7 @@ class DeviceSpec:
 
     device_id: str
     memory_bytes: int
+    uuid: str = ""  # the GPU's UUID ("GPU-..."), how a GPU is identified across workers and NVML
 
 
 @dataclass
@@ -61,6 +62,7 @@ class InstanceRecord:
     tier: str = "remote"  # where the checkpoint was when the instance was placed
     deadline_s: float = 0.0  # claimed/loading: reaped after this (wall clock)
     slot_id: str = ""  # set on a record returned by acquire_warm: the request slot it holds
+    kv_bytes: int = 0  # the instance's KV-cache budget, claimed on top of the (shared) weights
 
     @classmethod
     def from_hash(cls, instance_id: str, h: dict[str, str]) -> InstanceRecord:
@@ -78,6 +80,7 @@ class InstanceRecord:
             last_used_s=float(h.get("last_used_s", 0.0)),
             tier=h.get("tier", "remote"),
             deadline_s=float(h.get("deadline_s", 0.0) or 0.0),
+            kv_bytes=int(h.get("kv_bytes", 0) or 0),
         )
 
     def to_hash(self) -> dict[str, str]:

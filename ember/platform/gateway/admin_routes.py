@@ -48,7 +48,8 @@ async def put_function(name: str, body: FunctionDeploy, request: Request, respon
     app = request.app
     size = await size_checkpoint(app.state.cluster, app.state.http, app.state.settings, body.checkpoint)  # None: no worker up, sized before placing
     spec, created = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).put, name, body, principal,
-                                             size.nbytes if size else 0, size.ref if size else "")
+                                             size.nbytes if size else 0, size.ref if size else "",
+                                             size.kv_bytes if size else 0)
     response.status_code = 201 if created else 200
     return spec
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,7 +58,12 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         app.state.redis = client
         app.state.cluster = RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s,
                                          claim_timeout_s=settings.claim_timeout_s, slot_ttl_s=settings.slot_ttl_s)
-        app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+        # TCP_NODELAY: a request's headers and body go out as separate writes; with Nagle on, the body
+        # waited for the worker's delayed ACK (a median ~150-190 ms added to warm requests here)
+        transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        app.state.http = httpx.AsyncClient(transport=transport)
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_api.device_snapshots(client)))
         app.state.metrics.registry.register(FleetCollector(lambda: client, lambda: app.state.cluster))
         app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))

@@ -51,6 +51,7 @@ class CheckpointSize:
 
     ref: str
     nbytes: int
+    kv_bytes: int = 0  # the instance's KV-cache budget the worker derived from the model config
 
 
 def canonical_store(uri: str) -> str:
@@ -141,7 +142,8 @@ async def size_checkpoint(cluster: Any, http: httpx.AsyncClient, settings: Any,
     if resp.status_code != 200:
         raise worker_error(resp, f"checkpoint {checkpoint!r}")
     body = resp.json()
-    size = CheckpointSize(ref=str(body.get("id", "")), nbytes=int(body["nbytes"]))
+    size = CheckpointSize(ref=str(body.get("id", "")), nbytes=int(body["nbytes"]),
+                          kv_bytes=int(body.get("kv_budget_bytes", 0) or 0))
     states = await to_thread.run_sync(cluster.nodes, nodes)
     largest = max((d.memory_bytes for n in states for d in n.devices), default=0)
     if largest and size.nbytes > largest:

@@ -149,7 +149,12 @@ class Invoker:
                 if rec is not None:
                     if starting is not None and placed.get("instance_id") == rec.instance_id:
                         # our cold start's instance is ready; its load answer is on its way
-                        await asyncio.wait({starting}, timeout=5.0)
+                        try:
+                            await asyncio.wait({starting}, timeout=5.0)
+                        except BaseException:
+                            await self.release(InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url,
+                                                                True, "", 0.0, name, rec))
+                            raise
                         if starting.done() and not starting.cancelled() and starting.exception() is None:
                             cold, starting = starting.result(), None
                     if cold is not None and rec.instance_id == cold.instance_id:
@@ -159,7 +164,7 @@ class Invoker:
                     return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, waited_cold,
                                             cold.tier if cold else "warm",
                                             (time.monotonic() - t0) * 1000 if waited_cold else 0.0, name, rec)
-                if starting is None and cold is None and await self._should_start(spec):
+                if starting is None and await self._should_start(spec):
                     placed = {}
                     starting = asyncio.ensure_future(self.cold_start(spec, placed))
         finally:
@@ -224,7 +229,8 @@ class Invoker:
         spec = sized
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
-                                   max_instances=spec.scaling.max_instances)
+                                   max_instances=spec.scaling.max_instances,
+                                   kv_bytes=spec.kv_bytes or self.settings.kv_budget_bytes)
         evicted: list[InstanceRecord] = []
         try:
             with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
@@ -254,7 +260,8 @@ class Invoker:
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
-                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref},
+                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref,
+                      "kv_budget_bytes": spec.kv_bytes or self.settings.kv_budget_bytes},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
             )

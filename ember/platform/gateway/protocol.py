@@ -47,6 +47,7 @@ class FunctionSpec(FunctionDeploy):
     name: str
     owner: str = "admin"
     nbytes: int = 0
+    kv_bytes: int = 0  # each instance's KV-cache budget, claimed on its device beyond the weights
     checkpoint_id: str = ""  # the pinned identity STORE/NAME#MANIFEST_DIGEST ("" until a worker told it)
     created: float = Field(default_factory=time.time)
     updated: float = Field(default_factory=time.time)
@@ -201,6 +202,7 @@ class LoadRequest(EmberModel):
     instance_id: str
     function: str
     checkpoint: str
+    kv_budget_bytes: int = 0  # what the placement claimed for the KV cache (0: the worker's setting)
 
 
 class LoadResult(EmberModel):

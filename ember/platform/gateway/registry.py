@@ -43,7 +43,7 @@ class FunctionRegistry:
         return spec
 
     def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
-            checkpoint_id: str = "") -> tuple[FunctionSpec, bool]:
+            checkpoint_id: str = "", kv_bytes: int = 0) -> tuple[FunctionSpec, bool]:
         """Create or replace; returns (spec, created)."""
         check_name(name, "function name")
         raw = self.client.hget(Keys.functions, name)
@@ -52,10 +52,10 @@ class FunctionRegistry:
             old = FunctionSpec.model_validate_json(raw)
             self.check_owner(old, owner)
             spec = FunctionSpec(name=name, owner=old.owner, created=old.created, updated=now, nbytes=nbytes,
-                                checkpoint_id=checkpoint_id, **body.model_dump())
+                                checkpoint_id=checkpoint_id, kv_bytes=kv_bytes, **body.model_dump())
         else:
             spec = FunctionSpec(name=name, owner=owner.id, created=now, updated=now, nbytes=nbytes,
-                                checkpoint_id=checkpoint_id, **body.model_dump())
+                                checkpoint_id=checkpoint_id, kv_bytes=kv_bytes, **body.model_dump())
         self.client.hset(Keys.functions, name, spec.model_dump_json())
         return spec, raw is None
 

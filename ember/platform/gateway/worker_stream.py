@@ -56,8 +56,10 @@ def worker_error(resp: httpx.Response, context: str) -> EmberError:
     try:
         body = resp.json()["error"]
         err = EmberError(f"{context}: {body['message']}", code=body.get("code") or "worker_error")
-        err.status_code = resp.status_code if resp.status_code < 500 else 502
+        err.status_code = resp.status_code if resp.status_code < 500 or resp.status_code == 503 else 502
         err.error_type = body.get("type") or "server_error"
+        if "retry-after" in resp.headers:  # a full instance queue: the client may retry (429)
+            err.retry_after_s = float(resp.headers["retry-after"])  # type: ignore[attr-defined]
         return err
     except (ValueError, KeyError, TypeError):
         return WorkerError(f"{context}: HTTP {resp.status_code}")

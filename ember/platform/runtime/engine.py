@@ -1,79 +1,69 @@
-"""One model instance in a worker process: tokenizer + model built from loader tensors, and a
-streaming generation loop that can be cancelled between tokens.
+"""One model instance in a worker process: tokenizer + model built from loader tensors, served by
+one batching engine (ember.platform.runtime.batcher) with a KV-cache budget.
 
-Concurrency: each request runs its own decode loop in its own thread over the shared, read-only
-weights (KV caches are per request). On CPU with tiny models this keeps per-token latency low;
-continuous batching would pay off with larger models on GPUs and is not done here.
-
-Phase signal: around every forward pass the instance calls its `StepListener` (the node's energy
-agent, ember.energy.steps): `phase_starts` before, `step_done` after; the first forward of a
-request is its prefill, the rest are decode steps (one sequence each).
+`submit` admits a request into the engine's queue (429 when the queue is full, 503 when the
+request could never fit the budget) and returns its Sequence; `Sequence.stream()` yields text
+deltas, then one GenerationDone; `cancel` stops it between steps. `generate` does both (and is
+what tests and benches call); `generate_alone` runs the request-at-a-time loop instead.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from ember.energy.steps import EngineStep, StepListener
 from ember.errors import BadRequest
 from ember.platform.gateway.protocol import GenerateRequest
+from ember.platform.runtime import kvcache
+from ember.platform.runtime.batcher import BatchingEngine, EngineLimits
+from ember.platform.runtime.events import GenerationDone, TokenDelta
+from ember.platform.runtime.sequence import Sequence
+from ember.platform.runtime.solo import run_alone
 
+__all__ = ["ModelInstance", "TokenDelta", "GenerationDone", "EngineLimits"]
 
-@dataclass
-class TokenDelta:
-    """Text produced since the previous event."""
-
-    text: str
-
-
-@dataclass
-class GenerationDone:
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float
-    decode_s: float
-
-    @property
-    def tpot_s(self) -> float:
-        return self.decode_s / max(1, self.completion_tokens - 1)
+DEFAULT_KV_BUDGET_TOKENS = 8192
 
 
 class ModelInstance:
-    """A model ready to serve: built on the meta device and given the loader's tensors."""
+    """A model ready to serve, with its batching engine."""
 
     def __init__(self, instance_id: str, function: str, model: Any, tokenizer: Any, loaded: Any = None, *,
-                 device_id: str = "", step_listener: StepListener | None = None) -> None:
+                 kv_budget_bytes: int = 0, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS, max_batch: int = 64, max_queue: int = 256,
+                 device_id: str | None = None, listener: Any = None, step_listener: Any = None) -> None:
+        import torch
+
         self.instance_id = instance_id
         self.function = function
         self.model = model
         self.tokenizer = tokenizer
         self.loaded = loaded
-        self.device_id = device_id  # the worker's device id ("cpu:0", "cuda:1"), for the phase signal
-        self.step_listener = step_listener
-        self.model_bytes = int(getattr(loaded, "nbytes", 0) or 0) or sum(
-            p.numel() * p.element_size() for p in model.parameters())
-        self.active = 0
         self.finished: dict[str, int] = {"stop": 0, "length": 0, "cancelled": 0}
         self._lock = threading.Lock()
+        self._active = 0
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
-        # transformers 5 renamed the KV-cache argument from past_key_values to cache
-        import inspect
-
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", None)
+                                 or getattr(model.config, "n_positions", 2048))
+        self.device = model.device
+        dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+        self.kv_bytes_per_token = kvcache.kv_bytes_per_token(model.config, dtype_bytes)
+        self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        budget_tokens = max(1, kv_budget_bytes // self.kv_bytes_per_token) if kv_budget_bytes else kv_budget_tokens
+        self.kv_budget_bytes = budget_tokens * self.kv_bytes_per_token
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos_ids, default=0))
+        self.device_id = device_id or str(self.device)
+        listener = listener if listener is not None else step_listener  # the phase signal (ember.energy.steps)
+        self.listener = self.step_listener = listener
+        self.engine = BatchingEngine(model, EngineLimits(budget_tokens, max_batch, max_queue),
+                                     device_id=self.device_id, function=function, listener=listener,
+                                     model_bytes=self.model_bytes, pad_id=int(pad))
 
     @classmethod
-    def from_loaded(cls, instance_id: str, function: str, loaded: Any, device: str = "cpu", *,
-                    device_id: str = "", step_listener: StepListener | None = None) -> ModelInstance:
+    def from_loaded(cls, instance_id: str, function: str, loaded: Any, device: str = "cpu", **kw: Any) -> ModelInstance:
         """Build from a loader `LoadedCheckpoint` (no random init, no second copy of the weights)."""
         from transformers import AutoTokenizer
 
@@ -81,15 +71,28 @@ class ModelInstance:
 
         model = build_model(loaded.model_files, loaded.state_dict, device=device)
         tokenizer = AutoTokenizer.from_pretrained(str(loaded.model_files))
-        return cls(instance_id, function, model, tokenizer, loaded, device_id=device_id or device,
-                   step_listener=step_listener)
+        return cls(instance_id, function, model, tokenizer, loaded, **kw)
+
+    @property
+    def active(self) -> int:
+        """Requests in progress: queued or running in the engine, or still streaming out."""
+        return max(self._active, len(self.engine.waiting) + len(self.engine.running))
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
 
     def close(self) -> None:
-        """Drop the model; the loader keeps the checkpoint bytes in its DRAM tier."""
+        """Stop the engine (its requests end with 503), drop the model; the loader keeps the bytes."""
+        self.engine.close()
+        on_cuda = getattr(self.device, "type", "cpu") == "cuda"
         self.model = None
         if self.loaded is not None:
             self.loaded.release()
             self.loaded = None
+        if on_cuda:  # the engine's cache blocks go back to the device, not to this process's cache
+            import torch
+
+            torch.cuda.empty_cache()
 
     # --- tokens ------------------------------------------------------------------------------
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
@@ -109,101 +112,52 @@ class ModelInstance:
             )
         return ids
 
+    def new_sequence(self, req: GenerateRequest, ids: list[int] | None = None) -> Sequence:
+        ids = ids if ids is not None else self.prompt_ids(req)
+        seq = Sequence(ids, req, self.tokenizer, self.eos_ids, self.device)
+        seq.on_end = self._count
+        return seq
+
+    def _count(self, finish: str) -> None:
+        with self._lock:
+            self.finished[finish] = self.finished.get(finish, 0) + 1
+
+    def submit(self, req: GenerateRequest, ids: list[int] | None = None) -> Sequence:
+        """Queue a request in the engine (raises Overloaded / ServiceUnavailable right away)."""
+        return self.engine.submit(self.new_sequence(req, ids))
+
+    def stream(self, seq: Sequence, cancelled: threading.Event | None = None) -> Iterator[TokenDelta | GenerationDone]:
+        """The events of a submitted sequence; setting `cancelled` (or closing the iterator) cancels it."""
+        with self._lock:
+            self._active += 1
+        watcher = None
+        if cancelled is not None:
+            watcher = threading.Thread(target=_forward_cancel, args=(cancelled, seq, self.engine), daemon=True)
+            watcher.start()
+        try:
+            yield from seq.stream()
+        finally:
+            if seq.finish is None:
+                self.engine.cancel(seq)
+            seq.cancelled.set()  # also ends the watcher
+            with self._lock:
+                self._active -= 1
+
     def generate(self, req: GenerateRequest, cancelled: threading.Event | None = None,
                  ids: list[int] | None = None) -> Iterator[TokenDelta | GenerationDone]:
-        """Yield text deltas, then one GenerationDone. Stops early when `cancelled` is set.
-        `ids`: the prompt already tokenized by `prompt_ids` (else it is done here)."""
-        import torch
+        """Submit and stream (the batching engine)."""
+        seq = self.submit(req, ids)
+        yield from self.stream(seq, cancelled)
 
-        cancelled = cancelled or threading.Event()
-        ids = ids if ids is not None else self.prompt_ids(req)
-        gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        stops = [s for s in req.stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1
-        t0 = time.perf_counter()
-        t_first = None
-        out_ids: list[int] = []
-        emitted = 0
-        text = ""
-        finish = "length"
-        with self._lock:
-            self.active += 1
-        try:
-            with torch.inference_mode():
-                past = None
-                step_input = torch.tensor([ids])
-                for _ in range(req.max_tokens):
-                    if cancelled.is_set():
-                        finish = "cancelled"
-                        break
-                    phase = "prefill" if past is None else "decode"
-                    listener = self.step_listener
-                    if listener is not None:
-                        listener.phase_starts(self.device_id, phase)
-                    t_step = time.perf_counter()
-                    out = self.model(input_ids=step_input, use_cache=True, **{self._cache_kw: past})
-                    past = out.get("cache", None) if self._cache_kw == "cache" else out.past_key_values
-                    if listener is not None:
-                        listener.step_done(EngineStep(
-                            self.device_id, phase, tokens=int(step_input.shape[1]), batch_size=1,
-                            seconds=time.perf_counter() - t_step, function=self.function,
-                            kv_tokens=len(ids) + len(out_ids), model_bytes=self.model_bytes))
-                    tok = _sample(out.logits[0, -1].float(), req.temperature, req.top_p, gen)
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    if tok in self.eos_ids:
-                        finish = "stop"
-                        break
-                    out_ids.append(tok)
-                    text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                    cut = _first_stop(text, stops)
-                    if cut is not None:
-                        text = text[:cut]
-                        finish = "stop"
-                        break
-                    # hold back an incomplete UTF-8 sequence and a possible stop-string prefix
-                    safe = len(text) - hold
-                    if text.endswith("\ufffd"):
-                        safe = min(safe, len(text) - 1)
-                    if safe > emitted:
-                        yield TokenDelta(text[emitted:safe])
-                        emitted = safe
-                    step_input = torch.tensor([[tok]])
-            text = text.rstrip("\ufffd") if finish != "length" else text
-            if len(text) > emitted:
-                yield TokenDelta(text[emitted:])
-        finally:
-            with self._lock:
-                self.active -= 1
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        with self._lock:
-            self.finished[finish] += 1
-        yield GenerationDone(
-            finish_reason=finish,
-            prompt_tokens=len(ids),
-            completion_tokens=len(out_ids),
-            ttft_s=t_first - t0,
-            decode_s=t_end - t_first,
-        )
+    def generate_alone(self, req: GenerateRequest, ids: list[int] | None = None) -> Iterator[TokenDelta | GenerationDone]:
+        """The request-at-a-time loop in the caller's thread (reference and benchmark baseline)."""
+        yield from run_alone(self.model, self.new_sequence(req, ids), self.listener, self.device_id, self.function,
+                             self.model_bytes)
 
 
-def _sample(logits: Any, temperature: float, top_p: float, gen: Any) -> int:
-    import torch
-
-    if temperature <= 1e-5:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
-        keep[0] = True
-        filtered = torch.zeros_like(probs)
-        filtered[idx[keep]] = sorted_p[keep]
-        probs = filtered / filtered.sum()
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+def _forward_cancel(cancelled: threading.Event, seq: Sequence, engine: BatchingEngine) -> None:
+    """Turn the caller's cancel event into an engine cancel (ends when either side is done)."""
+    while not seq.cancelled.is_set() and seq.finish is None:
+        if cancelled.wait(0.05):
+            engine.cancel(seq)
+            return

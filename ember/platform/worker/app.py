@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import redis
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ember.config import Settings
@@ -22,7 +22,7 @@ from ember.errors import EmberError, Unauthorized
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER
 from ember.platform.gateway.protocol import GenerateRequest, LoadRequest, LoadResult, PrefetchRequest
-from ember.platform.http_common import install_error_handlers
+from ember.platform.http_common import error_response, install_error_handlers
 from ember.platform.runtime.engine import GenerationDone, TokenDelta
 from ember.platform.worker.node import WorkerNode
 
@@ -64,15 +64,14 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         node: WorkerNode = request.app.state.node
         return {"status": "ok", "node": node.node_id, "instances": {
             i.instance_id: {"function": i.function, "active": i.active, "finished": i.finished,
-                            "state": node.states.get(i.instance_id, "ready")}
+                            "state": node.states.get(i.instance_id, "ready"), "engine": i.stats()}
             for i in list(node.instances.values())},
             "loading": [k for k, v in list(node.states.items()) if v == "loading"]}
 
     @app.get("/internal/checkpoints")
     async def checkpoint_info(ref: str, request: Request) -> dict[str, Any]:
         node: WorkerNode = request.app.state.node
-        ident, manifest = await to_thread.run_sync(node.tiers.describe, ref)
-        return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref}
+        return await to_thread.run_sync(node.checkpoint_info, ref)
 
     @app.post("/internal/instances")
     async def load(body: LoadRequest, request: Request) -> LoadResult:
@@ -91,7 +90,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         then remove it from Redis. Waits up to `wait_s`; 202 when it is still draining then."""
         node: WorkerNode = request.app.state.node
         node.get(instance_id)  # 404 when this worker does not hold it
-        node._drop_when_idle(instance_id, remove=True)
+        node.drop_when_idle(instance_id, remove=True)
         deadline = asyncio.get_running_loop().time() + max(0.0, min(wait_s, 60.0))
         while instance_id in node.instances and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
@@ -103,22 +102,35 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def generate(instance_id: str, body: GenerateRequest, request: Request) -> StreamingResponse:
         node: WorkerNode = request.app.state.node
         inst = node.get(instance_id)
-        # tokenized before streaming, so a context-length error is a 400 rather than an in-stream error
-        ids = await to_thread.run_sync(inst.prompt_ids, body)
-        return StreamingResponse(_ndjson(node, inst, body, ids), media_type="application/x-ndjson")
+        # tokenized and queued before streaming, so a context-length error is a 400, a full queue a 429
+        # (Retry-After) and a request no KV budget could hold a 503, rather than in-stream errors
+        seq = await to_thread.run_sync(inst.submit, body)
+        return StreamingResponse(_ndjson(node, inst, body, seq), media_type="application/x-ndjson")
 
+    async def metrics(request: Request) -> Response:
+        """Prometheus: each instance's engine (KV-cache usage, batch size, queue depth, preemptions)."""
+        if settings.metrics_require_key:
+            given = request.headers.get(CLUSTER_TOKEN_HEADER, "")
+            if not secrets.compare_digest(given, token):
+                return error_response(Unauthorized(f"missing or wrong {CLUSTER_TOKEN_HEADER}"))
+        from ember.platform.runtime.metrics import render_engine_metrics
+
+        node: WorkerNode = request.app.state.node
+        body, content_type = render_engine_metrics(node.node_id, list(node.instances.values()))
+        return Response(body, media_type=content_type)
+
+    app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))  # outside the token dependency
     return app
 
 
-async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[int]) -> AsyncIterator[bytes]:
-    """Run generation in its own thread; stream its events; cancel it when the client goes away."""
+async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) -> AsyncIterator[bytes]:
+    """Relay the sequence's events (its engine runs them); cancel it when the client goes away."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
-    cancelled = threading.Event()
 
     def produce() -> None:
         try:
-            for ev in inst.generate(body, cancelled, ids):
+            for ev in inst.stream(seq):
                 loop.call_soon_threadsafe(queue.put_nowait, ev)
         except EmberError as e:
             loop.call_soon_threadsafe(queue.put_nowait, e)
@@ -148,4 +160,5 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, ids: list[
             elif isinstance(ev, EmberError):
                 yield json.dumps(ev.to_openai()).encode() + b"\n"
     finally:
-        cancelled.set()  # client gone (or done): the decode loop stops at its next token
+        if seq.finish is None:
+            inst.engine.cancel(seq)  # client gone: the engine drops it before its next step

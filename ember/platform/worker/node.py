@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 
 
 def detect_compute_devices(settings: Settings) -> list[DeviceSpec]:
-    """The GPUs this process sees, else `cpu_slots` CPU slots sharing the DRAM capacity."""
+    """The GPUs this worker owns (`EMBER_DEVICES`, else all it sees), each offering its memory less
+    the per-device reserve; else `cpu_slots` CPU slots sharing the DRAM capacity."""
     import torch
 
     if torch.cuda.is_available():
-        return [DeviceSpec(f"cuda:{i}", torch.cuda.get_device_properties(i).total_memory)
-                for i in range(torch.cuda.device_count())]
+        from ember.platform.devices import cuda_devices, select_devices
+
+        owned = select_devices(cuda_devices(), settings.devices)
+        return [DeviceSpec(f"cuda:{d.index}", max(0, d.memory_bytes - settings.device_reserve_bytes), d.uuid)
+                for d in owned]
     per_slot = max(1, settings.dram_capacity_bytes // max(1, settings.cpu_slots))
     return [DeviceSpec(f"cpu:{i}", per_slot) for i in range(settings.cpu_slots)]
 
@@ -137,9 +141,9 @@ class WorkerNode:
             return False
         for iid in hb.unknown:
             log.warning("instance %s is not booked in Redis (reaped or given up): dropping it", iid)
-            self._drop_when_idle(iid, remove=False)
+            self.drop_when_idle(iid, remove=False)
         for iid in hb.draining:
-            self._drop_when_idle(iid, remove=True)
+            self.drop_when_idle(iid, remove=True)
         if hb.removed:
             log.warning("Redis dropped claims of instances this worker does not hold: %s", ", ".join(hb.removed))
         return True
@@ -237,8 +241,11 @@ class WorkerNode:
             device = rec.device_id if rec.device_id.startswith("cuda") else "cpu"
             loaded = self.tiers.load(req.checkpoint, device=device)
             try:
-                inst = ModelInstance.from_loaded(iid, req.function, loaded, device=device,
-                                                 device_id=rec.device_id, step_listener=self.energy)
+                inst = ModelInstance.from_loaded(
+                    iid, req.function, loaded, device=device, device_id=rec.device_id, step_listener=self.energy,
+                    kv_budget_bytes=req.kv_budget_bytes or self.settings.kv_budget_bytes,
+                    kv_budget_tokens=self.settings.kv_budget_tokens,
+                    max_batch=self.settings.engine_max_batch, max_queue=self.settings.engine_max_queue)
             except BaseException:
                 loaded.release()
                 raise
@@ -252,9 +259,13 @@ class WorkerNode:
                 log.warning("could not free the claim of failed load %s: %s", iid, e)
             raise
         startup_ms = (time.perf_counter() - t0) * 1000
+        failure: EmberError | None = None
         with self._state_lock:
             self.instances[iid] = inst
-            ready = self.cluster.mark_ready(iid, req.function)
+            try:
+                ready = self.cluster.mark_ready(iid, req.function)
+            except EmberError as e:  # Redis unreachable: never hold what Redis may not book
+                ready, failure = False, e
             if ready:
                 self.states[iid] = "ready"
             else:
@@ -263,6 +274,12 @@ class WorkerNode:
                 self.records.pop(iid, None)
         if not ready:
             inst.close()
+            if failure is not None:
+                try:
+                    self.cluster.remove_instance(iid)
+                except EmberError:
+                    pass  # not reported by this worker, the claim is removed past its deadline
+                raise failure
             raise InstanceGone(f"instance {iid!r} was removed while it loaded (the gateway gave up?): dropped")
         try:
             self.cluster.observe_load(self.node_id, loaded.tier, loaded.nbytes, max(loaded.seconds, 1e-6))
@@ -299,7 +316,7 @@ class WorkerNode:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         self._drop(instance_id, remove=True, timeout_s=timeout_s)
 
-    def _drop_when_idle(self, instance_id: str, *, remove: bool) -> None:
+    def drop_when_idle(self, instance_id: str, *, remove: bool) -> None:
         """Drop in the background (a beat must not wait for requests to finish)."""
         with self._state_lock:
             if instance_id in self._dropping or instance_id not in self.instances:
@@ -342,10 +359,24 @@ class WorkerNode:
                 self.cluster.drain(iid, force=True)
             except EmberError as e:
                 log.warning("could not mark %s draining: %s", iid, e)
-            self._drop_when_idle(iid, remove=True)
+            self.drop_when_idle(iid, remove=True)
 
     def active_requests(self) -> int:
         return sum(i.active for i in list(self.instances.values()))
+
+    def checkpoint_info(self, ref: str) -> dict[str, Any]:
+        """Identity, size and serving facts of a checkpoint, for deploy: refuses (400) an
+        architecture that cannot be served, so a deploy fails rather than the first invoke."""
+        from ember.loader.identity import split_digest
+        from ember.loader.model import check_servable
+        from ember.loader.store import split_ref
+
+        ident, manifest = self.tiers.describe(ref)
+        store_uri, name = split_ref(split_digest(ref)[0])
+        store = self.tiers.store(store_uri or self.tiers.store_url)
+        facts = check_servable(store.read_bytes(name, "files/config.json"))
+        kv_bytes = self.settings.kv_budget_bytes or facts["kv_bytes_per_token"] * self.settings.kv_budget_tokens
+        return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref, **facts, "kv_budget_bytes": kv_bytes}
 
     def get(self, instance_id: str) -> ModelInstance:
         inst = self.instances.get(instance_id)

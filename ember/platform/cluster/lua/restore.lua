@@ -19,7 +19,16 @@ redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[1])
 local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
 if mem then
-  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', ARGV[2])
+  local n = tonumber(ARGV[2])
+  -- weights once per checkpoint per device, plus this instance's KV budget
+  local kv, ck = 0, ''
+  for i = 5, #ARGV, 2 do
+    if ARGV[i] == 'kv_bytes' then kv = tonumber(ARGV[i + 1]) elseif ARGV[i] == 'checkpoint' then ck = ARGV[i + 1] end
+  end
+  if tonumber(redis.call('HGET', KEYS[2], 'ckpt:' .. ck) or '0') > 0 then n = 0 end
+  n = n + kv
+  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', n)
+  redis.call('HINCRBY', KEYS[2], 'ckpt:' .. ck, 1)
   redis.call('HINCRBY', KEYS[2], 'instances', 1)
   redis.call('ZADD', KEYS[6], mem - claimed, ARGV[3])
 end

@@ -1,0 +1,115 @@
+"""One request inside an engine: its prompt, sampling parameters, generator, detokenizer, and the
+queue its events go to. Shared by the batching engine and the request-at-a-time loop."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ember.errors import EmberError
+from ember.platform.gateway.protocol import GenerateRequest
+from ember.platform.runtime.detok import Detokenizer
+from ember.platform.runtime.events import GenerationDone, TokenDelta
+
+GREEDY_T = 1e-5
+
+
+class Sequence:
+    def __init__(self, ids: list[int], req: GenerateRequest, tokenizer: Any, eos_ids: set[int], device: Any) -> None:
+        import torch
+
+        self.ids = ids
+        self.req = req
+        self.eos_ids = eos_ids
+        self.max_tokens = req.max_tokens
+        self.need = len(ids) + req.max_tokens  # KV tokens it can ever hold
+        self.greedy = req.temperature <= GREEDY_T
+        # a generator on the model's device: same seed, same device -> same text
+        self.gen = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
+        self.detok = Detokenizer(tokenizer, ids, req.stop)
+        self.out: list[int] = []
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.finish: str | None = None
+        self.last = ids[-1]
+        self.on_end: Any = None  # called with the finish reason when the sequence ends
+
+    # --- engine side ---------------------------------------------------------------------------
+    def take(self, token: int) -> bool:
+        """Record a sampled token; True when the sequence is finished."""
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if token in self.eos_ids:
+            self.finish = "stop"
+            return True
+        self.out.append(token)
+        self.last = token
+        text = self.detok.add(token)
+        if text:
+            self.events.put(TokenDelta(text))
+        if self.detok.stopped:
+            self.finish = "stop"
+        elif len(self.out) >= self.max_tokens:
+            self.finish = "length"
+        elif self.cancelled.is_set():
+            self.finish = "cancelled"
+        return self.finish is not None
+
+    def end(self, finish: str | None = None) -> None:
+        """Flush the text and report the end (idempotent enough: called once by the engine)."""
+        self.finish = finish or self.finish or "cancelled"
+        if self.finish != "cancelled":
+            rest = self.detok.flush()
+            if rest:
+                self.events.put(TokenDelta(rest))
+        t_end = time.perf_counter()
+        t_first = self.t_first or t_end
+        self.events.put(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_end - t_first))
+        if self.on_end is not None:
+            self.on_end(self.finish)
+
+    def fail(self, err: EmberError) -> None:
+        self.finish = "error"
+        self.events.put(err)
+
+    # --- request side ---------------------------------------------------------------------------
+    def stream(self) -> Iterator[TokenDelta | GenerationDone]:
+        """The events, ending with GenerationDone; an EmberError from the engine is raised."""
+        while True:
+            ev = self.events.get()
+            if isinstance(ev, EmberError):
+                raise ev
+            yield ev
+            if isinstance(ev, GenerationDone):
+                return
+
+
+def sample(logits: Any, seqs: list[Sequence]) -> list[int]:
+    """One token per row of `logits` [B, vocab]: argmax for greedy rows, else temperature/top-p
+    sampling with each sequence's own generator. One device->host transfer for the batch."""
+    import torch
+
+    if all(s.greedy for s in seqs):
+        return logits.argmax(-1).tolist()
+    out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+    greedy = [i for i, s in enumerate(seqs) if s.greedy]
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        out[idx] = logits.index_select(0, idx).argmax(-1)
+    for i, s in enumerate(seqs):
+        if s.greedy:
+            continue
+        probs = torch.softmax(logits[i].float() / s.req.temperature, dim=-1)
+        if s.req.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < s.req.top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+            probs = probs / probs.sum()
+        out[i] = torch.multinomial(probs, 1, generator=s.gen)[0]
+    return out.tolist()
