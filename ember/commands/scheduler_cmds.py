@@ -16,7 +16,7 @@ from ember.errors import ConfigError
 def sim(
     json_out: Path = typer.Option(..., "--json", help="Write the results here (JSON)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write the startup-latency CDF per policy (PNG)."),
-    trace: Path | None = typer.Option(None, "--trace", help="Azure Functions 2019 invocation CSV (default: synthetic)."),
+    trace: Path | None = typer.Option(None, "--trace", help="Azure Functions 2019 invocation CSV or Azure LLM inference trace CSV (default: synthetic)."),
     nodes: int = typer.Option(16, "--nodes", help="Nodes in the cluster."),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (80 GB each)."),
     functions: int = typer.Option(1000, "--functions", help="Functions in the synthetic trace."),
@@ -26,6 +26,8 @@ def sim(
     rate_per_function_s: float = typer.Option(
         0.03, "--rate-per-function-s", help="Mean invocations/s per function (synthetic trace)."),
     keep_alive_s: float = typer.Option(60.0, "--keep-alive-s", help="Idle time before an instance is unloaded."),
+    energy: bool = typer.Option(False, "--energy", help="Cluster-wide energy: placement, autoscaling, batching and "
+                                "the GPU governor together (ember vs serverlessllm+max_power, keepalive+max_power)."),
     fleet: bool = typer.Option(False, "--fleet", help="Run the ember policy on a fleet fixed at --nodes and on one "
                                                       "under the node scaler (up to --nodes); writes {\"fleet\": ...}."),
     boot_s: float = typer.Option(180.0, "--boot-s", help="--fleet: seconds from scale-out to a placeable node."),
@@ -39,7 +41,7 @@ def sim(
         doc = run_sim_command(json_out, plot=plot, trace=trace, nodes=nodes, gpus_per_node=gpus_per_node,
                               functions=functions, duration_s=duration_s, seed=seed, policies=policies,
                               rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s,
-                              console=console, fleet=fleet, boot_s=boot_s, grace_s=grace_s)
+                              console=console, energy=energy, fleet=fleet, boot_s=boot_s, grace_s=grace_s)
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e.message}")
         raise typer.Exit(2) from e
@@ -52,8 +54,10 @@ def sim(
 def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | None = None, nodes: int = 16,
                     gpus_per_node: int = 8, functions: int = 1000, duration_s: float = 600.0, seed: int = 0,
                     policies: str = "all", rate_per_function_s: float = 0.03, keep_alive_s: float = 60.0,
-                    console=None, fleet: bool = False, boot_s: float = 180.0, grace_s: float = 60.0) -> dict:
+                    console=None, energy: bool = False, fleet: bool = False, boot_s: float = 180.0,
+                    grace_s: float = 60.0) -> dict:
     """What `ember sim` does: simulate, write JSON (and the PNG); returns the JSON document."""
+    from ember.scheduler.energy_sim import ENERGY_ENTRIES, run_energy_simulation
     from ember.scheduler.policies import POLICY_NAMES, get_policy
     from ember.scheduler.sim import SimConfig, build_trace, run_simulation
 
@@ -71,16 +75,24 @@ def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | N
         json_out.write_text(json.dumps(doc, indent=2))
         return doc
 
-    names = list(POLICY_NAMES) if policies.strip() in ("", "all") else [p.strip() for p in policies.split(",") if p.strip()]
+    known = list(ENERGY_ENTRIES) if energy else list(POLICY_NAMES)
+    names = known if policies.strip() in ("", "all") else [p.strip() for p in policies.split(",") if p.strip()]
     for name in names:
-        get_policy(name)
+        if energy and name not in ENERGY_ENTRIES:
+            raise ConfigError(f"unknown --energy entry {name!r}; known: {', '.join(ENERGY_ENTRIES)}")
+        if not energy:
+            get_policy(name)
     cfg = SimConfig(nodes=nodes, gpus_per_node=gpus_per_node, functions=functions, duration_s=duration_s, seed=seed,
                     rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s).check()
     tr = build_trace(cfg, str(trace) if trace else None)
     if console is not None:
         console.print(f"trace: {len(tr):,} invocations of {len(tr.functions):,} functions over {tr.duration_s:.0f} s; "
                       f"cluster: {nodes * gpus_per_node:,} GPUs on {nodes} nodes")
-    doc = _with_progress(console, lambda progress: run_simulation(cfg, names, trace=tr, progress=progress), names)
+    if energy:
+        doc = _with_progress(console, lambda progress: run_energy_simulation(cfg, trace=tr, entries=names,
+                                                                             progress=progress), names)
+    else:
+        doc = _with_progress(console, lambda progress: run_simulation(cfg, names, trace=tr, progress=progress), names)
     results = doc.pop("_results")
     doc["config"]["trace"] = str(trace) if trace else "synthetic"
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,10 +203,14 @@ def _with_progress(console, work, names: list[str]):
 def _print_table(console, doc: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{doc['invocations']:,} invocations (startup in seconds)")
+    table = Table(title=f"{doc['invocations']:,} invocations (startup in seconds; loads = cold starts, "
+                        "waited = invocations that waited on a load)")
     cols = {"mean_startup_s": "mean", "p50_startup_s": "p50", "p99_startup_s": "p99",
-            "p99_cold_startup_s": "p99 cold", "slo_attainment": "SLO", "cold_starts": "cold",
+            "p99_cold_startup_s": "p99 cold", "slo_attainment": "SLO", "cold_starts": "loads",
+            "invocations_waiting_on_load": "waited",
             "gpu_energy_kwh": "kWh", "decisions_per_s": "dec/s"}
+    if any("joules_per_token" in r for r in doc["policies"].values()):
+        cols = {**{k: v for k, v in cols.items() if k != "decisions_per_s"}, "joules_per_token": "J/token"}
     table.add_column("policy", no_wrap=True, min_width=13)
     for label in cols.values():
         table.add_column(label, justify="right", no_wrap=True)

@@ -2,13 +2,15 @@
 different SLOs, comparing power controllers in one run on the same arrivals.
 
 Controllers:
-- `max_power`: factory settings (700 W, clocks unlocked);
+- `max_power`: the GPU's default governor (700 W, clocks unlocked);
 - `zeus_static`: Zeus-style: profile power limits once at the start (each limit for a few
-  intervals, from the top), keep the one with the lowest ZeusCost (eta 0.5) per device;
+  intervals, from the top), keep the one with the lowest ZeusCost (eta 0.5) per device; then,
+  with the same clock knob Ember has, profile static SM clock locks at that limit and keep the best;
 - `ember`: NodeEnergyAgent in `actuate` mode (the real PowerLimitController, SLO feedback,
   clock locking, re-profiling on mix change) with `phase_clocks`: the simulated engine runs each
-  interval's prefills at the controller's prefill clock and decode at the device's lock (as an
-  engine that switches the clock per phase would; the switch itself is taken as free).
+  interval's prefills at the controller's prefill clock and decode at the device's lock, as live
+  workers' engines do (the switch itself is taken as free);
+- `ember_one_clock`: the same with one clock per device (an engine that cannot switch per phase).
 
 Load model (per device, fluid per `interval_s` with per-request sampling): Poisson arrivals with
 a diurnal rate (trough 04:00, peak 16:00) and random bursts; lognormal prompt and output
@@ -34,7 +36,7 @@ from ember.energy.simulated import (
     prefill_full_clock_s,
 )
 
-CONTROLLERS = ("max_power", "zeus_static", "ember")
+CONTROLLERS = ("max_power", "zeus_static", "ember", "ember_one_clock")
 _DEVICE_LOCK = object()  # prefill runs under the device's own clock lock
 
 
@@ -199,8 +201,10 @@ def _run_one(
     agent = None
     zeus = None
     if controller == "ember":
-        # the simulated engine switches the SM clock per phase as the controller asks
+        # the simulated engine switches the SM clock per phase as the controller asks (as live workers do)
         agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate", phase_clocks=True)
+    elif controller == "ember_one_clock":  # one clock per device (an engine without per-phase switching)
+        agent = NodeEnergyAgent("sim", [d.gpu for d in devices], mode="actuate", phase_clocks=False)
     elif controller == "zeus_static":
         zeus = _ZeusStatic([d.gpu for d in devices], config.interval_s)
     elif controller != "max_power":
@@ -392,7 +396,12 @@ def _simulate_interval(
 
 class _ZeusStatic:
     """Zeus's power-limit optimizer, run once: each limit from the top for `windows_per_limit`
-    intervals, then the lowest ZeusCost (eta 0.5, per device) kept for the rest of the run."""
+    intervals, the lowest ZeusCost (eta 0.5, per device) kept; then, with the same clock knob
+    Ember gets, each static SM clock lock (from the top) at that limit, the lowest cost kept for
+    the rest of the run. (Zeus itself profiles power limits only:
+    github.com/ml-energy/zeus, `zeus.optimizer.power_limit.GlobalPowerLimitOptimizer`.)"""
+
+    CLOCKS_MHZ = (None, 1800.0, 1600.0, 1400.0, 1200.0, 1000.0)  # None: unlocked
 
     def __init__(
         self, gpus: list[SimulatedGpu], interval_s: float, windows_per_limit: int = 6, eta: float = 0.5
@@ -409,6 +418,8 @@ class _ZeusStatic:
         self.tokens: dict[str, float] = dict.fromkeys(self.gpus, 0.0)
         self.latency: dict[str, float] = dict.fromkeys(self.gpus, 0.0)
         self.profile: dict[str, dict[float, list[float]]] = {d: {} for d in self.gpus}
+        self.clock_index = -1  # -1: still sweeping limits
+        self.clock_profile: dict[str, dict[float | None, float]] = {d: {} for d in self.gpus}
 
     def observe(self, device_id: str, output: np.ndarray, ttft: np.ndarray, tpot: np.ndarray) -> None:
         if self.done:
@@ -423,7 +434,7 @@ class _ZeusStatic:
         self.windows += 1
         if self.windows < self.windows_per_limit:
             return 0
-        limit = self.limits[self.index]
+        sweeping_clocks = self.clock_index >= 0
         for d, g in self.gpus.items():
             energy = g.energy_j() - self.marks[d]
             self.marks[d] = g.energy_j()
@@ -431,17 +442,37 @@ class _ZeusStatic:
                 j_tok = energy / self.tokens[d]
                 s_tok = self.latency[d] / self.tokens[d]
                 cost = self.eta * j_tok + (1 - self.eta) * g.power_limit_range_w()[1] * s_tok
-                self.profile[d][limit] = [cost]
+                if sweeping_clocks:
+                    self.clock_profile[d][self.CLOCKS_MHZ[self.clock_index]] = cost
+                else:
+                    self.profile[d][self.limits[self.index]] = [cost]
             self.tokens[d] = self.latency[d] = 0.0
         self.windows = 0
+        if sweeping_clocks:
+            return self._next_clock()
         self.index += 1
         if self.index < len(self.limits):
             for g in self.gpus.values():
                 g.set_power_limit_w(self.limits[self.index])
             return len(self.gpus)
-        self.done = True
         for d, g in self.gpus.items():
             costs = self.profile[d]
             best = min(costs, key=lambda w: costs[w][0]) if costs else g.default_power_limit_w()
             g.set_power_limit_w(best)
+            if costs:
+                self.clock_profile[d][None] = costs[best][0]  # unlocked at the best limit: profiled already
+        self.clock_index = 0
+        return self._next_clock()
+
+    def _next_clock(self) -> int:
+        """Lock the next static clock to profile; after the last, keep the cheapest per device."""
+        self.clock_index += 1
+        if self.clock_index < len(self.CLOCKS_MHZ):
+            for g in self.gpus.values():
+                g.lock_sm_clock_mhz(self.CLOCKS_MHZ[self.clock_index])
+            return len(self.gpus)
+        self.done = True
+        for d, g in self.gpus.items():
+            costs = self.clock_profile[d]
+            g.lock_sm_clock_mhz(min(costs, key=lambda c: costs[c]) if costs else None)
         return len(self.gpus)

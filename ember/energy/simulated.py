@@ -1,7 +1,7 @@
 """`SimulatedGpu`: an H100 SXM power/performance model with simulated time, and the pure helpers
 behind it (the scheduler's simulator calls those directly).
 
-The model is the calibration table in shared/DESIGN.md (a test checks every reference point):
+The model is the calibration table in docs/energy-calibration.md (reference points and sources):
 
 - limits 200-700 W (default 700 W), SM clock up to 1980 MHz;
 - idle 70 W, 110 W within a second of running work;
@@ -24,7 +24,7 @@ from ember.errors import DevicePermissionError, DeviceSettingOutOfRange
 Phase = Literal["prefill", "decode"]
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
 
-# --- calibration (H100 SXM 80 GB; sources in shared/DESIGN.md) ----------------------------
+# --- calibration (H100 SXM 80 GB; sources in docs/energy-calibration.md) -------------------
 MIN_POWER_LIMIT_W = 200.0
 MAX_POWER_LIMIT_W = 700.0
 DEFAULT_POWER_LIMIT_W = 700.0

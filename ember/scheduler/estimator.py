@@ -24,6 +24,7 @@ DEFAULT_BANDWIDTH_BPS: Mapping[str, float] = {
 }
 EVICTION_S = 0.1  # unloading idle instances to make room: drain and free, roughly constant
 EWMA_ALPHA = 0.3  # weight of one observed load when correcting a tier bandwidth
+SERVICE_EWMA_ALPHA = 0.2  # weight of one observation in per-function service/prefill/cold-start times
 
 
 def tier_bandwidth_bps(node: NodeState, tier: Tier) -> float:
@@ -47,9 +48,32 @@ def can_hold(device: DeviceState, nbytes: int) -> bool:
     return device.free_bytes >= nbytes or device.free_bytes + device.idle_bytes >= nbytes
 
 
+def ewma(current: float | None, observed: float, alpha: float) -> float:
+    """An exponentially weighted average: `observed` folded into `current` (None: no history yet).
+    The one EWMA of the scheduler: tier bandwidths (here and in the live Lua, alpha EWMA_ALPHA),
+    and the gateway's per-function service, prefill and cold-start times (alpha 0.2)."""
+    if current is None or current <= 0:
+        return observed
+    return (1.0 - alpha) * current + alpha * observed
+
+
 def ewma_bandwidth_bps(current_bps: float | None, nbytes: int, seconds: float, alpha: float = EWMA_ALPHA) -> float:
     """Fold one observed load (`nbytes` in `seconds`) into a tier bandwidth."""
-    observed = nbytes / seconds
-    if current_bps is None or current_bps <= 0:
-        return observed
-    return (1.0 - alpha) * current_bps + alpha * observed
+    return ewma(current_bps, nbytes / seconds, alpha)
+
+
+# --- load queues: what `DeviceState.queue_s` and `NodeState.tier_queue_s` are made of ----------
+# Each device and each (node, tier) keeps a busy-until time. Both backends apply the same two
+# rules (the simulator in memory, the live cluster in Lua: ember/platform/loadqueues.py):
+# - a claimed load occupies its device and its node's source tier until its estimated end
+#   (`now + estimate`, the estimate already includes the wait for both queues);
+# - when the load ends, both queues shift by how far off the estimate was (loads queued behind
+#   it start that much earlier or later), never into the past.
+def queue_after_claim(busy_until_s: float, now_s: float, estimate_s: float) -> float:
+    """Busy-until after a load estimated at `estimate_s` (from `now_s`) is claimed."""
+    return max(busy_until_s, now_s + estimate_s)
+
+
+def queue_after_load(busy_until_s: float, expected_end_s: float, now_s: float) -> float:
+    """Busy-until after a load that was expected to end at `expected_end_s` ended at `now_s`."""
+    return max(now_s, busy_until_s + (now_s - expected_end_s))

@@ -5,9 +5,10 @@ Pure: the platform's gateway (and tests) hand in what Redis says; nothing here t
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,31 @@ def choose_evictions(
             if best is None or rank < best[0]:
                 best = (rank, chosen)
     return best[1] if best else []
+
+
+class EvictableInstance(Protocol):
+    """What eviction reads of an instance (the live InstanceRecord and the simulator's satisfy it)."""
+
+    instance_id: str
+    function: str
+    node_id: str
+    device_id: str
+    state: str
+    outstanding: int
+    nbytes: int
+    last_used_s: float
+
+
+def plan_evictions(nbytes: int, free_bytes: Mapping[str, int], instances: Iterable[EvictableInstance], *,
+                   for_function: str, min_instances: Mapping[str, int]) -> list[IdleInstance]:
+    """`choose_evictions` over `instances` (all of the cluster's, or those of some devices): the
+    idle ones (ready, nothing outstanding) of functions other than `for_function` may go, never
+    taking a function below its `min_instances`. The gateway and the simulator both call this."""
+    insts = list(instances)
+    idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
+            for i in insts if i.state == "ready" and i.outstanding == 0 and i.function != for_function]
+    if not idle:
+        return []
+    counts = Counter(i.function for i in insts)
+    spare = {f: n - min_instances.get(f, 0) for f, n in counts.items()}
+    return choose_evictions(nbytes, free_bytes, idle, spare)

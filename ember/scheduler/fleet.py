@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler
+from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.nodescaler import (
     Drain,
     FleetNode,
@@ -37,7 +38,7 @@ from ember.scheduler.nodescaler import (
     Undrain,
 )
 from ember.scheduler.policies import get_policy
-from ember.scheduler.sim import SimConfig, SimResult, _Device, _Node, _Simulation, build_trace
+from ember.scheduler.sim import SimConfig, SimResult, _Simulation, build_trace
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import NodeState
 
@@ -111,30 +112,20 @@ def _saving(fixed: float, scaled: float) -> float:
     return round(1.0 - scaled / fixed, 4) if fixed > 0 else 0.0
 
 
-class _FleetSimulation(_Simulation):
-    """The in-memory cluster with node power states; a plain fixed fleet when `scaler` is None."""
+class _FleetCluster(MemCluster):
+    """The in-memory cluster where absent, booting and draining nodes are not placeable."""
 
-    def __init__(self, cfg: SimConfig, trace: Trace, policy, autoscaler: Autoscaler, fleet: FleetConfig,
-                 scaler: NodeScaler | None) -> None:
+    def __init__(self, **kw) -> None:
         self.hidden: set[str] = set()  # absent, booting or draining: not placeable (read by _rebucket)
-        super().__init__(cfg, trace, policy, autoscaler)
-        self.fleet = fleet
-        self.scaler = scaler
-        self.absent: set[str] = set()
-        self.draining: set[str] = set()
-        self.booting: dict[str, float] = {}  # node id -> when it registers
-        self.up_since: dict[str, float] = {n.node_id: 0.0 for n in self.node_list}
-        self.up_s = 0.0  # node-seconds awake, booting or draining (closed intervals)
-        self.waiting = 0
-        self.parked: dict[str, float] = {}  # instance id -> ready time, while its node drains
-        self.next_node_step = fleet.interval_s
-        self.activity = NodeActivity(default_keep_alive_s=0.0)  # as live: a node that never ran anything
-        self.scale_outs = self.scale_ins = 0
-        self.min_up = self.peak_up = len(self.node_list)
-        self._visible_ids = list(self._node_ids)
+        super().__init__(**kw)
+        self._visible_ids: list[str] = []
 
-    # --- placement sees awake, non-draining nodes only ---------------------------------------
-    def _rebucket(self, dev: _Device) -> None:
+    def add_node(self, *args, **kw) -> SimNode:
+        node = super().add_node(*args, **kw)
+        self._visible_ids = [n for n in self._node_ids if n not in self.hidden]
+        return node
+
+    def _rebucket(self, dev: SimDevice) -> None:
         if dev.node.node_id in self.hidden:
             dev.node.version += 1
             if dev.bucket >= 0:
@@ -159,16 +150,48 @@ class _FleetSimulation(_Simulation):
     def all_nodes(self) -> Sequence[NodeState]:
         return [self._node_state(n) for n in self.node_list if n.node_id not in self.hidden]
 
-    def _set_hidden(self, node: _Node, hidden: bool) -> None:
+    def set_hidden(self, node: SimNode, hidden: bool) -> None:
         (self.hidden.add if hidden else self.hidden.discard)(node.node_id)
         for dev in node.devices:
             self._rebucket(dev)
         self._visible_ids = [n for n in self._node_ids if n not in self.hidden]
 
+
+class _FleetSimulation(_Simulation):
+    """The in-memory cluster with node power states; a plain fixed fleet when `scaler` is None."""
+
+    def __init__(self, cfg: SimConfig, trace: Trace, policy, autoscaler: Autoscaler, fleet: FleetConfig,
+                 scaler: NodeScaler | None) -> None:
+        super().__init__(cfg, trace, policy, autoscaler)
+        self.fleet = fleet
+        self.scaler = scaler
+        self.absent: set[str] = set()
+        self.draining: set[str] = set()
+        self.booting: dict[str, float] = {}  # node id -> when it registers
+        self.up_since: dict[str, float] = {n.node_id: 0.0 for n in self.node_list}
+        self.up_s = 0.0  # node-seconds awake, booting or draining (closed intervals)
+        self.waiting = 0
+        self.parked: dict[str, float] = {}  # instance id -> ready time, while its node drains
+        self.next_node_step = fleet.interval_s
+        self.activity = NodeActivity(default_keep_alive_s=0.0)  # as live: a node that never ran anything
+        self.scale_outs = self.scale_ins = 0
+        self.min_up = self.peak_up = len(self.node_list)
+
+    def _make_cluster(self, cfg: SimConfig) -> MemCluster:
+        return _FleetCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
+                             ssd_bytes=cfg.ssd_bytes)
+
+    @property
+    def nodes_by_id(self) -> dict[str, SimNode]:
+        return self.cluster.nodes_by_id
+
+    def _set_hidden(self, node: SimNode, hidden: bool) -> None:
+        self.cluster.set_hidden(node, hidden)  # type: ignore[attr-defined]
+
     # --- the node scaler's inputs and actions ---------------------------------------------------
-    def _relieve_pressure(self, nbytes: int) -> bool:
+    def _relieve_pressure(self, nbytes: int, function: str) -> bool:
         self.waiting += 1  # no device had room: live, _make_room runs for a placement that waits
-        return super()._relieve_pressure(nbytes)
+        return super()._relieve_pressure(nbytes, function)
 
     def _autoscale(self, demand: dict[str, float], counts: dict[int, int]) -> None:
         super()._autoscale(demand, counts)
@@ -222,10 +245,15 @@ class _FleetSimulation(_Simulation):
         super()._remove(inst)
         self.parked.pop(inst.instance_id, None)
 
+    def _forget(self, gone: list[SimInstance]) -> None:
+        super()._forget(gone)
+        for inst in gone:
+            self.parked.pop(inst.instance_id, None)
+
     def _loaded(self, inst) -> bool:
         return self.parked.get(inst.instance_id, inst.ready_s) <= self.now
 
-    def _route_to(self, node: _Node, routable: bool) -> None:
+    def _route_to(self, node: SimNode, routable: bool) -> None:
         """Warm routing skips a draining node's instances (live: acquire_warm skips draining nodes).
         The simulator's router only skips instances still loading, so a drained instance is parked
         as loading until never (its ready time kept aside for an undrain)."""
@@ -248,11 +276,11 @@ class _FleetSimulation(_Simulation):
                 self.scale_outs += 1
                 count -= 1
 
-    def _power_off(self, node: _Node) -> None:
+    def _power_off(self, node: SimNode) -> None:
         nid = node.node_id
         self.draining.discard(nid)
         self.absent.add(nid)
-        self.hidden.add(nid)
+        self.cluster.hidden.add(nid)  # type: ignore[attr-defined]
         self.up_s += self.now - self.up_since.pop(nid, self.now)
         self.scale_ins += 1
         self.activity.forget(n.node_id for n in self.node_list if n.node_id not in self.absent)
@@ -262,7 +290,7 @@ class _FleetSimulation(_Simulation):
             node.ssd.clear()
             node.ssd_used = 0
         for ck in list(node.holdings):
-            self._set_tier(node, ck)
+            self.cluster.set_tier(node, ck)
         self._set_hidden(node, True)
 
     # --- results --------------------------------------------------------------------------------

@@ -4,11 +4,22 @@
   (local tiers of the nodes holding the checkpoint, with eviction of idle instances, and remote
   fetches on devices with room); among choices within a small margin of the best, the one that
   costs least energy: an awake device, packed tightest, so idle GPUs stay idle.
-- `serverlessllm`: the published ServerlessLLM scheduler as a baseline: only nodes with a local
-  copy are considered, DRAM->GPU bandwidth is a hard-coded 25 GB/s, disk bandwidth comes from a
-  buffered 100 MB probe (so it reads as page-cache speed), it knows nothing about energy and its
-  dispatch loop polls once a second (`poll_interval_s`, honoured by the simulator). With no
-  local copy anywhere it falls back to the least-loaded device, from remote storage.
+- `serverlessllm`: the published ServerlessLLM scheduler as a baseline (source below): only nodes
+  with a local copy are considered; a checkpoint in host memory costs `nbytes / pcie_bandwidth`
+  (25 GB/s), one on disk `node_waiting_time + nbytes / disk_bandwidth`, where
+  `node_waiting_time` is the node's disk loading queue (what is left of the loads already queued
+  on it: here the node's published SSD tier queue) and disk bandwidth comes from a buffered
+  100 MB probe (so it reads as page-cache speed); no eviction, no energy, and its dispatch loop
+  polls once a second (`poll_interval_s`, honoured by the simulator). With no local copy
+  anywhere it falls back to the least-loaded device, from remote storage.
+  Source: ServerlessLLM (github.com/ServerlessLLM/ServerlessLLM, commit 9f50241, 2026-03-06),
+  `sllm/schedulers/storage_aware_scheduler.py` (`_get_model_loading_time`, `schedule`, the 1 s
+  `_control_loop`) and `sllm/store_manager.py` (`get_store_info`: the io_queue's last
+  estimated completion minus now; `load_to_host`: completion = max(last, now) + size / disk bw).
+- `keepalive`: Knative / KServe style: a fixed keep-alive (the autoscaler's `keep_alive_s`),
+  placement on the least-loaded device (most free memory, Kubernetes' LeastAllocated scoring),
+  no locality: every cold start downloads the model from remote storage (KServe's storage
+  initializer), `local_copies = False` (honoured by the simulator).
 - `least_loaded`: the device with most free memory, no locality (like KServe / Ray Serve).
 - `random`: a random device with room, no locality.
 - `round_robin`: the next node in turn with a device that has room.
@@ -34,6 +45,7 @@ from ember.scheduler.view import (
 __all__ = [
     "POLICY_NAMES",
     "EmberPolicy",
+    "KeepAlivePolicy",
     "LeastLoadedPolicy",
     "PolicyChooser",
     "RandomPolicy",
@@ -124,6 +136,7 @@ class ServerlessLLMPolicy:
 
     name = "serverlessllm"
     poll_interval_s = 1.0
+    prefetch = False  # no proactive DRAM copies: it loads to host memory when it schedules
     PCIE_BPS = 25e9  # hard-coded DRAM->GPU bandwidth
     PROBE_DISK_BPS = 25e9  # a buffered 100 MB read probe measures the page cache, not the disk
 
@@ -132,11 +145,14 @@ class ServerlessLLMPolicy:
         best: tuple[float, int, StartupEstimate] | None = None
         for node in view.nodes_holding(request.checkpoint):
             tier = node.holdings.get(request.checkpoint, "ssd")
-            bw = self.PCIE_BPS if tier in ("gpu", "dram") else self.PROBE_DISK_BPS
+            if tier in ("gpu", "dram"):  # in the pinned host memory pool
+                load_s = nbytes / self.PCIE_BPS
+            else:  # the node's disk loading queue, then the disk
+                load_s = node.tier_queue_s.get("ssd", 0.0) + nbytes / self.PROBE_DISK_BPS
             for d in node.devices:
                 if d.free_bytes < nbytes:
                     continue  # no eviction: only free GPUs
-                seconds = d.queue_s + nbytes / bw
+                seconds = d.queue_s + load_s
                 key = (seconds, d.instances)
                 if best is None or key < best[:2]:
                     best = (seconds, d.instances, StartupEstimate(node.node_id, d.device_id, tier, seconds, d.awake))
@@ -161,6 +177,14 @@ class LeastLoadedPolicy:
             return None
         d = devices[0]
         return StartupEstimate(d.node_id, d.device_id, "remote", d.queue_s, d.awake)
+
+
+class KeepAlivePolicy(LeastLoadedPolicy):
+    """Knative / KServe style: least-loaded placement, every load from remote storage."""
+
+    name = "keepalive"
+    local_copies = False
+    prefetch = False
 
 
 class RandomPolicy:
@@ -212,6 +236,7 @@ class RoundRobinPolicy:
 _FACTORIES: dict[str, Callable[[int], PlacementPolicy]] = {
     "ember": lambda seed: EmberPolicy(),
     "serverlessllm": lambda seed: ServerlessLLMPolicy(),
+    "keepalive": lambda seed: KeepAlivePolicy(),
     "least_loaded": lambda seed: LeastLoadedPolicy(),
     "random": lambda seed: RandomPolicy(seed),
     "round_robin": lambda seed: RoundRobinPolicy(),

@@ -1,8 +1,10 @@
 """Warm routing and scale-out, as pure rules the gateway and the simulator share.
 
 Warm: the ready instance with the fewest outstanding requests, if it is below
-`target_concurrency` (the live path does the same thing atomically in Redis, see
-`RedisCluster.acquire_warm`). Otherwise the request queues for the earliest free slot, and the
+`target_concurrency`; ties go to the lowest instance id (string order). The live path applies
+the same rule atomically in Redis (`RedisCluster.acquire_warm`, a Lua script that also takes
+the slot; only instances on live nodes count), and a test checks both choose the same instance
+on the same state. Otherwise the request queues for the earliest free slot, and the
 function scales out when that predicted wait would break the TTFT SLO and a new instance
 would plausibly be ready sooner.
 """
@@ -44,6 +46,25 @@ def should_scale_out(predicted_wait_s: float, prefill_s: float, ttft_slo_s: floa
     if predicted_wait_s + prefill_s <= ttft_slo_s:
         return False
     return cold_start_s < predicted_wait_s
+
+
+def should_start(*, instances: int, loading: int, waiting: int, target_concurrency: int, max_instances: int,
+                 predicted_wait_s: float, prefill_s: float, ttft_slo_s: float, cold_start_s: float) -> bool:
+    """The scale-out rule for a request that found no free slot (the gateway's `Invoker` and the
+    simulator both call this). `instances` of the function exist, `loading` of them still load,
+    `waiting` requests (this one included) wait for a slot; `predicted_wait_s` is the wait for
+    the earliest slot (a loading instance's slot frees when its load ends). Start another
+    instance when there is none; when only loading ones exist and they cannot take every waiting
+    request; otherwise by `should_scale_out` (queueing would break the TTFT SLO and a cold start,
+    estimated at `cold_start_s`, would be ready sooner)."""
+    if instances >= max_instances:
+        return False
+    if instances == 0:
+        return True
+    if instances == loading and waiting > loading * target_concurrency:
+        return True
+    return should_scale_out(predicted_wait_s, prefill_s, ttft_slo_s, instances=instances,
+                            max_instances=max_instances, cold_start_s=cold_start_s)
 
 
 def predicted_wait_s(slot_free_s: Iterable[float], now_s: float) -> float:

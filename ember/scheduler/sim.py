@@ -18,6 +18,11 @@ Model (units: bytes, seconds, watts, joules):
   is what makes packing onto awake GPUs save energy. Interference between co-located
   instances is not modelled (optimistic for packing).
 Startup of an invocation = arrival until an instance is ready to serve it (queueing included).
+Counted separately: `cold_starts` = loads (instances started), `invocations_waiting_on_load` =
+invocations that waited on a loading instance (`p99_cold_startup_s` is over those).
+
+The engine (`_Simulation`) keeps only the clock and the event queue; the cluster state is a
+`MemCluster` (memcluster.py), the in-memory twin of the live `RedisCluster`.
 """
 
 from __future__ import annotations
@@ -25,128 +30,25 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
-from ember.scheduler.estimator import EVICTION_S, ewma_bandwidth_bps
+from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
-from ember.scheduler.routing import pick_warm, should_scale_out
-from ember.scheduler.trace import Trace, synthetic_trace
-from ember.scheduler.view import DeviceState, NodeState, PlacementPolicy, PlacementRequest, Tier
+from ember.scheduler.routing import pick_warm, should_start
+from ember.scheduler.serving import ServingModel
+from ember.scheduler.simconfig import SimConfig, SimResult, build_trace
+from ember.scheduler.trace import Trace
+from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
 
 __all__ = ["SimConfig", "SimResult", "run_simulation", "simulate_policy", "build_trace"]
 
-GiB = 1 << 30
-_TIER_RANK = {"gpu": 0, "dram": 1, "ssd": 2, "remote": 3}
-
-
-@dataclass
-class SimConfig:
-    """Cluster, workload and scaling knobs. Validated by `check()` (errors name the field)."""
-
-    nodes: int = 16
-    gpus_per_node: int = 8
-    functions: int = 1000
-    duration_s: float = 600.0
-    seed: int = 0
-    rate_per_function_s: float = 0.03  # mean invocations per second per function (synthetic trace)
-    gpu_memory_bytes: int = 80 * GiB
-    dram_cache_bytes: int = 512 * GiB
-    ssd_bytes: int = 4096 * GiB
-    gpu_peer_bps: float = 200e9  # another GPU on the node already holds it (NVLink copy)
-    dram_bps: float = 25e9
-    ssd_bps: float = 8e9
-    remote_bps: float = 1.25e9
-    bandwidth_spread: float = 0.15  # true per-node bandwidths vary by this much (log-normal sigma)
-    measurement_error: float = 0.3  # start-up measurement error (log-normal sigma), corrected online
-    ssd_replicas: int = 2
-    min_model_bytes: int = 1 * 10**9
-    max_model_bytes: int = 70 * 10**9
-    prompt_tokens: int = 512
-    output_tokens: int = 128
-    slo_base_s: float = 1.0  # TTFT SLO = slo_base_s + model bytes / slo_bytes_per_s
-    slo_bytes_per_s: float = 10e9
-    keep_alive_s: float = 60.0
-    target_concurrency: int = 4
-    max_instances: int = 8
-    autoscaler_interval_s: float = 10.0
-    prefetch: bool = True
-
-    def check(self) -> SimConfig:
-        """Raise ConfigError naming the first impossible field."""
-        positive = ("nodes", "gpus_per_node", "functions", "duration_s", "rate_per_function_s",
-                    "gpu_memory_bytes", "dram_bps", "ssd_bps", "remote_bps", "gpu_peer_bps",
-                    "min_model_bytes", "max_model_bytes", "target_concurrency", "max_instances",
-                    "autoscaler_interval_s", "slo_bytes_per_s")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"cluster config: {name} must be > 0, got {getattr(self, name)}")
-        for name in ("dram_cache_bytes", "ssd_bytes", "ssd_replicas", "prompt_tokens", "output_tokens",
-                     "keep_alive_s", "bandwidth_spread", "measurement_error", "slo_base_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"cluster config: {name} must be >= 0, got {getattr(self, name)}")
-        if self.min_model_bytes > self.max_model_bytes:
-            raise ConfigError("cluster config: min_model_bytes is larger than max_model_bytes")
-        if self.max_model_bytes > self.gpu_memory_bytes:
-            raise ConfigError(
-                f"cluster config: max_model_bytes ({self.max_model_bytes}) does not fit gpu_memory_bytes "
-                f"({self.gpu_memory_bytes}); functions spanning several GPUs are not simulated"
-            )
-        if self.ssd_replicas > self.nodes:
-            raise ConfigError(f"cluster config: ssd_replicas ({self.ssd_replicas}) exceeds nodes ({self.nodes})")
-        if self.ssd_replicas and self.ssd_bytes < self.max_model_bytes:
-            raise ConfigError("cluster config: ssd_bytes cannot hold the largest model")
-        return self
-
-
-@dataclass
-class SimResult:
-    """One policy's outcome on one trace."""
-
-    policy: str
-    startup_s: np.ndarray
-    cold: np.ndarray
-    slo_met: np.ndarray
-    gpu_energy_j: float
-    decisions: int
-    decision_s: float
-    unplaced: int
-    wall_s: float
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, float | int]:
-        """The issue's JSON fields (plus a few diagnostics)."""
-        s = self.startup_s
-        cold = s[self.cold]
-        return {
-            "mean_startup_s": _r(float(s.mean()) if s.size else 0.0),
-            "p50_startup_s": _r(float(np.percentile(s, 50)) if s.size else 0.0),
-            "p99_startup_s": _r(float(np.percentile(s, 99)) if s.size else 0.0),
-            "p99_cold_startup_s": _r(float(np.percentile(cold, 99)) if cold.size else 0.0),
-            "slo_attainment": _r(float(self.slo_met.mean()) if s.size else 1.0, 6),
-            "cold_starts": int(self.cold.sum()),
-            "gpu_energy_kwh": _r(self.gpu_energy_j / 3.6e6, 4),
-            "decisions_per_s": _r(self.decisions / self.decision_s if self.decision_s > 0 else 0.0, 1),
-            "decisions": self.decisions,
-            "unplaced": self.unplaced,
-            "wall_s": _r(self.wall_s, 2),
-            **{k: _r(v) for k, v in self.extra.items()},
-        }
-
-
-def build_trace(cfg: SimConfig, trace_csv: str | None = None) -> Trace:
-    """The synthetic trace for `cfg`, or the Azure CSV (its functions replace cfg.functions)."""
-    if trace_csv:
-        from ember.scheduler.trace import read_azure_csv
-
-        return read_azure_csv(trace_csv, duration_s=cfg.duration_s, seed=cfg.seed)
-    return synthetic_trace(cfg.functions, cfg.duration_s, seed=cfg.seed, rate_per_function_s=cfg.rate_per_function_s)
 
 
 def run_simulation(cfg: SimConfig, policies: Sequence[str] = POLICY_NAMES, *, trace: Trace | None = None,
@@ -178,75 +80,21 @@ def simulate_policy(cfg: SimConfig, trace: Trace, policy_name: str, *,
 
 
 # --- the simulation ---------------------------------------------------------------------------
-class _Instance:
-    __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device", "nbytes", "ready_s",
-                 "ends", "last_used_s", "created_s", "state", "outstanding")
-
-    def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: _Device,
-                 nbytes: int, ready_s: float, now: float) -> None:
-        self.instance_id = instance_id
-        self.fn = fn
-        self.function = function
-        self.checkpoint = checkpoint
-        self.device = device
-        self.node_id = device.node.node_id
-        self.nbytes = nbytes
-        self.ready_s = ready_s
-        self.ends: list[float] = []  # heap: end times of requests holding a slot
-        self.last_used_s = ready_s
-        self.created_s = now
-        self.state = "loading"
-        self.outstanding = 0
-
-
-class _Device:
-    __slots__ = ("index", "node", "node_id", "device_id", "memory", "free", "instances", "load_until", "busy_until",
-                 "extra_j", "bucket")
-
-    def __init__(self, index: int, node: _Node, device_id: str, memory: int) -> None:
-        self.index = index
-        self.node = node
-        self.node_id = node.node_id
-        self.device_id = device_id
-        self.memory = memory
-        self.free = memory
-        self.instances: list[_Instance] = []
-        self.load_until = 0.0
-        self.busy_until = -1e9  # end of the last work (energy: warm idle tail)
-        self.extra_j = 0.0  # energy above idle power
-        self.bucket = -1
-
-
-class _Node:
-    __slots__ = ("node_id", "devices", "true_bw", "measured_bw", "dram", "dram_used", "ssd", "ssd_used",
-                 "gpu_counts", "holdings", "tier_until", "version", "cached", "cached_at")
-
-    def __init__(self, node_id: str, true_bw: dict[str, float], measured_bw: dict[str, float]) -> None:
-        self.node_id = node_id
-        self.devices: list[_Device] = []
-        self.true_bw = true_bw
-        self.measured_bw = measured_bw
-        self.dram: OrderedDict[str, int] = OrderedDict()
-        self.dram_used = 0
-        self.ssd: OrderedDict[str, int] = OrderedDict()
-        self.ssd_used = 0
-        self.gpu_counts: dict[str, int] = {}
-        self.holdings: dict[str, Tier] = {}
-        self.tier_until: dict[str, float] = {"gpu": 0.0, "dram": 0.0, "ssd": 0.0, "remote": 0.0}
-        self.version = 0  # bumped on every change a NodeState shows (cache key with the time)
-        self.cached: NodeState | None = None
-        self.cached_at: tuple[float, int] = (-1.0, -1)
-
-
 class _Simulation:
-    """In-memory cluster state; also the `ClusterView` the policies read."""
+    """The event engine: arrivals, the autoscaler's ticks and load ends over a `MemCluster`
+    (the in-memory `ClusterView` the policies read). It differs from the live gateway only in its
+    clock, its event queue and that in-memory view; every decision is a shared function."""
 
-    def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler) -> None:
+    def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler,
+                 serving: ServingModel | None = None) -> None:
         self.cfg = cfg
+        self.serving = serving
+        # Prefetching popular checkpoints into DRAM is Ember's; a baseline without it (its
+        # published system has none) says so with `prefetch = False`.
+        self.prefetch = cfg.prefetch and getattr(policy, "prefetch", True)
         self.trace = trace
         self.policy = policy
         self.autoscaler = autoscaler
-        self.now = 0.0
         rng = np.random.default_rng(cfg.seed + 1)
         nf = len(trace.functions)
         # Functions: sizes log-uniform in [min, max], SLO from size, serving cost from the GPU model.
@@ -268,26 +116,13 @@ class _Simulation:
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}
         self.ckpt_index = {c: i for i, c in enumerate(self.ckpt)}
         # Nodes and devices.
-        self.nodes_by_id: dict[str, _Node] = {}
-        self.devices: list[_Device] = []
-        self.node_list: list[_Node] = []
+        self.cluster = self._make_cluster(cfg)
         base = {"gpu": cfg.gpu_peer_bps, "dram": cfg.dram_bps, "ssd": cfg.ssd_bps, "remote": cfg.remote_bps}
         for k in range(cfg.nodes):
             true_bw = {t: bw * float(rng.lognormal(0.0, cfg.bandwidth_spread)) for t, bw in base.items()}
             measured = {t: bw * float(rng.lognormal(0.0, cfg.measurement_error)) for t, bw in true_bw.items()}
-            node = _Node(f"node-{k:04d}", true_bw, measured)
-            for g in range(cfg.gpus_per_node):
-                dev = _Device(len(self.devices), node, f"cuda:{g}", cfg.gpu_memory_bytes)
-                node.devices.append(dev)
-                self.devices.append(dev)
-            self.nodes_by_id[node.node_id] = node
-            self.node_list.append(node)
-        self._node_ids = [n.node_id for n in self.node_list]
-        self.n_buckets = cfg.gpu_memory_bytes // GiB + 1
-        self.buckets: list[dict[int, _Device]] = [{} for _ in range(self.n_buckets)]
-        for dev in self.devices:
-            self._rebucket(dev)
-        self.holders: dict[str, dict[str, None]] = {}
+            self.cluster.add_node(f"node-{k:04d}", [(f"cuda:{g}", cfg.gpu_memory_bytes)
+                                                    for g in range(cfg.gpus_per_node)], measured, true_bw)
         if cfg.ssd_replicas:
             if sum(self.nbytes) * cfg.ssd_replicas > cfg.nodes * cfg.ssd_bytes:
                 raise ConfigError(
@@ -297,87 +132,46 @@ class _Simulation:
             picks = rng.random((nf, cfg.nodes)).argsort(axis=1)[:, : cfg.ssd_replicas]
             for i in range(nf):
                 for k in picks[i]:
-                    self._ssd_put(self.node_list[int(k)], self.ckpt[i], self.nbytes[i])
-        self.instances: dict[str, _Instance] = {}
-        self.fn_instances: list[list[_Instance]] = [[] for _ in range(nf)]
-        self.last_cold_s = [0.0] * nf
+                    self.cluster.ssd_put(self.cluster.node_list[int(k)], self.ckpt[i], self.nbytes[i])
+        self.fn_instances: list[list[SimInstance]] = [[] for _ in range(nf)]
+        self.cold_s: list[float | None] = [None] * nf  # EWMA of observed cold starts (as the gateway keeps)
         self.pending_prefetch: list[tuple[float, int, str, str, int]] = []
         self.prefetches = 0
-        self._seq = 0
         self.decisions = 0
         self.decision_s = 0.0
         self.unplaced = 0
         self.evictions = 0
+        self.loads = 0
         self.tier_loads: dict[str, int] = {"gpu": 0, "dram": 0, "ssd": 0, "remote": 0}
         self.peak_instances = 0
 
-    # --- ClusterView ---------------------------------------------------------------------
-    def node(self, node_id: str) -> NodeState | None:
-        n = self.nodes_by_id.get(node_id)
-        return None if n is None else self._node_state(n)
+    def _make_cluster(self, cfg: SimConfig) -> MemCluster:
+        return MemCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
+                          ssd_bytes=cfg.ssd_bytes)
 
-    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
-        held = self.holders.get(checkpoint)
-        if not held:
-            return []
-        nodes = self.nodes_by_id
-        ids = sorted(held, key=lambda n: _TIER_RANK[nodes[n].holdings[checkpoint]])
-        if limit is not None:
-            ids = ids[:limit]
-        return [self._node_state(nodes[n]) for n in ids]
+    def _relieve_pressure(self, nbytes: int, function: str) -> bool:
+        """Nothing has room: the gateway's eviction rule over the whole cluster; True if it evicted."""
+        gone = self.cluster.evict(self.cluster.devices, nbytes, function)
+        self._forget(gone)
+        return bool(gone)
 
-    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
-        first = min(self.n_buckets - 1, nbytes // GiB)
-        rng = range(self.n_buckets - 1, first - 1, -1) if spread else range(first, self.n_buckets)
-        found: list[_Device] = []
-        for b in rng:
-            for dev in self.buckets[b].values():
-                if dev.free >= nbytes:
-                    found.append(dev)
-                    if len(found) >= limit:
-                        break
-            if len(found) >= limit:
-                break
-        states = [self._device_state(d) for d in found]
-        if spread:
-            states.sort(key=lambda d: (-d.free_bytes, d.queue_s))
-        else:
-            states.sort(key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
-        return states
+    @property
+    def now(self) -> float:
+        return self.cluster.now
 
-    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
-        return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
+    @property
+    def devices(self) -> list[SimDevice]:
+        return self.cluster.devices
 
-    def node_ids(self) -> Sequence[str]:
-        return self._node_ids
-
-    def all_nodes(self) -> Sequence[NodeState]:
-        return [self._node_state(n) for n in self.node_list]
-
-    def _device_state(self, d: _Device) -> DeviceState:
-        now = self.now
-        insts = d.instances
-        idle = 0
-        for inst in insts:
-            if inst.last_used_s <= now:  # last_used_s >= ready_s: idle implies loaded
-                idle += inst.nbytes
-        queue = d.load_until - now
-        return DeviceState(d.node_id, d.device_id, d.memory, d.free, len(insts), queue if queue > 0 else 0.0,
-                           bool(insts), idle)
-
-    def _node_state(self, n: _Node) -> NodeState:
-        now = self.now
-        if n.cached_at == (now, n.version):
-            return n.cached
-        state = NodeState(n.node_id, tuple(self._device_state(d) for d in n.devices), n.measured_bw, n.holdings,
-                          {t: max(0.0, u - now) for t, u in n.tier_until.items()})
-        n.cached, n.cached_at = state, (now, n.version)
-        return state
+    @property
+    def node_list(self) -> list[SimNode]:
+        return self.cluster.node_list
 
     # --- the run -------------------------------------------------------------------------
     def run(self, progress: Callable[[str, float], None] | None) -> SimResult:
         wall0 = time.perf_counter()
         cfg = self.cfg
+        cluster = self.cluster
         times = self.trace.arrival_s
         fns = self.trace.function_idx
         n = len(times)
@@ -389,7 +183,14 @@ class _Simulation:
         next_step = cfg.autoscaler_interval_s
         tc = cfg.target_concurrency
         max_inst = cfg.max_instances
-        exec_s, prefill_s, slo_s = self.exec_s, self.prefill_s, self.slo_s
+        slo_s = self.slo_s
+        prefill_req, exec_req = self._request_costs()
+        serving = self.serving
+        tokens = 0
+        if serving is not None:
+            step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
+            out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
+                       else [cfg.output_tokens] * n)
         fn_instances = self.fn_instances
         warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
         pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
@@ -399,25 +200,36 @@ class _Simulation:
         report_every = max(1, n // 50)
         t_list = times.tolist()
         f_list = fns.tolist()
+        pending_loads = cluster.pending_loads
         for i in range(n):
             t = t_list[i]
             f = f_list[i]
             if t >= next_step:
                 while t >= next_step:
-                    self.now = next_step
+                    cluster.advance(next_step)
                     self._autoscale(demand, counts)
                     next_step += cfg.autoscaler_interval_s
                 if progress is not None:
                     progress(self.policy.name, i / n)
-            self.now = t
+            if pending_loads and pending_loads[0][0] <= t:
+                cluster.advance(t)
+            else:
+                cluster.now = t
             counts[f] = counts.get(f, 0) + 1
             insts = fn_instances[f]
+            loading = 0
+            queued = 1  # this request
             for inst in insts:
                 ends = inst.ends
                 while ends and ends[0] <= t:
                     heappop(ends)
                 inst.outstanding = len(ends)
-                inst.state = "ready" if inst.ready_s <= t else "loading"
+                if inst.ready_s <= t:
+                    inst.state = "ready"
+                else:
+                    inst.state = "loading"
+                    loading += 1
+                    queued += len(ends)
             chosen = pick_warm(insts, tc)
             is_cold = False
             if chosen is not None:
@@ -430,9 +242,10 @@ class _Simulation:
                     s = inst.ready_s if len(ends) < tc else max(ends[0], inst.ready_s)
                     if s < start:
                         start, chosen = s, inst
-                wait = start - t if chosen is not None else math.inf
-                if chosen is None or should_scale_out(wait, prefill_s[f], slo_s[f], instances=len(insts),
-                                                      max_instances=max_inst, cold_start_s=self.last_cold_s[f]):
+                cs = self.cold_s[f]
+                if should_start(instances=len(insts), loading=loading, waiting=queued, target_concurrency=tc,
+                                max_instances=max_inst, predicted_wait_s=start - t, prefill_s=prefill_req[i],
+                                ttft_slo_s=slo_s[f], cold_start_s=0.0 if cs is None else cs):
                     new = self._cold_start(f, t)
                     if new is not None and new.ready_s < start:
                         chosen, start = new, new.ready_s
@@ -444,7 +257,16 @@ class _Simulation:
                 is_cold = chosen.ready_s > t
                 if start < t:
                     start = t
-            end = start + exec_s[f]
+            if serving is None:
+                pf, end, pw, dw = prefill_req[i], start + exec_req[i], pre_w, dec_w
+            else:  # batching and the governor (ember sim --energy)
+                batch = 1
+                for e in chosen.ends:
+                    if e > start:
+                        batch += 1
+                c = serving.cost(prefill_req[i], step_fn[f], out_tok[i], batch, start - t, slo_s[f])
+                pf, end, pw, dw = c.prefill_s, start + c.held_s, c.prefill_w, c.decode_w
+                tokens += out_tok[i]
             ends = chosen.ends
             if len(ends) < tc:
                 heappush(ends, end)
@@ -456,7 +278,6 @@ class _Simulation:
             st = start - t
             startup[i] = st
             cold[i] = is_cold
-            pf = prefill_s[f]
             met[i] = st + pf <= slo_s[f]
             # Energy: charge the part of [start, end] this GPU was not already busy for.
             dev = chosen.device
@@ -469,11 +290,11 @@ class _Simulation:
             if end > from_s:
                 pf_end = start + pf
                 cov_pf = pf_end - from_s if pf_end > from_s else 0.0
-                dev.extra_j += pre_w * cov_pf + dec_w * (end - from_s - cov_pf)
+                dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
                 dev.busy_until = end
             if progress is not None and i % report_every == 0:
                 progress(self.policy.name, i / n)
-        self.now = self.trace.duration_s
+        cluster.advance(self.trace.duration_s)
         energy = gpu_model.IDLE_POWER_W * len(self.devices) * self.trace.duration_s
         for dev in self.devices:
             energy += dev.extra_j
@@ -484,164 +305,86 @@ class _Simulation:
         return SimResult(
             policy=self.policy.name, startup_s=startup, cold=cold, slo_met=met, gpu_energy_j=energy,
             decisions=self.decisions, decision_s=self.decision_s, unplaced=self.unplaced,
-            wall_s=time.perf_counter() - wall0,
+            wall_s=time.perf_counter() - wall0, loads=self.loads, output_tokens=tokens,
             extra={"evictions": self.evictions, "prefetches": self.prefetches,
                    "peak_instances": self.peak_instances,
                    **{f"loads_{k}": v for k, v in self.tier_loads.items()}},
         )
 
+    def _request_costs(self) -> tuple[list[float], list[float]]:
+        """Per request: prefill seconds and seconds holding a slot (prefill + decode), from the
+        trace's token counts when it has them, else the config's."""
+        fns = self.trace.function_idx
+        if self.trace.prompt_tokens is None or self.trace.output_tokens is None:
+            pf = np.asarray(self.prefill_s)[fns]
+            ex = np.asarray(self.exec_s)[fns]
+            return pf.tolist(), ex.tolist()
+        params_b = np.asarray(self.nbytes, dtype=np.float64)[fns] / 2e9
+        pf = self.trace.prompt_tokens * np.array([gpu_model.prefill_full_clock_s(1, 1.0)]) * params_b
+        step = np.array([gpu_model.decode_step_full_clock_s(1.0)]) * params_b
+        return pf.tolist(), (pf + self.trace.output_tokens * step).tolist()
+
     # --- cold starts -------------------------------------------------------------------------
-    def _cold_start(self, f: int, t: float) -> _Instance | None:
+    def _cold_start(self, f: int, t: float) -> SimInstance | None:
         """Place and start loading an instance of function `f` at time `t`; None if nothing fits."""
         self._apply_prefetches(t)
+        cluster = self.cluster
         nb = self.nbytes[f]
-        req = PlacementRequest(function=self.names[f], checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
+        name = self.names[f]
+        req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
         est = self._decide(req)
-        if est is None and self._relieve_pressure(nb):
+        if est is None and self._relieve_pressure(nb, name):  # then decide again
             est = self._decide(req)
         if est is None:
             return None
-        node = self.nodes_by_id[est.node_id]
+        node = cluster.nodes_by_id[est.node_id]
         dev = next(d for d in node.devices if d.device_id == est.device_id)
-        evicted = self._evict_for(dev, nb)
+        evicted = cluster.evict([dev], nb, name)
+        self._forget(evicted)
         if dev.free < nb:
             return None
         ck = req.checkpoint
-        tier: Tier = node.holdings.get(ck, "remote")
+        tier: Tier = node.holdings.get(ck, "remote") if getattr(self.policy, "local_copies", True) else "remote"
+        # What really happens (the published queues follow the estimate until the load ends).
         poll = getattr(self.policy, "poll_interval_s", 0.0)
         dispatch = math.ceil(t / poll) * poll if poll > 0 else t
         transfer = nb / node.true_bw[tier]
-        start = max(dispatch, dev.load_until, node.tier_until[tier])
+        start = max(dispatch, dev.true_until, node.true_tier_until[tier])
         ready = start + transfer + (EVICTION_S if evicted else 0.0)
-        dev.load_until = ready
-        node.tier_until[tier] = start + transfer
-        node.measured_bw[tier] = ewma_bandwidth_bps(node.measured_bw.get(tier), nb, transfer)
+        dev.true_until = ready
+        node.true_tier_until[tier] = start + transfer
         self.tier_loads[tier] += 1
-        self.last_cold_s[f] = ready - t
+        self.loads += 1
+        self.cold_s[f] = ewma(self.cold_s[f], ready - t, SERVICE_EWMA_ALPHA)
         dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
-        # Claim memory, record the instance, update what the node holds.
-        dev.free -= nb
-        self._rebucket(dev)
-        self._seq += 1
-        inst = _Instance(f"i{self._seq}", f, self.names[f], ck, dev, nb, ready, t)
-        dev.instances.append(inst)
+        inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t)  # published as live: the estimate
+        inst.load_tier = tier
+        inst.ready_s = inst.last_used_s = ready
+        inst.load_s = transfer
+        cluster.schedule_load_end(inst)
         self.fn_instances[f].append(inst)
-        self.instances[inst.instance_id] = inst
-        self.peak_instances = max(self.peak_instances, len(self.instances))
-        node.gpu_counts[ck] = node.gpu_counts.get(ck, 0) + 1
+        self.peak_instances = max(self.peak_instances, len(cluster.instances))
         if tier == "remote":
-            self._ssd_put(node, ck, nb)
-        self._dram_put(node, ck, nb)
-        self._set_tier(node, ck)
+            cluster.ssd_put(node, ck, nb)
+        cluster.dram_put(node, ck, nb)
+        cluster.set_tier(node, ck)
         return inst
+
+    def _forget(self, gone: list[SimInstance]) -> None:
+        for inst in gone:
+            self.fn_instances[inst.fn].remove(inst)
+            self.evictions += 1
 
     def _decide(self, req: PlacementRequest):
         t0 = time.perf_counter()
-        est = self.policy.place(req, self)
+        est = self.policy.place(req, self.cluster)
         self.decision_s += time.perf_counter() - t0
         self.decisions += 1
         return est
 
-    def _evict_for(self, dev: _Device, nbytes: int) -> bool:
-        """Unload idle instances on `dev`, least recently used first, until `nbytes` fit."""
-        if dev.free >= nbytes:
-            return False
-        now = self.now
-        idle = sorted((i for i in dev.instances if i.ready_s <= now and i.last_used_s <= now),
-                      key=lambda i: i.last_used_s)
-        evicted = False
-        for inst in idle:
-            if dev.free >= nbytes:
-                break
-            self._remove(inst)
-            self.evictions += 1
-            evicted = True
-        return evicted
-
-    def _relieve_pressure(self, nbytes: int) -> bool:
-        """Nothing has room: evict the cluster's least recently used idle instances until some
-        device could take `nbytes` (the same for every policy)."""
-        now = self.now
-        best: _Device | None = None
-        best_room = -1
-        for dev in self.devices:
-            room = dev.free + sum(i.nbytes for i in dev.instances if i.ready_s <= now and i.last_used_s <= now)
-            if room >= nbytes and (best is None or room < best_room):
-                best, best_room = dev, room
-        if best is None:
-            return False
-        return self._evict_for(best, nbytes) or best.free >= nbytes
-
-    def _remove(self, inst: _Instance) -> None:
-        dev = inst.device
-        node = dev.node
-        dev.instances.remove(inst)
+    def _remove(self, inst: SimInstance) -> None:
+        self.cluster.remove(inst)
         self.fn_instances[inst.fn].remove(inst)
-        del self.instances[inst.instance_id]
-        dev.free += inst.nbytes
-        self._rebucket(dev)
-        left = node.gpu_counts.get(inst.checkpoint, 0) - 1
-        if left > 0:
-            node.gpu_counts[inst.checkpoint] = left
-        else:
-            node.gpu_counts.pop(inst.checkpoint, None)
-        self._set_tier(node, inst.checkpoint)
-
-    # --- tiers and indexes ------------------------------------------------------------------
-    def _rebucket(self, dev: _Device) -> None:
-        dev.node.version += 1
-        b = min(self.n_buckets - 1, dev.free // GiB)
-        if b != dev.bucket:
-            if dev.bucket >= 0:
-                del self.buckets[dev.bucket][dev.index]
-            self.buckets[b][dev.index] = dev
-            dev.bucket = b
-
-    def _set_tier(self, node: _Node, ck: str) -> None:
-        node.version += 1
-        if node.gpu_counts.get(ck):
-            tier: Tier | None = "gpu"
-        elif ck in node.dram:
-            tier = "dram"
-        elif ck in node.ssd:
-            tier = "ssd"
-        else:
-            tier = None
-        if tier is None:
-            if node.holdings.pop(ck, None) is not None:
-                held = self.holders.get(ck)
-                if held is not None:
-                    held.pop(node.node_id, None)
-                    if not held:
-                        del self.holders[ck]
-        else:
-            node.holdings[ck] = tier
-            self.holders.setdefault(ck, {})[node.node_id] = None
-
-    def _dram_put(self, node: _Node, ck: str, nb: int) -> None:
-        if ck in node.dram:
-            node.dram.move_to_end(ck)
-            return
-        if nb > self.cfg.dram_cache_bytes:
-            return
-        node.dram[ck] = nb
-        node.dram_used += nb
-        while node.dram_used > self.cfg.dram_cache_bytes:
-            old, size = node.dram.popitem(last=False)
-            node.dram_used -= size
-            self._set_tier(node, old)
-
-    def _ssd_put(self, node: _Node, ck: str, nb: int) -> None:
-        if ck in node.ssd:
-            node.ssd.move_to_end(ck)
-            return
-        node.ssd[ck] = nb
-        node.ssd_used += nb
-        while node.ssd_used > self.cfg.ssd_bytes:
-            old, size = node.ssd.popitem(last=False)
-            node.ssd_used -= size
-            self._set_tier(node, old)
-        self._set_tier(node, ck)
 
     # --- autoscaler ---------------------------------------------------------------------------
     def _autoscale(self, demand: dict[str, float], counts: dict[int, int]) -> None:
@@ -656,14 +399,15 @@ class _Simulation:
             demand[name] = demand.get(name, 0.0) + 0.5 * c / interval
         counts.clear()
         self._apply_prefetches(now)
-        for inst in self.instances.values():
+        instances = self.cluster.instances
+        for inst in instances.values():
             inst.state = "ready" if inst.ready_s <= now else "loading"
             inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
-        actions = self.autoscaler.step(self.specs, list(self.instances.values()), now,
-                                       view=self if self.cfg.prefetch else None, demand_per_s=demand)
+        actions = self.autoscaler.step(self.specs, list(instances.values()), now,
+                                       view=self.cluster if self.prefetch else None, demand_per_s=demand)
         for a in actions:
             if isinstance(a, Unload):
-                inst = self.instances.get(a.instance_id)
+                inst = instances.get(a.instance_id)
                 if inst is not None:
                     self._remove(inst)
             elif isinstance(a, EnsureInstances):
@@ -674,30 +418,30 @@ class _Simulation:
                 self._start_prefetch(a, now)
 
     def _start_prefetch(self, a: Prefetch, now: float) -> None:
-        node = self.nodes_by_id.get(a.node_id)
+        node = self.cluster.nodes_by_id.get(a.node_id)
         f = self.ckpt_index.get(a.checkpoint)
         if node is None or f is None or a.checkpoint in node.dram:
             return
         nb = self.nbytes[f]
         src: Tier = "ssd" if a.checkpoint in node.ssd else "remote"
-        start = max(now, node.tier_until[src])
-        # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device.
+        start = max(now, node.true_tier_until[src])
+        # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device. It occupies
+        # the source tier's published queue until its estimated end, as the live gateway
+        # publishes it when it sends the prefetch (LoadQueues.publish_prefetch; the worker runs
+        # it on its own, so no end is reported and the estimate stands).
         done = start + nb / node.true_bw[src]
-        node.tier_until[src] = done
-        node.version += 1
+        node.true_tier_until[src] = done
+        self.cluster.publish_prefetch(node, src, nb, now)
         self.prefetches += 1
         heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb))
 
     def _apply_prefetches(self, now: float) -> None:
         pending = self.pending_prefetch
+        cluster = self.cluster
         while pending and pending[0][0] <= now:
             _, _, node_id, ck, nb = heapq.heappop(pending)
-            node = self.nodes_by_id[node_id]
+            node = cluster.nodes_by_id[node_id]
             if ck not in node.ssd:
-                self._ssd_put(node, ck, nb)
-            self._dram_put(node, ck, nb)
-            self._set_tier(node, ck)
-
-
-def _r(x: float, nd: int = 4) -> float:
-    return round(float(x), nd)
+                cluster.ssd_put(node, ck, nb)
+            cluster.dram_put(node, ck, nb)
+            cluster.set_tier(node, ck)

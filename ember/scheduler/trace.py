@@ -1,5 +1,13 @@
-"""Invocation traces for the simulator: a synthetic Azure-Functions-like trace, or a CSV in the
-public Azure Functions 2019 invocation format.
+"""Invocation traces for the simulator: a synthetic Azure-Functions-like trace, a CSV in the
+public Azure Functions 2019 invocation format, or a CSV in the Azure LLM inference trace format
+(2023/2024, token-level).
+
+Azure LLM inference trace (`AzureLLMInferenceTrace_{code,conv}.csv`, the data of DynamoLLM and
+Splitwise): a header `TIMESTAMP,ContextTokens,GeneratedTokens` and one row per request, e.g.
+`2023-11-16 18:15:46.6805900,4808,10`. Requests carry no function, so each is given one of
+`functions` functions by a seeded heavy-tailed popularity (as the synthetic trace draws them);
+their prompt and output lengths vary per request. `write_llm_trace_csv` writes a synthetic
+trace in this format (for tests and examples).
 
 Azure Functions 2019 (`invocations_per_function_md.anon.dNN.csv`): a header
 `HashOwner,HashApp,HashFunction,Trigger,1,2,...,1440` and one row per function with its
@@ -22,9 +30,11 @@ import numpy as np
 
 from ember.errors import ConfigError
 
-__all__ = ["Trace", "read_azure_csv", "synthetic_trace"]
+__all__ = ["Trace", "read_azure_csv", "read_azure_llm_csv", "read_trace_csv", "synthetic_trace",
+           "write_llm_trace_csv"]
 
 AZURE_KEY_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
+LLM_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
 @dataclass
@@ -35,6 +45,8 @@ class Trace:
     arrival_s: np.ndarray  # float64, seconds from the start, sorted
     function_idx: np.ndarray  # int32 indexes into `functions`
     duration_s: float
+    prompt_tokens: np.ndarray | None = None  # per request (token-level traces), else the config's
+    output_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.arrival_s.shape[0])
@@ -150,3 +162,102 @@ def read_azure_csv(path: Path | str, *, duration_s: float | None = None, seed: i
     t, f = t[keep], f[keep]
     order = np.argsort(t, kind="stable")
     return Trace(names, t[order], f[order].astype(np.int32), end_s)
+
+
+def read_trace_csv(path: Path | str, *, duration_s: float | None = None, seed: int = 0,
+                   functions: int = 1000) -> Trace:
+    """Either format, told apart by the header."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            first = fh.readline()
+    except OSError as e:
+        raise ConfigError(f"cannot read trace {path}: {e}") from e
+    if first.strip().startswith(LLM_COLUMNS[0]):
+        return read_azure_llm_csv(path, duration_s=duration_s, seed=seed, functions=functions)
+    return read_azure_csv(path, duration_s=duration_s, seed=seed)
+
+
+def _parse_timestamp(text: str) -> float:
+    """Seconds since the epoch of "YYYY-MM-DD HH:MM:SS[.fffffff]" (any number of fraction digits)."""
+    from datetime import datetime, timezone
+
+    main, _, frac = text.strip().partition(".")
+    stamp = datetime.strptime(main, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+    if frac:
+        if not frac.isdigit():
+            raise ValueError(text)
+        stamp += int(frac) / 10 ** len(frac)
+    return stamp
+
+
+def read_azure_llm_csv(path: Path | str, *, duration_s: float | None = None, seed: int = 0,
+                       functions: int = 1000, popularity_sigma: float = 2.0) -> Trace:
+    """Read an Azure LLM inference trace CSV; arrivals from the first request's timestamp, kept
+    within `duration_s`. Bad input raises ConfigError naming the line and field."""
+    path = Path(path)
+    if functions < 1:
+        raise ConfigError(f"functions must be >= 1, got {functions}")
+    try:
+        fh = path.open(newline="")
+    except OSError as e:
+        raise ConfigError(f"cannot read trace {path}: {e}") from e
+    stamps: list[float] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    with fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if tuple(header) != LLM_COLUMNS:
+            raise ConfigError(f"{path}:1: header must be {','.join(LLM_COLUMNS)}, got {','.join(header)}")
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 3:
+                raise ConfigError(f"{path}:{line}: expected 3 fields, got {len(row)}")
+            try:
+                stamps.append(_parse_timestamp(row[0]))
+            except ValueError:
+                raise ConfigError(f"{path}:{line}: TIMESTAMP {row[0]!r} is not 'YYYY-MM-DD HH:MM:SS.fff'") from None
+            for name, cell, out in (("ContextTokens", row[1], prompt), ("GeneratedTokens", row[2], output)):
+                cell = cell.strip()
+                if not cell.isdigit():
+                    raise ConfigError(f"{path}:{line}: {name} {cell!r} is not a non-negative integer")
+                out.append(int(cell))
+    if not stamps:
+        raise ConfigError(f"{path}: no requests in trace")
+    t = np.array(stamps, dtype=np.float64)
+    t -= t.min()
+    order = np.argsort(t, kind="stable")
+    t = t[order]
+    p = np.maximum(1, np.array(prompt, dtype=np.int64)[order])
+    o = np.maximum(1, np.array(output, dtype=np.int64)[order])
+    end_s = float(duration_s) if duration_s is not None else float(t[-1]) + 1.0
+    keep = t < end_s
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, popularity_sigma, functions)
+    fn = rng.choice(functions, size=int(keep.sum()), p=weights / weights.sum()).astype(np.int32)
+    names = [f"fn-{i:05d}" for i in range(functions)]
+    return Trace(names, t[keep], fn, end_s, prompt_tokens=p[keep], output_tokens=o[keep])
+
+
+def write_llm_trace_csv(path: Path | str, *, requests: int, duration_s: float, seed: int = 0,
+                        start: str = "2023-11-16 18:00:00", median_context: float = 1000.0,
+                        median_generated: float = 200.0) -> Path:
+    """A synthetic trace in the Azure LLM inference format: Poisson arrivals over `duration_s`,
+    log-normal context and generated lengths (sigma 1.0 and 0.8)."""
+    from datetime import datetime, timedelta, timezone
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0.0, duration_s, requests))
+    ctx = np.maximum(1, rng.lognormal(math.log(median_context), 1.0, requests)).astype(np.int64)
+    gen = np.maximum(1, rng.lognormal(math.log(median_generated), 0.8, requests)).astype(np.int64)
+    t0 = datetime.strptime(start, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    with path.open("w", newline="") as fh:
+        fh.write(",".join(LLM_COLUMNS) + "\n")
+        for s, c, g in zip(t.tolist(), ctx.tolist(), gen.tolist(), strict=True):
+            stamp = t0 + timedelta(seconds=s)
+            fh.write(f"{stamp:%Y-%m-%d %H:%M:%S}.{stamp.microsecond:06d}0,{c},{g}\n")
+    return path

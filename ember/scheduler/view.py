@@ -11,6 +11,12 @@ from typing import Literal, Protocol
 
 Tier = Literal["gpu", "dram", "ssd", "remote"]
 TIERS: tuple[Tier, ...] = ("gpu", "dram", "ssd", "remote")
+TIER_RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}  # nearest first (holders are sorted by it)
+
+
+def tier_rank(tier: str | None) -> int:
+    """Rank of a tier, nearest first; unknown or missing tiers rank as remote."""
+    return TIER_RANK.get(tier or "remote", TIER_RANK["remote"])
 
 
 # Snapshots below are plain slotted dataclasses, not frozen ones: a placement decision builds
@@ -42,6 +48,14 @@ class NodeState:
     bandwidth_bps: dict[str, float]  # tier -> bytes/s into device memory ("dram", "ssd", "remote")
     holdings: dict[str, Tier] = field(default_factory=dict)  # checkpoint -> nearest tier on this node
     tier_queue_s: dict[str, float] = field(default_factory=dict)  # tier -> wait before a load from it starts
+
+
+def room_order(devices: Sequence[DeviceState], spread: bool) -> list[DeviceState]:
+    """The order `devices_with_room` answers in, in every backend: packing (awake, least queued,
+    least free first) or, with `spread`, most free first; ties by "node/device"."""
+    if spread:
+        return sorted(devices, key=lambda d: (-d.free_bytes, d.queue_s, d.node_id, d.device_id))
+    return sorted(devices, key=lambda d: (not d.awake, d.queue_s, d.free_bytes, d.node_id, d.device_id))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
 @dataclass
 class Rec:
     state: str
+    created_s: float = 0.0
 
 
 class Instances:

@@ -42,7 +42,7 @@ def test_ewma_moves_towards_observations() -> None:
 def test_unknown_policy_is_a_config_error_naming_it() -> None:
     with pytest.raises(ConfigError, match="'fastest'"):
         get_policy("fastest")
-    assert set(POLICY_NAMES) == {"ember", "serverlessllm", "least_loaded", "random", "round_robin"}
+    assert set(POLICY_NAMES) == {"ember", "serverlessllm", "keepalive", "least_loaded", "random", "round_robin"}
     for name in POLICY_NAMES:
         assert get_policy(name).name == name
 

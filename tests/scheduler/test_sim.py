@@ -28,7 +28,7 @@ def _strip(doc):
 def test_all_policies_report_the_issue_fields_deterministically() -> None:
     doc = run_simulation(SimConfig(**SMALL))
     results = doc.pop("_results")
-    assert set(doc["policies"]) == {"ember", "serverlessllm", "least_loaded", "random", "round_robin"}
+    assert set(doc["policies"]) == {"ember", "serverlessllm", "keepalive", "least_loaded", "random", "round_robin"}
     assert doc["invocations"] == len(results["ember"].startup_s) > 100
     for name, r in doc["policies"].items():
         assert FIELDS <= set(r), name

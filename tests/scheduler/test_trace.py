@@ -56,3 +56,41 @@ def test_azure_csv_bad_header_and_missing_file(tmp_path) -> None:
         read_azure_csv(bad)
     with pytest.raises(ConfigError, match="cannot read trace"):
         read_azure_csv(tmp_path / "missing.csv")
+
+
+def test_azure_llm_trace_round_trip_and_token_costs(tmp_path) -> None:
+    from ember.scheduler.autoscaler import Autoscaler
+    from ember.scheduler.policies import get_policy
+    from ember.scheduler.sim import SimConfig, _Simulation
+    from ember.scheduler.trace import read_trace_csv, write_llm_trace_csv
+
+    path = write_llm_trace_csv(tmp_path / "llm.csv", requests=400, duration_s=120.0, seed=3)
+    assert path.read_text().splitlines()[0] == "TIMESTAMP,ContextTokens,GeneratedTokens"
+    tr = read_trace_csv(path, duration_s=200.0, functions=20, seed=1)
+    assert len(tr) == 400 and tr.prompt_tokens is not None and tr.output_tokens is not None
+    assert (tr.arrival_s[1:] >= tr.arrival_s[:-1]).all() and tr.arrival_s[0] == 0.0
+    assert len(set(tr.prompt_tokens.tolist())) > 50 and len(set(tr.output_tokens.tolist())) > 50
+    short = read_trace_csv(path, duration_s=30.0, functions=20, seed=1)
+    assert 0 < len(short) < 400 and (short.arrival_s < 30.0).all()
+    # the simulator charges each request its own prefill and decode
+    cfg = SimConfig(nodes=2, gpus_per_node=2, functions=20, duration_s=200.0).check()
+    sim = _Simulation(cfg, tr, get_policy("ember"), Autoscaler())
+    prefill, held = sim._request_costs()
+    longest = int(tr.prompt_tokens.argmax())
+    same_fn = [i for i in range(len(tr)) if tr.function_idx[i] == tr.function_idx[longest]]
+    assert prefill[longest] == max(prefill[i] for i in same_fn)
+    assert all(h > p > 0 for p, h in zip(prefill, held, strict=True))
+    assert len(sim.run(None).startup_s) == 400
+
+
+def test_azure_llm_trace_bad_lines_name_line_and_field(tmp_path) -> None:
+    from ember.scheduler.trace import read_azure_llm_csv
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,4808,10\n"
+                   "2023-11-16 18:15:50.1,12,x\n")
+    with pytest.raises(ConfigError, match=r"bad.csv:3: GeneratedTokens 'x'"):
+        read_azure_llm_csv(bad)
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n")
+    with pytest.raises(ConfigError, match=r"bad.csv:2: TIMESTAMP"):
+        read_azure_llm_csv(bad)

@@ -19,15 +19,26 @@ _CLAIM_ATTEMPTS = 4
 
 class InstanceLifecycle(ClusterBase):
     @state_errors
-    def place(self, request: PlacementRequest, policy: PlacementPolicy) -> Placement | None:
+    def place(self, request: PlacementRequest, policy: PlacementPolicy,
+              evicted: list[InstanceRecord] | None = None) -> Placement | None:
         """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
         state "claimed" (deadline: now + claim_timeout_s), atomically. Retries when the claim
-        loses a race; None if nothing fits."""
+        loses a race; None if nothing fits. A device chosen for its idle bytes is made room on
+        first (`loadqueues.evict_for_placement`, the shared eviction rule); the instances evicted
+        are appended to `evicted` (their workers must unload them)."""
+        from ember.platform.loadqueues import evict_for_placement
+
         for _ in range(_CLAIM_ATTEMPTS):
             view = DecisionView(self, request)  # type: ignore[arg-type]
             est = policy.place(request, view) or self._beside_weights(request)
             if est is None:
                 return None
+            dev = view.device(est.node_id, est.device_id)
+            if dev is not None and dev.free_bytes < request.nbytes:
+                gone = evict_for_placement(self, est.node_id, est.device_id, request.nbytes,  # type: ignore[arg-type]
+                                           dev.free_bytes, request.function)
+                if evicted is not None:
+                    evicted.extend(gone)
             now = time.time()
             rec = InstanceRecord(
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import cast
 
-from ember.scheduler.view import DeviceState, NodeState, Tier
+from ember.scheduler.view import TIER_RANK as _TIER_RANK
+from ember.scheduler.view import DeviceState, NodeState, Tier, room_order
 
 
 class InstanceState(str, Enum):
@@ -115,7 +116,7 @@ class Heartbeat:
         return self.known
 
 
-TIER_RANK = {"gpu": 0, "dram": 1, "ssd": 2, "remote": 3}
+TIER_RANK = _TIER_RANK  # the scheduler's (ember.scheduler.view), one table for both backends
 
 
 def pairs(flat: list[str]) -> dict[str, str]:
@@ -126,13 +127,31 @@ def node_entry(entry: list, now: float) -> NodeState:
     """Parse a node entry of the snapshot scripts (lib_node_entry.lua)."""
     node_id, bw, holdings = entry[0], entry[1], pairs(entry[2])
     devices = tuple(compact_device(node_id, row, now) for row in entry[3:])
-    bandwidth = {t: float(v) for t, v in (kv.split("=", 1) for kv in bw.split(";") if kv)}
+    bandwidth, tier_queue = parse_bandwidth_and_queues(bw, now)
     return NodeState(node_id=node_id, devices=devices, bandwidth_bps=bandwidth,
-                     holdings=cast("dict[str, Tier]", holdings))
+                     holdings=cast("dict[str, Tier]", holdings), tier_queue_s=tier_queue)
+
+
+def parse_bandwidth_and_queues(flat: str, now: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Parse "tier=bps;...;tq:tier=busy_until;..." into (bandwidths, tier load queues in seconds
+    from `now`, only those still in the future: ember.platform.loadqueues)."""
+    bandwidth: dict[str, float] = {}
+    queues: dict[str, float] = {}
+    for kv in flat.split(";"):
+        if not kv:
+            continue
+        k, v = kv.split("=", 1)
+        if k.startswith("tq:"):
+            left = float(v) - now
+            if left > 0:
+                queues[k[3:]] = left
+        else:
+            bandwidth[k] = float(v)
+    return bandwidth, queues
 
 
 def room_devices(rows: list[str], nbytes: int, now: float) -> list[DeviceState]:
-    """Parse "node/device,memory,claimed,instances,busy_until" rows, keeping those with room."""
+    """Parse "node/device,memory,claimed,instances,busy_until,idle_bytes" rows, keeping those with room."""
     out = []
     for row in rows:
         member, rest = row.split(",", 1)
@@ -144,15 +163,13 @@ def room_devices(rows: list[str], nbytes: int, now: float) -> list[DeviceState]:
 
 
 def order_room(devices: list[DeviceState], spread: bool) -> list[DeviceState]:
-    if spread:
-        return sorted(devices, key=lambda d: (-d.free_bytes, d.queue_s))
-    return sorted(devices, key=lambda d: (not d.awake, d.queue_s, d.free_bytes))
+    return room_order(devices, spread)  # the order every backend answers in
 
 
 def compact_device(node_id: str, row: str, now: float) -> DeviceState:
-    """Parse "device_id,memory,claimed,instances,busy_until" (device ids hold no commas)."""
-    device_id, memory, claimed, instances, busy = row.rsplit(",", 4)
+    """Parse "device_id,memory,claimed,instances,busy_until,idle_bytes" (device ids hold no commas)."""
+    device_id, memory, claimed, instances, busy, idle = row.rsplit(",", 5)
     mem, n = int(memory), int(instances)
     return DeviceState(node_id=node_id, device_id=device_id, memory_bytes=mem,
                        free_bytes=max(0, mem - int(claimed)), instances=n,
-                       queue_s=max(0.0, float(busy) - now), awake=n > 0)
+                       queue_s=max(0.0, float(busy) - now), awake=n > 0, idle_bytes=int(idle))

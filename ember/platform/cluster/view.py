@@ -155,6 +155,14 @@ class DecisionView:
         self._load()
         return order_room(self._rows[: limit * 2], spread)[:limit]
 
+    def device(self, node_id: str, device_id: str) -> DeviceState | None:
+        """A device as this decision read it (read now if it did not; None if unknown or dead)."""
+        found = self.nodes([node_id])
+        for d in (found[0].devices if found else ()):
+            if d.device_id == device_id:
+                return d
+        return None
+
     def node_ids(self) -> Sequence[str]:
         return self.cluster.node_ids()
 

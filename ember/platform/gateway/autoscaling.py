@@ -22,6 +22,7 @@ from ember.platform import energy_state
 from ember.platform.gateway.admin_routes import unload_instance
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 
@@ -128,7 +129,8 @@ class AutoscalerLoop:
             elif isinstance(action, EnsureInstances) and action.function in by_name:
                 await self._ensure(by_name[action.function], action.count - action.current)
             elif isinstance(action, Prefetch):
-                await self._prefetch(action)
+                nbytes = next((f.nbytes for f in functions if f.checkpoint == action.checkpoint), 0)
+                await self._prefetch(action, nbytes)
 
     async def _ensure(self, spec: FunctionSpec, missing: int) -> None:
         invoker = self.app.state.invoker
@@ -141,10 +143,13 @@ class AutoscalerLoop:
                 log.warning("autoscaler: minimum instance of %s failed: %s", spec.name, e)
                 return
 
-    async def _prefetch(self, action: Prefetch) -> None:
+    async def _prefetch(self, action: Prefetch, nbytes: int) -> None:
         url = await to_thread.run_sync(self.app.state.cluster.node_url, action.node_id)
         if url is None:
             return
+        # its source tier is busy until the prefetch's estimated end (as the simulator publishes it)
+        await to_thread.run_sync(LoadQueues(self.app.state.cluster.r).publish_prefetch, action.node_id,
+                                 action.checkpoint, nbytes)
         try:
             await self.app.state.http.post(
                 f"{url}/internal/prefetch", json={"checkpoint": action.checkpoint, "tier": action.tier},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +31,11 @@ from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadR
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.waiting import WaitQueues
 from ember.platform.gateway.worker_stream import Retry, prepend, worker_error, worker_events
+from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER  # noqa: F401 - some callers import it from here
-from ember.scheduler.eviction import IdleInstance, choose_evictions
-from ember.scheduler.routing import should_scale_out
+from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.eviction import plan_evictions
+from ember.scheduler.routing import should_start
 from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Invoker:
                  metrics: GatewayMetrics, policy_for: Any, slots: AsyncSlots | None = None) -> None:
         self.settings = settings
         self.cluster = cluster
+        self._load_queues: LoadQueues | None = None
         self.http = http
         self.metrics = metrics
         self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
@@ -84,6 +86,11 @@ class Invoker:
         self.token = settings.resolved_cluster_token()
         self._room_tried: dict[str, float] = {}  # function -> when this gateway last tried evicting for it
         self.timeout = httpx.Timeout(settings.worker_read_timeout_s, connect=settings.worker_connect_timeout_s)
+
+    def load_queues(self) -> LoadQueues:
+        if self._load_queues is None:
+            self._load_queues = LoadQueues(self.cluster.r)
+        return self._load_queues
 
     @property
     def waiting(self) -> dict[str, int]:
@@ -183,23 +190,25 @@ class Invoker:
                 log.warning("could not release a slot of instance %s (%s): its lease lapses", target.instance_id, e)
 
     async def _should_start(self, spec: FunctionSpec) -> bool:
-        """Start a cold instance when none can take the waiting requests, or (the scheduler's
-        scale-out rule) when the predicted queue wait would break the TTFT SLO and a cold start
-        would be ready sooner."""
+        """The scheduler's scale-out rule (`routing.should_start`, the simulator's too) on what this
+        gateway knows: the function's instances (draining ones do not count), its waiting requests,
+        and EWMAs of service, prefill and cold-start times. The predicted wait: with a ready
+        instance, the queue drains at slots/service_s per second; with only starting ones, the
+        earliest expected end of a load (the cold-start EWMA from when each was placed)."""
         instances = [i for i in await to_thread.run_sync(self.cluster.instances, spec.name) if i.state != "draining"]
         s = spec.scaling
-        if len(instances) >= s.max_instances:
-            return False
         waiting = self.queues.waiting(spec.name)
-        loading = sum(1 for i in instances if i.state in ("claimed", "loading"))
-        ready = len(instances) - loading
-        if ready == 0:
-            return waiting > loading * s.target_concurrency
-        # every ready instance is at target_concurrency: the queue drains at slots/service_s per second
-        slots = (ready + loading) * s.target_concurrency
-        wait_s = self.service_s.get(spec.name, 0.0) * waiting / slots
-        return should_scale_out(wait_s, self.prefill_s.get(spec.name, 0.0), spec.slo.ttft_ms / 1000, instances=len(instances),
-                                max_instances=s.max_instances, cold_start_s=self.startup_s.get(spec.name, 0.0))
+        starting = [i for i in instances if i.state in ("claimed", "loading")]
+        startup_s = self.startup_s.get(spec.name, 0.0)
+        if instances and len(starting) == len(instances):
+            now = time.time()
+            wait_s = min(max(0.0, startup_s - (now - i.created_s)) for i in starting)
+        else:
+            wait_s = self.service_s.get(spec.name, 0.0) * waiting / max(1, len(instances) * s.target_concurrency)
+        return should_start(instances=len(instances), loading=len(starting), waiting=waiting,
+                            target_concurrency=s.target_concurrency, max_instances=s.max_instances,
+                            predicted_wait_s=wait_s, prefill_s=self.prefill_s.get(spec.name, 0.0),
+                            ttft_slo_s=spec.slo.ttft_ms / 1000, cold_start_s=startup_s)
 
     def observe_done(self, function: str, done: dict[str, Any]) -> None:
         """Learn the function's prefill time from a finished request (the worker's ttft_s)."""
@@ -207,8 +216,8 @@ class Invoker:
             self._ewma(self.prefill_s, function, float(done["ttft_s"]))
 
     @staticmethod
-    def _ewma(table: dict[str, float], key: str, value: float, alpha: float = 0.2) -> None:
-        table[key] = value if key not in table else (1 - alpha) * table[key] + alpha * value
+    def _ewma(table: dict[str, float], key: str, value: float) -> None:
+        table[key] = ewma(table.get(key), value, SERVICE_EWMA_ALPHA)
 
     async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
         """Place and load one new instance of `spec`; None when no device has room now. `placed`
@@ -221,13 +230,19 @@ class Invoker:
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances,
                                    kv_bytes=spec.kv_bytes or self.settings.kv_budget_bytes)
-        with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
-            placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
-            if placement is None and await self._make_room(spec, request):
-                placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec))
-            step.set(**({"ember.placed": False} if placement is None else {
-                "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
-                "ember.estimate_s": placement.estimate_s}))
+        evicted: list[InstanceRecord] = []
+        try:
+            with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
+                placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+                if placement is None and await self._make_room(spec, request):
+                    placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+                step.set(**({"ember.placed": False} if placement is None else {
+                    "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
+                    "ember.estimate_s": placement.estimate_s}))
+        finally:
+            for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
+                self.metrics.evictions.labels(inst.function).inc()
+                await self._drop_on_worker(inst)
         if placement is None:
             return None
         if placed is not None:
@@ -263,9 +278,27 @@ class Invoker:
             raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
         result = LoadResult.model_validate(resp.json())
         self._ewma(self.startup_s, spec.name, result.startup_ms / 1000)
+        try:  # correct the published load queues, learn the tier's bandwidth
+            await to_thread.run_sync(self.load_queues().load_done, placement.instance_id, placement.node_id,
+                                     placement.device_id, result.nbytes, result.startup_ms / 1000, None,
+                                     result.tier if result.tier in ("gpu", "dram", "ssd", "remote") else "")
+        except redis.RedisError as e:
+            log.warning("could not publish the end of load %s: %s", placement.instance_id, e)
         self.metrics.cold_starts.labels(result.tier).inc()
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result
+
+    async def _drop_on_worker(self, inst: InstanceRecord) -> None:
+        """Tell a worker to drop an instance Redis already forgot (evicted for a placement); if it
+        cannot be reached, its next heartbeat reconciles (Redis no longer knows the instance)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
+                                       params={"wait_s": 0}, headers={CLUSTER_TOKEN_HEADER: self.token},
+                                       timeout=httpx.Timeout(5.0, connect=self.settings.worker_connect_timeout_s))
+            except httpx.HTTPError as e:
+                log.warning("drop of evicted %s on %s: %s (its heartbeat reconciles)", inst.instance_id,
+                            inst.node_id, e)
 
     async def _forget(self, instance_id: str) -> None:
         """Remove an instance this gateway gave up on (shielded: it runs when cancelled too)."""
@@ -285,17 +318,15 @@ class Invoker:
             return False
         self._room_tried[spec.name] = now
         instances = await to_thread.run_sync(self.cluster.instances)
-        idle_recs = [i for i in instances if i.state == "ready" and i.outstanding == 0 and i.function != spec.name]
-        if not idle_recs:
+        idle_nodes = sorted({i.node_id for i in instances if i.state == "ready" and i.outstanding == 0
+                             and i.function != spec.name})
+        if not idle_nodes:
             return False
-        idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
-                for i in idle_recs]
         specs = {f.name: f for f in await to_thread.run_sync(FunctionRegistry(self.cluster.r).list)}
-        counts = Counter(i.function for i in instances)
-        spare = {f: n - (specs[f].scaling.min_instances if f in specs else 0) for f, n in counts.items()}
-        nodes = await to_thread.run_sync(self.cluster.nodes, sorted({i.node_id for i in idle_recs}))  # live ones
+        nodes = await to_thread.run_sync(self.cluster.nodes, idle_nodes)  # live ones
         free = {d.key: d.free_bytes for n in nodes for d in n.devices}
-        victims = choose_evictions(request.nbytes, free, idle, spare)
+        victims = plan_evictions(request.nbytes, free, instances, for_function=spec.name,
+                                 min_instances={f: s.scaling.min_instances for f, s in specs.items()})
         by_id = {i.instance_id: i for i in instances}
         evicted = False
         for v in victims:

@@ -27,11 +27,17 @@ claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', n)
 redis.call('HINCRBY', KEYS[2], 'ckpt:' .. ck, 1)
 redis.call('HINCRBY', KEYS[2], 'instances', 1)
 local now = tonumber(ARGV[2])
-local busy = tonumber(redis.call('HGET', KEYS[2], 'busy_until_s') or '0')
-if busy < now then busy = now end
-redis.call('HSET', KEYS[2], 'busy_until_s', tostring(busy + tonumber(ARGV[3])))
 redis.call('ZADD', KEYS[7], mem - claimed, ARGV[4])
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+-- load queues (ember.scheduler.estimator.queue_after_claim): the device and the node's source tier
+-- are busy until the load's estimated end (the estimate includes the wait); see loadqueues.py
+local done_at = now + tonumber(ARGV[3])
+local tq = 'tq:' .. (redis.call('HGET', KEYS[3], 'tier') or 'remote')
+if tonumber(redis.call('HGET', KEYS[2], 'busy_until_s') or '0') < done_at then
+  redis.call('HSET', KEYS[2], 'busy_until_s', tostring(done_at))
+end
+if tonumber(redis.call('HGET', KEYS[8], tq) or '0') < done_at then redis.call('HSET', KEYS[8], tq, tostring(done_at)) end
+redis.call('HSET', KEYS[3], 'expected_end_s', tostring(done_at))
 redis.call('SADD', KEYS[4], ARGV[5])
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('SADD', KEYS[6], ARGV[5])

@@ -1,0 +1,99 @@
+"""What the live cluster publishes beyond claims, so that policies read live what they read in the
+simulator (`ember.scheduler.memcluster.MemCluster` keeps the same by the same rules):
+
+- per device, a load queue: `busy_until_s` in the device hash (the claim script sets it by
+  `queue_after_claim`; `load_done` below corrects it by `queue_after_load` when the load ends);
+- per node and tier, a load queue: field `tq:<tier>` of the node hash (busy-until, seconds since
+  the epoch), set the same way, and by prefetches (`publish_prefetch`);
+- per device, evictable idle bytes: the bytes of ready instances with nothing outstanding,
+  summed when a node is read (`idle_by_device` in cluster/lua/lib_node_entry.lua);
+- per node, learned bandwidths: `bw:<tier>`, folded by `load_done` from each finished load
+  (the EWMA of `ember.scheduler.estimator`, alpha EWMA_ALPHA);
+- awake: a device with instances resident (the snapshot's instance count).
+
+And eviction's execution for a placement that chose a device by its idle bytes
+(`evict_for_placement`): the shared choice (`plan_evictions`), each victim taken atomically
+(`RedisCluster.evict_if_idle`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from ember.platform.cluster.scripts import Scripts
+from ember.platform.state import Keys
+from ember.scheduler.estimator import DEFAULT_BANDWIDTH_BPS, EWMA_ALPHA
+from ember.scheduler.eviction import plan_evictions
+
+if TYPE_CHECKING:
+    import redis
+
+    from ember.platform.cluster import InstanceRecord, RedisCluster
+
+__all__ = ["LoadQueues", "evict_for_placement", "min_instances_of"]
+
+class LoadQueues:
+    """The live writers of load queues and learned bandwidths (beside `RedisCluster`'s claim)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        scripts = Scripts(client, names=("load_done", "publish_prefetch"))  # cluster/lua/*.lua
+        self._done = scripts.load_done
+        self._prefetch = scripts.publish_prefetch
+
+    def load_done(self, instance_id: str, node_id: str, device_id: str, nbytes: int, seconds: float,
+                  now: float | None = None, tier: str = "") -> bool:
+        """A load ended (`seconds` long, 0 if unknown): correct the device's and the claimed tier's
+        queue by how far off its estimate was, and fold the load into the node's bandwidth for the
+        tier it really came from (`tier`, "" for the tier claimed)."""
+        return bool(self._done(keys=[Keys.instance(instance_id), Keys.device(node_id, device_id), Keys.node(node_id)],
+                               args=[repr(time.time() if now is None else now), int(nbytes),
+                                     repr(max(0.0, float(seconds))), repr(EWMA_ALPHA), tier]))
+
+    def publish_prefetch(self, node_id: str, checkpoint: str, nbytes: int, now: float | None = None) -> str | None:
+        """A prefetch was sent to the node: its source tier is busy until the estimated end."""
+        src = self._prefetch(keys=[Keys.node(node_id), Keys.node_holdings(node_id)],
+                             args=[repr(time.time() if now is None else now), checkpoint, int(nbytes),
+                                   repr(DEFAULT_BANDWIDTH_BPS["ssd"]), repr(DEFAULT_BANDWIDTH_BPS["remote"])])
+        return src if isinstance(src, str) else None
+
+
+def min_instances_of(client: redis.Redis, functions: set[str]) -> dict[str, int]:
+    """Each function's min_instances from the registry (0 when unknown)."""
+    if not functions:
+        return {}
+    names = sorted(functions)
+    out: dict[str, int] = {}
+    for name, raw in zip(names, client.hmget(Keys.functions, names), strict=True):
+        try:
+            out[name] = int(json.loads(raw)["scaling"]["min_instances"]) if raw else 0
+        except (ValueError, KeyError, TypeError):
+            out[name] = 0
+    return out
+
+
+def evict_for_placement(cluster: RedisCluster, node_id: str, device_id: str, nbytes: int, free_bytes: int,
+                        for_function: str) -> list[InstanceRecord]:
+    """The policy chose a device that needs idle instances evicted: evict them by the shared rule
+    (`plan_evictions`, never below a function's min_instances), each atomically. Returns the
+    instances evicted (their workers must be told), [] if none was needed or possible."""
+    if free_bytes >= nbytes:
+        return []
+    ids = sorted(cluster.r.smembers(Keys.node_instances(node_id)))
+    recs = [r for r in cluster._records(ids) if r.device_id == device_id]
+    key = f"{node_id}/{device_id}"
+    mins = min_instances_of(cluster.r, {r.function for r in recs})
+    # min_instances counts a function's instances cluster-wide, not only those on this device.
+    totals: dict[str, Any] = {f: cluster.r.scard(Keys.function_instances(f)) for f in mins}
+    spare_min = {f: mins[f] - (int(totals[f]) - sum(1 for r in recs if r.function == f)) for f in mins}
+    victims = plan_evictions(nbytes, {key: free_bytes}, recs, for_function=for_function,
+                             min_instances={f: max(0, m) for f, m in spare_min.items()})
+    by_id = {r.instance_id: r for r in recs}
+    out = []
+    for v in victims:
+        if not cluster.evict_if_idle(v.instance_id):
+            break  # it took a request meanwhile
+        out.append(by_id[v.instance_id])
+    return out

@@ -1,0 +1,345 @@
+"""The simulator's cluster state in memory: the in-memory backend of `ClusterView`.
+
+It publishes exactly what the live cluster (`RedisCluster`) publishes, kept by the same rules:
+per device free bytes, resident instances, load queue (`queue_after_claim` when a load is
+claimed, `queue_after_load` when it ends), awake state (instances resident) and idle bytes
+(ready instances with nothing outstanding); per node the tier bandwidths (measured, corrected
+by `ewma_bandwidth_bps` from each finished load), holdings and per-tier load queues. A test
+builds the same state here and in Redis and compares every field a policy reads.
+
+What only the simulator knows (the true bandwidths, when a load really ends) lives on the same
+objects under `true_*` names and is never shown to a policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from ember.scheduler.estimator import (
+    DEFAULT_BANDWIDTH_BPS,
+    ewma_bandwidth_bps,
+    queue_after_claim,
+    queue_after_load,
+)
+from ember.scheduler.eviction import IdleInstance, choose_evictions
+from ember.scheduler.view import DeviceState, NodeState, Tier, room_order, tier_rank
+
+__all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode"]
+
+GiB = 1 << 30
+
+
+class SimInstance:
+    __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device_id", "device", "nbytes",
+                 "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier", "load_tier",
+                 "expected_end_s", "load_s", "loaded")
+
+    def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: SimDevice,
+                 nbytes: int, now: float) -> None:
+        self.instance_id = instance_id
+        self.fn = fn
+        self.function = function
+        self.checkpoint = checkpoint
+        self.device = device
+        self.node_id = device.node_id
+        self.device_id = device.device_id
+        self.nbytes = nbytes
+        self.ready_s = now
+        self.ends: list[float] = []  # heap: end times of requests holding a slot
+        self.last_used_s = now
+        self.created_s = now
+        self.state = "loading"
+        self.outstanding = 0
+        self.tier: Tier = "remote"  # the tier claimed (the placement's estimate)
+        self.load_tier: Tier = "remote"  # the tier it really loads from
+        self.expected_end_s = now  # claim time + the placement's estimate
+        self.load_s = 0.0  # the transfer itself (what a worker reports as the load's duration)
+        self.loaded = False  # load_done applied
+
+
+class SimDevice:
+    __slots__ = ("index", "node", "node_id", "device_id", "memory", "free", "instances", "load_until",
+                 "true_until", "busy_until", "extra_j", "bucket")
+
+    def __init__(self, index: int, node: SimNode, device_id: str, memory: int) -> None:
+        self.index = index
+        self.node = node
+        self.node_id = node.node_id
+        self.device_id = device_id
+        self.memory = memory
+        self.free = memory
+        self.instances: list[SimInstance] = []
+        self.load_until = 0.0  # published load queue (busy-until)
+        self.true_until = 0.0  # when its loads really end
+        self.busy_until = -1e9  # end of the last work (energy: warm idle tail)
+        self.extra_j = 0.0  # energy above idle power
+        self.bucket = -1
+
+    @property
+    def key(self) -> str:
+        return f"{self.node_id}/{self.device_id}"
+
+
+class SimNode:
+    __slots__ = ("node_id", "devices", "true_bw", "measured_bw", "dram", "dram_used", "ssd", "ssd_used",
+                 "gpu_counts", "holdings", "tier_until", "true_tier_until", "version", "cached", "cached_at")
+
+    def __init__(self, node_id: str, true_bw: dict[str, float], measured_bw: dict[str, float]) -> None:
+        self.node_id = node_id
+        self.devices: list[SimDevice] = []
+        self.true_bw = true_bw
+        self.measured_bw = measured_bw
+        self.dram: OrderedDict[str, int] = OrderedDict()
+        self.dram_used = 0
+        self.ssd: OrderedDict[str, int] = OrderedDict()
+        self.ssd_used = 0
+        self.gpu_counts: dict[str, int] = {}
+        self.holdings: dict[str, Tier] = {}
+        self.tier_until: dict[str, float] = {"gpu": 0.0, "dram": 0.0, "ssd": 0.0, "remote": 0.0}  # published
+        self.true_tier_until: dict[str, float] = {"gpu": 0.0, "dram": 0.0, "ssd": 0.0, "remote": 0.0}
+        self.version = 0  # bumped on every change a NodeState shows (cache key with the time)
+        self.cached: NodeState | None = None
+        self.cached_at: tuple[float, int] = (-1.0, -1)
+
+
+class MemCluster:
+    """Nodes, devices, instances and checkpoint tiers in memory; the simulator's `ClusterView`."""
+
+    def __init__(self, *, gpu_memory_bytes: int, dram_cache_bytes: int, ssd_bytes: int) -> None:
+        self.now = 0.0
+        self.dram_cache_bytes = dram_cache_bytes
+        self.ssd_bytes = ssd_bytes
+        self.nodes_by_id: dict[str, SimNode] = {}
+        self.node_list: list[SimNode] = []
+        self.devices: list[SimDevice] = []
+        self.n_buckets = gpu_memory_bytes // GiB + 1
+        self.buckets: list[dict[int, SimDevice]] = [{} for _ in range(self.n_buckets)]
+        self.holders: dict[str, dict[str, None]] = {}
+        self.instances: dict[str, SimInstance] = {}
+        self.pending_loads: list[tuple[float, int, SimInstance]] = []
+        self._node_ids: list[str] = []
+        self._seq = 0
+
+    # --- building ----------------------------------------------------------------------------
+    def add_node(self, node_id: str, devices: Sequence[tuple[str, int]], bandwidth_bps: dict[str, float],
+                 true_bw: dict[str, float] | None = None) -> SimNode:
+        node = SimNode(node_id, dict(true_bw or bandwidth_bps), dict(bandwidth_bps))
+        for device_id, memory in devices:
+            dev = SimDevice(len(self.devices), node, device_id, memory)
+            node.devices.append(dev)
+            self.devices.append(dev)
+            self._rebucket(dev)
+        self.nodes_by_id[node_id] = node
+        self.node_list.append(node)
+        self._node_ids.append(node_id)
+        return node
+
+    # --- ClusterView ---------------------------------------------------------------------------
+    def node(self, node_id: str) -> NodeState | None:
+        n = self.nodes_by_id.get(node_id)
+        return None if n is None else self._node_state(n)
+
+    def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
+        held = self.holders.get(checkpoint)
+        if not held:
+            return []
+        nodes = self.nodes_by_id
+        ids = sorted(held, key=lambda n: (tier_rank(nodes[n].holdings[checkpoint]), n))
+        if limit is not None:
+            ids = ids[:limit]
+        return [self._node_state(nodes[n]) for n in ids]
+
+    def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        first = min(self.n_buckets - 1, nbytes // GiB)
+        rng = range(self.n_buckets - 1, first - 1, -1) if spread else range(first, self.n_buckets)
+        found: list[SimDevice] = []
+        for b in rng:
+            for dev in self.buckets[b].values():
+                if dev.free >= nbytes:
+                    found.append(dev)
+                    if len(found) >= limit:
+                        break
+            if len(found) >= limit:
+                break
+        return room_order([self._device_state(d) for d in found], spread)
+
+    def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
+        return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
+
+    def node_ids(self) -> Sequence[str]:
+        return self._node_ids
+
+    def all_nodes(self) -> Sequence[NodeState]:
+        return [self._node_state(n) for n in self.node_list]
+
+    def _device_state(self, d: SimDevice) -> DeviceState:
+        now = self.now
+        insts = d.instances
+        idle = 0
+        for inst in insts:
+            if inst.ready_s <= now and inst.last_used_s <= now:  # ready, nothing outstanding
+                idle += inst.nbytes
+        queue = d.load_until - now
+        return DeviceState(d.node_id, d.device_id, d.memory, d.free, len(insts), queue if queue > 0 else 0.0,
+                           bool(insts), idle)
+
+    def _node_state(self, n: SimNode) -> NodeState:
+        now = self.now
+        if n.cached_at == (now, n.version):
+            return n.cached  # type: ignore[return-value]
+        state = NodeState(n.node_id, tuple(self._device_state(d) for d in n.devices), dict(n.measured_bw),
+                          n.holdings, {t: u - now for t, u in n.tier_until.items() if u > now})
+        n.cached, n.cached_at = state, (now, n.version)
+        return state
+
+    # --- what the live cluster does atomically -----------------------------------------------
+    def claim(self, fn: int, function: str, checkpoint: str, dev: SimDevice, nbytes: int, tier: Tier,
+              estimate_s: float, now: float) -> SimInstance:
+        """Claim `nbytes` on `dev` for a new loading instance; both load queues take the load
+        until its estimated end (`queue_after_claim`). The caller sets the instance's real
+        `ready_s` and `load_s` and then calls `schedule_load_end`."""
+        node = dev.node
+        dev.free -= nbytes
+        self._rebucket(dev)
+        self._seq += 1
+        inst = SimInstance(f"i{self._seq}", fn, function, checkpoint, dev, nbytes, now)
+        inst.tier = inst.load_tier = tier
+        inst.expected_end_s = now + estimate_s
+        dev.load_until = queue_after_claim(dev.load_until, now, estimate_s)
+        node.tier_until[tier] = queue_after_claim(node.tier_until[tier], now, estimate_s)
+        dev.instances.append(inst)
+        self.instances[inst.instance_id] = inst
+        node.gpu_counts[checkpoint] = node.gpu_counts.get(checkpoint, 0) + 1
+        self.set_tier(node, checkpoint)
+        return inst
+
+    def schedule_load_end(self, inst: SimInstance) -> None:
+        heapq.heappush(self.pending_loads, (inst.ready_s, self._seq, inst))
+
+    def advance(self, now: float) -> None:
+        """Move the clock to `now`, applying the ends of loads that finished by then."""
+        pending = self.pending_loads
+        while pending and pending[0][0] <= now:
+            t, _, inst = heapq.heappop(pending)
+            self.load_done(inst, t)
+        self.now = now
+
+    def load_done(self, inst: SimInstance, t: float) -> None:
+        """A load ended at `t`: correct both queues of the tier claimed (`queue_after_load`) and fold
+        the load into the node's bandwidth for the tier it came from (what the gateway reports live)."""
+        if inst.loaded:
+            return
+        inst.loaded = True
+        dev = inst.device
+        node = dev.node
+        dev.load_until = queue_after_load(dev.load_until, inst.expected_end_s, t)
+        node.tier_until[inst.tier] = queue_after_load(node.tier_until[inst.tier], inst.expected_end_s, t)
+        if inst.load_s > 0:
+            src = inst.load_tier
+            node.measured_bw[src] = ewma_bandwidth_bps(node.measured_bw.get(src), inst.nbytes, inst.load_s)
+        node.version += 1
+
+    def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> None:
+        """A prefetch from tier `src` was sent to `node`: the tier is busy until its estimated end
+        (`queue_after_claim`; no end is reported, as live: ember.platform.loadqueues)."""
+        bw = node.measured_bw.get(src)
+        est = max(0.0, node.tier_until[src] - now) + nbytes / (bw if bw and bw > 0 else DEFAULT_BANDWIDTH_BPS[src])
+        node.tier_until[src] = queue_after_claim(node.tier_until[src], now, est)
+        node.version += 1
+
+    def remove(self, inst: SimInstance) -> None:
+        dev = inst.device
+        node = dev.node
+        dev.instances.remove(inst)
+        del self.instances[inst.instance_id]
+        dev.free += inst.nbytes
+        self._rebucket(dev)
+        left = node.gpu_counts.get(inst.checkpoint, 0) - 1
+        if left > 0:
+            node.gpu_counts[inst.checkpoint] = left
+        else:
+            node.gpu_counts.pop(inst.checkpoint, None)
+        self.set_tier(node, inst.checkpoint)
+
+    # --- eviction: the shared choice (`choose_evictions`), executed here -------------------------
+    def idle_on(self, devices: Sequence[SimDevice], for_function: str) -> list[IdleInstance]:
+        now = self.now
+        return [IdleInstance(i.instance_id, i.function, d.key, i.nbytes, i.last_used_s)
+                for d in devices for i in d.instances
+                if i.ready_s <= now and i.last_used_s <= now and i.function != for_function]
+
+    def evict(self, devices: Sequence[SimDevice], nbytes: int, for_function: str) -> list[SimInstance]:
+        """Make `nbytes` free on one of `devices` by the rule the gateway uses (no function has a
+        minimum here); returns the evicted instances ([] when none was needed or possible)."""
+        if any(d.free >= nbytes for d in devices):
+            return []
+        idle = self.idle_on(devices, for_function)
+        if not idle:
+            return []
+        spare: dict[str, int] = {}
+        for i in idle:
+            spare[i.function] = spare.get(i.function, 0) + 1
+        victims = choose_evictions(nbytes, {d.key: d.free for d in devices}, idle, spare)
+        out = [self.instances[v.instance_id] for v in victims]
+        for inst in out:
+            self.remove(inst)
+        return out
+
+    # --- tiers and indexes ---------------------------------------------------------------------
+    def _rebucket(self, dev: SimDevice) -> None:
+        dev.node.version += 1
+        b = min(self.n_buckets - 1, dev.free // GiB)
+        if b != dev.bucket:
+            if dev.bucket >= 0:
+                del self.buckets[dev.bucket][dev.index]
+            self.buckets[b][dev.index] = dev
+            dev.bucket = b
+
+    def set_tier(self, node: SimNode, ck: str) -> None:
+        node.version += 1
+        if node.gpu_counts.get(ck):
+            tier: Tier | None = "gpu"
+        elif ck in node.dram:
+            tier = "dram"
+        elif ck in node.ssd:
+            tier = "ssd"
+        else:
+            tier = None
+        if tier is None:
+            if node.holdings.pop(ck, None) is not None:
+                held = self.holders.get(ck)
+                if held is not None:
+                    held.pop(node.node_id, None)
+                    if not held:
+                        del self.holders[ck]
+        else:
+            node.holdings[ck] = tier
+            self.holders.setdefault(ck, {})[node.node_id] = None
+
+    def dram_put(self, node: SimNode, ck: str, nb: int) -> None:
+        if ck in node.dram:
+            node.dram.move_to_end(ck)
+            return
+        if nb > self.dram_cache_bytes:
+            return
+        node.dram[ck] = nb
+        node.dram_used += nb
+        while node.dram_used > self.dram_cache_bytes:
+            old, size = node.dram.popitem(last=False)
+            node.dram_used -= size
+            self.set_tier(node, old)
+        self.set_tier(node, ck)
+
+    def ssd_put(self, node: SimNode, ck: str, nb: int) -> None:
+        if ck in node.ssd:
+            node.ssd.move_to_end(ck)
+            return
+        node.ssd[ck] = nb
+        node.ssd_used += nb
+        while node.ssd_used > self.ssd_bytes:
+            old, size = node.ssd.popitem(last=False)
+            node.ssd_used -= size
+            self.set_tier(node, old)
+        self.set_tier(node, ck)
