@@ -1,5 +1,5 @@
 """deploy/: the Prometheus alert rules pass promtool (syntax and unit tests, every alert tested)
-and every metric the Grafana dashboard and the alerts query is one a running gateway exports."""
+and every metric the Grafana dashboard and the alerts query is one a running gateway or worker exports."""
 
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 def test_every_queried_metric_is_exported(ops: OpsPlatform) -> None:
-    text = httpx.get(f"{ops.url}/metrics", timeout=30).text
+    # the gateway's and the worker's (engine) metrics: a dashboard reads both
+    text = httpx.get(f"{ops.url}/metrics", timeout=30).text + "\n" + \
+        httpx.get(f"{ops.worker.url}/metrics", timeout=30).text
     exported = set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -82,6 +84,8 @@ def test_every_queried_metric_is_exported(ops: OpsPlatform) -> None:
             exported.add(name)
             if kind == "histogram":
                 exported |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+            if kind == "counter":
+                exported.add(f"{name}_total")
         elif line and not line.startswith("#"):
             exported.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     queries = {f"alert {r['alert']}": r["expr"] for r in alert_rules()}
@@ -89,4 +93,4 @@ def test_every_queried_metric_is_exported(ops: OpsPlatform) -> None:
     for where, expr in queries.items():
         names = metric_names(expr)
         assert names, f"{where} names no Ember metric: {expr}"
-        assert names <= exported, f"{where} queries metrics no gateway exports: {sorted(names - exported)}"
+        assert names <= exported, f"{where} queries metrics neither gateway nor worker exports: {sorted(names - exported)}"
