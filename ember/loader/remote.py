@@ -10,9 +10,16 @@ import threading
 from pathlib import Path
 
 from ember.errors import IntegrityError
-from ember.loader.format import MANIFEST_FILE, CheckpointManifest, chunk_hash_available, chunk_hasher
+from ember.loader.format import (
+    FILES_DIR,
+    MANIFEST_FILE,
+    CheckpointManifest,
+    chunk_hash_available,
+    chunk_hasher,
+)
 from ember.loader.pipeline import run_parallel
 from ember.loader.store import S3_THREADS
+from ember.loader.verify import check_file_bytes
 
 
 def download_partitions(store, name: str, manifest: CheckpointManifest, raw: bytes, dest: memoryview,
@@ -88,6 +95,17 @@ def download_partitions(store, name: str, manifest: CheckpointManifest, raw: byt
         except OSError as e:
             ssd_error.append(e)
     return ssd_error[0] if ssd_error else None
+
+
+def fetch_model_files(store, name: str, manifest: CheckpointManifest) -> dict[str, bytes]:
+    """Every model file (config, tokenizer, ...) of a stored checkpoint, read once and checked
+    against its size and sha256 in the manifest (IntegrityError names the first bad one)."""
+    files = {}
+    for f in manifest.files:
+        data = store.read_bytes(name, f"{FILES_DIR}/{f.path}")
+        check_file_bytes(data, f, f"{store.uri}/{name}/{FILES_DIR}/{f.path}")
+        files[f.path] = data
+    return files
 
 
 def _open_direct_writer(path: Path) -> int | None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import CapacityError, CheckpointChanged, CheckpointError, EmberError, IntegrityError
+from ember.errors import CapacityError, CheckpointChanged, CheckpointError, EmberError
 from ember.loader import vm
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.dram import DramEntry, DramTier
@@ -35,7 +35,7 @@ from ember.loader.pipeline import (
     tensors_from_buffer,
     worker_pool,
 )
-from ember.loader.remote import download_partitions
+from ember.loader.remote import download_partitions, fetch_model_files
 from ember.loader.ssd import REF_FILE, SsdTier
 from ember.loader.store import (
     CheckpointStore,
@@ -448,48 +448,25 @@ class NodeTiers:
 
     def _download_files(self, store, name, manifest: CheckpointManifest, raw: bytes, ssd_tmp: Path | None,
                         meta_dir: Path | None) -> tuple[Path, Path | None]:
-        """Fetch and verify the model files into the DRAM entry's and the SSD entry's directories.
-        Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
-        import hashlib
-
-        targets = [d for d in (meta_dir,) if d]
-        if not targets and ssd_tmp is None:
-            targets = [self.data_dir / "files" / name]
-            shutil.rmtree(targets[0], ignore_errors=True)
-            targets[0].mkdir(parents=True)
-        for t in targets:
-            (t / FILES_DIR).mkdir(parents=True, exist_ok=True)
-            (t / MANIFEST_FILE).write_bytes(raw)
+        """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
+        directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
+        files = fetch_model_files(store, name, manifest)
         if ssd_tmp is not None:
             try:
-                (ssd_tmp / FILES_DIR).mkdir(parents=True, exist_ok=True)
+                _write_files(ssd_tmp, raw, files, manifest=False)
             except OSError as e:
                 self.ssd.abort(ssd_tmp)
                 self._ssd_unwritable(e)
                 ssd_tmp = None
-        for f in manifest.files:
-            data = store.read_bytes(name, f"{FILES_DIR}/{f.path}")
-            if hashlib.sha256(data).hexdigest() != f.sha256:
-                raise IntegrityError(f"{store.uri}/{name}/{FILES_DIR}/{f.path}: sha256 mismatch")
-            for t in targets:
-                (t / FILES_DIR / f.path).write_bytes(data)
-            if ssd_tmp is not None:
-                try:
-                    (ssd_tmp / FILES_DIR / f.path).write_bytes(data)
-                except OSError as e:
-                    self.ssd.abort(ssd_tmp)
-                    self._ssd_unwritable(e)
-                    ssd_tmp = None
-        if targets:
-            return targets[0] / FILES_DIR, ssd_tmp
+        if meta_dir is not None:
+            _write_files(meta_dir, raw, files)
+            return meta_dir / FILES_DIR, ssd_tmp
         if ssd_tmp is not None:
             return ssd_tmp / FILES_DIR, ssd_tmp
-        # the SSD tier failed and DRAM holds nothing: keep the model files beside the node's data
+        # neither a DRAM entry nor the SSD tier holds them: keep the model files beside the node's data
         fallback = self.data_dir / "files" / name
         shutil.rmtree(fallback, ignore_errors=True)
-        (fallback / FILES_DIR).mkdir(parents=True)
-        for f in manifest.files:
-            (fallback / FILES_DIR / f.path).write_bytes(store.read_bytes(name, f"{FILES_DIR}/{f.path}"))
+        _write_files(fallback, raw, files)
         return fallback / FILES_DIR, None
 
     def _pool_uploader(self, entry: DramEntry, up: DeviceUpload):
@@ -551,3 +528,12 @@ def _copy_meta(src: Path, meta_dir: Path) -> None:
         shutil.copytree(src / FILES_DIR, meta_dir / FILES_DIR, dirs_exist_ok=True)
     else:
         (meta_dir / FILES_DIR).mkdir(exist_ok=True)
+
+
+def _write_files(directory: Path, raw: bytes, files: dict[str, bytes], manifest: bool = True) -> None:
+    """Write verified model files (and the manifest's exact bytes) under `directory`."""
+    (directory / FILES_DIR).mkdir(parents=True, exist_ok=True)
+    if manifest:
+        (directory / MANIFEST_FILE).write_bytes(raw)
+    for path, data in files.items():
+        (directory / FILES_DIR / path).write_bytes(data)

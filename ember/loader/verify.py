@@ -31,16 +31,21 @@ def verified_manifest(directory: Path, ident: CheckpointIdentity) -> CheckpointM
 
 def verify_files(directory: Path, manifest: CheckpointManifest) -> None:
     """Every model file (config, tokenizer, ...) against its sha256 in the manifest."""
-    import hashlib
-
     for f in manifest.files:
         path = directory / FILES_DIR / f.path
         try:
             data = path.read_bytes()
         except OSError as e:
             raise IntegrityError(f"{path} cannot be read: {e}") from e
-        if len(data) != f.size or hashlib.sha256(data).hexdigest() != f.sha256:
-            raise IntegrityError(f"{path}: sha256 mismatch")
+        check_file_bytes(data, f, str(path))
+
+
+def check_file_bytes(data: bytes, entry: object, where: str) -> None:
+    """One model file's bytes against its manifest entry (size and sha256)."""
+    import hashlib
+
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:  # type: ignore[attr-defined]
+        raise IntegrityError(f"{where}: sha256 mismatch")
 
 
 def verify_chunks(manifest: CheckpointManifest, buf, threads: int) -> None:
