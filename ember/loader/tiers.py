@@ -110,6 +110,9 @@ class NodeTiers:
         # Verify a DRAM entry's bytes (chunk hashes) each time an instance attaches it; the
         # manifest and the model files are always verified. EMBER_DRAM_VERIFY=0 turns the bytes off.
         self.verify_dram = verify_dram
+        # Called with a ref whose DRAM entry failed verification (an attach or a scrub), after the
+        # entry is out of service: instances built on those bytes must take no new request.
+        self.on_corrupt_dram: Callable[[str], None] | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> NodeTiers:
@@ -170,6 +173,7 @@ class NodeTiers:
                 self.dram.quarantine(key)
                 log.warning("DRAM tier entry %s failed verification (%s): dropped; loading from the next tier",
                             ident.ref, e)
+                self._corrupt_dram(ident.ref)
             except BaseException:
                 self.dram.unpin(key)
                 raise
@@ -196,6 +200,13 @@ class NodeTiers:
         sd, manifest, entry, files = self._load_remote(store, ident, dev)
         return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry)
 
+    def _corrupt_dram(self, ref: str) -> None:
+        if self.on_corrupt_dram is not None:
+            try:
+                self.on_corrupt_dram(ref)
+            except Exception:  # the load (or scrub) goes on; the next scrub tells again
+                log.exception("retiring the instances on %s failed", ref)
+
     def scrub(self) -> list[str]:
         """Verify every ready DRAM entry (manifest, model files, every chunk), as an attach does;
         entries that fail are taken out of service and logged. Returns their refs, so the caller
@@ -219,6 +230,7 @@ class NodeTiers:
                 self.dram.quarantine(key)
                 log.warning("DRAM tier entry %s failed verification in a scrub (%s): dropped", ref, e)
                 bad.append(ref)
+                self._corrupt_dram(ref)
                 continue
             self.dram.unpin(key)
         return bad

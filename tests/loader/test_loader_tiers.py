@@ -403,6 +403,8 @@ def test_corrupted_dram_entry_is_set_aside_even_while_pinned(tmp_path, tiny_mode
     open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
     ref = load_file(tiny_model_dir / "model.safetensors")
     tiers = make_tiers()
+    told: list[str] = []
+    tiers.on_corrupt_dram = told.append  # the worker retires instances built on these bytes
     held = tiers.load("tiny")  # keeps the entry pinned
     entry = tiers.dram.lookup(tiers.key("tiny"))
     off, _ = entry.runs[0]
@@ -410,6 +412,7 @@ def test_corrupted_dram_entry_is_set_aside_even_while_pinned(tmp_path, tiny_mode
     pool[off + 100] ^= 0x01
     again = tiers.load("tiny")
     assert again.tier == "ssd" and _equal(again.state_dict, ref)
+    assert told == [held.ref]  # found by an attach, not a scrub: the refilled entry hides it later
     again.release()
     held.release()
     config = tiers.dram.lookup(tiers.key("tiny")).meta_dir / "files" / "config.json"
@@ -420,4 +423,21 @@ def test_corrupted_dram_entry_is_set_aside_even_while_pinned(tmp_path, tiny_mode
     fourth = tiers.load("tiny")
     assert fourth.tier == "dram"
     fourth.release()
-    assert caplog.text.count("DRAM tier entry") == 2
+    assert caplog.text.count("DRAM tier entry") == 2 and told == [held.ref] * 2
+
+
+def test_scrub_reports_corrupted_entries(tmp_path, tiny_model_dir, make_tiers) -> None:
+    """A scrub finds bytes that changed under a pinned entry, takes it out of service and tells
+    on_corrupt_dram; a clean pass reports nothing."""
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    tiers = make_tiers()
+    told: list[str] = []
+    tiers.on_corrupt_dram = told.append
+    held = tiers.load("tiny")
+    assert tiers.scrub() == [] and told == []
+    off, _ = tiers.dram.lookup(tiers.key("tiny")).runs[0]
+    tiers.dram.rw.array()[off + 200] ^= 0x01
+    assert tiers.scrub() == [held.ref] and told == [held.ref]
+    assert tiers.dram.lookup(tiers.key("tiny")) is None  # out of service
+    held.release()
+    assert tiers.load("tiny").tier == "ssd"

@@ -121,6 +121,8 @@ def test_reregistration_publishes_the_real_state(env: Env) -> None:
             env.r.delete(*keys)
     assert _until(lambda: [i["state"] for i in env.instances("rereg")] == ["ready"], 15), env.instances("rereg")
     assert env.instances("rereg")[0]["id"] == inst["id"]
+    # both workers are back (the other one held nothing, it registers again all the same)
+    assert _until(lambda: httpx.get(f"{env.url}/readyz").json().get("workers") == 2, 15)
     r = env.chat("rereg", timeout=60)
     assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"
 
@@ -138,16 +140,24 @@ def test_every_claim_matches_an_instance_a_worker_holds(env: Env) -> None:
             d = next(d for n in view.all_nodes() if n.node_id == "w0" for d in n.devices)
             return StartupEstimate("w0", d.device_id, "remote", 0.1)
 
-    def claims_match_instances() -> bool:  # every device books exactly its instances' bytes
+    def claims_match_instances() -> bool:
+        """Every device books exactly what its instances hold: each checkpoint's weights once per
+        device (instances share them) plus each instance's KV budget (claim.lua)."""
         booked: dict[str, int] = {}
+        weights: dict[tuple[str, str], int] = {}
         for i in c.instances():
-            booked[f"{i.node_id}/{i.device_id}"] = booked.get(f"{i.node_id}/{i.device_id}", 0) + i.nbytes
+            key = f"{i.node_id}/{i.device_id}"
+            booked[key] = booked.get(key, 0) + i.kv_bytes
+            weights[(key, i.checkpoint)] = i.nbytes
+        for (key, _), nbytes in weights.items():
+            booked[key] = booked.get(key, 0) + nbytes
         return all(d.memory_bytes - d.free_bytes == booked.get(d.key, 0) for d in c.node("w0").devices)
 
+    assert _until(lambda: (n := c.node("w0")) is not None and bool(n.devices), 15)  # registered (again)
     orphan = c.place(PlacementRequest(function="orphan", checkpoint="tiny", nbytes=1 << 20), OnW0())
     assert orphan is not None and c.instance(orphan.instance_id).state == "claimed"
     assert _until(lambda: c.instance(orphan.instance_id) is None, 10)  # reaped past its deadline
-    assert _until(claims_match_instances, 10)  # its claim was freed with it
+    assert _until(claims_match_instances, 10), (c.instances(), c.node("w0").devices)  # its claim was freed with it
 
     headers = {"x-ember-cluster-token": CLUSTER_TOKEN}
     gone = c.place(PlacementRequest(function="gone", checkpoint="tiny", nbytes=1 << 20), OnW0())

@@ -67,6 +67,9 @@ class WorkerNode:
         self.tiers = NodeTiers(self.data_dir, settings.resolved_store_url,
                                dram_capacity_bytes=settings.dram_capacity_bytes,
                                ssd_capacity_bytes=settings.ssd_capacity_bytes)
+        # any check that finds a DRAM entry corrupted (a scrub, or a load attaching it) retires the
+        # instances built on it: the entry is replaced, so a later scrub cannot find them again
+        self.tiers.on_corrupt_dram = lambda ref: self._retire_instances_on({ref})
         self.instances: dict[str, ModelInstance] = {}
         self.records: dict[str, InstanceRecord] = {}
         # what this worker really holds: instance id -> "loading" | "ready" | "draining". Published on
@@ -80,7 +83,7 @@ class WorkerNode:
         self._prefetching: set[str] = set()
         self._heartbeat_thread: threading.Thread | None = None
         self._scrub_thread: threading.Thread | None = None
-        self._retired: set[str] = set()  # instances built on DRAM bytes a scrub found corrupted
+        self._retired: set[str] = set()  # instances built on DRAM bytes found corrupted
         self.bandwidth_bps: dict[str, float] = {}
         self.energy: Any = None
         self.energy_device_ids: list[str] = []
@@ -168,25 +171,27 @@ class WorkerNode:
         pool takes a while."""
         while not self._stop.wait(self.settings.dram_scrub_interval_s):
             try:
-                bad = set(self.tiers.scrub())
-                if bad:
-                    self._retire_instances_on(bad)
-                self._retired &= set(self.instances)
+                self.tiers.scrub()  # retires what it finds through tiers.on_corrupt_dram
+                with self._state_lock:
+                    self._retired &= set(self.instances)
             except Exception:  # the scrub must survive anything one pass throws
                 log.exception("DRAM scrub failed")
 
     def _retire_instances_on(self, bad_refs: set[str]) -> None:
         for iid, inst in list(self.instances.items()):
             loaded = inst.loaded
-            if loaded is None or loaded.ref not in bad_refs or loaded.tier == "gpu" or iid in self._retired:
+            if loaded is None or loaded.ref not in bad_refs or loaded.tier == "gpu":
                 continue
-            self._retired.add(iid)
+            with self._state_lock:
+                if iid in self._retired:
+                    continue
+                self._retired.add(iid)
             log.warning("instance %s retired: its DRAM-tier bytes failed verification", iid)
             try:
                 self.cluster.drain(iid, force=True)
             except EmberError as e:
                 log.warning("could not mark %s draining: %s", iid, e)
-            self._drop_when_idle(iid, remove=True)
+            self.drop_when_idle(iid, remove=True)
 
     # --- energy (read-only unless configured) -----------------------------------------------
     def _start_energy_agent(self) -> None:
