@@ -1,7 +1,8 @@
 """`ember bench gateway`: what the gateway adds to a warm request, on loopback.
 
-Warm, non-streaming requests (`max_tokens` 1) are sent open-loop at increasing rates, first through
-the gateway, then straight to the worker's instance (its internal API) at the same rate; per step
+Warm, non-streaming requests (`max_tokens` 1) are sent open-loop at increasing rates, through the
+gateway and straight to the worker's instance (its internal API) in alternating quarter-second
+windows at the same rate (both see the same machine); per step
 the achieved rate, errors and latency percentiles of both, and the overhead (gateway minus direct)
 at p50 and p99. A closed-loop step with 32 clients compares the two p99s. Without `--url` the
 bench starts its own `ember up` (one worker) in a temporary directory.
@@ -72,8 +73,7 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
     via = {"url": f"{url}/v1/chat/completions", "headers": headers, "json": body}
     steps = []
     for i, rate in enumerate(rates):
-        g = asyncio.run(_open_loop(via, rate, step_s))
-        d = asyncio.run(_open_loop(direct, rate, step_s))
+        g, d = asyncio.run(_alternating_open_loop(via, direct, rate, step_s))
         steps.append(_step(rate, g, d))
         if progress:
             progress(i + 1, len(rates) + 1)
@@ -122,21 +122,27 @@ async def _call(client: httpx.AsyncClient, target: dict[str, Any], out: list[tup
     out.append((time.perf_counter() - t0, ok))
 
 
-async def _open_loop(target: dict[str, Any], rate: float, seconds: float) -> tuple[list[tuple[float, bool]], float]:
-    """Requests started at `rate` per second (not waiting for answers) for `seconds`."""
-    out: list[tuple[float, bool]] = []
+async def _alternating_open_loop(via: dict[str, Any], direct: dict[str, Any], rate: float, seconds: float,
+                                 window_s: float = 0.25) -> tuple[Any, Any]:
+    """`seconds` of each target at `rate`, in alternating windows of `window_s` (gateway, direct,
+    gateway, ...): both see the same drift of the machine (other processes, the worker's engine
+    state), where two back-to-back runs gave overheads of either sign at p99."""
+    outs: tuple[list[tuple[float, bool]], list[tuple[float, bool]]] = ([], [])
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=60.0, transport=_transport(limits)) as client:
         tasks = []
         t0 = time.perf_counter()
-        n = int(rate * seconds)
+        n = int(2 * rate * seconds)
         for i in range(n):
-            delay = t0 + i / rate - time.perf_counter()
+            at = i / rate  # a sent-request clock at `rate`; windows alternate along it
+            which = int(at / window_s) % 2
+            delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_call(client, target, out)))
+            tasks.append(asyncio.create_task(_call(client, (via, direct)[which], outs[which])))
         await asyncio.gather(*tasks)
-        return out, time.perf_counter() - t0
+        half = (time.perf_counter() - t0) / 2  # each target had half of the run
+    return (outs[0], half), (outs[1], half)
 
 
 async def _closed_loop(target: dict[str, Any], clients: int, seconds: float) -> tuple[list[tuple[float, bool]], float]:

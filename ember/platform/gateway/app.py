@@ -66,10 +66,11 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         app.state.http = httpx.AsyncClient(transport=transport)
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)))
         app.state.metrics.registry.register(FleetCollector(lambda: client, lambda: app.state.cluster))
-        app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm))
         aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
                                         socket_connect_timeout=2, health_check_interval=10,
                                         retry_on_error=[redis.ConnectionError])  # a stale pooled connection after a Redis restart
+        app.state.aredis = aclient  # the request path's client (auth, spec, limits, slots): no threadpool hops
+        app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm), aclient)
         slots = AsyncSlots(aclient, slot_ttl_s=settings.slot_ttl_s)
         app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for, slots)
         stop = asyncio.Event()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, Header, Request
 
 from ember.config import Settings
-from ember.platform.gateway.auth import KeyStore, Principal
+from ember.platform.gateway.auth import Principal, verify_async
 from ember.platform.gateway.protocol import Role
 
 
@@ -22,14 +22,16 @@ def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
-def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    return KeyStore(request.app.state.redis).verify(authorization)
+async def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """The caller, from Redis through the app's redis.asyncio client (no threadpool hop: a sync
+    dependency would take one on every request)."""
+    return await verify_async(request.app.state.aredis, authorization)
 
 
-def require_roles(*roles: Role) -> Callable[..., Principal]:
+def require_roles(*roles: Role) -> Callable[..., Any]:
     """A dependency that authenticates the caller and requires one of `roles`."""
 
-    def dep(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    async def dep(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         return principal.require(*roles)
 
     return dep

@@ -28,6 +28,8 @@ from ember.platform.gateway.protocol import (
 from ember.platform.gateway.ratelimit import estimate_tokens
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.tracing import InvocationTrace
+from ember.platform.names import check_name
+from ember.platform.state import Keys
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -116,13 +118,18 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
     app = request.app
     invoker: Invoker = app.state.invoker
     metrics = app.state.metrics
-    registry = FunctionRegistry(app.state.redis)
-    spec: FunctionSpec = await to_thread.run_sync(registry.get, body.model)
-    registry.check_invoke(spec, principal)
+    # the spec and the caller's limits in one round trip on the event loop (no threadpool hop)
+    check_name(body.model, "function name")
+    async with app.state.aredis.pipeline(transaction=False) as p:
+        p.hget(Keys.functions, body.model)
+        p.hgetall(Keys.key_limits(principal.id))
+        raw, limits_row = await p.execute()
+    spec: FunctionSpec = FunctionRegistry.parse(body.model, raw)
+    FunctionRegistry.check_invoke(spec, principal)
     prompt_chars = len(gen.prompt or "") + sum(len(m.get("content", "")) for m in gen.messages or [])
     estimated = estimate_tokens(prompt_chars, gen.max_tokens)
     try:
-        counted_at = await to_thread.run_sync(app.state.ratelimiter.admit, principal.id, estimated)
+        counted_at = await app.state.ratelimiter.admit_async(principal.id, estimated, limits_row)
     except RateLimited:
         metrics.requests.labels(spec.name, "429").inc()
         raise
@@ -279,7 +286,7 @@ class _Settle:
             return
         actual = _usage(done)["total_tokens"]
         try:
-            await to_thread.run_sync(self.limiter.settle, self.key_id, self.counted_at, self.estimated, actual)
+            await self.limiter.settle_async(self.key_id, self.counted_at, self.estimated, actual)
         except Exception as e:  # best effort: the window keeps the estimate
             log.debug("could not settle the token count of key %s: %s", self.key_id, e)
 

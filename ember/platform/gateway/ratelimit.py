@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -84,13 +85,18 @@ class KeyLimits:
 class RateLimiter:
     """Admits invocations of an API key within its per-minute limits (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, default: KeyLimits) -> None:
+    def __init__(self, client: redis.Redis, default: KeyLimits, aclient: Any = None) -> None:
+        """aclient: a redis.asyncio client for `admit_async`/`settle_async` (the request path)."""
         self.client = client
+        self.aclient = aclient
         self.default = default
         self._admit = client.register_script(_ADMIT)
+        self._aadmit = aclient.register_script(_ADMIT) if aclient is not None else None
 
     def limits(self, key_id: str) -> KeyLimits:
-        row = self.client.hgetall(Keys.key_limits(key_id))
+        return self._limits(self.client.hgetall(Keys.key_limits(key_id)))
+
+    def _limits(self, row: dict[str, str]) -> KeyLimits:
         return KeyLimits(rpm=int(row.get("rpm", self.default.rpm)), tpm=int(row.get("tpm", self.default.tpm)))
 
     def set_limits(self, key_id: str, rpm: int | None, tpm: int | None) -> KeyLimits:
@@ -108,8 +114,29 @@ class RateLimiter:
         lim = self.limits(key_id)
         if lim.rpm <= 0 and lim.tpm <= 0:
             return 0
-        ok, retry, which, now = self._admit(keys=[Keys.rate_window(key_id, "rpm"), Keys.rate_window(key_id, "tpm")],
-                                            args=[0, lim.rpm, lim.tpm, max(0, tokens)])
+        return self._admitted(lim, tokens, self._admit(keys=self._windows(key_id), args=self._args(lim, tokens)))
+
+    async def admit_async(self, key_id: str, tokens: int, limits_row: dict[str, str] | None = None) -> int:
+        """`admit` on the event loop; `limits_row`: the key's limits hash when the caller already
+        read it (in one round trip with the function's spec)."""
+        if limits_row is None:
+            limits_row = await self.aclient.hgetall(Keys.key_limits(key_id))
+        lim = self._limits(limits_row)
+        if lim.rpm <= 0 and lim.tpm <= 0:
+            return 0
+        return self._admitted(lim, tokens, await self._aadmit(keys=self._windows(key_id), args=self._args(lim, tokens)))
+
+    @staticmethod
+    def _windows(key_id: str) -> list[str]:
+        return [Keys.rate_window(key_id, "rpm"), Keys.rate_window(key_id, "tpm")]
+
+    @staticmethod
+    def _args(lim: KeyLimits, tokens: int) -> list[int]:
+        return [0, lim.rpm, lim.tpm, max(0, tokens)]
+
+    @staticmethod
+    def _admitted(lim: KeyLimits, tokens: int, result: list) -> int:
+        ok, retry, which, now = result
         if not int(ok):
             what = f"{lim.rpm} requests" if which == "rpm" else f"{lim.tpm} tokens"
             if which == "tpm" and tokens > lim.tpm:
@@ -127,6 +154,17 @@ class RateLimiter:
                 p.hincrby(key, str(second), actual - estimated)
                 p.expire(key, 61)
                 p.execute()
+
+    async def settle_async(self, key_id: str, second: int, estimated: int, actual: int) -> None:
+        """`settle` on the event loop."""
+        if not second or actual == estimated:
+            return
+        if self._limits(await self.aclient.hgetall(Keys.key_limits(key_id))).tpm > 0:
+            key = Keys.rate_window(key_id, "tpm")
+            async with self.aclient.pipeline(transaction=True) as p:
+                p.hincrby(key, str(second), actual - estimated)
+                p.expire(key, 61)
+                await p.execute()
 
 
 def estimate_tokens(prompt_chars: int, max_tokens: int) -> int:

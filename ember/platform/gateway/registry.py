@@ -21,7 +21,11 @@ class FunctionRegistry:
 
     def get(self, name: str) -> FunctionSpec:
         check_name(name, "function name")
-        raw = self.client.hget(Keys.functions, name)
+        return self.parse(name, self.client.hget(Keys.functions, name))
+
+    @staticmethod
+    def parse(name: str, raw: str | None) -> FunctionSpec:
+        """The spec stored for `name` (`raw`: its field of the functions hash, None when absent)."""
         if raw is None:
             raise FunctionNotFound(f"the model (function) {name!r} does not exist")
         return FunctionSpec.model_validate_json(raw)
