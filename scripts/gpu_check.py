@@ -363,6 +363,14 @@ def nvml_check() -> dict:
     if not devices:
         out["skipped"] = "no NVML device"
         return out
+    if torch.cuda.is_available():  # the worker's path: its CUDA devices matched to NVML by UUID
+        from ember.platform.devices import cuda_devices
+
+        gpus = cuda_devices()
+        owned = detect_devices(gpus=gpus)
+        out["worker_match"] = {"cuda": [(g.index, g.uuid) for g in gpus],
+                               "nvml": [(o.device_id, o.index) for o in owned],
+                               "all_matched": len(owned) == len([g for g in gpus if not g.mig])}
     d = NvmlDevice(0)  # allow_actuation defaults to False
     out["readings"] = {
         "name": d.name,

@@ -21,13 +21,25 @@ def nvml_device_count() -> int:
     return int(_call(pynvml.nvmlDeviceGetCount))
 
 
+def nvml_uuids() -> list[str]:
+    """Every NVML GPU's UUID, by NVML index."""
+    pynvml = _nvml()
+    out = []
+    for i in range(int(_call(pynvml.nvmlDeviceGetCount))):
+        u = _call(pynvml.nvmlDeviceGetUUID, _call(pynvml.nvmlDeviceGetHandleByIndex, i))
+        out.append(u.decode() if isinstance(u, bytes) else str(u))
+    return out
+
+
 class NvmlDevice:
     """GPU `index` as a `Device`. Units: NVML's mW/mJ are converted to W/J here."""
 
-    def __init__(self, index: int, *, allow_actuation: bool = False) -> None:
+    def __init__(self, index: int, *, allow_actuation: bool = False, device_id: str | None = None) -> None:
+        """`index`: NVML's index; `device_id`: the name the worker uses (its CUDA device, matched
+        by UUID: CUDA and NVML may number GPUs differently), default `cuda:<index>`."""
         self._nvml = _nvml()
         self.index = index
-        self.device_id = f"cuda:{index}"
+        self.device_id = device_id or f"cuda:{index}"
         self.allow_actuation = allow_actuation
         self._handle = _call(self._nvml.nvmlDeviceGetHandleByIndex, index)
         name = _call(self._nvml.nvmlDeviceGetName, self._handle)

@@ -48,3 +48,47 @@ def test_setters_refuse_without_explicit_actuation() -> None:
     with pytest.raises(DevicePermissionError, match="not enabled"):
         dev.lock_sm_clock_mhz(1500)
     assert dev.can_actuate() is False
+
+
+class _FakeNvml:
+    """NVML's device listing as a driver would answer it (no setters: nothing may change)."""
+
+    NVMLError = pynvml.NVMLError
+
+    def __init__(self, uuids: list[str]) -> None:
+        self.uuids = uuids
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802 - NVML's names
+        return len(self.uuids)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:  # noqa: N802
+        return i
+
+    def nvmlDeviceGetUUID(self, handle: int) -> bytes:  # noqa: N802
+        return self.uuids[handle].encode()
+
+    def nvmlDeviceGetName(self, handle: int) -> str:  # noqa: N802
+        return "NVIDIA H200"
+
+
+def test_a_worker_gets_its_own_gpus_matched_by_uuid(monkeypatch, caplog) -> None:
+    """A worker that owns CUDA devices 0 and 1 (CUDA_VISIBLE_DEVICES reordered them) gets the
+    NVML devices with those UUIDs, named by its CUDA ids; another worker's GPU is not among them;
+    a MIG instance is left out and, in actuate mode, its power control is refused by name."""
+    from ember.energy import nvml
+    from ember.platform.devices import GpuInfo
+
+    monkeypatch.setattr(nvml, "_nvml", lambda: _FakeNvml(["GPU-a", "GPU-b", "GPU-c", "GPU-d"]))
+    mine = [GpuInfo(0, "GPU-c", 1 << 30), GpuInfo(1, "GPU-a", 1 << 30)]
+    devices = detect_devices(gpus=mine)
+    assert [(d.device_id, d.index) for d in devices] == [("cuda:0", 2), ("cuda:1", 0)]
+    assert all(not d.allow_actuation for d in devices)
+
+    with caplog.at_level("WARNING"):
+        devices = detect_devices(gpus=[GpuInfo(0, "MIG-x", 1 << 30), GpuInfo(1, "GPU-d", 1 << 30)],
+                                 allow_actuation=True)
+    assert [(d.device_id, d.index) for d in devices] == [("cuda:1", 3)]
+    assert "MIG instance" in caplog.text and "will not change them" in caplog.text
+
+    # a CUDA device NVML does not list: no readings could be attributed, the agent stays off
+    assert detect_devices(gpus=[GpuInfo(0, "GPU-zz", 1 << 30)]) == []

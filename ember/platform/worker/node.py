@@ -201,9 +201,15 @@ class WorkerNode:
         except ImportError:
             return
         from ember.energy.restore import SettingsJournal
+        from ember.platform.devices import GpuInfo
 
         s = self.settings
-        devices = detect_devices(simulated=s.simulated_gpus, allow_actuation=s.energy_mode == "actuate", live=True)
+        gpus = [GpuInfo(int(d.device_id.partition(":")[2]), d.uuid, d.memory_bytes)
+                for d in self.devices if d.device_id.startswith("cuda:")]
+        # this worker's GPUs only (two workers on one machine never control each other's), matched
+        # to NVML by UUID; simulated devices stand in for whatever this worker serves on
+        devices = detect_devices(simulated=s.simulated_gpus, allow_actuation=s.energy_mode == "actuate", live=True,
+                                 gpus=gpus if gpus else None)
         if devices:
             # actuate mode: original limits and clocks are persisted before the first change and
             # restored on stop; a journal a killed process left behind is restored here first
@@ -213,7 +219,9 @@ class WorkerNode:
                                           phase_clocks=s.energy_phase_clocks)
             self.energy_device_ids = [d.device_id for d in devices]
             for i, d in enumerate(self.devices):  # CPU slots are accounted on emulated GPUs by index
-                self.energy.aliases.setdefault(d.device_id, self.energy_device_ids[i % len(devices)])
+                # (a real GPU is its NVML device, same id; one NVML left out, a MIG instance, has none)
+                if d.device_id not in self.energy_device_ids and (s.simulated_gpus > 0 or not d.device_id.startswith("cuda:")):
+                    self.energy.aliases.setdefault(d.device_id, self.energy_device_ids[i % len(devices)])
 
     def _energy_tick(self) -> None:
         if self.energy is None:
