@@ -35,10 +35,12 @@ def tier_bandwidth_bps(node: NodeState, tier: Tier) -> float:
     return bw
 
 
-def estimate_startup(nbytes: int, node: NodeState, device: DeviceState, tier: Tier) -> StartupEstimate:
-    """Estimated seconds until `nbytes` loaded from `tier` on `node` could serve on `device`."""
+def estimate_startup(nbytes: int, node: NodeState, device: DeviceState, tier: Tier,
+                     room_bytes: int | None = None) -> StartupEstimate:
+    """Estimated seconds until `nbytes` loaded from `tier` on `node` could serve on `device`
+    (`room_bytes`: what the claim takes there, weights + KV budget; default `nbytes`)."""
     wait = max(device.queue_s, node.tier_queue_s.get(tier, 0.0)) if node.tier_queue_s else device.queue_s
-    evict = EVICTION_S if device.free_bytes < nbytes else 0.0
+    evict = EVICTION_S if device.free_bytes < (nbytes if room_bytes is None else room_bytes) else 0.0
     seconds = wait + evict + nbytes / tier_bandwidth_bps(node, tier)
     return StartupEstimate(node.node_id, device.device_id, tier, seconds, device.awake)
 

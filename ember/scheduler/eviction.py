@@ -20,6 +20,9 @@ class IdleInstance:
     device_key: str  # "node/device"
     nbytes: int
     last_used_s: float
+    checkpoint: str = ""
+    kv_bytes: int = 0  # its KV budget: freed with it
+    holders: int = 1  # instances on its device sharing its checkpoint's weights (busy ones too)
 
 
 def choose_evictions(
@@ -31,7 +34,8 @@ def choose_evictions(
     """The idle instances to evict so that one device has `nbytes` free: on each device the least
     recently used go first, and the device needing the fewest evictions wins (then the one whose
     victims were idle longest). `spare[f]`: how many instances of function f may go (those above its
-    min_instances). [] when no device can be freed enough."""
+    min_instances). [] when no device can be freed enough. An instance frees its KV budget, and
+    its checkpoint's weights only with the last instance on the device that shares them."""
     by_device: dict[str, list[IdleInstance]] = defaultdict(list)
     for inst in idle:
         if inst.device_key in free_bytes:
@@ -39,6 +43,7 @@ def choose_evictions(
     best: tuple[tuple[int, float, str], list[IdleInstance]] | None = None
     for key, group in by_device.items():
         room, left, chosen = free_bytes[key], dict(spare), []
+        sharing = {i.checkpoint: i.holders for i in group}
         for inst in sorted(group, key=lambda i: (i.last_used_s, i.instance_id)):
             if room >= nbytes:
                 break
@@ -46,7 +51,8 @@ def choose_evictions(
                 continue
             left[inst.function] -= 1
             chosen.append(inst)
-            room += inst.nbytes
+            sharing[inst.checkpoint] -= 1
+            room += inst.kv_bytes + (inst.nbytes if sharing[inst.checkpoint] <= 0 else 0)
         if chosen and room >= nbytes:
             rank = (len(chosen), max(i.last_used_s for i in chosen), key)
             if best is None or rank < best[0]:
@@ -73,7 +79,10 @@ def plan_evictions(nbytes: int, free_bytes: Mapping[str, int], instances: Iterab
     idle ones (ready, nothing outstanding) of functions other than `for_function` may go, never
     taking a function below its `min_instances`. The gateway and the simulator both call this."""
     insts = list(instances)
-    idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s)
+    holders = Counter((i.node_id, i.device_id, getattr(i, "checkpoint", "")) for i in insts)
+    idle = [IdleInstance(i.instance_id, i.function, f"{i.node_id}/{i.device_id}", i.nbytes, i.last_used_s,
+                         getattr(i, "checkpoint", ""), getattr(i, "kv_bytes", 0),
+                         holders[(i.node_id, i.device_id, getattr(i, "checkpoint", ""))])
             for i in insts if i.state == "ready" and i.outstanding == 0 and i.function != for_function]
     if not idle:
         return []

@@ -101,24 +101,24 @@ class EmberPolicy:
         self.remote_nodes = remote_nodes  # distinct nodes read for remote estimates
 
     def place(self, request: PlacementRequest, view: ClusterView) -> StartupEstimate | None:
-        nbytes = request.nbytes
+        nbytes, need = request.nbytes, request.room_bytes  # bytes loaded; bytes claimed (weights + KV)
         choices: list[tuple[StartupEstimate, DeviceState]] = []
         holding: set[str] = set()
         for node in view.nodes_holding(request.checkpoint, limit=self.holders):
             holding.add(node.node_id)
             tier = node.holdings.get(request.checkpoint, "remote")
             for d in node.devices:
-                if can_hold(d, nbytes):
-                    choices.append((estimate_startup(nbytes, node, d, tier), d))
+                if can_hold(d, need):
+                    choices.append((estimate_startup(nbytes, node, d, tier, need), d))
         # Remote fetches onto devices with room (packing order: awake, least queued, fullest),
         # on the first few nodes they sit on (read in one go for their bandwidths).
-        room = [d for d in view.devices_with_room(nbytes, limit=self.remote_candidates) if d.node_id not in holding]
+        room = [d for d in view.devices_with_room(need, limit=self.remote_candidates) if d.node_id not in holding]
         wanted = list(dict.fromkeys(d.node_id for d in room))[: self.remote_nodes]
         nodes = {n.node_id: n for n in view.nodes(wanted)} if wanted else {}
         for d in room:
             node = nodes.get(d.node_id)
             if node is not None:
-                choices.append((estimate_startup(nbytes, node, d, "remote"), d))
+                choices.append((estimate_startup(nbytes, node, d, "remote", need), d))
         if not choices:
             return None
         best_s = min(e.seconds for e, _ in choices)
@@ -126,7 +126,7 @@ class EmberPolicy:
         near = [(e, d) for e, d in choices if e.seconds <= cutoff]
         # Keep warm instances when a near-equal choice needs no eviction; then save energy: an
         # awake device, packed tightest, so idle GPUs stay idle.
-        est, _ = min(near, key=lambda ed: (ed[1].free_bytes < nbytes, not ed[1].awake,
+        est, _ = min(near, key=lambda ed: (ed[1].free_bytes < need, not ed[1].awake,
                                            ed[1].free_bytes, ed[0].seconds))
         return est
 
@@ -150,7 +150,7 @@ class ServerlessLLMPolicy:
             else:  # the node's disk loading queue, then the disk
                 load_s = node.tier_queue_s.get("ssd", 0.0) + nbytes / self.PROBE_DISK_BPS
             for d in node.devices:
-                if d.free_bytes < nbytes:
+                if d.free_bytes < request.room_bytes:
                     continue  # no eviction: only free GPUs
                 seconds = d.queue_s + load_s
                 key = (seconds, d.instances)
@@ -158,7 +158,7 @@ class ServerlessLLMPolicy:
                     best = (seconds, d.instances, StartupEstimate(node.node_id, d.device_id, tier, seconds, d.awake))
         if best is not None:
             return best[2]
-        devices = view.devices_with_room(nbytes, limit=1, spread=True)
+        devices = view.devices_with_room(request.room_bytes, limit=1, spread=True)
         if not devices:
             return None
         d = devices[0]
@@ -172,7 +172,7 @@ class LeastLoadedPolicy:
     poll_interval_s = 0.0
 
     def place(self, request: PlacementRequest, view: ClusterView) -> StartupEstimate | None:
-        devices = view.devices_with_room(request.nbytes, limit=1, spread=True)
+        devices = view.devices_with_room(request.room_bytes, limit=1, spread=True)
         if not devices:
             return None
         d = devices[0]
@@ -201,11 +201,11 @@ class RandomPolicy:
         ids = view.node_ids()
         for _ in range(self.tries if ids else 0):
             node = view.node(self.rng.choice(ids))
-            fits = [d for d in node.devices if d.free_bytes >= request.nbytes] if node else []
+            fits = [d for d in node.devices if d.free_bytes >= request.room_bytes] if node else []
             if fits:
                 d = self.rng.choice(fits)
                 return StartupEstimate(d.node_id, d.device_id, "remote", d.queue_s, d.awake)
-        devices = view.devices_with_room(request.nbytes, limit=16, spread=True)
+        devices = view.devices_with_room(request.room_bytes, limit=16, spread=True)
         if not devices:
             return None
         d = self.rng.choice(list(devices))
@@ -228,7 +228,7 @@ class RoundRobinPolicy:
             self.cursor += 1
             node = view.node(node_id)
             for d in node.devices if node else ():
-                if d.free_bytes >= request.nbytes:
+                if d.free_bytes >= request.room_bytes:
                     return StartupEstimate(d.node_id, d.device_id, "remote", d.queue_s, d.awake)
         return None
 

@@ -70,6 +70,13 @@ class PlacementRequest:
     max_instances: int | None = None  # the claim fails atomically once the function has this many
     kv_bytes: int = 0  # claimed beyond the weights: the instance's KV-cache budget (weights are shared per device)
 
+    @property
+    def room_bytes(self) -> int:
+        """What a device must have free (or freeable) for this claim: the weights and the KV
+        budget. (A device already holding the checkpoint's weights needs only the KV budget;
+        asking for both there is conservative, never an overcommit.)"""
+        return self.nbytes + self.kv_bytes
+
 
 @dataclass(slots=True)
 class StartupEstimate:

@@ -37,6 +37,10 @@ def test_deploy_sizes_unknown_checkpoints_and_refuses_too_large(tier_cluster: Ti
     assert spec["nbytes"] == manifest.tensor_nbytes
     digest = hashlib.sha256((tier_cluster.tmp / "store" / "earlyck" / "manifest.json").read_bytes()).hexdigest()
     assert spec["checkpoint_id"] == f"file://{tier_cluster.tmp / 'store'}/earlyck#{digest}"
+    # ... and its KV budget, as a deploy with a worker up records it (claims are weights + KV)
+    r = httpx.put(f"{u}/v1/functions/early-again", headers=admin_headers(), json={"checkpoint": "earlyck"})
+    assert r.status_code == 201, r.text
+    assert spec["kv_bytes"] > 0 and spec["kv_bytes"] == r.json()["kv_bytes"]
     # a model larger than every device: 400 at deploy, not 201 and a 503 at every invoke
     r = httpx.put(f"{u}/v1/functions/huge", headers=admin_headers(), json={"checkpoint": "big"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_too_large", r.text

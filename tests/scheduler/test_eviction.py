@@ -36,3 +36,35 @@ def test_min_instances_and_missing_devices_are_respected() -> None:
     # an instance on a device the view does not know (dead node) is never chosen
     assert choose_evictions(8 * GB, free, idle, {"a": 5, "b": 5}) == [idle[0], idle[1]]
     assert choose_evictions(9 * GB, free, idle, {"a": 5, "b": 5}) == []
+
+
+def test_shared_weights_free_only_with_their_last_instance() -> None:
+    """Two instances sharing one checkpoint's weights on a device: evicting one frees its KV budget
+    only; the weights come back with the last one (claim.lua books them once per device)."""
+    from dataclasses import dataclass
+
+    from ember.scheduler.eviction import plan_evictions
+
+    @dataclass
+    class Rec:
+        instance_id: str
+        function: str
+        checkpoint: str
+        last_used_s: float
+        nbytes: int = 4 * GB
+        kv_bytes: int = 1 * GB
+        node_id: str = "n1"
+        device_id: str = "g0"
+        state: str = "ready"
+        outstanding: int = 0
+
+    recs = [Rec("a", "f", "ck", 1.0), Rec("b", "g", "ck", 2.0), Rec("c", "h", "other", 3.0)]
+    free = {"n1/g0": 0}
+    # 1 GB: the oldest alone frees its KV budget
+    assert [v.instance_id for v in plan_evictions(1 * GB, free, recs, for_function="x", min_instances={})] == ["a"]
+    # 2 GB: a frees 1 GB (b still shares the weights), b then frees 1 + 4 GB
+    assert [v.instance_id for v in plan_evictions(2 * GB, free, recs, for_function="x", min_instances={})] == ["a", "b"]
+    # 5 GB: one instance never frees 5 GB here unless it is the last holder of its weights (c: 1 + 4)
+    assert [v.instance_id for v in plan_evictions(5 * GB, free, recs, for_function="x", min_instances={})] == ["a", "b"]
+    assert [v.instance_id for v in plan_evictions(5 * GB, free, [recs[0], recs[2]], for_function="x",
+                                                  min_instances={})] == ["a"]

@@ -131,3 +131,15 @@ def test_policy_chooser_per_deployment_override() -> None:
         chooser.for_request(PlacementRequest("f", "ck", GB, policy="bogus"))
     with pytest.raises(ConfigError):
         PolicyChooser("bogus")
+
+
+def test_room_counts_the_kv_budget_as_the_claim_does() -> None:
+    """A device with room for the weights but not for weights + KV budget is not chosen: the claim
+    (weights + KV, claim.lua) would fail there every time."""
+    view = StaticView([make_node("tight", free=[10 * GB]), make_node("roomy", free=[14 * GB])])
+    req = PlacementRequest("f", "ck", 10 * GB, kv_bytes=3 * GB)
+    assert req.room_bytes == 13 * GB
+    for name in ("ember", "serverlessllm", "least_loaded", "random", "round_robin", "keepalive"):
+        est = get_policy(name, seed=0).place(req, view)
+        assert est is not None and est.node_id == "roomy", name
+    assert get_policy("ember", seed=0).place(PlacementRequest("f", "ck", 10 * GB, kv_bytes=5 * GB), view) is None

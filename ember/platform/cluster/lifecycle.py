@@ -34,8 +34,8 @@ class InstanceLifecycle(ClusterBase):
             if est is None:
                 return None
             dev = view.device(est.node_id, est.device_id)
-            if dev is not None and dev.free_bytes < request.nbytes:
-                gone = evict_for_placement(self, est.node_id, est.device_id, request.nbytes,  # type: ignore[arg-type]
+            if dev is not None and dev.free_bytes < request.room_bytes:  # weights + KV budget, as claim.lua takes
+                gone = evict_for_placement(self, est.node_id, est.device_id, request.room_bytes,  # type: ignore[arg-type]
                                            dev.free_bytes, request.function)
                 if evicted is not None:
                     evicted.extend(gone)

@@ -161,4 +161,5 @@ async def sized_spec(cluster: Any, http: httpx.AsyncClient, settings: Any, spec:
     size = await size_checkpoint(cluster, http, settings, spec.checkpoint)
     if size is None:
         return None
-    return await to_thread.run_sync(FunctionRegistry(cluster.r).set_resolved, spec, size.nbytes, size.ref)
+    return await to_thread.run_sync(FunctionRegistry(cluster.r).set_resolved, spec, size.nbytes, size.ref,
+                                    size.kv_bytes)

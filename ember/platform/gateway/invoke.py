@@ -325,7 +325,7 @@ class Invoker:
         specs = {f.name: f for f in await to_thread.run_sync(FunctionRegistry(self.cluster.r).list)}
         nodes = await to_thread.run_sync(self.cluster.nodes, idle_nodes)  # live ones
         free = {d.key: d.free_bytes for n in nodes for d in n.devices}
-        victims = plan_evictions(request.nbytes, free, instances, for_function=spec.name,
+        victims = plan_evictions(request.room_bytes, free, instances, for_function=spec.name,
                                  min_instances={f: s.scaling.min_instances for f, s in specs.items()})
         by_id = {i.instance_id: i for i in instances}
         evicted = False

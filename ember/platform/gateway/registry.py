@@ -63,10 +63,12 @@ class FunctionRegistry:
         self.client.hset(Keys.functions, name, spec.model_dump_json())
         return spec, raw is None
 
-    def set_resolved(self, spec: FunctionSpec, nbytes: int, checkpoint_id: str) -> FunctionSpec:
-        """Record a checkpoint's size and identity learned after deploy, unless the spec changed
-        meanwhile (WATCH): a redeploy's own values win. Returns the spec to use now."""
-        resolved = spec.model_copy(update={"nbytes": nbytes, "checkpoint_id": checkpoint_id})
+    def set_resolved(self, spec: FunctionSpec, nbytes: int, checkpoint_id: str, kv_bytes: int = 0) -> FunctionSpec:
+        """Record a checkpoint's size, identity and per-instance KV budget learned after deploy,
+        unless the spec changed meanwhile (WATCH): a redeploy's own values win. Returns the spec
+        to use now."""
+        resolved = spec.model_copy(update={"nbytes": nbytes, "checkpoint_id": checkpoint_id,
+                                           "kv_bytes": kv_bytes or spec.kv_bytes})
         with self.client.pipeline() as p:
             try:
                 p.watch(Keys.functions)
