@@ -142,5 +142,8 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
                 threading.Thread(target=on_sigterm, name="on-sigterm", daemon=True).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    # keep-alive longer than the gateway's pooled connections live (30 s): a server closing an idle
+    # connection just as a request goes out on it is a failure the client cannot tell from a crash
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
+                            timeout_keep_alive=75)
     _Server(config).run()

@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
             await asyncio.gather(task, node_task, *helpers, return_exceptions=True)
             if backend is not None:
                 await to_thread.run_sync(backend.close)
+            await app.state.invoker.aclose()
             await app.state.http.aclose()
             await aclient.aclose()
             client.close()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx
 import redis
@@ -30,7 +31,7 @@ from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.waiting import WaitQueues
-from ember.platform.gateway.worker_stream import Retry, prepend, worker_error, worker_events
+from ember.platform.gateway.worker_stream import Retry, error_from, prepend, worker_error, worker_events
 from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER  # noqa: F401 - some callers import it from here
 from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
@@ -85,7 +86,9 @@ class Invoker:
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
         self._room_tried: dict[str, float] = {}  # function -> when this gateway last tried evicting for it
-        self.timeout = httpx.Timeout(settings.worker_read_timeout_s, connect=settings.worker_connect_timeout_s)
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.worker_connect_timeout_s,
+                                                    sock_read=settings.worker_read_timeout_s)
+        self._stream_session: aiohttp.ClientSession | None = None
 
     def load_queues(self) -> LoadQueues:
         if self._load_queues is None:
@@ -387,28 +390,49 @@ class Invoker:
             return target, events
         raise last or WorkerError(f"no reachable instance of {spec.name!r}")
 
+    def stream_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session of the token streams (made in the running loop, closed by `aclose`)."""
+        if self._stream_session is None or self._stream_session.closed:
+            self._stream_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=30),
+                read_bufsize=1 << 20, auto_decompress=False)
+        return self._stream_session
+
+    async def _post_stream(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        session, headers = self.stream_session(), {CLUSTER_TOKEN_HEADER: self.token}
+        try:
+            return await session.post(url, json=body, headers=headers, timeout=self.stream_timeout)
+        except aiohttp.ServerDisconnectedError:  # a pooled connection closed under us: once more on a new one
+            return await session.post(url, json=body, headers=headers, timeout=self.stream_timeout)
+
+    async def aclose(self) -> None:
+        if self._stream_session is not None:
+            await self._stream_session.close()
+
     async def _start(self, target: InvocationTarget, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
-        request = self.http.build_request("POST", url, json=req.model_dump(),
-                                          headers={CLUSTER_TOKEN_HEADER: self.token}, timeout=self.timeout)
-        try:
-            resp = await self.http.send(request, stream=True)
-        except httpx.ConnectError as e:
+        try:  # connect, first byte and gaps between chunks are bounded; the whole stream is not
+            resp = await self._post_stream(url, req.model_dump())
+        except aiohttp.ClientConnectorError as e:  # refused: the worker process is gone
             await self._node_gone(target.node_id, e)
             raise Retry(WorkerError(f"worker {target.node_id} unreachable: {e}")) from e
-        except httpx.TimeoutException as e:
+        except asyncio.TimeoutError as e:
             raise Retry(WorkerTimeout(f"worker {target.node_id} did not answer within "
                                        f"{self.settings.worker_read_timeout_s:.0f}s"), stalled=True) from e
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             raise Retry(WorkerError(f"worker {target.node_id} failed before answering: {e}"), stalled=True) from e
-        if resp.status_code in (404, 409):
-            await resp.aclose()
+        if resp.status in (404, 409):
+            resp.release()
             await self._forget(target.instance_id)
             raise Retry(WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}"))
-        if resp.status_code != 200:
-            await resp.aread()
-            await resp.aclose()
-            raise worker_error(resp, f"worker {target.node_id} refused the request")
+        if resp.status != 200:
+            try:
+                body = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                body = b""
+            finally:
+                resp.release()
+            raise error_from(resp.status, resp.headers, body, f"worker {target.node_id} refused the request")
         events = worker_events(target.node_id, resp, self.settings.worker_read_timeout_s)
         try:
             first = await events.__anext__()
