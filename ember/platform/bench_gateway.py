@@ -77,6 +77,7 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
         steps.append(_step(rate, g, d))
         if progress:
             progress(i + 1, len(rates) + 1)
+    serial = asyncio.run(_serial(via, direct, 200))
     g32 = asyncio.run(_closed_loop(via, clients, step_s))
     d32 = asyncio.run(_closed_loop(direct, clients, step_s))
     closed = {"clients": clients, "gateway": _stats(g32), "direct": _stats(d32)}
@@ -85,7 +86,7 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
         progress(len(rates) + 1, len(rates) + 1)
     sustained = [s for s in steps if s["errors"] == 0 and s["rps"] >= 0.9 * s["rate_rps"]]
     summary = {"bench": "gateway", "url": url, "worker": inst["node"], "step_s": step_s, "steps": steps,
-               "closed_loop": closed,
+               "closed_loop": closed, "serial": serial,
                "highest_sustained_rps": max((s["rate_rps"] for s in sustained), default=0.0),
                "note": "overhead = gateway percentile - direct percentile at the same offered rate; "
                        "client, gateway and worker share this machine's CPUs"}
@@ -150,6 +151,20 @@ async def _alternating_open_loop(via: dict[str, Any], direct: dict[str, Any], ra
         await asyncio.gather(*tasks)
         half = (time.perf_counter() - t0) / 2  # each target had half of the run
     return (outs[0], half), (outs[1], half)
+
+
+async def _serial(via: dict[str, Any], direct: dict[str, Any], n: int) -> dict[str, Any]:
+    """One request at a time, alternating gateway and direct: what the gateway adds to a request
+    with no other load (its own work, not queueing)."""
+    g: list[tuple[float, bool]] = []
+    d: list[tuple[float, bool]] = []
+    async with _client(4) as client:
+        for _ in range(n):
+            await _call(client, via, g)
+            await _call(client, direct, d)
+    gs, ds = _stats((g, 1.0)), _stats((d, 1.0))
+    return {"requests": n, "gateway_p50_ms": gs["p50_ms"], "direct_p50_ms": ds["p50_ms"],
+            "p50_overhead_ms": round(gs["p50_ms"] - ds["p50_ms"], 2), "errors": gs["errors"] + ds["errors"]}
 
 
 async def _closed_loop(target: dict[str, Any], clients: int, seconds: float) -> tuple[list[tuple[float, bool]], float]:
