@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     ssd_capacity_bytes: int = 32 << 30
     energy_mode: Literal["observe", "recommend", "actuate"] = "recommend"
     dram_scrub_interval_s: float = 30.0  # verify the DRAM tier this often (0: only when attached)
+    # a load still running after this long is no longer reported by heartbeats: its claim lapses
+    # and is reaped (a hung read must not hold a device for ever); if it ever finishes it is dropped
+    max_load_s: float = Field(default=900.0, gt=0.0)
     simulated_gpus: int = 0  # emulated GPUs driven by the engine's steps (CPU-only machines)
     # emulated GPUs charge every step as if the model had this many billion parameters (bf16);
     # 0: the model's own size

@@ -197,3 +197,13 @@ def _start_shell(cmd: list[str], env: dict[str, str], log: Path, health_url: str
         time.sleep(0.1)
     p.stop()
     raise RuntimeError(f"worker did not become healthy:\n{p.output()}")
+
+
+def until(cond, timeout_s: float = 15.0) -> bool:
+    """Poll `cond` every 0.1 s until it holds (True) or `timeout_s` passes (its last answer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return bool(cond())

@@ -408,3 +408,65 @@ def test_heartbeat_reconciles_what_the_worker_holds(redis_url: str) -> None:
     assert c.instance(lost.instance_id) is None
     assert c.instance(pending.instance_id).state == "claimed"  # within its deadline
     assert c.instance(stale.instance_id).state == "ready"
+
+
+def test_a_request_cancelled_while_taking_a_slot_leaks_none(redis_url: str) -> None:
+    """The slot script has run in Redis but its reply is still on the way when the request that
+    sent it is cancelled (a client gone): the slot it took is given back at once, not when its
+    lease lapses. A proxy on loopback delays Redis's replies so the cancel lands in that window."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    import redis.asyncio as aredis
+
+    from ember.platform.cluster import AsyncSlots
+
+    c = _cluster(redis_url)
+    _register(c, "n", gpus=1, mem=10 * GB)
+    p = c.place(_req("cx", GB), FirstFit())
+    c.mark_ready(p.instance_id, "cx")
+    target = urlparse(redis_url)
+
+    async def scenario() -> None:
+        delay = {"s": 0.0}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delayed: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if delayed and delay["s"]:
+                        await asyncio.sleep(delay["s"])
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            r2, w2 = await asyncio.open_connection(target.hostname, target.port)
+            await asyncio.gather(pump(reader, w2, False), pump(r2, writer, True))
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        url = redis_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{port}")
+        client = aredis.Redis.from_url(url, decode_responses=True)
+        slots = AsyncSlots(client, slot_ttl_s=60)
+        assert await slots.acquire("nothing-here", 1) is None  # the script is loaded before the delay
+        delay["s"] = 0.4  # the script runs at once; its reply arrives 0.4 s later
+        task = asyncio.ensure_future(slots.acquire("cx", 1))
+        await asyncio.sleep(0.15)
+        assert c.instance(p.instance_id).outstanding == 1  # the script has run
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert slots.held == {}
+        for _ in range(40):  # given back once the reply arrives (0.4 s), far sooner than the 60 s lease
+            if c.instance(p.instance_id).outstanding == 0:
+                break
+            await asyncio.sleep(0.05)
+        await client.aclose()
+        server.close()
+
+    asyncio.run(scenario())
+    assert c.instance(p.instance_id).outstanding == 0
+    assert c.acquire_warm("cx", 1) is not None

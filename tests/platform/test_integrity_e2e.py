@@ -20,6 +20,7 @@ import pytest
 
 from ember.loader.dram import shm_dir_for
 from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers
+from tests.platform.conftest import until as _until
 
 
 def _deploy(url: str, name: str, checkpoint: str, headers: dict | None = None) -> None:
@@ -64,15 +65,6 @@ def _flip(path: Path, at: int) -> None:
 def _held(cluster: TierCluster) -> dict:
     r = httpx.get(f"{cluster.worker.url}/internal/healthz", headers={"x-ember-cluster-token": CLUSTER_TOKEN}, timeout=10)
     return r.json()["instances"]
-
-
-def _until(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return bool(cond())
 
 
 def _bump_digit(path: Path, field: str) -> None:

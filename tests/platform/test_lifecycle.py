@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ember.platform.cluster import RedisCluster
 from ember.platform.redis_server import RedisServerProcess
 from ember.scheduler.view import PlacementRequest, StartupEstimate
 from tests.platform.conftest import CLUSTER_TOKEN, Proc, admin_headers, base_env, start_gateway, start_worker
+from tests.platform.conftest import until as _until
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +50,6 @@ class Env:
         r = httpx.get(f"{self.workers[node].url}/internal/healthz", headers={"x-ember-cluster-token": CLUSTER_TOKEN},
                       timeout=10)
         return r.json()
-
-
-def _until(cond, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return bool(cond())
 
 
 @pytest.fixture(scope="module")

@@ -61,3 +61,37 @@ def test_scale_out_only_when_queueing_breaks_the_ttft_slo_and_a_cold_start_is_so
     # prefill counts against the SLO too
     assert _decide(("ready",), 2, service_s=0.4, startup_s=0.1, prefill_s=0.5)
     assert not _decide(("ready",), 2, service_s=0.4, startup_s=0.1)
+
+
+def test_the_autoscaler_loop_survives_any_exception_a_step_throws() -> None:
+    """A step that throws something no one expected (not a Redis or Ember error) is logged and the
+    next step runs: autoscaling never ends for good."""
+    from types import SimpleNamespace
+
+    from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+
+    app = SimpleNamespace(state=SimpleNamespace(settings=Settings(autoscaler_interval_s=0.01), demand=DemandMeter()))
+    loop = AutoscalerLoop(app, "gw-test")
+    thrown = [ValueError("bad"), KeyError("k"), ZeroDivisionError(), RuntimeError("x")]
+    steps: list[int] = []
+
+    async def step() -> None:
+        steps.append(len(steps))
+        if thrown:
+            raise thrown.pop(0)
+
+    loop.step = step  # type: ignore[method-assign]
+
+    async def run_a_while() -> bool:
+        task = asyncio.ensure_future(loop.run())
+        for _ in range(200):
+            if len(steps) >= 6:
+                break
+            await asyncio.sleep(0.01)
+        alive = not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return alive
+
+    assert asyncio.run(run_a_while())
+    assert len(steps) >= 6 and not thrown  # every exception thrown, and steps went on after them

@@ -5,6 +5,7 @@ acquire/release and the wake channel waiting requests listen on (no polling)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterable
@@ -71,14 +72,33 @@ class AsyncSlots:
         self.slot_ttl_s = slot_ttl_s
         self.scripts = Scripts(client, ("acquire_warm", "release_request", "renew_slots"))
         self.held: dict[str, str] = {}  # slot id -> instance id, renewed while held
+        self._giving_back: set[asyncio.Task] = set()  # releases of slots their callers never saw
 
     async def acquire(self, function: str, target_concurrency: int,
                       exclude: Iterable[str] = ()) -> InstanceRecord | None:
+        """Take a slot; the caller frees it with `release`. A request cancelled while the script
+        is in flight would never learn of the slot the script took (leaked until its lease
+        lapses): the script's call is shielded, and a slot it took for a cancelled caller is
+        given back as soon as its reply arrives."""
         slot, args = _acquire_args(target_concurrency, self.slot_ttl_s, exclude)
-        rec = _acquired(await self.scripts.acquire_warm(keys=[Keys.function_instances(function)], args=args), slot)
+        call = asyncio.ensure_future(self.scripts.acquire_warm(keys=[Keys.function_instances(function)], args=args))
+        try:
+            rec = _acquired(await asyncio.shield(call), slot)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._give_back(done, slot))
+            raise
         if rec is not None:
             self.held[slot] = rec.instance_id
         return rec
+
+    def _give_back(self, done: asyncio.Future, slot: str) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        rec = _acquired(done.result(), slot)
+        if rec is not None:
+            task = asyncio.ensure_future(self.release(rec))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
 
     async def release(self, rec: InstanceRecord) -> None:
         self.held.pop(rec.slot_id, None)

@@ -78,6 +78,8 @@ class WorkerNode:
         self.states: dict[str, str] = {}
         self._state_lock = threading.RLock()
         self._dropping: set[str] = set()
+        self._load_started: dict[str, float] = {}  # loading instance -> when its load began (monotonic)
+        self._overdue: set[str] = set()  # loads past max_load_s, no longer reported
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._prefetching: set[str] = set()
@@ -138,7 +140,7 @@ class WorkerNode:
         """One heartbeat: publish holdings and the instances held; act on Redis's answer. False when
         Redis did not know the node (the caller registers again)."""
         with self._state_lock:
-            report = list(self.states.items())
+            report = self._reported_states()
             hb = self.cluster.heartbeat(self.node_id, self.tiers.holdings(), report)
         if not hb.known:
             return False
@@ -150,6 +152,22 @@ class WorkerNode:
         if hb.removed:
             log.warning("Redis dropped claims of instances this worker does not hold: %s", ", ".join(hb.removed))
         return True
+
+    def _reported_states(self) -> list[tuple[str, str]]:
+        """What a beat reports: every instance held, except loads running past `max_load_s` (their
+        claims then lapse and are reaped; a load that finishes after that finds its claim gone and
+        is dropped). Called under _state_lock."""
+        now, out = time.monotonic(), []
+        for iid, state in self.states.items():
+            started = self._load_started.get(iid)
+            if state == "loading" and started is not None and now - started > self.settings.max_load_s:
+                if iid not in self._overdue:
+                    self._overdue.add(iid)
+                    log.warning("load of instance %s has run for %.0f s (EMBER_MAX_LOAD_S %.0f): no longer "
+                                "reported, its claim lapses", iid, now - started, self.settings.max_load_s)
+                continue
+            out.append((iid, state))
+        return out
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
@@ -249,6 +267,7 @@ class WorkerNode:
             if not self.cluster.begin_load(iid):
                 raise InstanceGone(f"instance {iid!r} is no longer claimed (reaped or given up)")
             self.states[iid] = "loading"
+            self._load_started[iid] = time.monotonic()
             self.records[iid] = rec
         try:
             device = rec.device_id if rec.device_id.startswith("cuda") else "cpu"
@@ -266,6 +285,8 @@ class WorkerNode:
             with self._state_lock:
                 self.states.pop(iid, None)
                 self.records.pop(iid, None)
+                self._load_started.pop(iid, None)
+                self._overdue.discard(iid)
             try:
                 self.cluster.remove_instance(iid)  # a failed load holds nothing: free its claim
             except EmberError as e:
@@ -274,6 +295,8 @@ class WorkerNode:
         startup_ms = (time.perf_counter() - t0) * 1000
         failure: EmberError | None = None
         with self._state_lock:
+            self._load_started.pop(iid, None)
+            self._overdue.discard(iid)
             self.instances[iid] = inst
             try:
                 ready = self.cluster.mark_ready(iid, req.function)
