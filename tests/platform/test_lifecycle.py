@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 class Env:
-    def __init__(self, redis_url: str, gateway: Proc, workers: dict[str, Proc]) -> None:
-        self.redis_url, self.gateway, self.workers = redis_url, gateway, workers
+    def __init__(self, redis_url: str, gateway: Proc, workers: dict[str, Proc], store_url: str = "") -> None:
+        self.redis_url, self.gateway, self.workers, self.store_url = redis_url, gateway, workers, store_url
         self.r = redis.Redis.from_url(redis_url, decode_responses=True)
 
     @property
@@ -59,9 +60,11 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
     tmp = tmp_path_factory.mktemp("lifecycle")
     store_url = f"file://{tmp / 'store'}"
     open_store(store_url).push(tiny_model_dir, "tiny")
+    open_store(store_url).push(tiny_model_dir, "hang")  # test_a_hung_load_...: one file becomes a FIFO
     server = RedisServerProcess(tmp / "redis", persistent=False).start()
     e = base_env(server.url, store_url, EMBER_SLO_TIMEOUT_S="20", EMBER_WORKER_READ_TIMEOUT_S="3",
-                 EMBER_CPU_SLOTS="1", EMBER_DRAIN_GRACE_S="20")
+                 EMBER_CPU_SLOTS="1", EMBER_DRAIN_GRACE_S="20", EMBER_MAX_LOAD_S="6",
+                 EMBER_CLAIM_TIMEOUT_S="8")
     procs: list[Proc] = []
     try:
         workers: dict[str, Proc] = {}
@@ -77,7 +80,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
         procs += list(workers.values())
         assert set(workers) == {"w0", "w1"}
         assert _until(lambda: httpx.get(f"{gateway.url}/readyz").json().get("workers") == 2, 20)
-        yield Env(server.url, gateway, workers)
+        yield Env(server.url, gateway, workers, store_url)
     finally:
         for p in procs:
             p.stop()
@@ -169,6 +172,50 @@ def test_every_claim_matches_an_instance_a_worker_holds(env: Env) -> None:
     assert result["r"].status_code in (200, 409)
     assert _until(lambda: late.instance_id not in env.held("w0")["instances"], 10)
     assert c.instance(late.instance_id) is None
+
+
+def test_a_hung_load_does_not_hold_its_device_for_ever(env: Env) -> None:
+    """A load that never finishes (here: a model file in the store is a FIFO nobody writes, so the
+    read blocks) stops being reported after EMBER_MAX_LOAD_S: its claim lapses and is reaped (the
+    gateway may try another, which hangs the same way), the waiting request gets a clear error, and
+    a load that finishes at last finds its claim gone and is dropped."""
+    fifo = Path(env.store_url.removeprefix("file://")) / "hang" / "files" / "tokenizer_config.json"
+    data = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    r = httpx.put(f"{env.url}/v1/functions/hang", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "hang", "scaling": {"keep_alive_s": 300, "max_instances": 1}})
+    assert r.status_code == 201, r.text
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=env.chat("hang", timeout=90)))
+    t.start()
+    assert _until(lambda: [i["state"] for i in env.instances("hang")] == ["loading"], 20), env.instances("hang")
+    t.join(60)  # the gateway's SLO timeout (20 s): a clear error, not a hang
+    assert result["r"].status_code in (502, 503, 504), result["r"].text
+    # no longer reported after 6 s, reaped 8 s later (EMBER_CLAIM_TIMEOUT_S): nothing holds a device
+    assert _until(lambda: env.instances("hang") == [], 40), env.instances("hang")
+    assert any("no longer reported" in w.log.read_text() for w in env.workers.values())
+    released = 0
+    while released < 10:  # let every blocked read go on: those loads find their claims gone
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody reads it any more
+            break
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        released += 1
+        time.sleep(0.2)
+    assert released >= 1
+
+    def nothing_of_hang_held() -> bool:
+        for n in env.workers:
+            held = env.held(n)
+            if held["loading"] or any(h["function"] == "hang" for h in held["instances"].values()):
+                return False
+        return True
+
+    assert _until(nothing_of_hang_held, 20)
+    httpx.delete(f"{env.url}/v1/functions/hang", headers=admin_headers(), timeout=30)
 
 
 def test_stalled_worker_times_out_and_the_request_goes_elsewhere(env: Env) -> None:

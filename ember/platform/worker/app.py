@@ -41,7 +41,9 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True, socket_timeout=5)
-        node = WorkerNode(settings, RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s), url)
+        # the same claim timeout as the gateway's: a beat that reports a load extends its claim by it
+        node = WorkerNode(settings, RedisCluster(client, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                                                 claim_timeout_s=settings.claim_timeout_s), url)
         await to_thread.run_sync(node.start)
         app.state.node = node
         try:
