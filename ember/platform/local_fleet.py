@@ -31,6 +31,7 @@ class _LocalInstance:
     cloud_id: str
     node_id: str
     proc: subprocess.Popen[bytes]
+    share: int = -1  # its slot in the GPU split (-1: CPU slots)
 
 
 class LocalWorkerFleet:
@@ -48,6 +49,13 @@ class LocalWorkerFleet:
         self.terminated = 0
         self._next = 0
         self._lock = threading.Lock()
+        # The machine's GPUs divided into node_max shares, one per worker (EMBER_DEVICES), as `ember
+        # up --workers N` does: two workers never register the same GPU. None: no GPUs (CPU slots).
+        # Fewer GPUs than node_max is refused here (ConfigError), before any worker starts.
+        from ember.platform.devices import split_devices, visible_gpu_ids
+
+        given = [d.strip() for d in (os.environ.get("EMBER_DEVICES") or "").split(",") if d.strip()]
+        self.shares = split_devices(given or visible_gpu_ids(), max(1, settings.node_max))
         # Workers get SIGTERM when the thread that started them exits (PR_SET_PDEATHSIG follows the
         # thread, not the process): start them all from one thread that lives as long as the gateway.
         self._spawns: queue.SimpleQueue[tuple[list[str], dict[str, str], Path, Future]] = queue.SimpleQueue()
@@ -117,12 +125,18 @@ class LocalWorkerFleet:
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "EMBER_CLOUD_INSTANCE_ID": cloud_id, "PYTHONUNBUFFERED": "1"}
         env.pop("EMBER_NODE_ID", None)
+        taken = {i.share for i in self.running.values()}
+        share = next(k for k in range(len(self.shares)) if k not in taken)  # desired <= node_max = shares
+        if self.shares[share] is not None:
+            env["EMBER_DEVICES"] = str(self.shares[share])
+        else:
+            env.pop("EMBER_DEVICES", None)
         args = [sys.executable, "-m", "ember", "worker", "--data-dir", str(self.data_dir / "nodes" / node_id),
                 "--node-id", node_id, "--host", self.host, "--port", str(port)]
         done: Future[subprocess.Popen[bytes]] = Future()
         self._spawns.put((args, env, logs / f"{node_id}.log", done))
         proc = done.result(timeout=60)
-        self.running[cloud_id] = _LocalInstance(cloud_id, node_id, proc)
+        self.running[cloud_id] = _LocalInstance(cloud_id, node_id, proc, share)
         log.info("local fleet: started %s as %s on port %d", cloud_id, node_id, port)
 
 
