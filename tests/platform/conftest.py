@@ -100,6 +100,7 @@ class TierCluster:
     node_root: Path  # the same path as the worker sees it (its own mount namespace), for faults
     tmp: Path
     small_ssd: bool  # the SSD tier is a 96 MiB tmpfs (a test can fill it)
+    env: dict[str, str] | None = None  # the processes' environment (a test may start another gateway)
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +147,7 @@ def tier_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
         else:
             procs.append(start_worker(tmp, env, "w0"))
             root = node
-        yield TierCluster(gateway, procs[1], node, root, tmp, small_ssd)
+        yield TierCluster(gateway, procs[1], node, root, tmp, small_ssd, env)
     finally:
         for p in procs:
             p.stop()

@@ -9,7 +9,7 @@ import threading
 import httpx
 
 from ember.loader.convert import read_manifest
-from tests.platform.conftest import TierCluster, admin_headers
+from tests.platform.conftest import TierCluster, admin_headers, start_gateway
 
 
 def _key(url: str, role: str, **limits: int) -> dict:
@@ -116,3 +116,33 @@ def test_a_flooding_key_gets_429_and_a_steady_key_is_unaffected(tier_cluster: Ti
     r = _chat(u, "rl", _h(small), max_tokens=64)
     assert r.status_code == 429 and r.json()["error"]["code"] == "tokens_exceed_limit"
     assert _chat(u, "rl", _h(small), max_tokens=4).status_code == 200
+
+
+def test_two_gateways_share_one_rate_window(tier_cluster: TierCluster) -> None:
+    """A key's limit holds across gateways: requests spread over two gateways on one Redis are
+    admitted up to the key's rpm in all, never rpm per gateway."""
+    u = tier_cluster.gateway.url
+    r = httpx.put(f"{u}/v1/functions/rl2", headers=admin_headers(), json={"checkpoint": "rlck"})
+    assert r.status_code in (200, 201), r.text
+    assert _chat(u, "rl2", admin_headers()).status_code == 200  # warm
+    assert tier_cluster.env is not None
+    other = start_gateway(tier_cluster.tmp, tier_cluster.env)
+    try:
+        key = _key(u, "invoker", rpm=4)
+        results: list[int] = []
+        lock = threading.Lock()
+
+        def one(url: str) -> None:
+            code = _chat(url, "rl2", _h(key)).status_code
+            with lock:
+                results.append(code)
+
+        threads = [threading.Thread(target=one, args=(url,)) for url in [u, other.url] * 5]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [200] * 4 + [429] * 6, results
+    finally:
+        other.stop()
+
