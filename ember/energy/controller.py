@@ -44,6 +44,7 @@ from typing import Literal
 
 from ember.energy.device import Device
 from ember.energy.monitor import RequestRecord
+from ember.energy.window import WindowStats, window_stats
 from ember.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -83,21 +84,6 @@ class Decision:
         d["setting"] = asdict(self.setting)
         d["previous"] = asdict(self.previous)
         return d
-
-
-@dataclass(frozen=True)
-class WindowStats:
-    """SLO outcome of one window on one device, over all its functions."""
-
-    requests: int
-    tokens: int
-    attainment: float  # fraction of requests meeting both SLOs (1.0 when empty)
-    ttft_ratio_p95: float  # highest per-function p95 (or p99) of ttft / ttft_slo
-    tpot_ratio_p95: float
-    worst_function: str | None  # the function with the highest ratio
-    s_per_token: float  # mean latency per generated token
-    eta: float  # min eta over the window's functions (the most time-sensitive decides)
-    mix: dict[str, float]  # function -> share of requests
 
 
 @dataclass
@@ -215,14 +201,14 @@ class PowerLimitController:
         energy_j, self._mark_j = energy_now - self._mark_j, energy_now
         self._windows_seen += 1
         self._banned = {k: v - 1 for k, v in self._banned.items() if v > 1}
-        stats = _window_stats(window)
+        stats = window_stats(window)
         self.last_window = stats
         if self.mode == "observe" or stats.requests == 0:
             return None
         self._update_mix(stats)
         previous = self.setting
         self._horizon.append(window)
-        rolling = _window_stats([r for w in self._horizon for r in w], quantile=0.99)
+        rolling = window_stats([r for w in self._horizon for r in w], q=0.99)
 
         if (
             rolling.attainment < self.target_attainment
@@ -441,35 +427,6 @@ class PowerLimitController:
         return True
 
 
-def _window_stats(window: Sequence[RequestRecord], quantile: float = 0.95) -> WindowStats:
-    if not window:
-        return WindowStats(0, 0, 1.0, 0.0, 0.0, None, 0.0, 1.0, {})
-    met = sum(r.meets_slo for r in window)
-    # each function's own tail: a busy function's p95 must not hide a quieter one's
-    by_fn: dict[str, list[RequestRecord]] = {}
-    for r in window:
-        by_fn.setdefault(r.function, []).append(r)
-    ttft_q = {f: _quantile(sorted(r.ttft_s / r.ttft_slo_s for r in rs), quantile) for f, rs in by_fn.items()}
-    tpot_q = {f: _quantile(sorted(r.tpot_s / r.tpot_slo_s for r in rs), quantile) for f, rs in by_fn.items()}
-    worst_fn = max(by_fn, key=lambda f: max(ttft_q[f], tpot_q[f]))
-    tokens = sum(max(r.tokens, 0) for r in window)
-    latency = sum(r.ttft_s + r.tpot_s * max(r.tokens - 1, 0) for r in window)
-    counts: dict[str, int] = {}
-    for r in window:
-        counts[r.function] = counts.get(r.function, 0) + 1
-    return WindowStats(
-        requests=len(window),
-        tokens=tokens,
-        attainment=met / len(window),
-        ttft_ratio_p95=max(ttft_q.values()),
-        tpot_ratio_p95=max(tpot_q.values()),
-        worst_function=worst_fn,
-        s_per_token=latency / tokens if tokens else 0.0,
-        eta=min(r.eta for r in window),
-        mix={f: c / len(window) for f, c in counts.items()},
-    )
-
-
 def _zeus_cost_slope(levels: dict[tuple[int, int], _Level], eta: float) -> tuple[float, float] | None:
     """(slope, standard error) per step down of the ZeusCost `eta * E/E0 + (1 - eta) * T/T0`
     (E: J/token, T: s/token, 0: the top), from a least-squares line through the profiled levels:
@@ -497,8 +454,3 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float
     resid = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
     se = (resid / (n - 2) / sxx) ** 0.5 if n > 2 and sxx > 0 else float("inf")
     return intercept, slope, se
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return sorted_values[i]

@@ -1,25 +1,36 @@
-"""Fetching a checkpoint's partitions from its store: every chunk into memory (verified) and,
-while the SSD tier can write, into the SSD tier's temporary entry at once (O_DIRECT where it can).
-A write error of the SSD tier (a full disk) costs the SSD copy, never the load."""
+"""Loading a checkpoint from its store (`load_remote`, the tiers' last resort): every chunk into
+memory (verified: the DRAM pool's new entry, or private memory) and, while the SSD tier can write,
+into the SSD tier's temporary entry at once (O_DIRECT where it can), then the model files beside
+them. A write error of the SSD tier (a full disk) costs the SSD copy, never the load."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ember.errors import IntegrityError
+from ember.errors import CapacityError, CheckpointChanged, CheckpointError, IntegrityError
+from ember.loader import vm
+from ember.loader.device import DeviceUpload
 from ember.loader.format import (
     FILES_DIR,
     MANIFEST_FILE,
     CheckpointManifest,
     chunk_hash_available,
     chunk_hasher,
+    parse_manifest,
 )
-from ember.loader.pipeline import run_parallel
+from ember.loader.identity import CheckpointIdentity, manifest_digest
+from ember.loader.pipeline import run_parallel, tensors_from_buffer
+from ember.loader.ssd import REF_FILE
 from ember.loader.store import S3_THREADS
 from ember.loader.verify import check_file_bytes
+
+if TYPE_CHECKING:
+    from ember.loader.tiers import NodeTiers
 
 
 def download_partitions(store, name: str, manifest: CheckpointManifest, raw: bytes, dest: memoryview,
@@ -155,3 +166,114 @@ class _InOrderSha256:
         if self.next * self.chunk_bytes < self.size:
             raise IntegrityError(f"sha256 of a partition asked before chunk {self.next} landed")
         return self.sha.hexdigest()
+
+
+def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
+    """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk. An SSD
+    tier that cannot write (a full disk) is skipped: the load serves from memory."""
+    import torch
+
+    name, key = ident.name, ident.key
+    raw = store.read_bytes(name, MANIFEST_FILE)
+    if manifest_digest(raw) != ident.digest:
+        raise CheckpointChanged(
+            f"{store.uri}/{name} changed in its store since it was deployed (manifest digest "
+            f"{manifest_digest(raw)[:12]}, pinned {ident.digest[:12]}): deploy the function again"
+        )
+    manifest = parse_manifest(raw)
+    for p in manifest.partitions:
+        size = store.object_size(name, p.file)
+        if size != p.size:
+            raise CheckpointError(
+                f"{store.uri}/{name}/{p.file} is {size} bytes but the manifest claims {p.size}"
+            )
+    total = manifest.total_bytes
+    files_bytes = sum(f.size for f in manifest.files)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > physical and total > tiers.dram.capacity_bytes and dev.type == "cpu":
+        raise CapacityError(f"checkpoint {name} needs {total} bytes; this node has {physical} bytes of memory")
+    ssd_tmp = None
+    if total + files_bytes + (1 << 20) <= tiers.ssd.capacity_bytes:
+        try:
+            ssd_tmp = tiers.ssd.begin(key, total + files_bytes + (1 << 20))
+        except OSError as e:
+            tiers.ssd_unwritable(e)
+    entry = None
+    try:
+        entry = tiers.dram.allocate(key, total, ref=ident.ref)
+        view = None
+        if entry is not None:
+            view = tiers.dram.writable_view(entry)
+            dest = tiers.dram.rw_slice(entry) if view is None else view.array()
+        else:
+            mapping = vm.anonymous(max(total, 1), touch=False)
+            dest = mapping.array()
+        up = DeviceUpload(total, dev) if dev.type == "cuda" else None
+        on_chunk = None
+        if up is not None:
+            host = torch.from_numpy(dest)
+            on_chunk = tiers.pool_uploader(entry, up) if entry is not None else (
+                lambda at, n: up.copy(host[at : at + n], at)
+            )
+        ssd_error = download_partitions(store, name, manifest, raw, memoryview(dest), ssd_tmp, on_chunk)
+        if ssd_error is not None:
+            tiers.ssd.abort(ssd_tmp)
+            ssd_tmp = None
+            tiers.ssd_unwritable(ssd_error)
+        meta_dir = entry.meta_dir if entry is not None else None
+        files_dir, ssd_tmp = _download_files(tiers, store, name, manifest, raw, ssd_tmp, meta_dir)
+        if ssd_tmp is not None:
+            try:
+                (ssd_tmp / REF_FILE).write_text(ident.ref)
+                tiers.ssd.commit(key, ssd_tmp)
+                files_dir = tiers.ssd.root / key / FILES_DIR
+                tiers.ssd_warned = False  # writing again: a later failure is news again
+            except OSError as e:
+                tiers.ssd.abort(ssd_tmp)
+                tiers.ssd_unwritable(e)
+            ssd_tmp = None
+        if entry is not None:
+            dest = tiers.dram.filled_view(entry, view)
+            tiers.dram.commit(key)
+            files_dir = entry.meta_dir / FILES_DIR
+    except BaseException:
+        if entry is not None:
+            tiers.dram.abort(key)
+        if ssd_tmp is not None:
+            tiers.ssd.abort(ssd_tmp)
+        raise
+    buf = up.finish() if up is not None else torch.from_numpy(dest)
+    return tensors_from_buffer(manifest, buf), manifest, entry, files_dir
+
+
+def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest, raw: bytes, ssd_tmp: Path | None,
+                    meta_dir: Path | None) -> tuple[Path, Path | None]:
+    """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
+    directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
+    files = fetch_model_files(store, name, manifest)
+    if ssd_tmp is not None:
+        try:
+            write_model_files(ssd_tmp, raw, files, manifest=False)
+        except OSError as e:
+            tiers.ssd.abort(ssd_tmp)
+            tiers.ssd_unwritable(e)
+            ssd_tmp = None
+    if meta_dir is not None:
+        write_model_files(meta_dir, raw, files)
+        return meta_dir / FILES_DIR, ssd_tmp
+    if ssd_tmp is not None:
+        return ssd_tmp / FILES_DIR, ssd_tmp
+    # neither a DRAM entry nor the SSD tier holds them: keep the model files beside the node's data
+    fallback = tiers.data_dir / "files" / name
+    shutil.rmtree(fallback, ignore_errors=True)
+    write_model_files(fallback, raw, files)
+    return fallback / FILES_DIR, None
+
+
+def write_model_files(directory: Path, raw: bytes, files: dict[str, bytes], manifest: bool = True) -> None:
+    """Write verified model files (and the manifest's exact bytes) under `directory`."""
+    (directory / FILES_DIR).mkdir(parents=True, exist_ok=True)
+    if manifest:
+        (directory / MANIFEST_FILE).write_bytes(raw)
+    for path, data in files.items():
+        (directory / FILES_DIR / path).write_bytes(data)

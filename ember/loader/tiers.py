@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import CapacityError, CheckpointChanged, CheckpointError, EmberError
+from ember.errors import CheckpointError, EmberError
 from ember.loader import vm
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
+from ember.loader.devicecopies import DeviceCopies
 from ember.loader.dram import DramEntry, DramTier
 from ember.loader.format import (
     FILES_DIR,
@@ -35,7 +36,7 @@ from ember.loader.pipeline import (
     tensors_from_buffer,
     worker_pool,
 )
-from ember.loader.remote import download_partitions, fetch_model_files
+from ember.loader.remote import load_remote
 from ember.loader.ssd import REF_FILE, SsdTier
 from ember.loader.store import (
     CheckpointStore,
@@ -105,8 +106,8 @@ class NodeTiers:
         self._lock = threading.Lock()
         self._names_lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
-        self._on_device: dict[tuple[str, str], list] = {}  # (key, device) -> [state_dict, manifest, files, refs, name]
-        self._ssd_warned = False
+        self.device_copies = DeviceCopies()  # checkpoints already on a GPU, shared by their instances
+        self.ssd_warned = False
         # Verify a DRAM entry's bytes (chunk hashes) each time an instance attaches it; the
         # manifest and the model files are always verified. EMBER_DRAM_VERIFY=0 turns the bytes off.
         self.verify_dram = verify_dram
@@ -197,7 +198,7 @@ class NodeTiers:
                 self.ssd.touch(key)
                 return self._loaded(key, ident, sd, "ssd", t0, manifest, files, dev, entry)
         store = self.store(ident.store_uri)
-        sd, manifest, entry, files = self._load_remote(store, ident, dev)
+        sd, manifest, entry, files = load_remote(self, store, ident, dev)
         return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry)
 
     def _corrupt_dram(self, ref: str) -> None:
@@ -338,7 +339,7 @@ class NodeTiers:
                 view = self.dram.writable_view(entry)
                 dest = self.dram.rw_slice(entry) if view is None else view.array()
                 up = DeviceUpload(manifest.total_bytes, dev) if dev.type == "cuda" else None
-                on_chunk = self._pool_uploader(entry, up) if up is not None else None
+                on_chunk = self.pool_uploader(entry, up) if up is not None else None
                 read_from_fds(
                     fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk,
                     stage_direct=not self.dram.huge_pages,
@@ -372,116 +373,16 @@ class NodeTiers:
         read_from_fds(fds, manifest, mapping.memoryview(), threads=self.threads)
         return tensors_from_buffer(manifest, torch.from_numpy(mapping.array())), manifest
 
-    def _load_remote(self, store: CheckpointStore, ident: CheckpointIdentity, dev):
-        """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk. An SSD
-        tier that cannot write (a full disk) is skipped: the load serves from memory."""
-        import torch
-
-        name, key = ident.name, ident.key
-        raw = store.read_bytes(name, MANIFEST_FILE)
-        if manifest_digest(raw) != ident.digest:
-            raise CheckpointChanged(
-                f"{store.uri}/{name} changed in its store since it was deployed (manifest digest "
-                f"{manifest_digest(raw)[:12]}, pinned {ident.digest[:12]}): deploy the function again"
-            )
-        manifest = parse_manifest(raw)
-        for p in manifest.partitions:
-            size = store.object_size(name, p.file)
-            if size != p.size:
-                raise CheckpointError(
-                    f"{store.uri}/{name}/{p.file} is {size} bytes but the manifest claims {p.size}"
-                )
-        total = manifest.total_bytes
-        files_bytes = sum(f.size for f in manifest.files)
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if total > physical and total > self.dram.capacity_bytes and dev.type == "cpu":
-            raise CapacityError(f"checkpoint {name} needs {total} bytes; this node has {physical} bytes of memory")
-        ssd_tmp = None
-        if total + files_bytes + (1 << 20) <= self.ssd.capacity_bytes:
-            try:
-                ssd_tmp = self.ssd.begin(key, total + files_bytes + (1 << 20))
-            except OSError as e:
-                self._ssd_unwritable(e)
-        entry = None
-        try:
-            entry = self.dram.allocate(key, total, ref=ident.ref)
-            view = None
-            if entry is not None:
-                view = self.dram.writable_view(entry)
-                dest = self.dram.rw_slice(entry) if view is None else view.array()
-            else:
-                mapping = vm.anonymous(max(total, 1), touch=False)
-                dest = mapping.array()
-            up = DeviceUpload(total, dev) if dev.type == "cuda" else None
-            on_chunk = None
-            if up is not None:
-                host = torch.from_numpy(dest)
-                on_chunk = self._pool_uploader(entry, up) if entry is not None else (
-                    lambda at, n: up.copy(host[at : at + n], at)
-                )
-            ssd_error = download_partitions(store, name, manifest, raw, memoryview(dest), ssd_tmp, on_chunk)
-            if ssd_error is not None:
-                self.ssd.abort(ssd_tmp)
-                ssd_tmp = None
-                self._ssd_unwritable(ssd_error)
-            meta_dir = entry.meta_dir if entry is not None else None
-            files_dir, ssd_tmp = self._download_files(store, name, manifest, raw, ssd_tmp, meta_dir)
-            if ssd_tmp is not None:
-                try:
-                    (ssd_tmp / REF_FILE).write_text(ident.ref)
-                    self.ssd.commit(key, ssd_tmp)
-                    files_dir = self.ssd.root / key / FILES_DIR
-                    self._ssd_warned = False  # writing again: a later failure is news again
-                except OSError as e:
-                    self.ssd.abort(ssd_tmp)
-                    self._ssd_unwritable(e)
-                ssd_tmp = None
-            if entry is not None:
-                dest = self.dram.filled_view(entry, view)
-                self.dram.commit(key)
-                files_dir = entry.meta_dir / FILES_DIR
-        except BaseException:
-            if entry is not None:
-                self.dram.abort(key)
-            if ssd_tmp is not None:
-                self.ssd.abort(ssd_tmp)
-            raise
-        buf = up.finish() if up is not None else torch.from_numpy(dest)
-        return tensors_from_buffer(manifest, buf), manifest, entry, files_dir
-
-    def _ssd_unwritable(self, err: BaseException) -> None:
+    def ssd_unwritable(self, err: BaseException) -> None:
         """The SSD tier could not write (full disk, read-only, ...): said once in the log."""
-        if not self._ssd_warned:
-            self._ssd_warned = True
+        if not self.ssd_warned:
+            self.ssd_warned = True
             log.warning("SSD tier %s cannot write (%s): serving from memory without caching on SSD",
                         self.ssd.root, err)
         else:
             log.debug("SSD tier %s still cannot write: %s", self.ssd.root, err)
 
-    def _download_files(self, store, name, manifest: CheckpointManifest, raw: bytes, ssd_tmp: Path | None,
-                        meta_dir: Path | None) -> tuple[Path, Path | None]:
-        """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
-        directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
-        files = fetch_model_files(store, name, manifest)
-        if ssd_tmp is not None:
-            try:
-                _write_files(ssd_tmp, raw, files, manifest=False)
-            except OSError as e:
-                self.ssd.abort(ssd_tmp)
-                self._ssd_unwritable(e)
-                ssd_tmp = None
-        if meta_dir is not None:
-            _write_files(meta_dir, raw, files)
-            return meta_dir / FILES_DIR, ssd_tmp
-        if ssd_tmp is not None:
-            return ssd_tmp / FILES_DIR, ssd_tmp
-        # neither a DRAM entry nor the SSD tier holds them: keep the model files beside the node's data
-        fallback = self.data_dir / "files" / name
-        shutil.rmtree(fallback, ignore_errors=True)
-        _write_files(fallback, raw, files)
-        return fallback / FILES_DIR, None
-
-    def _pool_uploader(self, entry: DramEntry, up: DeviceUpload):
+    def pool_uploader(self, entry: DramEntry, up: DeviceUpload):
         """on_chunk that copies landed bytes from the (page-locked) pool mapping to the device."""
         import torch
 
@@ -494,36 +395,24 @@ class NodeTiers:
         return on_chunk
 
     # --- bookkeeping ----------------------------------------------------------------------------
-    def _device_hit(self, name: str, dev: str, t0: float) -> LoadedCheckpoint | None:
-        with self._lock:
-            held = self._on_device.get((name, dev))
-            if held is None:
-                return None
-            held[3] += 1
-        sd, manifest, files = held[0], held[1], held[2]
+    def _device_hit(self, key: str, dev: str, t0: float) -> LoadedCheckpoint | None:
+        copy = self.device_copies.take(key, dev)
+        if copy is None:
+            return None
         return LoadedCheckpoint(
-            held[4], dict(sd), "gpu", time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest,
-            lambda: self._device_release(name, dev),
+            copy.name, dict(copy.state_dict), "gpu", time.perf_counter() - t0, copy.manifest.tensor_nbytes,
+            copy.files, copy.manifest, lambda: self.device_copies.release(key, dev),
         )
-
-    def _device_release(self, name: str, dev: str) -> None:
-        with self._lock:
-            held = self._on_device.get((name, dev))
-            if held is not None:
-                held[3] -= 1
-                if held[3] <= 0:
-                    del self._on_device[(name, dev)]
 
     def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry) -> LoadedCheckpoint:
         def release() -> None:
             if entry is not None:
                 self.dram.unpin(key)
             if dev.type == "cuda":
-                self._device_release(key, str(dev))
+                self.device_copies.release(key, str(dev))
 
         if dev.type == "cuda":
-            with self._lock:
-                self._on_device[(key, str(dev))] = [sd, manifest, files, 1, ident.name]
+            self.device_copies.hold(key, str(dev), sd, manifest, files, ident.name)
             if entry is not None:  # device bytes are private: the DRAM entry need not stay pinned
                 self.dram.unpin(key)
                 entry = None
@@ -540,12 +429,3 @@ def _copy_meta(src: Path, meta_dir: Path) -> None:
         shutil.copytree(src / FILES_DIR, meta_dir / FILES_DIR, dirs_exist_ok=True)
     else:
         (meta_dir / FILES_DIR).mkdir(exist_ok=True)
-
-
-def _write_files(directory: Path, raw: bytes, files: dict[str, bytes], manifest: bool = True) -> None:
-    """Write verified model files (and the manifest's exact bytes) under `directory`."""
-    (directory / FILES_DIR).mkdir(parents=True, exist_ok=True)
-    if manifest:
-        (directory / MANIFEST_FILE).write_bytes(raw)
-    for path, data in files.items():
-        (directory / FILES_DIR / path).write_bytes(data)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ember.loader.dram import huge_tmpfs_in
 from ember.loader.pipeline import run_parallel
+from ember.loader.shm import huge_tmpfs_in
 
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0

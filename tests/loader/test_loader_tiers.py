@@ -306,7 +306,7 @@ def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tier
 
 
 def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers) -> None:
-    from ember.loader.dram import shm_dir_for, sweep_orphan_pools
+    from ember.loader.shm import shm_dir_for, sweep_orphan_pools
 
     a = make_tiers(tmp_path / "a")
     b = make_tiers(tmp_path / "b")

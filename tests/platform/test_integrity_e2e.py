@@ -4,7 +4,7 @@ checkpoints of one name are never confused, an SSD tier on a full disk only cost
 
 Tier layout a test (or the chaos test) can fault, for a worker started with --data-dir D:
 - SSD tier: D/ssd/NAME@KEY/{manifest.json, part-00000.bin, files/config.json, ...}
-- DRAM tier: ember.loader.dram.shm_dir_for(D) (/dev/shm/ember-<hash>): `pool` (the bytes),
+- DRAM tier: ember.loader.shm.shm_dir_for(D) (/dev/shm/ember-<hash>): `pool` (the bytes),
   `index.json` (entries: runs as [first block, blocks] of `block_bytes`), meta/NAME@KEY.GEN/files/...
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ember.loader.dram import shm_dir_for
+from ember.loader.shm import shm_dir_for
 from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers
 from tests.platform.conftest import until as _until
 

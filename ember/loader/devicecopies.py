@@ -1,0 +1,50 @@
+"""Checkpoints already on a GPU: one copy per (tier entry, device), shared by the instances that
+load it there (counted), dropped with the last of them. A load that finds its checkpoint here is
+a "gpu" tier hit: no bytes move."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.loader.format import CheckpointManifest
+
+
+@dataclass
+class _Copy:
+    state_dict: dict[str, Any]
+    manifest: CheckpointManifest
+    files: Path
+    name: str
+    holders: int = 1
+
+
+class DeviceCopies:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._copies: dict[tuple[str, str], _Copy] = {}
+
+    def take(self, key: str, device: str) -> _Copy | None:
+        """The copy of entry `key` on `device`, with one more holder (give it back with
+        `release`), or None when that device holds none."""
+        with self._lock:
+            copy = self._copies.get((key, device))
+            if copy is not None:
+                copy.holders += 1
+            return copy
+
+    def hold(self, key: str, device: str, state_dict: dict[str, Any], manifest: CheckpointManifest, files: Path,
+             name: str) -> None:
+        """A copy just loaded onto `device`, held by its loader."""
+        with self._lock:
+            self._copies[(key, device)] = _Copy(state_dict, manifest, files, name)
+
+    def release(self, key: str, device: str) -> None:
+        with self._lock:
+            copy = self._copies.get((key, device))
+            if copy is not None:
+                copy.holders -= 1
+                if copy.holders <= 0:
+                    del self._copies[(key, device)]
