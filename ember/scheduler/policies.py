@@ -47,6 +47,7 @@ __all__ = [
     "EmberPolicy",
     "KeepAlivePolicy",
     "LeastLoadedPolicy",
+    "LocalCopyPolicy",
     "PolicyChooser",
     "RandomPolicy",
     "RoundRobinPolicy",
@@ -231,6 +232,31 @@ class RoundRobinPolicy:
                 if d.free_bytes >= request.room_bytes:
                     return StartupEstimate(d.node_id, d.device_id, "remote", d.queue_s, d.awake)
         return None
+
+
+class LocalCopyPolicy:
+    """Only devices of nodes holding a local copy (gpu/dram/ssd tier), fastest estimate first,
+    never `exclude`: where a load goes when one node found every copy it could reach bad (its own
+    tiers and the store's): another node's copy may still be good. Not a policy users choose."""
+
+    name = "local_copy"
+    poll_interval_s = 0.0
+
+    def __init__(self, exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        self.exclude = frozenset(exclude)
+
+    def place(self, request: PlacementRequest, view: ClusterView) -> StartupEstimate | None:
+        best: StartupEstimate | None = None
+        for node in view.nodes_holding(request.checkpoint):
+            tier = node.holdings.get(request.checkpoint)
+            if node.node_id in self.exclude or tier is None or tier == "remote":
+                continue
+            for d in node.devices:
+                if can_hold(d, request.room_bytes):
+                    est = estimate_startup(request.nbytes, node, d, tier, request.room_bytes)
+                    if best is None or est.seconds < best.seconds:
+                        best = est
+        return best
 
 
 _FACTORIES: dict[str, Callable[[int], PlacementPolicy]] = {

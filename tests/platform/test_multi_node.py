@@ -186,3 +186,32 @@ def test_energy_api_budgets_and_metrics_from_workers(cluster: Cluster) -> None:
     metrics = httpx.get(f"{cluster.url}/metrics").text
     assert 'ember_gpu_power_watts{device="sim:0",node="w0"}' in metrics
     assert "ember_energy_joules_total" in metrics and "ember_gpu_power_limit_watts" in metrics
+
+
+def test_a_bad_store_copy_is_served_from_another_nodes_good_copy(cluster: Cluster) -> None:
+    """The store's copy goes bad after one node cached a good one. A load placed on the other node
+    finds every copy it can reach bad (422 checksum_mismatch there): the gateway places it once
+    more, on the node holding a good copy, and the request succeeds."""
+    _deploy(cluster, "keeper")
+    r = cluster.chat("keeper", temperature=0)
+    assert r.status_code == 200, r.text
+    holder = r.headers["x-ember-worker"]
+    other = ({"w0", "w1"} - {holder}).pop()
+    part = cluster.tmp / "store" / "tiny" / "part-00000.bin"
+    with open(part, "r+b") as f:  # the store's only copy: one byte flipped
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0x20]))
+    # least_loaded places on the device with most free memory: the other node (keeper's instance
+    # holds memory on the holder's), which has no copy but the store's
+    put = httpx.put(f"{cluster.url}/v1/functions/second", headers=admin_headers(), timeout=60,
+                    json={"checkpoint": "tiny", "placement_policy": "least_loaded", "scaling": {"keep_alive_s": 300}})
+    assert put.status_code in (200, 201), put.text
+    r2 = cluster.chat("second", temperature=0)
+    assert r2.status_code == 200, r2.text
+    assert r2.headers["x-ember-worker"] == holder
+    assert r2.json()["choices"][0]["message"]["content"] == r.json()["choices"][0]["message"]["content"]
+    assert "checksum" in cluster.workers[other].log.read_text()  # it was tried there first, and failed
+    inst = httpx.get(f"{cluster.url}/v1/functions/second", headers=admin_headers()).json()["instances"]
+    assert [i["node"] for i in inst] == [holder]  # nothing left booked on the node that failed

@@ -36,6 +36,7 @@ from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER  # noqa: F401 - some callers import it from here
 from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
 from ember.scheduler.eviction import plan_evictions
+from ember.scheduler.policies import LocalCopyPolicy
 from ember.scheduler.routing import should_start
 from ember.scheduler.view import PlacementRequest
 
@@ -233,12 +234,35 @@ class Invoker:
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances,
                                    kv_bytes=spec.kv_bytes or self.settings.kv_budget_bytes)
+        placement = await self._place(spec, request, self.policy_for(spec))
+        if placement is None:
+            return None
+        if placed is not None:
+            placed["instance_id"] = placement.instance_id
+        try:
+            return await self._load_traced(spec, placement)
+        except EmberError as e:
+            if e.code != "checksum_mismatch":
+                raise
+            # Every copy that worker could reach was bad (its tiers were dropped, then the store's
+            # failed too): a good copy may still sit in another node's tier. Tried once.
+            retry = await self._place(spec, request, LocalCopyPolicy(exclude={placement.node_id}))
+            if retry is None:
+                raise
+            log.warning("%s: no good copy on %s (%s); loading the copy held on %s", spec.checkpoint_ref,
+                        placement.node_id, e, retry.node_id)
+            if placed is not None:
+                placed["instance_id"] = retry.instance_id
+            return await self._load_traced(spec, retry)
+
+    async def _place(self, spec: FunctionSpec, request: PlacementRequest, policy: Any) -> Any:
+        """Claim a device for `request` (making room if none has it); None when nothing fits."""
         evicted: list[InstanceRecord] = []
         try:
             with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
-                placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+                placement = await to_thread.run_sync(self.cluster.place, request, policy, evicted)
                 if placement is None and await self._make_room(spec, request):
-                    placement = await to_thread.run_sync(self.cluster.place, request, self.policy_for(spec), evicted)
+                    placement = await to_thread.run_sync(self.cluster.place, request, policy, evicted)
                 step.set(**({"ember.placed": False} if placement is None else {
                     "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
                     "ember.estimate_s": placement.estimate_s}))
@@ -246,10 +270,9 @@ class Invoker:
             for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
                 self.metrics.evictions.labels(inst.function).inc()
                 await self._drop_on_worker(inst)
-        if placement is None:
-            return None
-        if placed is not None:
-            placed["instance_id"] = placement.instance_id
+        return placement
+
+    async def _load_traced(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
         with tracing.step("ember.load", **{"ember.worker": placement.node_id}) as step:
             result = await self._load_on_worker(spec, placement)
             if result is not None:

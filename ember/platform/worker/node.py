@@ -281,7 +281,9 @@ class WorkerNode:
             except BaseException:
                 loaded.release()
                 raise
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, EmberError):
+                log.warning("load of %s (%s) failed: %s", iid, req.checkpoint, e)
             with self._state_lock:
                 self.states.pop(iid, None)
                 self.records.pop(iid, None)
