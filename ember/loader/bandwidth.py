@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
 import uuid
@@ -13,8 +15,13 @@ from ember.loader import vm
 if TYPE_CHECKING:
     from ember.loader.tiers import NodeTiers
 
+log = logging.getLogger(__name__)
+
 # Used when a tier cannot be probed (an empty store): a conservative figure for S3 from one node.
 FALLBACK_REMOTE_BPS = 200e6
+# Used when the SSD tier's disk has no room for a probe (a full disk): a conservative SATA SSD.
+FALLBACK_SSD_BPS = 500e6
+_SSD_PROBE_CHUNK = 4 << 20
 
 
 def measure_tier_bandwidth(tiers: NodeTiers, probe_bytes: int = 64 << 20) -> dict[str, float]:
@@ -38,10 +45,25 @@ def _dram_bps(nbytes: int) -> float:
 
 
 def _ssd_bps(directory, nbytes: int, threads: int) -> float:
+    """Write, fsync and read back a probe file of at most a quarter of the disk's free space (a
+    probe must not fill the disk other workers write to); a disk without room for one chunk, or
+    a write that fails (ENOSPC, read-only), gives FALLBACK_SSD_BPS: the worker still starts."""
+    try:
+        st = os.statvfs(directory)
+        nbytes = min(nbytes, st.f_bavail * st.f_frsize // 4 // _SSD_PROBE_CHUNK * _SSD_PROBE_CHUNK)
+        if nbytes < _SSD_PROBE_CHUNK:
+            raise OSError(errno.ENOSPC, f"{st.f_bavail * st.f_frsize} bytes free")
+        return _probe_file(directory, nbytes, threads)
+    except OSError as e:
+        log.warning("SSD tier %s cannot be probed (%s): assuming %.0f MB/s", directory, e, FALLBACK_SSD_BPS / 1e6)
+        return FALLBACK_SSD_BPS
+
+
+def _probe_file(directory, nbytes: int, threads: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     path = os.path.join(directory, f"probe-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    chunk = 4 << 20
+    chunk = _SSD_PROBE_CHUNK
     buf = vm.anonymous(nbytes)
     try:
         with open(path, "wb") as f:

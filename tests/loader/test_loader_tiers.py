@@ -287,6 +287,48 @@ def test_bandwidth_probe_and_env(tmp_path, tiny_model_dir, monkeypatch) -> None:
         tiers.close()
 
 
+@pytest.mark.parametrize("disk", ["full", "small"])
+def test_bandwidth_probe_on_a_full_or_small_disk(tmp_path, disk) -> None:
+    """A worker measures its tiers when it starts: an SSD tier on a disk without room for the
+    probe file (full: ENOSPC) gets a fallback figure instead of failing the start, and a small
+    disk (16 MiB, the probe asks 64) is probed with what leaves most of it free."""
+    import shutil
+
+    ssd = tmp_path / "node" / "ssd"
+    ssd.mkdir(parents=True)
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "--mount", "--", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ssd)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs unshare and mount (root) for a small tmpfs under the SSD tier")
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from ember.loader.tiers import NodeTiers
+        tiers = NodeTiers({str(tmp_path / "node")!r}, "file://{tmp_path / "store"}", dram_capacity_bytes=8 << 20)
+        try:
+            bw = tiers.measure_bandwidth(probe_bytes=64 << 20)
+        finally:
+            tiers.close(destroy_dram=True)
+        st = os.statvfs({str(ssd)!r})
+        print(json.dumps({{"bw": bw, "left": os.listdir({str(ssd / ".tmp")!r}), "free": st.f_bavail * st.f_frsize}}))
+    """))
+    fill = f"mkdir {ssd / '.tmp'} && dd if=/dev/zero of={ssd / 'filler'} bs=1M 2>/dev/null; " if disk == "full" else ""
+    r = subprocess.run(["unshare", "--mount", "--", "sh", "-c",
+                        f"mount -t tmpfs -o size=16m tmpfs {ssd} && {fill}exec {sys.executable} {script}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from ember.loader.bandwidth import FALLBACK_SSD_BPS
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["bw"]) == {"dram", "ssd", "remote"} and all(v > 0 for v in out["bw"].values())
+    assert out["left"] == []  # no probe file left behind
+    if disk == "full":
+        assert out["bw"]["ssd"] == FALLBACK_SSD_BPS and out["free"] == 0
+        assert "cannot be probed" in r.stderr
+    else:
+        assert out["bw"]["ssd"] != FALLBACK_SSD_BPS and "cannot be probed" not in r.stderr
+
+
 def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tiers) -> None:
     from ember.loader.tiers import NodeTiers
 

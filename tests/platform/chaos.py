@@ -4,19 +4,23 @@ afterwards from Redis and the workers.
 
 Faults: SIGKILL a worker (the supervisor restarts it), pause a worker (SIGSTOP, SIGCONT after a
 while), SIGKILL Redis (the supervisor restarts it from its AOF), a client that drops its stream
-mid-way, a flipped byte in a node's SSD-tier partition.
+mid-way, a flipped byte in a node's SSD-tier partition, a full disk under the SSD tiers (where the
+test gives the nodes a small filesystem: tests/platform/smalldisk.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,6 +49,17 @@ class Chaos:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     degraded_seen: int = 0
+    checkpoint: str = "tiny"  # the functions' checkpoint: fresh copies of it answer as it does
+    no_small_disk: str = ""  # why fill_ssd is skipped; "" when <data_dir>/nodes is a small filesystem
+    cold_starts: Counter = field(default_factory=Counter)  # load tier -> cold starts answered
+    cold_starts_while_full: Counter = field(default_factory=Counter)  # the same, while the disk was full
+    full_s: float = 0.0  # seconds the disk was full, all fills together
+    faults_while_full: Counter = field(default_factory=Counter)
+    filler: Path | None = None
+    full: threading.Event = field(default_factory=threading.Event)
+    _full_since: float = 0.0
+    _full_faults_left: int = 0
+    _fresh: int = 0
 
     @property
     def url(self) -> str:
@@ -69,16 +84,22 @@ class Chaos:
 
     def request(self, rng: random.Random, client: httpx.Client) -> Outcome:
         fn, prompt, stream = rng.choice(self.functions), rng.choice(PROMPTS), rng.random() < 0.5
+        return self.invoke(client, fn, prompt, stream)
+
+    def invoke(self, client: httpx.Client, fn: str, prompt: str, stream: bool) -> Outcome:
+        """One chat completion, judged: complete (the reference text), a clear error, or bad."""
         try:
             if not stream:
                 r = client.post(f"{self.url}/v1/chat/completions", json=self.body(fn, prompt, False))
                 if r.status_code == 200:
+                    self.count_cold_start(r.headers)
                     return self.check_text(prompt, r.json()["choices"][0]["message"]["content"])
                 return self.clear_error(r.status_code, r.text)
             text, done = "", False
             with client.stream("POST", f"{self.url}/v1/chat/completions", json=self.body(fn, prompt, True)) as r:
                 if r.status_code != 200:
                     return self.clear_error(r.status_code, r.read().decode(errors="replace"))
+                self.count_cold_start(r.headers)
                 for line in r.iter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -94,6 +115,14 @@ class Chaos:
             return self.check_text(prompt, text) if done else Outcome("bad", "stream ended without [DONE]")
         except httpx.HTTPError as e:
             return Outcome("bad", f"client saw {e.__class__.__name__}: {e}")
+
+    def count_cold_start(self, headers: httpx.Headers) -> None:
+        if headers.get("x-ember-cold-start") == "true":
+            tier = headers.get("x-ember-load-tier", "?")
+            with self.lock:
+                self.cold_starts[tier] += 1
+                if self.full.is_set():
+                    self.cold_starts_while_full[tier] += 1
 
     def check_text(self, prompt: str, text: str) -> Outcome:
         if text != self.reference[prompt]:
@@ -181,21 +210,89 @@ class Chaos:
             except FileNotFoundError:  # the entry was evicted meanwhile
                 pass
 
+    def fill_ssd(self, rng: random.Random) -> None:
+        """A full disk under the SSD tiers: a filler file in one node's SSD tier written until
+        ENOSPC (the nodes share the small disk, as `ember up`'s workers share a machine's), kept
+        across the next one or two faults (a worker restarted, Redis restarted, ... on a full
+        disk), then removed. Cold starts of the clients' functions are DRAM or SSD hits, which
+        write nothing; so a function on a checkpoint no node holds yet is deployed and invoked
+        while the disk is full: its load from the store cannot write the SSD tier and must
+        serve from memory."""
+        if self.no_small_disk or self.filler is not None:
+            return
+        tiers = sorted((self.platform.data_dir / "nodes").glob("*/ssd"))
+        if not tiers:
+            return
+        self.filler = rng.choice(tiers) / "filler"
+        _fill_until_enospc(self.filler)
+        self._full_faults_left = rng.randint(1, 2)
+        self._full_since = time.monotonic()
+        self.full.set()
+        self.cold_start_fresh_checkpoint()
+
+    def free_ssd(self) -> None:
+        if self.filler is not None:
+            self.filler.unlink(missing_ok=True)
+            self.filler = None
+            self.full.clear()
+            self.full_s += time.monotonic() - self._full_since
+
+    def cold_start_fresh_checkpoint(self) -> None:
+        """Push a fresh copy of the functions' checkpoint (another name: no tier holds it), deploy
+        a function on it and invoke it until one answer is complete (each answer judged)."""
+        from ember.loader import open_store
+
+        store = open_store(self.platform.settings.store_url or f"file://{self.platform.data_dir / 'store'}")
+        source = self.platform.data_dir / "fresh-source"  # outside the store: push copies it
+        if not source.exists():
+            shutil.copytree(store.local_dir(self.checkpoint), source)
+        self._fresh += 1
+        fn = f"fresh-{self._fresh}"
+        store.push(source, fn)
+        deadline = time.monotonic() + 15  # Redis may be restarting from an earlier fault
+        while not self.stop.is_set():
+            try:
+                r = httpx.put(f"{self.url}/v1/functions/{fn}", headers=self.headers, timeout=30,
+                              json={"checkpoint": fn, "scaling": {"max_instances": 1, "keep_alive_s": 3}})
+                if r.status_code in (200, 201):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+        with httpx.Client(headers=self.headers, timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+            for _ in range(3):
+                out = self.invoke(client, fn, PROMPTS[0], stream=False)
+                with self.lock:
+                    self.outcomes.append(out)
+                if out.kind != "error" or self.stop.is_set():
+                    break
+                time.sleep(0.5)
+
     # A flipped byte in the DRAM tier is caught by the worker's scrub within its interval, not at
-    # once, so it is not injected here; a full SSD tier needs a small filesystem under the worker
-    # (tests/platform/test_integrity_e2e.py mounts one), which `ember up` does not give.
-    FAULTS = ("kill_worker", "pause_worker", "restart_redis", "drop_stream", "flip_tier_byte")
+    # once, so it is not injected here.
+    FAULTS = ("kill_worker", "pause_worker", "restart_redis", "drop_stream", "flip_tier_byte", "fill_ssd")
 
     def fault_loop(self, every_s: float) -> None:
         rng = random.Random(self.seed)
         order: list[str] = []
-        while not self.stop.wait(rng.uniform(0.5, 1.5) * every_s):
-            if not order:  # every fault once per round, in a seeded order
-                order = list(self.FAULTS)
-                rng.shuffle(order)
-            name = order.pop()
-            self.faults[name] += 1
-            getattr(self, name)(rng)
+        try:
+            while not self.stop.wait(rng.uniform(0.5, 1.5) * every_s):
+                if not order:  # every fault once per round, in a seeded order
+                    order = list(self.FAULTS)
+                    rng.shuffle(order)
+                name = order.pop()
+                self.faults[name] += 1
+                was_full = self.filler is not None
+                getattr(self, name)(rng)
+                if was_full:
+                    self.faults_while_full[name] += 1
+                    self._full_faults_left -= 1
+                    if self._full_faults_left <= 0:
+                        self.free_ssd()
+        finally:
+            self.free_ssd()
 
     def run(self, duration_s: float, clients: int = 4, every_s: float = 3.0) -> None:
         threads = [threading.Thread(target=self.client_loop, args=(k,), daemon=True) for k in range(clients)]
@@ -261,3 +358,19 @@ class Chaos:
         finally:
             r.close()
         return out
+
+
+def _fill_until_enospc(path: Path) -> None:
+    """Write zeros to `path` until its filesystem has no byte left (a short write, then ENOSPC)."""
+    block = bytes(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                return
+    finally:
+        os.close(fd)

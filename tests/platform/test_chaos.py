@@ -1,7 +1,12 @@
 """Chaos under a real `ember up` (Redis, gateway, 2 workers): seeded load on three functions while
-workers are SIGKILLed and paused, Redis is SIGKILLed, clients drop streams and a byte flips in an
-SSD-tier partition; then invariants are
-checked from Redis and the workers (see tests/platform/chaos.py).
+workers are SIGKILLed and paused, Redis is SIGKILLed, clients drop streams, a byte flips in an
+SSD-tier partition and the disk under the SSD tiers fills up; then invariants are checked from
+Redis and the workers (see tests/platform/chaos.py).
+
+The nodes' data directories (<data_dir>/nodes, each node's SSD tier in <node>/ssd) are on a 64 MiB
+tmpfs, mounted before the platform starts in a mount namespace of the thread that runs the test
+(tests/platform/smalldisk.py): the full disk is real (ENOSPC) and the machine sees nothing of it.
+Without root or unshare the test runs on a plain directory and skips that fault, saying why.
 
 Bounded for the normal suite (EMBER_CHAOS_S seconds of faults, default 25); a longer run:
 `EMBER_CHAOS_S=600 EMBER_CHAOS_SEED=7 pytest tests/platform/test_chaos.py`."""
@@ -21,6 +26,7 @@ from ember.config import Settings
 from ember.platform.redis_server import free_port
 from ember.platform.supervisor import Platform, UpOptions
 from tests.platform.chaos import Chaos
+from tests.platform.smalldisk import on_small_disk
 
 pytestmark = pytest.mark.slow
 ADMIN = "chaos-admin-key-0123456789"
@@ -28,6 +34,13 @@ TOKEN = "chaos-cluster-token-0123456789"
 
 
 def test_chaos_keeps_every_invariant(tmp_path: Path) -> None:
+    # a tiny checkpoint takes 0.8 MB in an SSD tier: 64 MiB hold both nodes' entries many times over
+    on_small_disk(tmp_path / "data" / "nodes", "64m", lambda no_small_disk: _run_chaos(tmp_path, no_small_disk))
+
+
+def _run_chaos(tmp_path: Path, no_small_disk: str) -> None:
+    if no_small_disk:
+        print(f"fill_ssd skipped: {no_small_disk}")
     duration_s = float(os.environ.get("EMBER_CHAOS_S", "25"))
     seed = int(os.environ.get("EMBER_CHAOS_SEED", "1"))
     env = {"EMBER_HEARTBEAT_INTERVAL_S": "0.3", "EMBER_HEARTBEAT_TTL_S": "2", "EMBER_AUTOSCALER_INTERVAL_S": "0.3",
@@ -42,7 +55,7 @@ def test_chaos_keeps_every_invariant(tmp_path: Path) -> None:
         platform.start(echo=lambda _: None)
         supervisor = threading.Thread(target=platform.wait, daemon=True)
         supervisor.start()
-        chaos = Chaos(platform, ADMIN, ["c0", "c1", "c2"], seed=seed)
+        chaos = Chaos(platform, ADMIN, ["c0", "c1", "c2"], seed=seed, no_small_disk=no_small_disk)
         for fn in chaos.functions:
             r = httpx.put(f"{platform.url}/v1/functions/{fn}", headers=chaos.headers, timeout=60,
                           json={"checkpoint": "tiny", "scaling": {"max_instances": 2, "target_concurrency": 2,
@@ -55,8 +68,14 @@ def test_chaos_keeps_every_invariant(tmp_path: Path) -> None:
         kinds = {k: sum(1 for o in chaos.outcomes if o.kind == k) for k in ("complete", "error", "dropped", "bad")}
         errors = Counter(o.detail for o in chaos.outcomes if o.kind == "error")
         print(f"chaos seed={seed} {duration_s:.0f}s: faults {dict(chaos.faults)}, outcomes {kinds}, "
-              f"errors {dict(errors)}, restarts {platform.restarts}")
+              f"errors {dict(errors)}, restarts {platform.restarts}, cold starts {dict(chaos.cold_starts)}, "
+              f"while the disk was full ({chaos.full_s:.1f} s): cold starts {dict(chaos.cold_starts_while_full)}, "
+              f"faults {dict(chaos.faults_while_full)}")
         assert problems == [], problems
+        if chaos.faults["fill_ssd"] and not no_small_disk:  # the full disk was met, and only cost the cache
+            assert sum(chaos.cold_starts_while_full.values()) > 0
+            logs = "".join(f.read_text(errors="replace") for f in (platform.data_dir / "logs").glob("node-*.log"))
+            assert "cannot write" in logs
         assert kinds["complete"] > 0
         assert sum(v for k, v in platform.restarts.items() if k != "redis") >= 1 or not chaos.faults["kill_worker"]
         assert platform.restarts.get("redis", 0) == chaos.faults["restart_redis"]  # restarted, from its AOF
