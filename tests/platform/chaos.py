@@ -27,6 +27,7 @@ import httpx
 import redis
 
 from ember.platform.state import Keys
+from tests.platform.conftest import flip_byte
 
 PROMPTS = ["Hello", "Tell me a story", "What is Ember?", "Count to five", "The sky is"]
 
@@ -201,12 +202,7 @@ class Chaos:
         if files:
             f = rng.choice(files)
             try:
-                with open(f, "r+b") as fh:
-                    fh.seek(rng.randrange(max(1, f.stat().st_size)))
-                    b = fh.read(1)
-                    if b:
-                        fh.seek(-1, os.SEEK_CUR)
-                        fh.write(bytes([b[0] ^ 0x40]))
+                flip_byte(f, rng.randrange(max(1, f.stat().st_size)), 0x40)
             except FileNotFoundError:  # the entry was evicted meanwhile
                 pass
 

@@ -200,6 +200,18 @@ def _start_shell(cmd: list[str], env: dict[str, str], log: Path, health_url: str
     raise RuntimeError(f"worker did not become healthy:\n{p.output()}")
 
 
+def flip_byte(path: Path, at: int, mask: int = 0x01) -> bool:
+    """XOR the byte at offset `at` of `path` with `mask`; False when the file has no byte there."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        if not b:
+            return False
+        f.seek(at)
+        f.write(bytes([b[0] ^ mask]))
+    return True
+
+
 def until(cond, timeout_s: float = 15.0) -> bool:
     """Poll `cond` every 0.1 s until it holds (True) or `timeout_s` passes (its last answer)."""
     deadline = time.monotonic() + timeout_s

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from ember.loader.shm import shm_dir_for
-from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers
+from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers, flip_byte
 from tests.platform.conftest import until as _until
 
 
@@ -54,14 +54,6 @@ def _dram_entry(node_dir: Path, name: str) -> tuple[Path, dict, int]:
     return shm, {"key": key, **e}, index["block_bytes"]
 
 
-def _flip(path: Path, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        b = f.read(1)
-        f.seek(at)
-        f.write(bytes([b[0] ^ 0x01]))
-
-
 def _held(cluster: TierCluster) -> dict:
     r = httpx.get(f"{cluster.worker.url}/internal/healthz", headers={"x-ember-cluster-token": CLUSTER_TOKEN}, timeout=10)
     return r.json()["instances"]
@@ -84,7 +76,7 @@ def test_a_flipped_byte_in_any_tier_is_healed_never_served(tier_cluster: TierClu
 
     # DRAM tier: one byte of the entry's tensor bytes
     shm, e, block = _dram_entry(tier_cluster.node_dir, "victim")
-    _flip(shm / "pool", e["runs"][0][0] * block + 4096 + 7)
+    flip_byte(shm / "pool", e["runs"][0][0] * block + 4096 + 7)
     r = _cold(u, "f", "victim")
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "ssd"
 
@@ -97,9 +89,9 @@ def test_a_flipped_byte_in_any_tier_is_healed_never_served(tier_cluster: TierClu
     # SSD tier partition and config.json, with the DRAM entry bad too: the store serves, and the
     # tiers are whole again afterwards (the next cold start is a clean DRAM hit)
     shm, e, block = _dram_entry(tier_cluster.node_dir, "victim")
-    _flip(shm / "pool", e["runs"][0][0] * block + 11)
+    flip_byte(shm / "pool", e["runs"][0][0] * block + 11)
     ssd_entry = tier_cluster.node_root / "ssd" / e["key"]
-    _flip(ssd_entry / "part-00000.bin", 5000)
+    flip_byte(ssd_entry / "part-00000.bin", 5000)
     _bump_digit(ssd_entry / "files" / "config.json", "rms_norm_eps")
     r = _cold(u, "f", "victim")
     assert _text(r) == reference and r.headers["x-ember-load-tier"] == "remote"
@@ -120,7 +112,7 @@ def test_corruption_under_a_warm_instance_is_retired_by_the_scrub(tier_cluster: 
     assert warm.headers["x-ember-load-tier"] == "warm"
     (old,) = [i for i, h in _held(tier_cluster).items() if h["function"] == "warmf"]
     shm, e, block = _dram_entry(tier_cluster.node_dir, "scrubck")
-    _flip(shm / "pool", e["runs"][0][0] * block + 4096 + 9)
+    flip_byte(shm / "pool", e["runs"][0][0] * block + 4096 + 9)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         r = _chat(u, "warmf")
@@ -172,7 +164,7 @@ def test_ssd_tier_on_a_full_disk_serves_from_memory(tier_cluster: TierCluster) -
             assert _text(r) == first and r.headers["x-ember-load-tier"] == "dram"
         # a DRAM miss after that: still served from the store, still said once
         shm, e, block = _dram_entry(tier_cluster.node_dir, "third")
-        _flip(shm / "pool", e["runs"][0][0] * block + 3)
+        flip_byte(shm / "pool", e["runs"][0][0] * block + 3)
         r = _cold(u, "f3", "third")
         assert _text(r) == first and r.headers["x-ember-load-tier"] == "remote"
         assert tier_cluster.worker.log.read_text().count("cannot write") == 1

@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from ember.platform.redis_server import RedisServerProcess
-from tests.platform.conftest import CLUSTER_TOKEN, Proc, admin_headers, base_env, start_gateway, start_worker
+from tests.platform.conftest import (
+    CLUSTER_TOKEN,
+    Proc,
+    admin_headers,
+    base_env,
+    flip_byte,
+    start_gateway,
+    start_worker,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -198,11 +206,7 @@ def test_a_bad_store_copy_is_served_from_another_nodes_good_copy(cluster: Cluste
     holder = r.headers["x-ember-worker"]
     other = ({"w0", "w1"} - {holder}).pop()
     part = cluster.tmp / "store" / "tiny" / "part-00000.bin"
-    with open(part, "r+b") as f:  # the store's only copy: one byte flipped
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 0x20]))
+    assert flip_byte(part, 100, 0x20)  # the store's only copy: one byte flipped
     # least_loaded places on the device with most free memory: the other node (keeper's instance
     # holds memory on the holder's), which has no copy but the store's
     put = httpx.put(f"{cluster.url}/v1/functions/second", headers=admin_headers(), timeout=60,
