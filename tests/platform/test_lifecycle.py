@@ -103,6 +103,33 @@ def test_dropped_streams_release_their_slots(env: Env) -> None:
     assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"
 
 
+def _frozen(env: Env, node: str) -> int:
+    text = httpx.get(f"{env.workers[node].url}/metrics", headers={"x-ember-cluster-token": CLUSTER_TOKEN},
+                     timeout=10).text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("ember_worker_gc_frozen_objects ")]
+    return int(float(line.split()[1]))
+
+
+def test_loaded_models_stay_out_of_full_collections_and_go_with_their_instance(env: Env) -> None:
+    """A full garbage collection traverses every object the worker holds (a 191 ms stall of all its
+    requests once a model was built). The worker freezes what exists after startup and after each
+    load (full collections skip it) and releases a dropped model (tests/platform/test_heap.py: even
+    one caught in a reference cycle)."""
+    before = {n: _frozen(env, n) for n in env.workers}
+    assert all(v > 50_000 for v in before.values()), before  # torch and transformers, frozen at start
+    env.deploy("heap", max_instances=1)
+    r = env.chat("heap")
+    assert r.status_code == 200
+    node = r.headers["x-ember-worker"]
+    loaded = _frozen(env, node)
+    assert loaded > before[node]  # the model's objects joined the frozen ones
+    assert httpx.delete(f"{env.url}/v1/functions/heap", headers=admin_headers(), timeout=60).status_code in (200, 204)
+    assert _until(lambda: all(i["function"] != "heap" for i in env.held(node)["instances"].values()), 20), \
+        env.held(node)
+    after = _frozen(env, node)
+    assert after < loaded  # the dropped model's objects were released, not kept frozen
+
+
 def test_reregistration_publishes_the_real_state(env: Env) -> None:
     """After Redis forgets the ephemeral state (a restart without persistence), workers register
     again with what they hold: the instance comes back ready, never stuck "loading"."""
@@ -260,3 +287,4 @@ def test_sigterm_lets_streams_in_flight_finish(env: Env) -> None:
     r = env.chat("term", timeout=60)
     assert r.status_code == 200 and r.headers["x-ember-worker"] != node
     assert env.workers[node].proc.wait(30) in (0, -signal.SIGTERM)  # it exits once drained (uvicorn re-raises)
+

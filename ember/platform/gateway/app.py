@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ember.config import Settings
 from ember.errors import EmberError, StateUnavailable
-from ember.platform import energy_api, energy_state
+from ember.platform import energy_api, energy_state, heap
 from ember.platform.cloud import make_backend
 from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         backend = make_backend(settings)  # the machines under the platform (None: nobody scales nodes)
         node_task = asyncio.create_task(NodeScalerLoop(app, gateway_id, backend).run(), name="nodescaler")
         node_task.add_done_callback(log_task_errors)
+        heap.settle()  # what startup built (fastapi, pydantic, redis-py...) out of every later full collection
         try:
             yield
         finally:

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def render_engine_metrics(node_id: str, instances: list[Any]) -> tuple[bytes, str]:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+def render_engine_metrics(node_id: str, instances: list[Any], *, frozen_objects: int | None = None) -> tuple[bytes, str]:
+    """The engines' metrics, plus the process's garbage-collector counters (collections per
+    generation) and, when given, the objects frozen out of full collections (worker.heap)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
     class _Engines:
@@ -37,6 +39,15 @@ def render_engine_metrics(node_id: str, instances: list[Any]) -> tuple[bytes, st
                 steps.add_metric(lv, float(s["steps"]))
             yield from (usage, budget, batch, queue, preempt, steps)
 
+    class _Heap:
+        def collect(self) -> Iterator[Metric]:
+            if frozen_objects is not None:
+                yield GaugeMetricFamily("ember_worker_gc_frozen_objects",
+                                        "Objects in the permanent generation: skipped by full garbage collections",
+                                        value=float(frozen_objects))
+
     registry = CollectorRegistry()
     registry.register(_Engines())
+    registry.register(_Heap())
+    GCCollector(registry=registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
+from ember.platform import heap
 from ember.platform.cluster import RedisCluster
 from ember.platform.http_common import error_response, install_error_handlers
 from ember.platform.runtime.engine import GenerationDone, TokenDelta
@@ -123,7 +124,8 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         from ember.platform.runtime.metrics import render_engine_metrics
 
         node: WorkerNode = request.app.state.node
-        body, content_type = render_engine_metrics(node.node_id, list(node.instances.values()))
+        body, content_type = render_engine_metrics(node.node_id, list(node.instances.values()),
+                                                    frozen_objects=heap.frozen())
         return Response(body, media_type=content_type)
 
     app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))  # outside the token dependency

@@ -17,6 +17,7 @@ from typing import Any
 
 from ember.config import Settings
 from ember.errors import EmberError, InstanceGone, NotFound
+from ember.platform import heap
 from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
 from ember.platform.runtime.engine import ModelInstance
 from ember.platform.wire import GenerateRequest, LoadRequest, LoadResult
@@ -103,6 +104,7 @@ class WorkerNode:
         if self.settings.dram_scrub_interval_s > 0:
             self._scrub_thread = threading.Thread(target=self._scrub_loop, name="dram-scrub", daemon=True)
             self._scrub_thread.start()
+        heap.settle()  # torch, transformers and the tiers are built: full collections skip them from now on
 
     def stop(self) -> None:
         self._stop.set()
@@ -324,6 +326,7 @@ class WorkerNode:
         except EmberError as e:
             log.warning("could not record the load's bandwidth: %s", e)
         log.info("instance %s of %s ready in %.1f ms from %s", req.instance_id, req.function, startup_ms, loaded.tier)
+        heap.settle()  # after the answer's timing: the model's objects out of every later full collection
         return LoadResult(instance_id=req.instance_id, tier=loaded.tier, startup_ms=startup_ms, nbytes=loaded.nbytes)
 
     def prefetch(self, checkpoint: str) -> bool:
@@ -383,6 +386,7 @@ class WorkerNode:
                         log.warning("could not remove %s from Redis: %s", instance_id, e)
             if inst is not None:
                 inst.close()
+                heap.reclaim()  # its model was frozen with everything else: collected now, once
                 log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
         finally:
             if claimed:
