@@ -221,7 +221,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             ssd_tmp = None
             tiers.ssd_unwritable(ssd_error)
         meta_dir = entry.meta_dir if entry is not None else None
-        files_dir, ssd_tmp = _download_files(tiers, store, name, manifest, raw, ssd_tmp, meta_dir)
+        files_dir, ssd_tmp = _download_files(tiers, store, name, key, manifest, raw, ssd_tmp, meta_dir)
         if ssd_tmp is not None:
             try:
                 (ssd_tmp / REF_FILE).write_text(ident.ref)
@@ -246,8 +246,8 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
     return tensors_from_buffer(manifest, buf), manifest, entry, files_dir
 
 
-def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest, raw: bytes, ssd_tmp: Path | None,
-                    meta_dir: Path | None) -> tuple[Path, Path | None]:
+def _download_files(tiers: NodeTiers, store, name, key: str, manifest: CheckpointManifest, raw: bytes,
+                    ssd_tmp: Path | None, meta_dir: Path | None) -> tuple[Path, Path | None]:
     """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
     directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
     files = fetch_model_files(store, name, manifest)
@@ -263,17 +263,43 @@ def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest,
         return meta_dir / FILES_DIR, ssd_tmp
     if ssd_tmp is not None:
         return ssd_tmp / FILES_DIR, ssd_tmp
-    # neither a DRAM entry nor the SSD tier holds them: keep the model files beside the node's data
-    fallback = tiers.data_dir / "files" / name
-    shutil.rmtree(fallback, ignore_errors=True)
-    write_model_files(fallback, raw, files)
-    return fallback / FILES_DIR, None
+    return _fallback_files(tiers, key, raw, files), None
+
+
+def _fallback_files(tiers: NodeTiers, key: str, raw: bytes, files: dict[str, bytes]) -> Path:
+    """Neither a DRAM entry nor the SSD tier holds the model files (a checkpoint larger than the
+    DRAM tier, the SSD tier full or too small): they go beside the node's data, under the
+    checkpoint's identity key (never its bare name: two stores may both have a `llama`), else, on a
+    disk that cannot write them, into the node's shared-memory directory (a few MB of memory)."""
+    disk = tiers.data_dir / "files" / key
+    try:
+        write_model_files(disk, raw, files)
+        return disk / FILES_DIR
+    except OSError as e:
+        shutil.rmtree(disk, ignore_errors=True)
+        tiers.ssd_unwritable(e)
+    memory = tiers.dram.dir / "files" / key
+    write_model_files(memory, raw, files)
+    return memory / FILES_DIR
 
 
 def write_model_files(directory: Path, raw: bytes, files: dict[str, bytes], manifest: bool = True) -> None:
-    """Write verified model files (and the manifest's exact bytes) under `directory`."""
+    """Write verified model files (and the manifest's exact bytes) under `directory`, each file
+    replaced whole (a temporary file renamed over it): an instance reading a file while another load
+    writes the same one sees the old bytes or the new, never half of either."""
     (directory / FILES_DIR).mkdir(parents=True, exist_ok=True)
     if manifest:
-        (directory / MANIFEST_FILE).write_bytes(raw)
+        _replace(directory / MANIFEST_FILE, raw)
     for path, data in files.items():
-        (directory / FILES_DIR / path).write_bytes(data)
+        _replace(directory / FILES_DIR / path, data)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

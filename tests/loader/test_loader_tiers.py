@@ -329,6 +329,51 @@ def test_bandwidth_probe_on_a_full_or_small_disk(tmp_path, disk) -> None:
         assert out["bw"]["ssd"] != FALLBACK_SSD_BPS and "cannot be probed" not in r.stderr
 
 
+def test_a_full_disk_and_a_small_dram_tier_still_load_from_the_store(tmp_path) -> None:
+    """A checkpoint larger than the DRAM tier, on a node whose disk is full (SSD tier and data dir
+    both): nothing can cache it, and its model files (config, tokenizer) can be written nowhere on
+    disk. The load still succeeds from the store, the files kept in the node's shared memory, and
+    nothing is left there once the tiers close."""
+    import shutil
+
+    node = tmp_path / "node"
+    node.mkdir()
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "--mount", "--", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(node)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs unshare and mount (root) for a small tmpfs under the node's data dir")
+    open_store(f"file://{tmp_path / 'store'}").push(_hf(tmp_path / "hf", 12, 7), "big")  # 7.5 MiB
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from ember.loader.tiers import NodeTiers
+        tiers = NodeTiers({str(node)!r}, "file://{tmp_path / "store"}", dram_capacity_bytes=4 << 20)
+        out = {{}}
+        try:
+            for i in range(2):
+                got = tiers.load("big")
+                out[f"tier{{i}}"] = got.tier
+                out["config"] = json.loads((got.model_files / "config.json").read_text())
+                out["files"] = str(got.model_files)
+                got.release()
+        finally:
+            tiers.close(destroy_dram=True)
+        out["left"] = os.path.exists(out.get("files", ""))
+        print(json.dumps(out))
+    """))
+    fill = f"dd if=/dev/zero of={node / 'filler'} bs=1M 2>/dev/null; "
+    r = subprocess.run(["unshare", "--mount", "--", "sh", "-c",
+                        f"mount -t tmpfs -o size=16m tmpfs {node} && {fill}exec {sys.executable} {script}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["tier0"] == out["tier1"] == "remote"  # cached nowhere, and served both times
+    assert out["config"] == json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert not out["files"].startswith(str(node))
+    assert out["left"] is False  # the shared-memory copy went with the tiers
+    assert r.stderr.count("cannot write") == 1  # said once
+
+
 def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tiers) -> None:
     from ember.loader.tiers import NodeTiers
 
