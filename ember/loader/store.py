@@ -82,11 +82,11 @@ class CheckpointStore(ABC):
         src = Path(src_dir)
         if is_converted(src):
             verify_checkpoint(src)
-            return self._push_converted(src, name, progress)
+            return self._push_converted(src, name, progress, scratch=False)
         with tempfile.TemporaryDirectory(prefix="ember-push-", dir=self._scratch_dir()) as tmp:
             out = Path(tmp) / name
             convert_checkpoint(src, out)
-            return self._push_converted(out, name, progress)
+            return self._push_converted(out, name, progress, scratch=True)
 
     @abstractmethod
     def list(self) -> list[CheckpointInfo]:
@@ -121,7 +121,9 @@ class CheckpointStore(ABC):
         return None
 
     @abstractmethod
-    def _push_converted(self, src: Path, name: str, progress: bool) -> CheckpointInfo: ...
+    def _push_converted(self, src: Path, name: str, progress: bool, *, scratch: bool) -> CheckpointInfo:
+        """Upload converted `src` as `name`; `scratch`: src is this push's own conversion (it may be
+        moved or consumed); otherwise it is the user's and is only read."""
 
     def _scratch_dir(self) -> str | None:
         return None
@@ -188,11 +190,11 @@ class FileStore(CheckpointStore):
         self.root.mkdir(parents=True, exist_ok=True)
         return str(self.root)
 
-    def _push_converted(self, src: Path, name: str, progress: bool) -> CheckpointInfo:
+    def _push_converted(self, src: Path, name: str, progress: bool, *, scratch: bool) -> CheckpointInfo:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         try:
-            if src.parent == self.root:  # converted in our scratch space: just move it
+            if scratch:  # converted in our scratch space (inside the root): just move it
                 os.replace(src, tmp)
             else:
                 _copy_tree(src, tmp, progress)
@@ -294,7 +296,7 @@ class S3Store(CheckpointStore):
                 dest[got : got + len(buf)] = buf
                 got += len(buf)
 
-    def _push_converted(self, src: Path, name: str, progress: bool) -> CheckpointInfo:
+    def _push_converted(self, src: Path, name: str, progress: bool, *, scratch: bool) -> CheckpointInfo:
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=16 << 20, max_concurrency=S3_THREADS)

@@ -81,3 +81,21 @@ def test_bench_loader_writes_json_and_plot(tmp_path) -> None:
     for r_ in doc["results"].values():
         assert r_["seconds"] > 0 and r_["gbps"] > 0 and len(r_["all"]) == 1
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_pushing_a_stores_own_checkpoint_under_another_name_keeps_both(tmp_path, tiny_model_dir) -> None:
+    """`ember checkpoint push <store root>/a b`: a checkpoint already in a file store, copied under a
+    new name. The source is the user's: it must stay (it was moved, and `a` vanished from the store)."""
+    runner = CliRunner()
+    root = tmp_path / "store"
+    store = f"file://{root}"
+    r = runner.invoke(app, ["checkpoint", "push", str(tiny_model_dir), "a", "--store", store])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["checkpoint", "push", str(root / "a"), "b", "--store", store])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["checkpoint", "ls", "--store", store])
+    assert sorted(c["name"] for c in json.loads(r.output.strip().splitlines()[-1])) == ["a", "b"]
+    for name in ("a", "b"):
+        r = runner.invoke(app, ["checkpoint", "verify", str(root / name)])
+        assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["ok"], r.output
+    assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp-", "ember-push-"))]  # no scratch left
