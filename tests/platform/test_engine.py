@@ -215,3 +215,45 @@ def test_device_claim_counts_shared_weights_once(redis_url: str) -> None:
     assert claimed() == 700  # the weights stay while b uses them
     c.remove_instance(b.instance_id)
     assert claimed() == 0
+
+
+def test_watch_delivers_every_event_to_a_sink_in_order_and_stop_cancels(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """The worker's relay without a thread per request: events already queued when the sink is
+    attached come first, the text equals `stream`'s, and stopping before the end cancels the sequence
+    and leaves no request counted active."""
+    inst = _instance(model_and_tokenizer)
+    try:
+        req = GenerateRequest(prompt=PROMPTS[1], max_tokens=12, temperature=0)
+        reference, _ = _collect(inst.generate(req))
+        got: list[Any] = []
+        finished = threading.Event()
+
+        def sink(ev: Any) -> None:  # the engine's thread
+            got.append(ev)
+            if isinstance(ev, GenerationDone):
+                finished.set()
+
+        seq = inst.submit(req)
+        while not seq.out and seq.finish is None:  # some events are queued before anyone listens
+            threading.Event().wait(0.002)
+        stop = inst.watch(seq, sink)
+        assert finished.wait(30)
+        stop()
+        stop()  # idempotent
+        text, done = _collect(got)
+        assert text == reference and len(done) == 1 and done[0].completion_tokens == len(seq.out)
+        assert inst.active == 0
+
+        inst.eos_ids = set()  # runs to max_tokens unless cancelled
+        long = inst.submit(GenerateRequest(prompt=PROMPTS[0], max_tokens=200, temperature=0))
+        stop = inst.watch(long, lambda ev: None)
+        assert inst.active == 1
+        stop()  # the listener went away mid-way
+        deadline = threading.Event()
+        for _ in range(500):
+            if long.finish is not None:
+                break
+            deadline.wait(0.01)
+        assert long.finish == "cancelled" and len(long.out) < 200 and inst.active == 0
+    finally:
+        inst.close()

@@ -10,7 +10,7 @@ what tests and benches call); `generate_alone` runs the request-at-a-time loop i
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ember.errors import BadRequest
@@ -142,6 +142,27 @@ class ModelInstance:
             seq.cancelled.set()  # also ends the watcher
             with self._lock:
                 self._active -= 1
+
+    def watch(self, seq: Sequence, sink: Callable[[Any], None]) -> Callable[[], None]:
+        """`stream` without a thread to read it: the sequence's events go to `sink` (called on the
+        engine's thread, must not block). Returns `stop`, to call once the caller stops listening
+        (it cancels the sequence if unfinished); idempotent."""
+        with self._lock:
+            self._active += 1
+        seq.attach(sink)
+        stopped = threading.Event()
+
+        def stop() -> None:
+            if stopped.is_set():
+                return
+            stopped.set()
+            if seq.finish is None:
+                self.engine.cancel(seq)
+            seq.cancelled.set()
+            with self._lock:
+                self._active -= 1
+
+        return stop
 
     def generate(self, req: GenerateRequest, cancelled: threading.Event | None = None,
                  ids: list[int] | None = None) -> Iterator[TokenDelta | GenerationDone]:

@@ -32,6 +32,8 @@ class Sequence:
         self.detok = Detokenizer(tokenizer, ids, req.stop)
         self.out: list[int] = []
         self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sink: Any = None  # set by `attach`: events go to it instead of `events`
+        self._sink_lock = threading.Lock()
         self.cancelled = threading.Event()
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
@@ -51,7 +53,7 @@ class Sequence:
         self.last = token
         text = self.detok.add(token)
         if text:
-            self.events.put(TokenDelta(text))
+            self._emit(TokenDelta(text))
         if self.detok.stopped:
             self.finish = "stop"
         elif len(self.out) >= self.max_tokens:
@@ -66,18 +68,38 @@ class Sequence:
         if self.finish != "cancelled":
             rest = self.detok.flush()
             if rest:
-                self.events.put(TokenDelta(rest))
+                self._emit(TokenDelta(rest))
         t_end = time.perf_counter()
         t_first = self.t_first or t_end
-        self.events.put(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_end - t_first))
+        self._emit(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_end - t_first))
         if self.on_end is not None:
             self.on_end(self.finish)
 
     def fail(self, err: EmberError) -> None:
         self.finish = "error"
-        self.events.put(err)
+        self._emit(err)
+
+    def _emit(self, ev: Any) -> None:
+        with self._sink_lock:
+            sink = self._sink
+            if sink is None:
+                self.events.put(ev)
+                return
+        sink(ev)
 
     # --- request side ---------------------------------------------------------------------------
+    def attach(self, sink: Any) -> None:
+        """Deliver every event (those already queued first, in order) to `sink` instead of the
+        queue `stream` reads: it is called on the engine's thread and must not block (an event
+        loop's call_soon_threadsafe: no thread per request to relay them)."""
+        with self._sink_lock:
+            while True:
+                try:
+                    sink(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            self._sink = sink
+
     def stream(self) -> Iterator[TokenDelta | GenerationDone]:
         """The events, ending with GenerationDone; an EmberError from the engine is raised."""
         while True:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -133,30 +132,22 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
 
 
 async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) -> AsyncIterator[bytes]:
-    """Relay the sequence's events (its engine runs them); cancel it when the client goes away."""
+    """Relay the sequence's events (its engine runs them); cancel it when the client goes away.
+    The engine's thread hands each event to this loop directly (no relay thread per request)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
-    def produce() -> None:
+    def sink(ev: Any) -> None:  # on the engine's thread
         try:
-            for ev in inst.stream(seq):
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-        except EmberError as e:
-            loop.call_soon_threadsafe(queue.put_nowait, e)
-        except Exception as e:  # reported to the client as a worker error, logged here
-            log.exception("generation failed on %s", inst.instance_id)
-            loop.call_soon_threadsafe(queue.put_nowait, EmberError(f"generation failed: {e.__class__.__name__}"))
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # the loop is closed (worker stopping): nobody is listening
+            pass
 
     energy_mark = node.begin_request_energy(inst)
-    thread = threading.Thread(target=produce, name=f"gen-{inst.instance_id}", daemon=True)
-    thread.start()
+    stop = inst.watch(seq, sink)
     try:
         while True:
             ev = await queue.get()
-            if ev is None:
-                break
             if isinstance(ev, TokenDelta):
                 yield json.dumps({"text": ev.text}).encode() + b"\n"
             elif isinstance(ev, GenerationDone):
@@ -166,8 +157,9 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) 
                     "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
                     "energy_j": node.end_request_energy(energy_mark),
                 }}).encode() + b"\n"
+                break
             elif isinstance(ev, EmberError):
                 yield json.dumps(ev.to_openai()).encode() + b"\n"
+                break
     finally:
-        if seq.finish is None:
-            inst.engine.cancel(seq)  # client gone: the engine drops it before its next step
+        stop()  # client gone before the end: the engine drops the sequence before its next step
