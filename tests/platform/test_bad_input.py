@@ -88,10 +88,11 @@ def test_chunked_body_past_the_limit_gets_413(gateway: Proc) -> None:
 
 
 def test_cli_prints_one_line_for_io_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """`ember checkpoint push` into a full store (a 1 MiB tmpfs in a private mount namespace)."""
+    """`ember checkpoint push` into a full store (a 512 KiB tmpfs in a private mount namespace: the
+    tiny checkpoint is 737 KiB)."""
     store = tmp_path / "store"
     store.mkdir()
-    cmd = f"mount -t tmpfs -o size=1m tmpfs {store} && exec {sys.executable} -m ember checkpoint push " \
+    cmd = f"mount -t tmpfs -o size=512k tmpfs {store} && exec {sys.executable} -m ember checkpoint push " \
           f"{tiny_model_dir} tiny --store file://{store}"
     if not shutil.which("unshare"):
         pytest.skip("needs unshare")
