@@ -18,7 +18,7 @@ class Keys:
     functions = PREFIX + "functions"  # hash: name -> FunctionSpec JSON
 
     @staticmethod
-    def api_key(key_hash: str) -> str:  # hash: id, role, name, owner, created
+    def api_key(key_hash: str) -> str:  # hash: id, role, name, owner, created, rpm, tpm (limits; absent: defaults)
         return f"{PREFIX}apikey:{key_hash}"
 
     api_key_ids = PREFIX + "apikeys"  # hash: id -> key_hash
@@ -29,7 +29,7 @@ class Keys:
 
     # --- per-key rate limits (platform: gateway/ratelimit.py) ---------------------------
     @staticmethod
-    def key_limits(key_id: str) -> str:  # hash: rpm, tpm (absent: the gateway's defaults)
+    def key_limits(key_id: str) -> str:  # legacy hash: rpm, tpm (now fields of the key's api_key hash)
         return f"{PREFIX}limits:{key_id}"
 
     @staticmethod

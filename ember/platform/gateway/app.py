@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
             t.add_done_callback(log_task_errors)
         try:
             await to_thread.run_sync(KeyStore(client).bootstrap_admin, settings.resolved_admin_key())
+            await to_thread.run_sync(app.state.ratelimiter.adopt_legacy_limits)
         except redis.RedisError as e:
             log.warning("could not write the bootstrap admin key yet (Redis unavailable): %s", e)
         scaler = AutoscalerLoop(app, gateway_id)

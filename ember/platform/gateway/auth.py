@@ -46,11 +46,14 @@ class KeyStore:
         """Make `key` the bootstrap admin key (replacing an earlier bootstrap key)."""
         old = self.client.hget(Keys.api_key_ids, BOOTSTRAP_ID)
         new_hash = hash_key(key)
+        kept = {}  # the limits an admin set on the bootstrap key survive its rotation
+        if old and old != new_hash:
+            kept = {k: v for k, v in self.client.hgetall(Keys.api_key(old)).items() if k in ("rpm", "tpm")}
         with self.client.pipeline(transaction=True) as p:
             if old and old != new_hash:
                 p.delete(Keys.api_key(old))
             p.hset(Keys.api_key(new_hash), mapping={"id": BOOTSTRAP_ID, "role": "admin", "name": "bootstrap",
-                                                    "created": time.time()})
+                                                    "created": time.time(), **kept})
             p.hset(Keys.api_key_ids, BOOTSTRAP_ID, new_hash)
             p.execute()
 
@@ -110,7 +113,7 @@ def key_row_for(authorization: str | None) -> str:
 
 
 def principal_of(row: dict[str, str]) -> Principal:
-    if not row:
+    if not row or "id" not in row or "role" not in row:
         raise Unauthorized("invalid API key")
     return Principal(id=row["id"], role=row["role"], name=row.get("name", ""))
 

@@ -82,6 +82,7 @@ class Invoker:
         self.slots = slots
         self.queues = WaitQueues()
         self.waiting_for_room = 0  # requests of this gateway whose placement found no room (node scaler input)
+        self._releasing: set[asyncio.Task[None]] = set()  # release_soon's tasks, kept until done
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
         self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
@@ -192,6 +193,16 @@ class Invoker:
                     await to_thread.run_sync(self.cluster.release_request, target.record or target.instance_id)
             except (EmberError, redis.RedisError, OSError) as e:
                 log.warning("could not release a slot of instance %s (%s): its lease lapses", target.instance_id, e)
+
+    def release_soon(self, target: InvocationTarget) -> None:
+        """`release` in a task of its own, so an answer already complete goes out without waiting
+        for the round trip to Redis (a waiting request is woken by the release either way). The
+        task is not the request's: a client that goes away does not cancel it."""
+        if target.released:
+            return
+        task = asyncio.ensure_future(self.release(target))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _should_start(self, spec: FunctionSpec) -> bool:
         """The scheduler's scale-out rule (`routing.should_start`, the simulator's too) on what this
@@ -429,6 +440,8 @@ class Invoker:
             return await session.post(url, json=body, headers=headers, timeout=self.stream_timeout)
 
     async def aclose(self) -> None:
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._stream_session is not None:
             await self._stream_session.close()
 

@@ -7,14 +7,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, NamedTuple
 
 import anyio
 from anyio import to_thread
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ember.errors import BadRequest, EmberError, RateLimited
+from ember.platform.gateway.auth import Principal, key_row_for, principal_of
 from ember.platform.gateway.deps import AnyPrincipal
 from ember.platform.gateway.invoke import InvocationTarget, Invoker
 from ember.platform.gateway.protocol import (
@@ -47,7 +48,9 @@ async def list_models(request: Request, principal: AnyPrincipal) -> dict[str, An
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, principal: AnyPrincipal) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           authorization: Annotated[str | None, Header()] = None) -> Any:
+    caller = await _caller(request, authorization, body.model)
     for m in body.messages:
         kind = m.non_text_part()
         if kind is not None:
@@ -55,17 +58,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
                              code="unsupported_parameter")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     gen = _generate_request(body, request, DEFAULT_CHAT_MAX_TOKENS, messages=messages)
-    return await _invoke(request, principal, body, gen, chat=True)
+    return await _invoke(request, caller, body, gen, chat=True)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, principal: AnyPrincipal) -> Any:
+async def completions(body: CompletionRequest, request: Request,
+                      authorization: Annotated[str | None, Header()] = None) -> Any:
+    caller = await _caller(request, authorization, body.model)
     try:
         prompt = body.prompt_text()
     except ValueError as e:
         raise BadRequest(str(e)) from e
     gen = _generate_request(body, request, DEFAULT_COMPLETION_MAX_TOKENS, prompt=prompt)
-    return await _invoke(request, principal, body, gen, chat=False, echo=prompt if body.echo else "")
+    return await _invoke(request, caller, body, gen, chat=False, echo=prompt if body.echo else "")
 
 
 def _generate_request(body: _Sampling, request: Request, default_max: int, **kw: Any) -> GenerateRequest:
@@ -113,27 +118,41 @@ def _not_utf8(value: Any, where: str = "body") -> str | None:
     return None
 
 
-async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, gen: GenerateRequest, *,
+class _Caller(NamedTuple):
+    principal: Principal
+    key_row: dict[str, str]  # its API-key hash: role, and its limits
+    spec_raw: str | None
+
+
+async def _caller(request: Request, authorization: str | None, model: str) -> _Caller:
+    """Who calls (their key's hash, limits included) and the function's spec, in one round trip on
+    the event loop: the key is read from Redis on every request, so a revoked key fails at once."""
+    row_key = key_row_for(authorization)  # 401 for a missing or malformed header, before any read
+    check_name(model, "function name")
+    async with request.app.state.aredis.pipeline(transaction=False) as p:
+        p.hgetall(row_key)
+        p.hget(Keys.functions, model)
+        row, raw = await p.execute()
+    return _Caller(principal_of(row), row, raw)
+
+
+async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: GenerateRequest, *,
                   chat: bool, echo: str = "") -> Any:
     app = request.app
     invoker: Invoker = app.state.invoker
     metrics = app.state.metrics
-    # the spec and the caller's limits in one round trip on the event loop (no threadpool hop)
-    check_name(body.model, "function name")
-    async with app.state.aredis.pipeline(transaction=False) as p:
-        p.hget(Keys.functions, body.model)
-        p.hgetall(Keys.key_limits(principal.id))
-        raw, limits_row = await p.execute()
-    spec: FunctionSpec = FunctionRegistry.parse(body.model, raw)
+    principal = caller.principal
+    spec: FunctionSpec = FunctionRegistry.parse(body.model, caller.spec_raw)
     FunctionRegistry.check_invoke(spec, principal)
     prompt_chars = len(gen.prompt or "") + sum(len(m.get("content", "")) for m in gen.messages or [])
     estimated = estimate_tokens(prompt_chars, gen.max_tokens)
     try:
-        counted_at = await app.state.ratelimiter.admit_async(principal.id, estimated, limits_row)
+        counted_at = await app.state.ratelimiter.admit_async(principal.id, estimated, caller.key_row)
     except RateLimited:
         metrics.requests.labels(spec.name, "429").inc()
         raise
-    settle = _Settle(app.state.ratelimiter, principal.id, counted_at, estimated)
+    settle = _Settle(app.state.ratelimiter, principal.id, counted_at, estimated,
+                     app.state.ratelimiter.limits_of(caller.key_row))
     app.state.demand.count(spec.name)
     gen = gen.model_copy(update={"ttft_slo_s": spec.slo.ttft_ms / 1000, "tpot_slo_s": spec.slo.tpot_ms / 1000,
                                  "eta": spec.energy.eta})
@@ -180,7 +199,7 @@ async def _invoke(request: Request, principal: AnyPrincipal, body: _Sampling, ge
         trace.end()
         with anyio.CancelScope(shield=True):  # a cancelled request still closes the stream and frees its slot
             await events.aclose()  # type: ignore[attr-defined]
-            await invoker.release(target)
+        invoker.release_soon(target)  # the answer is complete: it need not wait for Redis
     _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
     await settle(done)
     metrics.requests.labels(spec.name, "200").inc()
@@ -278,15 +297,16 @@ class _ReleasingStream(StreamingResponse):
 class _Settle:
     """Corrects a request's up-front token charge with its real usage once it is done."""
 
-    def __init__(self, limiter: Any, key_id: str, counted_at: int, estimated: int) -> None:
+    def __init__(self, limiter: Any, key_id: str, counted_at: int, estimated: int, limits: Any) -> None:
         self.limiter, self.key_id, self.counted_at, self.estimated = limiter, key_id, counted_at, estimated
+        self.limits = limits
 
     async def __call__(self, done: dict[str, Any]) -> None:
         if not done or not self.counted_at:
             return
         actual = _usage(done)["total_tokens"]
         try:
-            await self.limiter.settle_async(self.key_id, self.counted_at, self.estimated, actual)
+            await self.limiter.settle_async(self.key_id, self.counted_at, self.estimated, actual, self.limits)
         except Exception as e:  # best effort: the window keeps the estimate
             log.debug("could not settle the token count of key %s: %s", self.key_id, e)
 

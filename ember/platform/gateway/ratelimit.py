@@ -6,6 +6,9 @@ second; the last 60 seconds are summed (a sliding window at one-second resolutio
 checks both limits and admits (counts) only when both hold, so concurrent gateways never overshoot.
 Tokens are charged up front as `max_tokens` + the prompt's characters / 4 (the gateway has no
 tokenizer), then corrected with the worker's real usage when the request ends.
+
+A key's limits are fields (`rpm`, `tpm`) of its own API-key hash, so the request path reads the
+caller, its limits and the function's spec in one round trip.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import redis
 
-from ember.errors import RateLimited
+from ember.errors import NotFound, RateLimited
 from ember.platform.state import Keys
 
 WINDOW_S = 60
@@ -94,19 +97,47 @@ class RateLimiter:
         self._aadmit = aclient.register_script(_ADMIT) if aclient is not None else None
 
     def limits(self, key_id: str) -> KeyLimits:
-        return self._limits(self.client.hgetall(Keys.key_limits(key_id)))
+        h = self.client.hget(Keys.api_key_ids, key_id)
+        return self._limits(self.client.hgetall(Keys.api_key(h)) if h else {})
 
     def _limits(self, row: dict[str, str]) -> KeyLimits:
+        """From a key's API-key hash (absent fields: this gateway's defaults)."""
         return KeyLimits(rpm=int(row.get("rpm", self.default.rpm)), tpm=int(row.get("tpm", self.default.tpm)))
 
     def set_limits(self, key_id: str, rpm: int | None, tpm: int | None) -> KeyLimits:
+        """Written into the key's own hash, only while the key exists (a key revoked meanwhile is
+        not brought back as a row without a role)."""
         fields = {k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None}
         if fields:
-            self.client.hset(Keys.key_limits(key_id), mapping=fields)
+            h = self.client.hget(Keys.api_key_ids, key_id)
+            row = Keys.api_key(h) if h else ""
+
+            def write(pipe: Any) -> None:
+                if not row or not pipe.exists(row):
+                    raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
+                pipe.multi()
+                pipe.hset(row, mapping=fields)
+
+            self.client.transaction(write, *([row] if row else []))
         return self.limits(key_id)
 
     def forget(self, key_id: str) -> None:
+        """A revoked key's windows (its limits went with its hash)."""
         self.client.delete(Keys.key_limits(key_id), Keys.rate_window(key_id, "rpm"), Keys.rate_window(key_id, "tpm"))
+
+    def adopt_legacy_limits(self) -> int:
+        """Limits stored by earlier versions under `ember:limits:<id>` move into the keys' hashes
+        (run once at gateway start; idempotent). Returns how many moved."""
+        moved = 0
+        for legacy in self.client.scan_iter(Keys.key_limits("*")):
+            key_id = legacy.rsplit(":", 1)[-1]
+            fields = self.client.hgetall(legacy)
+            h = self.client.hget(Keys.api_key_ids, key_id)
+            if h and fields and self.client.exists(Keys.api_key(h)):
+                self.client.hset(Keys.api_key(h), mapping=fields)
+                moved += 1
+            self.client.delete(legacy)
+        return moved
 
     def admit(self, key_id: str, tokens: int) -> int:
         """Count one request of `tokens` estimated tokens, or raise RateLimited (429, Retry-After).
@@ -116,12 +147,10 @@ class RateLimiter:
             return 0
         return self._admitted(lim, tokens, self._admit(keys=self._windows(key_id), args=self._args(lim, tokens)))
 
-    async def admit_async(self, key_id: str, tokens: int, limits_row: dict[str, str] | None = None) -> int:
-        """`admit` on the event loop; `limits_row`: the key's limits hash when the caller already
-        read it (in one round trip with the function's spec)."""
-        if limits_row is None:
-            limits_row = await self.aclient.hgetall(Keys.key_limits(key_id))
-        lim = self._limits(limits_row)
+    async def admit_async(self, key_id: str, tokens: int, key_row: dict[str, str]) -> int:
+        """`admit` on the event loop; `key_row`: the caller's API-key hash as the request read it
+        (with the function's spec, in one round trip)."""
+        lim = self._limits(key_row)
         if lim.rpm <= 0 and lim.tpm <= 0:
             return 0
         return self._admitted(lim, tokens, await self._aadmit(keys=self._windows(key_id), args=self._args(lim, tokens)))
@@ -146,6 +175,9 @@ class RateLimiter:
                               retry_after_s=max(1.0, float(retry)))
         return int(now)
 
+    def limits_of(self, key_row: dict[str, str]) -> KeyLimits:
+        return self._limits(key_row)
+
     def settle(self, key_id: str, second: int, estimated: int, actual: int) -> None:
         """Replace a request's estimated tokens with what it really used (same second bucket)."""
         if second and actual != estimated and self.limits(key_id).tpm > 0:
@@ -155,11 +187,11 @@ class RateLimiter:
                 p.expire(key, 61)
                 p.execute()
 
-    async def settle_async(self, key_id: str, second: int, estimated: int, actual: int) -> None:
-        """`settle` on the event loop."""
+    async def settle_async(self, key_id: str, second: int, estimated: int, actual: int, limits: KeyLimits) -> None:
+        """`settle` on the event loop, under the limits the request was admitted with."""
         if not second or actual == estimated:
             return
-        if self._limits(await self.aclient.hgetall(Keys.key_limits(key_id))).tpm > 0:
+        if limits.tpm > 0:
             key = Keys.rate_window(key_id, "tpm")
             async with self.aclient.pipeline(transaction=True) as p:
                 p.hincrby(key, str(second), actual - estimated)
