@@ -128,10 +128,12 @@ def log_task_errors(task: asyncio.Task[Any]) -> None:
 
 
 def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: float = 30.0,
-          on_sigterm: Any = None) -> None:
+          on_sigterm: Any = None, access_log: bool = True) -> None:
     """Run `app` under uvicorn. On SIGTERM/SIGINT, `on_sigterm()` runs first (in a thread: a worker
     stops taking new requests), then uvicorn stops accepting connections and lets requests in
-    flight, streams included, finish for up to `grace_s` seconds before cancelling them."""
+    flight, streams included, finish for up to `grace_s` seconds before cancelling them.
+    `access_log`: uvicorn's line per request (off for the worker's internal API: the gateway logs,
+    counts and traces every request already)."""
     import threading
 
     import uvicorn
@@ -145,5 +147,5 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
     # keep-alive longer than the gateway's pooled connections live (30 s): a server closing an idle
     # connection just as a request goes out on it is a failure the client cannot tell from a crash
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
-                            timeout_keep_alive=75)
+                            timeout_keep_alive=75, access_log=access_log)
     _Server(config).run()
