@@ -104,7 +104,7 @@ def test_a_flipped_byte_in_any_tier_is_healed_never_served(tier_cluster: TierClu
 def test_corruption_under_a_warm_instance_is_retired_by_the_scrub(tier_cluster: TierCluster) -> None:
     """An attach-time check cannot see bytes that change under a running instance: the worker's
     DRAM scrub finds them, the instance takes no new request, and the next one cold-starts from
-    the SSD tier with the right text."""
+    the SSD tier with the right text (or from a DRAM entry a prefetch made again from it meanwhile)."""
     u = tier_cluster.gateway.url
     _deploy(u, "warmf", "scrubck")
     reference = _text(_chat(u, "warmf"))
@@ -119,7 +119,14 @@ def test_corruption_under_a_warm_instance_is_retired_by_the_scrub(tier_cluster: 
         if r.headers.get("x-ember-load-tier") != "warm":
             break
         time.sleep(0.2)
-    assert r.headers["x-ember-load-tier"] == "ssd" and _text(r) == reference
+    assert _text(r) == reference
+    tier = r.headers["x-ember-load-tier"]
+    if tier == "dram":  # the autoscaler's prefetch re-made the entry from the SSD copy first (verified)
+        lines = tier_cluster.worker.log.read_text().splitlines()
+        dropped = max(i for i, ln in enumerate(lines) if "scrubck" in ln and "failed verification" in ln)
+        assert any("prefetched" in ln and "scrubck" in ln for ln in lines[dropped:]), lines[dropped:]
+    else:
+        assert tier == "ssd"
     # the retired instance is gone from the worker (its requests were done), not just skipped; the
     # check that found the bytes may be the scrub or a prefetch attaching the entry, whichever ran first
     assert _until(lambda: old not in _held(tier_cluster), 15)
