@@ -385,8 +385,13 @@ class WorkerNode:
                     except EmberError as e:  # the next beat reconciles: Redis drops what we do not hold
                         log.warning("could not remove %s from Redis: %s", instance_id, e)
             if inst is not None:
+                model = heap.watch(inst.model)
                 inst.close()
-                heap.reclaim()  # its model was frozen with everything else: collected now, once
+                inst = None
+                if heap.reclaim_if_held(model):  # frozen with everything else: a cycle held it?
+                    log.info("instance %s: its model outlived it; %s", instance_id,
+                             "collected (a reference cycle held it)" if model is not None and model() is None
+                             else "still referenced")
                 log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
         finally:
             if claimed:
