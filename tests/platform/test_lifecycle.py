@@ -114,8 +114,9 @@ def test_loaded_models_stay_out_of_full_collections_and_go_with_their_instance(e
     """A full garbage collection traverses every object the worker holds (a 191 ms stall of all its
     requests once a model was built). The worker freezes what exists after startup and after each
     load (full collections skip it) and releases a dropped model (tests/platform/test_heap.py: even
-    one caught in a reference cycle)."""
+    one caught in a reference cycle) without a full collection when nothing else holds it."""
     before = {n: _frozen(env, n) for n in env.workers}
+    logged = {n: len(env.workers[n].log.read_bytes()) for n in env.workers}
     assert all(v > 50_000 for v in before.values()), before  # torch and transformers, frozen at start
     env.deploy("heap", max_instances=1)
     r = env.chat("heap")
@@ -128,6 +129,10 @@ def test_loaded_models_stay_out_of_full_collections_and_go_with_their_instance(e
         env.held(node)
     after = _frozen(env, node)
     assert after < loaded  # the dropped model's objects were released, not kept frozen
+    # ... by their last reference: nothing (a /metrics scrape's collector was one) held the model in
+    # a reference cycle, so the drop did not need a full collection
+    log = env.workers[node].log.read_bytes()[logged[node]:].decode()
+    assert "unloaded" in log and "outlived it" not in log, log
 
 
 def test_reregistration_publishes_the_real_state(env: Env) -> None:
