@@ -30,10 +30,12 @@ _lock = threading.Lock()
 
 
 def settle() -> None:
-    """After startup or a load (a model was just built): collect the young generations (cheap: this load's short-lived
-    cycles), then freeze everything that is left."""
+    """After startup or a load (a model was just built): a full collection, then freeze what is
+    left, so no garbage is ever frozen. Only the first one (at startup, before serving) traverses
+    the imports (160 ms here); later ones traverse only what came since the last freeze (about 1 ms
+    after a load, measured after the tiny model and after an 80-layer Llama built on meta)."""
     with _lock:
-        gc.collect(1)
+        gc.collect()
         gc.freeze()
 
 
