@@ -98,13 +98,15 @@ class WorkerNode:
 
         self.bandwidth_bps = self.tiers.measure_bandwidth()
         self._start_energy_agent()
+        # torch, transformers and the tiers are built: full collections skip them from now on (before
+        # registering: the collection takes ~160 ms, and a registered node is expected to answer soon)
+        heap.settle()
         self.register()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
         if self.settings.dram_scrub_interval_s > 0:
             self._scrub_thread = threading.Thread(target=self._scrub_loop, name="dram-scrub", daemon=True)
             self._scrub_thread.start()
-        heap.settle()  # torch, transformers and the tiers are built: full collections skip them from now on
 
     def stop(self) -> None:
         self._stop.set()
