@@ -11,7 +11,6 @@ bench starts its own `ember up` (one worker) in a temporary directory.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import statistics
@@ -24,6 +23,7 @@ import aiohttp
 import httpx
 
 from ember.config import Settings
+from ember.platform import heap
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
 
 FUNCTION = "bench-gateway"
@@ -74,12 +74,12 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
     via = {"url": f"{url}/v1/chat/completions", "headers": headers, "json": body}
     steps = []
     for i, rate in enumerate(rates):
-        _quiet_heap()
+        heap.settle()  # the load generator's own full collections (12-25 ms) would count as latency
         g, d = asyncio.run(_alternating_open_loop(via, direct, rate, step_s))
         steps.append(_step(rate, g, d))
         if progress:
             progress(i + 1, len(rates) + 1)
-    _quiet_heap()
+    heap.settle()
     serial = asyncio.run(_serial(via, direct, 200))
     g32 = asyncio.run(_closed_loop(via, clients, step_s))
     d32 = asyncio.run(_closed_loop(direct, clients, step_s))
@@ -97,13 +97,6 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
     out_json.write_text(json.dumps(summary, indent=2))
     httpx.delete(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=30)
     return summary
-
-
-def _quiet_heap() -> None:
-    """This load generator's own full garbage collections (12-25 ms seen) would be counted as
-    latency of whichever target's window they fall in: collect before each step, freeze the rest."""
-    gc.collect()
-    gc.freeze()
 
 
 def _worker_url(redis_url: str | None, node: str) -> str:

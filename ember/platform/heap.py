@@ -8,7 +8,8 @@ gateway`, 160 req/s: every request in flight then, direct or through the gateway
 
 The gateway's full collections took 67-72 ms each at 320 req/s. So both processes move what
 exists after startup (and the worker after each load) into the interpreter's permanent
-generation (`gc.freeze`, O(1)): later full collections traverse only objects made since. Frozen objects are still freed when their last reference goes (a closed instance's model
+generation (`gc.freeze`, O(1)): later full collections traverse only objects made since.
+Frozen objects are still freed when their last reference goes (a closed instance's model
 does: measured on the tiny model), but never by the cyclic collector. So when an instance is
 dropped the worker checks its model went; only if something still holds it (a reference cycle)
 is everything unfrozen, collected once and frozen again: a full collection stops the process as

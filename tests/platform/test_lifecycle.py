@@ -135,6 +135,25 @@ def test_loaded_models_stay_out_of_full_collections_and_go_with_their_instance(e
     assert "unloaded" in log and "outlived it" not in log, log
 
 
+def test_a_client_gone_before_a_whole_answer_frees_its_slot(env: Env) -> None:
+    """A non-streaming request whose client gives up before the answer (its worker paused): its
+    slot is released (by the invoker's own task, not the cancelled request) and, the worker back,
+    the next request is served warm."""
+    env.deploy("gone", max_instances=1, target_concurrency=1)
+    r = env.chat("gone")
+    assert r.status_code == 200
+    worker = env.workers[r.headers["x-ember-worker"]].proc
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            env.chat("gone", timeout=0.5)  # the client goes away while the worker says nothing
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert _until(lambda: all(i["outstanding"] == 0 for i in env.instances("gone")), 10), env.instances("gone")
+    r = env.chat("gone", timeout=60)
+    assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"
+
+
 def test_reregistration_publishes_the_real_state(env: Env) -> None:
     """After Redis forgets the ephemeral state (a restart without persistence), workers register
     again with what they hold: the instance comes back ready, never stuck "loading"."""
@@ -292,4 +311,5 @@ def test_sigterm_lets_streams_in_flight_finish(env: Env) -> None:
     r = env.chat("term", timeout=60)
     assert r.status_code == 200 and r.headers["x-ember-worker"] != node
     assert env.workers[node].proc.wait(30) in (0, -signal.SIGTERM)  # it exits once drained (uvicorn re-raises)
+
 

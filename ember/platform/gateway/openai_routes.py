@@ -26,7 +26,7 @@ from ember.platform.gateway.protocol import (
     GenerateRequest,
     _Sampling,
 )
-from ember.platform.gateway.ratelimit import estimate_tokens
+from ember.platform.gateway.ratelimit import KeyLimits, estimate_tokens
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.tracing import InvocationTrace
 from ember.platform.names import check_name
@@ -146,13 +146,13 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
     FunctionRegistry.check_invoke(spec, principal)
     prompt_chars = len(gen.prompt or "") + sum(len(m.get("content", "")) for m in gen.messages or [])
     estimated = estimate_tokens(prompt_chars, gen.max_tokens)
+    limits = app.state.ratelimiter.limits_of(caller.key_row)
     try:
-        counted_at = await app.state.ratelimiter.admit_async(principal.id, estimated, caller.key_row)
+        counted_at = await app.state.ratelimiter.admit_async(principal.id, estimated, limits)
     except RateLimited:
         metrics.requests.labels(spec.name, "429").inc()
         raise
-    settle = _Settle(app.state.ratelimiter, principal.id, counted_at, estimated,
-                     app.state.ratelimiter.limits_of(caller.key_row))
+    settle = _Settle(app.state.ratelimiter, principal.id, counted_at, estimated, limits)
     app.state.demand.count(spec.name)
     gen = gen.model_copy(update={"ttft_slo_s": spec.slo.ttft_ms / 1000, "tpot_slo_s": spec.slo.tpot_ms / 1000,
                                  "eta": spec.energy.eta})
@@ -297,7 +297,7 @@ class _ReleasingStream(StreamingResponse):
 class _Settle:
     """Corrects a request's up-front token charge with its real usage once it is done."""
 
-    def __init__(self, limiter: Any, key_id: str, counted_at: int, estimated: int, limits: Any) -> None:
+    def __init__(self, limiter: Any, key_id: str, counted_at: int, estimated: int, limits: KeyLimits) -> None:
         self.limiter, self.key_id, self.counted_at, self.estimated = limiter, key_id, counted_at, estimated
         self.limits = limits
 

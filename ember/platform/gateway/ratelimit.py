@@ -98,9 +98,9 @@ class RateLimiter:
 
     def limits(self, key_id: str) -> KeyLimits:
         h = self.client.hget(Keys.api_key_ids, key_id)
-        return self._limits(self.client.hgetall(Keys.api_key(h)) if h else {})
+        return self.limits_of(self.client.hgetall(Keys.api_key(h)) if h else {})
 
-    def _limits(self, row: dict[str, str]) -> KeyLimits:
+    def limits_of(self, row: dict[str, str]) -> KeyLimits:
         """From a key's API-key hash (absent fields: this gateway's defaults)."""
         return KeyLimits(rpm=int(row.get("rpm", self.default.rpm)), tpm=int(row.get("tpm", self.default.tpm)))
 
@@ -147,10 +147,9 @@ class RateLimiter:
             return 0
         return self._admitted(lim, tokens, self._admit(keys=self._windows(key_id), args=self._args(lim, tokens)))
 
-    async def admit_async(self, key_id: str, tokens: int, key_row: dict[str, str]) -> int:
-        """`admit` on the event loop; `key_row`: the caller's API-key hash as the request read it
-        (with the function's spec, in one round trip)."""
-        lim = self._limits(key_row)
+    async def admit_async(self, key_id: str, tokens: int, lim: KeyLimits) -> int:
+        """`admit` on the event loop, under `lim`: the limits in the caller's API-key hash as the
+        request read it (with the function's spec, in one round trip; `limits_of`)."""
         if lim.rpm <= 0 and lim.tpm <= 0:
             return 0
         return self._admitted(lim, tokens, await self._aadmit(keys=self._windows(key_id), args=self._args(lim, tokens)))
@@ -174,9 +173,6 @@ class RateLimiter:
             raise RateLimited(f"rate limit of {what} per minute for this API key reached",
                               retry_after_s=max(1.0, float(retry)))
         return int(now)
-
-    def limits_of(self, key_row: dict[str, str]) -> KeyLimits:
-        return self._limits(key_row)
 
     def settle(self, key_id: str, second: int, estimated: int, actual: int) -> None:
         """Replace a request's estimated tokens with what it really used (same second bucket)."""

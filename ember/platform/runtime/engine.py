@@ -137,11 +137,7 @@ class ModelInstance:
         try:
             yield from seq.stream()
         finally:
-            if seq.finish is None:
-                self.engine.cancel(seq)
-            seq.cancelled.set()  # also ends the watcher
-            with self._lock:
-                self._active -= 1
+            self._stop_listening(seq)  # also ends the watcher
 
     def watch(self, seq: Sequence, sink: Callable[[Any], None]) -> Callable[[], None]:
         """`stream` without a thread to read it: the sequence's events go to `sink` (called on the
@@ -150,19 +146,22 @@ class ModelInstance:
         with self._lock:
             self._active += 1
         seq.attach(sink)
-        stopped = threading.Event()
+        stopped: list[bool] = []
 
         def stop() -> None:
-            if stopped.is_set():
-                return
-            stopped.set()
-            if seq.finish is None:
-                self.engine.cancel(seq)
-            seq.cancelled.set()
-            with self._lock:
-                self._active -= 1
+            if not stopped:
+                stopped.append(True)
+                self._stop_listening(seq)
 
         return stop
+
+    def _stop_listening(self, seq: Sequence) -> None:
+        """The caller of `stream` or `watch` is gone: an unfinished sequence is cancelled."""
+        if seq.finish is None:
+            self.engine.cancel(seq)
+        seq.cancelled.set()
+        with self._lock:
+            self._active -= 1
 
     def generate(self, req: GenerateRequest, cancelled: threading.Event | None = None,
                  ids: list[int] | None = None) -> Iterator[TokenDelta | GenerationDone]:

@@ -392,8 +392,8 @@ class WorkerNode:
                 inst = None
                 if heap.reclaim_if_held(model):  # frozen with everything else: a cycle held it?
                     log.info("instance %s: its model outlived it; %s", instance_id,
-                             "collected (a reference cycle held it)" if model is not None and model() is None
-                             else "still referenced")
+                             "still referenced" if model is not None and model() is not None
+                             else "collected (a reference cycle held it)")
                 log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
         finally:
             if claimed:
