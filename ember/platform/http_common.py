@@ -27,16 +27,28 @@ def error_response(err: EmberError) -> JSONResponse:
     return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
 
 
+def exception_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    """The OpenAI-shaped answer to an exception a handler raised: Ember's own errors with their
+    status, Redis errors as 503, anything else a logged 500 (a bug, not bad input: the client gets
+    the shape, not the details)."""
+    if isinstance(exc, EmberError):
+        return error_response(exc)
+    if isinstance(exc, redis.RedisError):
+        return error_response(StateUnavailable(f"shared state (Redis) unavailable: {exc.__class__.__name__}"))
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return error_response(EmberError(f"internal error ({exc.__class__.__name__})"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """One place that maps errors to the OpenAI error shape, found by class hierarchy."""
 
     @app.exception_handler(EmberError)
-    async def _ember(_: Request, exc: EmberError) -> JSONResponse:
-        return error_response(exc)
+    async def _ember(request: Request, exc: EmberError) -> JSONResponse:
+        return exception_response(request.method, request.url.path, exc)
 
     @app.exception_handler(redis.RedisError)
-    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
-        return error_response(StateUnavailable(f"shared state (Redis) unavailable: {exc.__class__.__name__}"))
+    async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
+        return exception_response(request.method, request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -53,9 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # a bug, not bad input: logged with its traceback; the client gets the shape, not the details
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(EmberError(f"internal error ({exc.__class__.__name__})"))
+        return exception_response(request.method, request.url.path, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -92,7 +102,7 @@ class BodySizeLimit:
             while more:
                 message = await receive()
                 if message["type"] != "http.request":
-                    await self.app(scope, _replay([message]), send)
+                    await self.app(scope, replay([message]), send)
                     return
                 chunks.append(message.get("body", b""))
                 seen += len(chunks[-1])
@@ -101,13 +111,13 @@ class BodySizeLimit:
                     await error_response(too_large)(scope, receive, send)
                     return
             body = b"".join(chunks)
-            await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive),
+            await self.app(scope, replay([{"type": "http.request", "body": body, "more_body": False}], receive),
                            send)
             return
         await self.app(scope, receive, send)
 
 
-def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+def replay(messages: list[Message], then: Receive | None = None) -> Receive:
     """A receive() that yields `messages` first, then defers to `then` (a disconnect, later)."""
     queue = list(messages)
 

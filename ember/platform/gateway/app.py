@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import redis
-import redis.asyncio as aredis
 from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +25,7 @@ from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
 from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+from ember.platform.gateway.fast_path import InvocationFastPath
 from ember.platform.gateway.fleet import FleetCollector
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
@@ -37,6 +37,7 @@ from ember.platform.gateway.stats import InvocationStats
 from ember.platform.gateway.tracing import InvocationTracer, provider_from_env
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
+from ember.platform.redis_mux import MuxRedis
 from ember.scheduler.policies import PolicyChooser
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,9 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         app.state.http = httpx.AsyncClient(transport=transport)
         app.state.metrics.registry.register(ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)))
         app.state.metrics.registry.register(FleetCollector(lambda: client, lambda: app.state.cluster))
-        aclient = aredis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                                        socket_connect_timeout=2, health_check_interval=10,
-                                        retry_on_error=[redis.ConnectionError])  # a stale pooled connection after a Redis restart
-        app.state.aredis = aclient  # the request path's client (auth, spec, limits, slots): no threadpool hops
+        # the request path's client (auth, spec, limits, slots): one multiplexed connection, no threadpool hops
+        aclient = MuxRedis.from_url(settings.redis_url, timeout_s=5, connect_timeout_s=2)
+        app.state.aredis = aclient
         app.state.ratelimiter = RateLimiter(client, KeyLimits(settings.default_rpm, settings.default_tpm), aclient)
         slots = AsyncSlots(aclient, slot_ttl_s=settings.slot_ttl_s)
         app.state.invoker = Invoker(settings, app.state.cluster, app.state.http, app.state.metrics, _policy_for, slots)
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
     app.state.stats = InvocationStats()
     app.state.tracer = InvocationTracer(tracer_provider if tracer_provider is not None else provider_from_env())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(InvocationFastPath, max_bytes=settings.max_request_bytes)  # outermost: see fast_path
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
