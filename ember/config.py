@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     worker_read_timeout_s: float = 30.0  # gateway -> worker: to the first byte and between chunks
     drain_grace_s: float = 30.0  # SIGTERM: streams in flight may finish within this
     expected_workers: int = 0  # set by `ember up`: /readyz says "degraded" (503) with fewer live workers
+    # gateway processes sharing the port (SO_REUSEPORT): one Python process serves ~1,000 warm
+    # requests/s on one core; more use more cores (metrics aggregate across them)
+    gateway_processes: int = Field(default=1, ge=1, le=64)
 
     # worker
     node_id: str | None = None

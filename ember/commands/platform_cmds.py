@@ -55,6 +55,8 @@ def up(
                                                 "worker processes (from --workers up to --max-workers) "
                                                 "[EMBER_NODE_BACKEND, none]"),
     max_workers: int = typer.Option(0, help="with --node-backend local: the most worker processes"),
+    gateway_processes: int = typer.Option(None, help="gateway processes sharing the port "
+                                                     "[EMBER_GATEWAY_PROCESSES, 1]"),
 ) -> None:
     from ember.platform.supervisor import UpOptions, run_up
 
@@ -64,9 +66,14 @@ def up(
     _logging("warning")
     _check_mode(energy_mode)
     settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
-                         energy_mode=energy_mode, simulated_params_b=simulated_params_b)
+                         energy_mode=energy_mode, simulated_params_b=simulated_params_b,
+                         gateway_processes=gateway_processes)
+    if node_backend == "local" and settings.gateway_processes > 1:
+        raise typer.BadParameter("--node-backend local runs one gateway process (its workers are that "
+                                 "process's children)")
+    extra_env = {**worker_energy_env(settings), "EMBER_GATEWAY_PROCESSES": str(settings.gateway_processes)}
     code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
-                            demo=demo, extra_env=worker_energy_env(settings), node_backend=node_backend,
+                            demo=demo, extra_env=extra_env, node_backend=node_backend,
                             max_workers=max_workers), settings,
                   echo=lambda s: typer.echo(s))
     raise typer.Exit(code)
@@ -91,14 +98,23 @@ def gateway(
                                                         'e.g. \'{"cluster_watts": 3000}\''),
     log_level: str = typer.Option("info"),
 ) -> None:
-    from ember.platform.gateway.app import create_app
-    from ember.platform.http_common import serve
+    from ember.platform.gateway import processes
 
     _logging(log_level)
     settings = _settings(redis_url=redis_url, host=host, port=port)
-    if initial_budget_json:
+    child = processes.is_child()
+    if initial_budget_json and not child:
         _seed_budget(settings.redis_url, initial_budget_json)
-    serve(create_app(settings), settings.host, settings.port, log_level=log_level, grace_s=settings.drain_grace_s)
+    if settings.gateway_processes > 1 and not child:
+        if settings.node_backend == "local":  # its workers are children of the process that started them
+            raise typer.BadParameter("EMBER_GATEWAY_PROCESSES > 1 cannot run the local node backend")
+        raise SystemExit(processes.run_processes(settings.gateway_processes, settings.host, settings.port,
+                                                  settings.drain_grace_s))
+    from ember.platform.gateway.app import create_app
+    from ember.platform.http_common import serve
+
+    serve(create_app(settings), settings.host, settings.port, log_level=log_level, grace_s=settings.drain_grace_s,
+          reuse_port=child)
 
 
 def _seed_budget(redis_url: str | None, raw: str) -> None:

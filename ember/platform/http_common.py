@@ -138,12 +138,14 @@ def log_task_errors(task: asyncio.Task[Any]) -> None:
 
 
 def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: float = 30.0,
-          on_sigterm: Any = None, access_log: bool = True) -> None:
+          on_sigterm: Any = None, access_log: bool = True, reuse_port: bool = False) -> None:
     """Run `app` under uvicorn. On SIGTERM/SIGINT, `on_sigterm()` runs first (in a thread: a worker
     stops taking new requests), then uvicorn stops accepting connections and lets requests in
     flight, streams included, finish for up to `grace_s` seconds before cancelling them.
     `access_log`: uvicorn's line per request (off for the worker's internal API: the gateway logs,
-    counts and traces every request already)."""
+    counts and traces every request already). `reuse_port`: bind with SO_REUSEPORT, so that
+    several processes serve one port (the kernel spreads connections over them)."""
+    import socket
     import threading
 
     import uvicorn
@@ -158,4 +160,13 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
     # connection just as a request goes out on it is a failure the client cannot tell from a crash
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                             timeout_keep_alive=75, access_log=access_log)
-    _Server(config).run()
+    if not reuse_port:
+        _Server(config).run()
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(False)
+    _Server(config).run(sockets=[sock])

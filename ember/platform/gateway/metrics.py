@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -24,20 +26,35 @@ class GatewayMetrics:
                                    ["tier"], registry=self.registry)
         self.startup = Histogram("ember_startup_seconds", "Cold-start time until the instance was ready",
                                  ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        # gauges set by the process holding the autoscaler's or node scaler's lease: with several
+        # gateway processes (multiprocess mode) the latest value any live one set
         self.instances = Gauge("ember_instances", "Function instances by state", ["function", "state"],
-                               registry=self.registry)
+                               registry=self.registry, multiprocess_mode="livemostrecent")
         self.slo_requests = Counter("ember_slo_requests", "Finished requests by whether they met the function's "
                                     "TTFT and TPOT SLO (TTFT as the client saw it)", ["function", "result"],
                                     registry=self.registry)
         self.placements_waiting = Gauge("ember_placements_waiting",
                                         "Requests of this gateway waiting because no device had room",
-                                        registry=self.registry)
+                                        registry=self.registry, multiprocess_mode="livesum")
         self.placements_waited = Counter("ember_placements_waited", "Requests that waited because no device had room",
                                          registry=self.registry)
         self.nodes = Gauge("ember_nodes", "Worker nodes by fleet state (node scaler's view)", ["state"],
-                           registry=self.registry)
+                           registry=self.registry, multiprocess_mode="livemostrecent")
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
+
+
+    def exposition(self, cluster_collectors: list[Any]) -> bytes:
+        """The text a scrape gets. With several gateway processes (PROMETHEUS_MULTIPROC_DIR set) the
+        values of all of them, summed, whichever answers; the cluster collectors read Redis once."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)
+        for c in cluster_collectors:
+            registry.register(c)
+        return generate_latest(registry)
 
 
 class ClusterEnergyCollector:

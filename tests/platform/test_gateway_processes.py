@@ -1,0 +1,100 @@
+"""Several gateway processes on one port (`ember up --gateway-processes 2`): both serve, a scrape
+of /metrics counts every process's requests whichever answers it, a process that dies is started
+again while the other keeps serving, and SIGTERM stops them all and frees the port."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from ember.platform.redis_server import free_port
+
+
+def _requests_ok(url: str, headers: dict[str, str]) -> float:
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text  # a new connection each time
+    m = re.search(r'^ember_requests_total\{function="tiny",status="200"\} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _gateway_children(up: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for p in up.children(recursive=True):
+        try:
+            if "gateway" in p.cmdline() and p.parent() is not None and p.parent().pid != up.pid:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_two_gateway_processes_share_the_port_metrics_and_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_REDIS_URL", "EMBER_STORE_URL")}
+    env.update({"EMBER_ADMIN_KEY": "procs-admin-key-0123456789", "EMBER_DRAM_CAPACITY_BYTES": str(64 << 20)})
+    headers = {"Authorization": "Bearer procs-admin-key-0123456789"}
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen([sys.executable, "-m", "ember", "up", "--port", str(port), "--workers", "1",
+                           "--gateway-processes", "2", "--data-dir", str(tmp_path / "data")],
+                          env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v1/models", headers=headers, timeout=2).json().get("data"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError((tmp_path / "up.log").read_text()[-3000:])
+        ids = {httpx.get(f"{url}/healthz", timeout=5).json()["gateway"] for _ in range(24)}
+        assert len(ids) == 2, ids  # fresh connections reach both processes
+
+        before = _requests_ok(url, headers)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        for _ in range(10):  # each on a new connection: spread over both processes
+            r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json=body, timeout=120)
+            assert r.status_code == 200, r.text
+        assert {_requests_ok(url, headers) - before for _ in range(6)} == {10.0}  # every scrape sums both
+
+        children = _gateway_children(psutil.Process(up.pid))
+        assert len(children) == 2, children
+        time.sleep(max(0.0, 11 - (time.time() - min(c.create_time() for c in children))))  # past startup
+        victim = children[0]
+        victim.kill()
+        for _ in range(10):  # the other process serves meanwhile (a connection may meet the dead one's socket once)
+            r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json=body, timeout=120)
+            if r.status_code == 200:
+                break
+        assert r.status_code == 200
+        restarted = False
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not restarted:
+            now = _gateway_children(psutil.Process(up.pid))
+            restarted = len(now) == 2 and victim.pid not in {p.pid for p in now}
+            time.sleep(0.3)
+        assert restarted
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+        everyone = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0
+        gone, alive = psutil.wait_procs(everyone, timeout=20)
+        assert not alive, alive
+        with socket.socket() as s:  # the port is free again (no process kept it)
+            s.bind(("127.0.0.1", port))
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        log.close()
