@@ -342,12 +342,15 @@ def bench_gateway(
     rates: str = typer.Option("20,40,80,160", help="offered request rates per step (req/s), comma-separated"),
     step_s: float = typer.Option(4.0, help="seconds per step (each run through the gateway and direct)"),
     clients: int = typer.Option(32, help="clients of the closed-loop step"),
+    gateway_processes: int = typer.Option(None, help="gateway processes of the private `ember up` "
+                                                     "[EMBER_GATEWAY_PROCESSES, 1]"),
 ) -> None:
     """Warm-request overhead of the gateway against the worker called directly, at increasing rates."""
     from ember.platform.bench_gateway import run_gateway_bench
 
+    processes = _settings(gateway_processes=gateway_processes).gateway_processes
     summary = run_gateway_bench(json_out, url=url, rates=tuple(float(r) for r in rates.split(",") if r),
-                                step_s=step_s, clients=clients)
+                                step_s=step_s, clients=clients, gateway_processes=processes)
     for s in summary["steps"]:
         typer.echo(f"{s['rate_rps']:6.0f} req/s offered: {s['rps']:6.1f} achieved, {s['errors']} errors, "
                    f"overhead p50 {s['p50_overhead_ms']:7.2f} ms  p99 {s['p99_overhead_ms']:7.2f} ms")

@@ -30,12 +30,14 @@ FUNCTION = "bench-gateway"
 
 
 def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[float, ...] = (20, 40, 80, 160),
-                      step_s: float = 4.0, clients: int = 32, progress: Any = None) -> dict[str, Any]:
-    """Run the bench (against `url`, or a private `ember up`) and write the JSON summary."""
+                      step_s: float = 4.0, clients: int = 32, progress: Any = None,
+                      gateway_processes: int = 1) -> dict[str, Any]:
+    """Run the bench (against `url`, or a private `ember up` with `gateway_processes` gateway
+    processes) and write the JSON summary."""
     if url:
         settings = Settings()
         return _bench(url, settings.resolved_admin_key(), settings.resolved_cluster_token(), settings.redis_url,
-                      out_json, rates, step_s, clients, progress)
+                      out_json, rates, step_s, clients, progress, None)
     from ember.platform.redis_server import free_port
     from ember.platform.supervisor import Platform, UpOptions
 
@@ -44,12 +46,14 @@ def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[fl
         admin, token = "bench-admin-key-0123456789", "bench-cluster-token-0123456789"
         saved = {k: os.environ.pop(k, None) for k in ("EMBER_REDIS_URL", "EMBER_STORE_URL")}
         platform = Platform(UpOptions(port=free_port(), workers=1, data_dir=data_dir,
-                                      extra_env={"EMBER_DRAM_CAPACITY_BYTES": str(256 << 20)}),
+                                      extra_env={"EMBER_DRAM_CAPACITY_BYTES": str(256 << 20),
+                                                 "EMBER_GATEWAY_PROCESSES": str(gateway_processes)}),
                             Settings(admin_key=admin, cluster_token=token, data_dir=data_dir))
         try:
             platform.start(echo=lambda s: None)
             redis_url = platform.redis.url if platform.redis else None
-            return _bench(platform.url, admin, token, redis_url, out_json, rates, step_s, clients, progress)
+            return _bench(platform.url, admin, token, redis_url, out_json, rates, step_s, clients, progress,
+                          gateway_processes)
         finally:
             platform.stop()
             for k, v in saved.items():
@@ -58,7 +62,7 @@ def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[fl
 
 
 def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Path, rates: tuple[float, ...],
-           step_s: float, clients: int, progress: Any) -> dict[str, Any]:
+           step_s: float, clients: int, progress: Any, gateway_processes: int | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {admin}"}
     r = httpx.put(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=60, json={
         "checkpoint": Settings().demo_function,
@@ -88,7 +92,8 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
     if progress:
         progress(len(rates) + 1, len(rates) + 1)
     sustained = [s for s in steps if s["errors"] == 0 and s["rps"] >= 0.9 * s["rate_rps"]]
-    summary = {"bench": "gateway", "url": url, "worker": inst["node"], "step_s": step_s, "steps": steps,
+    summary = {"bench": "gateway", "url": url, "worker": inst["node"], "gateway_processes": gateway_processes,
+               "step_s": step_s, "steps": steps,
                "closed_loop": closed, "serial": serial,
                "highest_sustained_rps": max((s["rate_rps"] for s in sustained), default=0.0),
                "note": "overhead = gateway percentile - direct percentile at the same offered rate; "
