@@ -145,7 +145,6 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
     `access_log`: uvicorn's line per request (off for the worker's internal API: the gateway logs,
     counts and traces every request already). `reuse_port`: bind with SO_REUSEPORT, so that
     several processes serve one port (the kernel spreads connections over them)."""
-    import socket
     import threading
 
     import uvicorn
@@ -163,10 +162,19 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
     if not reuse_port:
         _Server(config).run()
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(False)
-    _Server(config).run(sockets=[sock])
+    _Server(config).run(sockets=[reuse_port_socket(host, port)])
+
+
+def reuse_port_socket(host: str, port: int) -> Any:
+    """A TCP socket bound with SO_REUSEPORT (OSError when the port is held by one that is not)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

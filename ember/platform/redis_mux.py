@@ -112,7 +112,11 @@ class _Protocol(asyncio.Protocol):
         while self.waiting:
             fut, n, _ = self.waiting[0]
             while len(self.partial) < n:  # a pipeline's replies may come over several reads
-                reply = self.reader.gets()
+                try:
+                    reply = self.reader.gets()
+                except (hiredis.ProtocolError, UnicodeDecodeError) as e:  # the stream cannot be trusted
+                    self.abort(redis.ConnectionError(f"unreadable reply from Redis: {e}"))
+                    return
                 if reply is False:
                     return
                 self.partial.append(reply)
@@ -142,6 +146,7 @@ class _Protocol(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.out.clear()
+        self.partial = []
         while self.waiting:
             fut, _, _ = self.waiting.popleft()
             if not fut.done():
@@ -277,6 +282,8 @@ class MuxPipeline:
                 if isinstance(r, hiredis.ReplyError):
                     raise _error(r)
             replies = replies[-1]
+            if isinstance(replies, hiredis.ReplyError):
+                raise _error(replies)
             if replies is None:
                 raise redis.WatchError("the transaction was aborted")
         out = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import httpx
@@ -66,6 +66,7 @@ class AutoscalerLoop:
         self.settings = app.state.settings
         self.autoscaler = Autoscaler(unload_unknown=True)
         self.demand: DemandMeter = app.state.demand
+        self._exported: set[tuple[str, str]] = set()  # (function, state) pairs the gauge was given
 
     async def run(self) -> None:
         while True:
@@ -158,7 +159,13 @@ class AutoscalerLoop:
             log.warning("autoscaler: prefetch of %s to %s failed: %s", action.checkpoint, action.node_id, e)
 
     def _export_gauge(self, instances: list[Any]) -> None:
+        """`ember_instances{function,state}` by set (not inc: with several gateway processes the gauge
+        keeps the most recent value any process set); a pair no longer seen is set to 0, which also
+        replaces a value another process set earlier."""
         gauge = self.app.state.metrics.instances
-        gauge.clear()
-        for inst in instances:
-            gauge.labels(inst.function, inst.state).inc()
+        counts = Counter((inst.function, inst.state) for inst in instances)
+        for gone in self._exported - counts.keys():
+            gauge.labels(*gone).set(0)
+        for labels, n in counts.items():
+            gauge.labels(*labels).set(n)
+        self._exported = set(counts)

@@ -20,13 +20,13 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+from ember.platform.http_common import reuse_port_socket
 from ember.platform.redis_server import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -36,17 +36,13 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STARTUP_S = 10.0
 
 
-def _check_port(host: str, port: int) -> None:
-    """Raise OSError when the port is held by a socket the children could not share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-
-
 def is_child() -> bool:
     return bool(os.environ.get(CHILD_ENV))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise OSError when the port is held by a socket the children could not share."""
+    reuse_port_socket(host, port).close()
 
 
 def run_processes(n: int, host: str, port: int, grace_s: float) -> int:
