@@ -68,9 +68,10 @@ def up(
     settings = _settings(host=host, port=port, data_dir=data_dir, simulated_gpus=simulated_gpus,
                          energy_mode=energy_mode, simulated_params_b=simulated_params_b,
                          gateway_processes=gateway_processes)
-    if node_backend == "local" and settings.gateway_processes > 1:
-        raise typer.BadParameter("--node-backend local runs one gateway process (its workers are that "
-                                 "process's children)")
+    from ember.platform.gateway.processes import refusal
+
+    if (why := refusal(settings.gateway_processes, node_backend)) is not None:
+        raise typer.BadParameter(why)
     extra_env = {**worker_energy_env(settings), "EMBER_GATEWAY_PROCESSES": str(settings.gateway_processes)}
     code = run_up(UpOptions(host=settings.host, port=settings.port, workers=workers, data_dir=settings.data_dir,
                             demo=demo, extra_env=extra_env, node_backend=node_backend,
@@ -106,8 +107,8 @@ def gateway(
     if initial_budget_json and not child:
         _seed_budget(settings.redis_url, initial_budget_json)
     if settings.gateway_processes > 1 and not child:
-        if settings.node_backend == "local":  # its workers are children of the process that started them
-            raise typer.BadParameter("EMBER_GATEWAY_PROCESSES > 1 cannot run the local node backend")
+        if (why := processes.refusal(settings.gateway_processes, settings.node_backend)) is not None:
+            raise typer.BadParameter(why)
         raise SystemExit(processes.run_processes(settings.gateway_processes, settings.host, settings.port,
                                                   settings.drain_grace_s))
     from ember.platform.gateway.app import create_app

@@ -159,10 +159,7 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
     # connection just as a request goes out on it is a failure the client cannot tell from a crash
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                             timeout_keep_alive=75, access_log=access_log)
-    if not reuse_port:
-        _Server(config).run()
-        return
-    _Server(config).run(sockets=[reuse_port_socket(host, port)])
+    _Server(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
 
 
 def reuse_port_socket(host: str, port: int) -> Any:

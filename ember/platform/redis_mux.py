@@ -232,6 +232,12 @@ class MuxRedis:
     def register_script(self, source: str) -> MuxScript:
         return MuxScript(self, source)
 
+    async def __aenter__(self) -> MuxRedis:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()

@@ -35,3 +35,13 @@ def test_gateway_port_in_use_stops_everything(tmp_path: Path) -> None:
                            "EMBER_DRAM_CAPACITY_BYTES": str(64 << 20)}, capture_output=True, text=True, timeout=180)
     assert r.returncode == 1
     assert "gateway exited" in r.stdout
+
+
+def test_several_gateway_processes_refuse_the_local_node_backend(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "ember", "up", "--port", str(free_port()), "--workers", "1",
+                        "--gateway-processes", "2", "--node-backend", "local", "--data-dir", str(tmp_path / "data"),
+                        "--no-demo"], env={**os.environ, "COLUMNS": "300"}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "cannot run the local node backend" in r.stdout + r.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything started

@@ -65,10 +65,8 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         app.state.http = httpx.AsyncClient(transport=transport)
-        app.state.cluster_collectors = [ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)),
-                                        FleetCollector(lambda: client, lambda: app.state.cluster)]
-        for c in app.state.cluster_collectors:
-            app.state.metrics.registry.register(c)
+        app.state.metrics.add_cluster_collector(ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)))
+        app.state.metrics.add_cluster_collector(FleetCollector(lambda: client, lambda: app.state.cluster))
         # the request path's client (auth, spec, limits, slots): one multiplexed connection, no threadpool hops
         aclient = MuxRedis.from_url(settings.redis_url, timeout_s=5, connect_timeout_s=2)
         app.state.aredis = aclient
@@ -148,8 +146,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
     async def metrics(request: Request) -> Response:
         if settings.metrics_require_key:
             KeyStore(request.app.state.redis).verify(request.headers.get("authorization"))
-        body = request.app.state.metrics.exposition(getattr(request.app.state, "cluster_collectors", []))
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -2,7 +2,8 @@
 
 `POST /v1/chat/completions` and `POST /v1/completions` are most of the gateway's traffic. Through
 FastAPI a request passes its routing, dependency solving, body-field validation and exception
-middlewares before the handler: ~15% of the gateway's CPU per warm request (py-spy, 32 clients).
+middlewares before the handler: skipping them took the gateway's CPU per warm request from 0.50
+to 0.46 ms with 32 clients, 0.99 to 0.94 ms at 200 req/s (process CPU time per request).
 This ASGI middleware sends a well-formed request (a JSON body of declared length within the limit,
 valid for the route's model) straight to the same handler and maps what it raises with the same
 function the app's exception handlers use. Everything else (an unknown length, another content

@@ -42,9 +42,13 @@ class GatewayMetrics:
                            registry=self.registry, multiprocess_mode="livemostrecent")
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
+        self._cluster: list[Any] = []  # scrape-time collectors reading Redis (the whole cluster's state)
 
+    def add_cluster_collector(self, collector: Any) -> None:
+        self.registry.register(collector)
+        self._cluster.append(collector)
 
-    def exposition(self, cluster_collectors: list[Any]) -> bytes:
+    def exposition(self) -> bytes:
         """The text a scrape gets. With several gateway processes (PROMETHEUS_MULTIPROC_DIR set) the
         values of all of them, summed, whichever answers; the cluster collectors read Redis once."""
         path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -52,7 +56,7 @@ class GatewayMetrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=path)
-        for c in cluster_collectors:
+        for c in self._cluster:
             registry.register(c)
         return generate_latest(registry)
 

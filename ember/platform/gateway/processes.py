@@ -40,6 +40,13 @@ def is_child() -> bool:
     return bool(os.environ.get(CHILD_ENV))
 
 
+def refusal(processes: int, node_backend: str) -> str | None:
+    """Why these settings cannot run, or None."""
+    if processes > 1 and node_backend == "local":
+        return "more than one gateway process cannot run the local node backend (its workers are one process's children)"
+    return None
+
+
 def _check_port(host: str, port: int) -> None:
     """Raise OSError when the port is held by a socket the children could not share."""
     reuse_port_socket(host, port).close()
@@ -61,7 +68,7 @@ def run_processes(n: int, host: str, port: int, grace_s: float) -> int:
     code = 0
 
     def start(i: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(args, env={**env, "EMBER_GATEWAY_INDEX": str(i)}, preexec_fn=die_with_parent)
+        return subprocess.Popen(args, env=env, preexec_fn=die_with_parent)
 
     def on_signal(signum: int, _: Any) -> None:
         nonlocal stopping
