@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # a load still running after this long is no longer reported by heartbeats: its claim lapses
     # and is reaped (a hung read must not hold a device for ever); if it ever finishes it is dropped
     max_load_s: float = Field(default=900.0, gt=0.0)
+    # torch's intra-op threads in a worker (0: torch's default, one per core). `ember up` sets it so
+    # that its workers leave a core to the gateway and Redis beside them (README "Gateway overhead")
+    torch_threads: int = Field(default=0, ge=0, le=1024)
     simulated_gpus: int = 0  # emulated GPUs driven by the engine's steps (CPU-only machines)
     # emulated GPUs charge every step as if the model had this many billion parameters (bf16);
     # 0: the model's own size

@@ -167,6 +167,10 @@ def worker(
     port = port or free_port(settings.host)
     os.environ["EMBER_DATA_DIR"] = str(Path(settings.data_dir).resolve())  # other processes of this node find its tiers
     url = advertise_url or f"http://{settings.host}:{port}"
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     app = create_worker_app(settings, url)
     serve(app, settings.host, port, log_level=log_level, grace_s=settings.drain_grace_s, access_log=False,
           on_sigterm=lambda: app.state.node.begin_shutdown() if hasattr(app.state, "node") else None)

@@ -76,6 +76,10 @@ class Keys:
     wake_pattern = PREFIX + "wake:*"
 
     @staticmethod
+    def waiting(function: str) -> str:  # string with a TTL: some gateway has requests of it waiting
+        return f"{PREFIX}waiting:{function}"
+
+    @staticmethod
     def function_instances(function: str) -> str:  # set of instance ids of a function
         return f"{PREFIX}function:{function}:instances"
 

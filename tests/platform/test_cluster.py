@@ -357,6 +357,10 @@ def test_lifecycle_transitions_are_checked(redis_url: str) -> None:
     sub = c.r.pubsub()
     sub.subscribe(Keys.wake("f"))
     assert sub.get_message(timeout=1)["type"] == "subscribe"
+    other = c.acquire_warm("f", 2)
+    c.release_request(other)
+    assert sub.get_message(timeout=0.5) is None  # nobody waits: no gateway is sent a message
+    c.mark_waiting("f", 5.0)
     c.release_request(held)
     assert sub.get_message(timeout=1)["channel"] == Keys.wake("f")  # a waiting request is woken
     sub.close()

@@ -154,6 +154,42 @@ def test_a_client_gone_before_a_whole_answer_frees_its_slot(env: Env) -> None:
     assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"
 
 
+def test_a_release_wakes_waiting_requests_and_publishes_nothing_without_them(env: Env) -> None:
+    """A finished request publishes a wake-up on its function's channel only while some request of
+    it waits (every gateway reads every message on that channel: one per request anywhere in the
+    cluster, before). A request that waited for the slot is woken by that message."""
+    from ember.platform.state import Keys
+
+    env.deploy("wake", max_instances=1, target_concurrency=1)
+    assert env.chat("wake").status_code == 200
+    sub = env.r.pubsub()
+    sub.subscribe(Keys.wake("wake"))
+    assert sub.get_message(timeout=2)["type"] == "subscribe"
+    env.r.delete(Keys.waiting("wake"))  # the cold start waited; as if its marker had lapsed
+    for _ in range(3):
+        assert env.chat("wake").status_code == 200
+    assert sub.get_message(timeout=1) is None  # nobody waited: nothing published
+
+    body = {"model": "wake", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 40, "stream": True}
+    waited: list[httpx.Response] = []
+    with httpx.stream("POST", f"{env.url}/v1/chat/completions", headers=admin_headers(), json=body,
+                      timeout=30) as holder:
+        lines = holder.iter_lines()
+        next(lines)  # the slot is held
+        second = threading.Thread(target=lambda: waited.append(env.chat("wake", timeout=30)))
+        second.start()
+        assert _until(lambda: env.r.exists(Keys.waiting("wake")) == 1, 10)  # it waits, and says so
+        for _ in lines:  # the first request ends: its release wakes the second
+            pass
+    msg = sub.get_message(timeout=5)
+    while msg is not None and msg["type"] != "message":
+        msg = sub.get_message(timeout=5)
+    assert msg is not None and msg["channel"] == Keys.wake("wake") and msg["data"] == "slot"
+    second.join(30)
+    sub.close()
+    assert waited and waited[0].status_code == 200 and waited[0].headers["x-ember-cold-start"] == "false"
+
+
 def test_reregistration_publishes_the_real_state(env: Env) -> None:
     """After Redis forgets the ephemeral state (a restart without persistence), workers register
     again with what they hold: the instance comes back ready, never stuck "loading"."""

@@ -37,7 +37,11 @@ def _release_args(instance: str | InstanceRecord) -> tuple[list[str], list[str]]
         iid, slot, fn = instance.instance_id, instance.slot_id, instance.function
     else:
         iid, slot, fn = instance, "", ""
-    return [Keys.instance(iid), Keys.instance_slots(iid)], [repr(time.time()), slot, Keys.wake(fn)]
+    return [Keys.instance(iid), Keys.instance_slots(iid), Keys.waiting(fn)], [repr(time.time()), slot, Keys.wake(fn)]
+
+
+def _waiting_args(function: str, ttl_s: float) -> tuple[str, ...]:
+    return ("SET", Keys.waiting(function), "1", "PX", str(max(1, int(ttl_s * 1000))))
 
 
 class Leases(ClusterBase):
@@ -56,6 +60,12 @@ class Leases(ClusterBase):
         frees the oldest), last_used_s = now, and a waiting request of the function is woken."""
         keys, args = _release_args(instance)
         self.scripts.release_request(keys=keys, args=args)
+
+    @state_errors
+    def mark_waiting(self, function: str, ttl_s: float) -> None:
+        """Requests of `function` wait here: for `ttl_s`, releases of its slots publish a wake-up
+        (mark before trying for a slot, so a release after a failed try always wakes)."""
+        self.r.execute_command(*_waiting_args(function, ttl_s))
 
     @state_errors
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
@@ -99,6 +109,10 @@ class AsyncSlots:
             task = asyncio.ensure_future(self.release(rec))
             self._giving_back.add(task)
             task.add_done_callback(self._giving_back.discard)
+
+    async def mark_waiting(self, function: str, ttl_s: float) -> None:
+        """`Leases.mark_waiting` on the event loop."""
+        await self.r.execute_command(*_waiting_args(function, ttl_s))
 
     async def release(self, rec: InstanceRecord) -> None:
         self.held.pop(rec.slot_id, None)

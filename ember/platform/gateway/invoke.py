@@ -42,6 +42,8 @@ from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
 
+WAITING_MARK_S = 10.0  # a gateway's "requests of this function wait here" marker lives this long
+
 
 @dataclass
 class InvocationTarget:
@@ -110,6 +112,19 @@ class Invoker:
         return await to_thread.run_sync(self.cluster.acquire_warm, spec.name, spec.scaling.target_concurrency,
                                         exclude)
 
+    async def _mark_waiting(self, function: str) -> None:
+        """Tell the cluster that requests of `function` wait here, before each try for a slot:
+        releases publish a wake-up only while such a marker lives, so a release after a failed try
+        always wakes (one more command, on the waiting path only). A marker that cannot be written
+        costs at most the head's one-second retry."""
+        try:
+            if self.slots is not None:
+                await self.slots.mark_waiting(function, WAITING_MARK_S)
+            else:
+                await to_thread.run_sync(self.cluster.mark_waiting, function, WAITING_MARK_S)
+        except (EmberError, redis.RedisError, OSError) as e:
+            log.debug("could not mark %s as waited for: %s", function, e)
+
     async def acquire(self, spec: FunctionSpec, exclude: set[str] | None = None) -> InvocationTarget:
         """A target with one request slot taken for this request; release it with `release`.
         Requests that must wait queue in arrival order and are woken (pub/sub) when a slot frees or
@@ -149,6 +164,7 @@ class Invoker:
                     ev.clear()
                     continue
                 ev.clear()
+                await self._mark_waiting(name)
                 rec = await self._take(spec, exclude)
                 if rec is not None:
                     if starting is not None and placed.get("instance_id") == rec.instance_id:

@@ -48,8 +48,9 @@ class _Engines:
 
 
 class _Heap:
-    def __init__(self, frozen_objects: int | None) -> None:
+    def __init__(self, frozen_objects: int | None, torch_threads: int | None = None) -> None:
         self.frozen_objects = frozen_objects
+        self.torch_threads = torch_threads
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -58,15 +59,20 @@ class _Heap:
             yield GaugeMetricFamily("ember_worker_gc_frozen_objects",
                                     "Objects in the permanent generation: skipped by full garbage collections",
                                     value=float(self.frozen_objects))
+        if self.torch_threads is not None:
+            yield GaugeMetricFamily("ember_worker_torch_threads", "torch's intra-op threads (EMBER_TORCH_THREADS)",
+                                    value=float(self.torch_threads))
 
 
-def render_engine_metrics(node_id: str, instances: list[Any], *, frozen_objects: int | None = None) -> tuple[bytes, str]:
+def render_engine_metrics(node_id: str, instances: list[Any], *, frozen_objects: int | None = None,
+                          torch_threads: int | None = None) -> tuple[bytes, str]:
     """The engines' metrics, plus the process's garbage-collector counters (collections per
-    generation) and, when given, the objects frozen out of full collections (ember.platform.heap)."""
+    generation) and, when given, the objects frozen out of full collections (ember.platform.heap)
+    and torch's intra-op threads."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, generate_latest
 
     registry = CollectorRegistry()
     registry.register(_Engines(node_id, instances))
-    registry.register(_Heap(frozen_objects))
+    registry.register(_Heap(frozen_objects, torch_threads))
     GCCollector(registry=registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST

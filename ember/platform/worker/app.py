@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
+import torch
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -124,7 +125,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
 
         node: WorkerNode = request.app.state.node
         body, content_type = render_engine_metrics(node.node_id, list(node.instances.values()),
-                                                    frozen_objects=heap.frozen())
+                                                    frozen_objects=heap.frozen(), torch_threads=torch.get_num_threads())
         return Response(body, media_type=content_type)
 
     app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))  # outside the token dependency
