@@ -362,6 +362,9 @@ def bench_gateway(
     c = summary["closed_loop"]
     typer.echo(f"{c['clients']} clients: gateway p99 {c['gateway']['p99_ms']:.1f} ms, direct p99 "
                f"{c['direct']['p99_ms']:.1f} ms (x{c['p99_ratio']})")
+    if c["gateway"].get("cpu_ms_per_request"):
+        typer.echo("  CPU ms per request through the gateway: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in c["gateway"]["cpu_ms_per_request"].items()))
     one = summary["serial"]
     typer.echo(f"one request at a time: gateway p50 {one['gateway_p50_ms']:.2f} ms, direct p50 "
                f"{one['direct_p50_ms']:.2f} ms (overhead {one['p50_overhead_ms']:.2f} ms)")

@@ -5,7 +5,10 @@ gateway and straight to the worker's instance (its internal API) in alternating 
 windows at the same rate (both see the same machine); per step
 the achieved rate, errors and latency percentiles of both, and the overhead (gateway minus direct)
 at p50 and p99. A closed-loop step with 32 clients compares the two p99s. Without `--url` the
-bench starts its own `ember up` (one worker) in a temporary directory.
+bench starts its own `ember up` (one worker) in a temporary directory, and then also reports each
+process's CPU time per request (`cpu_ms_per_request`: gateway processes, worker, Redis and this
+load generator, from /proc), the number that decides how far the gateway's overhead goes on a
+machine whose CPUs everyone shares.
 """
 
 from __future__ import annotations
@@ -52,8 +55,12 @@ def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[fl
         try:
             platform.start(echo=lambda s: None)
             redis_url = platform.redis.url if platform.redis else None
+            pids = {("worker" if name.startswith("node-") else name): proc.pid for name, proc in platform.children}
+            if platform.redis is not None and platform.redis.proc is not None:
+                pids["redis"] = platform.redis.proc.pid
+            pids["client"] = os.getpid()
             return _bench(platform.url, admin, token, redis_url, out_json, rates, step_s, clients, progress,
-                          gateway_processes)
+                          gateway_processes, _CpuMeter(pids))
         finally:
             platform.stop()
             for k, v in saved.items():
@@ -62,7 +69,9 @@ def run_gateway_bench(out_json: Path, *, url: str | None = None, rates: tuple[fl
 
 
 def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Path, rates: tuple[float, ...],
-           step_s: float, clients: int, progress: Any, gateway_processes: int | None) -> dict[str, Any]:
+           step_s: float, clients: int, progress: Any, gateway_processes: int | None,
+           cpu: _CpuMeter | None = None) -> dict[str, Any]:
+    cpu = cpu or _CpuMeter({})
     headers = {"Authorization": f"Bearer {admin}"}
     r = httpx.put(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=60, json={
         "checkpoint": Settings().demo_function,
@@ -79,15 +88,23 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
     steps = []
     for i, rate in enumerate(rates):
         heap.settle()  # the load generator's own full collections (12-25 ms) would count as latency
+        before = cpu.read()
         g, d = asyncio.run(_alternating_open_loop(via, direct, rate, step_s))
         steps.append(_step(rate, g, d))
+        # only the gateway's requests use the gateway and Redis: their CPU per gateway request
+        steps[-1]["cpu_ms_per_request"] = cpu.per_request(before, len(g[0]), only=("gateway", "redis"))
         if progress:
             progress(i + 1, len(rates) + 1)
     heap.settle()
     serial = asyncio.run(_serial(via, direct, 200))
+    before = cpu.read()
     g32 = asyncio.run(_closed_loop(via, clients, step_s))
+    g_cpu = cpu.per_request(before, len(g32[0]))
+    before = cpu.read()
     d32 = asyncio.run(_closed_loop(direct, clients, step_s))
-    closed = {"clients": clients, "gateway": _stats(g32), "direct": _stats(d32)}
+    d_cpu = cpu.per_request(before, len(d32[0]))
+    closed = {"clients": clients, "gateway": {**_stats(g32), "cpu_ms_per_request": g_cpu},
+              "direct": {**_stats(d32), "cpu_ms_per_request": d_cpu}}
     closed["p99_ratio"] = round(closed["gateway"]["p99_ms"] / max(closed["direct"]["p99_ms"], 1e-9), 3)
     if progress:
         progress(len(rates) + 1, len(rates) + 1)
@@ -102,6 +119,48 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
     out_json.write_text(json.dumps(summary, indent=2))
     httpx.delete(f"{url}/v1/functions/{FUNCTION}", headers=headers, timeout=30)
     return summary
+
+
+class _CpuMeter:
+    """CPU time (user + system) of named processes and their descendants, from /proc; "client" (this
+    process, the parent of the private `ember up`'s processes) without its descendants."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def read(self) -> dict[str, float]:
+        if not self.pids:
+            return {}
+        stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick)
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in stats.items():
+            children.setdefault(parent, []).append(pid)
+        out = {}
+        for name, root in self.pids.items():
+            total, todo = 0.0, [root]
+            while todo:
+                pid = todo.pop()
+                if pid in stats:
+                    total += stats[pid][1]
+                    if name != "client":
+                        todo += children.get(pid, [])
+            out[name] = total
+        return out
+
+    def per_request(self, before: dict[str, float], requests: int,
+                    only: tuple[str, ...] | None = None) -> dict[str, float] | None:
+        """ms of CPU per request of each process since `before` (None without process ids)."""
+        if not before or not requests:
+            return None
+        now = self.read()
+        return {k: round((now[k] - before[k]) * 1000 / requests, 3) for k in before if only is None or k in only}
 
 
 def _worker_url(redis_url: str | None, node: str) -> str:
