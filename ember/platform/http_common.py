@@ -159,18 +159,32 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "info", grace_s: f
     # connection just as a request goes out on it is a failure the client cannot tell from a crash
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                             timeout_keep_alive=75, access_log=access_log)
-    _Server(config).run(sockets=[reuse_port_socket(host, port)] if reuse_port else None)
+    # Listening before the app's startup: a worker registers in Redis during its startup, and a
+    # gateway that connected before uvicorn listened was refused and took the worker for dead (it
+    # deregistered it). Connections made meanwhile wait in the backlog until the app serves.
+    try:
+        sock = listening_socket(host, port, reuse_port=reuse_port)
+    except OSError as e:
+        log.error("error while attempting to bind on address (%s, %s): %s", host, port, e.strerror or e)
+        raise SystemExit(1) from None
+    _Server(config).run(sockets=[sock])
 
 
-def reuse_port_socket(host: str, port: int) -> Any:
-    """A TCP socket bound with SO_REUSEPORT (OSError when the port is held by one that is not)."""
+def listening_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 2048,
+                     listen: bool = True) -> Any:
+    """A TCP socket bound to (host, port) and listening (unless not `listen`); with `reuse_port`,
+    bound with SO_REUSEPORT so that several processes serve one port (OSError when the port is held
+    by one that is not)."""
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
+        if listen:
+            sock.listen(backlog)
     except OSError:
         sock.close()
         raise

@@ -153,6 +153,21 @@ class _Protocol(asyncio.Protocol):
                 fut.set_exception(error)
 
 
+def _tls_context(kw: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS settings a `rediss://` URL gives redis-py (`ssl_ca_certs`, `ssl_certfile`,
+    `ssl_keyfile`, `ssl_cert_reqs`, `ssl_check_hostname`), so both clients of a gateway accept the
+    same server: a private CA, a client certificate, or no verification when the URL says so."""
+    ctx = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
+    if kw.get("ssl_certfile"):
+        ctx.load_cert_chain(kw["ssl_certfile"], kw.get("ssl_keyfile"))
+    reqs = kw.get("ssl_cert_reqs", "required")
+    reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}.get(reqs, reqs)
+    check = kw.get("ssl_check_hostname")
+    ctx.check_hostname = bool(check) if check is not None and reqs != ssl.CERT_NONE else reqs == ssl.CERT_REQUIRED
+    ctx.verify_mode = reqs
+    return ctx
+
+
 class MuxRedis:
     """The subset of `redis.asyncio.Redis` the gateway's request path uses, over one connection."""
 
@@ -176,12 +191,7 @@ class MuxRedis:
 
     async def _connect(self) -> _Protocol:
         kw = self.kw
-        ctx: ssl.SSLContext | None = None
-        if kw.get("connection_class") is redis.connection.SSLConnection:
-            ctx = ssl.create_default_context()
-            if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
+        ctx = _tls_context(kw) if kw.get("connection_class") is redis.connection.SSLConnection else None
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(

@@ -87,6 +87,33 @@ def test_chunked_body_past_the_limit_gets_413(gateway: Proc) -> None:
     _err(small, 404)  # a chunked body under the limit is read as usual
 
 
+def test_clients_that_leave_mid_body_cost_nothing(gateway: Proc) -> None:
+    """The invocation routes read their body themselves (gateway/fast_path.py): a client that
+    declares a length and goes away before sending it all, or sends a whole request and goes away
+    before the answer, leaves no error, no 500 and no stuck connection behind."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(gateway.url)
+    logged = len(gateway.log.read_bytes())
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {u.hostname}\r\ncontent-type: application/json\r\n"
+            f"authorization: {admin_headers()['Authorization']}\r\n")
+    whole = b'{"model": "ghost", "messages": [{"role": "user", "content": "Hi"}]}'
+    for i in range(40):
+        with socket.create_connection((u.hostname, u.port), timeout=5) as s:
+            if i % 2:
+                s.sendall((head + "content-length: 500\r\n\r\n").encode() + whole[:20])  # then gone
+            else:
+                s.sendall((head + f"content-length: {len(whole)}\r\n\r\n").encode() + whole)  # gone before the answer
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", headers=admin_headers(), timeout=10,
+                   json={"model": "ghost", "messages": [{"role": "user", "content": "Hi"}]})
+    _err(r, 404)
+    metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'status="500"' not in metrics
+    tail = gateway.log.read_bytes()[logged:].decode(errors="replace")
+    assert "Traceback" not in tail and "ERROR" not in tail, tail[-3000:]
+
+
 def test_cli_prints_one_line_for_io_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`ember checkpoint push` into a full store (a 512 KiB tmpfs in a private mount namespace: the
     tiny checkpoint is 737 KiB)."""

@@ -1,6 +1,7 @@
 """Several gateway processes on one port (`ember up --gateway-processes 2`): both serve, a scrape
 of /metrics counts every process's requests whichever answers it, a process that dies is started
-again while the other keeps serving, and SIGTERM stops them all and frees the port."""
+again while the other keeps serving, both come back after Redis is killed and restarted, and
+SIGTERM stops them all and frees the port."""
 
 from __future__ import annotations
 
@@ -85,6 +86,21 @@ def test_two_gateway_processes_share_the_port_metrics_and_restarts(tmp_path: Pat
             time.sleep(0.3)
         assert restarted
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+        # Redis dies: `ember up` restarts it from its AOF and both processes reconnect (every
+        # request below is on a new connection: spread over both processes)
+        (server,) = [p for p in psutil.Process(up.pid).children() if "redis-server" in " ".join(p.cmdline())]
+        server.kill()
+        served, deadline = 0, time.monotonic() + 60
+        while served < 24 and time.monotonic() < deadline:
+            try:
+                r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json=body, timeout=30)
+                served = served + 1 if r.status_code == 200 else 0
+            except httpx.HTTPError:
+                served = 0
+            if not served:
+                time.sleep(0.3)
+        assert served == 24, served
 
         everyone = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
         up.send_signal(signal.SIGTERM)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Any
 
-from ember.platform.http_common import reuse_port_socket
+from ember.platform.http_common import listening_socket
 from ember.platform.redis_server import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def refusal(processes: int, node_backend: str) -> str | None:
 
 def _check_port(host: str, port: int) -> None:
     """Raise OSError when the port is held by a socket the children could not share."""
-    reuse_port_socket(host, port).close()
+    listening_socket(host, port, reuse_port=True, listen=False).close()
 
 
 def run_processes(n: int, host: str, port: int, grace_s: float) -> int:
