@@ -170,23 +170,29 @@ def test_a_release_wakes_waiting_requests_and_publishes_nothing_without_them(env
         assert env.chat("wake").status_code == 200
     assert sub.get_message(timeout=1) is None  # nobody waited: nothing published
 
-    body = {"model": "wake", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 40, "stream": True}
+    # The worker paused: the first request holds the only slot (its answer cannot come) and the
+    # second must wait for it; then the worker goes on and the first request's release wakes it.
+    worker = env.workers[env.instances("wake")[0]["node"]].proc
+    held: list[httpx.Response] = []
     waited: list[httpx.Response] = []
-    with httpx.stream("POST", f"{env.url}/v1/chat/completions", headers=admin_headers(), json=body,
-                      timeout=30) as holder:
-        lines = holder.iter_lines()
-        next(lines)  # the slot is held
-        second = threading.Thread(target=lambda: waited.append(env.chat("wake", timeout=30)))
+    first = threading.Thread(target=lambda: held.append(env.chat("wake", timeout=30)))
+    second = threading.Thread(target=lambda: waited.append(env.chat("wake", timeout=30)))
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        first.start()
+        assert _until(lambda: env.instances("wake")[0]["outstanding"] == 1, 5)
         second.start()
-        assert _until(lambda: env.r.exists(Keys.waiting("wake")) == 1, 10)  # it waits, and says so
-        for _ in lines:  # the first request ends: its release wakes the second
-            pass
+        assert _until(lambda: env.r.exists(Keys.waiting("wake")) == 1, 5)  # it waits, and says so
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
     msg = sub.get_message(timeout=5)
     while msg is not None and msg["type"] != "message":
         msg = sub.get_message(timeout=5)
     assert msg is not None and msg["channel"] == Keys.wake("wake") and msg["data"] == "slot"
+    first.join(30)
     second.join(30)
     sub.close()
+    assert held and held[0].status_code == 200
     assert waited and waited[0].status_code == 200 and waited[0].headers["x-ember-cold-start"] == "false"
 
 
