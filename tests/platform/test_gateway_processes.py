@@ -1,7 +1,7 @@
-"""Several gateway processes on one port (`ember up --gateway-processes 2`): both serve, a scrape
-of /metrics counts every process's requests whichever answers it, a process that dies is started
-again while the other keeps serving, both come back after Redis is killed and restarted, and
-SIGTERM stops them all and frees the port."""
+"""Several gateway processes on one port (`ember up --gateway-processes 2`): both serve, /metrics
+and /v1/stats/functions count every process's requests whichever answers, a process that dies is
+started again while the other keeps serving, both come back after Redis is killed and restarted,
+and SIGTERM stops them all and frees the port."""
 
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def test_two_gateway_processes_share_the_port_metrics_and_restarts(tmp_path: Pat
             r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json=body, timeout=120)
             assert r.status_code == 200, r.text
         assert {_requests_ok(url, headers) - before for _ in range(6)} == {10.0}  # every scrape sums both
+
+        def stats() -> tuple[str, int]:  # a new connection each time: either process answers
+            body = httpx.get(f"{url}/v1/stats/functions", headers=headers, timeout=10).json()
+            (tiny,) = [f for f in body["functions"] if f["name"] == "tiny"]
+            return body["gateway"], tiny["requests"]
+
+        deadline = time.monotonic() + 10  # each process shares its window about once a second
+        while time.monotonic() < deadline and {n for _, n in (stats() for _ in range(4))} != {10}:
+            time.sleep(0.3)
+        answers = [stats() for _ in range(24)]
+        assert {n for _, n in answers} == {10} and len({g for g, _ in answers}) == 2, answers  # both count all
 
         children = _gateway_children(psutil.Process(up.pid))
         assert len(children) == 2, children

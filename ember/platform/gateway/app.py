@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -31,9 +32,10 @@ from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
 from ember.platform.gateway.nodescaling import NodeScalerLoop
 from ember.platform.gateway.operator_routes import mount_console
+from ember.platform.gateway.processes import METRICS_DIR_ENV
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
-from ember.platform.gateway.stats import InvocationStats
+from ember.platform.gateway.stats import InvocationStats, share_stats
 from ember.platform.gateway.tracing import InvocationTracer, provider_from_env
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
@@ -77,6 +79,8 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         helpers = [asyncio.create_task(listen_for_wakeups(settings.redis_url, app.state.invoker.queues, stop),
                                        name="wake-listener"),
                    asyncio.create_task(renew_slot_leases(slots, settings.slot_ttl_s / 3, stop), name="slot-leases")]
+        if app.state.stats.share_dir is not None:
+            helpers.append(asyncio.create_task(share_stats(app.state.stats, 1.0, stop), name="share-stats"))
         for t in helpers:
             t.add_done_callback(log_task_errors)
         try:
@@ -116,7 +120,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
     app.state.metrics = GatewayMetrics()
     app.state.gateway_id = gateway_id
     app.state.demand = DemandMeter()
-    app.state.stats = InvocationStats()
+    app.state.stats = InvocationStats(share_dir=os.environ.get(METRICS_DIR_ENV))  # set with several processes
     app.state.tracer = InvocationTracer(tracer_provider if tracer_provider is not None else provider_from_env())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(InvocationFastPath, max_bytes=settings.max_request_bytes)  # outermost: see fast_path

@@ -86,6 +86,7 @@ def functions_view(specs: Sequence[FunctionSpec], cluster: RedisCluster, client:
         for fn, f in (s.get("functions") or {}).items():
             if f.get("j_per_token"):
                 j_per_token.setdefault(fn, []).append(float(f["j_per_token"]))
+    others = stats.others()  # the other gateway processes' windows, when there are any
     out = []
     for spec in specs:
         insts = by_fn.get(spec.name, [])
@@ -100,7 +101,7 @@ def functions_view(specs: Sequence[FunctionSpec], cluster: RedisCluster, client:
                            "tier": i.tier, "outstanding": i.outstanding} for i in insts],
             "instance_states": states, "outstanding": sum(i.outstanding for i in insts),
             "j_per_token": (sum(jt) / len(jt)) if jt else None,
-            **stats.summary(spec.name),
+            **stats.summary(spec.name, others),
         })
     return {"functions": out, "at_s": time.time()}
 
