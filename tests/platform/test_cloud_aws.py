@@ -150,6 +150,50 @@ def test_gateway_node_scaler_drives_the_group(group, moto_url: str, redis_url: s
         gateway.stop()
 
 
+def test_a_draining_nodes_idle_instances_are_unloaded_then_it_is_terminated(group, moto_url: str, redis_url: str,
+                                                                           tmp_path: Path) -> None:
+    """A node marked draining still holds an idle ready instance: the node scaler unloads it (the
+    instance leaves Redis and its worker is told to drop it), then terminates the node. This path
+    called a method the invoker no longer had: the node scaler's task died on the AttributeError and
+    no node was scaled again."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.gateway.protocol import FunctionSpec
+    from ember.platform.state import Keys
+    from ember.scheduler.view import PlacementRequest
+    from tests.platform.conftest import base_env, start_gateway
+    from tests.platform.test_cluster import FirstFit
+
+    name, session = group
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    backend.set_desired_capacity(1)
+    (cid,) = backend.instances()
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    cluster.register_node("d0", "http://127.0.0.1:1/d0", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                          cloud_instance_id=cid)
+    spec = FunctionSpec(name="idle-fn", checkpoint="ck", nbytes=1 << 20, scaling={"keep_alive_s": 3600})
+    cluster.r.hset(Keys.functions, "idle-fn", spec.model_dump_json())  # kept alive: the autoscaler leaves it
+    placed = cluster.place(PlacementRequest(function="idle-fn", checkpoint="ck", nbytes=1 << 20), FirstFit())
+    assert placed is not None and cluster.begin_load(placed.instance_id)
+    assert cluster.mark_ready(placed.instance_id, "idle-fn")
+    cluster.set_draining("d0", True)
+    env = base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
+                   EMBER_AWS_AUTOSCALING_GROUP=name, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
+                   EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
+                   EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_DEFAULT_REGION="us-east-1")
+    gateway = start_gateway(tmp_path, env)
+    try:
+        _until(lambda: cluster.instance(placed.instance_id) is None, gateway)
+        _until(lambda: backend.desired_capacity() == 0 and not backend.instances(), gateway)
+        log = gateway.output()
+        assert "terminating d0" in log and f"drop of {placed.instance_id} on d0" in log
+        assert "step failed" not in log and "task nodescaler failed" not in log and "Traceback" not in log, log
+    finally:
+        gateway.stop()
+
+
 def _until(cond, gateway, timeout_s: float = 60.0) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

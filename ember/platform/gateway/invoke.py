@@ -296,7 +296,7 @@ class Invoker:
         finally:
             for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
                 self.metrics.evictions.labels(inst.function).inc()
-                await self._drop_on_worker(inst)
+                await self.drop_on_worker(inst)
         return placement
 
     async def _load_traced(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
@@ -341,16 +341,17 @@ class Invoker:
         self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
         return result
 
-    async def _drop_on_worker(self, inst: InstanceRecord) -> None:
-        """Tell a worker to drop an instance Redis already forgot (evicted for a placement); if it
-        cannot be reached, its next heartbeat reconciles (Redis no longer knows the instance)."""
+    async def drop_on_worker(self, inst: InstanceRecord) -> None:
+        """Tell a worker to drop an instance Redis already forgot (evicted, or unloaded from a draining
+        node by the node scaler); if it cannot be reached, its next heartbeat reconciles (Redis no
+        longer knows the instance)."""
         with anyio.CancelScope(shield=True):
             try:
                 await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
                                        params={"wait_s": 0}, headers={CLUSTER_TOKEN_HEADER: self.token},
                                        timeout=httpx.Timeout(5.0, connect=self.settings.worker_connect_timeout_s))
             except httpx.HTTPError as e:
-                log.warning("drop of evicted %s on %s: %s (its heartbeat reconciles)", inst.instance_id,
+                log.warning("drop of %s on %s: %s (its heartbeat reconciles)", inst.instance_id,
                             inst.node_id, e)
 
     async def _forget(self, instance_id: str) -> None:

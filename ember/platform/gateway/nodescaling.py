@@ -72,6 +72,8 @@ class NodeScalerLoop:
                     await self.step()
             except (redis.RedisError, EmberError, OSError) as e:  # OSError: a local worker would not start
                 log.warning("node scaler step skipped: %s", e)
+            except Exception:  # noqa: BLE001 - any other failure skips this step, never the loop
+                log.exception("node scaler step failed; trying again next step")
             await asyncio.sleep(self.settings.node_scaler_interval_s)
 
     async def publish_waiting(self) -> None:
@@ -134,7 +136,7 @@ class NodeScalerLoop:
         for inst in instances:
             if inst.state == "ready" and inst.outstanding == 0 and \
                     await to_thread.run_sync(cluster.evict_if_idle, inst.instance_id):
-                await self.app.state.invoker.unload_on_worker(inst)
+                await self.app.state.invoker.drop_on_worker(inst)
 
     async def _terminate(self, a: Terminate, held: set[str]) -> None:
         backend = self.backend
