@@ -130,7 +130,8 @@ class AutoscalerLoop:
             elif isinstance(action, EnsureInstances) and action.function in by_name:
                 await self._ensure(by_name[action.function], action.count - action.current)
             elif isinstance(action, Prefetch):
-                nbytes = next((f.nbytes for f in functions if f.checkpoint == action.checkpoint), 0)
+                # the action names what workers load: the pinned identity once known (checkpoint_ref)
+                nbytes = next((f.nbytes for f in functions if f.checkpoint_ref == action.checkpoint), 0)
                 await self._prefetch(action, nbytes)
 
     async def _ensure(self, spec: FunctionSpec, missing: int) -> None:
