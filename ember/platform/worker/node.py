@@ -342,7 +342,7 @@ class WorkerNode:
             try:
                 self.tiers.load(checkpoint).release()
                 log.info("prefetched %s into the DRAM tier", checkpoint)
-            except EmberError as e:
+            except Exception as e:  # noqa: BLE001 - a prefetch is an optimisation: logged, never a traceback
                 log.warning("prefetch of %s failed: %s", checkpoint, e)
             finally:
                 with self._lock:
