@@ -62,9 +62,9 @@ def loadtest(
         typer.echo(f"error: {e.message}", err=True)
         raise typer.Exit(1) from e
     typer.echo(json.dumps(result.summary, indent=2))
-    baseline = out / "baseline.json"
-    if baseline.exists():
-        b = json.loads(baseline.read_text())
+    baseline_json = out / "baseline.json"
+    if baseline_json.exists():
+        b = json.loads(baseline_json.read_text())
         typer.echo(f"from_pretrained + page-in + first token (the usual way): p50 {b['ttft_p50_s'] * 1000:.0f} ms "
                    f"page cache warm, {b['cold']['ttft_s_p50'] * 1000:.0f} ms cold")
         for tier, entry in result.summary["cold"].items():

@@ -421,5 +421,3 @@ def _allocate(fd: int, nbytes: int) -> None:
         vm.munmap(addr, nbytes)
     if not populated:
         os.posix_fallocate(fd, 0, nbytes)
-
-    return True
