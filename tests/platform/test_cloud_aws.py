@@ -114,7 +114,7 @@ def test_gateway_node_scaler_drives_the_group(group, moto_url: str, redis_url: s
 
     from ember.platform.cluster import DeviceSpec, RedisCluster
     from ember.platform.state import Keys
-    from tests.platform.conftest import base_env, start_gateway
+    from tests.platform.conftest import start_gateway
 
     name, session = group
     asg = session.client("autoscaling", endpoint_url=moto_url)
@@ -125,11 +125,7 @@ def test_gateway_node_scaler_drives_the_group(group, moto_url: str, redis_url: s
     for i, cid in enumerate(ids):
         cluster.register_node(f"n{i}", f"http://127.0.0.1:1/n{i}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
                               cloud_instance_id=cid)
-    env = base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
-                   EMBER_AWS_AUTOSCALING_GROUP=name, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
-                   EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
-                   EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1")
+    env = _scaling_gateway_env(redis_url, tmp_path, name, moto_url)
     gateway = start_gateway(tmp_path, env)
     try:
         _until(lambda: backend.desired_capacity() == 0 and not backend.instances(), gateway)
@@ -162,7 +158,7 @@ def test_a_draining_nodes_idle_instances_are_unloaded_then_it_is_terminated(grou
     from ember.platform.gateway.protocol import FunctionSpec
     from ember.platform.state import Keys
     from ember.scheduler.view import PlacementRequest
-    from tests.platform.conftest import base_env, start_gateway
+    from tests.platform.conftest import start_gateway
     from tests.platform.test_cluster import FirstFit
 
     name, session = group
@@ -178,11 +174,7 @@ def test_a_draining_nodes_idle_instances_are_unloaded_then_it_is_terminated(grou
     assert placed is not None and cluster.begin_load(placed.instance_id)
     assert cluster.mark_ready(placed.instance_id, "idle-fn")
     cluster.set_draining("d0", True)
-    env = base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
-                   EMBER_AWS_AUTOSCALING_GROUP=name, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
-                   EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
-                   EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1")
+    env = _scaling_gateway_env(redis_url, tmp_path, name, moto_url)
     gateway = start_gateway(tmp_path, env)
     try:
         _until(lambda: cluster.instance(placed.instance_id) is None, gateway)
@@ -192,6 +184,17 @@ def test_a_draining_nodes_idle_instances_are_unloaded_then_it_is_terminated(grou
         assert "step failed" not in log and "task nodescaler failed" not in log and "Traceback" not in log, log
     finally:
         gateway.stop()
+
+
+def _scaling_gateway_env(redis_url: str, tmp_path: Path, group: str, moto_url: str) -> dict[str, str]:
+    """A gateway whose node scaler drives `group` on moto every 0.3 s, with no grace or boot time."""
+    from tests.platform.conftest import base_env
+
+    return base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
+                    EMBER_AWS_AUTOSCALING_GROUP=group, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
+                    EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
+                    EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                    AWS_DEFAULT_REGION="us-east-1")
 
 
 def _until(cond, gateway, timeout_s: float = 60.0) -> None:  # noqa: ANN001

@@ -175,4 +175,4 @@ async def revoke_grant(name: str, request: Request, _: AdminPrincipal, store: st
 async def unload_instance(app: Any, inst: Any, *, force: bool = False) -> bool:
     """Drain the instance, then its worker drops it when idle (its checkpoint stays in the DRAM
     tier) and removes it. Without `force`, only an instance with no outstanding request."""
-    return bool(await app.state.invoker.unload(inst, force=force))
+    return bool(await app.state.invoker.starter.unload(inst, force=force))

@@ -138,7 +138,7 @@ class AutoscalerLoop:
         invoker = self.app.state.invoker
         for _ in range(missing):
             try:
-                if await invoker.cold_start(spec) is None:
+                if await invoker.starter.cold_start(spec) is None:
                     log.warning("autoscaler: no device has room for a minimum instance of %s", spec.name)
                     return
             except EmberError as e:

@@ -28,7 +28,9 @@ from ember.loader.identity import split_digest
 from ember.loader.store import open_store, split_ref
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.gateway.worker_stream import worker_error
 from ember.platform.state import Keys
+from ember.platform.wire import CLUSTER_TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,6 @@ async def size_checkpoint(cluster: Any, http: httpx.AsyncClient, settings: Any,
                           checkpoint: str) -> CheckpointSize | None:
     """Ask a live worker for the checkpoint's identity and size; None when no worker is up (or
     none answered). A model larger than every live device is a ModelTooLarge (400)."""
-    from ember.platform.gateway.invoke import CLUSTER_TOKEN_HEADER, worker_error  # invoke imports this module
-
     nodes = await to_thread.run_sync(cluster.live_nodes)
     if not nodes:
         return None

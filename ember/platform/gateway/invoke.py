@@ -1,5 +1,5 @@
-"""Getting an invocation to an instance: warm routing, cold starts through the scheduler, and the
-token stream from the worker.
+"""Getting an invocation to an instance: warm routing, waiting in arrival order, the scale-out
+rule, and the token stream from the worker (cold starts and unloads: `coldstart.InstanceStarter`).
 
 Order of preference for one request: a ready instance with spare concurrency (warm); an instance
 already loading for this function when its spare slots cover the waiting requests; otherwise a new
@@ -25,20 +25,13 @@ from anyio import to_thread
 from ember.config import Settings
 from ember.errors import EmberError, NoCapacity, StateUnavailable, WorkerError, WorkerTimeout
 from ember.platform.cluster import AsyncSlots, InstanceRecord, RedisCluster
-from ember.platform.gateway import tracing
-from ember.platform.gateway.checkpoints import sized_spec
+from ember.platform.gateway.coldstart import InstanceStarter, record_ewma
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
-from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.waiting import WaitQueues
-from ember.platform.gateway.worker_stream import Retry, error_from, prepend, worker_error, worker_events
-from ember.platform.loadqueues import LoadQueues
-from ember.platform.wire import CLUSTER_TOKEN_HEADER  # noqa: F401 - some callers import it from here
-from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
-from ember.scheduler.eviction import plan_evictions
-from ember.scheduler.policies import LocalCopyPolicy
+from ember.platform.gateway.worker_stream import Retry, error_from, prepend, worker_events
+from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.routing import should_start
-from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
 
@@ -70,34 +63,27 @@ class InvocationTarget:
 
 
 class Invoker:
-    """Routes invocations of one gateway. The hot path (slots, wake-ups) is redis.asyncio; the cold
-    path (placement, eviction) runs the sync cluster in the threadpool."""
+    """Routes invocations of one gateway. The hot path (slots, wake-ups) is on the event loop's
+    Redis client; the cold path (`starter`: placement, eviction, loads) runs the sync cluster in the
+    threadpool."""
 
     def __init__(self, settings: Settings, cluster: RedisCluster, http: httpx.AsyncClient,
                  metrics: GatewayMetrics, policy_for: Any, slots: AsyncSlots | None = None) -> None:
         self.settings = settings
         self.cluster = cluster
-        self._load_queues: LoadQueues | None = None
-        self.http = http
         self.metrics = metrics
-        self.policy_for = policy_for  # FunctionSpec -> PlacementPolicy
+        self.starter = InstanceStarter(settings, cluster, http, metrics, policy_for)
         self.slots = slots
         self.queues = WaitQueues()
         self.waiting_for_room = 0  # requests of this gateway whose placement found no room (node scaler input)
         self._releasing: set[asyncio.Task[None]] = set()  # release_soon's tasks, kept until done
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
-        self.startup_s: dict[str, float] = {}  # EWMA of observed cold starts, per function
+        self.startup_s = self.starter.startup_s  # EWMA of observed cold starts, per function (the starter's)
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
-        self._room_tried: dict[str, float] = {}  # function -> when this gateway last tried evicting for it
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.worker_connect_timeout_s,
                                                     sock_read=settings.worker_read_timeout_s)
         self._stream_session: aiohttp.ClientSession | None = None
-
-    def load_queues(self) -> LoadQueues:
-        if self._load_queues is None:
-            self._load_queues = LoadQueues(self.cluster.r)
-        return self._load_queues
 
     @property
     def waiting(self) -> dict[str, int]:
@@ -186,7 +172,7 @@ class Invoker:
                                             (time.monotonic() - t0) * 1000 if waited_cold else 0.0, name, rec)
                 if starting is None and await self._should_start(spec):
                     placed = {}
-                    starting = asyncio.ensure_future(self.cold_start(spec, placed))
+                    starting = asyncio.ensure_future(self.starter.cold_start(spec, placed))
         finally:
             self.queues.leave(name, ev)
             if starting is not None and not starting.done():
@@ -200,7 +186,7 @@ class Invoker:
         if target.released:
             return
         target.released = True
-        self._ewma(self.service_s, target.function, time.monotonic() - target.acquired_at)
+        record_ewma(self.service_s, target.function, time.monotonic() - target.acquired_at)
         with anyio.CancelScope(shield=True):
             try:
                 if self.slots is not None and target.record is not None:
@@ -244,173 +230,7 @@ class Invoker:
     def observe_done(self, function: str, done: dict[str, Any]) -> None:
         """Learn the function's prefill time from a finished request (the worker's ttft_s)."""
         if "ttft_s" in done:
-            self._ewma(self.prefill_s, function, float(done["ttft_s"]))
-
-    @staticmethod
-    def _ewma(table: dict[str, float], key: str, value: float) -> None:
-        table[key] = ewma(table.get(key), value, SERVICE_EWMA_ALPHA)
-
-    async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
-        """Place and load one new instance of `spec`; None when no device has room now. `placed`
-        receives the instance id as soon as it is placed."""
-        sized = await sized_spec(self.cluster, self.http, self.settings, spec)  # never booked by a guess
-        if sized is None:
-            return None  # no worker up to tell the checkpoint's size yet: wait as for a full cluster
-        spec = sized
-        request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
-                                   ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
-                                   max_instances=spec.scaling.max_instances,
-                                   kv_bytes=spec.kv_bytes or self.settings.kv_budget_bytes)
-        placement = await self._place(spec, request, self.policy_for(spec))
-        if placement is None:
-            return None
-        if placed is not None:
-            placed["instance_id"] = placement.instance_id
-        try:
-            return await self._load_traced(spec, placement)
-        except EmberError as e:
-            if e.code != "checksum_mismatch":
-                raise
-            # Every copy that worker could reach was bad (its tiers were dropped, then the store's
-            # failed too): a good copy may still sit in another node's tier. Tried once.
-            retry = await self._place(spec, request, LocalCopyPolicy(exclude={placement.node_id}))
-            if retry is None:
-                raise
-            log.warning("%s: no good copy on %s (%s); loading the copy held on %s", spec.checkpoint_ref,
-                        placement.node_id, e, retry.node_id)
-            if placed is not None:
-                placed["instance_id"] = retry.instance_id
-            return await self._load_traced(spec, retry)
-
-    async def _place(self, spec: FunctionSpec, request: PlacementRequest, policy: Any) -> Any:
-        """Claim a device for `request` (making room if none has it); None when nothing fits."""
-        evicted: list[InstanceRecord] = []
-        try:
-            with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
-                placement = await to_thread.run_sync(self.cluster.place, request, policy, evicted)
-                if placement is None and await self._make_room(spec, request):
-                    placement = await to_thread.run_sync(self.cluster.place, request, policy, evicted)
-                step.set(**({"ember.placed": False} if placement is None else {
-                    "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
-                    "ember.estimate_s": placement.estimate_s}))
-        finally:
-            for inst in evicted:  # chosen for their idle bytes: Redis forgot them, the worker must too
-                self.metrics.evictions.labels(inst.function).inc()
-                await self.drop_on_worker(inst)
-        return placement
-
-    async def _load_traced(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
-        with tracing.step("ember.load", **{"ember.worker": placement.node_id}) as step:
-            result = await self._load_on_worker(spec, placement)
-            if result is not None:
-                step.set(**{"ember.load_tier": result.tier, "ember.load_bytes": result.nbytes,
-                            "ember.load_seconds": result.startup_ms / 1000})
-        return result
-
-    async def _load_on_worker(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
-        """POST the load to the placed worker; None when the worker is gone (place again)."""
-        try:
-            resp = await self.http.post(
-                f"{placement.worker_url}/internal/instances",
-                json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref,
-                      "kv_budget_bytes": spec.kv_bytes or self.settings.kv_budget_bytes},
-                headers={CLUSTER_TOKEN_HEADER: self.token},
-                timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
-            )
-        except httpx.ConnectError as e:
-            await self._forget(placement.instance_id)
-            await self._node_gone(placement.node_id, e)
-            return None  # the caller places again, on a live node
-        except BaseException as e:  # timed out, cancelled: give up (a load finishing later finds its claim gone)
-            await self._forget(placement.instance_id)
-            if isinstance(e, httpx.HTTPError):
-                raise WorkerError(f"worker {placement.node_id} failed to start {spec.name!r}: {e}") from e
-            raise
-        if resp.status_code != 200:
-            await self._forget(placement.instance_id)
-            raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
-        result = LoadResult.model_validate(resp.json())
-        self._ewma(self.startup_s, spec.name, result.startup_ms / 1000)
-        try:  # correct the published load queues, learn the tier's bandwidth
-            await to_thread.run_sync(self.load_queues().load_done, placement.instance_id, placement.node_id,
-                                     placement.device_id, result.nbytes, result.startup_ms / 1000, None,
-                                     result.tier if result.tier in ("gpu", "dram", "ssd", "remote") else "")
-        except redis.RedisError as e:
-            log.warning("could not publish the end of load %s: %s", placement.instance_id, e)
-        self.metrics.cold_starts.labels(result.tier).inc()
-        self.metrics.startup.labels(result.tier).observe(result.startup_ms / 1000)
-        return result
-
-    async def drop_on_worker(self, inst: InstanceRecord) -> None:
-        """Tell a worker to drop an instance Redis already forgot (evicted, or unloaded from a draining
-        node by the node scaler); if it cannot be reached, its next heartbeat reconciles (Redis no
-        longer knows the instance)."""
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
-                                       params={"wait_s": 0}, headers={CLUSTER_TOKEN_HEADER: self.token},
-                                       timeout=httpx.Timeout(5.0, connect=self.settings.worker_connect_timeout_s))
-            except httpx.HTTPError as e:
-                log.warning("drop of %s on %s: %s (its heartbeat reconciles)", inst.instance_id,
-                            inst.node_id, e)
-
-    async def _forget(self, instance_id: str) -> None:
-        """Remove an instance this gateway gave up on (shielded: it runs when cancelled too)."""
-        with anyio.CancelScope(shield=True):
-            try:
-                await to_thread.run_sync(self.cluster.remove_instance, instance_id)
-            except EmberError as e:  # the claim's deadline reaps it
-                log.warning("could not forget instance %s: %s", instance_id, e)
-
-    async def _make_room(self, spec: FunctionSpec, request: PlacementRequest) -> bool:
-        """No device has room: drain least recently used idle instances of other functions (never
-        below their min_instances, never one serving a request) on the device that needs the fewest;
-        their workers drop them and free the claims. Tried at most every 0.5 s per function by this
-        gateway; True if something was unloaded."""
-        now = time.monotonic()
-        if now - self._room_tried.get(spec.name, -1.0) < 0.5:
-            return False
-        self._room_tried[spec.name] = now
-        instances = await to_thread.run_sync(self.cluster.instances)
-        idle_nodes = sorted({i.node_id for i in instances if i.state == "ready" and i.outstanding == 0
-                             and i.function != spec.name})
-        if not idle_nodes:
-            return False
-        specs = {f.name: f for f in await to_thread.run_sync(FunctionRegistry(self.cluster.r).list)}
-        nodes = await to_thread.run_sync(self.cluster.nodes, idle_nodes)  # live ones
-        free = {d.key: d.free_bytes for n in nodes for d in n.devices}
-        victims = plan_evictions(request.room_bytes, free, instances, for_function=spec.name,
-                                 min_instances={f: s.scaling.min_instances for f, s in specs.items()})
-        by_id = {i.instance_id: i for i in instances}
-        evicted = False
-        for v in victims:
-            if not await self.unload(by_id[v.instance_id]):
-                break  # it took a request meanwhile: the device stays full
-            evicted = True
-            log.info("evicted idle instance %s of %s from %s to make room for %s", v.instance_id, v.function,
-                     v.device_key, spec.name)
-            self.metrics.evictions.labels(v.function).inc()
-        return evicted
-
-    async def unload(self, inst: InstanceRecord, *, force: bool = False, wait_s: float = 5.0) -> bool:
-        """Unload an instance: draining first (atomically, and without `force` only when it has no
-        outstanding request), then its worker drops it when idle and removes it from Redis. False
-        when it is busy or not ready (nothing changed)."""
-        state = await to_thread.run_sync(lambda: self.cluster.drain(inst.instance_id, force=force))
-        if state == "removed":
-            return True
-        if state != "draining":
-            return False
-        try:
-            resp = await self.http.delete(f"{inst.worker_url}/internal/instances/{inst.instance_id}",
-                                          params={"wait_s": wait_s}, headers={CLUSTER_TOKEN_HEADER: self.token},
-                                          timeout=httpx.Timeout(wait_s + 5.0, connect=self.settings.worker_connect_timeout_s))
-            if resp.status_code == 404:  # the worker does not hold it: nothing is loaded, free the claim
-                await self._forget(inst.instance_id)
-        except httpx.HTTPError as e:  # its worker learns of the drain at its next heartbeat (or is reaped)
-            log.warning("unload of %s on %s: %s (the worker's heartbeat finishes it)", inst.instance_id,
-                        inst.node_id, e)
-        return True
+            record_ewma(self.prefill_s, function, float(done["ttft_s"]))
 
     async def open(self, spec: FunctionSpec, req: GenerateRequest,
                    attempts: int = 3) -> tuple[InvocationTarget, AsyncIterator[dict[str, Any]]]:
@@ -467,7 +287,7 @@ class Invoker:
         try:  # connect, first byte and gaps between chunks are bounded; the whole stream is not
             resp = await self._post_stream(url, req.model_dump())
         except aiohttp.ClientConnectorError as e:  # refused: the worker process is gone
-            await self._node_gone(target.node_id, e)
+            await self.starter.node_gone(target.node_id, e)
             raise Retry(WorkerError(f"worker {target.node_id} unreachable: {e}")) from e
         except asyncio.TimeoutError as e:
             raise Retry(WorkerTimeout(f"worker {target.node_id} did not answer within "
@@ -476,7 +296,7 @@ class Invoker:
             raise Retry(WorkerError(f"worker {target.node_id} failed before answering: {e}"), stalled=True) from e
         if resp.status in (404, 409):
             resp.release()
-            await self._forget(target.instance_id)
+            await self.starter.forget(target.instance_id)
             raise Retry(WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}"))
         if resp.status != 200:
             try:
@@ -498,12 +318,6 @@ class Invoker:
             await events.aclose()
             raise
         return prepend(first, events)
-
-    async def _node_gone(self, node_id: str, err: Exception) -> None:
-        """A refused connection means the worker process is gone: drop the node and its instances
-        now rather than after its heartbeat lapses (a live worker re-registers at its next beat)."""
-        log.warning("worker %s refused a connection (%s); deregistering it", node_id, err)
-        await to_thread.run_sync(self.cluster.deregister_node, node_id)
 
 def _log_cold_start(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:

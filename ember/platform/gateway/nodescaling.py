@@ -136,7 +136,7 @@ class NodeScalerLoop:
         for inst in instances:
             if inst.state == "ready" and inst.outstanding == 0 and \
                     await to_thread.run_sync(cluster.evict_if_idle, inst.instance_id):
-                await self.app.state.invoker.drop_on_worker(inst)
+                await self.app.state.invoker.starter.drop_on_worker(inst)
 
     async def _terminate(self, a: Terminate, held: set[str]) -> None:
         backend = self.backend
