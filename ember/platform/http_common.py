@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -129,6 +130,16 @@ def replay(messages: list[Message], then: Receive | None = None) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
+
+
+async def ticks(every_s: float, stop: asyncio.Event) -> AsyncIterator[None]:
+    """Yield every `every_s` seconds until `stop` is set (once more when it is: a last round)."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        except asyncio.TimeoutError:
+            pass
+        yield
 
 
 def log_task_errors(task: asyncio.Task[Any]) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.platform.http_common import ticks
+
 log = logging.getLogger(__name__)
 
 
@@ -146,9 +148,5 @@ def _pct_ms(sorted_s: list[float], q: float) -> float | None:
 
 async def share_stats(stats: InvocationStats, every_s: float, stop: asyncio.Event) -> None:
     """`stats.share()` every `every_s` seconds until `stop` (several gateway processes)."""
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
-        except asyncio.TimeoutError:
-            pass
+    async for _ in ticks(every_s, stop):
         stats.share()

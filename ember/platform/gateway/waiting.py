@@ -16,6 +16,7 @@ from collections import defaultdict, deque
 import redis
 
 from ember.platform.cluster import AsyncSlots
+from ember.platform.http_common import ticks
 from ember.platform.state import Keys
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,7 @@ async def listen_for_wakeups(redis_url: str, queues: WaitQueues, stop: asyncio.E
 
 async def renew_slot_leases(slots: AsyncSlots, every_s: float, stop: asyncio.Event) -> None:
     """Keep the leases of the slots this gateway's requests hold (they lapse if the gateway dies)."""
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
-        except asyncio.TimeoutError:
-            pass
+    async for _ in ticks(every_s, stop):
         try:
             await slots.renew()
         except (redis.RedisError, OSError) as e:
