@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     admin_key: str | None = None
     cluster_token: str | None = None
     metrics_require_key: bool = False
+    access_log: bool = True  # the gateway's line per request (uvicorn's access log); ~3% of its CPU
     max_request_bytes: int = 1 << 20
     max_tokens_limit: int = 4096
     slo_timeout_s: float = 30.0

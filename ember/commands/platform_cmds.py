@@ -115,7 +115,7 @@ def gateway(
     from ember.platform.http_common import serve
 
     serve(create_app(settings), settings.host, settings.port, log_level=log_level, grace_s=settings.drain_grace_s,
-          reuse_port=child)
+          reuse_port=child, access_log=settings.access_log)
 
 
 def _seed_budget(redis_url: str | None, raw: str) -> None:

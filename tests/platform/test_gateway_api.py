@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 
 from tests.platform.conftest import ADMIN_KEY, Proc, admin_headers
@@ -107,3 +109,20 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(gateway: Proc) ->
                          "placement_policy": "nonsense"}), 400)
     _assert_openai_error(httpx.get(f"{u}/v1/nowhere", headers=h), 404)
     assert httpx.get(f"{u}/v1/models", headers=_h(ADMIN_KEY)).status_code == 200  # still serving
+
+
+def test_access_log_is_a_setting(gateway: Proc, redis_server: str, tmp_path: Path) -> None:
+    """A line per request by default (uvicorn's access log); EMBER_ACCESS_LOG=false turns it off
+    (behind a load balancer that logs already, it is ~3% of the gateway's CPU and megabytes a run)."""
+    from tests.platform.conftest import base_env, start_gateway
+
+    assert httpx.get(f"{gateway.url}/v1/models", headers=admin_headers()).status_code == 200
+    assert '"GET /v1/models HTTP/1.1" 200' in gateway.log.read_text()
+    quiet = start_gateway(tmp_path, base_env(redis_server, f"file://{tmp_path / 'store'}", EMBER_ACCESS_LOG="false"))
+    try:
+        assert httpx.get(f"{quiet.url}/v1/models", headers=admin_headers()).status_code == 200
+        assert httpx.get(f"{quiet.url}/v1/models").status_code == 401
+    finally:
+        quiet.stop()
+    text = quiet.log.read_text()
+    assert "GET /v1/models" not in text and "Application startup complete" in text
