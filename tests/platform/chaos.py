@@ -152,10 +152,25 @@ class Chaos:
     def workers(self) -> list[tuple[str, Any]]:
         return [(n, p) for n, p in self.platform.children if n != "gateway" and p.poll() is None]
 
+    def serving(self, live: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Of `live`, the workers with requests in flight, else those holding instances, else all:
+        a fault on an idle node tests little."""
+        try:
+            fns = httpx.get(f"{self.url}/v1/stats/functions", headers=self.headers, timeout=5).json()["functions"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return live
+        busy = {i["node"] for f in fns for i in f["instances"] if i["outstanding"] > 0}
+        held = {i["node"] for f in fns for i in f["instances"]}
+        for nodes in (busy, held):
+            chosen = [(n, p) for n, p in live if n in nodes]
+            if chosen:
+                return chosen
+        return live
+
     def kill_worker(self, rng: random.Random) -> None:
         live = self.workers()
         if len(live) > 1:  # keep one serving: the point is recovery, not an outage
-            _, proc = rng.choice(live)
+            _, proc = rng.choice(self.serving(live))
             os.kill(proc.pid, signal.SIGKILL)
             deadline = time.monotonic() + 6  # /readyz must say so while the worker is missing
             while time.monotonic() < deadline and not self.stop.is_set():
@@ -171,7 +186,7 @@ class Chaos:
     def pause_worker(self, rng: random.Random) -> None:
         live = self.workers()
         if live:
-            _, proc = rng.choice(live)
+            _, proc = rng.choice(self.serving(live))
             os.kill(proc.pid, signal.SIGSTOP)
             self.stop.wait(rng.uniform(1.0, 4.0))
             try:
