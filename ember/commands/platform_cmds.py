@@ -359,6 +359,8 @@ def bench_gateway(
     for s in summary["steps"]:
         typer.echo(f"{s['rate_rps']:6.0f} req/s offered: {s['rps']:6.1f} achieved, {s['errors']} errors, "
                    f"overhead p50 {s['p50_overhead_ms']:7.2f} ms  p99 {s['p99_overhead_ms']:7.2f} ms")
+    typer.echo(f"highest rate sustained (0 errors, achieved >= 90% of offered): {summary['highest_sustained_rps']:.0f} "
+               f"req/s; p99 overhead under 5 ms at every rate up to {summary['p99_overhead_under_5ms_up_to_rps']:.0f} req/s")
     c = summary["closed_loop"]
     typer.echo(f"{c['clients']} clients: gateway p99 {c['gateway']['p99_ms']:.1f} ms, direct p99 "
                f"{c['direct']['p99_ms']:.1f} ms (x{c['p99_ratio']})")

@@ -36,3 +36,7 @@ def test_bench_gateway_writes_every_step_and_the_cpu_of_each_process(tmp_path: P
     assert through["gateway"] > 0 and through["worker"] > 0 and direct["worker"] > 0
     assert direct["gateway"] < through["gateway"] / 5  # straight to the worker: the gateway idles
     assert summary["serial"]["errors"] == 0 and summary["highest_sustained_rps"] == 60.0
+    holds = [s["rate_rps"] for s in summary["steps"] if s["p99_overhead_ms"] < 5.0]
+    expected = 60.0 if holds == [20.0, 60.0] else 20.0 if holds[:1] == [20.0] else 0.0
+    assert summary["p99_overhead_under_5ms_up_to_rps"] == expected
+    assert "p99 overhead under 5 ms at every rate up to" in done.stdout
