@@ -114,7 +114,7 @@ def _bench(url: str, admin: str, token: str, redis_url: str | None, out_json: Pa
                "step_s": step_s, "steps": steps,
                "closed_loop": closed, "serial": serial,
                "highest_sustained_rps": max((s["rate_rps"] for s in sustained), default=0.0),
-               "p99_overhead_under_5ms_up_to_rps": _holds_up_to(steps, lambda s: s["p99_overhead_ms"] < 5.0),
+               "p99_overhead_under_5ms_up_to_rps": _p99_overhead_holds_up_to(steps, 5.0),
                "note": "overhead = gateway percentile - direct percentile at the same offered rate; "
                        "client, gateway and worker share this machine's CPUs"}
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -249,12 +249,12 @@ async def _closed_loop(target: dict[str, Any], clients: int, seconds: float) -> 
         return out, time.perf_counter() - t0
 
 
-def _holds_up_to(steps: list[dict[str, Any]], ok: Any) -> float:
-    """The highest offered rate at which `ok` holds for that step and every lower one (0: not even
-    the first)."""
+def _p99_overhead_holds_up_to(steps: list[dict[str, Any]], bound_ms: float) -> float:
+    """The highest offered rate at which that step and every lower one had no error and a p99
+    overhead under `bound_ms` (0: not even the first)."""
     best = 0.0
     for s in sorted(steps, key=lambda s: s["rate_rps"]):
-        if s["errors"] or not ok(s):
+        if s["errors"] or s["p99_overhead_ms"] >= bound_ms:
             break
         best = s["rate_rps"]
     return best

@@ -86,6 +86,7 @@ class Prefetch:
     checkpoint: str
     node_id: str
     tier: Tier
+    nbytes: int = 0  # what the copy moves: the executor charges it to the node's source tier
 
 
 Action = Unload | EnsureInstances | Prefetch
@@ -179,5 +180,5 @@ class Autoscaler:
                         if node is not None:
                             targets.append(node)
             for node in targets[: self.prefetch_copies - len(near)]:
-                out.append(Prefetch(spec.checkpoint, node.node_id, "dram"))
+                out.append(Prefetch(spec.checkpoint, node.node_id, "dram", spec.nbytes))
         return out

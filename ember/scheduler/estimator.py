@@ -59,6 +59,11 @@ def ewma(current: float | None, observed: float, alpha: float) -> float:
     return (1.0 - alpha) * current + alpha * observed
 
 
+def ewma_into(table: dict[str, float], key: str, observed: float, alpha: float = SERVICE_EWMA_ALPHA) -> None:
+    """Fold `observed` into the EWMA kept under `key` in `table` (the gateway's per-function times)."""
+    table[key] = ewma(table.get(key), observed, alpha)
+
+
 def ewma_bandwidth_bps(current_bps: float | None, nbytes: int, seconds: float, alpha: float = EWMA_ALPHA) -> float:
     """Fold one observed load (`nbytes` in `seconds`) into a tier bandwidth."""
     return ewma(current_bps, nbytes / seconds, alpha)

@@ -114,7 +114,6 @@ class _Simulation:
             for i, n in enumerate(trace.functions)
         }
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}
-        self.ckpt_index = {c: i for i, c in enumerate(self.ckpt)}
         # Nodes and devices.
         self.cluster = self._make_cluster(cfg)
         base = {"gpu": cfg.gpu_peer_bps, "dram": cfg.dram_bps, "ssd": cfg.ssd_bps, "remote": cfg.remote_bps}
@@ -419,10 +418,9 @@ class _Simulation:
 
     def _start_prefetch(self, a: Prefetch, now: float) -> None:
         node = self.cluster.nodes_by_id.get(a.node_id)
-        f = self.ckpt_index.get(a.checkpoint)
-        if node is None or f is None or a.checkpoint in node.dram:
+        if node is None or a.checkpoint in node.dram:
             return
-        nb = self.nbytes[f]
+        nb = a.nbytes
         src: Tier = "ssd" if a.checkpoint in node.ssd else "remote"
         start = max(now, node.true_tier_until[src])
         # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device. It occupies

@@ -35,7 +35,7 @@ def _decide(states: tuple[str, ...], waiting: int, *, service_s: float = 0.0, st
     if service_s:
         inv.service_s["f"] = service_s
     if startup_s:
-        inv.startup_s["f"] = startup_s
+        inv.starter.startup_s["f"] = startup_s
     if prefill_s:
         inv.prefill_s["f"] = prefill_s
     return asyncio.run(inv._should_start(spec))

@@ -76,7 +76,7 @@ def test_prefetch_popular_checkpoint_whose_ssd_cold_start_misses_the_slo() -> No
     ])
     auto = Autoscaler(prefetch_copies=2, prefetch_min_rate_per_s=0.1)
     actions = auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 1.0})
-    assert actions == [Prefetch("ck", "ssd", "dram"), Prefetch("ck", "empty", "dram")]
+    assert actions == [Prefetch("ck", "ssd", "dram", 40 * GB), Prefetch("ck", "empty", "dram", 40 * GB)]
     assert auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 0.01}) == []  # not popular
     small = ScalingSpec("f", checkpoint="ck", nbytes=GB, ttft_slo_s=2.0)
     assert auto.step({"f": small}, [], now=0.0, view=view, demand_per_s={"f": 1.0}) == []  # SSD is fast enough

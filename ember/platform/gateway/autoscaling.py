@@ -130,9 +130,7 @@ class AutoscalerLoop:
             elif isinstance(action, EnsureInstances) and action.function in by_name:
                 await self._ensure(by_name[action.function], action.count - action.current)
             elif isinstance(action, Prefetch):
-                # the action names what workers load: the pinned identity once known (checkpoint_ref)
-                nbytes = next((f.nbytes for f in functions if f.checkpoint_ref == action.checkpoint), 0)
-                await self._prefetch(action, nbytes)
+                await self._prefetch(action)
 
     async def _ensure(self, spec: FunctionSpec, missing: int) -> None:
         invoker = self.app.state.invoker
@@ -145,13 +143,13 @@ class AutoscalerLoop:
                 log.warning("autoscaler: minimum instance of %s failed: %s", spec.name, e)
                 return
 
-    async def _prefetch(self, action: Prefetch, nbytes: int) -> None:
+    async def _prefetch(self, action: Prefetch) -> None:
         url = await to_thread.run_sync(self.app.state.cluster.node_url, action.node_id)
         if url is None:
             return
         # its source tier is busy until the prefetch's estimated end (as the simulator publishes it)
         await to_thread.run_sync(LoadQueues(self.app.state.cluster.r).publish_prefetch, action.node_id,
-                                 action.checkpoint, nbytes)
+                                 action.checkpoint, action.nbytes)
         try:
             await self.app.state.http.post(
                 f"{url}/internal/prefetch", json={"checkpoint": action.checkpoint, "tier": action.tier},

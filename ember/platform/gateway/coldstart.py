@@ -27,17 +27,12 @@ from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.worker_stream import worker_error
 from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
-from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.estimator import ewma_into
 from ember.scheduler.eviction import plan_evictions
 from ember.scheduler.policies import LocalCopyPolicy
 from ember.scheduler.view import PlacementRequest
 
 log = logging.getLogger(__name__)
-
-
-def record_ewma(table: dict[str, float], key: str, value: float) -> None:
-    """Fold `value` into the per-key EWMA in `table` (the scheduler's smoothing)."""
-    table[key] = ewma(table.get(key), value, SERVICE_EWMA_ALPHA)
 
 
 class InstanceStarter:
@@ -140,7 +135,7 @@ class InstanceStarter:
             await self.forget(placement.instance_id)
             raise worker_error(resp, f"worker {placement.node_id} could not load {spec.checkpoint!r}")
         result = LoadResult.model_validate(resp.json())
-        record_ewma(self.startup_s, spec.name, result.startup_ms / 1000)
+        ewma_into(self.startup_s, spec.name, result.startup_ms / 1000)
         try:  # correct the published load queues, learn the tier's bandwidth
             await to_thread.run_sync(self.load_queues().load_done, placement.instance_id, placement.node_id,
                                      placement.device_id, result.nbytes, result.startup_ms / 1000, None,

@@ -25,12 +25,13 @@ from anyio import to_thread
 from ember.config import Settings
 from ember.errors import EmberError, NoCapacity, StateUnavailable, WorkerError, WorkerTimeout
 from ember.platform.cluster import AsyncSlots, InstanceRecord, RedisCluster
-from ember.platform.gateway.coldstart import InstanceStarter, record_ewma
+from ember.platform.gateway.coldstart import InstanceStarter
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
 from ember.platform.gateway.waiting import WaitQueues
 from ember.platform.gateway.worker_stream import Retry, error_from, prepend, worker_events
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
+from ember.scheduler.estimator import ewma_into
 from ember.scheduler.routing import should_start
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,6 @@ class Invoker:
         self.waiting_for_room = 0  # requests of this gateway whose placement found no room (node scaler input)
         self._releasing: set[asyncio.Task[None]] = set()  # release_soon's tasks, kept until done
         self.service_s: dict[str, float] = {}  # EWMA of a request's time holding a slot, per function
-        self.startup_s = self.starter.startup_s  # EWMA of observed cold starts, per function (the starter's)
         self.prefill_s: dict[str, float] = {}  # EWMA of the workers' time to first token, per function
         self.token = settings.resolved_cluster_token()
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.worker_connect_timeout_s,
@@ -186,7 +186,7 @@ class Invoker:
         if target.released:
             return
         target.released = True
-        record_ewma(self.service_s, target.function, time.monotonic() - target.acquired_at)
+        ewma_into(self.service_s, target.function, time.monotonic() - target.acquired_at)
         with anyio.CancelScope(shield=True):
             try:
                 if self.slots is not None and target.record is not None:
@@ -216,7 +216,7 @@ class Invoker:
         s = spec.scaling
         waiting = self.queues.waiting(spec.name)
         starting = [i for i in instances if i.state in ("claimed", "loading")]
-        startup_s = self.startup_s.get(spec.name, 0.0)
+        startup_s = self.starter.startup_s.get(spec.name, 0.0)
         if instances and len(starting) == len(instances):
             now = time.time()
             wait_s = min(max(0.0, startup_s - (now - i.created_s)) for i in starting)
@@ -230,7 +230,7 @@ class Invoker:
     def observe_done(self, function: str, done: dict[str, Any]) -> None:
         """Learn the function's prefill time from a finished request (the worker's ttft_s)."""
         if "ttft_s" in done:
-            record_ewma(self.prefill_s, function, float(done["ttft_s"]))
+            ewma_into(self.prefill_s, function, float(done["ttft_s"]))
 
     async def open(self, spec: FunctionSpec, req: GenerateRequest,
                    attempts: int = 3) -> tuple[InvocationTarget, AsyncIterator[dict[str, Any]]]:
