@@ -15,6 +15,7 @@ import redis
 
 from ember.platform.redis_mux import MuxRedis
 from ember.platform.redis_server import RedisServerProcess
+from tests.platform.tls_redis import PASSWORD, tls_redis
 
 
 def test_concurrent_commands_get_their_own_replies_in_one_connection(redis_url: str) -> None:
@@ -133,68 +134,15 @@ def test_wrong_password_is_an_authentication_error(redis_server: str) -> None:
     asyncio.run(main())
 
 
-def _certificates(d: Path) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate for 127.0.0.1 signed by it (PEM files in `d`)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ember test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False).sign(ca_key, hashes.SHA256()))
-    paths = d / "ca.pem", d / "server.pem", d / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 def test_tls_with_a_private_ca_as_redis_py_accepts_it(tmp_path: Path) -> None:
     """`rediss://` with the URL's `ssl_ca_certs`: the multiplexed client verifies the server against
     that CA as redis-py does (before, it used the system's CAs only: a gateway whose Redis had a
     private CA failed every request while its redis-py client worked), and refuses a server it
     cannot verify."""
-    import subprocess
-
-    from ember.platform.redis_server import find_redis_server, free_port
-
-    ca, cert, key = _certificates(tmp_path)
-    port = free_port()
-    server = subprocess.Popen([find_redis_server(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                               "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-                               "--tls-auth-clients", "no", "--requirepass", "pw-tls", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"rediss://:pw-tls@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    with tls_redis(tmp_path) as (port, ca):
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
         sync = redis.Redis.from_url(url, decode_responses=True)
-        deadline = time.monotonic() + 10
-        while True:
-            if server.poll() is not None:
-                out = server.stdout.read().decode(errors="replace") if server.stdout else ""
-                if "tls" in out.lower() and ("not supported" in out.lower() or "bad directive" in out.lower()):
-                    pytest.skip("this Redis server was built without TLS")
-                raise AssertionError(out)
-            try:
-                sync.set("k", "over tls")
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        sync.set("k", "over tls")
 
         async def main() -> None:
             async with MuxRedis.from_url(url) as r:
@@ -203,14 +151,11 @@ def test_tls_with_a_private_ca_as_redis_py_accepts_it(tmp_path: Path) -> None:
                     p.hincrby("h", "n", 2)
                     p.expire("h", 60)
                     assert await p.execute() == [2, True]
-            async with MuxRedis.from_url(f"rediss://:pw-tls@127.0.0.1:{port}/0") as stranger:
+            async with MuxRedis.from_url(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0") as stranger:
                 with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
                     await stranger.execute_command("GET", "k")  # the system's CAs do not know this server
-            async with MuxRedis.from_url(f"rediss://:pw-tls@127.0.0.1:{port}/0?ssl_cert_reqs=none") as blind:
+            async with MuxRedis.from_url(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=none") as blind:
                 assert await blind.execute_command("GET", "k") == "over tls"  # verification off, as asked
 
         asyncio.run(main())
         sync.close()
-    finally:
-        server.terminate()
-        server.wait(10)
