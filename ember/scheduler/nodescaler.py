@@ -93,6 +93,7 @@ class FleetNode:
     cloud_id: str = ""  # the cloud's instance id ("i-0abc...", "local-3"); "" when unknown
     memory_bytes: int = 0
     claimed_bytes: int = 0
+    leaving: bool = False  # the cloud is terminating it (held by the lifecycle hook): drained, never taken back
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,8 @@ class NodeScaler:
         now); `booting`: nodes asked for that have not registered yet."""
         cfg = self.config
         actions: list[NodeAction] = []
-        draining = [n for n in nodes if n.draining]
-        active = [n for n in nodes if not n.draining]
+        draining = [n for n in nodes if n.draining or n.leaving]
+        active = [n for n in nodes if not (n.draining or n.leaving)]
         for n in draining:
             if n.instances == 0 and not n.busy:
                 actions.append(Terminate(n.node_id, n.cloud_id))
@@ -166,8 +167,9 @@ class NodeScaler:
         if total < cfg.min_nodes:
             want, reason = max(want, cfg.min_nodes - total), reason or "min_nodes"
         if want > 0:
-            # A draining node is already up: taking it back is faster than any boot.
-            for n in sorted(draining, key=lambda n: -n.instances):
+            # A draining node is already up: taking it back is faster than any boot (not one the
+            # cloud is terminating: it goes whatever we do, so new work there would be cut).
+            for n in sorted((n for n in draining if not n.leaving), key=lambda n: -n.instances):
                 if want == 0 or total >= cap:
                     break
                 actions = [a for a in actions if not (isinstance(a, Terminate) and a.node_id == n.node_id)]

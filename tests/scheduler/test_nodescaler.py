@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 import pytest
@@ -62,6 +64,21 @@ def test_waiting_takes_a_draining_node_back_before_booting_one() -> None:
     s = NodeScaler(NodeScalerConfig(max_nodes=4))
     nodes = [node("a", instances=1, busy=True), node("b", draining=True)]
     assert s.step(nodes, 10, waiting=1, booting=0) == [Undrain("b")]
+
+
+def test_a_node_the_cloud_is_terminating_is_never_taken_back() -> None:
+    """A node held by the terminating lifecycle hook (an instance refresh, an operator) goes whatever
+    Ember does: waiting placements boot a node instead of undraining it (new work there would be cut
+    when the hook times out), and once it holds nothing its termination goes on."""
+    s = NodeScaler(NodeScalerConfig(max_nodes=4))
+    held = replace(node("b", instances=1, busy=True, draining=True), leaving=True)
+    assert s.step([node("a", instances=1, busy=True), held], 10, waiting=1, booting=0) == [ScaleOut(1, 2, "waiting")]
+    # held but not yet marked draining in Redis: counted as going all the same
+    assert s.step([node("a", instances=1, busy=True), replace(held, draining=False)], 10, waiting=1,
+                  booting=0) == [ScaleOut(1, 2, "waiting")]
+    empty = replace(held, instances=0, busy=False)
+    assert s.step([node("a", instances=1, busy=True), empty], 10, waiting=1,
+                  booting=0) == [Terminate("b", "i-b"), ScaleOut(1, 2, "waiting")]
 
 
 def test_memory_headroom_scales_out_and_low_use_consolidates() -> None:

@@ -99,7 +99,7 @@ class NodeScalerLoop:
         for f in facts:
             if f.cloud_id in held and not f.draining:
                 await to_thread.run_sync(cluster.set_draining, f.node_id, True)
-        facts = [replace(f, draining=f.draining or f.cloud_id in held) for f in facts]
+        facts = [replace(f, draining=f.draining or f.cloud_id in held, leaving=f.cloud_id in held) for f in facts]
         for cid in held - registered:  # nothing to drain (our own terminations included): let it go
             try:
                 await to_thread.run_sync(backend.complete_termination, cid)
