@@ -20,10 +20,9 @@ from ember.platform.redis_server import free_port
 CREDS = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
+def _moto_server(cmd: list[str]) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -39,11 +38,21 @@ def moto_url() -> Iterator[str]:
         proc.wait(10)
 
 
-@pytest.fixture()
-def group(moto_url: str) -> tuple[str, boto3.session.Session]:
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    yield from _moto_server([str(Path(sys.executable).parent / "moto_server")])
+
+
+@pytest.fixture(scope="module")
+def hooked_moto_url() -> Iterator[str]:
+    """moto with the terminating lifecycle hook AWS documents (tests/platform/moto_lifecycle.py)."""
+    yield from _moto_server([sys.executable, str(Path(__file__).with_name("moto_lifecycle.py"))])
+
+
+def _group(url: str, *, hook: bool = False) -> tuple[str, boto3.session.Session]:
     session = boto3.session.Session(**CREDS)
-    ec2 = session.client("ec2", endpoint_url=moto_url)
-    asg = session.client("autoscaling", endpoint_url=moto_url)
+    ec2 = session.client("ec2", endpoint_url=url)
+    asg = session.client("autoscaling", endpoint_url=url)
     name = f"ember-workers-{time.monotonic_ns()}"
     ami = ec2.describe_images()["Images"][0]["ImageId"]
     lt = ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": ami,
@@ -52,7 +61,16 @@ def group(moto_url: str) -> tuple[str, boto3.session.Session]:
     asg.create_auto_scaling_group(AutoScalingGroupName=name, MinSize=0, MaxSize=4, DesiredCapacity=1,
                                   LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplate"]["LaunchTemplateId"]},
                                   VPCZoneIdentifier=subnet)
+    if hook:  # as terraform/modules/workers creates it
+        asg.put_lifecycle_hook(LifecycleHookName="ember-drain", AutoScalingGroupName=name,
+                               LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING", DefaultResult="CONTINUE",
+                               HeartbeatTimeout=900)
     return name, session
+
+
+@pytest.fixture()
+def group(moto_url: str) -> tuple[str, boto3.session.Session]:
+    return _group(moto_url)
 
 
 def test_scale_out_protect_and_terminate_with_decrement(group, moto_url: str) -> None:
@@ -186,15 +204,75 @@ def test_a_draining_nodes_idle_instances_are_unloaded_then_it_is_terminated(grou
         gateway.stop()
 
 
-def _scaling_gateway_env(redis_url: str, tmp_path: Path, group: str, moto_url: str) -> dict[str, str]:
+def test_a_node_the_cloud_terminates_is_drained_before_its_lifecycle_action_completes(
+        hooked_moto_url: str, redis_url: str, tmp_path: Path) -> None:
+    """An operator (or an instance refresh) terminates a worker's instance: the `ember-drain` hook holds
+    it in Terminating:Wait; the node scaler marks the node draining, unloads its idle instance, then
+    completes the lifecycle action and forgets the node, while the other node is left alone. Requests
+    wait for room meanwhile: the node the cloud is taking must not be taken back for them (it was:
+    undrained every step, it never drained and the action was never completed)."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.gateway.protocol import FunctionSpec
+    from ember.platform.state import Keys
+    from ember.scheduler.view import PlacementRequest
+    from tests.platform.conftest import start_gateway
+    from ember.scheduler.view import StartupEstimate
+
+    class OnNode:
+        name = "on_node"
+
+        def __init__(self, node: str) -> None:
+            self.node = node
+
+        def place(self, request, view):  # noqa: ANN001, ANN202
+            return next(StartupEstimate(d.node_id, d.device_id, "remote", 1.0)
+                        for d in view.devices_with_room(request.nbytes, limit=16) if d.node_id == self.node)
+
+    name, session = _group(hooked_moto_url, hook=True)
+    asg = session.client("autoscaling", endpoint_url=hooked_moto_url)
+    backend = AwsAutoScalingBackend(name, endpoint_url=hooked_moto_url, session=session)
+    backend.set_desired_capacity(2)
+    first, second = sorted(backend.instances())
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    spec = FunctionSpec(name="kept", checkpoint="ck", nbytes=1 << 20, scaling={"keep_alive_s": 3600})
+    cluster.r.hset(Keys.functions, "kept", spec.model_dump_json())  # kept alive: nothing scales in by itself
+    placed = {}
+    for node, cid in (("t0", first), ("t1", second)):
+        cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                              cloud_instance_id=cid)
+        inst = cluster.place(PlacementRequest(function="kept", checkpoint="ck", nbytes=1 << 20), OnNode(node))
+        assert inst is not None and inst.node_id == node and cluster.begin_load(inst.instance_id)
+        assert cluster.mark_ready(inst.instance_id, "kept")
+        placed[node] = inst.instance_id
+    gateway = start_gateway(tmp_path, _scaling_gateway_env(redis_url, tmp_path, name, hooked_moto_url,
+                                                            EMBER_NODE_MIN="2"))
+    try:
+        _until(lambda: backend.unprotected() == [] and len(backend.instances()) == 2, gateway)  # steady
+        cluster.r.hset(Keys.placements_waiting, "gw-other", f"40 {time.time() + 3600:.3f}")  # room wanted throughout
+        asg.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
+        assert backend.instances()[first] == "Terminating:Wait"
+        _until(lambda: first not in backend.instances(), gateway)  # the lifecycle action was completed
+        assert "t0" not in cluster.live_nodes() and cluster.instance(placed["t0"]) is None
+        assert "t1" in cluster.live_nodes() and "t1" not in cluster.draining_nodes()
+        assert cluster.instance(placed["t1"]) is not None
+        log = gateway.output()
+        assert "taking t0 back" not in log and "terminating t0" in log, log
+        assert "step failed" not in log and "Traceback" not in log, log
+    finally:
+        gateway.stop()
+
+
+def _scaling_gateway_env(redis_url: str, tmp_path: Path, group: str, moto_url: str, **extra: str) -> dict[str, str]:
     """A gateway whose node scaler drives `group` on moto every 0.3 s, with no grace or boot time."""
     from tests.platform.conftest import base_env
 
-    return base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_NODE_BACKEND="aws",
-                    EMBER_AWS_AUTOSCALING_GROUP=group, EMBER_AWS_ENDPOINT_URL=moto_url, EMBER_NODE_MIN="0",
-                    EMBER_NODE_MAX="4", EMBER_NODE_GRACE_S="0", EMBER_NODE_BOOT_S="0",
-                    EMBER_NODE_SCALER_INTERVAL_S="0.3", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                    AWS_DEFAULT_REGION="us-east-1")
+    settings = {"EMBER_NODE_BACKEND": "aws", "EMBER_AWS_AUTOSCALING_GROUP": group, "EMBER_AWS_ENDPOINT_URL": moto_url,
+                "EMBER_NODE_MIN": "0", "EMBER_NODE_MAX": "4", "EMBER_NODE_GRACE_S": "0", "EMBER_NODE_BOOT_S": "0",
+                "EMBER_NODE_SCALER_INTERVAL_S": "0.3", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    return base_env(redis_url, f"file://{tmp_path / 'store'}", **{**settings, **extra})
 
 
 def _until(cond, gateway, timeout_s: float = 60.0) -> None:  # noqa: ANN001
