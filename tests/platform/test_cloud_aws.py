@@ -216,9 +216,8 @@ def test_a_node_the_cloud_terminates_is_drained_before_its_lifecycle_action_comp
     from ember.platform.cluster import DeviceSpec, RedisCluster
     from ember.platform.gateway.protocol import FunctionSpec
     from ember.platform.state import Keys
-    from ember.scheduler.view import PlacementRequest
+    from ember.scheduler.view import PlacementRequest, StartupEstimate
     from tests.platform.conftest import start_gateway
-    from ember.scheduler.view import StartupEstimate
 
     class OnNode:
         name = "on_node"
