@@ -11,9 +11,11 @@ CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
 
 
 class EmberModel(BaseModel):
-    """Shared base: unknown fields are ignored (OpenAI clients send extras), types are strict enough."""
+    """Shared base: unknown fields are ignored (OpenAI clients send extras), types are strict enough,
+    and no float is infinite or NaN (JSON's `1e999` parses as infinity, which a stored spec would
+    write back as `null` and never read again)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
 
 class LoadRequest(EmberModel):
