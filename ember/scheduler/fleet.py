@@ -127,10 +127,7 @@ class _FleetCluster(MemCluster):
 
     def _rebucket(self, dev: SimDevice) -> None:
         if dev.node.node_id in self.hidden:
-            dev.node.version += 1
-            if dev.bucket >= 0:
-                del self.buckets[dev.bucket][dev.index]
-                dev.bucket = -1
+            self._unbucket(dev)
             return
         super()._rebucket(dev)
 

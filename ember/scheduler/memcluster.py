@@ -14,6 +14,7 @@ objects under `true_*` names and is never shown to a policy.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ from ember.scheduler.estimator import (
     queue_after_load,
 )
 from ember.scheduler.eviction import IdleInstance, choose_evictions
-from ember.scheduler.view import DeviceState, NodeState, Tier, room_order, tier_rank
+from ember.scheduler.view import DeviceState, NodeState, Tier, choose_room, room_window, tier_rank
 
 __all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode"]
 
@@ -61,7 +62,7 @@ class SimInstance:
 
 class SimDevice:
     __slots__ = ("index", "node", "node_id", "device_id", "memory", "free", "instances", "load_until",
-                 "true_until", "busy_until", "extra_j", "bucket")
+                 "true_until", "busy_until", "extra_j", "bucket", "room_entry")
 
     def __init__(self, index: int, node: SimNode, device_id: str, memory: int) -> None:
         self.index = index
@@ -75,7 +76,8 @@ class SimDevice:
         self.true_until = 0.0  # when its loads really end
         self.busy_until = -1e9  # end of the last work (energy: warm idle tail)
         self.extra_j = 0.0  # energy above idle power
-        self.bucket = -1
+        self.bucket = -1  # free-memory bucket (GiB) it is listed in; -1: not placeable
+        self.room_entry: tuple[int, str, int] = (0, "", index)  # (free, "node/device", index) there
 
     @property
     def key(self) -> str:
@@ -115,7 +117,9 @@ class MemCluster:
         self.node_list: list[SimNode] = []
         self.devices: list[SimDevice] = []
         self.n_buckets = gpu_memory_bytes // GiB + 1
-        self.buckets: list[dict[int, SimDevice]] = [{} for _ in range(self.n_buckets)]
+        # free-memory index: per GiB of free memory, (free, "node/device", index) sorted, so a scan
+        # lists devices in the order Redis's sorted set does (score, then member)
+        self.buckets: list[list[tuple[int, str, int]]] = [[] for _ in range(self.n_buckets)]
         self.holders: dict[str, dict[str, None]] = {}
         self.instances: dict[str, SimInstance] = {}
         self.pending_loads: list[tuple[float, int, SimInstance]] = []
@@ -152,18 +156,27 @@ class MemCluster:
         return [self._node_state(nodes[n]) for n in ids]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
+        want = room_window(limit)
         first = min(self.n_buckets - 1, nbytes // GiB)
-        rng = range(self.n_buckets - 1, first - 1, -1) if spread else range(first, self.n_buckets)
+        devices = self.devices
         found: list[SimDevice] = []
-        for b in rng:
-            for dev in self.buckets[b].values():
-                if dev.free >= nbytes:
-                    found.append(dev)
-                    if len(found) >= limit:
+        if spread:
+            for b in range(self.n_buckets - 1, first - 1, -1):
+                for free, _, i in reversed(self.buckets[b]):
+                    if free < nbytes or len(found) >= want:
                         break
-            if len(found) >= limit:
-                break
-        return room_order([self._device_state(d) for d in found], spread)
+                    found.append(devices[i])
+                if len(found) >= want:
+                    break
+        else:
+            for b in range(first, self.n_buckets):
+                bucket = self.buckets[b]
+                start = bisect_left(bucket, (nbytes,)) if b == first else 0
+                for _, _, i in bucket[start:start + want - len(found)]:
+                    found.append(devices[i])
+                if len(found) >= want:
+                    break
+        return choose_room([self._device_state(d) for d in found], limit, spread)
 
     def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
         return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
@@ -289,13 +302,20 @@ class MemCluster:
 
     # --- tiers and indexes ---------------------------------------------------------------------
     def _rebucket(self, dev: SimDevice) -> None:
-        dev.node.version += 1
+        """List `dev` in the free-memory index under its current free bytes."""
+        self._unbucket(dev)
         b = min(self.n_buckets - 1, dev.free // GiB)
-        if b != dev.bucket:
-            if dev.bucket >= 0:
-                del self.buckets[dev.bucket][dev.index]
-            self.buckets[b][dev.index] = dev
-            dev.bucket = b
+        dev.room_entry = (dev.free, dev.key, dev.index)
+        insort(self.buckets[b], dev.room_entry)
+        dev.bucket = b
+
+    def _unbucket(self, dev: SimDevice) -> None:
+        """Take `dev` out of the free-memory index (not placeable until listed again)."""
+        dev.node.version += 1
+        if dev.bucket >= 0:
+            bucket = self.buckets[dev.bucket]
+            del bucket[bisect_left(bucket, dev.room_entry)]
+            dev.bucket = -1
 
     def set_tier(self, node: SimNode, ck: str) -> None:
         node.version += 1

@@ -50,6 +50,21 @@ class NodeState:
     tier_queue_s: dict[str, float] = field(default_factory=dict)  # tier -> wait before a load from it starts
 
 
+def room_window(limit: int) -> int:
+    """How many devices with room `devices_with_room(limit)` reads, in scan order, before ordering
+    them: twice the answer, so a device slightly fuller than the first `limit` may still win by
+    being awake or less queued."""
+    return 2 * limit
+
+
+def choose_room(scanned: Sequence[DeviceState], limit: int, spread: bool) -> list[DeviceState]:
+    """`devices_with_room`'s answer in every backend, from the devices with room in scan order:
+    least free first, ties by "node/device" (with `spread`: most free first, ties by "node/device"
+    descending), as Redis's free-memory index lists them. The first `room_window(limit)` of them,
+    in `room_order`, cut to `limit`."""
+    return room_order(scanned[: room_window(limit)], spread)[:limit]
+
+
 def room_order(devices: Sequence[DeviceState], spread: bool) -> list[DeviceState]:
     """The order `devices_with_room` answers in, in every backend: packing (awake, least queued,
     least free first) or, with `spread`, most free first; ties by "node/device"."""

@@ -9,9 +9,10 @@ import time
 import pytest
 import redis
 
-from ember.platform.cluster import DeviceSpec, RedisCluster
+from ember.platform.cluster import DecisionView, DeviceSpec, RedisCluster
 from ember.platform.loadqueues import LoadQueues
 from ember.scheduler.memcluster import MemCluster
+from ember.scheduler.policies import EmberPolicy
 from ember.scheduler.routing import pick_warm
 from ember.scheduler.view import NodeState, PlacementRequest, StartupEstimate
 
@@ -47,8 +48,9 @@ class Twin:
         self.fn = 0
 
     def add_node(self, node: str, gpus: int = 2) -> None:
-        self.live.register_node(node, f"http://{node}", [DeviceSpec(f"cuda:{i}", MEM) for i in range(gpus)], BW[node])
-        self.mem.add_node(node, [(f"cuda:{i}", MEM) for i in range(gpus)], BW[node])
+        bw = BW.get(node, BW["n1"])
+        self.live.register_node(node, f"http://{node}", [DeviceSpec(f"cuda:{i}", MEM) for i in range(gpus)], bw)
+        self.mem.add_node(node, [(f"cuda:{i}", MEM) for i in range(gpus)], bw)
 
     def heartbeat(self) -> None:
         """Workers report what they hold; the simulator derives the same from its tiers."""
@@ -187,3 +189,38 @@ def test_warm_routing_script_and_pick_warm_agree(redis_url: str) -> None:
         assert (got.instance_id if got else None) == (expected.instance_id if expected else None)
         if got is not None and len(records) % 2 == 0:
             t.live.release_request(got.instance_id)  # some finish, so outstanding counts differ
+
+
+def test_devices_with_room_same_candidates_on_a_large_cluster(redis_url: str) -> None:
+    """More devices than any candidate window, ties in free bytes and in free-memory buckets, claims
+    made out of name order: both backends (and a decision's snapshot) read the same window and
+    order it alike, so the same policy places alike."""
+    t = Twin(redis_url)
+    nodes = [f"m{k:02d}" for k in range(12)]
+    for n in reversed(nodes):  # registered out of name order
+        t.add_node(n, gpus=4)
+    # exact ties (same free bytes, different queues), near ties (same GiB bucket), idle devices
+    for k, n in enumerate(nodes[::-1][:8]):
+        t.claim(f"f{k}", n, "cuda:1", 40 * GB, seconds=5.0 * (k % 3))
+        t.claim(f"g{k}", n, "cuda:2", 40 * GB + (k % 2) * 200 * 10**6, seconds=30.0 - k)
+    for k, n in enumerate(nodes[3:7]):
+        inst, _, _ = t.claim(f"h{k}", n, "cuda:3", 70 * GB, seconds=1.0)
+        t.load_done(inst, 1.0)
+    t.mem.now = time.time()
+    assert len(t.mem.devices) > 2 * 16
+    for nbytes in (5 * GB, 10 * GB, 39 * GB + 500 * 10**6, 41 * GB):
+        for limit in (1, 2, 3, 6, 16, 20):
+            for spread in (False, True):
+                live = t.live.devices_with_room(nbytes, limit, spread)
+                mem = t.mem.devices_with_room(nbytes, limit, spread)
+                assert [d.key for d in live] == [d.key for d in mem], (nbytes, limit, spread)
+                for x, y in zip(live, mem, strict=True):
+                    _same_device(x, y)
+                decision = DecisionView(t.live, PlacementRequest("x", "ck-x", nbytes)).devices_with_room(
+                    nbytes, limit, spread)
+                assert [d.key for d in decision] == [d.key for d in live], (nbytes, limit, spread)
+    for nbytes in (5 * GB, 39 * GB + 500 * 10**6):
+        req = PlacementRequest("new", "ck-new", nbytes)
+        live_choice, mem_choice = EmberPolicy().place(req, t.live), EmberPolicy().place(req, t.mem)
+        assert live_choice is not None and mem_choice is not None
+        assert (live_choice.node_id, live_choice.device_id) == (mem_choice.node_id, mem_choice.device_id)

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import cast
 
 from ember.scheduler.view import TIER_RANK as _TIER_RANK
-from ember.scheduler.view import DeviceState, NodeState, Tier, room_order
+from ember.scheduler.view import DeviceState, NodeState, Tier
 
 
 class InstanceState(str, Enum):
@@ -160,10 +160,6 @@ def room_devices(rows: list[str], nbytes: int, now: float) -> list[DeviceState]:
         if d.free_bytes >= nbytes:
             out.append(d)
     return out
-
-
-def order_room(devices: list[DeviceState], spread: bool) -> list[DeviceState]:
-    return room_order(devices, spread)  # the order every backend answers in
 
 
 def compact_device(node_id: str, row: str, now: float) -> DeviceState:

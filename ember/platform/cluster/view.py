@@ -11,11 +11,10 @@ from ember.platform.cluster.records import (
     TIER_RANK,
     InstanceRecord,
     node_entry,
-    order_room,
     room_devices,
 )
 from ember.platform.state import PREFIX, Keys
-from ember.scheduler.view import DeviceState, NodeState, PlacementRequest
+from ember.scheduler.view import DeviceState, NodeState, PlacementRequest, choose_room, room_window
 
 
 class ClusterReads(ClusterBase):
@@ -67,11 +66,10 @@ class ClusterReads(ClusterBase):
     @state_errors
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
         """Up to `limit` live devices with at least `nbytes` free, from the free-memory index, in one
-        round trip. Default order packs (awake, least queued, least free first); `spread` puts most
-        free first."""
+        round trip, chosen by the rule every backend shares (`choose_room`)."""
         rows = self.scripts.devices_with_room(keys=[Keys.devices_free],
-                                              args=[PREFIX, nbytes, limit * 2, "1" if spread else "0"])
-        return order_room(room_devices(rows, nbytes, time.time()), spread)[:limit]
+                                              args=[PREFIX, nbytes, room_window(limit), "1" if spread else "0"])
+        return choose_room(room_devices(rows, nbytes, time.time()), limit, spread)
 
     def node_ids(self) -> Sequence[str]:
         return self.live_nodes()
@@ -150,10 +148,10 @@ class DecisionView:
         return self._holders if limit is None else self._holders[:limit]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
-        if spread or nbytes != self.request.nbytes or limit * 2 > self.ROOM_ROWS:
+        if spread or nbytes != self.request.nbytes or room_window(limit) > self.ROOM_ROWS:
             return self.cluster.devices_with_room(nbytes, limit, spread)
         self._load()
-        return order_room(self._rows[: limit * 2], spread)[:limit]
+        return choose_room(self._rows, limit, spread)
 
     def device(self, node_id: str, device_id: str) -> DeviceState | None:
         """A device as this decision read it (read now if it did not; None if unknown or dead)."""
