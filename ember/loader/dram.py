@@ -38,6 +38,7 @@ class DramEntry:
     runs: tuple[tuple[int, int], ...]  # (byte offset in pool, byte length)
     nbytes: int
     meta_dir: Path
+    gen: str = ""  # which fill of `name` this is: pins and quarantine act on this one only
 
     @property
     def contiguous(self) -> bool:
@@ -164,19 +165,25 @@ class DramTier:
             self._write_index(index)
             return self._entry(name, e)
 
-    def unpin(self, name: str) -> None:
-        """Undo one pin of this process."""
+    def unpin(self, entry: DramEntry) -> None:
+        """Undo one pin of this process on exactly `entry` (found under its name, or set aside by
+        `quarantine`; never a newer fill of the same name). A set-aside entry whose last pin goes
+        is dropped: its blocks are free again."""
         with self._locked():
             index = self._read_index() or {"entries": {}}
-            e = index["entries"].get(name)
-            if not e:
+            entries = index["entries"]
+            name = self._find(entries, entry)
+            if name is None:
                 return
+            e = entries[name]
             pins = e.setdefault("pins", {})
             left = pins.get(str(self.pid), 0) - 1
             if left > 0:
                 pins[str(self.pid)] = left
             else:
                 pins.pop(str(self.pid), None)
+            if e["state"] == "bad" and not self._pinned(e):
+                self._drop(entries, name)
             self._write_index(index)
 
     # --- filling ----------------------------------------------------------------------------
@@ -252,21 +259,22 @@ class DramTier:
             self._write_index(index)
             return True
 
-    def quarantine(self, name: str) -> None:
+    def quarantine(self, entry: DramEntry) -> None:
         """Take a ready entry that failed verification out of service: dropped now when nobody
-        pins it, else renamed aside (never found again) until its pins go and LRU reclaims it."""
+        pins it, else set aside (never found again) until its last pin goes (`unpin`)."""
         with self._locked():
             index = self._read_index() or {"entries": {}}
-            e = index["entries"].get(name)
-            if not e:
+            entries = index["entries"]
+            name = self._find(entries, entry)
+            if name is None or entries[name]["state"] == "bad":
                 return
-            if not self._pinned(e):
-                self._drop(index["entries"], name)
+            if not self._pinned(entries[name]):
+                self._drop(entries, name)
             else:
-                e = index["entries"].pop(name)
+                e = entries.pop(name)
                 e["state"] = "bad"
-                e["meta"] = f"{name}.{e['gen']}"
-                index["entries"][f"{name}!bad-{e['gen']}"] = e
+                e["meta"] = f"{entry.name}.{e['gen']}"
+                entries[_set_aside(entry)] = e
             self._write_index(index)
 
     def wait_filling(self, name: str, timeout_s: float = 600.0) -> None:
@@ -361,7 +369,16 @@ class DramTier:
 
     def _entry(self, name: str, e: dict) -> DramEntry:
         runs = tuple((s * self.block_bytes, n * self.block_bytes) for s, n in e["runs"])
-        return DramEntry(name, runs, e["nbytes"], self.dir / "meta" / e.get("meta", f"{name}.{e['gen']}"))
+        return DramEntry(name, runs, e["nbytes"], self.dir / "meta" / e.get("meta", f"{name}.{e['gen']}"), e["gen"])
+
+    @staticmethod
+    def _find(entries: dict, entry: DramEntry) -> str | None:
+        """The index name of exactly this fill of the entry: its own name or its set-aside name."""
+        for name in (entry.name, _set_aside(entry)):
+            e = entries.get(name)
+            if e is not None and e.get("gen") == entry.gen:
+                return name
+        return None
 
     def _drop(self, entries: dict, name: str) -> None:
         e = entries.pop(name)
@@ -407,6 +424,11 @@ class DramTier:
             if not left:
                 break
         return sorted(runs)
+
+
+def _set_aside(entry: DramEntry) -> str:
+    """The index name of a quarantined entry: no lookup by checkpoint key ever finds it."""
+    return f"{entry.name}!bad-{entry.gen}"
 
 
 def _allocate(fd: int, nbytes: int) -> None:

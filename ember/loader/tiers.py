@@ -170,19 +170,19 @@ class NodeTiers:
             try:
                 manifest, view = self._verified_dram(entry, ident)
             except CheckpointError as e:  # IntegrityError included: the entry is bad, not the request
-                self.dram.unpin(key)
-                self.dram.quarantine(key)
+                self.dram.unpin(entry)
+                self.dram.quarantine(entry)
                 log.warning("DRAM tier entry %s failed verification (%s): dropped; loading from the next tier",
                             ident.ref, e)
                 self._corrupt_dram(ident.ref)
             except BaseException:
-                self.dram.unpin(key)
+                self.dram.unpin(entry)
                 raise
             else:
                 try:
                     sd = self._dram_tensors(entry, manifest, dev, view)
                 except BaseException:
-                    self.dram.unpin(key)
+                    self.dram.unpin(entry)
                     raise
                 self.ssd.touch(key)
                 return self._loaded(key, ident, sd, "dram", t0, manifest, entry.meta_dir / FILES_DIR, dev, entry)
@@ -227,13 +227,13 @@ class NodeTiers:
                 verify_files(entry.meta_dir, manifest)
                 verify_chunks(manifest, self.dram.read_view(entry), self.threads)
             except (CheckpointError, OSError) as e:
-                self.dram.unpin(key)
-                self.dram.quarantine(key)
+                self.dram.unpin(entry)
+                self.dram.quarantine(entry)
                 log.warning("DRAM tier entry %s failed verification in a scrub (%s): dropped", ref, e)
                 bad.append(ref)
                 self._corrupt_dram(ref)
                 continue
-            self.dram.unpin(key)
+            self.dram.unpin(entry)
         return bad
 
     def adopt(self, directory: Path | str, name: str) -> str:
@@ -407,14 +407,14 @@ class NodeTiers:
     def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry) -> LoadedCheckpoint:
         def release() -> None:
             if entry is not None:
-                self.dram.unpin(key)
+                self.dram.unpin(entry)
             if dev.type == "cuda":
                 self.device_copies.release(key, str(dev))
 
         if dev.type == "cuda":
             self.device_copies.hold(key, str(dev), sd, manifest, files, ident.name)
             if entry is not None:  # device bytes are private: the DRAM entry need not stay pinned
-                self.dram.unpin(key)
+                self.dram.unpin(entry)
                 entry = None
         return LoadedCheckpoint(
             ident.name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release,
