@@ -10,6 +10,7 @@ energy_api) runs it too, and `allocate_if_leader` runs it from any periodic loop
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -66,20 +67,22 @@ def publish_device_snapshots(
     if not snapshots:
         return {}
     now = time.time() if now is None else now
-    day_key = Keys.energy_day_start(_day(now))
+    day = _day(now)
     members = [f"{node_id}/{s['device']}" for s in snapshots]
+    readings: list[str] = []  # member, energy_j pairs for the day's count (unreadable counters skipped)
+    for member, snap in zip(members, snapshots, strict=True):
+        energy_j = float(snap.get("energy_j") or 0.0)
+        if math.isfinite(energy_j) and energy_j >= 0:
+            readings += [member, repr(energy_j)]
     try:
-        starts = client.hmget(day_key, members)
         pipe = client.pipeline(transaction=True)
-        for snap, member, start in zip(snapshots, members, starts, strict=True):
+        for snap in snapshots:
             key = Keys.energy_device(node_id, str(snap["device"]))
             pipe.hset(key, mapping={"snapshot": json.dumps(dict(snap), default=str), "at": now})
             pipe.expire(key, max(1, int(ttl_s)))
-            pipe.sadd(Keys.energy_devices, member)
-            energy_j = float(snap.get("energy_j") or 0.0)
-            if start is None or float(start) > energy_j:  # first sight today, or the counter restarted
-                pipe.hset(day_key, member, energy_j)
-        pipe.expire(day_key, 2 * 86400)
+        pipe.sadd(Keys.energy_devices, *members)
+        client.register_script(_COUNT_DAY)(keys=[Keys.energy_day_last(day), Keys.energy_day_used(day)],
+                                           args=[2 * 86400, *readings], client=pipe)
         pipe.hmget(Keys.energy_caps, members)
         caps_raw = pipe.execute()[-1]
     except redis.RedisError as e:
@@ -142,17 +145,14 @@ def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[st
     }
 
 
-def energy_used_today_j(client: redis.Redis, snapshots: Sequence[Mapping[str, Any]],
+def energy_used_today_j(client: redis.Redis, snapshots: Sequence[Mapping[str, Any]] = (),
                         now: float | None = None) -> float:
-    """Joules the devices in `snapshots` drew since midnight UTC (since first seen today)."""
+    """Joules every device drew since midnight UTC (since first seen today), as counted by
+    `publish_device_snapshots`: the count only grows, a counter restart adds what was drawn
+    before it, and a device that stopped reporting keeps what it drew. (`snapshots` is no
+    longer needed: kept for callers that pass it.)"""
     now = time.time() if now is None else now
-    starts = _redis(client.hgetall, Keys.energy_day_start(_day(now)))
-    used_j = 0.0
-    for s in snapshots:
-        start = starts.get(f"{s['node']}/{s['device']}")
-        if start is not None:
-            used_j += max(0.0, float(s.get("energy_j") or 0.0) - float(start))
-    return used_j
+    return sum(float(v) for v in _redis(client.hvals, Keys.energy_day_used(_day(now))))
 
 
 def allocate_if_leader(client: redis.Redis, holder: str, lease_s: float = 15.0) -> dict[str, Any] | None:
@@ -170,6 +170,27 @@ def allocate_if_leader(client: redis.Redis, holder: str, lease_s: float = 15.0) 
     except redis.RedisError as e:
         raise StateUnavailable(f"redis: {e}") from e
     return allocate_and_store(client)
+
+
+# KEYS: the day's last readings, the day's joules; ARGV: ttl_s, then member, energy_j pairs.
+# A reading at or above the last adds the difference; one below it is a counter that restarted
+# (worker or driver restart, re-zeroed emulated counter): it counts from zero again, so all it
+# reads was drawn since. The first reading of the day only sets the mark.
+_COUNT_DAY = """
+for i = 2, #ARGV, 2 do
+  local m, e = ARGV[i], tonumber(ARGV[i + 1])
+  local last = tonumber(redis.call('HGET', KEYS[1], m))
+  if last then
+    local drawn = e - last
+    if e < last then drawn = e end
+    if drawn > 0 then redis.call('HINCRBYFLOAT', KEYS[2], m, string.format('%.17g', drawn)) end
+  end
+  redis.call('HSET', KEYS[1], m, ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 0
+"""
 
 
 def _day(now: float) -> str:

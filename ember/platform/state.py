@@ -111,5 +111,9 @@ class Keys:
     energy_allocation = PREFIX + "energy:allocation"  # JSON: latest allocation (caps, needs, misses)
 
     @staticmethod
-    def energy_day_start(day: str) -> str:  # hash with TTL: "node/device" -> energy_j first seen on `day`
-        return f"{PREFIX}energy:daystart:{day}"
+    def energy_day_last(day: str) -> str:  # hash with TTL: "node/device" -> last energy_j counter read on `day`
+        return f"{PREFIX}energy:daylast:{day}"
+
+    @staticmethod
+    def energy_day_used(day: str) -> str:  # hash with TTL: "node/device" -> joules drawn on `day` (only grows)
+        return f"{PREFIX}energy:dayused:{day}"

@@ -233,3 +233,33 @@ def test_one_allocator_per_lease(r: redis.Redis) -> None:
     assert allocate_if_leader(r, "gw-b") is None  # gw-a holds the lease
     assert allocate_if_leader(r, "gw-a") is not None  # and renews it
     assert sum(float(v) for v in r.hgetall(Keys.energy_caps).values()) <= 450 + 1e-6
+
+
+def _snap(node: str, energy_j: float) -> dict:
+    return {"node": node, "device": "sim:0", "energy_j": energy_j, "power_w": 100.0, "avg_power_w": 100.0,
+            "limit_w": 700.0, "min_limit_w": 200.0, "max_limit_w": 700.0, "pressure": 0.0, "functions": {}}
+
+
+def test_used_today_keeps_what_was_drawn_before_a_counter_restart(r: redis.Redis) -> None:
+    """A worker restarts under the same node id and its energy counter starts from zero again:
+    the day's count adds what the new counter reads to what was drawn before, never falls."""
+    now = time.time()
+    for e in (1000.0, 3.6e6 + 1000.0):  # 1 kWh drawn
+        publish_device_snapshots(r, "n1", [_snap("n1", e)], ttl_s=60, now=now)
+    assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(1.0)
+    for e in (0.36e6, 0.72e6):  # restarted: 0.1 kWh by its first report, 0.2 kWh by the next
+        publish_device_snapshots(r, "n1", [_snap("n1", e)], ttl_s=60, now=now)
+        assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(1.0 + e / 3.6e6)
+
+
+def test_used_today_keeps_a_gone_node(r: redis.Redis) -> None:
+    """A node whose snapshots expired (worker gone, scaled in) keeps what it drew today."""
+    now = time.time()
+    for e in (0.0, 3.6e6):
+        publish_device_snapshots(r, "gone", [_snap("gone", e)], ttl_s=60, now=now)
+        publish_device_snapshots(r, "stays", [_snap("stays", e)], ttl_s=60, now=now)
+    assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(2.0)
+    r.delete(Keys.energy_device("gone", "sim:0"))  # its snapshot expired
+    body = allocate_and_store(r, now=now)
+    assert [d["node"] for d in body["devices"]] == ["stays"]
+    assert body["allocation"]["used_kwh_today"] == pytest.approx(2.0)
