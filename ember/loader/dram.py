@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ember.errors import CapacityError
 from ember.loader import vm
+from ember.loader.blocks import fit_runs, populate_pool
 from ember.loader.locks import NodeLock, pid_alive
 from ember.loader.shm import shm_dir_for, sweep_orphan_pools, tmpfs_has_huge_pages
 
@@ -81,7 +82,7 @@ class DramTier:
                     if index["capacity_bytes"]:
                         os.ftruncate(fd, index["capacity_bytes"])
                         try:
-                            _allocate(fd, index["capacity_bytes"])
+                            populate_pool(fd, index["capacity_bytes"])
                         except OSError as e:
                             os.close(fd)
                             pool.unlink()
@@ -205,7 +206,7 @@ class DramTier:
                     return None  # already cached; the caller should pin it instead
                 self._drop(entries, name)
             while True:
-                runs = self._fit(entries, need)
+                runs = fit_runs((r for e in entries.values() for r in e["runs"]), self.capacity_bytes // self.block_bytes, need)
                 if runs is not None:
                     break
                 victim = self._lru_victim(entries)
@@ -393,53 +394,7 @@ class DramTier:
         candidates = [(e["last_used"], n) for n, e in entries.items() if not self._pinned(e)]
         return min(candidates)[1] if candidates else None
 
-    def _fit(self, entries: dict, need: int) -> list[list[int]] | None:
-        total = self.capacity_bytes // self.block_bytes
-        used = bytearray(total)
-        for e in entries.values():
-            for s, n in e["runs"]:
-                used[s : s + n] = b"\x01" * n
-        free: list[tuple[int, int]] = []
-        i = 0
-        while i < total:
-            if used[i]:
-                i += 1
-                continue
-            j = i
-            while j < total and not used[j]:
-                j += 1
-            free.append((i, j - i))
-            i = j
-        if sum(n for _, n in free) < need:
-            return None
-        fitting = [r for r in free if r[1] >= need]
-        if fitting:
-            s, _ = min(fitting, key=lambda r: r[1])  # best fit keeps large holes for large models
-            return [[s, need]]
-        runs, left = [], need
-        for s, n in sorted(free, key=lambda r: -r[1]):
-            take = min(n, left)
-            runs.append([s, take])
-            left -= take
-            if not left:
-                break
-        return sorted(runs)
-
 
 def _set_aside(entry: DramEntry) -> str:
     """The index name of a quarantined entry: no lookup by checkpoint key ever finds it."""
     return f"{entry.name}!bad-{entry.gen}"
-
-
-def _allocate(fd: int, nbytes: int) -> None:
-    """Allocate every page of the pool file once. Through a mapping advised MADV_HUGEPAGE, so the
-    pool gets 2 MiB pages where tmpfs allows them (shmem_enabled=advise/always): mapping and
-    direct I/O then cost 512x fewer page-table entries. Falls back to posix_fallocate."""
-    addr = vm.mmap_at(None, nbytes, vm.PROT_READ | vm.PROT_WRITE, vm.MAP_SHARED, fd, 0)
-    try:
-        vm.madvise(addr, nbytes, vm.MADV_HUGEPAGE)
-        populated = vm.madvise(addr, nbytes, vm.MADV_POPULATE_WRITE)
-    finally:
-        vm.munmap(addr, nbytes)
-    if not populated:
-        os.posix_fallocate(fd, 0, nbytes)
