@@ -110,6 +110,15 @@ class CheckpointChanged(CheckpointError):
     code = "checkpoint_changed"
 
 
+class FunctionUnreadable(EmberError):
+    """A stored function spec that no longer validates (written by an older version, or by hand):
+    it can be deployed again or deleted, nothing else."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "function_unreadable"
+
+
 class UnsafeFormat(CheckpointError):
     """A format that would need unpickling (.bin, .pt): refused."""
 

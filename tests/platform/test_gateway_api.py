@@ -70,11 +70,14 @@ def test_keys_roles_and_function_ownership(gateway: Proc) -> None:
     _assert_openai_error(httpx.put(f"{u}/v1/functions/x", headers=_h(keys["operator"]["key"]), json=spec), 403)
     names = [f["name"] for f in httpx.get(f"{u}/v1/functions", headers=_h(keys["operator"]["key"])).json()["functions"]]
     assert names == ["mine"]
-    # another developer cannot change or delete it, nor invoke it
-    _assert_openai_error(httpx.delete(f"{u}/v1/functions/mine", headers=_h(dev2["key"])), 403)
+    # another developer cannot change or delete it, nor invoke it; to it the function does not exist
+    # (404 as for GET), except that the name is taken (403 on PUT)
+    _assert_openai_error(httpx.delete(f"{u}/v1/functions/mine", headers=_h(dev2["key"])), 404)
     _assert_openai_error(httpx.put(f"{u}/v1/functions/mine", headers=_h(dev2["key"]), json=spec), 403)
-    _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=_h(dev2["key"]),
-                                    json={"model": "mine", "messages": [{"role": "user", "content": "hi"}]}), 403)
+    err = _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=_h(dev2["key"]),
+                                          json={"model": "mine", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert err["code"] == "model_not_found"
+    _assert_openai_error(httpx.get(f"{u}/v1/functions/mine", headers=_h(dev2["key"])), 404)
     assert httpx.get(f"{u}/v1/functions/mine", headers=admin_headers()).json()["instances"] == []
     assert httpx.delete(f"{u}/v1/functions/mine", headers=dev).status_code == 204
     _assert_openai_error(httpx.get(f"{u}/v1/functions/mine", headers=dev), 404)
@@ -126,3 +129,50 @@ def test_access_log_is_a_setting(gateway: Proc, redis_server: str, tmp_path: Pat
         quiet.stop()
     text = quiet.log.read_text()
     assert "GET /v1/models" not in text and "Application startup complete" in text
+
+
+def test_a_spec_nobody_can_read_costs_only_itself(gateway: Proc, redis_url: str) -> None:
+    """Non-finite numbers are refused at deploy (JSON's 1e999 is infinity: stored, it was written back
+    as null, and from then on every listing, the function's own GET and DELETE and the autoscaler
+    failed with 500 for every tenant). A stored spec that does not validate any more (an older
+    version's, or edited by hand) is left out of listings, is a 409 to read or invoke, and can be
+    deleted or deployed again."""
+    import redis as redis_lib
+
+    from ember.platform.state import Keys
+
+    u, h = gateway.url, {**admin_headers(), "content-type": "application/json"}
+    for body in ('{"checkpoint": "tiny", "slo": {"ttft_ms": 1e999}}', '{"checkpoint": "tiny", "slo": {"tpot_ms": -1e999}}',
+                 '{"checkpoint": "tiny", "scaling": {"keep_alive_s": Infinity}}',
+                 '{"checkpoint": "tiny", "energy": {"eta": NaN}}'):
+        err = _assert_openai_error(httpx.put(f"{u}/v1/functions/inf", headers=h, content=body), 422)
+        assert "finite" in err["message"] or "valid number" in err["message"] or "JSON" in err["message"], err
+    assert httpx.put(f"{u}/v1/functions/fine", headers=h, json={"checkpoint": "tiny"}).status_code == 201
+    r = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    r.hset(Keys.functions, "broken", '{"name": "broken", "checkpoint": "tiny", "owner": "admin", "slo": {"ttft_ms": null}}')
+    listed = httpx.get(f"{u}/v1/functions", headers=h)
+    assert listed.status_code == 200 and [f["name"] for f in listed.json()["functions"]] == ["fine"]
+    assert httpx.get(f"{u}/v1/models", headers=h).status_code == 200
+    stats = httpx.get(f"{u}/v1/stats/functions", headers=h)
+    assert stats.status_code == 200 and [f["name"] for f in stats.json()["functions"]] == ["fine"]
+    err = _assert_openai_error(httpx.get(f"{u}/v1/functions/broken", headers=h), 409)
+    assert err["code"] == "function_unreadable"
+    chat = {"model": "broken", "messages": [{"role": "user", "content": "hi"}]}
+    assert _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h, json=chat), 409)["code"] == \
+        "function_unreadable"
+    assert httpx.delete(f"{u}/v1/functions/broken", headers=h).status_code == 204
+    assert r.hget(Keys.functions, "broken") is None
+    r.hset(Keys.functions, "broken", '{"name": "broken", "checkpoint": "tiny", "owner": "admin", "slo": 5}')
+    redeployed = httpx.put(f"{u}/v1/functions/broken", headers=h, json={"checkpoint": "tiny"})
+    assert redeployed.status_code == 201 and redeployed.json()["owner"] == "admin"
+    assert httpx.get(f"{u}/v1/functions/broken", headers=h).status_code == 200
+    r.close()
+
+
+def test_chat_content_parts_must_carry_text(gateway: Proc) -> None:
+    """A text part whose `text` is a number, null or missing is the caller's mistake (it was a 500)."""
+    u, h = gateway.url, admin_headers()
+    for part in ({"type": "text", "text": 123}, {"type": "text", "text": None}, {"type": "text"}, {"text": []}):
+        body = {"model": "anything", "messages": [{"role": "user", "content": [part]}]}
+        err = _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h, json=body), 422)
+        assert "text" in err["message"], err

@@ -168,6 +168,15 @@ class ChatMessage(EmberModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = ""
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_are_text(cls, v: str | list[dict] | None) -> str | list[dict] | None:
+        if isinstance(v, list):
+            for i, p in enumerate(v):
+                if p.get("type", "text") == "text" and not isinstance(p.get("text"), str):
+                    raise ValueError(f"content part {i} is of type text and needs a string `text`")
+        return v
+
     def non_text_part(self) -> str | None:
         """The type of the first content part that is not text (images, audio, files), if any."""
         if isinstance(self.content, list):

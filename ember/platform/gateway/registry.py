@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import redis
+from pydantic import ValidationError
 
-from ember.errors import Forbidden, FunctionNotFound
+from ember.errors import Forbidden, FunctionNotFound, FunctionUnreadable
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
 from ember.platform.names import check_name
 from ember.platform.state import Keys
+
+log = logging.getLogger(__name__)
+_PUT_ATTEMPTS = 16
 
 
 class FunctionRegistry:
@@ -28,11 +34,22 @@ class FunctionRegistry:
         """The spec stored for `name` (`raw`: its field of the functions hash, None when absent)."""
         if raw is None:
             raise FunctionNotFound(f"the model (function) {name!r} does not exist")
-        return FunctionSpec.model_validate_json(raw)
+        try:
+            return FunctionSpec.model_validate_json(raw)
+        except ValidationError as e:
+            raise FunctionUnreadable(f"the stored spec of function {name!r} cannot be read "
+                                     f"({e.error_count()} problem(s), first: {e.errors()[0]['msg']}); "
+                                     "deploy it again or delete it") from None
 
     def list(self) -> list[FunctionSpec]:
-        return sorted((FunctionSpec.model_validate_json(v) for v in self.client.hgetall(Keys.functions).values()),
-                      key=lambda s: s.name)
+        """Every readable spec; one that cannot be read is skipped (and logged), never the listing."""
+        specs = []
+        for name, raw in self.client.hgetall(Keys.functions).items():
+            try:
+                specs.append(self.parse(name, raw))
+            except FunctionUnreadable as e:
+                log.warning("%s", e)
+        return sorted(specs, key=lambda s: s.name)
 
     def visible(self, principal: Principal) -> list[FunctionSpec]:
         """The specs a caller may see: a developer its own, every other role all of them."""
@@ -41,27 +58,54 @@ class FunctionRegistry:
 
     def get_visible(self, name: str, principal: Principal) -> FunctionSpec:
         """A spec the caller may see; another tenant's function is as unknown as a missing one."""
-        spec = self.get(name)
-        if principal.role == "developer" and spec.owner != principal.id:
-            raise FunctionNotFound(f"the model (function) {name!r} does not exist")
-        return spec
-
-    def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
-            checkpoint_id: str = "", kv_bytes: int = 0) -> tuple[FunctionSpec, bool]:
-        """Create or replace; returns (spec, created)."""
         check_name(name, "function name")
         raw = self.client.hget(Keys.functions, name)
-        now = time.time()
-        if raw is not None:
-            old = FunctionSpec.model_validate_json(raw)
-            self.check_owner(old, owner)
-            spec = FunctionSpec(name=name, owner=old.owner, created=old.created, updated=now, nbytes=nbytes,
-                                checkpoint_id=checkpoint_id, kv_bytes=kv_bytes, **body.model_dump())
-        else:
-            spec = FunctionSpec(name=name, owner=owner.id, created=now, updated=now, nbytes=nbytes,
-                                checkpoint_id=checkpoint_id, kv_bytes=kv_bytes, **body.model_dump())
-        self.client.hset(Keys.functions, name, spec.model_dump_json())
-        return spec, raw is None
+        if raw is not None and principal.role == "developer" and _stored_owner(raw) != principal.id:
+            raw = None
+        return self.parse(name, raw)
+
+    def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
+            checkpoint_id: str = "", kv_bytes: int = 0) -> tuple[FunctionSpec, FunctionSpec | None]:
+        """Create or replace, atomically against another deploy or delete of any function (WATCH):
+        two tenants creating one name at once cannot both be told they own it. Returns (spec, the
+        spec it replaced or None when created). A stored spec that cannot be read is replaced by
+        its owner (read from its JSON) or an admin."""
+        check_name(name, "function name")
+        for _ in range(_PUT_ATTEMPTS):
+            with self.client.pipeline() as p:
+                try:
+                    p.watch(Keys.functions)
+                    raw = p.hget(Keys.functions, name)
+                    old = self._readable_or_owner_checked(name, raw, owner)
+                    if not checkpoint_id and old is not None and old.checkpoint == body.checkpoint:
+                        # no worker could tell the identity now: the one known for this checkpoint stays
+                        checkpoint_id, nbytes, kv_bytes = old.checkpoint_id, old.nbytes, old.kv_bytes
+                    now = time.time()
+                    keep = {"owner": old.owner, "created": old.created} if old is not None else \
+                        {"owner": _stored_owner(raw) or owner.id, "created": now} if raw is not None else \
+                        {"owner": owner.id, "created": now}
+                    spec = FunctionSpec(name=name, updated=now, nbytes=nbytes, checkpoint_id=checkpoint_id,
+                                        kv_bytes=kv_bytes, **keep, **body.model_dump())
+                    p.multi()
+                    p.hset(Keys.functions, name, spec.model_dump_json())
+                    p.execute()
+                    return spec, old
+                except redis.WatchError:
+                    continue
+        raise redis.WatchError(f"function {name!r}: too many concurrent changes to the registry")
+
+    def _readable_or_owner_checked(self, name: str, raw: str | None, principal: Principal) -> FunctionSpec | None:
+        """The stored spec (None when absent or unreadable), after checking `principal` may change it."""
+        if raw is None:
+            return None
+        try:
+            old = self.parse(name, raw)
+        except FunctionUnreadable:
+            if principal.role == "developer" and _stored_owner(raw) != principal.id:
+                raise Forbidden(f"function {name!r} belongs to another key") from None
+            return None
+        self.check_owner(old, principal)
+        return old
 
     def set_resolved(self, spec: FunctionSpec, nbytes: int, checkpoint_id: str, kv_bytes: int = 0) -> FunctionSpec:
         """Record a checkpoint's size, identity and per-instance KV budget learned after deploy,
@@ -93,9 +137,15 @@ class FunctionRegistry:
     def owned_by(self, owner: str) -> list[FunctionSpec]:
         return [s for s in self.list() if s.owner == owner]
 
-    def delete(self, name: str, principal: Principal) -> FunctionSpec:
-        spec = self.get(name)
-        self.check_owner(spec, principal)
+    def delete(self, name: str, principal: Principal) -> FunctionSpec | None:
+        """Delete a spec the caller owns (an unreadable one too); returns it (None if unreadable)."""
+        check_name(name, "function name")
+        raw = self.client.hget(Keys.functions, name)
+        if raw is None:
+            raise FunctionNotFound(f"the model (function) {name!r} does not exist")
+        if principal.role == "developer" and _stored_owner(raw) != principal.id:
+            raise FunctionNotFound(f"the model (function) {name!r} does not exist")  # as GET says
+        spec = self._readable_or_owner_checked(name, raw, principal)
         self.client.hdel(Keys.functions, name)
         return spec
 
@@ -111,6 +161,16 @@ class FunctionRegistry:
             return
         if principal.role == "developer" and spec.owner == principal.id:
             return
-        if principal.role == "developer":
-            raise Forbidden(f"function {spec.name!r} belongs to another key")
+        if principal.role == "developer":  # as unknown as a missing one (GET says 404 too)
+            raise FunctionNotFound(f"the model (function) {spec.name!r} does not exist")
         raise Forbidden(f"role {principal.role!r} may not invoke functions")
+
+
+def _stored_owner(raw: str) -> str | None:
+    """The owner field of a stored spec's JSON, however unreadable the rest is."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    owner = doc.get("owner") if isinstance(doc, dict) else None
+    return owner if isinstance(owner, str) else None
