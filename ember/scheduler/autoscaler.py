@@ -1,6 +1,7 @@
 """Autoscaler: a pure step from (scaling specs, instances, now) to actions.
 
 Rules, per function:
+- retire instances of a checkpoint the function no longer names (a redeploy), busy or not;
 - unload instances idle (ready, nothing outstanding) for `keep_alive_s`, least recently used
   first, down to `min_instances` (0: scale to zero); instances beyond `max_instances` that are
   idle go first, whatever their idle time;
@@ -58,6 +59,7 @@ class ScalableInstance(Protocol):
 
     instance_id: str
     function: str
+    checkpoint: str
     node_id: str
     state: str
     outstanding: int
@@ -69,7 +71,13 @@ class Unload:
     instance_id: str
     function: str
     node_id: str
-    reason: str  # "keep_alive" | "over_max" | "unknown_function"
+    reason: str  # "keep_alive" | "over_max" | "unknown_function" | "checkpoint_changed"
+
+    @property
+    def graceful(self) -> bool:
+        """Retire even while it serves (no new requests; in-flight ones finish within the drain
+        grace), rather than only when idle: it holds a checkpoint its function no longer uses."""
+        return self.reason == "checkpoint_changed"
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,8 @@ class Autoscaler:
         self.prefetch_copies = prefetch_copies
         self.max_prefetch_per_step = max_prefetch_per_step
         self.unload_unknown = unload_unknown
-        self._min_cache: tuple[tuple[int, int], list[tuple[str, ScalingSpec]]] | None = None
+        # (the specs mapping itself, held so that its id cannot be reused; its length; the specs with a minimum)
+        self._min_cache: tuple[Mapping[str, ScalingSpec], int, list[tuple[str, ScalingSpec]]] | None = None
 
     def step(self, specs: Mapping[str, ScalingSpec], instances: Iterable[ScalableInstance], now: float, *,
              view: ClusterView | None = None, demand_per_s: Mapping[str, float] | None = None) -> list[Action]:
@@ -117,6 +126,12 @@ class Autoscaler:
                     actions += [Unload(i.instance_id, fn, i.node_id, "unknown_function") for i in insts
                                 if i.state == "ready" and i.outstanding == 0]
                 continue
+            if spec.checkpoint and any(i.checkpoint and i.checkpoint != spec.checkpoint for i in insts):
+                # redeployed on another checkpoint: the old instances retire, busy or not, and do
+                # not count towards the function's instances any more
+                actions += [Unload(i.instance_id, fn, i.node_id, "checkpoint_changed") for i in insts
+                            if i.state == "ready" and i.checkpoint != spec.checkpoint]
+                insts = by_fn[fn] = [i for i in insts if i.checkpoint == spec.checkpoint or not i.checkpoint]
             actions += self._unloads(spec, insts, now)
         for fn, spec in self._with_minimum(specs):
             current = len(by_fn.get(fn, ()))
@@ -127,11 +142,14 @@ class Autoscaler:
         return actions
 
     def _with_minimum(self, specs: Mapping[str, ScalingSpec]) -> list[tuple[str, ScalingSpec]]:
-        """Specs with min_instances > 0 (cached per specs mapping: simulations pass thousands)."""
-        key = (id(specs), len(specs))
-        if self._min_cache is None or self._min_cache[0] != key:
-            self._min_cache = (key, [(fn, s) for fn, s in specs.items() if s.min_instances > 0])
-        return self._min_cache[1]
+        """Specs with min_instances > 0, cached per specs mapping (simulations pass the same one of
+        thousands every step). The cache holds the mapping, so that another mapping can never take
+        its id (the live loop builds a new one each step: a reused id once returned last step's
+        minimums)."""
+        cached = self._min_cache
+        if cached is None or cached[0] is not specs or cached[1] != len(specs):
+            cached = self._min_cache = (specs, len(specs), [(fn, s) for fn, s in specs.items() if s.min_instances > 0])
+        return cached[2]
 
     def _unloads(self, spec: ScalingSpec, insts: list[ScalableInstance], now: float) -> list[Action]:
         idle = [i for i in insts if i.state == "ready" and i.outstanding == 0]

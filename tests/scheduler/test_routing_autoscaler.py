@@ -20,6 +20,7 @@ class Inst:
     state: str = "ready"
     outstanding: int = 0
     last_used_s: float = 0.0
+    checkpoint: str = ""
 
 
 def test_pick_warm_least_outstanding_below_target() -> None:
@@ -46,6 +47,35 @@ def test_keep_alive_unload_and_scale_to_zero() -> None:
     assert actions == [Unload("old", "f", "n", "keep_alive")]
     actions = Autoscaler().step({"f": spec}, [Inst("a", last_used_s=0), Inst("b", last_used_s=1)], now=1000.0)
     assert {a.instance_id for a in actions} == {"a", "b"}  # scale to zero
+
+
+def test_a_redeploy_on_another_checkpoint_retires_the_old_instances_busy_or_not() -> None:
+    """Instances of the checkpoint a function named before its redeploy are retired gracefully (busy
+    ones too: under steady traffic an old instance is never idle, and kept serving the old model),
+    and they no longer count towards its minimum."""
+    spec = ScalingSpec("f", checkpoint="store/new#2", min_instances=1, keep_alive_s=600)
+    insts = [Inst("old-busy", checkpoint="store/old#1", outstanding=3, last_used_s=99),
+             Inst("old-idle", checkpoint="store/old#1", last_used_s=99),
+             Inst("old-loading", checkpoint="store/old#1", state="loading"),
+             Inst("new", checkpoint="store/new#2", outstanding=1, last_used_s=99)]
+    actions = Autoscaler().step({"f": spec}, insts, now=100.0)
+    assert actions == [Unload("old-busy", "f", "n", "checkpoint_changed"),
+                       Unload("old-idle", "f", "n", "checkpoint_changed")]
+    assert all(a.graceful for a in actions) and not Unload("x", "f", "n", "keep_alive").graceful
+    only_old = [i for i in insts if i.instance_id != "new"]
+    assert Autoscaler().step({"f": spec}, only_old, now=100.0)[-1] == EnsureInstances("f", 1, 0)
+
+
+def test_minimums_follow_each_steps_specs_whatever_their_ids() -> None:
+    """The live loop builds a new specs mapping every step; CPython may give it the id of the last
+    one. A minimum lowered from 2 to 0 must stop being ensured at the next step (it was not: the
+    cache keyed by id and length returned the old minimums)."""
+    scaler = Autoscaler()
+    for step in range(50):
+        specs = {"chat": ScalingSpec("chat", min_instances=2 if step % 2 == 0 else 0, max_instances=4)}
+        want = [EnsureInstances("chat", 2, 0)] if step % 2 == 0 else []
+        assert scaler.step(specs, [], now=float(step)) == want, step
+        del specs  # freed: the next mapping may take its address
 
 
 def test_min_and_max_instances() -> None:

@@ -47,11 +47,27 @@ async def put_function(name: str, body: FunctionDeploy, request: Request, respon
     await to_thread.run_sync(policy.check_deploy, principal, body.checkpoint)
     app = request.app
     size = await size_checkpoint(app.state.cluster, app.state.http, app.state.settings, body.checkpoint)  # None: no worker up, sized before placing
-    spec, created = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).put, name, body, principal,
-                                             size.nbytes if size else 0, size.ref if size else "",
-                                             size.kv_bytes if size else 0)
-    response.status_code = 201 if created else 200
+    spec, old = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).put, name, body, principal,
+                                         size.nbytes if size else 0, size.ref if size else "",
+                                         size.kv_bytes if size else 0)
+    if old is not None and (old.checkpoint != spec.checkpoint or old.checkpoint_ref != spec.checkpoint_ref):
+        await retire_instances(app, spec)  # another checkpoint, or the same name with other bytes
+    response.status_code = 201 if old is None else 200
     return spec
+
+
+async def retire_instances(app: Any, spec: FunctionSpec) -> int:
+    """A redeploy changed the checkpoint: the function's instances of any other checkpoint take no
+    new request and go once their requests finish (the drain grace bounds the wait); the next
+    requests start instances of the new one. Returns how many were retired."""
+    retired = 0
+    for inst in await to_thread.run_sync(app.state.cluster.instances, spec.name):
+        if (not spec.checkpoint_id or inst.checkpoint != spec.checkpoint_ref) and inst.state != "draining":
+            retired += await unload_instance(app, inst, force=True)
+    if retired:
+        log.info("function %s now serves %s: %d instance(s) of its previous checkpoint retired", spec.name,
+                 spec.checkpoint_ref, retired)
+    return retired
 
 
 @router.get("/v1/functions")
@@ -71,9 +87,9 @@ async def get_function(name: str, request: Request, principal: ReaderPrincipal) 
 @router.delete("/v1/functions/{name}", status_code=204)
 async def delete_function(name: str, request: Request, principal: AnyPrincipal) -> Response:
     principal.require("admin", "developer")
-    spec = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).delete, name, principal)
+    await to_thread.run_sync(FunctionRegistry(request.app.state.redis).delete, name, principal)
     # instances of a deleted function go away at once (the autoscaler would also reap them)
-    for inst in await to_thread.run_sync(request.app.state.cluster.instances, spec.name):
+    for inst in await to_thread.run_sync(request.app.state.cluster.instances, name):
         await unload_instance(request.app, inst, force=True)
     return Response(status_code=204)
 
@@ -89,7 +105,11 @@ async def create_key(body: KeyCreate, request: Request, _: AdminPrincipal) -> Ke
 
 @router.get("/v1/keys")
 async def list_keys(request: Request, _: AdminPrincipal) -> dict[str, list[KeyInfo]]:
-    return {"keys": await to_thread.run_sync(KeyStore(request.app.state.redis).list)}
+    keys = await to_thread.run_sync(KeyStore(request.app.state.redis).list)
+    limiter = request.app.state.ratelimiter
+    limits = await to_thread.run_sync(lambda: [limiter.limits(info.id) for info in keys])
+    return {"keys": [info.model_copy(update={"rpm": lim.rpm, "tpm": lim.tpm}) for info, lim in zip(keys, limits,
+                                                                                                   strict=True)]}
 
 
 @router.get("/v1/keys/{key_id}")
@@ -118,7 +138,7 @@ async def delete_key(key_id: str, request: Request, _: AdminPrincipal) -> Respon
     for spec in await to_thread.run_sync(registry.owned_by, key_id):
         await to_thread.run_sync(app.state.redis.hdel, Keys.functions, spec.name)
         for inst in await to_thread.run_sync(app.state.cluster.instances, spec.name):
-            await unload_instance(app, inst)
+            await unload_instance(app, inst, force=True)  # busy ones too: nothing serves for a revoked key
         log.info("function %s deleted with its owner's revoked key %s", spec.name, key_id)
     return Response(status_code=204)
 

@@ -124,8 +124,9 @@ class AutoscalerLoop:
         by_name = {f.name: f for f in functions}
         for action in actions:
             if isinstance(action, Unload) and action.instance_id in by_id:
-                # draining only if still idle at this instant: a request that just took it keeps it
-                if await unload_instance(self.app, by_id[action.instance_id]):
+                # draining only if still idle at this instant (a request that just took it keeps it),
+                # unless it is retired for good (graceful: its requests finish within the drain grace)
+                if await unload_instance(self.app, by_id[action.instance_id], force=action.graceful):
                     log.info("autoscaler: unload %s of %s (%s)", action.instance_id, action.function, action.reason)
             elif isinstance(action, EnsureInstances) and action.function in by_name:
                 await self._ensure(by_name[action.function], action.count - action.current)

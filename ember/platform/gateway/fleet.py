@@ -101,7 +101,7 @@ def functions_view(specs: Sequence[FunctionSpec], cluster: RedisCluster, client:
                            "tier": i.tier, "outstanding": i.outstanding} for i in insts],
             "instance_states": states, "outstanding": sum(i.outstanding for i in insts),
             "j_per_token": (sum(jt) / len(jt)) if jt else None,
-            **stats.summary(spec.name, others),
+            **stats.summary(spec.name, others, generation=spec.created),
         })
     return {"functions": out, "at_s": time.time()}
 

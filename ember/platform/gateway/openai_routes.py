@@ -166,7 +166,7 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
     except BaseException as e:
         if isinstance(e, EmberError):
             metrics.requests.labels(spec.name, str(e.status_code)).inc()
-            app.state.stats.failed(spec.name)
+            app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
         trace.end()
         raise
@@ -192,7 +192,7 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
                 trace.done(done, rid)
     except EmberError as e:
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
-        app.state.stats.failed(spec.name)
+        app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
         raise
     finally:
@@ -263,7 +263,7 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
             await settle(done)
     except EmberError as e:
         status = str(e.status_code)
-        request.app.state.stats.failed(spec.name)
+        request.app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
     finally:
@@ -333,4 +333,5 @@ def _observe(request: Request, spec: FunctionSpec, target: InvocationTarget, don
         metrics.tpot.labels(function).observe(tpot_s)
     met = ttft_s <= spec.slo.ttft_ms / 1000 and (tpot_s is None or tpot_s <= spec.slo.tpot_ms / 1000)
     metrics.slo_requests.labels(function, "met" if met else "missed").inc()
-    request.app.state.stats.record(function, ttft_s, tpot_s, met, target.tier if target.cold else None)
+    request.app.state.stats.record(function, ttft_s, tpot_s, met, target.tier if target.cold else None,
+                                   generation=spec.created)

@@ -7,6 +7,9 @@ aggregate over many gateways and long periods. With several gateway processes on
 (EMBER_GATEWAY_PROCESSES) each writes its windows into their shared directory about once a second
 (`share`) and a summary merges them, so every process answers for all of them (the others' part
 up to a second old).
+
+A window belongs to one generation of its function (the spec's `created` time): a function deleted
+and created again under the same name, by its owner or another tenant, starts from nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class _FunctionWindow:
     errors: int = 0
     cold_starts: Counter[str] = field(default_factory=Counter)
     last_s: float = 0.0
+    generation: float = 0.0  # the function's `created` time: a new function of the same name starts anew
 
 
 class InvocationStats:
@@ -49,18 +53,19 @@ class InvocationStats:
         self._changes = 0  # bumped by every record and failure: `share` writes only after a change
         self._shared = 0
 
-    def _fn(self, function: str) -> _FunctionWindow:
+    def _fn(self, function: str, generation: float) -> _FunctionWindow:
         fn = self._fns.get(function)
-        if fn is None:
-            fn = self._fns[function] = _FunctionWindow(deque(maxlen=self.window))
+        if fn is None or fn.generation != generation:
+            fn = self._fns[function] = _FunctionWindow(deque(maxlen=self.window), generation=generation)
         return fn
 
     def record(self, function: str, ttft_s: float, tpot_s: float | None, met_slo: bool,
-               cold_tier: str | None = None) -> None:
+               cold_tier: str | None = None, *, generation: float = 0.0) -> None:
         """A finished request: TTFT as the client saw it, TPOT (None for one token), SLO met or
-        not, and the tier of the cold start it paid for (None when warm)."""
+        not, and the tier of the cold start it paid for (None when warm). `generation`: the
+        function's `created` time."""
         with self._lock:
-            fn = self._fn(function)
+            fn = self._fn(function, generation)
             fn.samples.append((ttft_s, tpot_s, met_slo))
             fn.requests += 1
             fn.last_s = time.time()
@@ -68,9 +73,9 @@ class InvocationStats:
                 fn.cold_starts[cold_tier] += 1
             self._changes += 1
 
-    def failed(self, function: str) -> None:
+    def failed(self, function: str, *, generation: float = 0.0) -> None:
         with self._lock:
-            fn = self._fn(function)
+            fn = self._fn(function, generation)
             fn.errors += 1
             fn.last_s = time.time()
             self._changes += 1
@@ -79,7 +84,7 @@ class InvocationStats:
         """This process's windows (of function `only`, if given) as plain data."""
         with self._lock:
             return {name: {"samples": list(fn.samples), "requests": fn.requests, "errors": fn.errors,
-                           "cold_starts": dict(fn.cold_starts), "last_s": fn.last_s}
+                           "cold_starts": dict(fn.cold_starts), "last_s": fn.last_s, "generation": fn.generation}
                     for name, fn in self._fns.items() if only is None or name == only}
 
     def share(self) -> bool:
@@ -115,11 +120,14 @@ class InvocationStats:
                 log.debug("skipped shared stats %s: %s", f.name, e)
         return out
 
-    def summary(self, function: str, others: list[dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    def summary(self, function: str, others: list[dict[str, dict[str, Any]]] | None = None, *,
+                generation: float | None = None) -> dict[str, Any]:
         """requests, errors, ttft_ms/tpot_ms {p50, p99}, slo_attainment (None before any request),
         cold_starts {tier: n}, last_request_s; counts are since this gateway started. `others`:
-        the other processes' windows (`others()`), merged in."""
-        parts = [p[function] for p in [self._own(function), *(others or [])] if function in p]
+        the other processes' windows (`others()`), merged in. `generation`: only the windows of
+        the function created then (None: any)."""
+        parts = [p[function] for p in [self._own(function), *(others or [])] if function in p
+                 and (generation is None or p[function].get("generation", 0.0) == generation)]
         samples = [tuple(x) for p in parts for x in p["samples"]]
         cold: Counter[str] = Counter()
         for p in parts:
