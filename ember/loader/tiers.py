@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.errors import CheckpointError, EmberError
-from ember.loader import vm
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.devicecopies import DeviceCopies
 from ember.loader.dram import DramEntry, DramTier
@@ -28,11 +26,10 @@ from ember.loader.format import (
     parse_manifest,
 )
 from ember.loader.identity import CheckpointIdentity, manifest_digest, split_digest
+from ember.loader.local import load_local
 from ember.loader.names import validate_name
 from ember.loader.pipeline import (
     DEFAULT_THREADS,
-    open_partitions,
-    read_from_fds,
     tensors_from_buffer,
     worker_pool,
 )
@@ -189,7 +186,7 @@ class NodeTiers:
         ssd_dir = self.ssd.path(key)
         if ssd_dir is not None:
             try:
-                sd, manifest, entry, files = self._load_local(ident, ssd_dir, dev)
+                sd, manifest, entry, files = load_local(self, ident, ssd_dir, dev)
             except (CheckpointError, OSError) as e:  # bad bytes, a truncated or unreadable file
                 self.ssd.remove(key)
                 log.warning("SSD tier entry %s failed verification (%s): dropped; fetching from the store",
@@ -322,57 +319,6 @@ class NodeTiers:
             return tensors_from_buffer(manifest, up.finish())
         return tensors_from_buffer(manifest, torch.from_numpy(view))
 
-    def _load_local(self, ident: CheckpointIdentity, directory: Path, dev):
-        """SSD (or any local converted directory) -> DRAM pool (when it fits) -> device. The
-        manifest, the model files and every chunk are verified; CheckpointError if one differs."""
-        import torch
-
-        manifest = verified_manifest(directory, ident)
-        verify_files(directory, manifest)
-        key = ident.key
-        fds = open_partitions(directory, manifest, None)  # opened now: eviction cannot pull files away
-        try:
-            entry = self.dram.allocate(key, manifest.total_bytes, ref=ident.ref)
-            if entry is None:
-                return self._read_private(manifest, fds, dev) + (None, directory / FILES_DIR)
-            try:
-                view = self.dram.writable_view(entry)
-                dest = self.dram.rw_slice(entry) if view is None else view.array()
-                up = DeviceUpload(manifest.total_bytes, dev) if dev.type == "cuda" else None
-                on_chunk = self.pool_uploader(entry, up) if up is not None else None
-                read_from_fds(
-                    fds, manifest, memoryview(dest), threads=self.threads, on_chunk=on_chunk,
-                    stage_direct=not self.dram.huge_pages,
-                )
-                _copy_meta(directory, entry.meta_dir)
-                done = self.dram.filled_view(entry, view)
-                self.dram.commit(key)
-            except BaseException:
-                self.dram.abort(key)
-                raise
-            buf = up.finish() if up is not None else torch.from_numpy(done)
-            return tensors_from_buffer(manifest, buf), manifest, entry, entry.meta_dir / FILES_DIR
-        finally:
-            for fd, _ in fds:
-                os.close(fd)
-
-    def _read_private(self, manifest: CheckpointManifest, fds, dev):
-        """A checkpoint larger than the DRAM pool: read into private (pinned on CUDA) memory."""
-        import torch
-
-        if dev.type == "cuda":
-            host = torch.empty(manifest.total_bytes, dtype=torch.uint8, pin_memory=True)
-            up = DeviceUpload(manifest.total_bytes, dev)
-
-            def on_chunk(at: int, n: int) -> None:
-                up.copy(host[at : at + n], at)
-
-            read_from_fds(fds, manifest, memoryview(host.numpy()), threads=self.threads, on_chunk=on_chunk)
-            return tensors_from_buffer(manifest, up.finish()), manifest
-        mapping = vm.anonymous(max(manifest.total_bytes, 1), touch=False)
-        read_from_fds(fds, manifest, mapping.memoryview(), threads=self.threads)
-        return tensors_from_buffer(manifest, torch.from_numpy(mapping.array())), manifest
-
     def ssd_unwritable(self, err: BaseException) -> None:
         """The SSD tier could not write (full disk, read-only, ...): said once in the log."""
         if not self.ssd_warned:
@@ -420,12 +366,3 @@ class NodeTiers:
             ident.name, sd, tier, time.perf_counter() - t0, manifest.tensor_nbytes, files, manifest, release,
             ref=ident.ref,
         )
-
-
-def _copy_meta(src: Path, meta_dir: Path) -> None:
-    """Copy manifest and model files of a local checkpoint beside a DRAM entry."""
-    shutil.copyfile(src / MANIFEST_FILE, meta_dir / MANIFEST_FILE)
-    if (src / FILES_DIR).is_dir():
-        shutil.copytree(src / FILES_DIR, meta_dir / FILES_DIR, dirs_exist_ok=True)
-    else:
-        (meta_dir / FILES_DIR).mkdir(exist_ok=True)

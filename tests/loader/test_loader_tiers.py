@@ -461,7 +461,7 @@ def test_ssd_loads_with_direct_io_into_either_pool_kind(tmp_path, make_tiers, mo
         seen.append(([d for _, d in fds], k.get("stage_direct")))
         return real(fds, *a, **k)
 
-    monkeypatch.setattr("ember.loader.tiers.read_from_fds", spy)
+    monkeypatch.setattr("ember.loader.local.read_from_fds", spy)
     loaded = tiers.load("big")
     assert loaded.tier == "ssd" and _equal(loaded.state_dict, ref)
     loaded.release()

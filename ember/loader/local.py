@@ -1,0 +1,84 @@
+"""Loading a checkpoint from a local converted directory (an SSD-tier entry): every chunk into the
+DRAM pool's new entry when it fits (else private memory) and on to the device, the manifest, the
+model files and every chunk verified on the way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ember.loader import vm
+from ember.loader.device import DeviceUpload
+from ember.loader.format import FILES_DIR, MANIFEST_FILE, CheckpointManifest
+from ember.loader.identity import CheckpointIdentity
+from ember.loader.pipeline import open_partitions, read_from_fds, tensors_from_buffer
+from ember.loader.verify import verified_manifest, verify_files
+
+if TYPE_CHECKING:
+    from ember.loader.tiers import NodeTiers
+
+
+def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev):
+    """SSD (or any local converted directory) -> DRAM pool (when it fits) -> device. The
+    manifest, the model files and every chunk are verified; CheckpointError if one differs.
+    Returns (state dict, manifest, DRAM entry or None, model files directory)."""
+    import torch
+
+    manifest = verified_manifest(directory, ident)
+    verify_files(directory, manifest)
+    key = ident.key
+    fds = open_partitions(directory, manifest, None)  # opened now: eviction cannot pull files away
+    try:
+        entry = tiers.dram.allocate(key, manifest.total_bytes, ref=ident.ref)
+        if entry is None:
+            return read_private(tiers, manifest, fds, dev) + (None, directory / FILES_DIR)
+        try:
+            view = tiers.dram.writable_view(entry)
+            dest = tiers.dram.rw_slice(entry) if view is None else view.array()
+            up = DeviceUpload(manifest.total_bytes, dev) if dev.type == "cuda" else None
+            on_chunk = tiers.pool_uploader(entry, up) if up is not None else None
+            read_from_fds(
+                fds, manifest, memoryview(dest), threads=tiers.threads, on_chunk=on_chunk,
+                stage_direct=not tiers.dram.huge_pages,
+            )
+            copy_meta(directory, entry.meta_dir)
+            done = tiers.dram.filled_view(entry, view)
+            tiers.dram.commit(key)
+        except BaseException:
+            tiers.dram.abort(key)
+            raise
+        buf = up.finish() if up is not None else torch.from_numpy(done)
+        return tensors_from_buffer(manifest, buf), manifest, entry, entry.meta_dir / FILES_DIR
+    finally:
+        for fd, _ in fds:
+            os.close(fd)
+
+
+def read_private(tiers: NodeTiers, manifest: CheckpointManifest, fds, dev):
+    """A checkpoint larger than the DRAM pool: read into private (pinned on CUDA) memory.
+    Returns (state dict, manifest)."""
+    import torch
+
+    if dev.type == "cuda":
+        host = torch.empty(manifest.total_bytes, dtype=torch.uint8, pin_memory=True)
+        up = DeviceUpload(manifest.total_bytes, dev)
+
+        def on_chunk(at: int, n: int) -> None:
+            up.copy(host[at : at + n], at)
+
+        read_from_fds(fds, manifest, memoryview(host.numpy()), threads=tiers.threads, on_chunk=on_chunk)
+        return tensors_from_buffer(manifest, up.finish()), manifest
+    mapping = vm.anonymous(max(manifest.total_bytes, 1), touch=False)
+    read_from_fds(fds, manifest, mapping.memoryview(), threads=tiers.threads)
+    return tensors_from_buffer(manifest, torch.from_numpy(mapping.array())), manifest
+
+
+def copy_meta(src: Path, meta_dir: Path) -> None:
+    """Copy manifest and model files of a local checkpoint beside a DRAM entry."""
+    shutil.copyfile(src / MANIFEST_FILE, meta_dir / MANIFEST_FILE)
+    if (src / FILES_DIR).is_dir():
+        shutil.copytree(src / FILES_DIR, meta_dir / FILES_DIR, dirs_exist_ok=True)
+    else:
+        (meta_dir / FILES_DIR).mkdir(exist_ok=True)
