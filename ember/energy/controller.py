@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from ember.energy.device import Device
+from ember.energy.device import Device, nearest_clock_mhz
 from ember.energy.monitor import RequestRecord
 from ember.energy.window import WindowStats, window_stats
 from ember.errors import ConfigError, DeviceError
@@ -133,8 +133,7 @@ class PowerLimitController:
         self.decisions = deque(maxlen=self.history)
         lo, hi = self.device.power_limit_range_w()
         self._min_limit_w, self._max_limit_w = lo, hi
-        top_clock = self.device.max_sm_clock_mhz()
-        self._clocks: list[float | None] = [None] + [round(f * top_clock) for f in self.clock_fractions[1:]]
+        self._clocks = self._clock_ladder()
         self._limits: list[float] = []
         w = hi
         while w >= lo:
@@ -157,6 +156,18 @@ class PowerLimitController:
         self._requests_met = 0
         if self.mode == "actuate":
             self._apply(self.setting, "start: top of the ladder")
+
+    def _clock_ladder(self) -> list[float | None]:
+        """Unlocked, then each lower fraction of the top clock snapped to the nearest clock the
+        device supports (a lock NVML would refuse or round otherwise), each clock once."""
+        top_clock = self.device.max_sm_clock_mhz()
+        supported = self.device.supported_sm_clocks_mhz()
+        ladder: list[float | None] = [None]
+        for f in self.clock_fractions[1:]:
+            clock = nearest_clock_mhz(f * top_clock, supported)
+            if clock is not None and clock not in ladder:
+                ladder.append(clock)
+        return ladder
 
     # --- public ---
     @property

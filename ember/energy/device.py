@@ -7,6 +7,7 @@ controller only in `actuate` mode.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 
@@ -49,13 +50,26 @@ class Device(Protocol):
         """The highest SM clock, in MHz."""
         ...
 
+    def supported_sm_clocks_mhz(self) -> Sequence[float]:
+        """The SM clocks the device can be locked at, in MHz, highest first (empty: unknown, so
+        the clock is never locked)."""
+        ...
+
     def set_power_limit_w(self, watts: float) -> None:
         """Set the power limit. Raises DevicePermissionError / DeviceSettingOutOfRange."""
         ...
 
     def lock_sm_clock_mhz(self, mhz: float | None) -> None:
-        """Lock the SM clock at `mhz` (None: unlock, back to default boost behaviour)."""
+        """Lock the SM clock at `mhz`, one of `supported_sm_clocks_mhz()` (None: unlock, back to
+        default boost behaviour)."""
         ...
+
+
+def nearest_clock_mhz(mhz: float, supported: Sequence[float]) -> float | None:
+    """The supported clock nearest `mhz` (the higher of two as near; None when none is known)."""
+    if not supported:
+        return None
+    return float(min(supported, key=lambda c: (abs(c - mhz), -c)))
 
 
 def describe(device: Device) -> dict[str, float | str]:

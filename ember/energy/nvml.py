@@ -8,11 +8,14 @@ an Ember DeviceError subclass at this boundary.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
 
 from ember.errors import DeviceError, DevicePermissionError, DeviceSettingOutOfRange
+
+log = logging.getLogger(__name__)
 
 
 def nvml_device_count() -> int:
@@ -45,6 +48,7 @@ class NvmlDevice:
         name = _call(self._nvml.nvmlDeviceGetName, self._handle)
         self.name = name.decode() if isinstance(name, bytes) else str(name)
         self._locked_mhz: float | None = None
+        self._supported_mhz: tuple[float, ...] | None = None
 
     def now_s(self) -> float:
         return time.monotonic()
@@ -77,6 +81,19 @@ class NvmlDevice:
     def max_sm_clock_mhz(self) -> float:
         return float(_call(self._nvml.nvmlDeviceGetMaxClockInfo, self._handle, self._nvml.NVML_CLOCK_SM))
 
+    def supported_sm_clocks_mhz(self) -> tuple[float, ...]:
+        """The graphics clocks NVML lists at the highest memory clock, highest first (read once;
+        empty when NVML cannot list them, so no clock is ever locked)."""
+        if self._supported_mhz is None:
+            try:
+                mem_mhz = max(_call(self._nvml.nvmlDeviceGetSupportedMemoryClocks, self._handle))
+                clocks = _call(self._nvml.nvmlDeviceGetSupportedGraphicsClocks, self._handle, mem_mhz)
+                self._supported_mhz = tuple(sorted({float(c) for c in clocks}, reverse=True))
+            except (DeviceError, ValueError) as e:  # not supported by the GPU or driver, or none listed
+                log.warning("energy: %s: no supported SM clocks listed (%s); clocks stay unlocked", self.device_id, e)
+                self._supported_mhz = ()
+        return self._supported_mhz
+
     def memory_bytes(self) -> int:
         return int(_call(self._nvml.nvmlDeviceGetMemoryInfo, self._handle).total)
 
@@ -97,9 +114,10 @@ class NvmlDevice:
             _call(self._nvml.nvmlDeviceResetGpuLockedClocks, self._handle)
             self._locked_mhz = None
             return
-        top = self.max_sm_clock_mhz()
-        if not 0 < mhz <= top:
-            raise DeviceSettingOutOfRange(f"{self.device_id}: SM clock {mhz} MHz outside 0-{top} MHz")
+        supported = self.supported_sm_clocks_mhz()
+        if mhz not in supported:
+            listed = f"{supported[-1]:.0f}-{supported[0]:.0f} MHz" if supported else "none listed"
+            raise DeviceSettingOutOfRange(f"{self.device_id}: SM clock {mhz} MHz is not a supported clock ({listed})")
         _call(self._nvml.nvmlDeviceSetGpuLockedClocks, self._handle, int(mhz), int(mhz))
         self._locked_mhz = float(int(mhz))
 

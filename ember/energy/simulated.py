@@ -30,6 +30,7 @@ MAX_POWER_LIMIT_W = 700.0
 DEFAULT_POWER_LIMIT_W = 700.0
 MAX_SM_CLOCK_MHZ = 1980.0
 MIN_SM_CLOCK_MHZ = 345.0
+SM_CLOCK_STEP_MHZ = 15.0  # the H100's supported graphics clocks are 15 MHz apart
 IDLE_POWER_W = 70.0
 WARM_IDLE_POWER_W = 110.0
 WARM_IDLE_S = 1.0  # a GPU that ran work within this long still draws WARM_IDLE_POWER_W
@@ -112,6 +113,10 @@ def decode_step_full_clock_s(params_b: float, batch: float = 1.0) -> float:
     return weights_bytes / DECODE_BYTES_PER_S * (1.0 + DECODE_BATCH_PENALTY * max(0.0, batch - 1.0))
 
 
+SUPPORTED_SM_CLOCKS_MHZ = tuple(MAX_SM_CLOCK_MHZ - SM_CLOCK_STEP_MHZ * k
+                                for k in range(int((MAX_SM_CLOCK_MHZ - MIN_SM_CLOCK_MHZ) // SM_CLOCK_STEP_MHZ) + 1))
+
+
 # --- the device -----------------------------------------------------------------------------
 class SimulatedGpu:
     """An H100 SXM following the calibration table, with its own simulated clock.
@@ -165,6 +170,11 @@ class SimulatedGpu:
 
     def max_sm_clock_mhz(self) -> float:
         return MAX_SM_CLOCK_MHZ
+
+    def supported_sm_clocks_mhz(self) -> tuple[float, ...]:
+        """The H100's graphics clocks from the top in 15 MHz steps (what NVML lists for it). The
+        model itself takes any clock in range, so offline sweeps may lock between them."""
+        return SUPPORTED_SM_CLOCKS_MHZ
 
     def locked_sm_clock_mhz(self) -> float | None:
         """The clock lock in force (None: unlocked)."""

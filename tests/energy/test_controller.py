@@ -52,7 +52,7 @@ def test_profiles_from_the_top_down_while_slack_remains() -> None:
     clocks = drive(ctrl, gpu, [Fn("chat", 0.1, 0.01, 2.0, 0.1, eta=1.0)], windows=60)
     assert clocks[0] == 1980  # starts at the top
     assert clocks == sorted(clocks, reverse=True)  # only steps down under slack
-    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=1)
+    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=7.5)  # the supported clock nearest
     assert gpu.power_limit_w() < 700  # then the limit, while TTFT still had slack
     assert all(d.reason for d in ctrl.decisions)
     assert "lowering SM clock" in ctrl.decisions[0].reason
@@ -173,7 +173,7 @@ def test_phase_clocks_lower_decode_while_a_tight_ttft_keeps_prefill_at_the_top()
     ctrl = PowerLimitController(gpu, mode="actuate", phase_clocks=True)
     # TTFT at 0.55 of its SLO at full clock: a shared clock could not go below ~0.7
     drive_phases(ctrl, gpu, [Fn("agent", 0.55, 0.01, 1.0, 0.1)], windows=120)
-    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=1)  # decode at the floor
+    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=7.5)  # the supported clock nearest  # decode at the floor
     assert ctrl.setting.sm_clock_mhz == gpu.locked_sm_clock_mhz()
     assert ctrl.setting.prefill_sm_clock_mhz is None  # prefill unlocked
     assert gpu.power_limit_w() == 700
@@ -202,3 +202,20 @@ def test_without_phase_clocks_prefill_runs_at_the_device_lock() -> None:
     ctrl = PowerLimitController(gpu, mode="actuate")
     drive(ctrl, gpu, [Fn("chat", 0.1, 0.01, 2.0, 0.1)], windows=10)
     assert ctrl.setting.prefill_sm_clock_mhz == ctrl.setting.sm_clock_mhz == gpu.locked_sm_clock_mhz()
+
+
+def test_clock_ladder_locks_only_clocks_the_device_supports() -> None:
+    """Each fraction of the top clock snaps to the nearest clock the device lists (15 MHz apart on
+    an H100): every lock the controller makes, decode or prefill, is one the device supports."""
+    gpu = SimulatedGpu()
+    supported = {1980.0 - 15 * k for k in range(110)}  # 1980 down to 345 MHz
+    locks: list[float | None] = []
+    real_lock = gpu.lock_sm_clock_mhz
+    gpu.lock_sm_clock_mhz = lambda mhz: (locks.append(mhz), real_lock(mhz))[1]  # type: ignore[method-assign]
+    ctrl = PowerLimitController(gpu, mode="actuate", phase_clocks=True)
+    drive(ctrl, gpu, [Fn("chat", 0.1, 0.01, 2.0, 0.1, eta=1.0)], windows=60)
+    locked = {m for m in locks if m is not None}
+    assert len(locked) >= 5 and locked <= supported
+    clocks = [ctrl.setting.prefill_sm_clock_mhz, *(d.setting.sm_clock_mhz for d in ctrl.decisions)]
+    assert {c for c in clocks if c is not None} <= supported
+    assert set(gpu.supported_sm_clocks_mhz()) == supported

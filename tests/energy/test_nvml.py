@@ -92,3 +92,71 @@ def test_a_worker_gets_its_own_gpus_matched_by_uuid(monkeypatch, caplog) -> None
 
     # a CUDA device NVML does not list: no readings could be attributed, the agent stays off
     assert detect_devices(gpus=[GpuInfo(0, "GPU-zz", 1 << 30)]) == []
+
+
+class _FakeClocksNvml(_FakeNvml):
+    """One H100 as NVML lists its clocks (graphics clocks 15 MHz apart, fewer at a lower memory
+    clock); lock calls are recorded, never sent to a driver."""
+
+    NVML_CLOCK_SM = 1
+
+    def __init__(self, graphics_mhz: list[int] | None = None) -> None:
+        super().__init__(["GPU-a"])
+        self.graphics_mhz = list(range(1980, 209, -15)) if graphics_mhz is None else graphics_mhz
+        self.locks: list[tuple[int, int]] = []
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: int, kind: int) -> int:  # noqa: N802
+        return 1980
+
+    def nvmlDeviceGetSupportedMemoryClocks(self, handle: int) -> list[int]:  # noqa: N802
+        return [1593, 2619]
+
+    def nvmlDeviceGetSupportedGraphicsClocks(self, handle: int, mem_mhz: int) -> list[int]:  # noqa: N802
+        return self.graphics_mhz if mem_mhz == 2619 else self.graphics_mhz[::2]
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: int) -> tuple[int, int]:  # noqa: N802
+        return (200_000, 700_000)
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: int) -> int:  # noqa: N802
+        return 700_000
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: int) -> int:  # noqa: N802
+        return 0
+
+    def nvmlDeviceSetGpuLockedClocks(self, handle: int, lo: int, hi: int) -> None:  # noqa: N802
+        self.locks.append((lo, hi))
+
+    def nvmlDeviceResetGpuLockedClocks(self, handle: int) -> None:  # noqa: N802
+        self.locks.append((0, 0))
+
+
+def test_sm_clock_locks_are_the_clocks_nvml_lists(monkeypatch) -> None:
+    """NvmlDevice lists the graphics clocks at the top memory clock and refuses any other lock; the
+    controller's ladder snaps to them, so in actuate mode it only ever locks listed clocks."""
+    from ember.energy import nvml
+    from ember.energy.controller import PowerLimitController
+
+    fake = _FakeClocksNvml()
+    monkeypatch.setattr(nvml, "_nvml", lambda: fake)
+    monkeypatch.setattr(nvml, "_is_root", lambda: True)
+    dev = NvmlDevice(0, allow_actuation=True)
+    with pytest.raises(DeviceSettingOutOfRange, match="not a supported clock"):
+        dev.lock_sm_clock_mhz(1881)  # 0.95 x 1980, between two listed clocks
+    assert fake.locks == []
+    dev.lock_sm_clock_mhz(1875)
+    assert fake.locks == [(1875, 1875)] and dev.sm_clock_mhz() == 1875
+    assert dev.supported_sm_clocks_mhz() == tuple(float(c) for c in fake.graphics_mhz)
+
+    ctrl = PowerLimitController(dev, mode="actuate")  # starts unlocked at the top
+    assert fake.locks[-1] == (0, 0) and ctrl.mode == "actuate"
+    ladder = [c for c in ctrl._clocks if c is not None]
+    assert ladder and set(ladder) <= set(dev.supported_sm_clocks_mhz())
+    assert ladder == sorted(ladder, reverse=True) and len(set(ladder)) == len(ladder)
+
+    # a GPU whose driver lists no clocks: nothing is locked, the controller keeps the power limit knob
+    bare = _FakeClocksNvml(graphics_mhz=[])
+    monkeypatch.setattr(nvml, "_nvml", lambda: bare)
+    dev = NvmlDevice(0, allow_actuation=True)
+    with pytest.raises(DeviceSettingOutOfRange):
+        dev.lock_sm_clock_mhz(1980)
+    assert PowerLimitController(dev, mode="recommend")._clocks == [None] and bare.locks == []

@@ -41,6 +41,8 @@ RECORDER = textwrap.dedent(
         def nvmlDeviceGetClockInfo(self, h, clock): return 1980
         def nvmlDeviceGetPowerUsage(self, h): return 300_000
         def nvmlDeviceGetTotalEnergyConsumption(self, h): return 1_000_000
+        def nvmlDeviceGetSupportedMemoryClocks(self, h): return [2619]
+        def nvmlDeviceGetSupportedGraphicsClocks(self, h, mem): return list(range(1980, 209, -15))
 
         def nvmlDeviceSetPowerManagementLimit(self, h, mw):
             self.calls.append(("limit_w", mw / 1000))
@@ -55,6 +57,7 @@ RECORDER = textwrap.dedent(
         dev = object.__new__(NvmlDevice)
         dev._nvml, dev._handle, dev.index = rec, object(), index
         dev.device_id, dev.name, dev.allow_actuation, dev._locked_mhz = f"cuda:{index}", "recorder", True, None
+        dev._supported_mhz = None
         nvml._is_root = lambda: True  # setters reach the recorder, never a real GPU
         return dev, rec
     """
