@@ -4,6 +4,8 @@ model files and every chunk verified on the way."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +21,8 @@ from ember.loader.verify import verified_manifest, verify_files
 if TYPE_CHECKING:
     from ember.loader.tiers import NodeTiers
 
+log = logging.getLogger(__name__)
+
 
 def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev):
     """SSD (or any local converted directory) -> DRAM pool (when it fits) -> device. The
@@ -31,7 +35,7 @@ def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev
     key = ident.key
     fds = open_partitions(directory, manifest, None)  # opened now: eviction cannot pull files away
     try:
-        entry = tiers.dram.allocate(key, manifest.total_bytes, ref=ident.ref)
+        entry = _dram_entry(tiers, ident, directory, manifest)
         if entry is None:
             return read_private(tiers, manifest, fds, dev) + (None, directory / FILES_DIR)
         try:
@@ -43,7 +47,6 @@ def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev
                 fds, manifest, memoryview(dest), threads=tiers.threads, on_chunk=on_chunk,
                 stage_direct=not tiers.dram.huge_pages,
             )
-            copy_meta(directory, entry.meta_dir)
             done = tiers.dram.filled_view(entry, view)
             tiers.dram.commit(key)
         except BaseException:
@@ -54,6 +57,29 @@ def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev
     finally:
         for fd, _ in fds:
             os.close(fd)
+
+
+def _dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, manifest: CheckpointManifest):
+    """A new DRAM entry for the checkpoint with its manifest and model files copied beside it, or
+    None when the pool cannot hold it. A shared-memory directory that cannot take the files (a
+    full /dev/shm: ENOSPC) is the DRAM tier's trouble, not the SSD entry's: the entry is given up
+    and the load serves from private memory."""
+    entry = None
+    try:
+        entry = tiers.dram.allocate(ident.key, manifest.total_bytes, ref=ident.ref)
+        if entry is not None:
+            copy_meta(directory, entry.meta_dir)
+        return entry
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tiers.dram.abort(ident.key)
+        log.warning("DRAM tier %s cannot hold %s (%s): serving it from private memory",
+                    tiers.dram.dir, ident.ref, e)
+        return None
+    except BaseException:
+        if entry is not None:
+            tiers.dram.abort(ident.key)
+        raise
 
 
 def read_private(tiers: NodeTiers, manifest: CheckpointManifest, fds, dev):

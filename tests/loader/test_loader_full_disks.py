@@ -1,0 +1,58 @@
+"""Full disks under the tiers (a small tmpfs in a private mount namespace): a tier that cannot write
+costs its own copy, never another tier's entry nor the load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ember.loader import open_store
+from tests.platform.smalldisk import on_small_disk
+
+
+def _fill(directory: Path) -> None:
+    """Write a filler file until the file system holding `directory` is full."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_full_shm_keeps_the_ssd_entry_and_serves_it(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """/dev/shm full: the DRAM tier cannot take the model files of an SSD hit. The (valid) SSD
+    entry stays and serves the load from private memory; no DRAM entry is left behind."""
+    from ember.loader.tiers import NodeTiers
+
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    shm = tmp_path / "shm"
+    monkeypatch.setenv("EMBER_SHM_DIR", str(shm))
+
+    def body(why_not: str) -> None:
+        if why_not:
+            pytest.skip(why_not)
+        tiers = NodeTiers(tmp_path / "node", f"file://{tmp_path / 'store'}", dram_capacity_bytes=2 << 20)
+        try:
+            key = tiers.key("tiny")
+            tiers.load("tiny").release()
+            assert tiers.dram.evict(key) and tiers.ssd.path(key) is not None
+            _fill(shm)
+            got = tiers.load("tiny")
+            assert got.tier == "ssd" and got.state_dict
+            assert json.loads((got.model_files / "config.json").read_text())
+            assert tiers.ssd.path(key) is not None  # the SSD copy was fine: kept
+            assert tiers.dram.used_bytes() == 0  # the DRAM entry given up, its blocks free
+            got.release()
+        finally:
+            tiers.close(destroy_dram=True)
+            with_filler = shm / "filler"
+            if with_filler.exists():
+                os.unlink(with_filler)
+
+    on_small_disk(shm, "3m", body)
