@@ -77,9 +77,12 @@ class RateLimited(EmberError):
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None, code: str | None = None) -> None:
+        """retry_after_s None: waiting cannot help (one request over the whole budget): no
+        Retry-After, and `x-should-retry: false`, which the OpenAI clients obey."""
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+        self.should_retry = retry_after_s is not None
 
 
 class Unprocessable(EmberError):

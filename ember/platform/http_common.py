@@ -25,6 +25,8 @@ def error_response(err: EmberError) -> JSONResponse:
     retry_after_s = getattr(err, "retry_after_s", None)
     if retry_after_s is not None:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    elif getattr(err, "should_retry", True) is False:
+        headers = {"x-should-retry": "false"}  # the OpenAI clients' own header: do not retry this
     return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
 
 

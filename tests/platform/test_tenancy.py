@@ -115,6 +115,9 @@ def test_a_flooding_key_gets_429_and_a_steady_key_is_unaffected(tier_cluster: Ti
     small = _key(u, "invoker", tpm=20)
     r = _chat(u, "rl", _h(small), max_tokens=64)
     assert r.status_code == 429 and r.json()["error"]["code"] == "tokens_exceed_limit"
+    # waiting cannot help this one: no Retry-After, and the OpenAI clients' header says not to retry
+    # (they retried it twice after 60 s each)
+    assert "retry-after" not in r.headers and r.headers["x-should-retry"] == "false"
     assert _chat(u, "rl", _h(small), max_tokens=4).status_code == 200
 
 
@@ -146,3 +149,18 @@ def test_two_gateways_share_one_rate_window(tier_cluster: TierCluster) -> None:
     finally:
         other.stop()
 
+
+
+def test_a_request_that_fails_gives_back_its_token_charge(tier_cluster: TierCluster) -> None:
+    """Tokens are charged up front (prompt estimate + max_tokens) and corrected by the real usage;
+    a request refused by the worker (here: prompt + max_tokens over the model's 2,048-token
+    context) used none, and kept its whole estimate charged for the minute before."""
+    u = tier_cluster.gateway.url
+    r = httpx.put(f"{u}/v1/functions/refundf", headers=admin_headers(), json={"checkpoint": "rlck"})
+    assert r.status_code in (200, 201), r.text
+    key = _key(u, "invoker", tpm=4200)
+    for _ in range(2):  # each charged 1 + 2048 up front
+        r = _chat(u, "refundf", _h(key), max_tokens=2048)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    r = _chat(u, "refundf", _h(key), max_tokens=110)  # 4,098 + 111 would exceed 4,200
+    assert r.status_code == 200, r.text

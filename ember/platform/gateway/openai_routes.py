@@ -167,6 +167,8 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
         if isinstance(e, EmberError):
             metrics.requests.labels(spec.name, str(e.status_code)).inc()
             app.state.stats.failed(spec.name, generation=spec.created)
+            with anyio.CancelScope(shield=True):
+                await settle.refund()
         trace.fail(e)
         trace.end()
         raise
@@ -194,6 +196,8 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
         app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
+        with anyio.CancelScope(shield=True):
+            await settle.refund()
         raise
     finally:
         trace.end()
@@ -265,6 +269,9 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
         status = str(e.status_code)
         request.app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
+        if settle is not None:
+            with anyio.CancelScope(shield=True):
+                await settle.refund()
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
     finally:
         trace.end()
@@ -304,7 +311,16 @@ class _Settle:
     async def __call__(self, done: dict[str, Any]) -> None:
         if not done or not self.counted_at:
             return
-        actual = _usage(done)["total_tokens"]
+        await self._to(_usage(done)["total_tokens"])
+
+    async def refund(self) -> None:
+        """The request failed with an error of its own (a prompt over the context, no capacity, a
+        worker that failed): none of its estimate stays charged. A client that leaves mid-stream
+        is not refunded (what it made the worker generate is unknown here)."""
+        if self.counted_at:
+            await self._to(0)
+
+    async def _to(self, actual: int) -> None:
         try:
             await self.limiter.settle_async(self.key_id, self.counted_at, self.estimated, actual, self.limits)
         except Exception as e:  # best effort: the window keeps the estimate

@@ -169,7 +169,7 @@ class RateLimiter:
             what = f"{lim.rpm} requests" if which == "rpm" else f"{lim.tpm} tokens"
             if which == "tpm" and tokens > lim.tpm:
                 raise RateLimited(f"this request's {tokens} tokens exceed the key's limit of {lim.tpm} per minute",
-                                  retry_after_s=WINDOW_S, code="tokens_exceed_limit")
+                                  retry_after_s=None, code="tokens_exceed_limit")
             raise RateLimited(f"rate limit of {what} per minute for this API key reached",
                               retry_after_s=max(1.0, float(retry)))
         return int(now)
