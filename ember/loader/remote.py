@@ -221,7 +221,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             ssd_tmp = None
             tiers.ssd_unwritable(ssd_error)
         meta_dir = entry.meta_dir if entry is not None else None
-        files_dir, ssd_tmp = _download_files(tiers, store, name, key, manifest, raw, ssd_tmp, meta_dir)
+        files_dir, ssd_tmp, files = _download_files(tiers, store, name, key, manifest, raw, ssd_tmp, meta_dir)
         if ssd_tmp is not None:
             try:
                 (ssd_tmp / REF_FILE).write_text(ident.ref)
@@ -231,6 +231,8 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             except OSError as e:
                 tiers.ssd.abort(ssd_tmp)
                 tiers.ssd_unwritable(e)
+                if meta_dir is None:  # the model files were only in the directory just thrown away
+                    files_dir = _fallback_files(tiers, key, raw, files)
             ssd_tmp = None
         if entry is not None:
             dest = tiers.dram.filled_view(entry, view)
@@ -247,9 +249,10 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
 
 
 def _download_files(tiers: NodeTiers, store, name, key: str, manifest: CheckpointManifest, raw: bytes,
-                    ssd_tmp: Path | None, meta_dir: Path | None) -> tuple[Path, Path | None]:
+                    ssd_tmp: Path | None, meta_dir: Path | None) -> tuple[Path, Path | None, dict[str, bytes]]:
     """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
-    directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them)."""
+    directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them,
+    the files' bytes)."""
     files = fetch_model_files(store, name, manifest)
     if ssd_tmp is not None:
         try:
@@ -260,10 +263,10 @@ def _download_files(tiers: NodeTiers, store, name, key: str, manifest: Checkpoin
             ssd_tmp = None
     if meta_dir is not None:
         write_model_files(meta_dir, raw, files)
-        return meta_dir / FILES_DIR, ssd_tmp
+        return meta_dir / FILES_DIR, ssd_tmp, files
     if ssd_tmp is not None:
-        return ssd_tmp / FILES_DIR, ssd_tmp
-    return _fallback_files(tiers, key, raw, files), None
+        return ssd_tmp / FILES_DIR, ssd_tmp, files
+    return _fallback_files(tiers, key, raw, files), None, files
 
 
 def _fallback_files(tiers: NodeTiers, key: str, raw: bytes, files: dict[str, bytes]) -> Path:
