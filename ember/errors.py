@@ -113,6 +113,14 @@ class CheckpointChanged(CheckpointError):
     code = "checkpoint_changed"
 
 
+class Conflict(EmberError):
+    """The request contradicts the current state (409)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class FunctionUnreadable(EmberError):
     """A stored function spec that no longer validates (written by an older version, or by hand):
     it can be deployed again or deleted, nothing else."""

@@ -68,6 +68,10 @@ def test_unsupported_openai_parameters_are_named(gateway: Proc) -> None:
     err = _err(httpx.post(f"{u}/v1/chat/completions", headers=h, json={**base, "messages": [image]}), 400)
     assert "image_url" in err["message"]
     _err(httpx.post(f"{u}/v1/completions", headers=h, json={"model": "ghost", "prompt": "x", "best_of": 3}), 400)
+    # completions' logprobs is a count: 0 still asks for the sampled tokens' log probabilities
+    err = _err(httpx.post(f"{u}/v1/completions", headers=h, json={"model": "ghost", "prompt": "x", "logprobs": 0}), 400)
+    assert err["code"] == "unsupported_parameter" and "logprobs" in err["message"]
+    _err(httpx.post(f"{u}/v1/completions", headers=h, json={"model": "ghost", "prompt": "x", "logprobs": None}), 404)
     # neutral values are accepted (404: the function does not exist)
     neutral = {**base, "logprobs": False, "presence_penalty": 0, "tools": [], "response_format": {"type": "text"}}
     _err(httpx.post(f"{u}/v1/chat/completions", headers=h, json=neutral), 404)

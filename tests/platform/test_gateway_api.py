@@ -176,3 +176,25 @@ def test_chat_content_parts_must_carry_text(gateway: Proc) -> None:
         body = {"model": "anything", "messages": [{"role": "user", "content": [part]}]}
         err = _assert_openai_error(httpx.post(f"{u}/v1/chat/completions", headers=h, json=body), 422)
         assert "text" in err["message"], err
+
+
+def test_models_retrieve_keys_limits_and_the_last_admin_key(gateway: Proc) -> None:
+    """`GET /v1/models/{id}` (the OpenAI clients' models.retrieve) answers for a function the caller
+    may see; `GET /v1/keys` shows each key's limits; the last admin key cannot be revoked (doing so
+    locked every admin out until a gateway restarted)."""
+    u, h = gateway.url, admin_headers()
+    assert httpx.put(f"{u}/v1/functions/seen", headers=h, json={"checkpoint": "tiny"}).status_code == 201
+    got = httpx.get(f"{u}/v1/models/seen", headers=h)
+    assert got.status_code == 200 and got.json()["id"] == "seen" and got.json()["object"] == "model"
+    assert _assert_openai_error(httpx.get(f"{u}/v1/models/ghost", headers=h), 404)["code"] == "model_not_found"
+    dev = httpx.post(f"{u}/v1/keys", headers=h, json={"role": "developer", "rpm": 7, "tpm": 100}).json()
+    _assert_openai_error(httpx.get(f"{u}/v1/models/seen", headers=_h(dev["key"])), 404)  # not its own
+    listed = {k["id"]: k for k in httpx.get(f"{u}/v1/keys", headers=h).json()["keys"]}
+    assert (listed[dev["id"]]["rpm"], listed[dev["id"]]["tpm"]) == (7, 100)
+    err = _assert_openai_error(httpx.delete(f"{u}/v1/keys/admin", headers=h), 409)
+    assert err["code"] == "last_admin_key"
+    other = httpx.post(f"{u}/v1/keys", headers=h, json={"role": "admin"}).json()
+    assert httpx.delete(f"{u}/v1/keys/admin", headers=h).status_code == 204  # another admin remains
+    _assert_openai_error(httpx.get(f"{u}/v1/keys", headers=h), 401)
+    assert _assert_openai_error(httpx.delete(f"{u}/v1/keys/{other['id']}", headers=_h(other["key"])), 409)["code"] == \
+        "last_admin_key"

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from ember.errors import Forbidden, NotFound, Unauthorized
+from ember.errors import Conflict, Forbidden, NotFound, Unauthorized
 from ember.platform.gateway.protocol import KeyCreated, KeyInfo, Role
 from ember.platform.state import Keys
 
@@ -89,13 +89,27 @@ class KeyStore:
         return KeyInfo(id=row["id"], role=row["role"], name=row.get("name", ""), created=float(row["created"]))
 
     def delete(self, key_id: str) -> None:
-        h = self.client.hget(Keys.api_key_ids, key_id)
-        if not h:
-            raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
-        with self.client.pipeline(transaction=True) as p:
-            p.delete(Keys.api_key(h))
-            p.hdel(Keys.api_key_ids, key_id)
-            p.execute()
+        """Revoke a key; never the last admin key (nobody could manage keys until a gateway restarts
+        with EMBER_ADMIN_KEY), checked atomically against other revocations (WATCH)."""
+        while True:
+            with self.client.pipeline(transaction=True) as p:
+                try:
+                    p.watch(Keys.api_key_ids)
+                    ids = p.hgetall(Keys.api_key_ids)
+                    h = ids.get(key_id)
+                    if not h:
+                        raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
+                    if p.hget(Keys.api_key(h), "role") == "admin" and not any(
+                            p.hget(Keys.api_key(other), "role") == "admin" for i, other in ids.items() if i != key_id):
+                        raise Conflict("the last admin key cannot be revoked (create another admin key first)",
+                                       code="last_admin_key")
+                    p.multi()
+                    p.delete(Keys.api_key(h))
+                    p.hdel(Keys.api_key_ids, key_id)
+                    p.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def verify(self, authorization: str | None) -> Principal:
         """Principal for an `Authorization: Bearer KEY` header, or Unauthorized."""

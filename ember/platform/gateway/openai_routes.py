@@ -43,8 +43,18 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 async def list_models(request: Request, principal: AnyPrincipal) -> dict[str, Any]:
     specs = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).list)
     visible = [s for s in specs if principal.role in ("admin", "invoker", "operator") or s.owner == principal.id]
-    return {"object": "list", "data": [{"id": s.name, "object": "model", "created": int(s.created),
-                                        "owned_by": s.owner} for s in visible]}
+    return {"object": "list", "data": [_model_object(s) for s in visible]}
+
+
+@router.get("/v1/models/{model}")
+async def retrieve_model(model: str, request: Request, principal: AnyPrincipal) -> dict[str, Any]:
+    """One model (OpenAI's `models.retrieve`): a function the caller may see, else 404."""
+    spec = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).get_visible, model, principal)
+    return _model_object(spec)
+
+
+def _model_object(spec: FunctionSpec) -> dict[str, Any]:
+    return {"id": spec.name, "object": "model", "created": int(spec.created), "owned_by": spec.owner}
 
 
 @router.post("/v1/chat/completions")

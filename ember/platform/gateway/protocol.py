@@ -200,6 +200,12 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
 
+    def unsupported(self) -> str | None:
+        # here `logprobs` is a count, and 0 still asks for the sampled tokens' log probabilities
+        if (self.model_extra or {}).get("logprobs") is not None:
+            return "logprobs"
+        return super().unsupported()
+
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
