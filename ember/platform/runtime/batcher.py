@@ -6,9 +6,9 @@ for every running sequence; finished ones leave the batch at once. Tokens stream
 request through its own queue.
 
 Admission policy (no preemption, so `preemptions` stays 0): the cache is padded (rows are
-right-aligned), so its size is bounded by rows x the longest prompt + max_tokens among them;
-a sequence is admitted only while that bound, with it included, fits the instance's KV budget
-(in tokens). Waiting sequences queue up to `max_queue`; beyond it `submit` raises Overloaded
+right-aligned), so its size is bounded by rows x the longest prompt + max_tokens among them
+(the cache allocates no column beyond that bound, spare ones included: see kvcache); a sequence
+is admitted only while that bound, with it included, fits the instance's KV budget (in tokens). Waiting sequences queue up to `max_queue`; beyond it `submit` raises Overloaded
 (429 + Retry-After); a sequence that could never fit the budget alone gets 503.
 """
 
@@ -206,7 +206,7 @@ class BatchingEngine:
         pads = torch.tensor([longest - len(s.ids) for s in group], device=dev)
         mask = (torch.arange(longest, device=dev)[None, :] >= pads[:, None]).long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = kvcache.make_cache(self.model.config)
+        cache = kvcache.make_cache(self.model.config, max(s.need for s in group))
         logits = self._forward("prefill", input_ids, mask, pos, cache, sum(len(s.ids) for s in group), len(group))
         tokens = sample(logits, group)
         # join the running batch: both sides right-aligned to the longer length
@@ -215,7 +215,7 @@ class BatchingEngine:
         else:
             n_old, n_new = kvcache.cache_len(self.cache), kvcache.cache_len(cache)
             n = max(n_old, n_new)
-            kvcache.cache_merge(self.cache, cache)
+            kvcache.cache_merge(self.cache, cache, max(s.need for s in self.running + group))
             self.pads = torch.cat([self.pads + (n - n_old), pads + (n - n_new)])
         self.running.extend(group)
         self._step_done()
@@ -257,6 +257,6 @@ class BatchingEngine:
         idx = torch.tensor(keep, device=self.pads.device)
         pads = self.pads.index_select(0, idx)
         drop_left = int(pads.min())
-        kvcache.cache_select(self.cache, idx, drop_left)
-        self.pads = pads - drop_left
         self.running = [self.running[i] for i in keep]
+        kvcache.cache_select(self.cache, idx, drop_left, max(s.need for s in self.running))
+        self.pads = pads - drop_left

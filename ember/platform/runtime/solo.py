@@ -25,7 +25,7 @@ def run_alone(model: Any, seq: Sequence, listener: Any = None, device_id: str = 
         kw["logits_to_keep"] = 1
     cache_kw = "cache" if "cache" in params else "past_key_values"
     dev = model.device
-    cache = kvcache.make_cache(model.config)
+    cache = kvcache.make_cache(model.config, seq.need)
     step = torch.tensor([seq.ids], device=dev)
     pos = torch.arange(len(seq.ids), device=dev)[None, :]
     phase = "prefill"
