@@ -57,8 +57,8 @@ class NodeEnergyAgent:
         counted in its SLO attainment but not shown to the controller (on a GPU the first
         request of a process pays for loading kernels: one H100 run saw TTFT at 1.8x its SLO,
         which ended profiling at once).
-        journal (actuate mode): where original settings are kept; settings a killed process left
-        in it are restored first. emulated_model_bytes: emulated GPUs charge every step as if
+        journal: where actuate mode keeps original settings; settings a killed process left in it
+        are restored first, in any mode. emulated_model_bytes: emulated GPUs charge every step as if
         the model had this many weight bytes (0: the size the engine reports)."""
         self.node_id = node_id
         self.warmup_requests = warmup_requests
@@ -67,6 +67,10 @@ class NodeEnergyAgent:
         if self.journal is not None:
             self.journal.restore(self.raw_devices)  # left over from a process that was killed
             devices = [JournaledDevice(d, self.journal) for d in devices]  # type: ignore[misc]
+        elif journal is not None and journal.originals:
+            # A killed actuate process left its changes, and this one only observes or recommends:
+            # those changes are Ember's own and are undone (else the GPU stays capped for good).
+            journal.restore([d.restorer() if hasattr(d, "restorer") else d for d in self.raw_devices])
         self.emulated_model_bytes = float(emulated_model_bytes)
         self.aliases: dict[str, str] = {}  # the worker's device ids ("cpu:0") -> energy device ids
         self._local = threading.local()  # per engine thread: the clock its current step runs at

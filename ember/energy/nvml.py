@@ -8,6 +8,7 @@ an Ember DeviceError subclass at this boundary.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -120,6 +121,13 @@ class NvmlDevice:
             raise DeviceSettingOutOfRange(f"{self.device_id}: SM clock {mhz} MHz is not a supported clock ({listed})")
         _call(self._nvml.nvmlDeviceSetGpuLockedClocks, self._handle, int(mhz), int(mhz))
         self._locked_mhz = float(int(mhz))
+
+    def restorer(self) -> NvmlDevice:
+        """This GPU with its setters allowed, only to put back settings Ember itself changed (a
+        settings journal left by a killed actuate process, found by a process that only observes)."""
+        other = copy.copy(self)
+        other.allow_actuation = True
+        return other
 
     def _check_actuation(self, what: str) -> None:
         if not self.allow_actuation:

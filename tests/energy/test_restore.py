@@ -147,3 +147,21 @@ def test_settings_left_by_a_killed_worker_are_restored_at_the_next_start(tmp_pat
     dev, rec = recorder_device(limit_mw=300_000)
     NodeEnergyAgent("n1", [dev], "actuate", journal=SettingsJournal(journal))
     assert rec.calls[:2] == [("limit_w", 650.0), ("reset", None)]
+
+
+@pytest.mark.parametrize("mode", ["observe", "recommend"])
+def test_settings_a_killed_actuator_left_are_restored_by_a_worker_that_only_observes(tmp_path: Path,
+                                                                                       mode: str) -> None:
+    """The worker comes back in observe or recommend mode after an actuate process was killed: the
+    300 W cap it left is Ember's own change and is undone (before, the journal was skipped outside
+    actuate mode and the GPU stayed capped until some later actuate start); then nothing more."""
+    journal = tmp_path / "original_settings.json"
+    journal.write_text(json.dumps({"cuda:0": {"power_limit_w": 650.0, "sm_clock_mhz": None}}))
+    dev, rec = recorder_device(limit_mw=300_000)
+    dev.allow_actuation = False  # as detect_devices gives it outside actuate mode
+    agent = NodeEnergyAgent("n1", [dev], mode, journal=SettingsJournal(journal))
+    assert rec.calls == [("limit_w", 650.0), ("reset", None)] and not journal.exists()
+    assert dev.allow_actuation is False  # the agent's own device still cannot set anything
+    _slack(agent, "cuda:0")
+    agent.phase_starts("cuda:0", "prefill")
+    assert agent.close() == [] and len(rec.calls) == 2
