@@ -7,12 +7,17 @@ Splitwise): a header `TIMESTAMP,ContextTokens,GeneratedTokens` and one row per r
 `2023-11-16 18:15:46.6805900,4808,10`. Requests carry no function, so each is given one of
 `functions` functions by a seeded heavy-tailed popularity (as the synthetic trace draws them);
 their prompt and output lengths vary per request. `write_llm_trace_csv` writes a synthetic
-trace in this format (for tests and examples).
+trace in this format (for tests and examples). A request may generate 0 tokens (it is charged
+its prefill alone) and may have 0 context tokens (no prefill); counts are kept as read.
 
 Azure Functions 2019 (`invocations_per_function_md.anon.dNN.csv`): a header
 `HashOwner,HashApp,HashFunction,Trigger,1,2,...,1440` and one row per function with its
 invocation count in each minute of the day. Counts become arrivals spread uniformly (seeded)
 within their minute.
+
+Both readers take counts as plain ASCII digits (no sign, space, underscore or other digits) of
+at most 9 digits, a UTF-8 file with or without a byte order mark, and raise ConfigError naming
+the line for anything else.
 
 The synthetic trace follows what that dataset shows: popularity spans orders of magnitude
 (log-normal rates), arrivals come in bursts, and load follows a day (compressed into the trace's
@@ -23,8 +28,11 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -35,6 +43,10 @@ __all__ = ["Trace", "read_azure_csv", "read_azure_llm_csv", "read_trace_csv", "s
 
 AZURE_KEY_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
 LLM_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+MAX_COUNT_DIGITS = 9  # a count (invocations in a minute, tokens) above 999,999,999 is a corrupt cell
+_COUNT = re.compile(f"[0-9]{{1,{MAX_COUNT_DIGITS}}}")
+_COUNTS = re.compile(f"[0-9]{{1,{MAX_COUNT_DIGITS}}}(?:,[0-9]{{1,{MAX_COUNT_DIGITS}}})*")
+_TIMESTAMP = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?")
 
 
 @dataclass
@@ -98,16 +110,13 @@ def read_azure_csv(path: Path | str, *, duration_s: float | None = None, seed: i
     """Read an Azure Functions 2019 invocation CSV. Bad input raises ConfigError naming the line
     and field. `duration_s` keeps only the first minutes of the day."""
     path = Path(path)
-    try:
-        fh = path.open(newline="")
-    except OSError as e:
-        raise ConfigError(f"cannot read trace {path}: {e}") from e
+    fh = _open(path)
     rng = np.random.default_rng(seed)
     names: list[str] = []
     times: list[np.ndarray] = []
     fns: list[np.ndarray] = []
     with fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(_decoded(fh, path))
         header = next(reader, None)
         if header is None:
             raise ConfigError(f"{path}: empty trace file")
@@ -136,16 +145,11 @@ def read_azure_csv(path: Path | str, *, duration_s: float | None = None, seed: i
             if name in seen:
                 raise ConfigError(f"{path}:{line}: function {name!r} appears twice")
             seen.add(name)
-            try:
-                counts = np.array(row[4:4 + minutes], dtype=np.int64)
-            except ValueError:
-                for j, cell in enumerate(row[4:4 + minutes], start=1):
-                    if not cell.strip().lstrip("-").isdigit():
-                        raise ConfigError(f"{path}:{line}: minute {j}: {cell!r} is not an integer count") from None
-                raise ConfigError(f"{path}:{line}: invalid counts") from None
-            if (counts < 0).any():
-                j = int(np.argmax(counts < 0)) + 1
-                raise ConfigError(f"{path}:{line}: minute {j}: negative count {counts[j - 1]}")
+            cells = row[4:4 + minutes]
+            if not _COUNTS.fullmatch(",".join(cells)):  # one C-speed check for the common, valid row
+                for j, cell in enumerate(cells, start=1):
+                    _check_count(cell, f"{path}:{line}: minute {j}")
+            counts = np.array(cells, dtype=np.int64)
             idx = len(names)
             names.append(name)
             total = int(counts.sum())
@@ -168,27 +172,52 @@ def read_trace_csv(path: Path | str, *, duration_s: float | None = None, seed: i
                    functions: int = 1000) -> Trace:
     """Either format, told apart by the header."""
     path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            first = fh.readline()
-    except OSError as e:
-        raise ConfigError(f"cannot read trace {path}: {e}") from e
+    with _open(path) as fh:
+        first = next(_decoded(fh, path), "")
     if first.strip().startswith(LLM_COLUMNS[0]):
         return read_azure_llm_csv(path, duration_s=duration_s, seed=seed, functions=functions)
     return read_azure_csv(path, duration_s=duration_s, seed=seed)
 
 
 def _parse_timestamp(text: str) -> float:
-    """Seconds since the epoch of "YYYY-MM-DD HH:MM:SS[.fffffff]" (any number of fraction digits)."""
+    """Seconds since the epoch of "YYYY-MM-DD HH:MM:SS[.fffffff]" (ASCII digits, any number of
+    fraction digits, at least one after a dot); ValueError otherwise."""
     from datetime import datetime, timezone
 
-    main, _, frac = text.strip().partition(".")
-    stamp = datetime.strptime(main, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
-    if frac:
-        if not frac.isdigit():
-            raise ValueError(text)
-        stamp += int(frac) / 10 ** len(frac)
-    return stamp
+    m = _TIMESTAMP.fullmatch(text)
+    if m is None:
+        raise ValueError(text)
+    stamp = datetime(*(int(g) for g in m.groups()[:6]), tzinfo=timezone.utc).timestamp()
+    frac = m.group(7)
+    return stamp + int(frac) / 10 ** len(frac) if frac else stamp
+
+
+def _check_count(cell: str, where: str) -> int:
+    """`cell` as a count, or ConfigError saying where and why."""
+    if _COUNT.fullmatch(cell):
+        return int(cell)
+    if cell.startswith("-") and _COUNT.fullmatch(cell[1:]):
+        raise ConfigError(f"{where}: negative count {cell}")
+    raise ConfigError(f"{where}: {cell!r} is not an integer count (plain ASCII digits, at most {MAX_COUNT_DIGITS})")
+
+
+def _open(path: Path) -> TextIO:
+    """`path` for reading as UTF-8, a byte order mark dropped (spreadsheet exports write one)."""
+    try:
+        return path.open(newline="", encoding="utf-8-sig")
+    except OSError as e:
+        raise ConfigError(f"cannot read trace {path}: {e}") from e
+
+
+def _decoded(fh: TextIO, path: Path) -> Iterator[str]:
+    """The file's lines; bytes that are not UTF-8 become a ConfigError (near the line: decoding reads ahead)."""
+    read = 0
+    try:
+        for text in fh:
+            read += 1
+            yield text
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text near line {read + 1} ({e.reason})") from None
 
 
 def read_azure_llm_csv(path: Path | str, *, duration_s: float | None = None, seed: int = 0,
@@ -198,15 +227,12 @@ def read_azure_llm_csv(path: Path | str, *, duration_s: float | None = None, see
     path = Path(path)
     if functions < 1:
         raise ConfigError(f"functions must be >= 1, got {functions}")
-    try:
-        fh = path.open(newline="")
-    except OSError as e:
-        raise ConfigError(f"cannot read trace {path}: {e}") from e
+    fh = _open(path)
     stamps: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
     with fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(_decoded(fh, path))
         header = [h.strip() for h in next(reader, [])]
         if tuple(header) != LLM_COLUMNS:
             raise ConfigError(f"{path}:1: header must be {','.join(LLM_COLUMNS)}, got {','.join(header)}")
@@ -221,9 +247,9 @@ def read_azure_llm_csv(path: Path | str, *, duration_s: float | None = None, see
             except ValueError:
                 raise ConfigError(f"{path}:{line}: TIMESTAMP {row[0]!r} is not 'YYYY-MM-DD HH:MM:SS.fff'") from None
             for name, cell, out in (("ContextTokens", row[1], prompt), ("GeneratedTokens", row[2], output)):
-                cell = cell.strip()
-                if not cell.isdigit():
-                    raise ConfigError(f"{path}:{line}: {name} {cell!r} is not a non-negative integer")
+                if not _COUNT.fullmatch(cell):
+                    raise ConfigError(f"{path}:{line}: {name} {cell!r} is not a non-negative integer "
+                                      f"(plain ASCII digits, at most {MAX_COUNT_DIGITS})")
                 out.append(int(cell))
     if not stamps:
         raise ConfigError(f"{path}: no requests in trace")
@@ -231,8 +257,8 @@ def read_azure_llm_csv(path: Path | str, *, duration_s: float | None = None, see
     t -= t.min()
     order = np.argsort(t, kind="stable")
     t = t[order]
-    p = np.maximum(1, np.array(prompt, dtype=np.int64)[order])
-    o = np.maximum(1, np.array(output, dtype=np.int64)[order])
+    p = np.array(prompt, dtype=np.int64)[order]  # 0 kept: no prefill
+    o = np.array(output, dtype=np.int64)[order]  # 0 kept: the request is charged its prefill alone
     end_s = float(duration_s) if duration_s is not None else float(t[-1]) + 1.0
     keep = t < end_s
     rng = np.random.default_rng(seed)

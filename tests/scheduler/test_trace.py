@@ -94,3 +94,50 @@ def test_azure_llm_trace_bad_lines_name_line_and_field(tmp_path) -> None:
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,1,2\n")
     with pytest.raises(ConfigError, match=r"bad.csv:2: TIMESTAMP"):
         read_azure_llm_csv(bad)
+
+
+@pytest.mark.parametrize("cell", ["1_0", " 3 ", "3 ", "\u00b2", "\u0663", "1.5", "", "+1", "99999999999999999999999"])
+def test_azure_csv_counts_are_plain_ascii_digits(tmp_path, cell) -> None:
+    """Anything but plain ASCII digits (what int() or isdigit() would take, too large for int64)
+    is a ConfigError naming the line and minute, never a traceback or a different count."""
+    with pytest.raises(ConfigError, match=r"t\.csv:3: minute 2: .* is not an integer count"):
+        read_azure_csv(_azure(tmp_path / "t.csv", ["o,a,f1,http,2,0,1", f"o,a,f2,http,1,{cell},0"]))
+
+
+@pytest.mark.parametrize("row, match", [
+    ("2023-11-16 18:15:47.0,\u00b2,10", r"ContextTokens '\u00b2'"),
+    ("2023-11-16 18:15:47.0,99999999999999999999999,10", "ContextTokens '9+'"),
+    ("2023-11-16 18:15:47.0,12, 10", "GeneratedTokens ' 10'"),
+    ("2023-11-16 18:15:47.0,1_2,10", "ContextTokens '1_2'"),
+    ("2023-11-16 18:15:46.,5,10", "TIMESTAMP"),
+    ("2023-11-16 18:15:4\u0666.1,5,10", "TIMESTAMP"),
+    ("2023-13-16 18:15:46.1,5,10", "TIMESTAMP"),
+])
+def test_azure_llm_trace_malformed_cells_are_config_errors(tmp_path, row, match) -> None:
+    from ember.scheduler.trace import read_trace_csv
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,4808,10\n{row}\n",
+                   encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"bad\.csv:3: {match}"):
+        read_trace_csv(bad)
+
+
+def test_traces_with_a_bom_zero_tokens_and_bad_bytes(tmp_path) -> None:
+    """A byte order mark does not hide the format; 0 generated (or context) tokens are kept as
+    0, not raised to 1; bytes that are not UTF-8 are a ConfigError."""
+    from ember.scheduler.trace import read_trace_csv
+
+    llm = tmp_path / "llm.csv"
+    llm.write_text("\ufeffTIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,4808,0\n"
+                   "2023-11-16 18:15:47.5,0,7\n", encoding="utf-8")
+    tr = read_trace_csv(llm)
+    assert tr.prompt_tokens is not None and tr.output_tokens is not None
+    assert tr.prompt_tokens.tolist() == [4808, 0] and tr.output_tokens.tolist() == [0, 7]
+    assert tr.arrival_s.tolist() == pytest.approx([0.0, 0.82])
+    az = tmp_path / "az.csv"
+    az.write_text("\ufeffHashOwner,HashApp,HashFunction,Trigger,1,2\no,a,f,http,1,1\n", encoding="utf-8")
+    assert len(read_trace_csv(az)) == 2
+    az.write_bytes(b"HashOwner,HashApp,HashFunction,Trigger,1,2\no,a,\xff,http,1,1\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_trace_csv(az)
