@@ -123,14 +123,22 @@ def sim(
     from rich.progress import Progress
 
     from ember.energy.sim import CONTROLLERS, SimConfig, plot_energy_sim, run_energy_sim
+    from ember.errors import ConfigError
 
+    try:
+        config = SimConfig(hours=hours, seed=seed)
+    except ConfigError as e:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[red]error:[/red] {e.message}")
+        raise typer.Exit(2) from e
     with Progress(transient=True) as progress:
         tasks = {name: progress.add_task(name, total=1.0) for name in CONTROLLERS}
 
         def report(name: str, fraction: float) -> None:
             progress.update(tasks[name], completed=fraction)
 
-        result = run_energy_sim(SimConfig(hours=hours, seed=seed), progress=report)
+        result = run_energy_sim(config, progress=report)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2))
     if plot is not None:

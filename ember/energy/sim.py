@@ -35,6 +35,7 @@ from ember.energy.simulated import (
     phase_time_factor,
     prefill_full_clock_s,
 )
+from ember.errors import ConfigError
 
 CONTROLLERS = ("max_power", "zeus_static", "ember", "ember_one_clock")
 _DEVICE_LOCK = object()  # prefill runs under the device's own clock lock
@@ -78,6 +79,19 @@ class SimConfig:
     burst_factor: tuple[float, float] = (1.3, 1.8)
     burst_minutes: tuple[float, float] = (2.0, 10.0)
     timeline_bucket_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        """ConfigError naming the first impossible field (an empty or NaN run reports nothing true)."""
+        for name in ("hours", "interval_s", "timeline_bucket_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"energy sim: {name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.hours * 3600 < self.interval_s:
+            raise ConfigError(f"energy sim: hours ({self.hours}) is shorter than one interval ({self.interval_s} s)")
+        if not math.isfinite(self.start_hour) or self.seed < 0 or not 0 <= self.trough_fraction <= 1:
+            raise ConfigError("energy sim: start_hour must be finite, seed >= 0, trough_fraction in [0, 1]")
+        known = {f.name for f in self.functions}
+        if unknown := {n for names in self.placement for n in names} - known:
+            raise ConfigError(f"energy sim: placement names unknown functions {sorted(unknown)}")
 
 
 @dataclass

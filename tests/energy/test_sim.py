@@ -71,3 +71,24 @@ def test_engine_runs_prefill_at_the_phase_clock_and_restores_the_lock() -> None:
     # an unlocked prefill is faster (x0.6 time) and, at 665 W instead of 284 W, costs more
     assert out[None][0] < 0.7 * out[1188.0][0]
     assert out[None][1] > out[1188.0][1]
+
+
+@pytest.mark.parametrize("hours", ["0", "-5", "nan", "inf", "0.0001"])
+def test_cli_refuses_impossible_hours(tmp_path: Path, hours: str) -> None:
+    """An empty, negative or NaN run is refused as bad input (exit 2, a message naming --hours'
+    field), never a traceback or a report of 0 kWh at full SLO attainment."""
+    from ember.cli import app
+
+    out = tmp_path / "sim.json"
+    res = CliRunner().invoke(app, ["energy", "sim", "--json", str(out), "--hours", hours])
+    assert res.exit_code == 2, res.output
+    assert "error: energy sim: hours" in res.output and not out.exists()
+    assert isinstance(res.exception, SystemExit)  # typer's exit, not an exception escaping
+
+
+def test_sim_config_checks_its_fields() -> None:
+    from ember.errors import ConfigError
+
+    for bad in ({"hours": float("nan")}, {"interval_s": 0.0}, {"seed": -1}, {"placement": (("nope",),)}):
+        with pytest.raises(ConfigError):
+            SimConfig(**bad)
