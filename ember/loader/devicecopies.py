@@ -5,6 +5,7 @@ a "gpu" tier hit: no bytes move."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ class _Copy:
     manifest: CheckpointManifest
     files: Path
     name: str
+    on_drop: Callable[[], None] | None = None  # lets go of what keeps `files` there
     holders: int = 1
 
 
@@ -36,15 +38,21 @@ class DeviceCopies:
             return copy
 
     def hold(self, key: str, device: str, state_dict: dict[str, Any], manifest: CheckpointManifest, files: Path,
-             name: str) -> None:
-        """A copy just loaded onto `device`, held by its loader."""
+             name: str, on_drop: Callable[[], None] | None = None) -> None:
+        """A copy just loaded onto `device`, held by its loader; `on_drop` is called when the
+        copy goes with its last holder."""
         with self._lock:
-            self._copies[(key, device)] = _Copy(state_dict, manifest, files, name)
+            self._copies[(key, device)] = _Copy(state_dict, manifest, files, name, on_drop)
 
     def release(self, key: str, device: str) -> None:
+        """One holder less; the copy goes with the last."""
         with self._lock:
             copy = self._copies.get((key, device))
-            if copy is not None:
-                copy.holders -= 1
-                if copy.holders <= 0:
-                    del self._copies[(key, device)]
+            if copy is None:
+                return
+            copy.holders -= 1
+            if copy.holders > 0:
+                return
+            del self._copies[(key, device)]
+        if copy.on_drop is not None:
+            copy.on_drop()

@@ -170,7 +170,9 @@ class _InOrderSha256:
 
 def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
     """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk. An SSD
-    tier that cannot write (a full disk) is skipped: the load serves from memory."""
+    tier that cannot write (a full disk) is skipped: the load serves from memory. Returns (state
+    dict, manifest, DRAM entry or None, model files directory, the SSD entry's pin when the model
+    files are there, else None)."""
     import torch
 
     name, key = ident.name, ident.key
@@ -198,7 +200,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             ssd_tmp = tiers.ssd.begin(key, total + files_bytes + (1 << 20))
         except OSError as e:
             tiers.ssd_unwritable(e)
-    entry = None
+    entry = ssd_pin = None
     try:
         entry = tiers.dram.allocate(key, total, ref=ident.ref)
         view = None
@@ -225,15 +227,18 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
         if ssd_tmp is not None:
             try:
                 (ssd_tmp / REF_FILE).write_text(ident.ref)
-                tiers.ssd.commit(key, ssd_tmp)
-                files_dir = tiers.ssd.root / key / FILES_DIR
+                ssd_pin = tiers.ssd.commit(key, ssd_tmp)
                 tiers.ssd_warned = False  # writing again: a later failure is news again
             except OSError as e:
                 tiers.ssd.abort(ssd_tmp)
                 tiers.ssd_unwritable(e)
-                if meta_dir is None:  # the model files were only in the directory just thrown away
-                    files_dir = _fallback_files(tiers, key, raw, files)
             ssd_tmp = None
+            if meta_dir is None:  # the files are in the installed SSD entry (pinned), else nowhere yet
+                files_dir = ssd_pin.path / FILES_DIR if ssd_pin is not None else _fallback_files(
+                    tiers, key, raw, files)
+            elif ssd_pin is not None:  # they are beside the DRAM entry: the SSD entry need not stay
+                ssd_pin.release()
+                ssd_pin = None
         if entry is not None:
             dest = tiers.dram.filled_view(entry, view)
             tiers.dram.commit(key)
@@ -243,9 +248,11 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             tiers.dram.abort(key)
         if ssd_tmp is not None:
             tiers.ssd.abort(ssd_tmp)
+        if ssd_pin is not None:
+            ssd_pin.release()
         raise
     buf = up.finish() if up is not None else torch.from_numpy(dest)
-    return tensors_from_buffer(manifest, buf), manifest, entry, files_dir
+    return tensors_from_buffer(manifest, buf), manifest, entry, files_dir, ssd_pin
 
 
 def _download_files(tiers: NodeTiers, store, name, key: str, manifest: CheckpointManifest, raw: bytes,

@@ -4,6 +4,11 @@ An entry is installed under .tmp/<name>.<pid>.<rand>, checked (sha256 per partit
 and renamed into place, so a half-written entry is never seen under its name; temporary
 directories of dead processes are removed on start. The index is the directory itself: it is
 rebuilt from disk by listing it. LRU order is the mtime of each entry's `.used` file.
+
+A reader pins an entry while it uses it (a shared flock on the entry's `.pin` file: released by
+the kernel when the reader's process dies, however it dies). Eviction takes only unpinned entries;
+an entry removed while pinned (found corrupt, evicted by an operator) is hidden at once (a
+`.removed` marker) and deleted with its last pin, so an instance's model files never vanish.
 """
 
 from __future__ import annotations
@@ -22,7 +27,25 @@ from ember.loader.locks import NodeLock, pid_alive
 from ember.loader.names import NAME_PATTERN
 
 _USED = ".used"
+_PIN = ".pin"
+_REMOVED = ".removed"
 REF_FILE = ".ref"  # the entry's canonical checkpoint ref (store/name#digest)
+
+
+class SsdPin:
+    """One reader's hold on an SSD-tier entry (see the module docstring); `release` it once done."""
+
+    def __init__(self, tier: SsdTier, name: str, fd: int) -> None:
+        self.tier, self.name, self._fd = tier, name, fd
+        self.path = tier.root / name
+
+    def release(self) -> None:
+        """Let go (again: a no-op). An entry removed meanwhile is deleted with its last pin."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+            with contextlib.suppress(OSError):  # the tier closed meanwhile: its next start sweeps
+                self.tier._delete_removed()
 
 
 class SsdTier:
@@ -41,17 +64,30 @@ class SsdTier:
                     shutil.rmtree(d, ignore_errors=True)
             for d in self.root.glob(".trash-*"):
                 shutil.rmtree(d, ignore_errors=True)
+            self._delete_removed()
 
     def path(self, name: str) -> Path | None:
         """The entry's directory if a complete entry is installed."""
         d = self.root / name
-        return d if (d / MANIFEST_FILE).is_file() else None
+        return d if _installed(d) else None
+
+    def pin(self, name: str) -> SsdPin | None:
+        """Pin an installed entry (eviction skips it until released); None if it is not there."""
+        import fcntl
+
+        with self._locked():
+            d = self.root / name
+            if not _installed(d):
+                return None
+            fd = os.open(d / _PIN, os.O_RDONLY | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return SsdPin(self, name, fd)
 
     def entries(self) -> dict[str, int]:
         """Installed entries: name -> bytes on disk."""
         out = {}
         for d in self.root.iterdir():
-            if d.is_dir() and _entry_name(d.name) and (d / MANIFEST_FILE).is_file():
+            if d.is_dir() and _entry_name(d.name) and _installed(d):
                 out[d.name] = _dir_bytes(d)
         return out
 
@@ -64,8 +100,8 @@ class SsdTier:
         return out
 
     def used_bytes(self) -> int:
-        """Bytes held by installed entries."""
-        return sum(self.entries().values())
+        """Bytes held by entries: installed, and removed but still pinned."""
+        return sum(self.entries().values()) + self._removed_bytes()
 
     def touch(self, name: str) -> None:
         """Mark an entry used now (LRU)."""
@@ -81,8 +117,8 @@ class SsdTier:
             )
         with self._locked():
             entries = self.entries()
-            used = sum(entries.values())
-            order = sorted((self._last_used(n), n) for n in entries if n != name)
+            used = sum(entries.values()) + self._removed_bytes()
+            order = sorted((self._last_used(n), n) for n in entries if n != name and not _pinned(self.root / n))
             while used + nbytes > self.capacity_bytes and order:
                 _, victim = order.pop(0)
                 used -= entries[victim]
@@ -91,29 +127,34 @@ class SsdTier:
             tmp.mkdir()
             return tmp
 
-    def commit(self, name: str, tmp: Path) -> Path:
-        """fsync and rename a filled temporary directory into place."""
+    def commit(self, name: str, tmp: Path) -> SsdPin | None:
+        """fsync and rename a filled temporary directory into place; returns the installed entry
+        pinned (release it when its files are not needed). None (`tmp` thrown away) when a removed
+        entry of that name is still pinned: its readers' files stay where they are."""
         fsync_tree(tmp)
         (tmp / _USED).touch()
         with self._locked():
             final = self.root / name
             if final.exists():
-                if _same_manifest(final, tmp):
+                if _installed(final) and _same_manifest(final, tmp):
                     # another process installed the same checkpoint meanwhile: keep the entry its
                     # readers may already use, drop ours
                     shutil.rmtree(tmp, ignore_errors=True)
-                    return final
+                    return self.pin(name)
                 self._remove_locked(name)
+                if final.exists():  # removed, but pinned by its readers
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return None
             os.replace(tmp, final)
             fsync_dir(self.root)
-        return final
+            return self.pin(name)
 
     def abort(self, tmp: Path) -> None:
         """Throw away a temporary directory."""
         shutil.rmtree(tmp, ignore_errors=True)
 
     def remove(self, name: str) -> bool:
-        """Remove an entry; False if absent. Readers with open files keep reading."""
+        """Take an entry out of service now (deleted now, or with its last pin); False if absent."""
         with self._locked():
             return self._remove_locked(name)
 
@@ -124,12 +165,26 @@ class SsdTier:
     # --- internals ------------------------------------------------------------------------------
     def _remove_locked(self, name: str) -> bool:
         d = self.root / name
-        if not d.exists():
+        if not d.exists() or (d / _REMOVED).exists():
             return False
-        trash = self.root / f".trash-{uuid.uuid4().hex[:8]}"
-        os.replace(d, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        if _pinned(d):
+            try:
+                (d / _REMOVED).touch()
+                return True
+            except OSError:  # cannot even mark it (a read-only disk): it goes now
+                pass
+        _delete(self.root, d)
         return True
+
+    def _delete_removed(self) -> None:
+        """Delete the removed entries whose last pin went."""
+        with self._locked():
+            for d in self.root.glob(f"*/{_REMOVED}"):
+                if not _pinned(d.parent):
+                    _delete(self.root, d.parent)
+
+    def _removed_bytes(self) -> int:
+        return sum(_dir_bytes(d.parent) for d in self.root.glob(f"*/{_REMOVED}"))
 
     def _last_used(self, name: str) -> float:
         try:
@@ -145,6 +200,33 @@ def _entry_name(name: str) -> bool:
     return bool(ENTRY_KEY_PATTERN.fullmatch(name) or NAME_PATTERN.fullmatch(name))
 
 
+def _installed(d: Path) -> bool:
+    return (d / MANIFEST_FILE).is_file() and not (d / _REMOVED).exists()
+
+
+def _pinned(d: Path) -> bool:
+    """Whether a reader holds a pin on the entry directory `d`."""
+    import fcntl
+
+    try:
+        fd = os.open(d / _PIN, os.O_RDONLY)
+    except OSError:
+        return False  # never pinned: pins create the file under the tier's lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _delete(root: Path, d: Path) -> None:
+    trash = root / f".trash-{uuid.uuid4().hex[:8]}"
+    os.replace(d, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _dir_bytes(d: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(d):
@@ -152,8 +234,6 @@ def _dir_bytes(d: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(dirpath, f))
     return total
-
-    return True
 
 
 def _same_manifest(a: Path, b: Path) -> bool:

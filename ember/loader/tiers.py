@@ -183,20 +183,27 @@ class NodeTiers:
                     raise
                 self.ssd.touch(key)
                 return self._loaded(key, ident, sd, "dram", t0, manifest, entry.meta_dir / FILES_DIR, dev, entry)
-        ssd_dir = self.ssd.path(key)
-        if ssd_dir is not None:
+        pin = self.ssd.pin(key)  # held while the load reads it; and by the instance if its files are there
+        if pin is not None:
             try:
-                sd, manifest, entry, files = load_local(self, ident, ssd_dir, dev)
+                sd, manifest, entry, files = load_local(self, ident, pin.path, dev)
             except (CheckpointError, OSError) as e:  # bad bytes, a truncated or unreadable file
+                pin.release()
                 self.ssd.remove(key)
                 log.warning("SSD tier entry %s failed verification (%s): dropped; fetching from the store",
                             ident.ref, e)
+            except BaseException:
+                pin.release()
+                raise
             else:
                 self.ssd.touch(key)
-                return self._loaded(key, ident, sd, "ssd", t0, manifest, files, dev, entry)
+                if entry is not None:  # the model files were copied beside the DRAM entry
+                    pin.release()
+                    pin = None
+                return self._loaded(key, ident, sd, "ssd", t0, manifest, files, dev, entry, pin)
         store = self.store(ident.store_uri)
-        sd, manifest, entry, files = load_remote(self, store, ident, dev)
-        return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry)
+        sd, manifest, entry, files, pin = load_remote(self, store, ident, dev)
+        return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry, pin)
 
     def _corrupt_dram(self, ref: str) -> None:
         if self.on_corrupt_dram is not None:
@@ -245,7 +252,9 @@ class NodeTiers:
             tmp.rmdir()
             os.replace(directory, tmp)
             (tmp / REF_FILE).write_text(ident.ref)
-            self.ssd.commit(ident.key, tmp)
+            pin = self.ssd.commit(ident.key, tmp)
+            if pin is not None:
+                pin.release()
         return ident.ref
 
     def holdings(self) -> dict[str, str]:
@@ -350,15 +359,21 @@ class NodeTiers:
             copy.files, copy.manifest, lambda: self.device_copies.release(key, dev),
         )
 
-    def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry) -> LoadedCheckpoint:
+    def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry, ssd_pin=None) -> LoadedCheckpoint:
+        """The instance's LoadedCheckpoint; its release lets go of the DRAM entry, the device copy
+        and the SSD entry (`ssd_pin`: its model files are there) it holds."""
         def release() -> None:
             if entry is not None:
                 self.dram.unpin(entry)
             if dev.type == "cuda":
                 self.device_copies.release(key, str(dev))
+            elif ssd_pin is not None:
+                ssd_pin.release()
 
         if dev.type == "cuda":
-            self.device_copies.hold(key, str(dev), sd, manifest, files, ident.name)
+            # the copy, shared by later instances on the device, keeps the files' SSD entry
+            self.device_copies.hold(key, str(dev), sd, manifest, files, ident.name,
+                                    ssd_pin.release if ssd_pin is not None else None)
             if entry is not None:  # device bytes are private: the DRAM entry need not stay pinned
                 self.dram.unpin(entry)
                 entry = None

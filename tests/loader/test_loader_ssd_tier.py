@@ -6,7 +6,17 @@ from __future__ import annotations
 import errno
 import json
 
+import pytest
+
 from ember.loader import open_store
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A second tiny model with other bytes (seed 1)."""
+    from ember.tinymodel import TinyModelSpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("other") / "other", TinyModelSpec(seed=1))
 
 
 def test_failed_ssd_commit_still_gives_model_files(tmp_path, tiny_model_dir, make_tiers, monkeypatch) -> None:
@@ -24,3 +34,61 @@ def test_failed_ssd_commit_still_gives_model_files(tmp_path, tiny_model_dir, mak
     assert json.loads((got.model_files / "config.json").read_text())
     assert tiers.ssd.path(tiers.key("tiny")) is None and list(tiers.ssd.tmp.iterdir()) == []
     got.release()
+
+
+def _two(tmp_path, tiny_model_dir, other_model_dir) -> None:
+    store = open_store(f"file://{tmp_path / 'store'}")
+    store.push(tiny_model_dir, "a")
+    store.push(other_model_dir, "b")
+
+
+def test_ssd_entry_being_read_is_not_evicted(tmp_path, tiny_model_dir, other_model_dir, make_tiers,
+                                             monkeypatch) -> None:
+    """An SSD room for one checkpoint: while `a` is read from the SSD tier, a load of `b` makes
+    room. It must not evict `a` from under its reader (which then found its files missing: the
+    entry counted corrupt and fetched again, or served with model files that no longer exist)."""
+    import threading
+
+    import ember.loader.local as local
+
+    _two(tmp_path, tiny_model_dir, other_model_dir)
+    tiers = make_tiers(ssd=2 << 20)
+    tiers.load("a").release()
+    assert tiers.dram.evict(tiers.key("a"))
+    real = local.copy_meta
+    other: list = []
+
+    def meanwhile(src, meta_dir):
+        t = threading.Thread(target=lambda: other.append(tiers.load("b")))
+        t.start()
+        t.join()
+        return real(src, meta_dir)
+
+    monkeypatch.setattr(local, "copy_meta", meanwhile)
+    got = tiers.load("a")
+    assert got.tier == "ssd" and other[0].tier == "remote"
+    assert json.loads((got.model_files / "config.json").read_text())
+    assert tiers.dram.lookup(tiers.key("a")) is not None  # cached in DRAM as a read from SSD is
+    got.release()
+    other[0].release()
+
+
+def test_model_files_in_the_ssd_tier_stay_while_used(tmp_path, tiny_model_dir, other_model_dir,
+                                                     make_tiers) -> None:
+    """No DRAM entry (a pool of 0 bytes): an instance's model files are in its SSD entry. Another
+    checkpoint's load, or an eviction, must not delete them while the instance holds them; once
+    it lets go they go."""
+    _two(tmp_path, tiny_model_dir, other_model_dir)
+    tiers = make_tiers(dram=0, ssd=2 << 20)
+    for tier in ("remote", "ssd"):
+        a = tiers.load("a")
+        assert a.tier == tier and a.model_files.is_relative_to(tiers.ssd.root)
+        b = tiers.load("b")
+        assert json.loads((a.model_files / "config.json").read_text())
+        b.release()
+        a.release()
+    a = tiers.load("a")
+    assert tiers.evict(a.ref)["ssd"] and tiers.ssd.path(tiers.key("a")) is None  # hidden now
+    assert json.loads((a.model_files / "config.json").read_text())  # ... yet still there
+    a.release()
+    assert not a.model_files.exists()  # gone with its last pin
