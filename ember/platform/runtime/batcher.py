@@ -3,7 +3,9 @@
 Each turn of the loop: drop cancelled sequences; admit waiting ones (FIFO) that fit the KV budget
 and prefill them together (left-padded, logits for the last position only); then one decode step
 for every running sequence; finished ones leave the batch at once. Tokens stream to each
-request through its own queue.
+request through its own queue. A new group is prefilled in a cache of its own before it joins,
+so a failure in its first step (forward or sampling) fails that group only; a failure in a pass
+over the running batch (decode, or the merge) fails the batch.
 
 Admission policy (no preemption, so `preemptions` stays 0): the cache is padded (rows are
 right-aligned), so its size is bounded by rows x the longest prompt + max_tokens among them
@@ -145,20 +147,31 @@ class BatchingEngine:
                 if self._stop:
                     return
                 group = self._admit()
+            joining = None
+            if group:
+                try:  # the new group's own pass: a failure here fails the group, never the running batch
+                    with torch.inference_mode():
+                        joining = self._prefill(group)
+                except Exception as e:
+                    self._fail(group, e)
             try:
                 with torch.inference_mode():
-                    if group:
-                        self._prefill(group)
+                    if joining is not None:
+                        self._join(group, *joining)
                     self._drop([s for s in self.running if s.cancelled.is_set()], "cancelled")
                     if self.running:
                         self._decode()
-            except Exception as e:  # a failed pass fails the sequences in it, never the loop
-                log.exception("engine step failed on %s", self.function)
-                err = e if isinstance(e, EmberError) else EmberError(f"generation failed: {e.__class__.__name__}")
-                for seq in self.running + [s for s in group if s not in self.running]:
-                    if seq.finish is None:
-                        seq.fail(err)
+            except Exception as e:  # a failed pass over the batch (or a half-done merge) fails the batch
+                self._fail(self.running + [s for s in group if s not in self.running], e)
                 self.running, self.cache, self.pads = [], None, None
+
+    def _fail(self, seqs: list[Sequence], e: Exception) -> None:
+        """End `seqs` with the error (an EmberError as it is, anything else as a 500); never the loop."""
+        log.error("engine step failed on %s (%d sequences)", self.function, len(seqs), exc_info=e)
+        err = e if isinstance(e, EmberError) else EmberError(f"generation failed: {e.__class__.__name__}")
+        for seq in seqs:
+            if seq.finish is None:
+                seq.fail(err)
 
     def _forward(self, phase: str, input_ids: Any, mask: Any, pos: Any, cache: Any, tokens: int, batch: int) -> Any:
         kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": True,
@@ -196,7 +209,9 @@ class BatchingEngine:
             except Exception:
                 log.exception("step listener failed")
 
-    def _prefill(self, group: list[Sequence]) -> None:
+    def _prefill(self, group: list[Sequence]) -> tuple[Any, Any, list[int]]:
+        """The group's forward over its prompts in a cache of its own, and its first tokens (the
+        running batch and its cache are not touched)."""
         import torch
 
         dev = self.model.device
@@ -208,8 +223,12 @@ class BatchingEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = kvcache.make_cache(self.model.config, max(s.need for s in group))
         logits = self._forward("prefill", input_ids, mask, pos, cache, sum(len(s.ids) for s in group), len(group))
-        tokens = sample(logits, group)
-        # join the running batch: both sides right-aligned to the longer length
+        return cache, pads, sample(logits, group)
+
+    def _join(self, group: list[Sequence], cache: Any, pads: Any, tokens: list[int]) -> None:
+        """The prefilled group joins the running batch: both sides right-aligned to the longer length."""
+        import torch
+
         if self.cache is None:
             self.cache, self.pads = cache, pads
         else:

@@ -1,0 +1,75 @@
+"""Requests the batching engine cannot serve fail alone: a request that fails in its first step
+(its prefill or first sample) leaves the running batch and its cache alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.errors import EmberError
+from ember.platform.runtime.events import GenerationDone, TokenDelta
+from ember.platform.wire import GenerateRequest
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _instance(mt: tuple[Any, Any], **kw: Any) -> Any:
+    from ember.platform.runtime.engine import ModelInstance
+
+    return ModelInstance("i", "f", mt[0], mt[1], **kw)
+
+
+def _collect(events: Any) -> tuple[str, list[GenerationDone]]:
+    evs = list(events)
+    return "".join(e.text for e in evs if isinstance(e, TokenDelta)), [e for e in evs if isinstance(e, GenerationDone)]
+
+
+def test_a_request_failing_in_its_first_step_fails_alone(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """Three greedy requests are decoding when one whose sampling cannot work (NaN temperature, built
+    past the wire's validation) joins: it gets an error, the three run to the end with the text they
+    have alone, and the instance keeps serving."""
+    inst = _instance(model_and_tokenizer)
+    inst.eos_ids = set()  # every sequence runs to max_tokens
+    try:
+        good = [GenerateRequest(prompt=p, max_tokens=200, temperature=0) for p in ("one two three", "Hello", "x")]
+        alone = [_collect(inst.generate_alone(r))[0] for r in good]
+        seqs = [inst.submit(r) for r in good]
+        stream0 = seqs[0].stream()
+        first = next(stream0)
+        while inst.stats()["batch_size"] < 3:  # all three are decoding (the bad one joins alone)
+            threading.Event().wait(0.002)
+        bad_req = GenerateRequest.model_construct(**{**GenerateRequest(prompt="hi", max_tokens=5).model_dump(),
+                                                     "temperature": float("nan")})
+        bad = inst.submit(bad_req)
+        with pytest.raises(EmberError) as failed:
+            _collect(bad.stream())
+        assert failed.value.status_code == 500 and bad.finish == "error"
+        assert all(s.finish is None for s in seqs)  # it failed while the three were running
+        out: list[Any] = [None] * 3
+
+        def drain(i: int) -> None:
+            out[i] = _collect(seqs[i].stream())
+
+        threads = [threading.Thread(target=drain, args=(i,)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        out[0] = _collect(stream0)
+        out[0] = (first.text if isinstance(first, TokenDelta) else "") + out[0][0], out[0][1]
+        for t in threads:
+            t.join(60)
+        for i in range(3):
+            text, done = out[i]
+            assert done and done[0].finish_reason == "length" and done[0].completion_tokens == 200, i
+            assert text == alone[i], i
+        after = _collect(inst.generate(GenerateRequest(prompt="Hello", max_tokens=4, temperature=0)))
+        assert after[1][0].completion_tokens == 4
+    finally:
+        inst.close()
