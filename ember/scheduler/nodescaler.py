@@ -137,11 +137,12 @@ class NodeScaler:
         self.config = config or NodeScalerConfig()
 
     def capacity(self, budget_w: float | None) -> int:
-        """The most nodes the power budget and `max_nodes` allow."""
+        """The most nodes the power budget and `max_nodes` allow; never below `min_nodes`, the
+        floor the operator set (a budget under one node's watts stopped even that node)."""
         cap = self.config.max_nodes
         if budget_w is not None and budget_w > 0:
             cap = min(cap, int(budget_w // self.config.node_power_w))
-        return cap
+        return max(cap, self.config.min_nodes)
 
     def step(self, nodes: Sequence[FleetNode], now: float, *, waiting: int, booting: int,
              budget_w: float | None = None) -> list[NodeAction]:

@@ -65,6 +65,14 @@ def test_waiting_takes_a_draining_node_back_before_booting_one() -> None:
     assert s.step(nodes, 10, waiting=1, booting=0) == [Undrain("b")]
 
 
+def test_min_nodes_hold_whatever_the_power_budget() -> None:
+    """A budget under one node's watts allowed 0 nodes: not even `min_nodes` were started."""
+    s = NodeScaler(NodeScalerConfig(min_nodes=1, max_nodes=4, node_power_w=5600))
+    assert s.capacity(4000) == 1 and s.capacity(12000) == 2 and s.capacity(None) == 4
+    assert s.step([], 0, waiting=0, booting=0, budget_w=4000) == [ScaleOut(1, 1, "min_nodes")]
+    assert s.step([node("a", instances=1, busy=True)], 0, waiting=5, booting=0, budget_w=4000) == []
+
+
 def test_a_node_the_cloud_is_terminating_is_never_taken_back() -> None:
     """A node held by the terminating lifecycle hook (an instance refresh, an operator) goes whatever
     Ember does: waiting placements boot a node instead of undraining it (new work there would be cut
