@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
 
 
 class EmberModel(BaseModel):
@@ -38,16 +39,18 @@ class PrefetchRequest(EmberModel):
 
 
 class GenerateRequest(EmberModel):
-    """What the gateway asks a worker's instance to generate (tokens never travel through Redis)."""
+    """What the gateway asks a worker's instance to generate (tokens never travel through Redis).
+    Bounds as the gateway's OpenAI models have them, so a body out of range is a 422 from the
+    worker, never a failure inside the engine."""
 
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    messages: list[dict[str, str]] | None = Field(None, min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     # the function's SLO and energy preference, for the worker's energy accounting and controller
-    ttft_slo_s: float = 1.0
-    tpot_slo_s: float = 0.2
-    eta: float = 0.5
+    ttft_slo_s: float = Field(1.0, gt=0.0)
+    tpot_slo_s: float = Field(0.2, gt=0.0)
+    eta: float = Field(0.5, ge=0.0, le=1.0)

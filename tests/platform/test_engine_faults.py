@@ -1,5 +1,6 @@
 """Requests the batching engine cannot serve fail alone: a request that fails in its first step
-(its prefill or first sample) leaves the running batch and its cache alone."""
+(its prefill or first sample) leaves the running batch and its cache alone; a request the wire
+would refuse (max_tokens <= 0) is refused by the engine too, with a 400."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ember.errors import EmberError
+from ember.errors import BadRequest, EmberError
 from ember.platform.runtime.events import GenerationDone, TokenDelta
 from ember.platform.wire import GenerateRequest
 
@@ -71,5 +72,30 @@ def test_a_request_failing_in_its_first_step_fails_alone(model_and_tokenizer: tu
             assert text == alone[i], i
         after = _collect(inst.generate(GenerateRequest(prompt="Hello", max_tokens=4, temperature=0)))
         assert after[1][0].completion_tokens == 4
+    finally:
+        inst.close()
+
+
+def test_non_positive_max_tokens_are_refused_not_served(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """The wire refuses max_tokens < 1 (422); a request built past it gets a 400 from the engine,
+    on both loops, instead of a token from max_tokens=0 or a negative `need` that let ten 193-token
+    prompts into a 100-token budget."""
+    from pydantic import ValidationError
+
+    for bad in ('{"prompt": "hi", "max_tokens": 0}', '{"prompt": "hi", "max_tokens": -5}',
+                '{"prompt": "hi", "temperature": 2.5}', '{"prompt": "hi", "top_p": 0}', '{"messages": []}',
+                '{"prompt": "hi", "seed": 18446744073709551616}'):
+        with pytest.raises(ValidationError):
+            GenerateRequest.model_validate_json(bad)
+    inst = _instance(model_and_tokenizer, kv_budget_tokens=100)
+    try:
+        for max_tokens in (0, -183):
+            req = GenerateRequest.model_construct(**{**GenerateRequest(prompt="one two " * 40).model_dump(),
+                                                     "max_tokens": max_tokens})
+            for run in (inst.submit, lambda r: list(inst.generate_alone(r))):
+                with pytest.raises(BadRequest) as refused:
+                    run(req)
+                assert refused.value.status_code == 400 and refused.value.code == "invalid_max_tokens"
+        assert inst.stats()["batch_size"] == 0 and inst.stats()["queue_depth"] == 0
     finally:
         inst.close()

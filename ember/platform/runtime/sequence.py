@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ember.errors import EmberError
+from ember.errors import BadRequest, EmberError
 from ember.platform.runtime.detok import Detokenizer
 from ember.platform.runtime.events import GenerationDone, TokenDelta
 from ember.platform.wire import GenerateRequest
@@ -21,6 +21,8 @@ class Sequence:
     def __init__(self, ids: list[int], req: GenerateRequest, tokenizer: Any, eos_ids: set[int], device: Any) -> None:
         import torch
 
+        if req.max_tokens < 1:  # the wire refuses it too; `need` and `take` count on at least one
+            raise BadRequest(f"max_tokens must be at least 1, got {req.max_tokens}", code="invalid_max_tokens")
         self.ids = ids
         self.req = req
         self.eos_ids = eos_ids
