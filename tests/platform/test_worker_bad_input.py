@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import httpx
 
 from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers
 
 WORKER = {"x-ember-cluster-token": CLUSTER_TOKEN}
+# Gemma/Mistral-style: the template itself refuses a system role and roles that do not alternate
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def _deploy(cluster: TierCluster, name: str, checkpoint: str) -> str:
@@ -49,3 +58,34 @@ def test_out_of_range_sampling_bodies_get_422_from_the_worker(tier_cluster: Tier
         assert r.json()["error"]["type"] == "invalid_request_error", body
     ok = _worker_generate(tier_cluster, iid, b'{"prompt": "hi", "max_tokens": 1, "temperature": 0}')
     assert ok.status_code == 200 and '"done"' in ok.text, ok.text
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400(tier_cluster: TierCluster, tiny_model_dir: Path) -> None:
+    """A model whose chat template raises (system role, roles out of order) answered 500 from the
+    worker and 502 from the gateway; now 400 invalid_request_error with the template's message at
+    both, and a conversation it takes still serves."""
+    from ember.loader import open_store
+    from ember.loader.convert import convert_checkpoint
+
+    src = tier_cluster.tmp / "strict-hf"
+    if not src.exists():
+        shutil.copytree(tiny_model_dir, src)
+        (src / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+        convert_checkpoint(src, tier_cluster.tmp / "strict-conv")
+        open_store(f"file://{tier_cluster.tmp / 'store'}").push(tier_cluster.tmp / "strict-conv", "strictck")
+    iid = _deploy(tier_cluster, "wstrict", "strictck")
+    u, h = tier_cluster.gateway.url, admin_headers()
+    cases = {"System role not supported": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+             "Conversation roles must alternate": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    for says, messages in cases.items():
+        at_worker = _worker_generate(tier_cluster, iid, httpx.Request(
+            "POST", "/", json={"messages": messages, "max_tokens": 3}).content)
+        at_gateway = httpx.post(f"{u}/v1/chat/completions", headers=h, timeout=60,
+                                json={"model": "wstrict", "messages": messages, "max_tokens": 3})
+        for r in (at_worker, at_gateway):
+            assert r.status_code == 400, (says, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and says in err["message"], err
+    ok = httpx.post(f"{u}/v1/chat/completions", headers=h, timeout=60,
+                    json={"model": "wstrict", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert ok.status_code == 200, ok.text

@@ -97,8 +97,7 @@ class ModelInstance:
     # --- tokens ------------------------------------------------------------------------------
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
-            enc = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
-            ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+            ids = self._chat_ids(req.messages)
         else:
             ids = self.tokenizer(req.prompt or "", add_special_tokens=False)["input_ids"]
         ids = list(ids)
@@ -111,6 +110,18 @@ class ModelInstance:
                 code="context_length_exceeded",
             )
         return ids
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation through the model's chat template; one the template refuses (roles that
+        do not alternate, a system role it does not take), an empty one, or a model without a chat
+        template is the client's to fix: a 400 with the template's own message."""
+        from jinja2 import TemplateError
+
+        try:
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except (TemplateError, ValueError) as e:
+            raise BadRequest(f"this model's chat template refuses the messages: {e}", code="invalid_messages") from e
+        return list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc)
 
     def new_sequence(self, req: GenerateRequest, ids: list[int] | None = None) -> Sequence:
         ids = ids if ids is not None else self.prompt_ids(req)
