@@ -257,3 +257,22 @@ def test_watch_delivers_every_event_to_a_sink_in_order_and_stop_cancels(model_an
         assert long.finish == "cancelled" and len(long.out) < 200 and inst.active == 0
     finally:
         inst.close()
+
+
+def test_a_stop_string_completed_by_the_flushed_tail_is_cut(model_and_tokenizer: tuple[Any, Any]) -> None:
+    """A generation that ends mid-character (max_tokens reached on a lone UTF-8 lead byte) flushes
+    its incomplete tail as U+FFFD; a stop string that tail completes was sent to the client."""
+    inst = _instance(model_and_tokenizer)
+    tok = model_and_tokenizer[1]
+    lead = tok.encode("é", add_special_tokens=False)[0]  # the byte 0xC3 alone
+    word = tok.encode(" hello", add_special_tokens=False)
+    try:
+        for stop, expect in (("\ufffd", " hello"), ("o\ufffd", " hell"), ("zz", " hello\ufffd")):
+            seq = inst.new_sequence(GenerateRequest(prompt="Hello", max_tokens=len(word) + 1, stop=[stop]))
+            assert [seq.take(t) for t in word + [lead]] == [False] * len(word) + [True]
+            seq.end()
+            text, done = _collect(seq.stream())
+            assert text == expect, stop
+            assert done[0].finish_reason == ("length" if stop == "zz" else "stop"), stop
+    finally:
+        inst.close()

@@ -56,11 +56,17 @@ class Detokenizer:
         return ""
 
     def flush(self) -> str:
-        """The rest of the text (at the end of generation)."""
+        """The rest of the text (at the end of generation), cut before a stop string that the
+        incomplete tail completes (then `stopped` is set)."""
         if not self.stopped and self.read < len(self.ids):  # an incomplete tail: decode what there is
             tail = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+            start = max(0, len(self.text) - max(0, self.hold))
             self.text += tail
             self.read = len(self.ids)
+            cut = _first_stop(self.text, self.stops, start)  # the tail is output too: a stop in it ends it
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.stopped = True
         out = self.text[self.emitted:]
         self.emitted = len(self.text)
         return out

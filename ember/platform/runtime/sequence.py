@@ -71,6 +71,8 @@ class Sequence:
             rest = self.detok.flush()
             if rest:
                 self._emit(TokenDelta(rest))
+            if self.detok.stopped:  # the flushed tail held a stop string
+                self.finish = "stop"
         t_end = time.perf_counter()
         t_first = self.t_first or t_end
         self._emit(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_end - t_first))
