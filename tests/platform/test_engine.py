@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -274,5 +275,33 @@ def test_a_stop_string_completed_by_the_flushed_tail_is_cut(model_and_tokenizer:
             text, done = _collect(seq.stream())
             assert text == expect, stop
             assert done[0].finish_reason == ("length" if stop == "zz" else "stop"), stop
+    finally:
+        inst.close()
+
+
+def test_tpot_spans_the_counted_tokens_not_the_eos_step(model_and_tokenizer: tuple[Any, Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequence that ends at EOS: completion_tokens excludes the EOS token, so its step's time is
+    not a gap between tokens. A clock that moves one second per engine step gives TPOT exactly 1 s."""
+    from ember.platform.runtime import sequence
+
+    clock = [0.0]
+    monkeypatch.setattr(sequence, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Tick(Recorder):
+        def step_done(self, step: Any) -> None:  # after each forward, before its tokens are taken
+            clock[0] += 1.0
+
+    inst = _instance(model_and_tokenizer, listener=Tick())
+    try:
+        req = GenerateRequest(prompt=PROMPTS[2], max_tokens=12, temperature=0)
+        inst.eos_ids = set()
+        seq = inst.submit(req)
+        _collect(seq.stream())
+        k = next(i for i in range(3, 12) if seq.out[i] not in seq.out[:i])
+        inst.eos_ids = {seq.out[k]}  # the same run now ends at EOS after k tokens
+        _, done = _collect(inst.generate(req))
+        assert done[0].finish_reason == "stop" and done[0].completion_tokens == k
+        assert done[0].ttft_s == 1.0 and done[0].tpot_s == 1.0, done[0]
     finally:
         inst.close()

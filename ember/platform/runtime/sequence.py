@@ -38,7 +38,8 @@ class Sequence:
         self._sink_lock = threading.Lock()
         self.cancelled = threading.Event()
         self.t0 = time.perf_counter()
-        self.t_first: float | None = None
+        self.t_first: float | None = None  # when the first token was sampled (EOS included)
+        self.t_last: float | None = None  # when the last token of `out` was sampled
         self.finish: str | None = None
         self.last = ids[-1]
         self.on_end: Any = None  # called with the finish reason when the sequence ends
@@ -46,12 +47,14 @@ class Sequence:
     # --- engine side ---------------------------------------------------------------------------
     def take(self, token: int) -> bool:
         """Record a sampled token; True when the sequence is finished."""
+        now = time.perf_counter()
         if self.t_first is None:
-            self.t_first = time.perf_counter()
+            self.t_first = now
         if token in self.eos_ids:
             self.finish = "stop"
             return True
         self.out.append(token)
+        self.t_last = now
         self.last = token
         text = self.detok.add(token)
         if text:
@@ -73,9 +76,10 @@ class Sequence:
                 self._emit(TokenDelta(rest))
             if self.detok.stopped:  # the flushed tail held a stop string
                 self.finish = "stop"
-        t_end = time.perf_counter()
-        t_first = self.t_first or t_end
-        self._emit(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_end - t_first))
+        t_first = self.t_first or time.perf_counter()
+        # decode time spans the tokens counted in completion_tokens: an EOS step's time is not a token's
+        t_last = self.t_last or t_first
+        self._emit(GenerationDone(self.finish, len(self.ids), len(self.out), t_first - self.t0, t_last - t_first))
         if self.on_end is not None:
             self.on_end(self.finish)
 
