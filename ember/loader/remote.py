@@ -196,7 +196,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
         raise CapacityError(f"checkpoint {name} needs {total} bytes; this node has {physical} bytes of memory")
     ssd_tmp = None
     if total + files_bytes + (1 << 20) <= tiers.ssd.capacity_bytes:
-        try:
+        try:  # None: the room is held by entries in use and other loads: this one is not cached
             ssd_tmp = tiers.ssd.begin(key, total + files_bytes + (1 << 20))
         except OSError as e:
             tiers.ssd_unwritable(e)

@@ -108,22 +108,27 @@ class SsdTier:
         with contextlib.suppress(OSError):
             (self.root / name / _USED).touch()
 
-    def begin(self, name: str, nbytes: int) -> Path:
-        """A fresh temporary directory for installing `name`, after evicting LRU entries so
-        that `nbytes` fit. CapacityError when it cannot fit even in an empty tier."""
+    def begin(self, name: str, nbytes: int) -> Path | None:
+        """A fresh temporary directory for installing `name`, holding a reservation of `nbytes`
+        (until commit or abort) after evicting LRU unpinned entries so that it fits beside the
+        entries and the other loads' reservations. None when it cannot fit now (pinned entries and
+        loads in progress hold the room); CapacityError when it cannot fit even in an empty tier."""
         if nbytes > self.capacity_bytes:
             raise CapacityError(
                 f"checkpoint {name} needs {nbytes} bytes, more than the SSD tier's {self.capacity_bytes}"
             )
         with self._locked():
             entries = self.entries()
-            used = sum(entries.values()) + self._removed_bytes()
+            used = sum(entries.values()) + self._removed_bytes() + self._reserved_bytes()
             order = sorted((self._last_used(n), n) for n in entries if n != name and not _pinned(self.root / n))
             while used + nbytes > self.capacity_bytes and order:
                 _, victim = order.pop(0)
                 used -= entries[victim]
                 self._remove_locked(victim)
-            tmp = self.tmp / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            if used + nbytes > self.capacity_bytes:
+                return None
+            # the reservation is in the name: every process sees it, and it goes with the directory
+            tmp = self.tmp / f"{name}.{nbytes}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             return tmp
 
@@ -182,6 +187,15 @@ class SsdTier:
             for d in self.root.glob(f"*/{_REMOVED}"):
                 if not _pinned(d.parent):
                     _delete(self.root, d.parent)
+
+    def _reserved_bytes(self) -> int:
+        """Bytes reserved by the temporary entries of loads in progress (live processes)."""
+        total = 0
+        for d in self.tmp.iterdir():
+            parts = d.name.rsplit(".", 3)  # name.nbytes.pid.rand
+            if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() and pid_alive(int(parts[2])):
+                total += max(int(parts[1]), _dir_bytes(d))
+        return total
 
     def _removed_bytes(self) -> int:
         return sum(_dir_bytes(d.parent) for d in self.root.glob(f"*/{_REMOVED}"))

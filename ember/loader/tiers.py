@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import CheckpointError, EmberError
+from ember.errors import CapacityError, CheckpointError, EmberError
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.devicecopies import DeviceCopies
 from ember.loader.dram import DramEntry, DramTier
@@ -249,6 +249,8 @@ class NodeTiers:
         ident = CheckpointIdentity(self.store(self.store_url).uri, validate_name(name), manifest_digest(raw))
         if self.ssd.path(ident.key) is None:
             tmp = self.ssd.begin(ident.key, 1)
+            if tmp is None:
+                raise CapacityError(f"the SSD tier {self.ssd.root} has no room now: its entries are in use")
             tmp.rmdir()
             os.replace(directory, tmp)
             (tmp / REF_FILE).write_text(ident.ref)

@@ -92,3 +92,36 @@ def test_model_files_in_the_ssd_tier_stay_while_used(tmp_path, tiny_model_dir, o
     assert json.loads((a.model_files / "config.json").read_text())  # ... yet still there
     a.release()
     assert not a.model_files.exists()  # gone with its last pin
+
+
+def test_concurrent_loads_keep_to_the_ssd_budget(tmp_path, tiny_model_dir, other_model_dir, make_tiers,
+                                                 monkeypatch) -> None:
+    """An SSD room for one checkpoint and two loads from the store at once: the second sees the
+    first's reservation and does not cache its copy, so the tier never holds more than its
+    budget (before, each counted only installed entries and both were installed)."""
+    import threading
+
+    import ember.loader.remote as remote
+
+    _two(tmp_path, tiny_model_dir, other_model_dir)
+    cap = 2 << 20
+    tiers = make_tiers(ssd=cap)
+    real = remote.download_partitions
+    other: list = []
+    started = threading.Event()
+
+    def meanwhile(*args, **kwargs):
+        if not started.is_set():
+            started.set()
+            t = threading.Thread(target=lambda: other.append(tiers.load("b")), daemon=True)
+            t.start()
+            t.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "download_partitions", meanwhile)
+    a = tiers.load("a")
+    assert a.tier == other[0].tier == "remote"
+    assert tiers.ssd.used_bytes() <= cap and list(tiers.ssd.entries()) == [tiers.key("a")]
+    assert list(tiers.ssd.tmp.iterdir()) == []
+    a.release()
+    other[0].release()
