@@ -62,7 +62,8 @@ def _ssd_bps(directory, nbytes: int, threads: int) -> float:
 def _probe_file(directory, nbytes: int, threads: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
-    path = os.path.join(directory, f"probe-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    # named as the SSD tier's temporaries (NAME.PID.RAND): a killed worker's is swept at the next start
+    path = os.path.join(directory, f"probe.{os.getpid()}.{uuid.uuid4().hex[:6]}")
     chunk = _SSD_PROBE_CHUNK
     buf = vm.anonymous(nbytes)
     try:

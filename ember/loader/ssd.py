@@ -58,10 +58,14 @@ class SsdTier:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._lock = NodeLock(self.root / ".lock")
         with self._locked():
-            for d in self.tmp.iterdir():
+            for d in self.tmp.iterdir():  # temporary entries and probe files: NAME.PID.RAND
                 pid = d.name.rsplit(".", 2)[-2] if d.name.count(".") >= 2 else "0"
                 if not pid.isdigit() or not pid_alive(int(pid)):
-                    shutil.rmtree(d, ignore_errors=True)
+                    if d.is_dir() and not d.is_symlink():
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            d.unlink()
             for d in self.root.glob(".trash-*"):
                 shutil.rmtree(d, ignore_errors=True)
             self._delete_removed()

@@ -125,3 +125,22 @@ def test_concurrent_loads_keep_to_the_ssd_budget(tmp_path, tiny_model_dir, other
     assert list(tiers.ssd.tmp.iterdir()) == []
     a.release()
     other[0].release()
+
+
+def test_probe_file_of_a_killed_worker_is_swept(tmp_path) -> None:
+    """A worker killed while probing the SSD tier's bandwidth leaves its probe file in .tmp; the
+    next start removes it (the sweep skipped files: it only removed directories)."""
+    import subprocess
+    import sys
+
+    from ember.loader.ssd import SsdTier
+
+    root = tmp_path / "ssd"
+    SsdTier(root, 1 << 30).close()
+    killed = ("import os, sys; from ember.loader import bandwidth\n"
+              "os.unlink = lambda path: os._exit(9)  # killed where the probe would be removed\n"
+              "bandwidth._probe_file(sys.argv[1], 4 << 20, 1)\n")
+    subprocess.run([sys.executable, "-c", killed, str(root / ".tmp")], timeout=60)
+    assert [p.is_file() for p in (root / ".tmp").iterdir()] == [True]
+    SsdTier(root, 1 << 30).close()
+    assert list((root / ".tmp").iterdir()) == []
