@@ -163,7 +163,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
             raise CheckpointError(f"{path.name}: header length {n} is out of bounds")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise CheckpointError(f"{path.name}: header is not JSON: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: header is not an object")
@@ -175,13 +175,15 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path.name}: tensor {name} has a malformed entry") from e
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list):
+            raise CheckpointError(f"{path.name}: tensor {name} has a bad shape {shape!r}")
         if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b and start + b <= size):
             raise CheckpointError(f"{path.name}: tensor {name} offsets {a}..{b} are out of bounds")
         count = 1
         for d in shape:
-            if not isinstance(d, int) or d < 0:
+            if not isinstance(d, int) or isinstance(d, bool) or d < 0:
                 raise CheckpointError(f"{path.name}: tensor {name} has a bad shape {shape!r}")
             count *= d
         if count * DTYPES[dtype][1] != b - a:

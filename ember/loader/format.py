@@ -159,8 +159,8 @@ def parse_manifest(data: bytes) -> CheckpointManifest:
         raise CheckpointError(f"manifest is {len(data)} bytes, more than {MAX_MANIFEST_BYTES}")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"manifest is not valid JSON: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise CheckpointError(f"manifest is not valid JSON: {type(e).__name__}: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CheckpointError("manifest is not an Ember checkpoint manifest (format field)")
     if doc.get("version") != FORMAT_VERSION:
@@ -176,7 +176,10 @@ def parse_manifest(data: bytes) -> CheckpointManifest:
         partitions = tuple(_parse_partition(p, chunk_bytes) for p in doc["partitions"])
         tensors = tuple(_parse_tensor(t, partitions) for t in doc["tensors"])
         files = tuple(_parse_file(f) for f in doc.get("files", []))
-    except (KeyError, TypeError, AttributeError) as e:
+        extra = doc.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"manifest field extra must be an object, got {type(extra).__name__}")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"manifest is missing or mistypes a field: {e!r}") from e
     if len({p.file for p in partitions}) != len(partitions):
         raise CheckpointError("manifest lists a partition file twice")
@@ -195,7 +198,7 @@ def parse_manifest(data: bytes) -> CheckpointManifest:
         chunk_bytes=chunk_bytes,
         chunk_hash=chunk_hash,
         alignment=alignment,
-        extra=dict(doc.get("extra") or {}),
+        extra=dict(extra),
     )
 
 

@@ -100,6 +100,53 @@ def test_bad_safetensors_header_is_refused(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}, "bad shape"),
+        ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}, "unknown dtype"),
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "bad shape"),
+    ],
+)
+def test_mistyped_safetensors_header_is_refused(tmp_path: Path, entry: dict, match: str) -> None:
+    src = tmp_path / "hf"
+    src.mkdir()
+    header = json.dumps({"w": entry}).encode()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match=match):
+        convert_checkpoint(src, tmp_path / "out")
+
+
+def test_deeply_nested_json_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        parse_manifest(b"[" * 100_000 + b"]" * 100_000)
+    src = tmp_path / "hf"
+    src.mkdir()
+    header = b"[" * 100_000 + b"]" * 100_000
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match="not JSON"):
+        convert_checkpoint(src, tmp_path / "out")
+
+
+def test_a_malformed_checkpoint_in_a_store_is_skipped_by_listing(tmp_path: Path, tiny_converted: Path,
+                                                                  make_tiers) -> None:
+    """One checkpoint with a mistyped manifest field: listing skips it, the worker's bandwidth
+    probe (which lists the store at start) still runs, and loading it is a CheckpointError."""
+    import shutil
+
+    from ember.loader import open_store
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    store.push(tiny_converted, "good")
+    shutil.copytree(tiny_converted, tmp_path / "store" / "bad")
+    (tmp_path / "store" / "bad" / "manifest.json").write_text(json.dumps(dict(_manifest(tiny_converted), extra=5)))
+    assert [i.name for i in store.list()] == ["good"]
+    tiers = make_tiers()
+    assert tiers.measure_bandwidth(probe_bytes=1 << 20)["remote"] > 0
+    with pytest.raises(CheckpointError, match="extra"):
+        tiers.load("bad")
+
+
 def _manifest(conv: Path) -> dict:
     return json.loads((conv / "manifest.json").read_text())
 
@@ -117,6 +164,13 @@ def _manifest(conv: Path) -> dict:
         (lambda m: m["partitions"][0].update(size=100 << 40), "not a plausible"),
         (lambda m: m["tensors"][0].update(partition=9), "out of range"),
         (lambda m: m.update(version=99), "version"),
+        (lambda m: m.update(extra=5), "extra must be an object"),
+        (lambda m: m.update(extra="x"), "extra must be an object"),
+        (lambda m: m.update(extra=[1]), "extra must be an object"),
+        (lambda m: m.update(partitions="part-00000.bin"), "mistypes a field"),
+        (lambda m: m.update(tensors={"a": 1}), "mistypes a field"),
+        (lambda m: m["tensors"][0].update(shape=5), "mistypes a field"),
+        (lambda m: m["tensors"][0].update(dtype=["F32"]), "unknown dtype"),
     ],
 )
 def test_bad_manifests_are_refused(tiny_converted: Path, mutate, match: str) -> None:
