@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ember.errors import CheckpointError, CheckpointNotFound, StoreAccessDenied, StoreError
+from ember.errors import CheckpointError, CheckpointNotFound, InvalidName, StoreAccessDenied, StoreError
 from ember.loader.convert import convert_checkpoint, is_converted, read_manifest, verify_checkpoint
 from ember.loader.format import MANIFEST_FILE, CheckpointManifest, parse_manifest
 from ember.loader.names import validate_name
@@ -246,8 +246,8 @@ class S3Store(CheckpointStore):
         for name in sorted(names):
             try:
                 out.append(CheckpointInfo(name, self.manifest(name).tensor_nbytes))
-            except (CheckpointError, CheckpointNotFound, ValueError):
-                continue  # an incomplete upload or a foreign prefix
+            except (CheckpointError, CheckpointNotFound, InvalidName, ValueError):
+                continue  # an incomplete upload or a foreign prefix (not a checkpoint name: _logs, .cache)
         return out
 
     def remove(self, name: str) -> None:

@@ -76,3 +76,15 @@ def test_convert_then_push_large_enough_for_multipart(s3_env, tmp_path, make_tie
     got = make_tiers(dram=32 << 20).load(f"{s3_env}/mp")
     assert got.tier == "remote" and torch.equal(got.state_dict["w"], w)
     got.release()
+
+
+def test_list_skips_foreign_prefixes(s3_env, tiny_converted, moto_s3) -> None:
+    """Folders beside the checkpoints that are no checkpoint name (_logs/, a name with a space,
+    .cache/) are skipped by listing, as the file store skips them (was InvalidName)."""
+    store = open_store(s3_env)
+    store.push(tiny_converted, "good")
+    prefix = s3_env.split("/", 3)[3]
+    s3 = boto3.client("s3", endpoint_url=moto_s3.url)
+    for folder in ("_logs", "my model", ".cache"):
+        s3.put_object(Bucket=moto_s3.bucket, Key=f"{prefix}/{folder}/x.txt", Body=b"x")
+    assert [i.name for i in store.list()] == ["good"]
