@@ -20,8 +20,10 @@ from urllib.parse import urlparse
 from ember.errors import CheckpointError, CheckpointNotFound, InvalidName, StoreAccessDenied, StoreError
 from ember.loader.convert import convert_checkpoint, is_converted, read_manifest, verify_checkpoint
 from ember.loader.format import MANIFEST_FILE, CheckpointManifest, parse_manifest
+from ember.loader.locks import NodeLock
 from ember.loader.names import validate_name
 from ember.loader.pipeline import pread_full
+from ember.loader.swap import replace_dir
 
 RANGE_BYTES = 16 << 20
 S3_THREADS = 8
@@ -198,9 +200,12 @@ class FileStore(CheckpointStore):
                 os.replace(src, tmp)
             else:
                 _copy_tree(src, tmp, progress)
-            if (self.root / name).exists():
-                self.remove(name)
-            os.replace(tmp, self.root / name)
+            lock = NodeLock(self.root / ".push.lock")  # one push of a name at a time, any process
+            try:
+                with lock.held():
+                    replace_dir(tmp, self.root / name)
+            finally:
+                lock.close()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
