@@ -102,7 +102,7 @@ class NodeTiers:
         self._stores: dict[str, CheckpointStore] = {}
         self._lock = threading.Lock()
         self._names_lock = threading.Lock()
-        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, loads using it)
         self.device_copies = DeviceCopies()  # checkpoints already on a GPU, shared by their instances
         self.ssd_warned = False
         # Verify a DRAM entry's bytes (chunk hashes) each time an instance attaches it; the
@@ -132,10 +132,21 @@ class NodeTiers:
         and the next tier, else the store, serves. Concurrent loads of one checkpoint in this
         process are single-flight: the first fills the tiers, the others then hit DRAM."""
         ident = self.identity(ref)
-        with self._names_lock:
-            lock = self._name_locks.setdefault(ident.key, threading.Lock())
-        with lock:
-            return self._load(ident, device)
+        key = ident.key
+        with self._names_lock:  # a lock per key while loads of it are in flight, then forgotten
+            lock, users = self._name_locks.get(key, (None, 0))
+            lock = lock or threading.Lock()
+            self._name_locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                return self._load(ident, device)
+        finally:
+            with self._names_lock:
+                lock, users = self._name_locks[key]
+                if users > 1:
+                    self._name_locks[key] = (lock, users - 1)
+                else:
+                    del self._name_locks[key]
 
     def identity(self, ref: str) -> CheckpointIdentity:
         """The identity of a ref. A ref pinned with `#DIGEST` needs no I/O; otherwise the

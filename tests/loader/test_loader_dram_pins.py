@@ -72,3 +72,25 @@ def test_scrubbed_entry_blocks_return_with_its_last_release(tmp_path, tiny_model
     c = tiers.load("other")
     assert list(tiers.dram.holdings()) == [tiers.key("other")]
     c.release()
+
+
+def test_single_flight_locks_are_forgotten_after_the_loads(tmp_path, tiny_model_dir, other_model_dir,
+                                                          make_tiers) -> None:
+    """The per-checkpoint lock that makes concurrent loads single-flight goes with the last load
+    using it: a worker loading many checkpoints over its life does not keep one per checkpoint."""
+    import threading
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    store.push(tiny_model_dir, "tiny")
+    store.push(other_model_dir, "other")
+    tiers = make_tiers()
+    got: list = []
+    threads = [threading.Thread(target=lambda n=n: got.append(tiers.load(n))) for n in ("tiny", "other") * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(g.tier for g in got).count("remote") == 2
+    assert tiers._name_locks == {}
+    for g in got:
+        g.release()
