@@ -205,6 +205,28 @@ def test_reregister_after_redis_restart_and_restore(redis_url: str) -> None:
     assert c.node("n1").devices[0].free_bytes == 6 * GB
 
 
+def test_a_node_deregistered_while_it_registers_restores_nothing_unbooked(redis_url: str) -> None:
+    """A gateway deregisters the node (a refused connection: node_gone) between the worker's
+    register_node and its restore_instance: nothing is recorded then (before, the instance was
+    recorded with no bytes booked, routable, and a later registration never booked it, so its device
+    was overbooked for the instance's life); the worker's next registration restores and books it."""
+    c = _cluster(redis_url)
+    _register(c, "n1", gpus=1)
+    p = c.place(_req("f"), FirstFit())
+    c.mark_ready(p.instance_id)
+    rec = c.instance(p.instance_id)
+    c.r.flushall()
+    _register(c, "n1", gpus=1)
+    c.deregister_node("n1")  # the race
+    assert c.restore_instance(rec) is False
+    assert c.instance(p.instance_id) is None and c.acquire_warm("f", 1) is None
+    assert not c.heartbeat("n1", {})  # the worker's next beat: unknown, it registers again
+    _register(c, "n1", gpus=1)
+    assert c.restore_instance(rec) is True
+    assert c.node("n1").devices[0].free_bytes == 6 * GB  # booked
+    assert c.acquire_warm("f", 1).instance_id == p.instance_id
+
+
 def test_lease_acquire_renew_and_takeover(redis_url: str) -> None:
     c = _cluster(redis_url)
     assert c.try_lease("autoscaler", "g1", 0.3)

@@ -311,6 +311,48 @@ def test_a_hung_load_does_not_hold_its_device_for_ever(env: Env) -> None:
     httpx.delete(f"{env.url}/v1/functions/hang", headers=admin_headers(), timeout=30)
 
 
+def test_a_load_that_ends_while_redis_refuses_writes_holds_nothing(env: Env, tiny_model_dir: Path) -> None:
+    """Redis refuses writes (READONLY: an old primary after a failover; MISCONF and OOM answer alike)
+    at the moment a worker finishes a load: the worker cannot mark the instance ready, so it must
+    not keep it. Before, the refusal was not taken for Redis being unavailable: the worker kept the
+    instance as "loading" and every heartbeat pushed its deadline on, so it was never reaped and its
+    function (max_instances 1) could never start another."""
+    from ember.loader import open_store
+
+    open_store(env.store_url).push(tiny_model_dir, "refuse")
+    fifo = Path(env.store_url.removeprefix("file://")) / "refuse" / "files" / "tokenizer_config.json"
+    data = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)  # the load blocks reading it until the test writes it
+    r = httpx.put(f"{env.url}/v1/functions/refuse", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "refuse", "scaling": {"keep_alive_s": 300, "max_instances": 1}})
+    assert r.status_code == 201, r.text
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=env.chat("refuse", timeout=90)))
+    t.start()
+    assert _until(lambda: [i["state"] for i in env.instances("refuse")] == ["loading"], 20), env.instances("refuse")
+    (inst,) = env.instances("refuse")
+    admin = redis.Redis.from_url(env.redis_url, decode_responses=True)
+    admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # a replica of nobody: every write refused
+    try:
+        with open(fifo, "wb") as f:  # the load goes on and ends: mark_ready is refused
+            f.write(data)
+        time.sleep(3.0)  # the rest of the load (model build) and mark_ready happen meanwhile
+    finally:
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+    t.join(90)
+    fifo.unlink()
+    fifo.write_bytes(data)
+    # the worker let the instance go; Redis forgets its claim; the function starts again
+    assert _until(lambda: all(h.get("function") != "refuse" for n in env.workers
+                              for h in env.held(n)["instances"].values()), 20)
+    assert _until(lambda: inst["id"] not in {i["id"] for i in env.instances("refuse")}, 30), env.instances("refuse")
+    again = env.chat("refuse", timeout=90)
+    assert again.status_code == 200, again.text
+    httpx.delete(f"{env.url}/v1/functions/refuse", headers=admin_headers(), timeout=30)
+    admin.close()
+
+
 def test_stalled_worker_times_out_and_the_request_goes_elsewhere(env: Env) -> None:
     """A paused worker (SIGSTOP) must not hang clients: the gateway's first-byte timeout fires and
     the request, which had not reached the client yet, is served by the other worker."""

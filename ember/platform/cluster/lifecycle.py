@@ -110,17 +110,19 @@ class InstanceLifecycle(ClusterBase):
                                                args=[PREFIX, instance_id]))
 
     @state_errors
-    def restore_instance(self, rec: InstanceRecord) -> None:
+    def restore_instance(self, rec: InstanceRecord) -> bool:
         """A worker re-asserts an instance it holds, with its real state (after a Redis restart or
-        a reap, once `register_node` ran again): recorded and claimed unless already there."""
+        a reap, once `register_node` ran again): recorded and claimed unless already there. False
+        when its device is not registered (the node was deregistered meanwhile): nothing recorded;
+        the worker's next beat finds its node unknown and registers again."""
         fields: list[Any] = []
         for k, v in rec.to_hash().items():
             fields += [k, v]
-        self.scripts.restore(
+        return int(self.scripts.restore(
             keys=[Keys.instance(rec.instance_id), Keys.device(rec.node_id, rec.device_id), Keys.instances,
                   Keys.function_instances(rec.function), Keys.node_instances(rec.node_id), Keys.devices_free],
             args=[rec.instance_id, rec.nbytes, f"{rec.node_id}/{rec.device_id}", Keys.wake(rec.function), *fields],
-        )
+        )) >= 0
 
     @state_errors
     def reap_stuck(self) -> list[str]:

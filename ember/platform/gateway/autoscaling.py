@@ -89,24 +89,39 @@ class AutoscalerLoop:
             await to_thread.run_sync(energy_state.allocate_and_store, self.app.state.redis)
         if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
             return
-        # the step's actions may take long (a cold start): the lease is renewed while they run
+        # The step's actions may take long (a cold start): the lease is renewed while they run,
+        # and the step stops once the lease is lost (another gateway may hold it and act by now).
+        act = asyncio.create_task(self._act(cluster, demand), name="autoscaler-step")
         renew = asyncio.create_task(self._keep_lease(ttl), name="autoscaler-lease")
         try:
-            await self._act(cluster, demand)
+            await asyncio.wait({act, renew}, return_when=asyncio.FIRST_COMPLETED)
+            if not act.done():
+                act.cancel()
+                log.warning("autoscaler step stopped: its lease is lost")
+                await asyncio.gather(act, return_exceptions=True)
+            else:
+                act.result()  # its failure is the step's
         finally:
-            renew.cancel()
-            await asyncio.gather(renew, return_exceptions=True)
+            for t in (act, renew):
+                t.cancel()
+            await asyncio.gather(act, renew, return_exceptions=True)
 
     async def _keep_lease(self, ttl: float) -> None:
+        """Renew the lease every ttl/3; returns when it is lost: another gateway took it, or no
+        renewal succeeded for a whole ttl (it may have lapsed and been taken meanwhile)."""
         cluster = self.app.state.cluster
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(ttl / 3)
             try:
                 if not await to_thread.run_sync(cluster.try_lease, "autoscaler", self.holder, ttl):
                     log.warning("autoscaler lease lost to another gateway during a step")
                     return
+                renewed = time.monotonic()
             except EmberError as e:
                 log.warning("could not renew the autoscaler lease: %s", e)
+                if time.monotonic() - renewed >= ttl:
+                    return
 
     async def _act(self, cluster: Any, demand: dict[str, float]) -> None:
         await to_thread.run_sync(cluster.reap_dead_nodes)

@@ -381,11 +381,12 @@ class WorkerNode:
                 inst = self.instances.pop(instance_id, None)
                 self.states.pop(instance_id, None)
                 self.records.pop(instance_id, None)
-                if remove:
-                    try:
-                        self.cluster.remove_instance(instance_id)
-                    except EmberError as e:  # the next beat reconciles: Redis drops what we do not hold
-                        log.warning("could not remove %s from Redis: %s", instance_id, e)
+            if remove:
+                try:
+                    self.cluster.remove_instance(instance_id)
+                except Exception as e:  # noqa: BLE001 - whatever Redis says, the instance is closed below
+                    log.warning("could not remove %s from Redis (the next beat reconciles: Redis drops what "
+                                "this node does not hold): %s", instance_id, e)
             if inst is not None:
                 model = heap.watch(inst.model)
                 inst.close()

@@ -1,6 +1,7 @@
 -- A worker re-asserts an instance it holds, with its real state (after a Redis restart or after
 -- its node was reaped): recorded and claimed unless the record is there, whose state then
--- follows the worker (never back to loading; draining stays draining).
+-- follows the worker (never back to loading; draining stays draining). Returns 1 when recorded,
+-- 0 when the record was there, -1 when the device is not registered (nothing recorded).
 -- KEYS: instance, device, instances, function instances, node instances, devices_free
 -- ARGV: instance id, nbytes, "node/device", wake channel, field, value, ...  (fields include state)
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -13,24 +14,28 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return 0
 end
+local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
+if not mem then
+  -- the device is gone (the node was deregistered since it registered): record nothing, else the
+  -- instance would be routable with no bytes booked; the worker's next beat finds its node
+  -- unknown and registers again, restoring it then
+  return -1
+end
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[1])
-local mem = tonumber(redis.call('HGET', KEYS[2], 'memory_bytes'))
-if mem then
-  local n = tonumber(ARGV[2])
-  -- weights once per checkpoint per device, plus this instance's KV budget
-  local kv, ck = 0, ''
-  for i = 5, #ARGV, 2 do
-    if ARGV[i] == 'kv_bytes' then kv = tonumber(ARGV[i + 1]) elseif ARGV[i] == 'checkpoint' then ck = ARGV[i + 1] end
-  end
-  if tonumber(redis.call('HGET', KEYS[2], 'ckpt:' .. ck) or '0') > 0 then n = 0 end
-  n = n + kv
-  local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', n)
-  redis.call('HINCRBY', KEYS[2], 'ckpt:' .. ck, 1)
-  redis.call('HINCRBY', KEYS[2], 'instances', 1)
-  redis.call('ZADD', KEYS[6], mem - claimed, ARGV[3])
+local n = tonumber(ARGV[2])
+-- weights once per checkpoint per device, plus this instance's KV budget
+local kv, ck = 0, ''
+for i = 5, #ARGV, 2 do
+  if ARGV[i] == 'kv_bytes' then kv = tonumber(ARGV[i + 1]) elseif ARGV[i] == 'checkpoint' then ck = ARGV[i + 1] end
 end
+if tonumber(redis.call('HGET', KEYS[2], 'ckpt:' .. ck) or '0') > 0 then n = 0 end
+n = n + kv
+local claimed = redis.call('HINCRBY', KEYS[2], 'claimed_bytes', n)
+redis.call('HINCRBY', KEYS[2], 'ckpt:' .. ck, 1)
+redis.call('HINCRBY', KEYS[2], 'instances', 1)
+redis.call('ZADD', KEYS[6], mem - claimed, ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'ready')
 return 1
