@@ -1,6 +1,6 @@
 terraform {
-  # 1.9: variable validations may refer to other variables.
-  required_version = ">= 1.9"
+  # 1.11: write-only arguments (secret_string_wo); 1.9 already let validations refer to other variables.
+  required_version = ">= 1.11"
 
   required_providers {
     aws = {

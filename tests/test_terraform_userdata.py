@@ -249,6 +249,25 @@ def test_worker_unit_does_not_require_the_disk_step(user_data: dict[str, str]) -
     assert "ExecStartPre=+/usr/local/sbin/ember-worker-secrets" in unit
 
 
+# --- terraform versions ------------------------------------------------------------------------
+
+def test_every_module_requires_a_terraform_with_write_only_arguments() -> None:
+    """The secrets module writes the cluster token and admin key with `secret_string_wo`, a
+    write-only argument that terraform accepts only from 1.11: an older terraform must be refused by
+    `required_version`, not fail on the argument (or, worse, store the value)."""
+    assert "secret_string_wo" in (TERRAFORM_DIR / "modules" / "secrets" / "main.tf").read_text()
+    files = sorted(TERRAFORM_DIR.glob("**/versions.tf")) + [TERRAFORM_DIR / "examples" / "minimal" / "main.tf"]
+    files = [f for f in files if ".terraform" not in f.parts]
+    assert len(files) >= 8, files
+    for path in files:
+        (constraint,) = re.findall(r'^\s*required_version\s*=\s*"([^"]+)"', path.read_text(), re.M)
+        minimum = re.fullmatch(r">=\s*(\d+)\.(\d+)(?:\.\d+)?", constraint.strip())
+        assert minimum, f"{path}: required_version {constraint!r} is not a plain lower bound"
+        assert (int(minimum[1]), int(minimum[2])) >= (1, 11), (
+            f"{path}: required_version {constraint!r} admits a terraform without write-only arguments (1.11)"
+        )
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@
 #     -var certificate_arn=arn:aws:acm:... -var gateway_ami_id=ami-... -var worker_ami_id=ami-...
 
 terraform {
-  required_version = ">= 1.9"
+  required_version = ">= 1.11"
 
   required_providers {
     aws = {
