@@ -54,6 +54,9 @@ def main() -> None:
     """Run the command; an I/O or Ember error ends it with one clear line on stderr, not a traceback."""
     import sys
 
+    import httpx
+    from pydantic import ValidationError
+
     from ember.errors import EmberError
 
     try:
@@ -65,6 +68,22 @@ def main() -> None:
     except EmberError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except httpx.HTTPError as e:  # the gateway unreachable, or gone mid-answer
+        where = f" ({e.request.url})" if _has_request(e) else ""
+        print(f"error: {type(e).__name__}: {e}{where}", file=sys.stderr)
+        sys.exit(1)
+    except ValidationError as e:  # an EMBER_* setting of the wrong type or out of range
+        problems = "; ".join(f"EMBER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                             for err in e.errors())
+        print(f"error: bad setting: {problems}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _has_request(e: Exception) -> bool:
+    try:
+        return getattr(e, "request", None) is not None
+    except RuntimeError:  # httpx raises when the error has no request
+        return False
 
 
 if __name__ == "__main__":

@@ -83,11 +83,19 @@ def stream_chat(user: HttpUser, function: str, tenant: str = "default") -> dict 
         if resp.status_code != 200:
             resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
             return None
+        done = False
         try:
             for line in resp.iter_lines():
-                if not line or not line.startswith(b"data: ") or line == b"data: [DONE]":
+                if line == b"data: [DONE]":
+                    done = True
+                    continue
+                if not line or not line.startswith(b"data: "):
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # the stream failed after it began: the gateway's error event
+                    err = chunk["error"] or {}
+                    resp.failure(f"stream error: {err.get('code', 'error')}: {str(err.get('message', ''))[:200]}")
+                    return None
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
                 if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
@@ -95,6 +103,9 @@ def stream_chat(user: HttpUser, function: str, tenant: str = "default") -> dict 
                     t_first = t_first or time.perf_counter()
         except Exception as e:  # a broken stream is a failed request, whatever broke it
             resp.failure(f"stream broke: {e!r}")
+            return None
+        if not done:
+            resp.failure("stream ended without [DONE]")
             return None
         t_end = time.perf_counter()
         resp.success()

@@ -181,7 +181,14 @@ def _client() -> Any:
     import httpx
 
     url = os.environ.get("EMBER_URL", "http://127.0.0.1:8000")
-    key = os.environ.get("EMBER_API_KEY", "")
+    key = os.environ.get("EMBER_API_KEY", "").strip()
+    if not key:
+        raise typer.BadParameter("set EMBER_API_KEY to an API key (make up prints where the admin key is)",
+                                 param_hint="EMBER_API_KEY")
+    if not key.isascii() or not key.isprintable():
+        raise typer.BadParameter("EMBER_API_KEY is not an API key (printable ASCII)", param_hint="EMBER_API_KEY")
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{url!r} is not an http:// or https:// URL", param_hint="EMBER_URL")
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
@@ -236,12 +243,24 @@ def invoke(
             if resp.status_code >= 400:
                 resp.read()
                 _check(resp)
+            done = False
             for line in resp.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    for ch in json.loads(line[6:]).get("choices", []):
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:  # the stream failed after it began (a worker died, ...)
+                        typer.echo("", err=False)
+                        err = event["error"] or {}
+                        typer.echo(f"error: {err.get('message', err)} ({err.get('code', 'error')})", err=True)
+                        raise typer.Exit(1)
+                    for ch in event.get("choices", []):
                         sys.stdout.write(ch.get("delta", {}).get("content") or "")
                         sys.stdout.flush()
             typer.echo("")
+            if not done:
+                typer.echo("error: the stream ended before its end ([DONE] never came)", err=True)
+                raise typer.Exit(1)
             _headers(resp)
 
 

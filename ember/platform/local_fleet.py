@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ class _LocalInstance:
     node_id: str
     proc: subprocess.Popen[bytes]
     share: int = -1  # its slot in the GPU split (-1: CPU slots)
+    started_s: float = 0.0  # time.monotonic() at its start
+
+
+FAILED_START_S = 60.0  # a worker that exits sooner than this after its start failed to start
+MAX_BACKOFF_S = 60.0
 
 
 class LocalWorkerFleet:
@@ -49,6 +55,10 @@ class LocalWorkerFleet:
         self.terminated = 0
         self._next = 0
         self._lock = threading.Lock()
+        # Workers that die soon after their start (a bad setting, a full disk) are replaced after a
+        # back-off that doubles up to MAX_BACKOFF_S, not at every step (each start is a full import)
+        self.failed_starts = 0
+        self._not_before = 0.0
         # The machine's GPUs divided into node_max shares, one per worker (EMBER_DEVICES), as `ember
         # up --workers N` does: two workers never register the same GPU. None: no GPUs (CPU slots).
         # Fewer GPUs than node_max is refused here (ConfigError), before any worker starts.
@@ -106,11 +116,21 @@ class LocalWorkerFleet:
 
     def _converge(self) -> None:
         """Replace dead workers and start or stop processes to match the desired capacity."""
+        now = time.monotonic()
         for cid, inst in list(self.running.items()):
             if inst.proc.poll() is not None:
-                log.warning("local fleet: %s exited with %s", cid, inst.proc.returncode)
                 del self.running[cid]
-        while len(self.running) < self.desired:
+                if now - inst.started_s < FAILED_START_S:
+                    self.failed_starts += 1
+                    backoff = min(MAX_BACKOFF_S, 2.0 ** (self.failed_starts - 1))
+                    self._not_before = now + backoff
+                    log.warning("local fleet: %s (%s) exited with %s %.0f s after its start; replaced in %.0f s "
+                                "(see %s)", cid, inst.node_id, inst.proc.returncode, now - inst.started_s, backoff,
+                                self.data_dir / "logs" / f"{inst.node_id}.log")
+                else:
+                    self.failed_starts = 0
+                    log.warning("local fleet: %s exited with %s", cid, inst.proc.returncode)
+        while len(self.running) < self.desired and now >= self._not_before:
             self._spawn()
         while len(self.running) > self.desired:  # newest first, like a group's default policy
             cid = max(self.running, key=lambda c: int(c.rsplit("-", 1)[1]))
@@ -136,9 +156,8 @@ class LocalWorkerFleet:
         done: Future[subprocess.Popen[bytes]] = Future()
         self._spawns.put((args, env, logs / f"{node_id}.log", done))
         proc = done.result(timeout=60)
-        self.running[cloud_id] = _LocalInstance(cloud_id, node_id, proc, share)
+        self.running[cloud_id] = _LocalInstance(cloud_id, node_id, proc, share, time.monotonic())
         log.info("local fleet: started %s as %s on port %d", cloud_id, node_id, port)
-
 
     def _spawner(self) -> None:
         while True:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from ember.config import Settings, new_secret
-from ember.errors import EmberError, ServiceUnavailable, StateUnavailable
+from ember.errors import ConfigError, EmberError, ServiceUnavailable, StateUnavailable
 from ember.platform.redis_server import RedisServerProcess, die_with_parent, free_port
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,24 @@ class UpOptions:
 
 
 def read_or_create_secret(path: Path, env_value: str | None) -> str:
-    """The env value if set, else a secret remembered in `path` (mode 0600), created once."""
+    """The env value if set, else a secret remembered in `path` (mode 0600), created once, whole
+    (written aside and renamed: an interrupted first start leaves no empty file). A file that is
+    empty anyway gets a new secret: an empty one would fall back to the public development
+    defaults (the dev admin key, a Redis without a password)."""
     if env_value:
         return env_value
-    if path.exists():
-        return path.read_text().strip()
+    if path.exists() and (kept := path.read_text().strip()):
+        return kept
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = new_secret()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return secret
 
 
@@ -76,13 +84,31 @@ def _check_redis(url: str) -> None:
     import redis
 
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    except ValueError as e:  # not a Redis URL at all ("localhost:6379")
+        raise ConfigError(f"EMBER_REDIS_URL must be redis://, rediss:// or unix:// ({e})") from e
+    try:
+        client.ping()
     except redis.RedisError as e:
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
         raise StateUnavailable(f"Redis at {parts.scheme}://{parts.hostname}:{parts.port} (EMBER_REDIS_URL) "
                                f"does not answer: {e}") from e
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse at once a port something already listens on (another `ember up`, say): otherwise
+    its /readyz answers and this platform is announced ready, at a URL its admin key does not open."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another `ember up`? "
+                              "choose --port)") from e
 
 
 def _ids(spec: str | None) -> list[str]:
@@ -107,6 +133,7 @@ class Platform:
         self.admin_key_path = self.data_dir / "admin_key"
 
     def start(self, echo: Callable[[str], None] = print) -> None:
+        _check_port_free(self.opts.host, self.opts.port)  # else a server already there looks ready
         self.data_dir.mkdir(parents=True, exist_ok=True)
         admin_key = read_or_create_secret(self.admin_key_path, self.settings.admin_key)
         if self.settings.admin_key:

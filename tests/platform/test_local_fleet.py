@@ -79,3 +79,35 @@ def test_no_gpus_means_cpu_workers(fleet_env: list[_Proc], monkeypatch: pytest.M
         assert len(fleet_env) == 3 and all("EMBER_DEVICES" not in p.env for p in fleet_env)
     finally:
         fleet.close()
+
+
+def test_workers_that_fail_to_start_are_replaced_after_a_growing_back_off(
+        fleet_env: list[_Proc], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot start (a bad setting, say) exits at once: before, every node-scaler step
+    started another (a full torch import, a new node directory and log each time, without end)."""
+    clock = [1000.0]
+    monkeypatch.setattr(local_fleet.time, "monotonic", lambda: clock[0])
+    fleet = local_fleet.LocalWorkerFleet(Settings(node_min=1, node_max=2))
+    try:
+        fleet.set_desired_capacity(1)
+        starts = []
+        for _ in range(60):  # a minute of node-scaler steps, one a second; each start dies at once
+            for p in fleet_env:
+                p.returncode = 1 if p.returncode is None else p.returncode
+            clock[0] += 1.0
+            fleet.instances()
+            starts.append(len(fleet_env))
+        assert len(fleet_env) <= 8, starts  # 1 + retries after 1, 2, 4, 8, 16, 32 s
+        assert fleet.failed_starts >= 5
+        # one that runs for a while resets the back-off
+        for p in fleet_env:
+            p.returncode = 1
+        clock[0] += 120.0
+        fleet.instances()
+        n = len(fleet_env)
+        clock[0] += 100.0  # it lived 100 s
+        fleet_env[-1].returncode = 0
+        fleet.instances()
+        assert fleet.failed_starts == 0 and len(fleet_env) == n + 1
+    finally:
+        fleet.close()

@@ -133,6 +133,31 @@ def test_generation_stops_when_client_goes_away(cluster: Cluster) -> None:
     assert finished["cancelled"] == 1 and finished["length"] == 0, finished
 
 
+def test_invoke_stream_says_so_when_its_worker_dies(cluster: Cluster) -> None:
+    """`ember invoke --stream`: the worker is killed mid-stream; the gateway ends the stream with an
+    error event and no [DONE]. The CLI must print the error and exit non-zero (it printed the text
+    so far and exited 0, as if the answer were whole)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.platform.conftest import ADMIN_KEY
+
+    _deploy(cluster, "dies")
+    assert cluster.chat("dies").status_code == 200  # warm: the stream starts at once
+    env = {**os.environ, "EMBER_URL": cluster.url, "EMBER_API_KEY": ADMIN_KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "invoke", "dies", "Hello", "--stream", "--max-tokens",
+                             "2000", "--temperature", "1", "--seed", "3"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)  # tokens are arriving
+    (inst,) = httpx.get(f"{cluster.url}/v1/functions/dies", headers=admin_headers()).json()["instances"]
+    cluster.workers[inst["node"]].proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert first and proc.returncode == 1, (first + out, err)
+    assert b"error:" in err and b"Traceback" not in err, err
+
+
 def test_worker_api_needs_cluster_token(cluster: Cluster) -> None:
     w = next(iter(cluster.workers.values()))
     assert httpx.get(f"{w.url}/internal/healthz").status_code == 401
