@@ -54,8 +54,9 @@ def open_store(uri: str | None = None) -> CheckpointStore:
 
 
 def default_data_dir() -> Path:
-    """EMBER_DATA_DIR, else ~/.ember."""
-    return Path(os.environ.get("EMBER_DATA_DIR") or Path.home() / ".ember")
+    """EMBER_DATA_DIR, else `data` (the working directory's, as `ember up` and Settings default to:
+    `ember checkpoint push` then writes to the store `ember up` serves from)."""
+    return Path(os.environ.get("EMBER_DATA_DIR") or "data")
 
 
 def default_store_url() -> str:

@@ -99,3 +99,27 @@ def test_pushing_a_stores_own_checkpoint_under_another_name_keeps_both(tmp_path,
         r = runner.invoke(app, ["checkpoint", "verify", str(root / name)])
         assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["ok"], r.output
     assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp-", "ember-push-"))]  # no scratch left
+
+
+def test_checkpoint_push_goes_to_the_store_ember_up_serves(tmp_path, tiny_model_dir) -> None:
+    """The README's CLI sequence: `make up` (ember up, data dir `data`), then in the same directory
+    `ember checkpoint push DIR NAME` and `ember deploy NAME`. The push went to ~/.ember/store while
+    `ember up` served data/store, so the deploy was a 404."""
+    import os
+
+    from ember.config import Settings
+
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_DATA_DIR", "EMBER_STORE_URL")}
+    r = subprocess.run([sys.executable, "-m", "ember", "checkpoint", "push", str(tiny_model_dir), "mymodel"],
+                       cwd=tmp_path, env={**env, "HOME": str(tmp_path / "home")}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "store" / "mymodel" / "manifest.json").exists()
+    assert not (tmp_path / "home" / ".ember").exists()
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        served = Settings(_env_file=None, data_dir="data").resolved_store_url  # what `ember up` gives its workers
+    finally:
+        os.chdir(cwd)
+    assert served == f"file://{tmp_path / 'data' / 'store'}"
