@@ -6,6 +6,7 @@ acquire/release and the wake channel waiting requests listen on (no polling)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Iterable
@@ -15,6 +16,8 @@ from ember.platform.cluster.base import ClusterBase, state_errors
 from ember.platform.cluster.records import InstanceRecord
 from ember.platform.cluster.scripts import Scripts
 from ember.platform.state import PREFIX, Keys
+
+log = logging.getLogger(__name__)
 
 
 def _acquire_args(target_concurrency: int, ttl_s: float, exclude: Iterable[str]) -> tuple[str, list[Any]]:
@@ -108,7 +111,12 @@ class AsyncSlots:
         if rec is not None:
             task = asyncio.ensure_future(self.release(rec))
             self._giving_back.add(task)
-            task.add_done_callback(self._giving_back.discard)
+            task.add_done_callback(self._gave_back)
+
+    def _gave_back(self, task: asyncio.Future) -> None:
+        self._giving_back.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:  # retrieved: never "never retrieved"
+            log.warning("a slot taken for a cancelled request was not given back (its lease lapses): %s", e)
 
     async def mark_waiting(self, function: str, ttl_s: float) -> None:
         """`Leases.mark_waiting` on the event loop."""
