@@ -41,6 +41,7 @@ module "secrets" {
   redis_auth_token = var.redis_auth_token
   admin_key        = var.admin_key
   cluster_token    = var.cluster_token
+  secret_version   = var.secret_version
   tags             = local.tags
 }
 

@@ -212,6 +212,17 @@ variable "admin_key" {
   }
 }
 
+variable "secret_version" {
+  description = "Version of the given cluster_token and admin_key (written write-only, so terraform cannot see a change): raise it to write new values, i.e. to rotate them."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.secret_version >= 1 && floor(var.secret_version) == var.secret_version
+    error_message = "secret_version must be a whole number, at least 1; raise it to write a new cluster_token or admin_key."
+  }
+}
+
 # --- gateways ----------------------------------------------------------------------------
 
 variable "gateway_instance_type" {

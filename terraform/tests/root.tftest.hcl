@@ -94,6 +94,32 @@ run "accepts_given_redis_token_and_observe_mode" {
   }
 }
 
+run "given_secrets_rotate_by_secret_version" {
+  command = plan
+
+  # Write-only values are invisible to terraform: only a new secret_version writes new ones.
+  variables {
+    cluster_token  = "given-cluster-token-0123456789abcdef"
+    admin_key      = "given-admin-key-0123456789abcdef"
+    secret_version = 2
+  }
+
+  assert {
+    condition     = module.secrets.written_versions == { "admin-key" = 2, "cluster-token" = 2 }
+    error_message = "secret_version reaches the secrets module: raising it rotates the given cluster token and admin key."
+  }
+}
+
+run "rejects_secret_version_zero" {
+  command = plan
+
+  variables {
+    secret_version = 0
+  }
+
+  expect_failures = [var.secret_version]
+}
+
 run "plain_http_only_when_waived" {
   command = plan
 

@@ -64,6 +64,11 @@ run "given_admin_key_and_cluster_token_are_write_only" {
   }
 
   assert {
+    condition     = output.written_versions == { "admin-key" = 1, "cluster-token" = 1 }
+    error_message = "The written version of each given secret is exported."
+  }
+
+  assert {
     condition     = length(data.aws_secretsmanager_random_password.redis) == 0 && nonsensitive(output.redis_auth_token == "GivenToken0123456789abcdef")
     error_message = "A given Redis token is used."
   }
