@@ -299,6 +299,12 @@ variable "initial_power_budget_w" {
     condition     = var.initial_power_budget_w >= 100 && var.initial_power_budget_w <= 10000000
     error_message = "initial_power_budget_w must be from 100 W to 10 MW."
   }
+
+  validation {
+    # Under one node's watts the node scaler could never add a node (it keeps only worker_min_nodes).
+    condition     = var.initial_power_budget_w >= var.node_power_w
+    error_message = "initial_power_budget_w must be at least node_power_w (one worker node's watts): a smaller budget lets the node scaler run no node beyond worker_min_nodes."
+  }
 }
 
 # --- workers -----------------------------------------------------------------------------
@@ -397,9 +403,9 @@ variable "worker_dram_percent" {
 }
 
 variable "node_power_w" {
-  description = "The most one worker node may draw in watts: the node scaler runs at most power budget / this many nodes."
+  description = "The most one worker node's GPUs may draw in watts (the power budget is GPU watts): the node scaler runs at most power budget / this many nodes. The default fits the default worker_instance_type, g5.xlarge: one A10G, 300 W board power; set it with the type (e.g. 5600 for p5.48xlarge: 8 H100 at 700 W)."
   type        = number
-  default     = 5600
+  default     = 300
 
   validation {
     condition     = var.node_power_w >= 100

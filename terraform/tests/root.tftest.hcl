@@ -70,6 +70,11 @@ run "defaults_deploy" {
   }
 
   assert {
+    condition     = strcontains(module.gateway.user_data, "EMBER_NODE_POWER_W=300") && floor(var.initial_power_budget_w / var.node_power_w) >= var.worker_max_size
+    error_message = "By default one node's watts fit the default worker (g5.xlarge: one 300 W A10G), and the default budget lets the node scaler reach worker_max_size."
+  }
+
+  assert {
     condition     = !strcontains(module.workers.user_data, output.secret_arns["admin-key"]) && strcontains(module.gateway.user_data, output.secret_arns["admin-key"])
     error_message = "Only gateways read the admin key."
   }
@@ -278,6 +283,18 @@ run "rejects_bad_budget_and_redis_token" {
   }
 
   expect_failures = [var.initial_power_budget_w, var.redis_auth_token]
+}
+
+run "rejects_a_budget_below_one_node" {
+  command = plan
+
+  variables {
+    worker_instance_type   = "p5.48xlarge"
+    node_power_w           = 5600
+    initial_power_budget_w = 2800
+  }
+
+  expect_failures = [var.initial_power_budget_w]
 }
 
 run "rejects_redis_6" {

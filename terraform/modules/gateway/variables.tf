@@ -133,9 +133,9 @@ variable "worker_max_size" {
 }
 
 variable "node_power_w" {
-  description = "The most one worker node may draw (the power budget caps nodes at budget / this)."
+  description = "The most one worker node's GPUs may draw in watts (the power budget caps nodes at budget / this); 300: one A10G (g5.xlarge)."
   type        = number
-  default     = 5600
+  default     = 300
 }
 
 variable "node_boot_s" {
