@@ -159,27 +159,47 @@ def _disk_script(user_data: dict[str, str]) -> str:
 
 
 def _run_disk_script(script: str, tmp_path: Path, *, dlami: bool, lsblk_out: str = "",
-                     mem_kb: int = 16 * 1024 * 1024) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
+                     mem_kb: int = 16 * 1024 * 1024, nvme_mounted: bool | None = None,
+                     dlami_unit: bool = False, df_bytes: tuple[int, int] | None = None,
+                     du_bytes: int | None = None,
+                     linked_before: bool = False) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
     """Run the worker's disk step with its paths in `tmp_path` and the system tools stubbed (each
-    stub logs its call); returns the run, the root of the fake machine and the calls."""
+    stub logs its call); returns the run, the root of the fake machine and the calls.
+
+    `nvme_mounted`: whether `mountpoint` says a volume is mounted at /opt/dlami/nvme (default: when
+    the directory exists); nothing else is mounted. `dlami_unit`: the dlami-nvme unit exists (the
+    step then waits for its mount; `sleep` is stubbed). `df_bytes`: (size, avail) that `df` reports;
+    `du_bytes`: what `du` says Ember's data directory already holds. `linked_before`: an earlier
+    boot left the data directory linked to the DLAMI's volume."""
     root = tmp_path / "machine"
     stubs = tmp_path / "bin"
     stubs.mkdir()
     calls = tmp_path / "calls.log"
+    nvme = root / "opt" / "dlami" / "nvme"
+    mounted = dlami if nvme_mounted is None else nvme_mounted
     behaviour = {
-        "mountpoint": "exit 1",  # nothing is mounted on the fake machine
-        "systemctl": "exit 1",  # no dlami-nvme unit to wait for
+        # `mountpoint -q PATH`: only the DLAMI's volume can be mounted on the fake machine
+        "mountpoint": f'[ "${{@: -1}}" = {shlex.quote(str(nvme))} ] && exit {0 if mounted else 1}; exit 1',
+        "systemctl": "exit 0" if dlami_unit else "exit 1",
+        "sleep": "exit 0",
         "lsblk": f"printf '%s' {shlex.quote(lsblk_out)}",
         "mount": "exit 0", "mkfs.xfs": "exit 0", "mdadm": "exit 0", "chown": "exit 0",
     }
+    if df_bytes is not None:
+        size, avail = df_bytes
+        behaviour["df"] = (f'case "$*" in *--output=size*) printf \'%s\\n%s\\n\' 1B-blocks {size};; '
+                           f"*) printf '%s\\n%s\\n' Avail {avail};; esac")
+    if du_bytes is not None:
+        behaviour["du"] = f'printf \'%s\\t%s\\n\' {du_bytes} "${{@: -1}}"'
     for name, body in behaviour.items():
         path = stubs / name
         path.write_text(f'#!/bin/bash\necho "{name} $*" >> {shlex.quote(str(calls))}\n{body}\n')
         path.chmod(0o755)
-    nvme = root / "opt" / "dlami" / "nvme"
     if dlami:
         nvme.mkdir(parents=True)
     (root / "mnt").mkdir(parents=True)
+    if linked_before:
+        (root / "mnt" / "ember").symlink_to(nvme / "ember")
     meminfo = root / "meminfo"
     meminfo.write_text(f"MemTotal:       {mem_kb} kB\nMemFree:        1000 kB\n")
     path = tmp_path / "ember-prepare-disk"
@@ -208,6 +228,38 @@ def test_disk_step_reuses_the_dlami_instance_store_volume(user_data: dict[str, s
     assert not [c for c in calls if c.split()[0] in ("mkfs.xfs", "mdadm", "lsblk")], calls
     tiers = _tiers(root)
     assert int(tiers["EMBER_SSD_CAPACITY_BYTES"]) > 0
+
+
+def test_disk_step_sizes_the_instance_store_tier_from_its_free_space(user_data: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    """The SSD tier takes 90% of what the volume leaves to Ember: its free space plus what Ember
+    already keeps there (after a reboot), not 90% of the volume's total size (a volume the AMI or
+    anything else already fills would be overcommitted)."""
+    gib = 1 << 30
+    done, root, calls = _run_disk_script(_disk_script(user_data), tmp_path, dlami=True,
+                                         df_bytes=(1000 * gib, 100 * gib), du_bytes=50 * gib)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (root / "mnt" / "ember").is_symlink()
+    assert int(_tiers(root)["EMBER_SSD_CAPACITY_BYTES"]) == 150 * gib * 9 // 10
+
+
+def test_disk_step_falls_back_when_nothing_is_mounted_on_the_dlami_directory(user_data: dict[str, str],
+                                                                            tmp_path: Path) -> None:
+    """/opt/dlami/nvme exists (the AMI ships it) but its volume never came up within the wait (here
+    after a stop and start of a warm-pool worker, whose first boot linked the tier there): the
+    directory is on the root volume, so the SSD tier must not be sized as an instance store there,
+    and the DLAMI service's disks are left to it."""
+    gib = 1 << 30
+    done, root, calls = _run_disk_script(_disk_script(user_data), tmp_path, dlami=True, nvme_mounted=False,
+                                         dlami_unit=True, df_bytes=(200 * gib, 100 * gib), du_bytes=0,
+                                         linked_before=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data_dir = root / "mnt" / "ember"
+    assert data_dir.is_dir() and not data_dir.is_symlink()
+    assert not (root / "opt" / "dlami" / "nvme" / "ember").exists()
+    assert [c for c in calls if c.startswith("sleep")], "the step waits for the DLAMI's volume first"
+    assert not [c for c in calls if c.split()[0] in ("lsblk", "mkfs.xfs", "mdadm")], calls
+    assert int(_tiers(root)["EMBER_SSD_CAPACITY_BYTES"]) == 50 * gib  # half the root volume's free space
 
 
 def test_dram_tier_tmpfs_has_an_explicit_size_with_headroom(user_data: dict[str, str], tmp_path: Path) -> None:
