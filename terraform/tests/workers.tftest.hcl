@@ -125,6 +125,11 @@ run "workers_are_locked_down" {
   }
 
   assert {
+    condition     = strcontains(output.user_data, "EMBER_METRICS_REQUIRE_KEY=true") && strcontains(output.user_data, "EnvironmentFile=/etc/ember/extra.env")
+    error_message = "A worker's /metrics needs the cluster token (x-ember-cluster-token), as the gateway's needs a key."
+  }
+
+  assert {
     condition     = strcontains(output.user_data, "EMBER_CLOUD_INSTANCE_ID=$(imds instance-id)")
     error_message = "Workers record their cloud instance id."
   }
