@@ -301,6 +301,18 @@ def test_worker_unit_does_not_require_the_disk_step(user_data: dict[str, str]) -
     assert "ExecStartPre=+/usr/local/sbin/ember-worker-secrets" in unit
 
 
+def test_worker_unit_start_timeout_outlasts_the_wait_for_the_cluster_token(user_data: dict[str, str]) -> None:
+    """ExecStartPre waits for the first gateway to create the cluster token; systemd's default start
+    timeout (90 s) would kill that wait and restart it over and over."""
+    script = user_data["workers"]
+    unit = re.search(r"ember-worker.service <<'UNIT'\n(.*?)\nUNIT\n", script, re.S).group(1)
+    wait_s = max(int(w) for w in re.findall(r"wait_s=(\d+)", script))
+    timeouts = re.findall(r"^TimeoutStartSec=(\d+)(s|min)?$", unit, re.M)
+    assert timeouts, f"no TimeoutStartSec in the worker unit:\n{unit}"
+    ((value, unit_suffix),) = timeouts
+    assert int(value) * (60 if unit_suffix == "min" else 1) > wait_s + 60
+
+
 # --- terraform versions ------------------------------------------------------------------------
 
 def test_every_module_requires_a_terraform_with_write_only_arguments() -> None:
