@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,6 +79,14 @@ def start_worker(tmp: Path, env: dict[str, str], node_id: str) -> Proc:
                           "--port", str(port)], env, tmp / f"{node_id}.log",
                          f"http://127.0.0.1:{port}/internal/healthz",
                          headers={"x-ember-cluster-token": CLUSTER_TOKEN}, timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir: Path) -> tuple[Any, Any]:
+    """The tiny model and its tokenizer in this process, for the engine tests."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ cancellation, admission against the KV budget (queue, 429, 503), and the phase s
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,27 +13,11 @@ import pytest
 from ember.errors import Overloaded, ServiceUnavailable
 from ember.platform.runtime.events import GenerationDone, TokenDelta
 from ember.platform.wire import GenerateRequest
+from tests.platform.engine_helpers import collect as _collect
+from tests.platform.engine_helpers import make_instance as _instance
 
 PROMPTS = ["Hello there", "What is the capital of France? Paris is", "one two three four five six seven eight",
            "Tell me a story about a cat and a dog who", "x", "Good morning, good evening, good night. Please"]
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def _instance(mt: tuple[Any, Any], **kw: Any) -> Any:
-    from ember.platform.runtime.engine import ModelInstance
-
-    return ModelInstance("i", "f", mt[0], mt[1], **kw)
-
-
-def _collect(events: Any) -> tuple[str, list[GenerationDone]]:
-    evs = list(events)
-    return "".join(e.text for e in evs if isinstance(e, TokenDelta)), [e for e in evs if isinstance(e, GenerationDone)]
 
 
 class Recorder:

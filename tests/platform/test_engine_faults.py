@@ -5,32 +5,15 @@ would refuse (max_tokens <= 0) is refused by the engine too, with a 400."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ember.errors import BadRequest, EmberError
-from ember.platform.runtime.events import GenerationDone, TokenDelta
+from ember.platform.runtime.events import TokenDelta
 from ember.platform.wire import GenerateRequest
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def _instance(mt: tuple[Any, Any], **kw: Any) -> Any:
-    from ember.platform.runtime.engine import ModelInstance
-
-    return ModelInstance("i", "f", mt[0], mt[1], **kw)
-
-
-def _collect(events: Any) -> tuple[str, list[GenerationDone]]:
-    evs = list(events)
-    return "".join(e.text for e in evs if isinstance(e, TokenDelta)), [e for e in evs if isinstance(e, GenerationDone)]
+from tests.platform.engine_helpers import collect as _collect
+from tests.platform.engine_helpers import make_instance as _instance
 
 
 def test_a_request_failing_in_its_first_step_fails_alone(model_and_tokenizer: tuple[Any, Any]) -> None:

@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import random
 import threading
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ember.platform.runtime import kvcache
-from ember.platform.runtime.events import GenerationDone, TokenDelta
 from ember.platform.wire import GenerateRequest
+from tests.platform.engine_helpers import collect as _collect
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta".split()
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 class CacheBytes:
@@ -47,11 +37,6 @@ def _instance(mt: tuple[Any, Any], budget_tokens: int, **kw: Any) -> tuple[Any, 
     probe = CacheBytes()
     probe.inst = ModelInstance("i", "f", mt[0], mt[1], kv_budget_tokens=budget_tokens, listener=probe, **kw)
     return probe.inst, probe
-
-
-def _collect(events: Any) -> tuple[str, list[GenerationDone]]:
-    evs = list(events)
-    return "".join(e.text for e in evs if isinstance(e, TokenDelta)), [e for e in evs if isinstance(e, GenerationDone)]
 
 
 def test_many_short_requests_never_allocate_past_the_budget(model_and_tokenizer: tuple[Any, Any]) -> None:
