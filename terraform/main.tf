@@ -137,6 +137,7 @@ module "workers" {
   cluster_token_secret_arn    = module.secrets.secret_arns["cluster-token"]
   store_url                   = "s3://${module.checkpoints.bucket_name}/${var.checkpoint_prefix}"
   warm_pool_size              = var.worker_warm_pool_size
+  launch_timeout_s            = var.worker_launch_timeout_s
   dram_percent                = var.worker_dram_percent
   extra_env                   = var.extra_env
   tags                        = local.tags

@@ -391,6 +391,17 @@ variable "worker_warm_pool_size" {
   }
 }
 
+variable "worker_launch_timeout_s" {
+  description = "How long a new worker may take to set itself up before its launch lifecycle hook (ember-launch) lets it go on anyway; the worker completes the hook itself when ready."
+  type        = number
+  default     = 1800
+
+  validation {
+    condition     = var.worker_launch_timeout_s >= 30 && var.worker_launch_timeout_s <= 7200 && floor(var.worker_launch_timeout_s) == var.worker_launch_timeout_s
+    error_message = "worker_launch_timeout_s must be a whole number of seconds from 30 to 7200."
+  }
+}
+
 variable "worker_dram_percent" {
   description = "Share of a worker's memory for the DRAM tier, in percent; its tmpfs gets this plus max(2 GiB, 5%) headroom."
   type        = number

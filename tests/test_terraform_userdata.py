@@ -140,7 +140,7 @@ def test_gateway_user_data_follows_variables(user_data: dict[str, str]) -> None:
 def test_user_data_is_valid_bash(module: str, user_data: dict[str, str], tmp_path: Path) -> None:
     """The script and the scripts it writes (quoted heredocs) parse as bash."""
     script = user_data[module]
-    embedded = re.findall(r"<<'(SCRIPT|RUN|SECRETS)'\n(.*?)\n\1\n", script, re.S)
+    embedded = re.findall(r"<<'(SCRIPT|RUN|SECRETS|LAUNCH)'\n(.*?)\n\1\n", script, re.S)
     assert embedded, "expected the run script written by a quoted heredoc"
     for i, text in enumerate([script, *(body for _, body in embedded)]):
         path = tmp_path / f"script{i}.sh"
@@ -311,6 +311,92 @@ def test_worker_unit_start_timeout_outlasts_the_wait_for_the_cluster_token(user_
     assert timeouts, f"no TimeoutStartSec in the worker unit:\n{unit}"
     ((value, unit_suffix),) = timeouts
     assert int(value) * (60 if unit_suffix == "min" else 1) > wait_s + 60
+
+
+# --- the launching lifecycle hook, completed by the node itself ---------------------------------
+
+FAKE_BOTO3 = """
+import json, os
+from botocore.exceptions import ClientError
+
+class _AutoScaling:
+    def __init__(self, region):
+        self.region = region
+
+    def complete_lifecycle_action(self, **kwargs):
+        with open(os.environ["FAKE_AWS_LOG"], "a") as f:
+            f.write(json.dumps({"region": self.region, **kwargs}) + "\\n")
+        message = os.environ.get("FAKE_AWS_ERROR")
+        if message:
+            raise ClientError({"Error": {"Code": "ValidationError", "Message": message}},
+                              "CompleteLifecycleAction")
+
+def client(name, region_name=None):
+    assert name == "autoscaling", name
+    return _AutoScaling(region_name)
+"""
+
+
+def _run_launch_complete(user_data: dict[str, str], tmp_path: Path,
+                         error: str | None) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run the worker's launch-completion script with IMDS (curl) and boto3 faked; returns the run
+    and the CompleteLifecycleAction calls it made."""
+    (body,) = re.findall(r"<<'LAUNCH'\n(.*?)\nLAUNCH\n", user_data["workers"], re.S)
+    script = tmp_path / "ember-launch-complete"
+    script.write_text(body)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "curl").write_text('#!/bin/bash\ncase "$*" in *api/token*) echo tok;; *instance-id*) echo i-0123456789abcdef0;; '
+                                '*) exit 22;; esac\n')
+    (stubs / "sleep").write_text("#!/bin/bash\nexit 0\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    fake = tmp_path / "fake" / "boto3"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(FAKE_BOTO3)
+    log = tmp_path / "aws.log"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "EMBER_PYTHON": sys.executable,
+           "PYTHONPATH": str(tmp_path / "fake"), "FAKE_AWS_LOG": str(log)}
+    if error:
+        env["FAKE_AWS_ERROR"] = error
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return done, calls
+
+
+def test_launch_completion_continues_the_nodes_own_launch(user_data: dict[str, str], tmp_path: Path) -> None:
+    done, calls = _run_launch_complete(user_data, tmp_path, error=None)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls == [{"region": "us-east-1", "LifecycleHookName": "ember-launch",
+                      "AutoScalingGroupName": "ember-worker", "InstanceId": "i-0123456789abcdef0",
+                      "LifecycleActionResult": "CONTINUE"}]
+
+
+def test_launch_completion_tolerates_no_active_lifecycle_action(user_data: dict[str, str], tmp_path: Path) -> None:
+    """A reboot in service, or a hook that already timed out: nothing waits, and that is no failure."""
+    message = "No active Lifecycle Action found with instance ID i-0123456789abcdef0"
+    done, calls = _run_launch_complete(user_data, tmp_path, error=message)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(calls) == 1
+
+
+def test_launch_completion_fails_on_other_errors_after_retrying(user_data: dict[str, str], tmp_path: Path) -> None:
+    done, calls = _run_launch_complete(user_data, tmp_path, error="User is not authorized to perform this action")
+    assert done.returncode != 0
+    assert len(calls) > 1
+
+
+def test_launch_completion_runs_at_every_boot_after_the_worker(user_data: dict[str, str]) -> None:
+    """The launching hook fires again whenever an instance leaves the warm pool, and user data runs
+    only on the first boot: the completion is an enabled oneshot unit ordered after the worker's setup."""
+    script = user_data["workers"]
+    unit = re.search(r"ember-launch-complete.service <<'UNIT'\n(.*?)\nUNIT\n", script, re.S).group(1)
+    assert "Type=oneshot" in unit and "WantedBy=multi-user.target" in unit
+    (after,) = re.findall(r"^After=(.*)$", unit, re.M)
+    assert {"ember-disk.service", "ember-worker.service"} <= set(after.split())
+    assert "Requires=" not in unit  # a worker that fails to start must not hold its launch for the whole timeout
+    (enable,) = re.findall(r"^systemctl enable --now (.*)$", script, re.M)
+    assert "ember-launch-complete.service" in enable.split()
 
 
 # --- terraform versions ------------------------------------------------------------------------

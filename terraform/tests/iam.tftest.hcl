@@ -45,9 +45,12 @@ run "roles_are_scoped_to_the_prefix" {
   assert {
     condition = alltrue([
       for s in jsondecode(aws_iam_role_policy.worker.policy).Statement :
-      s.Effect == "Allow" && alltrue([for r in s.Resource : r != "*"])
+      s.Effect == "Allow" && (alltrue([for r in s.Resource : r != "*"]) || (
+        try(s.Condition.StringEquals["autoscaling:ResourceTag/ember:deployment"], "") == "ember" &&
+        try(s.Condition.StringEquals["autoscaling:ResourceTag/ember:role"], "") == "worker"
+      ))
     ])
-    error_message = "The worker policy must not grant anything on every resource."
+    error_message = "The worker policy grants nothing on every resource, except on the group tagged as this deployment's workers."
   }
 
   # Gateways: no S3 at all when Ember comes from a package index.
@@ -134,9 +137,21 @@ run "roles_are_scoped_to_the_prefix" {
 
   assert {
     condition = alltrue([
-      for s in jsondecode(aws_iam_role_policy.worker.policy).Statement : alltrue([for a in s.Action : !startswith(a, "autoscaling:") && !startswith(a, "cloudwatch:")])
+      for s in jsondecode(aws_iam_role_policy.worker.policy).Statement : alltrue([for a in s.Action : !startswith(a, "cloudwatch:")])
     ])
-    error_message = "Workers get no scaling or metrics rights."
+    error_message = "Workers get no metrics rights."
+  }
+
+  # A worker completes its own launch (the ember-launch hook), only in its own group, and scales nothing.
+  assert {
+    condition = [
+      for s in jsondecode(aws_iam_role_policy.worker.policy).Statement : [
+        s.Action, s.Resource,
+        try(s.Condition.StringEquals["autoscaling:ResourceTag/ember:deployment"], ""),
+        try(s.Condition.StringEquals["autoscaling:ResourceTag/ember:role"], ""),
+      ] if anytrue([for a in s.Action : startswith(a, "autoscaling:")])
+    ] == [[["autoscaling:CompleteLifecycleAction"], ["*"], "ember", "worker"]]
+    error_message = "Workers may only call CompleteLifecycleAction, and only on the group tagged as this deployment's workers."
   }
 }
 

@@ -35,6 +35,11 @@ run "defaults_deploy" {
   }
 
   assert {
+    condition     = strcontains(module.workers.user_data, "group='${output.worker_autoscaling_group_name}'") && output.worker_autoscaling_group_name == "ember-worker"
+    error_message = "A worker completes its launch hook in its own group, whose name it knows before the group exists."
+  }
+
+  assert {
     condition     = output.checkpoint_store_url == "s3://${output.bucket_name}/checkpoints"
     error_message = "The store URL is the bucket's checkpoint prefix."
   }

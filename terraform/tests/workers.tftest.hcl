@@ -155,8 +155,32 @@ run "workers_are_locked_down" {
   }
 
   assert {
-    condition     = one(aws_autoscaling_group.this.initial_lifecycle_hook).lifecycle_transition == "autoscaling:EC2_INSTANCE_TERMINATING" && one(aws_autoscaling_group.this.initial_lifecycle_hook).name == "ember-drain"
+    condition = [
+      for h in aws_autoscaling_group.this.initial_lifecycle_hook : h.name if h.lifecycle_transition == "autoscaling:EC2_INSTANCE_TERMINATING"
+    ] == ["ember-drain"]
     error_message = "A terminating lifecycle hook lets Ember drain a node first."
+  }
+
+  # AWS stops an instance launched into the (stopped) warm pool without waiting for its user data
+  # unless a launching hook holds it; the node completes the hook itself once it is set up.
+  assert {
+    condition = [
+      for h in aws_autoscaling_group.this.initial_lifecycle_hook : [h.name, h.default_result, h.heartbeat_timeout]
+      if h.lifecycle_transition == "autoscaling:EC2_INSTANCE_LAUNCHING"
+    ] == [["ember-launch", "CONTINUE", 1800]]
+    error_message = "A launching hook (ember-launch, CONTINUE when it times out) holds a new worker until its setup is done."
+  }
+
+  assert {
+    condition = (
+      aws_autoscaling_group.this.name == "ember-worker" &&
+      strcontains(output.user_data, "group='ember-worker'") &&
+      strcontains(output.user_data, "LifecycleHookName=\"ember-launch\"") &&
+      strcontains(output.user_data, "After=network-online.target ember-disk.service ember-worker.service") &&
+      strcontains(output.user_data, "ExecStart=/usr/local/sbin/ember-launch-complete") &&
+      strcontains(output.user_data, "systemctl enable --now ember-disk.service ember-worker.service ember-launch-complete.service")
+    )
+    error_message = "At every boot (the hook fires again when an instance leaves the warm pool, when user data does not run), a unit ordered after the worker completes the launch for the node's own group."
   }
 
   assert {
@@ -210,6 +234,25 @@ run "node_scaler_owns_the_desired_capacity" {
   assert {
     condition     = aws_autoscaling_group.this.desired_capacity == 1
     error_message = "terraform must not fight the node scaler: desired_capacity is ignored after creation."
+  }
+}
+
+run "launch_timeout_is_a_variable" {
+  command = plan
+
+  module {
+    source = "./modules/workers"
+  }
+
+  variables {
+    launch_timeout_s = 3600
+  }
+
+  assert {
+    condition = [
+      for h in aws_autoscaling_group.this.initial_lifecycle_hook : h.heartbeat_timeout if h.name == "ember-launch"
+    ] == [3600]
+    error_message = "launch_timeout_s sets how long a new worker may take to set itself up."
   }
 }
 

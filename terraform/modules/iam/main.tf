@@ -1,5 +1,6 @@
 # Least privilege, one role per job:
-#   workers   read checkpoint objects under the prefix (and list only that prefix)
+#   workers   read checkpoint objects under the prefix (and list only that prefix); complete their
+#             own launch hook (only in a group tagged as this deployment's workers)
 #   gateways  read nothing from the bucket (only the Ember wheel, when it is installed from there);
 #             size and drain the worker group (only a group tagged as this deployment's workers)
 #             and put metrics (only in the Ember namespace)
@@ -19,6 +20,14 @@ locals {
   uploader_principals = length(var.uploader_principal_arns) > 0 ? var.uploader_principal_arns : [
     "arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root"
   ]
+
+  # Scaling calls have no group ARN to name before the group exists: its tags say whose it is.
+  worker_group_condition = {
+    StringEquals = {
+      "autoscaling:ResourceTag/ember:deployment" = var.name
+      "autoscaling:ResourceTag/ember:role"       = "worker"
+    }
+  }
 
   ec2_assume_role = jsonencode({
     Version = "2012-10-17"
@@ -83,6 +92,15 @@ resource "aws_iam_role_policy" "worker" {
         Action   = ["secretsmanager:GetSecretValue"]
         Resource = var.worker_secret_arns
       },
+      {
+        # A new worker completes its own launch hook (ember-launch) once set up: only in the group
+        # tagged as this deployment's workers.
+        Sid       = "CompleteOwnLaunch"
+        Effect    = "Allow"
+        Action    = ["autoscaling:CompleteLifecycleAction"]
+        Resource  = ["*"]
+        Condition = local.worker_group_condition
+      },
     ], local.package_statements, local.kms_read_statements)
   })
 }
@@ -131,13 +149,8 @@ resource "aws_iam_role_policy" "gateway" {
           "autoscaling:SetInstanceProtection",
           "autoscaling:CompleteLifecycleAction",
         ]
-        Resource = ["*"]
-        Condition = {
-          StringEquals = {
-            "autoscaling:ResourceTag/ember:deployment" = var.name
-            "autoscaling:ResourceTag/ember:role"       = "worker"
-          }
-        }
+        Resource  = ["*"]
+        Condition = local.worker_group_condition
       },
       {
         # Describe calls have no resource-level permissions.

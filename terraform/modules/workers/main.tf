@@ -6,7 +6,11 @@
 locals {
   port     = 8081
   data_dir = "/mnt/ember"
+  # A fixed name, not a prefix: a worker completes its own launch hook in this group, so its user
+  # data (in the launch template the group is made from) must name the group in advance.
+  group_name = "${var.name}-worker"
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
+    group_name                  = local.group_name
     ember_package               = var.ember_package
     region                      = var.region
     redis_host                  = var.redis_host
@@ -101,13 +105,16 @@ resource "aws_launch_template" "this" {
 }
 
 resource "aws_autoscaling_group" "this" {
-  name_prefix         = "${var.name}-worker-"
+  name                = local.group_name
   vpc_zone_identifier = var.subnet_ids
   min_size            = 0
   max_size            = var.max_size
   desired_capacity    = var.desired_capacity
   # Installing Ember and its CUDA wheels takes minutes on first boot.
   health_check_grace_period = 900
+  # A new worker is InService only once set up (the ember-launch hook, up to launch_timeout_s) and
+  # the node scaler owns the size: apply does not wait for it (a timeout would taint the group).
+  wait_for_capacity_timeout = "0"
   # A worker whose process is down fails the balancer's check and is replaced, not only a dead VM.
   health_check_type = "ELB"
   target_group_arns = [aws_lb_target_group.health.arn]
@@ -141,6 +148,18 @@ resource "aws_autoscaling_group" "this" {
         reuse_on_scale_in = false
       }
     }
+  }
+
+  # AWS stops an instance launched into the warm pool without waiting for its user data unless a
+  # launching hook holds it. The node completes this hook itself once set up
+  # (ember-launch-complete.service, at every boot: the hook fires again when an instance leaves the
+  # warm pool, when user data does not run). CONTINUE on timeout: a failed completion delays a
+  # node, it never kills the fleet.
+  initial_lifecycle_hook {
+    name                 = "ember-launch"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    default_result       = "CONTINUE"
+    heartbeat_timeout    = var.launch_timeout_s
   }
 
   # Something else terminating a worker (a refresh, an operator, a zone rebalance) waits here
