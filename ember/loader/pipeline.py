@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CheckpointError, IntegrityError
+from ember.loader.envvars import env_int
 from ember.loader.format import (
     CheckpointManifest,
     chunk_hash_available,
@@ -26,7 +27,7 @@ from ember.loader.vm import cached_fraction
 # plain read reaches 3.7-3.8 GB/s with 8 or 12); 16 MiB chunks were as good as 4-64 MiB. 8 is the
 # default: the H100 machine met its SSD->GPU target with 8 (1.07x), and a run with 12 there (and
 # other changes) gave 1.18x, not yet told apart.
-DEFAULT_THREADS = int(os.environ.get("EMBER_LOADER_THREADS", "8"))
+DEFAULT_THREADS = env_int("EMBER_LOADER_THREADS", 8, minimum=1)
 # Below this fraction of a file in the page cache, O_DIRECT reads beat buffered ones by 2-3x.
 O_DIRECT_BELOW_CACHED = 0.5
 

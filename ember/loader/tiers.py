@@ -19,6 +19,7 @@ from ember.errors import CapacityError, CheckpointError, EmberError
 from ember.loader.device import DeviceUpload, register_host_memory, run_slices, unregister_host_memory
 from ember.loader.devicecopies import DeviceCopies
 from ember.loader.dram import DramEntry, DramTier
+from ember.loader.envvars import env_flag, env_int
 from ember.loader.format import (
     FILES_DIR,
     MANIFEST_FILE,
@@ -90,7 +91,7 @@ class NodeTiers:
         """pretouch: map the DRAM pool populated at start (the node's worker: True); None does
         so only when this process creates the pool; False attaches lazily (copy-on-write views)."""
         if verify_dram is None:
-            verify_dram = os.environ.get("EMBER_DRAM_VERIFY", "1").lower() not in ("0", "false", "no")
+            verify_dram = env_flag("EMBER_DRAM_VERIFY", True)
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store_url = store_url or f"file://{(self.data_dir / 'store').resolve()}"
@@ -118,8 +119,8 @@ class NodeTiers:
         kwargs = {
             "data_dir": default_data_dir(),
             "store_url": default_store_url(),
-            "dram_capacity_bytes": int(os.environ.get("EMBER_DRAM_CAPACITY_BYTES", DEFAULT_DRAM_CAPACITY_BYTES)),
-            "ssd_capacity_bytes": int(os.environ.get("EMBER_SSD_CAPACITY_BYTES", DEFAULT_SSD_CAPACITY_BYTES)),
+            "dram_capacity_bytes": env_int("EMBER_DRAM_CAPACITY_BYTES", DEFAULT_DRAM_CAPACITY_BYTES),
+            "ssd_capacity_bytes": env_int("EMBER_SSD_CAPACITY_BYTES", DEFAULT_SSD_CAPACITY_BYTES),
         }
         kwargs.update(overrides)
         return cls(**kwargs)
