@@ -4,6 +4,7 @@ never at import time.
 
 from __future__ import annotations
 
+import math
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ember.errors import ConfigError
 
 _DEV_ADMIN_KEY = "ember-dev-admin-key"
+# durations that pace a loop or expire shared state: zero would spin or expire at once
+_POSITIVE_DURATIONS = frozenset({
+    "slo_timeout_s", "autoscaler_interval_s", "lease_ttl_s", "claim_timeout_s", "slot_ttl_s",
+    "worker_connect_timeout_s", "worker_read_timeout_s", "heartbeat_interval_s", "heartbeat_ttl_s",
+    "node_scaler_interval_s", "max_load_s",
+})
 
 
 class Settings(BaseSettings):
@@ -101,6 +108,21 @@ class Settings(BaseSettings):
 
 
     demo_function: str = Field(default="tiny", description="function deployed by `ember up` on first start")
+
+    @model_validator(mode="after")
+    def _durations_are_durations(self) -> Settings:
+        """Every `*_s` setting is a finite number of seconds, not negative; the periods and leases
+        that pace a loop or expire state are more than zero (a negative drain grace or a zero
+        heartbeat interval was taken as given)."""
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if not name.endswith("_s") or not isinstance(value, int | float):
+                continue
+            must_be_positive = name in _POSITIVE_DURATIONS
+            if not math.isfinite(value) or value < 0 or (must_be_positive and value == 0):
+                raise ConfigError(f"EMBER_{name.upper()}={value} must be a finite number of seconds "
+                                  f"{'above' if must_be_positive else 'at least'} 0")
+        return self
 
     @model_validator(mode="after")
     def _no_default_secrets_in_production(self) -> Settings:

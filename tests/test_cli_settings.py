@@ -54,3 +54,19 @@ def test_up_hands_its_energy_options_to_the_workers() -> None:
 
     env = worker_energy_env(_settings(simulated_gpus=2, energy_mode="actuate"))
     assert env["EMBER_SIMULATED_GPUS"] == "2" and env["EMBER_ENERGY_MODE"] == "actuate"
+
+
+def test_durations_are_finite_seconds_and_loop_periods_above_zero() -> None:
+    """A negative drain grace or a zero heartbeat interval was taken as given (a spinning loop, a
+    lease that expires at once); now a ConfigError naming the variable."""
+    import math
+
+    import pytest
+
+    from ember.errors import ConfigError
+
+    for field, value in [("drain_grace_s", -1.0), ("heartbeat_interval_s", 0.0), ("slo_timeout_s", math.inf),
+                         ("claim_timeout_s", math.nan), ("node_grace_s", -0.5)]:
+        with pytest.raises(ConfigError, match=f"EMBER_{field.upper()}"):
+            Settings(**{field: value})
+    assert Settings(node_grace_s=0.0, drain_grace_s=0.0, node_boot_s=0.0).node_grace_s == 0.0  # zero is fine there
