@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
@@ -54,3 +54,10 @@ class GenerateRequest(EmberModel):
     ttft_slo_s: float = Field(1.0, gt=0.0)
     tpot_slo_s: float = Field(0.2, gt=0.0)
     eta: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        """Exactly one of them (a body with neither generated from the BOS token alone)."""
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt and messages")
+        return self

@@ -52,7 +52,8 @@ def test_out_of_range_sampling_bodies_get_422_from_the_worker(tier_cluster: Tier
     for body in ('{"prompt": "hi", "max_tokens": 0}', '{"prompt": "hi", "max_tokens": -5}',
                  '{"prompt": "hi", "max_tokens": 2, "temperature": 2.5}', '{"prompt": "hi", "top_p": 0}',
                  '{"prompt": "hi", "top_p": 1.5}', '{"messages": [], "max_tokens": 3}',
-                 '{"prompt": "hi", "seed": 18446744073709551616}', '{"prompt": "hi", "eta": 2}'):
+                 '{"prompt": "hi", "seed": 18446744073709551616}', '{"prompt": "hi", "eta": 2}',
+                 '{"max_tokens": 3}', '{"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}'):
         r = _worker_generate(tier_cluster, iid, body.encode())
         assert r.status_code == 422, (body, r.status_code, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error", body
