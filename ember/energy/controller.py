@@ -32,6 +32,9 @@ Every `step()` reads the window of finished requests since the last step:
 Modes: `observe` (measure only), `recommend` (decide, never touch the device), `actuate` (apply).
 A device that refuses a setting is logged with the error and the controller falls back to
 `recommend` for it. Every decision is kept (and logged) with its reason.
+
+The ladders and the profile's fit are ember/energy/ladder.py; `Setting` and `Decision`
+ember/energy/decision.py.
 """
 
 from __future__ import annotations
@@ -40,60 +43,24 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
-from ember.energy.device import Device, nearest_clock_mhz
+from ember.energy.decision import MODES, Decision, Mode, Setting
+from ember.energy.device import Device
+from ember.energy.ladder import (
+    DEFAULT_CLOCK_FRACTIONS,
+    LIMIT_STEP_W,
+    ProfileLevel,
+    clock_ladder,
+    limit_ladder,
+    zeus_cost_slope,
+)
 from ember.energy.monitor import RequestRecord
 from ember.energy.window import WindowStats, window_stats
 from ember.errors import ConfigError, DeviceError
 
+__all__ = ["DEFAULT_CLOCK_FRACTIONS", "LIMIT_STEP_W", "MODES", "Decision", "Mode", "PowerLimitController", "Setting"]
+
 log = logging.getLogger(__name__)
-
-Mode = Literal["observe", "recommend", "actuate"]
-MODES: tuple[Mode, ...] = ("observe", "recommend", "actuate")
-DEFAULT_CLOCK_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
-LIMIT_STEP_W = 50.0
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A device setting: power limit in watts and SM clock lock in MHz (None: unlocked)."""
-
-    power_limit_w: float
-    sm_clock_mhz: float | None
-    # the clock prefill runs at: the same lock, or (`phase_clocks`) the one the serving engine
-    # switches to while a prefill runs (None: unlocked)
-    prefill_sm_clock_mhz: float | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One change (or refusal) the controller made, with why."""
-
-    at_s: float
-    device: str
-    mode: Mode
-    phase: str  # "profiling" | "online"
-    setting: Setting
-    previous: Setting
-    reason: str
-    applied: bool
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["setting"] = asdict(self.setting)
-        d["previous"] = asdict(self.previous)
-        return d
-
-
-@dataclass
-class _Level:
-    """Profile record for one (clock, limit) level."""
-
-    j_per_token: float = 0.0
-    s_per_token: float = 0.0
-    windows: int = 0
-    safe: bool = True
 
 
 @dataclass
@@ -133,19 +100,15 @@ class PowerLimitController:
         self.decisions = deque(maxlen=self.history)
         lo, hi = self.device.power_limit_range_w()
         self._min_limit_w, self._max_limit_w = lo, hi
-        self._clocks = self._clock_ladder()
-        self._limits: list[float] = []
-        w = hi
-        while w >= lo:
-            self._limits.append(w)
-            w -= LIMIT_STEP_W
+        self._clocks = clock_ladder(self.device, self.clock_fractions)
+        self._limits = limit_ladder(lo, hi)
         self._clock_i = 0
         self._limit_i = 0
         self._prefill_i = 0  # prefill clock ladder (phase_clocks only)
         self._pending: list[RequestRecord] = []
         self._horizon: deque[list[RequestRecord]] = deque(maxlen=self.horizon_windows)
         self._banned: dict[tuple[str, int], int] = {}  # (knob, index) -> windows left
-        self._profile: dict[tuple[int, int], _Level] = {}
+        self._profile: dict[tuple[int, int], ProfileLevel] = {}
         self._floor: tuple[int, int] | None = None  # lowest level online may step down to
         self._mix: dict[str, float] = {}
         self._profile_mix: dict[str, float] | None = None
@@ -156,18 +119,6 @@ class PowerLimitController:
         self._requests_met = 0
         if self.mode == "actuate":
             self._apply(self.setting, "start: top of the ladder")
-
-    def _clock_ladder(self) -> list[float | None]:
-        """Unlocked, then each lower fraction of the top clock snapped to the nearest clock the
-        device supports (a lock NVML would refuse or round otherwise), each clock once."""
-        top_clock = self.device.max_sm_clock_mhz()
-        supported = self.device.supported_sm_clocks_mhz()
-        ladder: list[float | None] = [None]
-        for f in self.clock_fractions[1:]:
-            clock = nearest_clock_mhz(f * top_clock, supported)
-            if clock is not None and clock not in ladder:
-                ladder.append(clock)
-        return ladder
 
     # --- public ---
     @property
@@ -348,7 +299,7 @@ class PowerLimitController:
     def _record_profile(self, stats: WindowStats, energy_j: float) -> None:
         if stats.tokens <= 0:
             return
-        rec = self._profile.setdefault(self._level, _Level())
+        rec = self._profile.setdefault(self._level, ProfileLevel())
         n = rec.windows
         rec.j_per_token = (rec.j_per_token * n + energy_j / stats.tokens) / (n + 1)
         rec.s_per_token = (rec.s_per_token * n + stats.s_per_token) / (n + 1)
@@ -361,7 +312,7 @@ class PowerLimitController:
         self._profile_mix = dict(self._mix)
         self._profiled_at = self._windows_seen
         safe = {k: v for k, v in self._profile.items() if v.safe and v.windows > 0}
-        fitted = _zeus_cost_slope(safe, stats.eta)
+        fitted = zeus_cost_slope(safe, stats.eta)
         if fitted is not None:
             # the fitted ZeusCost is linear in the steps from the top, so its minimum is at an end:
             # the top (time matters more) or the lowest level that kept the SLOs (energy matters
@@ -436,32 +387,3 @@ class PowerLimitController:
             )
             return False
         return True
-
-
-def _zeus_cost_slope(levels: dict[tuple[int, int], _Level], eta: float) -> tuple[float, float] | None:
-    """(slope, standard error) per step down of the ZeusCost `eta * E/E0 + (1 - eta) * T/T0`
-    (E: J/token, T: s/token, 0: the top), from a least-squares line through the profiled levels:
-    one window's J/token is noisy (load moves), a line through every level much less. None: too
-    few levels."""
-    points = sorted((float(c + li), v.j_per_token, v.s_per_token) for (c, li), v in levels.items())
-    if len({p[0] for p in points}) < 3:
-        return None
-    xs = [p[0] for p in points]
-    j0, _, _ = _line(xs, [p[1] for p in points])
-    s0, _, _ = _line(xs, [p[2] for p in points])
-    if j0 <= 0 or s0 <= 0:
-        return None
-    _, slope, se = _line(xs, [eta * p[1] / j0 + (1 - eta) * p[2] / s0 for p in points])
-    return slope, se
-
-
-def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
-    """Ordinary least squares: (intercept, slope, standard error of the slope)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
-    intercept = my - slope * mx
-    resid = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    se = (resid / (n - 2) / sxx) ** 0.5 if n > 2 and sxx > 0 else float("inf")
-    return intercept, slope, se
