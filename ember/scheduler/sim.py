@@ -23,6 +23,8 @@ invocations that waited on a loading instance (`p99_cold_startup_s` is over thos
 
 The engine (`_Simulation`) keeps only the clock and the event queue; the cluster state is a
 `MemCluster` (memcluster.py), the in-memory twin of the live `RedisCluster`.
+What the gateway does to it (cold starts, evictions, autoscaling, prefetches) is
+`ControlPlane` (simcontrol.py), the engine's base class.
 """
 
 from __future__ import annotations
@@ -37,15 +39,15 @@ import numpy as np
 
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
-from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
-from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.autoscaler import Autoscaler, ScalingSpec
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm, should_start
 from ember.scheduler.serving import ServingModel
 from ember.scheduler.simconfig import SimConfig, SimResult, build_trace
+from ember.scheduler.simcontrol import ControlPlane
 from ember.scheduler.trace import Trace
-from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
+from ember.scheduler.view import PlacementPolicy
 
 __all__ = ["SimConfig", "SimResult", "run_simulation", "simulate_policy", "build_trace"]
 
@@ -80,7 +82,7 @@ def simulate_policy(cfg: SimConfig, trace: Trace, policy_name: str, *,
 
 
 # --- the simulation ---------------------------------------------------------------------------
-class _Simulation:
+class _Simulation(ControlPlane):
     """The event engine: arrivals, the autoscaler's ticks and load ends over a `MemCluster`
     (the in-memory `ClusterView` the policies read). It differs from the live gateway only in its
     clock, its event queue and that in-memory view; every decision is a shared function."""
@@ -147,16 +149,6 @@ class _Simulation:
     def _make_cluster(self, cfg: SimConfig) -> MemCluster:
         return MemCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
                           ssd_bytes=cfg.ssd_bytes)
-
-    def _relieve_pressure(self, nbytes: int, function: str) -> bool:
-        """Nothing has room: the gateway's eviction rule over the whole cluster; True if it evicted."""
-        gone = self.cluster.evict(self.cluster.devices, nbytes, function)
-        self._forget(gone)
-        return bool(gone)
-
-    @property
-    def now(self) -> float:
-        return self.cluster.now
 
     @property
     def devices(self) -> list[SimDevice]:
@@ -322,124 +314,3 @@ class _Simulation:
         pf = self.trace.prompt_tokens * np.array([gpu_model.prefill_full_clock_s(1, 1.0)]) * params_b
         step = np.array([gpu_model.decode_step_full_clock_s(1.0)]) * params_b
         return pf.tolist(), (pf + self.trace.output_tokens * step).tolist()
-
-    # --- cold starts -------------------------------------------------------------------------
-    def _cold_start(self, f: int, t: float) -> SimInstance | None:
-        """Place and start loading an instance of function `f` at time `t`; None if nothing fits."""
-        self._apply_prefetches(t)
-        cluster = self.cluster
-        nb = self.nbytes[f]
-        name = self.names[f]
-        req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
-        est = self._decide(req)
-        if est is None and self._relieve_pressure(nb, name):  # then decide again
-            est = self._decide(req)
-        if est is None:
-            return None
-        node = cluster.nodes_by_id[est.node_id]
-        dev = next(d for d in node.devices if d.device_id == est.device_id)
-        evicted = cluster.evict([dev], nb, name)
-        self._forget(evicted)
-        if dev.free < nb:
-            return None
-        ck = req.checkpoint
-        tier: Tier = node.holdings.get(ck, "remote") if getattr(self.policy, "local_copies", True) else "remote"
-        # What really happens (the published queues follow the estimate until the load ends).
-        poll = getattr(self.policy, "poll_interval_s", 0.0)
-        dispatch = math.ceil(t / poll) * poll if poll > 0 else t
-        transfer = nb / node.true_bw[tier]
-        start = max(dispatch, dev.true_until, node.true_tier_until[tier])
-        ready = start + transfer + (EVICTION_S if evicted else 0.0)
-        dev.true_until = ready
-        node.true_tier_until[tier] = start + transfer
-        self.tier_loads[tier] += 1
-        self.loads += 1
-        self.cold_s[f] = ewma(self.cold_s[f], ready - t, SERVICE_EWMA_ALPHA)
-        dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
-        inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t)  # published as live: the estimate
-        inst.load_tier = tier
-        inst.ready_s = inst.last_used_s = ready
-        inst.load_s = transfer
-        cluster.schedule_load_end(inst)
-        self.fn_instances[f].append(inst)
-        self.peak_instances = max(self.peak_instances, len(cluster.instances))
-        if tier == "remote":
-            cluster.ssd_put(node, ck, nb)
-        cluster.dram_put(node, ck, nb)
-        cluster.set_tier(node, ck)
-        return inst
-
-    def _forget(self, gone: list[SimInstance]) -> None:
-        for inst in gone:
-            self.fn_instances[inst.fn].remove(inst)
-            self.evictions += 1
-
-    def _decide(self, req: PlacementRequest):
-        t0 = time.perf_counter()
-        est = self.policy.place(req, self.cluster)
-        self.decision_s += time.perf_counter() - t0
-        self.decisions += 1
-        return est
-
-    def _remove(self, inst: SimInstance) -> None:
-        self.cluster.remove(inst)
-        self.fn_instances[inst.fn].remove(inst)
-
-    # --- autoscaler ---------------------------------------------------------------------------
-    def _autoscale(self, demand: dict[str, float], counts: dict[int, int]) -> None:
-        now = self.now
-        interval = self.cfg.autoscaler_interval_s
-        for name in list(demand):
-            demand[name] *= 0.5
-            if demand[name] < 1e-3:
-                del demand[name]
-        for f, c in counts.items():
-            name = self.names[f]
-            demand[name] = demand.get(name, 0.0) + 0.5 * c / interval
-        counts.clear()
-        self._apply_prefetches(now)
-        instances = self.cluster.instances
-        for inst in instances.values():
-            inst.state = "ready" if inst.ready_s <= now else "loading"
-            inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
-        actions = self.autoscaler.step(self.specs, list(instances.values()), now,
-                                       view=self.cluster if self.prefetch else None, demand_per_s=demand)
-        for a in actions:
-            if isinstance(a, Unload):
-                inst = instances.get(a.instance_id)
-                if inst is not None:
-                    self._remove(inst)
-            elif isinstance(a, EnsureInstances):
-                f = self.fn_index[a.function]
-                for _ in range(a.count - a.current):
-                    self._cold_start(f, now)
-            elif isinstance(a, Prefetch):
-                self._start_prefetch(a, now)
-
-    def _start_prefetch(self, a: Prefetch, now: float) -> None:
-        node = self.cluster.nodes_by_id.get(a.node_id)
-        if node is None or a.checkpoint in node.dram:
-            return
-        nb = a.nbytes
-        src: Tier = "ssd" if a.checkpoint in node.ssd else "remote"
-        start = max(now, node.true_tier_until[src])
-        # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device. It occupies
-        # the source tier's published queue until its estimated end, as the live gateway
-        # publishes it when it sends the prefetch (LoadQueues.publish_prefetch; the worker runs
-        # it on its own, so no end is reported and the estimate stands).
-        done = start + nb / node.true_bw[src]
-        node.true_tier_until[src] = done
-        self.cluster.publish_prefetch(node, src, nb, now)
-        self.prefetches += 1
-        heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb))
-
-    def _apply_prefetches(self, now: float) -> None:
-        pending = self.pending_prefetch
-        cluster = self.cluster
-        while pending and pending[0][0] <= now:
-            _, _, node_id, ck, nb = heapq.heappop(pending)
-            node = cluster.nodes_by_id[node_id]
-            if ck not in node.ssd:
-                cluster.ssd_put(node, ck, nb)
-            cluster.dram_put(node, ck, nb)
-            cluster.set_tier(node, ck)
