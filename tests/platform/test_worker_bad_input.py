@@ -90,3 +90,35 @@ def test_a_conversation_the_chat_template_refuses_is_a_400(tier_cluster: TierClu
     ok = httpx.post(f"{u}/v1/chat/completions", headers=h, timeout=60,
                     json={"model": "wstrict", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert ok.status_code == 200, ok.text
+
+
+def test_an_instance_on_its_way_out_refuses_new_requests_and_stays_booked(tier_cluster: TierCluster) -> None:
+    """An instance draining on its worker (unloading while a request runs) takes no new request: a
+    409 instance_draining, on which the gateway only tries elsewhere. It used to be served (and cut at
+    the drain grace), and an instance retired by the DRAM scrub answered 404, on which the gateway
+    freed the claim of an instance the worker still held."""
+    import threading
+
+    import redis as redis_lib
+
+    iid = _deploy(tier_cluster, "wdrain", "rlck")
+    # greedy from "Hello" this model never meets EOS: 2,000 tokens, about a second
+    body = b'{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2000, "temperature": 0}'
+    done: dict = {}
+    running = threading.Thread(target=lambda: done.update(r=_worker_generate(tier_cluster, iid, body)))
+    running.start()
+    time.sleep(0.2)  # it is generating
+    unload = httpx.delete(f"{tier_cluster.worker.url}/internal/instances/{iid}", params={"wait_s": 0}, timeout=30,
+                          headers=WORKER)
+    assert unload.status_code in (200, 202), unload.text
+    refused = _worker_generate(tier_cluster, iid, b'{"prompt": "hi", "max_tokens": 2}')
+    running.join(120)
+    assert unload.status_code == 202, unload.text  # still draining when asked
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "instance_draining", refused.text
+    assert done["r"].status_code == 200 and '"length"' in done["r"].text  # the running one ran to its end
+    r = redis_lib.Redis.from_url(tier_cluster.env["EMBER_REDIS_URL"], decode_responses=True)  # type: ignore[index]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and r.exists(f"ember:instance:{iid}"):
+        time.sleep(0.1)
+    assert not r.exists(f"ember:instance:{iid}")  # removed by its worker once idle
+    r.close()

@@ -294,10 +294,13 @@ class Invoker:
                                        f"{self.settings.worker_read_timeout_s:.0f}s"), stalled=True) from e
         except aiohttp.ClientError as e:
             raise Retry(WorkerError(f"worker {target.node_id} failed before answering: {e}"), stalled=True) from e
-        if resp.status in (404, 409):
+        if resp.status == 404:  # the worker does not hold it: nothing loaded there, its claim goes
             resp.release()
             await self.starter.forget(target.instance_id)
             raise Retry(WorkerError(f"worker {target.node_id} no longer has instance {target.instance_id}"))
+        if resp.status == 409:  # it holds it but takes no new request (draining, retired): it removes
+            resp.release()      # the instance itself when idle; freeing its claim now would overbook
+            raise Retry(WorkerError(f"worker {target.node_id} takes no new request on {target.instance_id}"))
         if resp.status != 200:
             try:
                 body = await resp.read()

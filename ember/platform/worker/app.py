@@ -109,7 +109,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @app.post("/internal/instances/{instance_id}/generate")
     async def generate(instance_id: str, body: GenerateRequest, request: Request) -> StreamingResponse:
         node: WorkerNode = request.app.state.node
-        inst = node.get(instance_id)
+        inst = node.get(instance_id, serving=True)
         # tokenized and queued before streaming, so a context-length error is a 400, a full queue a 429
         # (Retry-After) and a request no KV budget could hold a 503, rather than in-stream errors
         seq = await to_thread.run_sync(inst.submit, body)

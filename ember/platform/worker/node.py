@@ -192,9 +192,9 @@ class WorkerNode(WorkerEnergy):
     # --- DRAM scrub: corruption under running instances lives at most one interval ----------------
     def _scrub_loop(self) -> None:
         """Every `dram_scrub_interval_s`, verify the DRAM tier; an instance built on an entry that
-        fails takes no new request (404 at once, and draining in Redis: the gateway starts a fresh
-        one from the next tier) and is dropped once its requests are done. Its own thread: a large
-        pool takes a while."""
+        fails takes no new request (a 409 instance_draining at once, and draining in Redis: the
+        gateway starts a fresh one from the next tier) and is dropped once its requests are done.
+        Its own thread: a large pool takes a while."""
         while not self._stop.wait(self.settings.dram_scrub_interval_s):
             try:
                 self.tiers.scrub()  # retires what it finds through tiers.on_corrupt_dram
@@ -390,8 +390,15 @@ class WorkerNode(WorkerEnergy):
         kv_bytes = self.settings.kv_budget_bytes or facts["kv_bytes_per_token"] * self.settings.kv_budget_tokens
         return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref, **facts, "kv_budget_bytes": kv_bytes}
 
-    def get(self, instance_id: str) -> ModelInstance:
+    def get(self, instance_id: str, *, serving: bool = False) -> ModelInstance:
+        """An instance this worker holds (404 otherwise). `serving`: for a new request, which an
+        instance on its way out (retired by the DRAM scrub, or draining) refuses with a 409: it is
+        still held and still booked, so the gateway must not free its claim (as it does on a 404),
+        only try elsewhere."""
         inst = self.instances.get(instance_id)
-        if inst is None or instance_id in self._retired:
+        if inst is None:
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
+        if serving and (instance_id in self._retired or self.states.get(instance_id) == "draining"):
+            raise InstanceGone(f"instance {instance_id!r} on node {self.node_id} takes no new request (it is "
+                               "on its way out)", code="instance_draining")
         return inst
