@@ -249,7 +249,7 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
             payload["usage"] = None
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-    status = "200"
+    status = "499"  # the client went away before the end (nginx's "client closed request")
     try:
         if chat:
             yield chunk(None, None, first=True)
@@ -272,6 +272,7 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
                        "usage": _usage(done)}
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
+        status = "200"
         _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
         if settle is not None:
             await settle(done)
@@ -354,6 +355,8 @@ def _observe(request: Request, spec: FunctionSpec, target: InvocationTarget, don
     request.app.state.invoker.observe_done(function, done)
     metrics = request.app.state.metrics
     metrics.ttft.labels(function).observe(ttft_s)
+    for result in ("met", "missed"):  # both series exist from the first request: met/total is 0, not empty
+        metrics.slo_requests.labels(function, result)
     tpot_s = float(done.get("tpot_s", 0.0)) if int(done.get("completion_tokens", 0)) > 1 else None
     if tpot_s is not None:
         metrics.tpot.labels(function).observe(tpot_s)

@@ -53,8 +53,13 @@ class InvocationStats:
         self._changes = 0  # bumped by every record and failure: `share` writes only after a change
         self._shared = 0
 
-    def _fn(self, function: str, generation: float) -> _FunctionWindow:
+    def _fn(self, function: str, generation: float) -> _FunctionWindow | None:
+        """The window of `function`'s `generation`: a newer one starts anew; None for a record of an
+        older generation (a request that began before the function was deleted and created again
+        must not wipe the new one's window)."""
         fn = self._fns.get(function)
+        if fn is not None and generation < fn.generation:
+            return None
         if fn is None or fn.generation != generation:
             fn = self._fns[function] = _FunctionWindow(deque(maxlen=self.window), generation=generation)
         return fn
@@ -66,6 +71,8 @@ class InvocationStats:
         function's `created` time."""
         with self._lock:
             fn = self._fn(function, generation)
+            if fn is None:
+                return
             fn.samples.append((ttft_s, tpot_s, met_slo))
             fn.requests += 1
             fn.last_s = time.time()
@@ -76,6 +83,8 @@ class InvocationStats:
     def failed(self, function: str, *, generation: float = 0.0) -> None:
         with self._lock:
             fn = self._fn(function, generation)
+            if fn is None:
+                return
             fn.errors += 1
             fn.last_s = time.time()
             self._changes += 1

@@ -54,7 +54,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
             client.close()
 
     def check_token(x_ember_cluster_token: Annotated[str | None, Header()] = None) -> None:
-        if not x_ember_cluster_token or not secrets.compare_digest(x_ember_cluster_token, token):
+        if not x_ember_cluster_token or not secrets.compare_digest(x_ember_cluster_token.encode(), token.encode()):
             raise Unauthorized(f"missing or wrong {CLUSTER_TOKEN_HEADER}")
 
     app = FastAPI(title="Ember worker", lifespan=lifespan, dependencies=[Depends(check_token)])
@@ -119,7 +119,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         """Prometheus: each instance's engine (KV-cache usage, batch size, queue depth, preemptions)."""
         if settings.metrics_require_key:
             given = request.headers.get(CLUSTER_TOKEN_HEADER, "")
-            if not secrets.compare_digest(given, token):
+            if not secrets.compare_digest(given.encode(), token.encode()):  # bytes: any header, never a TypeError
                 return error_response(Unauthorized(f"missing or wrong {CLUSTER_TOKEN_HEADER}"))
         from ember.platform.runtime.metrics import render_engine_metrics
 

@@ -65,6 +65,18 @@ def test_operator_sets_budget_invoker_is_refused(ops: OpsPlatform, browser: Any)
     wait(browser, lambda d: "1234 W" in text(d, "#budget-cluster-value"))
     got = httpx.get(f"{ops.url}/v1/energy", headers=ops.headers("operator")).json()["budget"]
     assert got["cluster_watts"] == 1234
+    # per-node entries that are not node=decimal are refused on the page, not half-read (before:
+    # "node-0=400=9000" sent 400, "0x64" sent 100, "1e400" reached the API as null)
+    nodes = browser.find_element(By.ID, "budget-node-watts")
+    for bad in ("node-0=400=9000", "node-1=0x64", "node-0=1e400", "node-0=", "=300"):
+        nodes.clear()
+        nodes.send_keys(bad)
+        browser.find_element(By.ID, "budget-save").click()
+        wait(browser, lambda d: "is not node=watts" in text(d, "#budget-status"))
+        browser.execute_script("document.getElementById('budget-status').textContent = '';")
+    got = httpx.get(f"{ops.url}/v1/energy", headers=ops.headers("operator")).json()["budget"]
+    assert got["cluster_watts"] == 1234 and not got.get("node_watts"), got
+    nodes.clear()
 
     browser.find_element(By.ID, "logout").click()
     sign_in(browser, ops.url, ops.keys["invoker"])

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -94,3 +95,42 @@ def test_every_queried_metric_is_exported(ops: OpsPlatform) -> None:
         names = metric_names(expr)
         assert names, f"{where} names no Ember metric: {expr}"
         assert names <= exported, f"{where} queries metrics neither gateway nor worker exports: {sorted(names - exported)}"
+
+
+def test_slo_series_abandoned_streams_and_odd_tokens(ops: OpsPlatform) -> None:
+    """A function that misses its SLO on every request exports `result="met"` at 0 (the series was
+    missing, so met/total and the SLO alert were empty, never firing); a stream its client abandons
+    counts as status 499, not 200; a worker given a non-ASCII cluster token answers 401, not 500."""
+    import re
+
+    r = httpx.put(f"{ops.url}/v1/functions/strictslo", headers=ops.headers(), timeout=60,
+                  json={"checkpoint": "tiny", "slo": {"ttft_ms": 0.001, "tpot_ms": 0.001},
+                        "scaling": {"keep_alive_s": 600}})
+    assert r.status_code in (200, 201), r.text
+    for _ in range(2):
+        assert ops.chat("strictslo").status_code == 200
+    body = {"model": "strictslo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2000,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{ops.url}/v1/chat/completions", headers=ops.headers(), json=body,
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_lines())  # the first chunk, then the client goes away
+
+    def value(text: str, series: str) -> float | None:
+        m = re.search(rf"^{re.escape(series)} ([0-9.e+]+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    deadline = time.monotonic() + 15
+    while True:
+        text = httpx.get(f"{ops.url}/metrics", timeout=30).text
+        abandoned = value(text, 'ember_requests_total{function="strictslo",status="499"}')
+        if abandoned == 1.0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert value(text, 'ember_slo_requests_total{function="strictslo",result="met"}') == 0.0
+    assert value(text, 'ember_slo_requests_total{function="strictslo",result="missed"}') == 2.0
+    assert abandoned == 1.0 and value(text, 'ember_requests_total{function="strictslo",status="200"}') == 2.0
+    for token in ("\xe9abc", "caf\u00e9"):
+        raw = token.encode("latin-1", errors="ignore") if token.isascii() is False else token.encode()
+        got = httpx.get(f"{ops.worker.url}/internal/healthz", headers=[(b"x-ember-cluster-token", raw)], timeout=10)
+        assert got.status_code == 401, got.text

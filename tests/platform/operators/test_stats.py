@@ -25,6 +25,21 @@ def test_a_function_never_called_has_no_numbers() -> None:
     assert s["ttft_ms"] == {"p50": None, "p99": None} and s["cold_starts"] == {}
 
 
+def test_a_late_record_of_an_older_generation_leaves_the_new_window_alone() -> None:
+    """A request that began before its function was deleted and created again ends after the new
+    function's first requests: it must not wipe their window (it did: any other generation
+    replaced the window)."""
+    stats = InvocationStats()
+    for _ in range(5):
+        stats.record("f", 0.01, None, met_slo=True, generation=200.0)
+    stats.record("f", 0.02, None, met_slo=False, generation=100.0)  # the old function's last request
+    stats.failed("f", generation=100.0)
+    s = stats.summary("f", generation=200.0)
+    assert s["requests"] == 5 and s["errors"] == 0 and s["slo_attainment"] == 1.0
+    stats.record("f", 0.03, None, met_slo=True, generation=300.0)  # a newer one starts anew
+    assert stats.summary("f", generation=300.0)["requests"] == 1
+
+
 def test_console_files_ship_in_the_package() -> None:
     """Every file of the console matches the package-data globs of pyproject.toml (a wheel has them)."""
     import fnmatch

@@ -266,24 +266,32 @@
       $("budget-kwh").value = b.energy_kwh_per_day ?? "";
     }
   }
+  // "node=watts, ...": exactly one "=" per entry, a node id, and plain decimal watts that are a
+  // finite number (no hex, no "400=9000", no 1e400 that JSON would send as null).
+  const NODE_WATTS = /^([A-Za-z0-9._-]+)\s*=\s*(\d+(?:\.\d+)?)$/;
   function parseNodeWatts(text) {
     const out = {};
     for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
-      const [node, watts] = part.split("=").map((x) => x.trim());
-      if (!node || !watts || Number.isNaN(Number(watts))) throw new Error(`"${part}" is not node=watts`);
-      out[node] = Number(watts);
+      const m = NODE_WATTS.exec(part);
+      if (!m || !Number.isFinite(Number(m[2]))) throw new Error(`"${part}" is not node=watts (watts a decimal number)`);
+      out[m[1]] = Number(m[2]);
     }
     return out;
+  }
+  function wattsOrNull(id) {
+    const v = $(id).value.trim();
+    if (v === "") return null;
+    if (!/^\d+(?:\.\d+)?$/.test(v) || !Number.isFinite(Number(v))) throw new Error(`"${v}" is not a decimal number`);
+    return Number(v);
   }
   // Sends the form's budget; the gateway decides who may (the page only mirrors that).
   async function setBudget(ev) {
     if (ev) ev.preventDefault();
     let body;
     try {
-      const cw = $("budget-cluster-watts").value.trim();
-      const kwh = $("budget-kwh").value.trim();
-      body = { cluster_watts: cw === "" ? null : Number(cw), node_watts: parseNodeWatts($("budget-node-watts").value),
-               energy_kwh_per_day: kwh === "" ? null : Number(kwh) };
+      body = { cluster_watts: wattsOrNull("budget-cluster-watts"),
+               node_watts: parseNodeWatts($("budget-node-watts").value),
+               energy_kwh_per_day: wattsOrNull("budget-kwh") };
     } catch (e) {
       setStatus(e.message, "bad");
       return;
