@@ -198,3 +198,22 @@ def test_models_retrieve_keys_limits_and_the_last_admin_key(gateway: Proc) -> No
     _assert_openai_error(httpx.get(f"{u}/v1/keys", headers=h), 401)
     assert _assert_openai_error(httpx.delete(f"{u}/v1/keys/{other['id']}", headers=_h(other["key"])), 409)["code"] == \
         "last_admin_key"
+
+
+def test_metrics_behind_a_key_are_for_admins_and_operators(redis_url: str, tmp_path: Path) -> None:
+    """EMBER_METRICS_REQUIRE_KEY: /metrics names every tenant's functions and their traffic, so an
+    invoker's or a developer's key is refused (any valid key was enough)."""
+    from tests.platform.conftest import base_env, start_gateway
+
+    g = start_gateway(tmp_path, base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_METRICS_REQUIRE_KEY="true"))
+    try:
+        u = g.url
+        assert httpx.get(f"{u}/metrics").status_code == 401
+        keys = {role: httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": role}).json()["key"]
+                for role in ("operator", "developer", "invoker")}
+        assert httpx.get(f"{u}/metrics", headers=admin_headers()).status_code == 200
+        assert httpx.get(f"{u}/metrics", headers=_h(keys["operator"])).status_code == 200
+        for role in ("developer", "invoker"):
+            _assert_openai_error(httpx.get(f"{u}/metrics", headers=_h(keys[role])), 403)
+    finally:
+        g.stop()

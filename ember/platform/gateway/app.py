@@ -148,8 +148,10 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        if settings.metrics_require_key:
-            KeyStore(request.app.state.redis).verify(request.headers.get("authorization"))
+        if settings.metrics_require_key:  # every tenant's function names and traffic: admins and operators
+            principal = await to_thread.run_sync(KeyStore(request.app.state.redis).verify,
+                                                 request.headers.get("authorization"))
+            principal.require("admin", "operator")
         return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
