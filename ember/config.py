@@ -19,7 +19,7 @@ _DEV_ADMIN_KEY = "ember-dev-admin-key"
 _POSITIVE_DURATIONS = frozenset({
     "slo_timeout_s", "autoscaler_interval_s", "lease_ttl_s", "claim_timeout_s", "slot_ttl_s",
     "worker_connect_timeout_s", "worker_read_timeout_s", "heartbeat_interval_s", "heartbeat_ttl_s",
-    "node_scaler_interval_s", "max_load_s",
+    "node_scaler_interval_s", "max_load_s", "body_timeout_s",
 })
 
 
@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False
     access_log: bool = True  # the gateway's line per request (uvicorn's access log); ~3% of its CPU
     max_request_bytes: int = 1 << 20
+    # what one developer key may hold (0: no limit): functions, and instances summed over their max_instances
+    developer_max_functions: int = Field(default=64, ge=0)
+    developer_max_instances: int = Field(default=64, ge=0)
+    body_timeout_s: float = 30.0  # a client stalled this long in the middle of its request body gets a 408
     max_tokens_limit: int = 4096
     slo_timeout_s: float = 30.0
     placement_policy: str = "ember"

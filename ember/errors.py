@@ -70,6 +70,14 @@ class PayloadTooLarge(EmberError):
     code = "request_too_large"
 
 
+class RequestTimeout(EmberError):
+    """The client stalled in the middle of its request body."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RateLimited(EmberError):
     """An API key over its requests or tokens per minute; `retry_after_s` says when to come back."""
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ember.errors import EmberError, PayloadTooLarge, StateUnavailable
+from ember.errors import EmberError, PayloadTooLarge, RequestTimeout, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,55 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "invalid_request_error")
         return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "code": str(exc.status_code)}},
                             status_code=exc.status_code)
+
+
+class _BodyStalled(BaseException):
+    """Raised from `receive` (a BaseException, so no exception handler inside the app turns it
+    into a 500): caught by BodyReadTimeout, which answers 408."""
+
+
+class BodyReadTimeout:
+    """A client that stalls for `timeout_s` in the middle of its request body gets a 408 and the
+    request ends: without it, each connection that declares a body and never finishes it held up to
+    `max_request_bytes` of buffered body, before any key was checked, for as long as it stayed open.
+    Only the body is timed: once it is whole, `receive` is the app's (a stream waits on it for the
+    client's disconnect). Outermost, so it sees every body read."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        whole = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal whole
+            if whole:
+                return await receive()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyStalled from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                whole = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, watched_send)
+        except _BodyStalled:
+            if not started:
+                await error_response(RequestTimeout(
+                    f"the request body stalled for {self.timeout_s:g} s"))(scope, receive, send)
 
 
 class BodySizeLimit:

@@ -134,3 +134,46 @@ def test_cli_prints_one_line_for_io_errors(tmp_path: Path, tiny_model_dir: Path)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("error: ")
     assert "No space left on device" in lines[0]
+
+
+def test_a_body_that_stalls_gets_a_408_and_holds_nothing(redis_url: str, tmp_path) -> None:  # noqa: ANN001
+    """A client declares a 1 MiB body, sends all but its last byte and waits: before, the connection
+    held the buffered body (no key checked yet) for as long as it stayed open, so a few thousand of
+    them ran the gateway out of memory. Now a stall of EMBER_BODY_TIMEOUT_S in the body is a 408.
+    A slow but moving body, and a long stream after a whole body, are unaffected."""
+    import socket
+    import time
+
+    from tests.platform.conftest import base_env, start_gateway
+
+    g = start_gateway(tmp_path, base_env(redis_url, f"file://{tmp_path / 'store'}", EMBER_BODY_TIMEOUT_S="1"))
+    try:
+        host, port = g.url.removeprefix("http://").split(":")
+        for path in ("/v1/chat/completions", "/v1/functions/x"):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            method = "POST" if "chat" in path else "PUT"
+            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 1048576\r\n\r\n".encode() + b"x" * (1048576 - 1))
+            t0 = time.monotonic()
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            s.close()
+            assert answer.startswith(b"HTTP/1.1 408"), (path, answer[:200])
+            assert 0.8 < time.monotonic() - t0 < 10
+        # a body that keeps moving (a byte every 0.4 s) is read whole: 422 for its content, not 408
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer nope\r\nContent-Length: 6\r\n\r\n")
+        for b in b'{"a":1':
+            time.sleep(0.4)
+            s.sendall(bytes([b]))
+        answer = s.recv(65536)
+        s.close()
+        assert not answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert httpx.get(f"{g.url}/healthz").status_code == 200
+    finally:
+        g.stop()

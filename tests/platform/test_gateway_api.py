@@ -217,3 +217,21 @@ def test_metrics_behind_a_key_are_for_admins_and_operators(redis_url: str, tmp_p
             _assert_openai_error(httpx.get(f"{u}/metrics", headers=_h(keys[role])), 403)
     finally:
         g.stop()
+
+
+def test_one_developer_cannot_take_the_cluster(gateway: Proc) -> None:
+    """A developer's function with min/max_instances 1,024 and keep_alive_s 1e300 placed instances
+    on every device of the cluster for good, and every other tenant got 503: a developer key now
+    owns at most EMBER_DEVELOPER_MAX_INSTANCES instances (summed max_instances, default 64) and a
+    keep-alive is at most a week."""
+    u = gateway.url
+    dev = httpx.post(f"{u}/v1/keys", headers=admin_headers(), json={"role": "developer"}).json()
+    assert httpx.put(f"{u}/v1/checkpoints/tiny", headers=admin_headers(), json={"owner": dev["id"]}).status_code == 200
+    hog = {"checkpoint": "tiny", "scaling": {"min_instances": 1024, "max_instances": 1024}}
+    err = _assert_openai_error(httpx.put(f"{u}/v1/functions/hog", headers=_h(dev["key"]), json=hog), 403)
+    assert err["code"] == "quota_exceeded"
+    forever = {"checkpoint": "tiny", "scaling": {"keep_alive_s": 1e300}}
+    _assert_openai_error(httpx.put(f"{u}/v1/functions/hog", headers=_h(dev["key"]), json=forever), 422)
+    fair = {"checkpoint": "tiny", "scaling": {"max_instances": 8, "keep_alive_s": 3600}}
+    assert httpx.put(f"{u}/v1/functions/hog", headers=_h(dev["key"]), json=fair).status_code == 201
+    assert httpx.put(f"{u}/v1/functions/big", headers=admin_headers(), json=hog).status_code == 201  # admins decide

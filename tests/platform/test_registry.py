@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import redis
 
-from ember.errors import Forbidden
+from ember.errors import Forbidden, Unauthorized
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.protocol import FunctionDeploy
-from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.gateway.registry import DeveloperQuota, FunctionRegistry
 from ember.platform.state import Keys
 
 ALICE = Principal("key-alice", "developer", "alice")
@@ -55,6 +55,7 @@ def test_two_tenants_creating_one_name_at_once_are_not_both_owners(redis_url: st
     write: before, Alice's write replaced Bob's spec and both were told 201 (Bob then got 403 on his
     own function). Now Alice's write sees the change and she is refused."""
     real = redis.Redis.from_url(redis_url, decode_responses=True)
+    real.hset(Keys.api_key_ids, mapping={ALICE.id: "h-alice", BOB.id: "h-bob"})  # both keys exist
     alice_side = FunctionRegistry(_RacingClient(real, FunctionRegistry(real)))  # type: ignore[arg-type]
     with pytest.raises(Forbidden):
         alice_side.put("shared-name", FunctionDeploy(checkpoint="alices"), ALICE, 0)
@@ -63,4 +64,44 @@ def test_two_tenants_creating_one_name_at_once_are_not_both_owners(redis_url: st
     spec, replaced = FunctionRegistry(real).put("shared-name", FunctionDeploy(checkpoint="bobs2"), BOB, 0)
     assert replaced is not None and replaced.checkpoint == "bobs" and spec.owner == BOB.id
     assert real.hlen(Keys.functions) == 1
+    real.close()
+
+
+def test_a_deploy_racing_its_keys_revocation_does_not_outlive_it(redis_url: str) -> None:
+    """The admin revokes Alice's key (DELETE /v1/keys/{id}: key gone, then her functions deleted)
+    while a deploy of hers is between its key check and its write: before, that function was written
+    after the revocation's sweep and kept serving for a revoked tenant."""
+    real = redis.Redis.from_url(redis_url, decode_responses=True)
+    real.hset(Keys.api_key_ids, ALICE.id, "h-alice")
+
+    class Revoking(_RacingClient):
+        def _after_read(self) -> None:
+            if not self.raced:
+                self.raced = True
+                real.hdel(Keys.api_key_ids, ALICE.id)  # the revocation lands now
+
+    with pytest.raises(Unauthorized):
+        FunctionRegistry(Revoking(real, FunctionRegistry(real))).put(  # type: ignore[arg-type]
+            "late", FunctionDeploy(checkpoint="c"), ALICE, 0)
+    assert real.hget(Keys.functions, "late") is None
+    real.close()
+
+
+def test_a_developer_keys_quota(redis_url: str) -> None:
+    """A developer key owns at most N functions and M instances (summed max_instances): one tenant's
+    min_instances 1,024 took every device of the cluster before."""
+    real = redis.Redis.from_url(redis_url, decode_responses=True)
+    real.hset(Keys.api_key_ids, mapping={ALICE.id: "h-alice", "admin": "h-admin"})
+    reg, quota = FunctionRegistry(real), DeveloperQuota(max_functions=3, max_instances=8)
+    body = FunctionDeploy(checkpoint="c", scaling={"max_instances": 4})
+    reg.put("a1", body, ALICE, 0, quota=quota)
+    reg.put("a2", body, ALICE, 0, quota=quota)
+    with pytest.raises(Forbidden, match="instances"):
+        reg.put("a3", FunctionDeploy(checkpoint="c", scaling={"max_instances": 1}), ALICE, 0, quota=quota)
+    reg.put("a2", FunctionDeploy(checkpoint="c", scaling={"max_instances": 2}), ALICE, 0, quota=quota)  # its own: fine
+    reg.put("a3", FunctionDeploy(checkpoint="c", scaling={"max_instances": 2}), ALICE, 0, quota=quota)
+    with pytest.raises(Forbidden, match="functions"):
+        reg.put("a4", FunctionDeploy(checkpoint="c", scaling={"max_instances": 1}), ALICE, 0, quota=quota)
+    admin = Principal("admin", "admin", "bootstrap")
+    reg.put("big", FunctionDeploy(checkpoint="c", scaling={"max_instances": 1024}), admin, 0, quota=quota)  # admins: none
     real.close()

@@ -22,7 +22,7 @@ from ember.platform.gateway.protocol import (
     KeyLimitsUpdate,
     StoreAllow,
 )
-from ember.platform.gateway.registry import FunctionRegistry
+from ember.platform.gateway.registry import DeveloperQuota, FunctionRegistry
 from ember.platform.names import check_name
 from ember.platform.state import Keys
 
@@ -47,9 +47,11 @@ async def put_function(name: str, body: FunctionDeploy, request: Request, respon
     await to_thread.run_sync(policy.check_deploy, principal, body.checkpoint)
     app = request.app
     size = await size_checkpoint(app.state.cluster, app.state.http, app.state.settings, body.checkpoint)  # None: no worker up, sized before placing
+    settings = app.state.settings
+    quota = DeveloperQuota(settings.developer_max_functions, settings.developer_max_instances)
     spec, old = await to_thread.run_sync(FunctionRegistry(request.app.state.redis).put, name, body, principal,
                                          size.nbytes if size else 0, size.ref if size else "",
-                                         size.kv_bytes if size else 0)
+                                         size.kv_bytes if size else 0, quota)
     if old is not None and (old.checkpoint != spec.checkpoint or old.checkpoint_ref != spec.checkpoint_ref):
         await retire_instances(app, spec)  # another checkpoint, or the same name with other bytes
     response.status_code = 201 if old is None else 200

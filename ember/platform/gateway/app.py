@@ -38,7 +38,7 @@ from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
 from ember.platform.gateway.stats import InvocationStats, share_stats
 from ember.platform.gateway.tracing import InvocationTracer, provider_from_env
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
-from ember.platform.http_common import BodySizeLimit, install_error_handlers, log_task_errors
+from ember.platform.http_common import BodyReadTimeout, BodySizeLimit, install_error_handlers, log_task_errors
 from ember.platform.redis_mux import MuxRedis
 from ember.scheduler.policies import PolicyChooser
 
@@ -123,7 +123,8 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
     app.state.stats = InvocationStats(share_dir=os.environ.get(METRICS_DIR_ENV))  # set with several processes
     app.state.tracer = InvocationTracer(tracer_provider if tracer_provider is not None else provider_from_env())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(InvocationFastPath, max_bytes=settings.max_request_bytes)  # outermost: see fast_path
+    app.add_middleware(InvocationFastPath, max_bytes=settings.max_request_bytes)  # see fast_path
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.body_timeout_s)  # outermost: every body read
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)

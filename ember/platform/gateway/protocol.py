@@ -26,7 +26,7 @@ class SLO(EmberModel):
 class Scaling(EmberModel):
     min_instances: int = Field(0, ge=0, le=1024)
     max_instances: int = Field(4, ge=1, le=1024)
-    keep_alive_s: float = Field(60.0, ge=0)
+    keep_alive_s: float = Field(60.0, ge=0, le=7 * 86400)  # at most a week: idle instances do go
     target_concurrency: int = Field(4, ge=1, le=1024)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import redis
 from pydantic import ValidationError
 
-from ember.errors import Forbidden, FunctionNotFound, FunctionUnreadable
+from ember.errors import Forbidden, FunctionNotFound, FunctionUnreadable, Unauthorized
 from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
 from ember.platform.names import check_name
@@ -65,18 +66,26 @@ class FunctionRegistry:
         return self.parse(name, raw)
 
     def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
-            checkpoint_id: str = "", kv_bytes: int = 0) -> tuple[FunctionSpec, FunctionSpec | None]:
+            checkpoint_id: str = "", kv_bytes: int = 0,
+            quota: DeveloperQuota | None = None) -> tuple[FunctionSpec, FunctionSpec | None]:
         """Create or replace, atomically against another deploy or delete of any function (WATCH):
-        two tenants creating one name at once cannot both be told they own it. Returns (spec, the
-        spec it replaced or None when created). A stored spec that cannot be read is replaced by
-        its owner (read from its JSON) or an admin."""
+        two tenants creating one name at once cannot both be told they own it, and a deploy racing
+        the revocation of its key cannot outlive it (the key is checked under the same WATCH).
+        Returns (spec, the spec it replaced or None when created). A stored spec that cannot be
+        read is replaced by its owner (read from its JSON) or an admin. `quota`: a developer's
+        limits on functions and instances, counted over what it owns."""
         check_name(name, "function name")
         for _ in range(_PUT_ATTEMPTS):
             with self.client.pipeline() as p:
                 try:
-                    p.watch(Keys.functions)
+                    p.watch(Keys.functions, Keys.api_key_ids)
+                    if not p.hexists(Keys.api_key_ids, owner.id):
+                        raise Unauthorized("this API key was revoked")
                     raw = p.hget(Keys.functions, name)
                     old = self._readable_or_owner_checked(name, raw, owner)
+                    if quota is not None and owner.role == "developer":
+                        quota.check(name, body, [s for n, v in p.hgetall(Keys.functions).items() if n != name
+                                                 and (s := self._quietly(n, v)) is not None and s.owner == owner.id])
                     if not checkpoint_id and old is not None and old.checkpoint == body.checkpoint:
                         # no worker could tell the identity now: the one known for this checkpoint stays
                         checkpoint_id, nbytes, kv_bytes = old.checkpoint_id, old.nbytes, old.kv_bytes
@@ -93,6 +102,12 @@ class FunctionRegistry:
                 except redis.WatchError:
                     continue
         raise redis.WatchError(f"function {name!r}: too many concurrent changes to the registry")
+
+    def _quietly(self, name: str, raw: str) -> FunctionSpec | None:
+        try:
+            return self.parse(name, raw)
+        except FunctionUnreadable:
+            return None
 
     def _readable_or_owner_checked(self, name: str, raw: str | None, principal: Principal) -> FunctionSpec | None:
         """The stored spec (None when absent or unreadable), after checking `principal` may change it."""
@@ -174,3 +189,23 @@ def _stored_owner(raw: str) -> str | None:
         return None
     owner = doc.get("owner") if isinstance(doc, dict) else None
     return owner if isinstance(owner, str) else None
+
+
+@dataclass(frozen=True)
+class DeveloperQuota:
+    """What one developer key may hold (0: no limit): functions, and instances summed over its
+    functions' `max_instances`. One tenant cannot then claim every device of the cluster
+    (min_instances and max_instances 1,024 on a function of its own took them all)."""
+
+    max_functions: int = 0
+    max_instances: int = 0
+
+    def check(self, name: str, body: FunctionDeploy, others: list[FunctionSpec]) -> None:
+        if self.max_functions and len(others) + 1 > self.max_functions:
+            raise Forbidden(f"this key may own {self.max_functions} functions (EMBER_DEVELOPER_MAX_FUNCTIONS); "
+                            f"it owns {len(others)}", code="quota_exceeded")
+        held = sum(s.scaling.max_instances for s in others)
+        if self.max_instances and held + body.scaling.max_instances > self.max_instances:
+            raise Forbidden(f"this key's functions may have {self.max_instances} instances in all "
+                            f"(EMBER_DEVELOPER_MAX_INSTANCES, counted by max_instances): {held} are taken by its "
+                            f"other functions, {name!r} asks for {body.scaling.max_instances}", code="quota_exceeded")
