@@ -146,7 +146,8 @@ def read_azure_csv(path: Path | str, *, duration_s: float | None = None, seed: i
                 raise ConfigError(f"{path}:{line}: function {name!r} appears twice")
             seen.add(name)
             cells = row[4:4 + minutes]
-            if not _COUNTS.fullmatch(",".join(cells)):  # one C-speed check for the common, valid row
+            joined = ",".join(cells)  # one C-speed check for the common, valid row (a quoted "1,2" is one cell)
+            if joined.count(",") != len(cells) - 1 or not _COUNTS.fullmatch(joined):
                 for j, cell in enumerate(cells, start=1):
                     _check_count(cell, f"{path}:{line}: minute {j}")
             counts = np.array(cells, dtype=np.int64)
@@ -187,7 +188,8 @@ def _parse_timestamp(text: str) -> float:
     m = _TIMESTAMP.fullmatch(text)
     if m is None:
         raise ValueError(text)
-    stamp = datetime(*(int(g) for g in m.groups()[:6]), tzinfo=timezone.utc).timestamp()
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    stamp = datetime(year, month, day, hour, minute, second, tzinfo=timezone.utc).timestamp()
     frac = m.group(7)
     return stamp + int(frac) / 10 ** len(frac) if frac else stamp
 

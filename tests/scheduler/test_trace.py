@@ -96,7 +96,7 @@ def test_azure_llm_trace_bad_lines_name_line_and_field(tmp_path) -> None:
         read_azure_llm_csv(bad)
 
 
-@pytest.mark.parametrize("cell", ["1_0", " 3 ", "3 ", "\u00b2", "\u0663", "1.5", "", "+1", "99999999999999999999999"])
+@pytest.mark.parametrize("cell", ["1_0", " 3 ", "3 ", "\u00b2", "\u0663", "1.5", "", "+1", "99999999999999999999999", '"1,2"'])
 def test_azure_csv_counts_are_plain_ascii_digits(tmp_path, cell) -> None:
     """Anything but plain ASCII digits (what int() or isdigit() would take, too large for int64)
     is a ConfigError naming the line and minute, never a traceback or a different count."""
