@@ -398,7 +398,7 @@ variable "worker_launch_timeout_s" {
 
   validation {
     condition     = var.worker_launch_timeout_s >= 30 && var.worker_launch_timeout_s <= 7200 && floor(var.worker_launch_timeout_s) == var.worker_launch_timeout_s
-    error_message = "worker_launch_timeout_s must be a whole number of seconds from 30 to 7200."
+    error_message = "worker_launch_timeout_s must be a whole number of seconds from 30 to 7200 (the lifecycle hook's limits)."
   }
 }
 

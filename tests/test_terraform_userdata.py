@@ -158,6 +158,12 @@ def _disk_script(user_data: dict[str, str]) -> str:
     return body
 
 
+def _unit(script: str, name: str) -> str:
+    """The body of the systemd unit `<name>.service` the script writes."""
+    (body,) = re.findall(rf"{re.escape(name)}\.service <<'UNIT'\n(.*?)\nUNIT\n", script, re.S)
+    return body
+
+
 def _run_disk_script(script: str, tmp_path: Path, *, dlami: bool, lsblk_out: str = "",
                      mem_kb: int = 16 * 1024 * 1024, nvme_mounted: bool | None = None,
                      dlami_unit: bool = False, df_bytes: tuple[int, int] | None = None,
@@ -296,7 +302,7 @@ def test_blank_instance_store_disks_are_striped_without_force(user_data: dict[st
 
 
 def test_worker_unit_does_not_require_the_disk_step(user_data: dict[str, str]) -> None:
-    unit = re.search(r"ember-worker.service <<'UNIT'\n(.*?)\nUNIT\n", user_data["workers"], re.S).group(1)
+    unit = _unit(user_data["workers"], "ember-worker")
     assert "Requires=" not in unit
     assert "ExecStartPre=+/usr/local/sbin/ember-worker-secrets" in unit
 
@@ -305,7 +311,7 @@ def test_worker_unit_start_timeout_outlasts_the_wait_for_the_cluster_token(user_
     """ExecStartPre waits for the first gateway to create the cluster token; systemd's default start
     timeout (90 s) would kill that wait and restart it over and over."""
     script = user_data["workers"]
-    unit = re.search(r"ember-worker.service <<'UNIT'\n(.*?)\nUNIT\n", script, re.S).group(1)
+    unit = _unit(script, "ember-worker")
     wait_s = max(int(w) for w in re.findall(r"wait_s=(\d+)", script))
     timeouts = re.findall(r"^TimeoutStartSec=(\d+)(s|min)?$", unit, re.M)
     assert timeouts, f"no TimeoutStartSec in the worker unit:\n{unit}"
@@ -390,7 +396,7 @@ def test_launch_completion_runs_at_every_boot_after_the_worker(user_data: dict[s
     """The launching hook fires again whenever an instance leaves the warm pool, and user data runs
     only on the first boot: the completion is an enabled oneshot unit ordered after the worker's setup."""
     script = user_data["workers"]
-    unit = re.search(r"ember-launch-complete.service <<'UNIT'\n(.*?)\nUNIT\n", script, re.S).group(1)
+    unit = _unit(script, "ember-launch-complete")
     assert "Type=oneshot" in unit and "WantedBy=multi-user.target" in unit
     (after,) = re.findall(r"^After=(.*)$", unit, re.M)
     assert {"ember-disk.service", "ember-worker.service"} <= set(after.split())

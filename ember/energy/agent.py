@@ -21,7 +21,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ember.energy.controller import Decision, Mode, PowerLimitController
+from ember.energy.controller import PowerLimitController
+from ember.energy.decision import Decision, Mode
 from ember.energy.device import Device
 from ember.energy.emulated import step_full_clock_s
 from ember.energy.monitor import Attribution, EnergyMonitor, RequestRecord

@@ -48,7 +48,6 @@ from ember.energy.decision import MODES, Decision, Mode, Setting
 from ember.energy.device import Device
 from ember.energy.ladder import (
     DEFAULT_CLOCK_FRACTIONS,
-    LIMIT_STEP_W,
     ProfileLevel,
     clock_ladder,
     limit_ladder,
@@ -57,8 +56,6 @@ from ember.energy.ladder import (
 from ember.energy.monitor import RequestRecord
 from ember.energy.window import WindowStats, window_stats
 from ember.errors import ConfigError, DeviceError
-
-__all__ = ["DEFAULT_CLOCK_FRACTIONS", "LIMIT_STEP_W", "MODES", "Decision", "Mode", "PowerLimitController", "Setting"]
 
 log = logging.getLogger(__name__)
 

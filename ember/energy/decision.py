@@ -39,4 +39,3 @@ class Decision:
         d["setting"] = asdict(self.setting)
         d["previous"] = asdict(self.previous)
         return d
-

@@ -46,7 +46,6 @@ class ProfileLevel:
     safe: bool = True
 
 
-
 def zeus_cost_slope(levels: dict[tuple[int, int], ProfileLevel], eta: float) -> tuple[float, float] | None:
     """(slope, standard error) per step down of the ZeusCost `eta * E/E0 + (1 - eta) * T/T0`
     (E: J/token, T: s/token, 0: the top), from a least-squares line through the profiled levels:

@@ -27,7 +27,6 @@ from ember.energy.agent import NodeEnergyAgent
 from ember.energy.simload import (
     _DEVICE_LOCK,
     SimConfig,
-    SimFunction,
     _bursts,
     _DeviceState,
     _simulate_interval,
@@ -35,7 +34,7 @@ from ember.energy.simload import (
 from ember.energy.simulated import SimulatedGpu
 from ember.energy.zeus_static import _ZeusStatic
 
-__all__ = ["CONTROLLERS", "ControllerResult", "SimConfig", "SimFunction", "plot_energy_sim", "run_energy_sim"]
+__all__ = ["CONTROLLERS", "ControllerResult", "SimConfig", "plot_energy_sim", "run_energy_sim"]
 
 CONTROLLERS = ("max_power", "zeus_static", "ember", "ember_one_clock")
 

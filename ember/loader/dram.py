@@ -205,8 +205,9 @@ class DramTier:
                 if old["state"] == "ready":
                     return None  # already cached; the caller should pin it instead
                 self._drop(entries, name)
+            total_blocks = self.capacity_bytes // self.block_bytes
             while True:
-                runs = fit_runs((r for e in entries.values() for r in e["runs"]), self.capacity_bytes // self.block_bytes, need)
+                runs = fit_runs((r for e in entries.values() for r in e["runs"]), total_blocks, need)
                 if runs is not None:
                     break
                 victim = self._lru_victim(entries)

@@ -22,11 +22,15 @@ class NodeLock:
         import fcntl
 
         with self._thread_lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if not self._depth:  # a nested hold must not unlock the outer one's flock on exit
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
             try:
                 yield
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._depth -= 1
+                if not self._depth:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -223,7 +223,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             ssd_tmp = None
             tiers.ssd_unwritable(ssd_error)
         meta_dir = entry.meta_dir if entry is not None else None
-        files_dir, ssd_tmp, files = _download_files(tiers, store, name, key, manifest, raw, ssd_tmp, meta_dir)
+        ssd_tmp, files = _download_files(tiers, store, name, manifest, raw, ssd_tmp, meta_dir)
         if ssd_tmp is not None:
             try:
                 (ssd_tmp / REF_FILE).write_text(ident.ref)
@@ -233,16 +233,18 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
                 tiers.ssd.abort(ssd_tmp)
                 tiers.ssd_unwritable(e)
             ssd_tmp = None
-            if meta_dir is None:  # the files are in the installed SSD entry (pinned), else nowhere yet
-                files_dir = ssd_pin.path / FILES_DIR if ssd_pin is not None else _fallback_files(
-                    tiers, key, raw, files)
-            elif ssd_pin is not None:  # they are beside the DRAM entry: the SSD entry need not stay
+        if meta_dir is not None:  # the files are beside the DRAM entry: the SSD entry need not stay
+            if ssd_pin is not None:
                 ssd_pin.release()
                 ssd_pin = None
+            files_dir = meta_dir / FILES_DIR
+        elif ssd_pin is not None:  # in the installed SSD entry, pinned while the instance uses them
+            files_dir = ssd_pin.path / FILES_DIR
+        else:
+            files_dir = _fallback_files(tiers, key, raw, files)
         if entry is not None:
             dest = tiers.dram.filled_view(entry, view)
             tiers.dram.commit(key)
-            files_dir = entry.meta_dir / FILES_DIR
     except BaseException:
         if entry is not None:
             tiers.dram.abort(key)
@@ -255,11 +257,10 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
     return tensors_from_buffer(manifest, buf), manifest, entry, files_dir, ssd_pin
 
 
-def _download_files(tiers: NodeTiers, store, name, key: str, manifest: CheckpointManifest, raw: bytes,
-                    ssd_tmp: Path | None, meta_dir: Path | None) -> tuple[Path, Path | None, dict[str, bytes]]:
+def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest, raw: bytes,
+                    ssd_tmp: Path | None, meta_dir: Path | None) -> tuple[Path | None, dict[str, bytes]]:
     """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
-    directories. Returns (files dir, ssd_tmp or None when the SSD tier could not write them,
-    the files' bytes)."""
+    directories. Returns (ssd_tmp or None when the SSD tier could not write them, the files' bytes)."""
     files = fetch_model_files(store, name, manifest)
     if ssd_tmp is not None:
         try:
@@ -270,10 +271,7 @@ def _download_files(tiers: NodeTiers, store, name, key: str, manifest: Checkpoin
             ssd_tmp = None
     if meta_dir is not None:
         write_model_files(meta_dir, raw, files)
-        return meta_dir / FILES_DIR, ssd_tmp, files
-    if ssd_tmp is not None:
-        return ssd_tmp / FILES_DIR, ssd_tmp, files
-    return _fallback_files(tiers, key, raw, files), None, files
+    return ssd_tmp, files
 
 
 def _fallback_files(tiers: NodeTiers, key: str, raw: bytes, files: dict[str, bytes]) -> Path:

@@ -114,7 +114,7 @@ def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[st
     now = time.time() if now is None else now
     budget = load_budget(client)
     snapshots = device_snapshots(client)
-    used_j = energy_used_today_j(client, snapshots, now)
+    used_j = energy_used_today_j(client, now=now)
     midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     seconds_left = max(0.0, 86400.0 - (now - midnight.timestamp()))
     allocation = allocate(budget, snapshots, used_j, seconds_left)
@@ -145,12 +145,10 @@ def allocate_and_store(client: redis.Redis, now: float | None = None) -> dict[st
     }
 
 
-def energy_used_today_j(client: redis.Redis, snapshots: Sequence[Mapping[str, Any]] = (),
-                        now: float | None = None) -> float:
+def energy_used_today_j(client: redis.Redis, now: float | None = None) -> float:
     """Joules every device drew since midnight UTC (since first seen today), as counted by
     `publish_device_snapshots`: the count only grows, a counter restart adds what was drawn
-    before it, and a device that stopped reporting keeps what it drew. (`snapshots` is no
-    longer needed: kept for callers that pass it.)"""
+    before it, and a device that stopped reporting keeps what it drew."""
     now = time.time() if now is None else now
     return sum(float(v) for v in _redis(client.hvals, Keys.energy_day_used(_day(now))))
 

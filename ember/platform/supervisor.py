@@ -100,15 +100,13 @@ def _check_redis(url: str) -> None:
 def _check_port_free(host: str, port: int) -> None:
     """Refuse at once a port something already listens on (another `ember up`, say): otherwise
     its /readyz answers and this platform is announced ready, at a URL its admin key does not open."""
-    import socket
+    from ember.platform.http_common import listening_socket
 
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another `ember up`? "
-                              "choose --port)") from e
+    try:
+        listening_socket(host, port, listen=False).close()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another `ember up`? "
+                          "choose --port)") from e
 
 
 def _ids(spec: str | None) -> list[str]:

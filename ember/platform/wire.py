@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CLUSTER_TOKEN_HEADER = "x-ember-cluster-token"
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed takes
 
 
 class EmberModel(BaseModel):
@@ -49,7 +49,7 @@ class GenerateRequest(EmberModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     # the function's SLO and energy preference, for the worker's energy accounting and controller
     ttft_slo_s: float = Field(1.0, gt=0.0)
     tpot_slo_s: float = Field(0.2, gt=0.0)

@@ -22,12 +22,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ember.scheduler.estimator import tier_bandwidth_bps
 from ember.scheduler.view import ClusterView, Tier
 
-__all__ = ["Action", "Autoscaler", "EnsureInstances", "Prefetch", "ScalingSpec", "Unload"]
+__all__ = ["Action", "Autoscaler", "EnsureInstances", "Prefetch", "ScalingSpec", "Unload", "of_another_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,9 @@ class ScalableInstance(Protocol):
     last_used_s: float
 
 
+InstT = TypeVar("InstT", bound=ScalableInstance)
+
+
 @dataclass(frozen=True)
 class Unload:
     instance_id: str
@@ -100,6 +103,14 @@ class Prefetch:
 Action = Unload | EnsureInstances | Prefetch
 
 
+def of_another_checkpoint(checkpoint: str, instances: Iterable[InstT]) -> list[InstT]:
+    """The instances holding another checkpoint than the one their function names now (it was
+    deployed again): they are retired. The deploy route asks at once, the autoscaler at every step."""
+    if not checkpoint:
+        return []
+    return [i for i in instances if i.checkpoint and i.checkpoint != checkpoint]
+
+
 class Autoscaler:
     """Stateless between steps apart from its settings, so any gateway can take over the lease."""
 
@@ -126,12 +137,13 @@ class Autoscaler:
                     actions += [Unload(i.instance_id, fn, i.node_id, "unknown_function") for i in insts
                                 if i.state == "ready" and i.outstanding == 0]
                 continue
-            if spec.checkpoint and any(i.checkpoint and i.checkpoint != spec.checkpoint for i in insts):
+            stale = of_another_checkpoint(spec.checkpoint, insts)
+            if stale:
                 # redeployed on another checkpoint: the old instances retire, busy or not, and do
                 # not count towards the function's instances any more
-                actions += [Unload(i.instance_id, fn, i.node_id, "checkpoint_changed") for i in insts
-                            if i.state == "ready" and i.checkpoint != spec.checkpoint]
-                insts = by_fn[fn] = [i for i in insts if i.checkpoint == spec.checkpoint or not i.checkpoint]
+                actions += [Unload(i.instance_id, fn, i.node_id, "checkpoint_changed") for i in stale
+                            if i.state == "ready"]
+                insts = by_fn[fn] = [i for i in insts if i not in stale]
             actions += self._unloads(spec, insts, now)
         for fn, spec in self._with_minimum(specs):
             current = len(by_fn.get(fn, ()))

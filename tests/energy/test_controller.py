@@ -173,7 +173,7 @@ def test_phase_clocks_lower_decode_while_a_tight_ttft_keeps_prefill_at_the_top()
     ctrl = PowerLimitController(gpu, mode="actuate", phase_clocks=True)
     # TTFT at 0.55 of its SLO at full clock: a shared clock could not go below ~0.7
     drive_phases(ctrl, gpu, [Fn("agent", 0.55, 0.01, 1.0, 0.1)], windows=120)
-    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=7.5)  # the supported clock nearest  # decode at the floor
+    assert gpu.locked_sm_clock_mhz() == pytest.approx(0.6 * 1980, abs=7.5)  # decode at the floor (the supported clock nearest)
     assert ctrl.setting.sm_clock_mhz == gpu.locked_sm_clock_mhz()
     assert ctrl.setting.prefill_sm_clock_mhz is None  # prefill unlocked
     assert gpu.power_limit_w() == 700

@@ -53,7 +53,7 @@ def test_targets_over_a_day() -> None:
 def test_engine_runs_prefill_at_the_phase_clock_and_restores_the_lock() -> None:
     import numpy as np
 
-    from ember.energy.sim import _DeviceState, _simulate_interval
+    from ember.energy.simload import _DeviceState, _simulate_interval
     from ember.energy.simulated import SimulatedGpu
 
     config = SimConfig()

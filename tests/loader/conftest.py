@@ -109,6 +109,14 @@ def make_tiers(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny model with other bytes (seed 1)."""
+    from ember.tinymodel import TinyModelSpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("other") / "other", TinyModelSpec(seed=1))
+
+
+@pytest.fixture(scope="session")
 def tiny_converted(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model converted to Ember's format (session-wide, read-only)."""
     from ember.loader.convert import convert_checkpoint

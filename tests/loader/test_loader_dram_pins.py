@@ -4,20 +4,10 @@ service (quarantined by an attach or a scrub) gives its blocks back with its las
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
 
 from ember.loader import open_store
-
-
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second tiny model with other bytes (seed 1)."""
-    from ember.tinymodel import TinyModelSpec, make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("other") / "other", TinyModelSpec(seed=1))
 
 
 def _entries(tiers) -> dict:

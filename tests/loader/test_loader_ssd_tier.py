@@ -6,17 +6,7 @@ from __future__ import annotations
 import errno
 import json
 
-import pytest
-
 from ember.loader import open_store
-
-
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory):
-    """A second tiny model with other bytes (seed 1)."""
-    from ember.tinymodel import TinyModelSpec, make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("other") / "other", TinyModelSpec(seed=1))
 
 
 def test_failed_ssd_commit_still_gives_model_files(tmp_path, tiny_model_dir, make_tiers, monkeypatch) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from ember.platform.runtime import kvcache
 from ember.platform.wire import GenerateRequest
 from tests.platform.engine_helpers import collect as _collect
+from tests.platform.engine_helpers import make_instance
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta".split()
 
@@ -32,10 +33,8 @@ class CacheBytes:
 
 
 def _instance(mt: tuple[Any, Any], budget_tokens: int, **kw: Any) -> tuple[Any, CacheBytes]:
-    from ember.platform.runtime.engine import ModelInstance
-
     probe = CacheBytes()
-    probe.inst = ModelInstance("i", "f", mt[0], mt[1], kv_budget_tokens=budget_tokens, listener=probe, **kw)
+    probe.inst = make_instance(mt, kv_budget_tokens=budget_tokens, listener=probe, **kw)
     return probe.inst, probe
 
 

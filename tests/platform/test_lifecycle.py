@@ -267,22 +267,30 @@ def test_every_claim_matches_an_instance_a_worker_holds(env: Env) -> None:
     assert c.instance(late.instance_id) is None
 
 
+def _load_held_on_a_fifo(env: Env, name: str) -> tuple[Path, bytes, threading.Thread, dict]:
+    """Deploy `name` on checkpoint `name` (max_instances 1) with one of its model files in the store
+    turned into a FIFO nobody writes, and invoke it from a thread: returns once its load is blocked
+    reading the FIFO ("loading"). Returns (the FIFO, the file's bytes, the thread, its result)."""
+    fifo = Path(env.store_url.removeprefix("file://")) / name / "files" / "tokenizer_config.json"
+    data = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    r = httpx.put(f"{env.url}/v1/functions/{name}", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": name, "scaling": {"keep_alive_s": 300, "max_instances": 1}})
+    assert r.status_code == 201, r.text
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=env.chat(name, timeout=90)))
+    t.start()
+    assert _until(lambda: [i["state"] for i in env.instances(name)] == ["loading"], 20), env.instances(name)
+    return fifo, data, t, result
+
+
 def test_a_hung_load_does_not_hold_its_device_for_ever(env: Env) -> None:
     """A load that never finishes (here: a model file in the store is a FIFO nobody writes, so the
     read blocks) stops being reported after EMBER_MAX_LOAD_S: its claim lapses and is reaped (the
     gateway may try another, which hangs the same way), the waiting request gets a clear error, and
     a load that finishes at last finds its claim gone and is dropped."""
-    fifo = Path(env.store_url.removeprefix("file://")) / "hang" / "files" / "tokenizer_config.json"
-    data = fifo.read_bytes()
-    fifo.unlink()
-    os.mkfifo(fifo)
-    r = httpx.put(f"{env.url}/v1/functions/hang", headers=admin_headers(), timeout=60,
-                  json={"checkpoint": "hang", "scaling": {"keep_alive_s": 300, "max_instances": 1}})
-    assert r.status_code == 201, r.text
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.update(r=env.chat("hang", timeout=90)))
-    t.start()
-    assert _until(lambda: [i["state"] for i in env.instances("hang")] == ["loading"], 20), env.instances("hang")
+    fifo, data, t, result = _load_held_on_a_fifo(env, "hang")
     t.join(60)  # the gateway's SLO timeout (20 s): a clear error, not a hang
     assert result["r"].status_code in (502, 503, 504), result["r"].text
     # no longer reported after 6 s, reaped 8 s later (EMBER_CLAIM_TIMEOUT_S): nothing holds a device
@@ -320,17 +328,7 @@ def test_a_load_that_ends_while_redis_refuses_writes_holds_nothing(env: Env, tin
     from ember.loader import open_store
 
     open_store(env.store_url).push(tiny_model_dir, "refuse")
-    fifo = Path(env.store_url.removeprefix("file://")) / "refuse" / "files" / "tokenizer_config.json"
-    data = fifo.read_bytes()
-    fifo.unlink()
-    os.mkfifo(fifo)  # the load blocks reading it until the test writes it
-    r = httpx.put(f"{env.url}/v1/functions/refuse", headers=admin_headers(), timeout=60,
-                  json={"checkpoint": "refuse", "scaling": {"keep_alive_s": 300, "max_instances": 1}})
-    assert r.status_code == 201, r.text
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.update(r=env.chat("refuse", timeout=90)))
-    t.start()
-    assert _until(lambda: [i["state"] for i in env.instances("refuse")] == ["loading"], 20), env.instances("refuse")
+    fifo, data, t, _ = _load_held_on_a_fifo(env, "refuse")
     (inst,) = env.instances("refuse")
     admin = redis.Redis.from_url(env.redis_url, decode_responses=True)
     admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # a replica of nobody: every write refused

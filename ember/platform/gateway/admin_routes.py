@@ -25,6 +25,7 @@ from ember.platform.gateway.protocol import (
 from ember.platform.gateway.registry import DeveloperQuota, FunctionRegistry
 from ember.platform.names import check_name
 from ember.platform.state import Keys
+from ember.scheduler.autoscaler import of_another_checkpoint
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -63,8 +64,9 @@ async def retire_instances(app: Any, spec: FunctionSpec) -> int:
     new request and go once their requests finish (the drain grace bounds the wait); the next
     requests start instances of the new one. Returns how many were retired."""
     retired = 0
-    for inst in await to_thread.run_sync(app.state.cluster.instances, spec.name):
-        if (not spec.checkpoint_id or inst.checkpoint != spec.checkpoint_ref) and inst.state != "draining":
+    for inst in of_another_checkpoint(spec.checkpoint_ref, await to_thread.run_sync(app.state.cluster.instances,
+                                                                                   spec.name)):
+        if inst.state != "draining":
             retired += await unload_instance(app, inst, force=True)
     if retired:
         log.info("function %s now serves %s: %d instance(s) of its previous checkpoint retired", spec.name,

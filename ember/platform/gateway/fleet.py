@@ -135,7 +135,7 @@ class FleetCollector:
                 node_w.add_metric([node], float(watts))
             if budget.energy_kwh_per_day is not None:
                 day_kwh.add_metric([], float(budget.energy_kwh_per_day))
-            used_kwh.add_metric([], energy_used_today_j(client, device_snapshots(client)) / J_PER_KWH)
+            used_kwh.add_metric([], energy_used_today_j(client) / J_PER_KWH)
         except Exception:  # noqa: BLE001 - see above
             pass
         yield from (up, cluster_w, node_w, day_kwh, used_kwh)

@@ -43,6 +43,15 @@ class GatewayMetrics:
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
         self._cluster: list[Any] = []  # scrape-time collectors reading Redis (the whole cluster's state)
+        self._slo_seen: set[str] = set()
+
+    def slo_request(self, function: str, met: bool) -> None:
+        """Count a finished request as met or missed. Both series exist from a function's first
+        request, so met/total is 0 rather than empty when none is met (the SLO alert must fire)."""
+        if function not in self._slo_seen:
+            self._slo_seen.add(function)
+            self.slo_requests.labels(function, "missed" if met else "met")
+        self.slo_requests.labels(function, "met" if met else "missed").inc()
 
     def add_cluster_collector(self, collector: Any) -> None:
         self.registry.register(collector)

@@ -176,9 +176,7 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
     except BaseException as e:
         if isinstance(e, EmberError):
             metrics.requests.labels(spec.name, str(e.status_code)).inc()
-            app.state.stats.failed(spec.name, generation=spec.created)
-            with anyio.CancelScope(shield=True):
-                await settle.refund()
+            await _failed(app, spec, settle)
         trace.fail(e)
         trace.end()
         raise
@@ -204,10 +202,8 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
                 trace.done(done, rid)
     except EmberError as e:
         metrics.requests.labels(spec.name, str(e.status_code)).inc()
-        app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
-        with anyio.CancelScope(shield=True):
-            await settle.refund()
+        await _failed(app, spec, settle)
         raise
     finally:
         trace.end()
@@ -278,11 +274,8 @@ async def _sse(request: Request, invoker: Invoker, target: InvocationTarget, eve
             await settle(done)
     except EmberError as e:
         status = str(e.status_code)
-        request.app.state.stats.failed(spec.name, generation=spec.created)
         trace.fail(e)
-        if settle is not None:
-            with anyio.CancelScope(shield=True):
-                await settle.refund()
+        await _failed(request.app, spec, settle)
         yield b"data: " + json.dumps(e.to_openai()).encode() + b"\n\n"
     finally:
         trace.end()
@@ -338,6 +331,15 @@ class _Settle:
             log.debug("could not settle the token count of key %s: %s", self.key_id, e)
 
 
+async def _failed(app: Any, spec: FunctionSpec, settle: _Settle | None) -> None:
+    """A request that ended in an error of its own: counted in the function's statistics, and its
+    up-front token charge given back (shielded: a cancelled request still refunds)."""
+    app.state.stats.failed(spec.name, generation=spec.created)
+    if settle is not None:
+        with anyio.CancelScope(shield=True):
+            await settle.refund()
+
+
 def _usage(done: dict[str, Any]) -> dict[str, int]:
     p, c = int(done.get("prompt_tokens", 0)), int(done.get("completion_tokens", 0))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -355,12 +357,10 @@ def _observe(request: Request, spec: FunctionSpec, target: InvocationTarget, don
     request.app.state.invoker.observe_done(function, done)
     metrics = request.app.state.metrics
     metrics.ttft.labels(function).observe(ttft_s)
-    for result in ("met", "missed"):  # both series exist from the first request: met/total is 0, not empty
-        metrics.slo_requests.labels(function, result)
     tpot_s = float(done.get("tpot_s", 0.0)) if int(done.get("completion_tokens", 0)) > 1 else None
     if tpot_s is not None:
         metrics.tpot.labels(function).observe(tpot_s)
     met = ttft_s <= spec.slo.ttft_ms / 1000 and (tpot_s is None or tpot_s <= spec.slo.tpot_ms / 1000)
-    metrics.slo_requests.labels(function, "met" if met else "missed").inc()
+    metrics.slo_request(function, met)
     request.app.state.stats.record(function, ttft_s, tpot_s, met, target.tier if target.cold else None,
                                    generation=spec.created)

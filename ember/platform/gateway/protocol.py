@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 # the worker's wire bodies live in ember.platform.wire (the worker never imports the gateway)
 from ember.platform.wire import (  # noqa: F401
+    SEED_RANGE,
     EmberModel,
     GenerateRequest,
     LoadRequest,
@@ -119,7 +120,6 @@ UNSUPPORTED_PARAMETERS = (
     "suffix", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "min_p", "top_k",
 )
 _NEUTRAL: tuple[object, ...] = (None, False, 0, 0.0, [], {}, "")
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed takes
 
 
 class _Sampling(EmberModel):

@@ -44,13 +44,17 @@ class FunctionRegistry:
 
     def list(self) -> list[FunctionSpec]:
         """Every readable spec; one that cannot be read is skipped (and logged), never the listing."""
+        return sorted(self._readable(self.client.hgetall(Keys.functions)), key=lambda s: s.name)
+
+    def _readable(self, stored: dict[str, str]) -> list[FunctionSpec]:
+        """The specs of a functions hash's contents that can be read (the others logged)."""
         specs = []
-        for name, raw in self.client.hgetall(Keys.functions).items():
+        for name, raw in stored.items():
             try:
                 specs.append(self.parse(name, raw))
             except FunctionUnreadable as e:
                 log.warning("%s", e)
-        return sorted(specs, key=lambda s: s.name)
+        return specs
 
     def visible(self, principal: Principal) -> list[FunctionSpec]:
         """The specs a caller may see: a developer its own, every other role all of them."""
@@ -59,11 +63,15 @@ class FunctionRegistry:
 
     def get_visible(self, name: str, principal: Principal) -> FunctionSpec:
         """A spec the caller may see; another tenant's function is as unknown as a missing one."""
+        return self.parse(name, self._visible_raw(name, principal))
+
+    def _visible_raw(self, name: str, principal: Principal) -> str:
+        """The stored spec of a function the caller may see (its JSON, readable or not), else 404."""
         check_name(name, "function name")
         raw = self.client.hget(Keys.functions, name)
-        if raw is not None and principal.role == "developer" and _stored_owner(raw) != principal.id:
-            raw = None
-        return self.parse(name, raw)
+        if raw is None or (principal.role == "developer" and _stored_owner(raw) != principal.id):
+            raise FunctionNotFound(f"the model (function) {name!r} does not exist")
+        return raw
 
     def put(self, name: str, body: FunctionDeploy, owner: Principal, nbytes: int,
             checkpoint_id: str = "", kv_bytes: int = 0,
@@ -84,17 +92,17 @@ class FunctionRegistry:
                     raw = p.hget(Keys.functions, name)
                     old = self._readable_or_owner_checked(name, raw, owner)
                     if quota is not None and owner.role == "developer":
-                        quota.check(name, body, [s for n, v in p.hgetall(Keys.functions).items() if n != name
-                                                 and (s := self._quietly(n, v)) is not None and s.owner == owner.id])
+                        quota.check(name, body, [s for s in self._readable(p.hgetall(Keys.functions))
+                                                 if s.owner == owner.id and s.name != name])
                     if not checkpoint_id and old is not None and old.checkpoint == body.checkpoint:
                         # no worker could tell the identity now: the one known for this checkpoint stays
                         checkpoint_id, nbytes, kv_bytes = old.checkpoint_id, old.nbytes, old.kv_bytes
                     now = time.time()
-                    keep = {"owner": old.owner, "created": old.created} if old is not None else \
-                        {"owner": _stored_owner(raw) or owner.id, "created": now} if raw is not None else \
-                        {"owner": owner.id, "created": now}
-                    spec = FunctionSpec(name=name, updated=now, nbytes=nbytes, checkpoint_id=checkpoint_id,
-                                        kv_bytes=kv_bytes, **keep, **body.model_dump())
+                    # a replaced spec keeps its owner and creation (an unreadable one: the owner in its JSON)
+                    owner_id = old.owner if old is not None else (raw and _stored_owner(raw)) or owner.id
+                    created = old.created if old is not None else now
+                    spec = FunctionSpec(name=name, owner=owner_id, created=created, updated=now, nbytes=nbytes,
+                                        checkpoint_id=checkpoint_id, kv_bytes=kv_bytes, **body.model_dump())
                     p.multi()
                     p.hset(Keys.functions, name, spec.model_dump_json())
                     p.execute()
@@ -102,12 +110,6 @@ class FunctionRegistry:
                 except redis.WatchError:
                     continue
         raise redis.WatchError(f"function {name!r}: too many concurrent changes to the registry")
-
-    def _quietly(self, name: str, raw: str) -> FunctionSpec | None:
-        try:
-            return self.parse(name, raw)
-        except FunctionUnreadable:
-            return None
 
     def _readable_or_owner_checked(self, name: str, raw: str | None, principal: Principal) -> FunctionSpec | None:
         """The stored spec (None when absent or unreadable), after checking `principal` may change it."""
@@ -152,17 +154,11 @@ class FunctionRegistry:
     def owned_by(self, owner: str) -> list[FunctionSpec]:
         return [s for s in self.list() if s.owner == owner]
 
-    def delete(self, name: str, principal: Principal) -> FunctionSpec | None:
-        """Delete a spec the caller owns (an unreadable one too); returns it (None if unreadable)."""
-        check_name(name, "function name")
-        raw = self.client.hget(Keys.functions, name)
-        if raw is None:
-            raise FunctionNotFound(f"the model (function) {name!r} does not exist")
-        if principal.role == "developer" and _stored_owner(raw) != principal.id:
-            raise FunctionNotFound(f"the model (function) {name!r} does not exist")  # as GET says
-        spec = self._readable_or_owner_checked(name, raw, principal)
+    def delete(self, name: str, principal: Principal) -> None:
+        """Delete a spec the caller owns (an unreadable one too); another tenant's is as unknown as
+        a missing one."""
+        self._visible_raw(name, principal)
         self.client.hdel(Keys.functions, name)
-        return spec
 
     @staticmethod
     def check_owner(spec: FunctionSpec, principal: Principal) -> None:

@@ -39,14 +39,9 @@ class Detokenizer:
         before = self._before
         now = self._decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):
-            start = max(0, len(self.text) - max(0, self.hold))
-            self.text += now[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
             self._before = None
-            cut = _first_stop(self.text, self.stops, start)
-            if cut is not None:
-                self.text = self.text[:cut]
-                self.stopped = True
+            if self._append(now[len(before):]):
                 return self.flush()
         safe = len(self.text) - self.hold
         if safe > self.emitted:
@@ -60,16 +55,23 @@ class Detokenizer:
         incomplete tail completes (then `stopped` is set)."""
         if not self.stopped and self.read < len(self.ids):  # an incomplete tail: decode what there is
             tail = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
-            start = max(0, len(self.text) - max(0, self.hold))
-            self.text += tail
             self.read = len(self.ids)
-            cut = _first_stop(self.text, self.stops, start)  # the tail is output too: a stop in it ends it
-            if cut is not None:
-                self.text = self.text[:cut]
-                self.stopped = True
+            self._append(tail)  # the tail is output too: a stop in it ends it
         out = self.text[self.emitted:]
         self.emitted = len(self.text)
         return out
+
+    def _append(self, new: str) -> bool:
+        """Add `new` to the text, cut before the first stop string that now appears (looked for from
+        where one could still start); True (and `stopped` set) when one did."""
+        start = max(0, len(self.text) - max(0, self.hold))
+        self.text += new
+        cut = _first_stop(self.text, self.stops, start)
+        if cut is None:
+            return False
+        self.text = self.text[:cut]
+        self.stopped = True
+        return True
 
 
 def _first_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -21,6 +21,7 @@ L-layer model: the budget x (1 + 2/L) at most), not old + new + merged copies of
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from ember.loader.model import kv_bytes_per_token  # noqa: F401 - the budget's unit, re-exported
@@ -31,8 +32,6 @@ GROW = 64  # spare columns allocated when a layer's buffer must grow
 def make_cache(config: Any, max_len: int) -> Any:
     """An empty batched cache the model's forward accepts (a DynamicCache of our layers) whose rows
     never hold more than `max_len` tokens (the longest prompt + max_tokens among them)."""
-    from functools import partial
-
     from transformers.cache_utils import Cache, DynamicCache
 
     class _Cache(DynamicCache):

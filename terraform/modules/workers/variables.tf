@@ -122,9 +122,4 @@ variable "launch_timeout_s" {
   description = "How long a new worker may take to set itself up (install Ember, prepare disks, read secrets) before the ember-launch hook lets it go on anyway: into service, or stopped into the warm pool."
   type        = number
   default     = 1800
-
-  validation {
-    condition     = var.launch_timeout_s >= 30 && var.launch_timeout_s <= 7200 && floor(var.launch_timeout_s) == var.launch_timeout_s
-    error_message = "launch_timeout_s must be a whole number of seconds from 30 to 7200 (the lifecycle hook's limits)."
-  }
 }
