@@ -1,6 +1,7 @@
 """Requests the batching engine cannot serve fail alone: a request that fails in its first step
-(its prefill or first sample) leaves the running batch and its cache alone; a request the wire
-would refuse (max_tokens <= 0) is refused by the engine too, with a 400."""
+(its prefill or first sample) leaves the running batch and its cache alone; a request whose logits
+row turns NaN or inf in a decode step fails alone and the batch goes on; a request the wire would
+refuse (max_tokens <= 0) is refused by the engine too, with a 400."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from tests.platform.engine_helpers import make_instance as _instance
 
 def test_a_request_failing_in_its_first_step_fails_alone(model_and_tokenizer: tuple[Any, Any]) -> None:
     """Three greedy requests are decoding when one whose sampling cannot work (NaN temperature, built
-    past the wire's validation) joins: it gets an error, the three run to the end with the text they
-    have alone, and the instance keeps serving."""
+    past the wire's validation) joins: it gets an error (counted in the instance's finished counts),
+    the three run to the end with the text they have alone, and the instance keeps serving."""
     inst = _instance(model_and_tokenizer)
     inst.eos_ids = set()  # every sequence runs to max_tokens
     try:
@@ -55,7 +56,48 @@ def test_a_request_failing_in_its_first_step_fails_alone(model_and_tokenizer: tu
             assert text == alone[i], i
         after = _collect(inst.generate(GenerateRequest(prompt="Hello", max_tokens=4, temperature=0)))
         assert after[1][0].completion_tokens == 4
+        assert inst.finished["error"] == 1  # the failure is counted like any other end
     finally:
+        inst.close()
+
+
+@pytest.mark.parametrize("temperature,poison", [(1.0, float("nan")), (0.0, float("nan")), (0.7, float("inf"))])
+def test_a_bad_logits_row_in_decode_fails_that_request_alone(model_and_tokenizer: tuple[Any, Any], temperature: float,
+                                                             poison: float) -> None:
+    """Three requests decode together when the model's logits row of one of them turns NaN or inf
+    (a fault injected into the real forward once it has three tokens): that request gets an error
+    event, the other two run to the end with the text they have alone, and the failure is counted
+    in the instance's finished counts."""
+    model, _ = model_and_tokenizer
+    inst = _instance(model_and_tokenizer)
+    inst.eos_ids = set()  # every sequence runs to max_tokens
+    good = [GenerateRequest(prompt=p, max_tokens=40, temperature=0) for p in ("one two three", "Hello")]
+    bad_req = GenerateRequest(prompt="x", max_tokens=40, temperature=temperature, seed=3)
+    bad: list[Any] = []
+
+    def poison_row(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        rows = inst.engine.running
+        if bad and kwargs["input_ids"].shape[1] == 1 and bad[0] in rows and len(bad[0].out) >= 3:
+            output.logits[rows.index(bad[0]), -1, 5] = poison
+        return output
+
+    hook = model.register_forward_hook(poison_row, with_kwargs=True)
+    try:
+        alone = [_collect(inst.generate_alone(r))[0] for r in good]
+        seqs = [inst.submit(r) for r in good]
+        bad.append(inst.submit(bad_req))
+        with pytest.raises(EmberError) as failed:
+            _collect(bad[0].stream())
+        assert failed.value.status_code == 500 and failed.value.code == "invalid_logits" and bad[0].finish == "error"
+        assert len(bad[0].out) == 3
+        for seq, text in zip(seqs, alone, strict=True):
+            got, done = _collect(seq.stream())
+            assert done and done[0].finish_reason == "length" and done[0].completion_tokens == 40
+            assert got == text
+        assert inst.finished["error"] == 1 and inst.finished["length"] == 4  # the two run alone, then batched
+        assert inst.stats()["batch_size"] == 0
+    finally:
+        hook.remove()
         inst.close()
 
 

@@ -4,8 +4,9 @@ Each turn of the loop: drop cancelled sequences; admit waiting ones (FIFO) that 
 and prefill them together (left-padded, logits for the last position only); then one decode step
 for every running sequence; finished ones leave the batch at once. Tokens stream to each
 request through its own queue. A new group is prefilled in a cache of its own before it joins,
-so a failure in its first step (forward or sampling) fails that group only; a failure in a pass
-over the running batch (decode, or the merge) fails the batch.
+so a failure in its first step (forward or sampling) fails that group only; a row the sampler
+cannot use (NaN or inf logits, in any step) fails its own sequence only, and the others go on; any
+other failure in a pass over the running batch (decode, or the merge) fails the batch.
 
 Admission policy (no preemption, so `preemptions` stays 0): the cache is padded (rows are
 right-aligned), so its size is bounded by rows x the longest prompt + max_tokens among them
@@ -26,7 +27,7 @@ from typing import Any
 
 from ember.errors import EmberError, Overloaded, ServiceUnavailable
 from ember.platform.runtime import kvcache
-from ember.platform.runtime.sequence import Sequence, sample
+from ember.platform.runtime.sequence import Sequence, sample, unsampled
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class BatchingEngine:
             except Exception:
                 log.exception("step listener failed")
 
-    def _prefill(self, group: list[Sequence]) -> tuple[Any, Any, list[int]]:
+    def _prefill(self, group: list[Sequence]) -> tuple[Any, Any, list[int | None]]:
         """The group's forward over its prompts in a cache of its own, and its first tokens (the
         running batch and its cache are not touched)."""
         import torch
@@ -225,7 +226,7 @@ class BatchingEngine:
         logits = self._forward("prefill", input_ids, mask, pos, cache, sum(len(s.ids) for s in group), len(group))
         return cache, pads, sample(logits, group)
 
-    def _join(self, group: list[Sequence], cache: Any, pads: Any, tokens: list[int]) -> None:
+    def _join(self, group: list[Sequence], cache: Any, pads: Any, tokens: list[int | None]) -> None:
         """The prefilled group joins the running batch: both sides right-aligned to the longer length."""
         import torch
 
@@ -254,22 +255,38 @@ class BatchingEngine:
         self._step_done()
         self._take(batch, tokens)
 
-    def _take(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        done = [s for s, t in zip(seqs, tokens, strict=True) if s.take(t)]
-        self._drop(done, None)
+    def _take(self, seqs: list[Sequence], tokens: list[int | None]) -> None:
+        """Each sequence takes its token; a row that could not be sampled fails its sequence alone.
+        Finished and failed rows leave the batch (one copy of the cache for both)."""
+        bad = [s for s, t in zip(seqs, tokens, strict=True) if t is None]
+        for s in bad:
+            log.error("engine %s: a sequence's logits were NaN or infinite after %d tokens; it fails alone",
+                      self.function, len(s.out))
+            s.fail(unsampled(s))
+        done = [s for s, t in zip(seqs, tokens, strict=True) if t is not None and s.take(t)]
+        self._end(done, None)
+        self._remove(done + bad)
 
     def _drop(self, seqs: list[Sequence], finish: str | None) -> None:
-        """Remove finished/cancelled rows from the batch and the cache (and all-pad columns)."""
+        """End cancelled sequences and remove their rows."""
+        self._end(seqs, finish)
+        self._remove(seqs)
+
+    def _end(self, seqs: list[Sequence], finish: str | None) -> None:
+        """End sequences (their text flushed, GenerationDone sent); their time feeds Retry-After."""
+        now = time.perf_counter()
+        for s in seqs:
+            self._service_s = 0.8 * self._service_s + 0.2 * (now - s.t0)
+            s.end(finish)
+
+    def _remove(self, seqs: list[Sequence]) -> None:
+        """Remove rows from the batch and the cache (and all-pad columns)."""
         if not seqs:
             return
         import torch
 
         gone = {id(s) for s in seqs}
         keep = [i for i, s in enumerate(self.running) if id(s) not in gone]
-        now = time.perf_counter()
-        for s in seqs:
-            self._service_s = 0.8 * self._service_s + 0.2 * (now - s.t0)
-            s.end(finish)
         if not keep:
             self.running, self.cache, self.pads = [], None, None
             return

@@ -39,7 +39,7 @@ class ModelInstance:
         self.model = model
         self.tokenizer = tokenizer
         self.loaded = loaded
-        self.finished: dict[str, int] = {"stop": 0, "length": 0, "cancelled": 0}
+        self.finished: dict[str, int] = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self._lock = threading.Lock()
         self._active = 0
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None

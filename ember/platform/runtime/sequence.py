@@ -84,8 +84,11 @@ class Sequence:
             self.on_end(self.finish)
 
     def fail(self, err: EmberError) -> None:
+        """End with `err` (raised by `stream`), counted like any other end."""
         self.finish = "error"
         self._emit(err)
+        if self.on_end is not None:
+            self.on_end(self.finish)
 
     def _emit(self, ev: Any) -> None:
         with self._sink_lock:
@@ -119,27 +122,51 @@ class Sequence:
                 return
 
 
-def sample(logits: Any, seqs: list[Sequence]) -> list[int]:
+def sample(logits: Any, seqs: list[Sequence]) -> list[int | None]:
     """One token per row of `logits` [B, vocab]: argmax for greedy rows, else temperature/top-p
-    sampling with each sequence's own generator. One device->host transfer for the batch."""
+    sampling with each sequence's own generator. One device->host transfer for the batch. A row
+    that cannot be sampled (NaN or +inf logits, none finite, or probabilities that are not a
+    distribution) gets None: its sequence fails, the other rows do not."""
     import torch
 
+    # amax is NaN with a NaN in the row, inf with a +inf, -inf with nothing finite (-inf alone is a mask)
+    ok = torch.isfinite(logits.amax(-1))
     if all(s.greedy for s in seqs):
-        return logits.argmax(-1).tolist()
-    out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-    greedy = [i for i, s in enumerate(seqs) if s.greedy]
-    if greedy:
-        idx = torch.tensor(greedy, device=logits.device)
-        out[idx] = logits.index_select(0, idx).argmax(-1)
-    for i, s in enumerate(seqs):
-        if s.greedy:
-            continue
-        probs = torch.softmax(logits[i].float() / s.req.temperature, dim=-1)
-        if s.req.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < s.req.top_p
-            keep[0] = True
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-            probs = probs / probs.sum()
-        out[i] = torch.multinomial(probs, 1, generator=s.gen)[0]
-    return out.tolist()
+        out = logits.argmax(-1)
+    else:
+        out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        greedy = [i for i, s in enumerate(seqs) if s.greedy]
+        if greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            out[idx] = logits.index_select(0, idx).argmax(-1)
+        for i, s in enumerate(seqs):
+            if not s.greedy:
+                out[i], valid = _draw(logits[i], s)
+                ok[i] &= valid
+    tokens, usable = torch.stack([out, ok.long()]).tolist()
+    return [t if good else None for t, good in zip(tokens, usable, strict=True)]
+
+
+def unsampled(seq: Sequence) -> EmberError:
+    """The error a sequence whose logits row `sample` could not use ends with."""
+    return EmberError(f"generation failed: the model's logits for this request were NaN or infinite after "
+                      f"{len(seq.out)} tokens", code="invalid_logits")
+
+
+def _draw(row: Any, s: Sequence) -> tuple[Any, Any]:
+    """A token sampled from one row, and whether its probabilities were a distribution (both on
+    the device: no transfer per row)."""
+    import torch
+
+    probs = torch.softmax(row.float() / s.req.temperature, dim=-1)
+    if s.req.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < s.req.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    valid = torch.isfinite(probs).all() & (probs.sum() > 0)
+    # multinomial must never see NaN: on a GPU that is a device-side assert, which ends the process's
+    # CUDA context (every instance on the device), not this request only
+    probs = torch.where(valid, probs, torch.ones_like(probs))
+    return torch.multinomial(probs, 1, generator=s.gen)[0], valid

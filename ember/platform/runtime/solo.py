@@ -12,7 +12,7 @@ from typing import Any
 
 from ember.platform.runtime import kvcache
 from ember.platform.runtime.events import GenerationDone, TokenDelta
-from ember.platform.runtime.sequence import Sequence, sample
+from ember.platform.runtime.sequence import Sequence, sample, unsampled
 
 
 def run_alone(model: Any, seq: Sequence, listener: Any = None, device_id: str = "cpu:0",
@@ -41,6 +41,8 @@ def run_alone(model: Any, seq: Sequence, listener: Any = None, device_id: str = 
                 extra = {"position_ids": pos} if "position_ids" in params else {}
                 logits = model(input_ids=step, **{cache_kw: cache}, **extra, **kw).logits[:, -1]
                 tok = sample(logits, [seq])[0]
+                if tok is None:
+                    raise unsampled(seq)
                 if listener is not None:
                     from ember.energy.steps import EngineStep
 
