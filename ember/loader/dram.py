@@ -14,7 +14,7 @@ The index (JSON) lives beside the pool and is changed only under an flock, by an
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
 import shutil
 import time
@@ -22,11 +22,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import CapacityError
 from ember.loader import vm
-from ember.loader.blocks import fit_runs, populate_pool
+from ember.loader.blocks import fit_runs
 from ember.loader.locks import NodeLock, pid_alive
-from ember.loader.shm import shm_dir_for, sweep_orphan_pools, tmpfs_has_huge_pages
+from ember.loader.shm import (
+    create_pool,
+    read_index,
+    shm_dir_for,
+    sweep_orphan_pools,
+    tmpfs_has_huge_pages,
+    write_index,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 2 << 20
 
@@ -77,21 +85,7 @@ class DramTier:
                     "persist": False,
                     "procs": [],
                 }
-                fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    if index["capacity_bytes"]:
-                        os.ftruncate(fd, index["capacity_bytes"])
-                        try:
-                            populate_pool(fd, index["capacity_bytes"])
-                        except OSError as e:
-                            os.close(fd)
-                            pool.unlink()
-                            raise CapacityError(
-                                f"cannot allocate a DRAM pool of {capacity_bytes} bytes in {self.dir}: {e}"
-                            ) from e
-                finally:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                create_pool(pool, index["capacity_bytes"])
                 shutil.rmtree(self.dir / "meta", ignore_errors=True)
                 (self.dir / "meta").mkdir()
             # Every process using the pool is registered: the last one to close removes it, and
@@ -126,6 +120,7 @@ class DramTier:
         # Huge pages (a tmpfs mounted huge=always|within_size): direct I/O straight into the pool
         # is then the fastest fill; with 4 KiB pages reads are staged through huge anonymous pages.
         self.huge_pages = tmpfs_has_huge_pages(self.dir)
+        self.warned = False  # `cannot_write` said so in the log (until a commit goes through again)
 
     # --- queries ----------------------------------------------------------------------------
     def lookup(self, name: str) -> DramEntry | None:
@@ -239,7 +234,17 @@ class DramTier:
             e["state"] = "ready"
             e["last_used"] = time.time()
             self._write_index(index)
+            self.warned = False  # writing again: a later failure is news again
             return self._entry(name, e)
+
+    def cannot_write(self, err: BaseException) -> None:
+        """The tier could not take an entry (a full /dev/shm): said once in the log."""
+        if not self.warned:
+            self.warned = True
+            log.warning("DRAM tier %s cannot take entries (%s): serving from memory without caching in DRAM",
+                        self.dir, err)
+        else:
+            log.debug("DRAM tier %s still cannot take entries: %s", self.dir, err)
 
     def abort(self, name: str) -> None:
         """Forget a filling entry of this process (its blocks become free)."""
@@ -359,15 +364,10 @@ class DramTier:
         return self._lock.held()
 
     def _read_index(self) -> dict | None:
-        try:
-            return json.loads((self.dir / "index.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_index(self.dir)
 
     def _write_index(self, index: dict) -> None:
-        tmp = self.dir / f"index.json.{self.pid}"
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, self.dir / "index.json")
+        write_index(self.dir, index)
 
     def _entry(self, name: str, e: dict) -> DramEntry:
         runs = tuple((s * self.block_bytes, n * self.block_bytes) for s, n in e["runs"])

@@ -5,11 +5,11 @@ model files and every chunk verified on the way."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ember.loader import vm
 from ember.loader.device import DeviceUpload
@@ -19,9 +19,8 @@ from ember.loader.pipeline import open_partitions, read_from_fds, tensors_from_b
 from ember.loader.verify import verified_manifest, verify_files
 
 if TYPE_CHECKING:
+    from ember.loader.dram import DramEntry
     from ember.loader.tiers import NodeTiers
-
-log = logging.getLogger(__name__)
 
 
 def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev):
@@ -47,13 +46,13 @@ def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev
                 fds, manifest, memoryview(dest), threads=tiers.threads, on_chunk=on_chunk,
                 stage_direct=not tiers.dram.huge_pages,
             )
-            done = tiers.dram.filled_view(entry, view)
-            tiers.dram.commit(key)
+            entry, done = commit_or_private(tiers, entry, view, dest, up is not None)
         except BaseException:
             tiers.dram.abort(key)
             raise
         buf = up.finish() if up is not None else torch.from_numpy(done)
-        return tensors_from_buffer(manifest, buf), manifest, entry, entry.meta_dir / FILES_DIR
+        files = entry.meta_dir if entry is not None else directory
+        return tensors_from_buffer(manifest, buf), manifest, entry, files / FILES_DIR
     finally:
         for fd, _ in fds:
             os.close(fd)
@@ -73,13 +72,34 @@ def _dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, ma
     except OSError as e:
         with contextlib.suppress(OSError):
             tiers.dram.abort(ident.key)
-        log.warning("DRAM tier %s cannot hold %s (%s): serving it from private memory",
-                    tiers.dram.dir, ident.ref, e)
+        tiers.dram.cannot_write(e)
         return None
     except BaseException:
         if entry is not None:
             tiers.dram.abort(ident.key)
         raise
+
+
+def commit_or_private(tiers: NodeTiers, entry: DramEntry, view, dest, on_device: bool,
+                      beside: Callable[[], None] | None = None) -> tuple[DramEntry | None, Any]:
+    """Make a filled DRAM entry ready (after `beside()`: what still goes beside it) and return
+    (entry, its bytes read-only). A DRAM tier that cannot write now (a full /dev/shm: OSError)
+    costs the DRAM copy, never the load: the entry is given up (said once in the log) and the bytes
+    are copied out to private memory (a device load has them on the device already): (None, them)."""
+    try:
+        if beside is not None:
+            beside()
+        done = tiers.dram.filled_view(entry, view)
+        return tiers.dram.commit(entry.name), done
+    except OSError as e:
+        tiers.dram.cannot_write(e)
+    if not on_device:
+        private = vm.anonymous(max(entry.nbytes, 1), touch=False)
+        private.array()[: entry.nbytes] = dest[: entry.nbytes]
+        dest = private.array()
+    with contextlib.suppress(OSError):  # on a tmpfs this full, the entry goes with this process
+        tiers.dram.abort(entry.name)
+    return None, dest
 
 
 def read_private(tiers: NodeTiers, manifest: CheckpointManifest, fds, dev):

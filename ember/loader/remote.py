@@ -1,10 +1,12 @@
 """Loading a checkpoint from its store (`load_remote`, the tiers' last resort): every chunk into
 memory (verified: the DRAM pool's new entry, or private memory) and, while the SSD tier can write,
 into the SSD tier's temporary entry at once (O_DIRECT where it can), then the model files beside
-them. A write error of the SSD tier (a full disk) costs the SSD copy, never the load."""
+them. A write error of the SSD tier (a full disk) costs the SSD copy, one of the DRAM tier (a full
+/dev/shm) the DRAM copy, never the load."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -24,12 +26,14 @@ from ember.loader.format import (
     parse_manifest,
 )
 from ember.loader.identity import CheckpointIdentity, manifest_digest
+from ember.loader.local import commit_or_private
 from ember.loader.pipeline import run_parallel, tensors_from_buffer
 from ember.loader.ssd import REF_FILE
 from ember.loader.store import S3_THREADS
 from ember.loader.verify import check_file_bytes
 
 if TYPE_CHECKING:
+    from ember.loader.dram import DramEntry
     from ember.loader.tiers import NodeTiers
 
 
@@ -202,7 +206,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             tiers.ssd_unwritable(e)
     entry = ssd_pin = None
     try:
-        entry = tiers.dram.allocate(key, total, ref=ident.ref)
+        entry = _new_dram_entry(tiers, ident, total)
         view = None
         if entry is not None:
             view = tiers.dram.writable_view(entry)
@@ -222,8 +226,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             tiers.ssd.abort(ssd_tmp)
             ssd_tmp = None
             tiers.ssd_unwritable(ssd_error)
-        meta_dir = entry.meta_dir if entry is not None else None
-        ssd_tmp, files = _download_files(tiers, store, name, manifest, raw, ssd_tmp, meta_dir)
+        ssd_tmp, files = _download_files(tiers, store, name, manifest, raw, ssd_tmp)
         if ssd_tmp is not None:
             try:
                 (ssd_tmp / REF_FILE).write_text(ident.ref)
@@ -233,18 +236,19 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
                 tiers.ssd.abort(ssd_tmp)
                 tiers.ssd_unwritable(e)
             ssd_tmp = None
-        if meta_dir is not None:  # the files are beside the DRAM entry: the SSD entry need not stay
+        if entry is not None:  # the model files beside it, then ready; a full /dev/shm costs the DRAM copy
+            meta = entry.meta_dir
+            entry, dest = commit_or_private(tiers, entry, view, dest, up is not None,
+                                            lambda: write_model_files(meta, raw, files))
+        if entry is not None:  # the files are beside the DRAM entry: the SSD entry need not stay
             if ssd_pin is not None:
                 ssd_pin.release()
                 ssd_pin = None
-            files_dir = meta_dir / FILES_DIR
+            files_dir = entry.meta_dir / FILES_DIR
         elif ssd_pin is not None:  # in the installed SSD entry, pinned while the instance uses them
             files_dir = ssd_pin.path / FILES_DIR
         else:
             files_dir = _fallback_files(tiers, key, raw, files)
-        if entry is not None:
-            dest = tiers.dram.filled_view(entry, view)
-            tiers.dram.commit(key)
     except BaseException:
         if entry is not None:
             tiers.dram.abort(key)
@@ -257,10 +261,22 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
     return tensors_from_buffer(manifest, buf), manifest, entry, files_dir, ssd_pin
 
 
+def _new_dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, nbytes: int) -> DramEntry | None:
+    """A new DRAM entry to fill, or None: the pool cannot hold it, or its directory cannot be
+    written (a full /dev/shm: said once in the log; the load serves from private memory)."""
+    try:
+        return tiers.dram.allocate(ident.key, nbytes, ref=ident.ref)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tiers.dram.abort(ident.key)
+        tiers.dram.cannot_write(e)
+        return None
+
+
 def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest, raw: bytes,
-                    ssd_tmp: Path | None, meta_dir: Path | None) -> tuple[Path | None, dict[str, bytes]]:
-    """Fetch and verify the model files (once) into the DRAM entry's and the SSD entry's
-    directories. Returns (ssd_tmp or None when the SSD tier could not write them, the files' bytes)."""
+                    ssd_tmp: Path | None) -> tuple[Path | None, dict[str, bytes]]:
+    """Fetch and verify the model files (once), into the SSD entry's directory too. Returns
+    (ssd_tmp or None when the SSD tier could not write them, the files' bytes)."""
     files = fetch_model_files(store, name, manifest)
     if ssd_tmp is not None:
         try:
@@ -269,8 +285,6 @@ def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest,
             tiers.ssd.abort(ssd_tmp)
             tiers.ssd_unwritable(e)
             ssd_tmp = None
-    if meta_dir is not None:
-        write_model_files(meta_dir, raw, files)
     return ssd_tmp, files
 
 

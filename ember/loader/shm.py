@@ -1,11 +1,12 @@
 """Where a node's DRAM pool lives: its shared-memory directory (named from the node's data
-directory, so every process of the node finds it), whether that tmpfs hands out huge pages, and
-sweeping pools nobody can use any more (their data directory gone, or every process that used
-them dead without closing)."""
+directory, so every process of the node finds it), its index file, whether that tmpfs hands out
+huge pages, and sweeping pools nobody can use any more (their data directory gone, or every
+process that used them dead without closing)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ember.errors import CapacityError
+from ember.loader.blocks import populate_pool
 from ember.loader.locks import pid_alive
 
 
@@ -21,6 +24,60 @@ def shm_dir_for(data_dir: Path) -> Path:
     root = Path(os.environ.get("EMBER_SHM_DIR", "/dev/shm"))
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
     return root / f"ember-{digest}"
+
+
+def create_pool(pool: Path, capacity_bytes: int) -> None:
+    """A new pool file of `capacity_bytes`, every page allocated and touched now; CapacityError
+    (and no file) when the tmpfs cannot hold it."""
+    fd = os.open(pool, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if capacity_bytes:
+            os.ftruncate(fd, capacity_bytes)
+            populate_pool(fd, capacity_bytes)
+    except OSError as e:
+        os.close(fd)
+        pool.unlink()
+        raise CapacityError(f"cannot allocate a DRAM pool of {capacity_bytes} bytes in {pool.parent}: {e}") from e
+    os.close(fd)
+
+
+def read_index(directory: Path) -> dict | None:
+    """The pool's index (JSON beside it), or None when there is none or it is unreadable."""
+    try:
+        return json.loads((directory / "index.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_index(directory: Path, index: dict) -> None:
+    """Replace the pool's index (the caller holds the pool's lock): a new file renamed over it; on a
+    full tmpfs (ENOSPC), written in place into the pages the old file already has, padded with
+    spaces. So an entry given up on a full /dev/shm (abort, evict, unpin) is still forgotten, instead
+    of its blocks staying taken, and a commit of the same size still goes through."""
+    data = json.dumps(index).encode()
+    tmp = directory / f"index.json.{os.getpid()}"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / "index.json")
+        return
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a half-written copy holds the very pages the tmpfs lacks
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = e
+    try:
+        fd = os.open(directory / "index.json", os.O_WRONLY)
+    except FileNotFoundError:
+        raise full from None
+    try:
+        st = os.fstat(fd)
+        if len(data) > st.st_blocks * 512:  # more than the pages it has: writing it could tear it
+            raise full
+        data = data.ljust(st.st_size, b" ")  # the rest of the old text becomes whitespace
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
 
 
 def tmpfs_has_huge_pages(path: Path) -> bool:

@@ -56,3 +56,57 @@ def test_full_shm_keeps_the_ssd_entry_and_serves_it(tmp_path, tiny_model_dir, mo
                 os.unlink(with_filler)
 
     on_small_disk(shm, "3m", body)
+
+
+@pytest.mark.parametrize("when", ["before", "files"])
+def test_full_shm_serves_a_store_load_without_caching_it_in_dram(tmp_path, tiny_model_dir, monkeypatch, caplog,
+                                                                 when) -> None:
+    """/dev/shm full during a load from the store (before the DRAM entry is made, or when its model
+    files are written beside it): the load serves from memory without a DRAM entry, as a full SSD
+    disk does, and says so once in the log; the SSD tier still caches it, and nothing of a DRAM
+    entry is left behind."""
+    import logging
+
+    import ember.loader.remote as remote
+    from ember.loader.tiers import NodeTiers
+
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "again")
+    shm = tmp_path / "shm"
+    monkeypatch.setenv("EMBER_SHM_DIR", str(shm))
+    if when == "files":  # the pool's index still has room: the model files beside the entry fill it
+        real = remote.write_model_files
+
+        def fill_first(directory, raw, files, manifest=True):
+            if str(directory).startswith(str(shm)):
+                _fill(shm)
+            return real(directory, raw, files, manifest)
+
+        monkeypatch.setattr(remote, "write_model_files", fill_first)
+
+    def body(why_not: str) -> None:
+        if why_not:
+            pytest.skip(why_not)
+        tiers = NodeTiers(tmp_path / "node", f"file://{tmp_path / 'store'}", dram_capacity_bytes=2 << 20)
+        try:
+            if when == "before":
+                _fill(shm)
+            with caplog.at_level(logging.WARNING, logger="ember.loader"):
+                for name in ("tiny", "again"):
+                    got = tiers.load(name)
+                    assert got.tier == "remote" and got.state_dict
+                    assert json.loads((got.model_files / "config.json").read_text())
+                    assert not str(got.model_files).startswith(str(shm))
+                    assert tiers.ssd.path(tiers.key(name)) is not None  # the SSD tier cached it
+                    assert tiers.dram.lookup(tiers.key(name)) is None and tiers.dram.used_bytes() == 0
+                    got.release()
+            assert sorted(p.name for p in (tiers.dram.dir / "meta").iterdir()) == []
+            said = [r for r in caplog.records if "DRAM tier" in r.getMessage() and r.levelno >= logging.WARNING]
+            assert len(said) == 1, [r.getMessage() for r in caplog.records]
+        finally:
+            tiers.close(destroy_dram=True)
+            with_filler = shm / "filler"
+            if with_filler.exists():
+                os.unlink(with_filler)
+
+    on_small_disk(shm, "3m", body)
