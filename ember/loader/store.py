@@ -7,12 +7,13 @@ complete. boto3 is imported only when an s3:// store is opened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,7 +26,6 @@ from ember.loader.names import validate_name
 from ember.loader.pipeline import pread_full
 from ember.loader.swap import replace_dir
 
-RANGE_BYTES = 16 << 20
 S3_THREADS = 8
 
 
@@ -153,10 +153,13 @@ class FileStore(CheckpointStore):
 
     def remove(self, name: str) -> None:
         d = self.root / validate_name(name)
-        if not d.is_dir():
+        if not self.root.is_dir():
             raise CheckpointNotFound(f"no checkpoint {name!r} in {self.uri}")
         trash = self.root / f".trash-{uuid.uuid4().hex[:8]}"
-        os.replace(d, trash)
+        with self._push_lock():  # a push installing the name meanwhile would find it gone under it
+            if not d.is_dir():
+                raise CheckpointNotFound(f"no checkpoint {name!r} in {self.uri}")
+            os.replace(d, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
     def exists(self, name: str) -> bool:
@@ -201,16 +204,22 @@ class FileStore(CheckpointStore):
                 os.replace(src, tmp)
             else:
                 _copy_tree(src, tmp, progress)
-            lock = NodeLock(self.root / ".push.lock")  # one push of a name at a time, any process
-            try:
-                with lock.held():
-                    replace_dir(tmp, self.root / name)
-            finally:
-                lock.close()
+            with self._push_lock():
+                replace_dir(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return CheckpointInfo(name, read_manifest(self.root / name).tensor_nbytes)
+
+    @contextlib.contextmanager
+    def _push_lock(self) -> Iterator[None]:
+        """One change of a name (a push installing it, a remove) at a time, in any process."""
+        lock = NodeLock(self.root / ".push.lock")
+        try:
+            with lock.held():
+                yield
+        finally:
+            lock.close()
 
 
 class S3Store(CheckpointStore):
@@ -391,15 +400,3 @@ def _copy_tree(src: Path, dst: Path, progress: bool) -> None:
             shutil.copyfile(p, dst / rel)
             bar.advance(p.stat().st_size)
         shutil.copyfile(src / MANIFEST_FILE, dst / MANIFEST_FILE)
-
-
-def parallel_ranges(size: int, range_bytes: int = RANGE_BYTES) -> list[tuple[int, int]]:
-    """(offset, length) pieces covering `size` bytes."""
-    return [(o, min(range_bytes, size - o)) for o in range(0, size, range_bytes)]
-
-
-def download_pool(threads: int = S3_THREADS) -> ThreadPoolExecutor:
-    """Thread pool for ranged GETs."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-get")
-
-

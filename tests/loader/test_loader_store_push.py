@@ -45,3 +45,39 @@ def test_concurrent_pushes_of_one_name(tmp_path: Path, tiny_converted: Path) -> 
     assert not missing
     assert sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".push")) == ["m"]
     assert [i.name for i in store.list()] == ["m"]
+
+
+def test_a_remove_waits_for_a_push_of_the_name(tmp_path: Path, tiny_converted: Path, monkeypatch) -> None:
+    """A remove that comes while a push is installing the name (between its look at what is there
+    and its swap) waits for the push, then removes what it installed: the push neither fails (a raw
+    FileNotFoundError: the remove had moved the old version away under it) nor leaves anything
+    beside the name."""
+    import ember.loader.swap as swap
+    from ember.errors import CheckpointNotFound
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    store.push(tiny_converted, "m")
+    removed: list[BaseException | None] = []
+    removers: list[threading.Thread] = []
+    real = swap._exchange
+
+    def remove_meanwhile(a: Path, b: Path) -> bool:
+        def remove() -> None:
+            try:
+                store.remove("m")
+                removed.append(None)
+            except CheckpointNotFound as e:
+                removed.append(e)
+
+        remover = threading.Thread(target=remove)
+        removers.append(remover)
+        remover.start()
+        remover.join(1.0)  # done at once unless the push's lock holds it off
+        monkeypatch.setattr(swap, "_exchange", real)
+        return real(a, b)
+
+    monkeypatch.setattr(swap, "_exchange", remove_meanwhile)
+    store.push(tiny_converted, "m")  # raised FileNotFoundError when the remove did not wait
+    removers[0].join(30)
+    assert removed == [None] and not store.exists("m")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".push")) == []
