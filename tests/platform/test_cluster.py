@@ -205,6 +205,30 @@ def test_reregister_after_redis_restart_and_restore(redis_url: str) -> None:
     assert c.node("n1").devices[0].free_bytes == 6 * GB
 
 
+def test_a_restored_instance_keeps_the_slots_of_its_running_streams(redis_url: str) -> None:
+    """The worker restores an instance with the slots its streams hold: they count as outstanding
+    (restored at 0, the instance was over-admitted) and stay the gateways' leases, released, renewed
+    or lapsing as before Redis forgot them."""
+    c = _cluster(redis_url)
+    _register(c, "n1", gpus=1)
+    p = c.place(_req("f"), FirstFit())
+    c.mark_ready(p.instance_id)
+    held = [c.acquire_warm("f", 2), c.acquire_warm("f", 2)]
+    rec = c.instance(p.instance_id)
+    c.r.flushall()
+    _register(c, "n1", gpus=1)
+    assert c.restore_instance(rec, [h.slot_id for h in held], time.time() + 60) is True
+    assert c.instance(p.instance_id).outstanding == 2
+    assert c.acquire_warm("f", 2) is None  # at its target concurrency, as before the restart
+    c.release_request(held[0])  # the gateway's release finds its slot
+    assert c.instance(p.instance_id).outstanding == 1
+    c.release_request(held[0])  # once
+    assert c.instance(p.instance_id).outstanding == 1
+    c.r.zadd(Keys.instance_slots(p.instance_id), {held[1].slot_id: time.time() - 1})  # its gateway died
+    got = c.acquire_warm("f", 1)  # the lapsed lease is dropped first
+    assert got is not None and c.instance(p.instance_id).outstanding == 1
+
+
 def test_a_node_deregistered_while_it_registers_restores_nothing_unbooked(redis_url: str) -> None:
     """A gateway deregisters the node (a refused connection: node_gone) between the worker's
     register_node and its restore_instance: nothing is recorded then (before, the instance was

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import redis
 
-from ember.platform.cluster.leases import AsyncSlots, Leases
+from ember.platform.cluster.leases import SLOT_HEADER, AsyncSlots, Leases
 from ember.platform.cluster.lifecycle import InstanceLifecycle
 from ember.platform.cluster.nodes import NodeMembership
 from ember.platform.cluster.records import (
@@ -34,8 +34,8 @@ from ember.scheduler.estimator import EWMA_ALPHA
 
 _DecisionView = DecisionView  # the name tests and older branches import
 
-__all__ = ["AsyncSlots", "DeviceSpec", "Heartbeat", "InstanceRecord", "InstanceState", "Placement", "RedisCluster",
-           "EWMA_ALPHA"]
+__all__ = ["SLOT_HEADER", "AsyncSlots", "DeviceSpec", "Heartbeat", "InstanceRecord", "InstanceState", "Placement",
+           "RedisCluster", "EWMA_ALPHA"]
 
 
 class RedisCluster(NodeMembership, InstanceLifecycle, Leases, ClusterReads):

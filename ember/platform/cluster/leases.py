@@ -19,6 +19,10 @@ from ember.platform.state import PREFIX, Keys
 
 log = logging.getLogger(__name__)
 
+# gateway -> worker: the request slot a token stream holds. The worker keeps the slots of the streams
+# it serves and restores them with their instance when Redis forgot it (a restart, a reap).
+SLOT_HEADER = "x-ember-slot"
+
 
 def _acquire_args(target_concurrency: int, ttl_s: float, exclude: Iterable[str]) -> tuple[str, list[Any]]:
     now = time.time()

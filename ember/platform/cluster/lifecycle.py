@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from ember.platform.cluster.base import ClusterBase, state_errors
@@ -110,18 +111,22 @@ class InstanceLifecycle(ClusterBase):
                                                args=[PREFIX, instance_id]))
 
     @state_errors
-    def restore_instance(self, rec: InstanceRecord) -> bool:
+    def restore_instance(self, rec: InstanceRecord, slots: Sequence[str] = (), slot_expiry_s: float = 0.0) -> bool:
         """A worker re-asserts an instance it holds, with its real state (after a Redis restart or
-        a reap, once `register_node` ran again): recorded and claimed unless already there. False
-        when its device is not registered (the node was deregistered meanwhile): nothing recorded;
-        the worker's next beat finds its node unknown and registers again."""
+        a reap, once `register_node` ran again): recorded and claimed unless already there, with
+        the request slots of the streams it still serves (`slots`, leases until `slot_expiry_s`
+        that the gateways holding them renew and release; `outstanding` counts them). False when
+        its device is not registered (the node was deregistered meanwhile): nothing recorded; the
+        worker's next beat finds its node unknown and registers again."""
         fields: list[Any] = []
         for k, v in rec.to_hash().items():
             fields += [k, v]
         return int(self.scripts.restore(
             keys=[Keys.instance(rec.instance_id), Keys.device(rec.node_id, rec.device_id), Keys.instances,
-                  Keys.function_instances(rec.function), Keys.node_instances(rec.node_id), Keys.devices_free],
-            args=[rec.instance_id, rec.nbytes, f"{rec.node_id}/{rec.device_id}", Keys.wake(rec.function), *fields],
+                  Keys.function_instances(rec.function), Keys.node_instances(rec.node_id), Keys.devices_free,
+                  Keys.instance_slots(rec.instance_id)],
+            args=[rec.instance_id, rec.nbytes, f"{rec.node_id}/{rec.device_id}", Keys.wake(rec.function),
+                  repr(slot_expiry_s), len(slots), *slots, *fields],
         )) >= 0
 
     @state_errors

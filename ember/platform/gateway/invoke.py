@@ -24,7 +24,7 @@ from anyio import to_thread
 
 from ember.config import Settings
 from ember.errors import EmberError, NoCapacity, StateUnavailable, WorkerError, WorkerTimeout
-from ember.platform.cluster import AsyncSlots, InstanceRecord, RedisCluster
+from ember.platform.cluster import SLOT_HEADER, AsyncSlots, InstanceRecord, RedisCluster
 from ember.platform.gateway.coldstart import InstanceStarter
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec, GenerateRequest, LoadResult
@@ -269,8 +269,10 @@ class Invoker:
                 read_bufsize=1 << 20, auto_decompress=False)
         return self._stream_session
 
-    async def _post_stream(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _post_stream(self, url: str, body: dict[str, Any], slot: str = "") -> aiohttp.ClientResponse:
         session, headers = self.stream_session(), {CLUSTER_TOKEN_HEADER: self.token}
+        if slot:  # the worker restores it with the instance if Redis forgets both (see SLOT_HEADER)
+            headers[SLOT_HEADER] = slot
         try:
             return await session.post(url, json=body, headers=headers, timeout=self.stream_timeout)
         except aiohttp.ServerDisconnectedError:  # a pooled connection closed under us: once more on a new one
@@ -285,7 +287,7 @@ class Invoker:
     async def _start(self, target: InvocationTarget, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         url = f"{target.worker_url}/internal/instances/{target.instance_id}/generate"
         try:  # connect, first byte and gaps between chunks are bounded; the whole stream is not
-            resp = await self._post_stream(url, req.model_dump())
+            resp = await self._post_stream(url, req.model_dump(), target.record.slot_id if target.record else "")
         except aiohttp.ClientConnectorError as e:  # refused: the worker process is gone
             await self.starter.node_gone(target.node_id, e)
             raise Retry(WorkerError(f"worker {target.node_id} unreachable: {e}")) from e

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from ember.config import Settings
 from ember.errors import EmberError, Unauthorized
 from ember.platform import heap
-from ember.platform.cluster import RedisCluster
+from ember.platform.cluster import SLOT_HEADER, RedisCluster
 from ember.platform.http_common import error_response, install_error_handlers
 from ember.platform.runtime.engine import GenerationDone, TokenDelta
 from ember.platform.wire import (
@@ -113,7 +113,8 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         # tokenized and queued before streaming, so a context-length error is a 400, a full queue a 429
         # (Retry-After) and a request no KV budget could hold a 503, rather than in-stream errors
         seq = await to_thread.run_sync(inst.submit, body)
-        return StreamingResponse(_ndjson(node, inst, body, seq), media_type="application/x-ndjson")
+        slot = request.headers.get(SLOT_HEADER, "")
+        return StreamingResponse(_ndjson(node, inst, body, seq, slot), media_type="application/x-ndjson")
 
     async def metrics(request: Request) -> Response:
         """Prometheus: each instance's engine (KV-cache usage, batch size, queue depth, preemptions)."""
@@ -132,9 +133,10 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     return app
 
 
-async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) -> AsyncIterator[bytes]:
+async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any, slot: str) -> AsyncIterator[bytes]:
     """Relay the sequence's events (its engine runs them); cancel it when the client goes away.
-    The engine's thread hands each event to this loop directly (no relay thread per request)."""
+    The engine's thread hands each event to this loop directly (no relay thread per request).
+    While it runs, the gateway's request `slot` counts for the instance (`node.slots`)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -147,20 +149,21 @@ async def _ndjson(node: WorkerNode, inst: Any, body: GenerateRequest, seq: Any) 
     energy_mark = node.begin_request_energy(inst)
     stop = inst.watch(seq, sink)
     try:
-        while True:
-            ev = await queue.get()
-            if isinstance(ev, TokenDelta):
-                yield json.dumps({"text": ev.text}).encode() + b"\n"
-            elif isinstance(ev, GenerationDone):
-                node.record_request(inst, ev, body)
-                yield json.dumps({"done": {
-                    "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
-                    "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
-                    "energy_j": node.end_request_energy(energy_mark),
-                }}).encode() + b"\n"
-                break
-            elif isinstance(ev, EmberError):
-                yield json.dumps(ev.to_openai()).encode() + b"\n"
-                break
+        with node.slots.held(inst.instance_id, slot):
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, TokenDelta):
+                    yield json.dumps({"text": ev.text}).encode() + b"\n"
+                elif isinstance(ev, GenerationDone):
+                    node.record_request(inst, ev, body)
+                    yield json.dumps({"done": {
+                        "finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
+                        "completion_tokens": ev.completion_tokens, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s,
+                        "energy_j": node.end_request_energy(energy_mark),
+                    }}).encode() + b"\n"
+                    break
+                elif isinstance(ev, EmberError):
+                    yield json.dumps(ev.to_openai()).encode() + b"\n"
+                    break
     finally:
         stop()  # client gone before the end: the engine drops the sequence before its next step

@@ -25,6 +25,7 @@ from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
 from ember.platform.runtime.engine import ModelInstance
 from ember.platform.wire import LoadRequest, LoadResult
 from ember.platform.worker.node_energy import WorkerEnergy
+from ember.platform.worker.serving import ServingSlots
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class WorkerNode(WorkerEnergy):
         self.tiers.on_corrupt_dram = lambda ref: self._retire_instances_on({ref})
         self.instances: dict[str, ModelInstance] = {}
         self.records: dict[str, InstanceRecord] = {}
+        self.slots = ServingSlots()  # the request slots of each instance's running streams
         # what this worker really holds: instance id -> "loading" | "ready" | "draining". Published on
         # every heartbeat and re-registration; changed, with its Redis transition, under _state_lock
         # (so a beat never reports a snapshot older than what Redis was told)
@@ -137,10 +139,9 @@ class WorkerNode(WorkerEnergy):
                 rec = self.records.get(iid)
                 if rec is None or state == "loading":
                     continue  # a load in progress re-asserts itself when it finishes (mark_ready)
-                rec.state = state
-                rec.outstanding = 0
-                rec.deadline_s = 0.0
-                self.cluster.restore_instance(rec)
+                slots = self.slots.of(iid)  # the streams it serves: their slots come back with it
+                rec.state, rec.outstanding, rec.deadline_s = state, len(slots), 0.0
+                self.cluster.restore_instance(rec, slots, time.time() + self.settings.slot_ttl_s)
         self.beat()
         log.info("node %s registered at %s with %d devices", self.node_id, self.url, len(self.devices))
 

@@ -1,0 +1,139 @@
+"""Request slots through a real gateway and worker (uvicorn processes, a real redis-server): the
+slots of streams still running come back with their instance when Redis forgot it (its node reaped
+while the worker was alive)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from ember.platform.cluster import RedisCluster
+from ember.platform.redis_server import RedisServerProcess
+from ember.platform.state import Keys
+from tests.platform.conftest import (
+    CLUSTER_TOKEN,
+    Proc,
+    admin_headers,
+    base_env,
+    start_gateway,
+    start_worker,
+    until,
+)
+
+pytestmark = pytest.mark.slow
+WORKER = {"x-ember-cluster-token": CLUSTER_TOKEN}
+# greedy from "Hello" the tiny model never meets EOS: 2,000 tokens, about a second of generation
+LONG = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2000, "temperature": 0}
+
+
+class Env:
+    def __init__(self, redis_url: str, gateway: Proc, worker: Proc) -> None:
+        self.gateway, self.worker = gateway, worker
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.cluster = RedisCluster(self.r)
+
+    def deploy(self, name: str, **scaling: object) -> None:
+        r = httpx.put(f"{self.gateway.url}/v1/functions/{name}", headers=admin_headers(), timeout=60,
+                      json={"checkpoint": "tiny", "scaling": {"keep_alive_s": 300, **scaling}})
+        assert r.status_code in (200, 201), r.text
+
+    def chat(self, name: str, **body: object) -> httpx.Response:
+        return httpx.post(f"{self.gateway.url}/v1/chat/completions", headers=admin_headers(), timeout=120,
+                          json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                **body})
+
+    def stream_in_background(self, name: str) -> tuple[threading.Event, dict]:
+        """A long stream through the gateway; the event is set once its first chunk arrived, and the
+        dict gets its status and every line when it ends."""
+        first, out = threading.Event(), {}
+
+        def run() -> None:
+            with httpx.stream("POST", f"{self.gateway.url}/v1/chat/completions", headers=admin_headers(),
+                              json={"model": name, "stream": True, **LONG}, timeout=120) as resp:
+                lines = []
+                for line in resp.iter_lines():
+                    if line:
+                        lines.append(line)
+                        first.set()
+                out.update(status=resp.status_code, lines=lines)
+            first.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        return first, out
+
+    def slots_in_redis(self, name: str) -> dict[str, tuple[int, int]]:
+        """Instance id -> (outstanding, slot leases) for each instance of the function."""
+        return {i.instance_id: (i.outstanding, self.r.zcard(Keys.instance_slots(i.instance_id)))
+                for i in self.cluster.instances(name)}
+
+    def claims_match_instances(self) -> bool:
+        """Every device books what its instances hold: each checkpoint's weights once per device plus
+        each instance's KV budget (claim.lua)."""
+        booked: dict[str, int] = {}
+        weights: dict[tuple[str, str], int] = {}
+        for i in self.cluster.instances():
+            key = f"{i.node_id}/{i.device_id}"
+            booked[key] = booked.get(key, 0) + i.kv_bytes
+            weights[(key, i.checkpoint)] = i.nbytes
+        for (key, _), nbytes in weights.items():
+            booked[key] = booked.get(key, 0) + nbytes
+        node = self.cluster.node("w0")
+        return node is not None and all(d.memory_bytes - d.free_bytes == booked.get(d.key, 0) for d in node.devices)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Env]:
+    from ember.loader import open_store
+
+    tmp = tmp_path_factory.mktemp("slots")
+    store_url = f"file://{tmp / 'store'}"
+    open_store(store_url).push(tiny_model_dir, "tiny")
+    server = RedisServerProcess(tmp / "redis", persistent=False).start()
+    e = base_env(server.url, store_url, EMBER_SLO_TIMEOUT_S="30", EMBER_CPU_SLOTS="2", EMBER_DRAIN_GRACE_S="30")
+    procs: list[Proc] = []
+    try:
+        procs.append(start_gateway(tmp, e))
+        procs.append(start_worker(tmp, e, "w0"))
+        assert until(lambda: httpx.get(f"{procs[0].url}/readyz").json().get("workers") == 1, 20)
+        yield Env(server.url, procs[0], procs[1])
+    finally:
+        for p in procs:
+            p.stop()
+        server.stop()
+
+
+def test_a_reaped_instance_comes_back_with_the_slots_of_its_running_streams(env: Env) -> None:
+    """The worker pauses past its heartbeat TTL mid-stream: the gateway reaps its node (instance and
+    slot leases gone from Redis), the worker comes back, registers again and restores the instance.
+    It used to come back with `outstanding` 0 while the stream still ran on it: a second request was
+    admitted beyond target_concurrency 1 (and keep-alive or eviction could take it from under the
+    stream). Now the stream's slot comes back with it, and the gateway's release at the end finds it."""
+    env.deploy("kept", max_instances=1, target_concurrency=1)
+    assert env.chat("kept").status_code == 200
+    (iid,) = env.slots_in_redis("kept")
+    first, out = env.stream_in_background("kept")
+    assert first.wait(60) and "status" not in out
+    os.kill(env.worker.proc.pid, signal.SIGSTOP)
+    try:
+        assert until(lambda: "w0" not in env.r.smembers(Keys.nodes), 20)  # reaped: its heartbeat lapsed
+        assert env.cluster.instance(iid) is None and not env.r.exists(Keys.instance_slots(iid))
+    finally:
+        os.kill(env.worker.proc.pid, signal.SIGCONT)
+    assert until(lambda: env.cluster.instance(iid) is not None, 20)  # registered again, restored
+    restored = env.slots_in_redis("kept")
+    still_running = "status" not in out
+    assert still_running, "the stream ended before the instance was restored: nothing was checked"
+    assert restored == {iid: (1, 1)}, restored  # before: {iid: (0, 0)}
+    assert env.cluster.acquire_warm("kept", 1) is None  # at its target concurrency: nothing more admitted
+    assert until(lambda: "status" in out, 60)
+    assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]"
+    assert until(lambda: env.slots_in_redis("kept") == {iid: (0, 0)}, 10), env.slots_in_redis("kept")
+    assert env.chat("kept").headers["x-ember-cold-start"] == "false"  # the same instance serves on
+
