@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from ember.loader.format import (
 )
 from ember.loader.identity import CheckpointIdentity, manifest_digest
 from ember.loader.local import commit_or_private
+from ember.loader.locks import pid_alive
 from ember.loader.pipeline import run_parallel, tensors_from_buffer
 from ember.loader.ssd import REF_FILE
 from ember.loader.store import S3_THREADS
@@ -35,6 +37,8 @@ from ember.loader.verify import check_file_bytes
 if TYPE_CHECKING:
     from ember.loader.dram import DramEntry
     from ember.loader.tiers import NodeTiers
+
+FALLBACK_DIR = "files"  # under the node's data dir (or its shared-memory dir): `_fallback_files`
 
 
 def download_partitions(store, name: str, manifest: CheckpointManifest, raw: bytes, dest: memoryview,
@@ -175,8 +179,8 @@ class _InOrderSha256:
 def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
     """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk. An SSD
     tier that cannot write (a full disk) is skipped: the load serves from memory. Returns (state
-    dict, manifest, DRAM entry or None, model files directory, the SSD entry's pin when the model
-    files are there, else None)."""
+    dict, manifest, DRAM entry or None, model files directory, what keeps the model files for the
+    instance (the SSD entry's pin, or this load's FallbackFiles) when no DRAM entry has them, else None)."""
     import torch
 
     name, key = ident.name, ident.key
@@ -248,7 +252,8 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
         elif ssd_pin is not None:  # in the installed SSD entry, pinned while the instance uses them
             files_dir = ssd_pin.path / FILES_DIR
         else:
-            files_dir = _fallback_files(tiers, key, raw, files)
+            ssd_pin = _fallback_files(tiers, key, raw, files)  # released with the instance, as a pin
+            files_dir = ssd_pin.path / FILES_DIR
     except BaseException:
         if entry is not None:
             tiers.dram.abort(key)
@@ -288,21 +293,55 @@ def _download_files(tiers: NodeTiers, store, name, manifest: CheckpointManifest,
     return ssd_tmp, files
 
 
-def _fallback_files(tiers: NodeTiers, key: str, raw: bytes, files: dict[str, bytes]) -> Path:
+class FallbackFiles:
+    """Model files written for one load because no tier holds them (`_fallback_files`): in the
+    place of an SSD entry's pin, they go when the instance (or the device copy) using them lets
+    go; those of a process that died first are swept at the node's next start."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory  # as an SsdPin's: the model files are under path / FILES_DIR
+
+    def release(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _fallback_files(tiers: NodeTiers, key: str, raw: bytes, files: dict[str, bytes]) -> FallbackFiles:
     """Neither a DRAM entry nor the SSD tier holds the model files (a checkpoint larger than the
-    DRAM tier, the SSD tier full or too small): they go beside the node's data, under the
-    checkpoint's identity key (never its bare name: two stores may both have a `llama`), else, on a
-    disk that cannot write them, into the node's shared-memory directory (a few MB of memory)."""
-    disk = tiers.data_dir / "files" / key
+    DRAM tier, the SSD tier full or too small): they go beside the node's data, else, on a disk that
+    cannot write them, into the node's shared-memory directory (a few MB of memory). A directory of
+    this load's own, KEY.PID.RAND (the identity key, never the bare name: two stores may both have
+    a `llama`), so its release cannot pull the files from under another instance."""
+    own = f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    disk = tiers.data_dir / FALLBACK_DIR / own
     try:
         write_model_files(disk, raw, files)
-        return disk / FILES_DIR
+        return FallbackFiles(disk)
     except OSError as e:
         shutil.rmtree(disk, ignore_errors=True)
         tiers.ssd_unwritable(e)
-    memory = tiers.dram.dir / "files" / key
-    write_model_files(memory, raw, files)
-    return memory / FILES_DIR
+    memory = tiers.dram.dir / FALLBACK_DIR / own
+    try:
+        write_model_files(memory, raw, files)
+    except BaseException:
+        shutil.rmtree(memory, ignore_errors=True)
+        raise
+    return FallbackFiles(memory)
+
+
+def sweep_fallback_files(*roots: Path) -> None:
+    """Remove the fallback model files (under each root's FALLBACK_DIR) of processes no longer
+    alive, and any of the layout before them (KEY alone: no process to ask)."""
+    for root in roots:
+        try:
+            found = list((root / FALLBACK_DIR).iterdir())
+        except OSError:
+            continue
+        for d in found:
+            parts = d.name.rsplit(".", 2)
+            pid = parts[1] if len(parts) == 3 else ""
+            if not pid.isdigit() or not pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def write_model_files(directory: Path, raw: bytes, files: dict[str, bytes], manifest: bool = True) -> None:

@@ -34,7 +34,7 @@ from ember.loader.pipeline import (
     tensors_from_buffer,
     worker_pool,
 )
-from ember.loader.remote import load_remote
+from ember.loader.remote import load_remote, sweep_fallback_files
 from ember.loader.ssd import REF_FILE, SsdTier
 from ember.loader.store import (
     CheckpointStore,
@@ -98,6 +98,7 @@ class NodeTiers:
         self.threads = threads
         self.ssd = SsdTier(self.data_dir / "ssd", ssd_capacity_bytes)
         self.dram = DramTier(self.data_dir, dram_capacity_bytes, pretouch=pretouch)
+        sweep_fallback_files(self.data_dir, self.dram.dir)  # model files of loads whose process died
         self.pinned_pool = bool(self.dram.rw) and register_host_memory(self.dram.rw.addr, self.dram.capacity_bytes)
         worker_pool("ember-read", threads, warm=True)  # reader threads started now, not during a cold start
         self._stores: dict[str, CheckpointStore] = {}
@@ -375,7 +376,7 @@ class NodeTiers:
 
     def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry, ssd_pin=None) -> LoadedCheckpoint:
         """The instance's LoadedCheckpoint; its release lets go of the DRAM entry, the device copy
-        and the SSD entry (`ssd_pin`: its model files are there) it holds."""
+        and the SSD entry (`ssd_pin`: its model files are there; or the load's FallbackFiles) it holds."""
         def release() -> None:
             if entry is not None:
                 self.dram.unpin(entry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 from ember.loader import open_store
 
@@ -24,6 +25,43 @@ def test_failed_ssd_commit_still_gives_model_files(tmp_path, tiny_model_dir, mak
     assert json.loads((got.model_files / "config.json").read_text())
     assert tiers.ssd.path(tiers.key("tiny")) is None and list(tiers.ssd.tmp.iterdir()) == []
     got.release()
+
+
+def test_fallback_model_files_go_with_their_instance(tmp_path, tiny_model_dir, make_tiers, monkeypatch) -> None:
+    """Model files no tier holds (no DRAM entry, an SSD commit that fails) are written for the load
+    that needs them: each load its own directory (another instance of the checkpoint keeps its
+    files when one goes), removed when its instance releases the checkpoint; at the next start, the
+    directories of processes that died before releasing are swept, those of live processes kept."""
+    import subprocess
+    import sys
+
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    tiers = make_tiers(dram=0)
+
+    def full(name, tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tiers.ssd, "commit", full)
+    first, second = tiers.load("tiny"), tiers.load("tiny")
+    assert first.tier == second.tier == "remote" and first.model_files != second.model_files
+    first.release()
+    assert not first.model_files.exists()
+    assert json.loads((second.model_files / "config.json").read_text())  # the other instance's files stay
+    second.release()
+    assert not second.model_files.exists()
+    fallback = tmp_path / "node" / "files"
+    assert list(fallback.iterdir()) == []
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    key = tiers.key("tiny")
+    stale = [fallback / f"{key}.{dead}.0a1b2c3d", fallback / key]  # a dead process's; one from before pids
+    live = fallback / f"{key}.{os.getpid()}.4e5f6a7b"
+    for d in stale + [live]:
+        (d / "files").mkdir(parents=True)
+    again = make_tiers(tmp_path / "node")
+    assert again.data_dir / "files" == fallback
+    assert sorted(fallback.iterdir()) == [live]
 
 
 def _two(tmp_path, tiny_model_dir, other_model_dir) -> None:
