@@ -1,6 +1,7 @@
 """Request slots through a real gateway and worker (uvicorn processes, a real redis-server): the
 slots of streams still running come back with their instance when Redis forgot it (its node reaped
-while the worker was alive)."""
+while the worker was alive), and a worker's 409 instance_draining costs the client nothing and
+leaks neither a slot nor a claim."""
 
 from __future__ import annotations
 
@@ -137,3 +138,37 @@ def test_a_reaped_instance_comes_back_with_the_slots_of_its_running_streams(env:
     assert until(lambda: env.slots_in_redis("kept") == {iid: (0, 0)}, 10), env.slots_in_redis("kept")
     assert env.chat("kept").headers["x-ember-cold-start"] == "false"  # the same instance serves on
 
+
+def test_a_409_instance_draining_is_retried_elsewhere_and_leaks_nothing(env: Env) -> None:
+    """An instance draining on its worker (an unload while a stream runs on it; Redis still says
+    ready) refuses the next request the gateway routes there with a 409 instance_draining: the
+    gateway tries elsewhere (a new instance on the other slot), the client gets its answer, and
+    afterwards no slot lease or claim is left behind."""
+    env.deploy("refused", max_instances=2, target_concurrency=2)
+    assert env.chat("refused").status_code == 200
+    (iid,) = env.slots_in_redis("refused")
+    first, out = env.stream_in_background("refused")
+    assert first.wait(60) and "status" not in out
+    unload = httpx.delete(f"{env.worker.url}/internal/instances/{iid}", params={"wait_s": 0}, timeout=30,
+                          headers=WORKER)
+    assert unload.status_code == 202, unload.text  # draining on the worker while the stream runs
+    assert env.cluster.instance(iid).state == "ready"  # Redis does not know: the gateway routes there
+    assert "status" not in out
+    r = env.chat("refused")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] is not None
+    assert r.headers["x-ember-cold-start"] == "true"  # served by a new instance, not by the refusing one
+    booked = {i.instance_id for i in env.cluster.instances()}  # Redis first: the worker removes after it drops
+    held = set(httpx.get(f"{env.worker.url}/internal/healthz", headers=WORKER, timeout=10).json()["instances"])
+    assert held <= booked, (held, booked)  # the refusal freed no claim of an instance the worker still holds
+    log = env.gateway.log.read_text(errors="replace")
+    assert f"takes no new request on {iid}: trying another instance of refused" in log  # refused there first
+    assert until(lambda: "status" in out, 60)
+    assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]"  # the running stream ran to its end
+    assert until(lambda: env.cluster.instance(iid) is None, 30)  # dropped by its worker once idle
+    assert not env.r.exists(Keys.instance_slots(iid))
+    left = env.slots_in_redis("refused")
+    assert len(left) == 1 and iid not in left and set(left.values()) == {(0, 0)}, left
+    assert until(env.claims_match_instances, 10), (env.cluster.instances(), env.cluster.node("w0"))
+    again = env.chat("refused")
+    assert again.status_code == 200 and again.headers["x-ember-cold-start"] == "false"

@@ -250,6 +250,7 @@ class Invoker:
                 await self.release(target)
                 tried.add(target.instance_id)
                 last = r.error
+                log.info("%s: trying another instance of %s", r.error.message, spec.name)
                 if r.stalled:
                     stalls += 1
                     if stalls > 1:
