@@ -94,7 +94,9 @@ class Keys:
         return f"{PREFIX}lease:{name}"
 
     # --- fleet (platform/fleet.py, gateway/nodescaling.py: the node scaler) ----------------
-    nodes_draining = PREFIX + "nodes:draining"  # set of node ids: nothing new is placed there
+    # set of node ids: nothing new is placed there. Kept when a node is reaped (its worker may come
+    # back under the same id), forgotten when it is deregistered or taken back
+    nodes_draining = PREFIX + "nodes:draining"
     placements_waiting = PREFIX + "placements:waiting"  # hash: gateway id -> "count timestamp"
     placements_waited_total = PREFIX + "placements:waited_total"  # counter: requests that waited for room
     # a node's cloud instance id is the field `cloud_instance_id` of Keys.node(node_id)

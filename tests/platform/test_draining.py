@@ -1,7 +1,9 @@
 """A draining node in Redis: placement, the claim script and warm routing skip it; its cloud
-instance id is recorded; dropping the node clears the flag."""
+instance id is recorded; dropping the node clears the flag, reaping it does not."""
 
 from __future__ import annotations
+
+import time
 
 import redis
 
@@ -66,3 +68,23 @@ def test_dropping_a_node_clears_its_draining_flag(redis_url: str) -> None:
     c.set_draining("n2", True)
     c.deregister_node("n2")
     assert c.draining_nodes() == set()
+
+
+def test_a_reaped_node_that_registers_again_stays_draining(redis_url: str) -> None:
+    """The gateway reaps a node whose heartbeat lapsed while its worker was alive (paused, cut off
+    for a while); the worker registers again under the same id. It used to come back placeable:
+    new work went to a node the node scaler was draining. The mark stays until the node scaler
+    takes the node back or it is deregistered."""
+    c = RedisCluster(redis.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=0.2)
+    c.register_node("n1", "http://n1", [DeviceSpec("cuda:0", 10 * GB)], {"remote": 1e9})
+    c.set_draining("n1", True)
+    time.sleep(0.3)
+    assert c.reap_dead_nodes() == ["n1"]
+    assert not c.heartbeat("n1", {})  # the worker's next beat: unknown, it registers again
+    c.register_node("n1", "http://n1", [DeviceSpec("cuda:0", 10 * GB)], {"remote": 1e9})
+    assert c.heartbeat("n1", {})
+    assert c.draining_nodes() == {"n1"}
+    assert c.place(PlacementRequest("g", "ck-g", GB), Pinned("n1")) is None  # the claim refuses it
+    assert c.all_nodes() == [] and c.devices_with_room(GB) == []  # the view hides it
+    c.set_draining("n1", False)  # the node scaler's Undrain
+    assert c.place(PlacementRequest("g", "ck-g", GB), Pinned("n1")) is not None

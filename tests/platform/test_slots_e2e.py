@@ -1,7 +1,7 @@
-"""Request slots through a real gateway and worker (uvicorn processes, a real redis-server): the
-slots of streams still running come back with their instance when Redis forgot it (its node reaped
-while the worker was alive), and a worker's 409 instance_draining costs the client nothing and
-leaks neither a slot nor a claim."""
+"""Request slots and node marks through a real gateway and worker (uvicorn processes, a real
+redis-server): what comes back when the gateway reaps a node whose worker was alive (the slots of
+streams still running on its instances, the node's draining mark), and a worker's 409
+instance_draining costs the client nothing and leaks neither a slot nor a claim."""
 
 from __future__ import annotations
 
@@ -69,6 +69,16 @@ class Env:
         threading.Thread(target=run, daemon=True).start()
         return first, out
 
+    def reap_while_alive(self, gone: str = "") -> None:
+        """Pause the worker past its heartbeat TTL until the gateway reaps its node (and with it the
+        instance `gone` and its slot leases), then let it go on: it registers again with what it holds."""
+        os.kill(self.worker.proc.pid, signal.SIGSTOP)
+        try:
+            assert until(lambda: "w0" not in self.r.smembers(Keys.nodes), 20)  # reaped: its heartbeat lapsed
+            assert not gone or (self.cluster.instance(gone) is None and not self.r.exists(Keys.instance_slots(gone)))
+        finally:
+            os.kill(self.worker.proc.pid, signal.SIGCONT)
+
     def slots_in_redis(self, name: str) -> dict[str, tuple[int, int]]:
         """Instance id -> (outstanding, slot leases) for each instance of the function."""
         return {i.instance_id: (i.outstanding, self.r.zcard(Keys.instance_slots(i.instance_id)))
@@ -121,12 +131,7 @@ def test_a_reaped_instance_comes_back_with_the_slots_of_its_running_streams(env:
     (iid,) = env.slots_in_redis("kept")
     first, out = env.stream_in_background("kept")
     assert first.wait(60) and "status" not in out
-    os.kill(env.worker.proc.pid, signal.SIGSTOP)
-    try:
-        assert until(lambda: "w0" not in env.r.smembers(Keys.nodes), 20)  # reaped: its heartbeat lapsed
-        assert env.cluster.instance(iid) is None and not env.r.exists(Keys.instance_slots(iid))
-    finally:
-        os.kill(env.worker.proc.pid, signal.SIGCONT)
+    env.reap_while_alive(gone=iid)
     assert until(lambda: env.cluster.instance(iid) is not None, 20)  # registered again, restored
     restored = env.slots_in_redis("kept")
     still_running = "status" not in out
@@ -172,3 +177,23 @@ def test_a_409_instance_draining_is_retried_elsewhere_and_leaks_nothing(env: Env
     assert until(env.claims_match_instances, 10), (env.cluster.instances(), env.cluster.node("w0"))
     again = env.chat("refused")
     assert again.status_code == 200 and again.headers["x-ember-cold-start"] == "false"
+
+
+def test_a_draining_node_reaped_while_alive_stays_draining(env: Env) -> None:
+    """The node scaler drains w0; the gateway reaps it while its worker is alive (paused past its
+    TTL) and the worker registers again. It used to come back without its draining mark: warm
+    requests and new placements went to a node being drained."""
+    env.deploy("drained", max_instances=1)
+    assert env.chat("drained").status_code == 200
+    (iid,) = env.slots_in_redis("drained")
+    env.cluster.set_draining("w0", True)  # as the node scaler's Drain marks it
+    try:
+        env.reap_while_alive(gone=iid)
+        assert until(lambda: env.cluster.instance(iid) is not None, 20)  # registered again, restored
+        assert env.cluster.draining_nodes() == {"w0"}
+        assert env.cluster.acquire_warm("drained", 4) is None  # warm routing skips it
+        assert env.cluster.devices_with_room(1) == []  # placement does not see it
+    finally:
+        env.cluster.set_draining("w0", False)
+    r = env.chat("drained")  # taken back (the node scaler's Undrain): it serves again
+    assert r.status_code == 200 and r.headers["x-ember-cold-start"] == "false"

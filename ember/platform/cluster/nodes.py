@@ -86,10 +86,12 @@ class NodeMembership(ClusterBase):
 
     @state_errors
     def deregister_node(self, node_id: str) -> None:
-        """Remove a node with its devices, holdings, instances and claims."""
+        """Remove a node with its devices, holdings, instances, claims and draining mark."""
         self.scripts.drop_node(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX, node_id])
 
     @state_errors
     def reap_dead_nodes(self) -> list[str]:
-        """Drop nodes whose heartbeat expired, releasing their instances and claims."""
+        """Drop nodes whose heartbeat expired, releasing their instances and claims. A draining mark
+        stays (`deregister_node` or the node scaler's undrain forgets it): a worker that was alive
+        registers again and must not take new work on a node being drained."""
         return sorted(self.scripts.reap_dead(keys=[Keys.nodes, Keys.instances, Keys.devices_free], args=[PREFIX]))

@@ -1,5 +1,8 @@
 -- Library: drops node n (its instances, claims, devices, holdings); with only_if_dead, only when
 -- its heartbeat key has expired (checked inside the script, so a beat cannot race the reaper).
+-- A reaped node keeps its draining mark: a worker that was alive registers again under the same
+-- id, and must not take new work the node scaler is draining it of. Only a deregistration (the
+-- worker stopping, the node scaler terminating it) forgets the mark.
 local function drop_node(p, n, only_if_dead, nodes_key, instances_key, free_key)
   local nodekey = p .. 'node:' .. n
   if only_if_dead and redis.call('EXISTS', nodekey .. ':alive') == 1 then return false end
@@ -23,6 +26,6 @@ local function drop_node(p, n, only_if_dead, nodes_key, instances_key, free_key)
   end
   redis.call('DEL', nodekey .. ':holdings', nodekey .. ':alive', nodekey)
   redis.call('SREM', nodes_key, n)
-  redis.call('SREM', p .. 'nodes:draining', n)
+  if not only_if_dead then redis.call('SREM', p .. 'nodes:draining', n) end
   return true
 end
