@@ -1,12 +1,17 @@
 """`ember loadtest`: the CI smoke run of the `cold` scenario against the tiny model (a private
-`ember up`, real locust in its own process), and the report's arithmetic and bounds."""
+`ember up`, real locust in its own process), streams that break counted as failures, and the
+report's arithmetic and bounds."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -43,6 +48,75 @@ def test_cold_smoke_run_has_cold_starts_from_two_tiers_and_no_failures(tmp_path:
     assert (out / "ttft.png").stat().st_size > 0 and (out / "locust.html").exists()
     assert (out / "locust_stats.csv").read_text().startswith("Type,Name")
     assert "requests" in proc.stdout  # it showed progress / the summary
+
+
+class BreakingGateway(BaseHTTPRequestHandler):
+    """A loopback stand-in for a gateway whose streams break: deploys, deletes and the warm-up call
+    succeed; every stream sends a chunk and then either ends without `data: [DONE]` (the connection
+    closes: HTTP/1.0) or gets the gateway's mid-stream error event."""
+
+    streams = itertools.count()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self._json(201, {"name": self.path.rsplit("/", 1)[-1]})
+
+    def do_DELETE(self) -> None:
+        self._json(200, {"deleted": True})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        if not body.get("stream"):
+            self._json(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}]})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("x-ember-cold-start", "false")
+        self.end_headers()
+        self.wfile.write(b'data: {"choices": [{"delta": {"content": "Once"}}]}\n\n')
+        if next(self.streams) % 2:
+            self.wfile.write(b'data: {"error": {"message": "worker w0 died", "code": "worker_error"}}\n\n')
+        self.wfile.flush()  # and the connection closes: no [DONE]
+
+
+@pytest.fixture
+def breaking_gateway() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BreakingGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_broken_streams_are_counted_as_failures(tmp_path: Path, breaking_gateway: str) -> None:
+    """`ember loadtest steady --url` against a gateway whose streams break mid-way (no final
+    [DONE], or an error event): every request is a failure. They used to be successes, with
+    latencies, in the summary."""
+    out = tmp_path / "broken"
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_REDIS_URL", "EMBER_STORE_URL", "EMBER_URL")}
+    proc = subprocess.run([sys.executable, "-m", "ember", "loadtest", "steady", "--url", breaking_gateway,
+                           "--api-key", "test-key", "--users", "1", "--rate", "4", "--duration", "3s",
+                           "--max-requests", "4", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] >= 2 and summary["failures"] == summary["requests"], summary
+    assert summary["warm"]["count"] == 0 and summary["ttft_s"]["p50"] is None  # no latency from a broken stream
+    failures = (out / "locust_failures.csv").read_text()
+    assert "stream ended without [DONE]" in failures and "stream error: worker_error" in failures, failures
 
 
 def test_summary_counts_requests_from_locust_rows_and_splits_ttft_by_tier() -> None:
