@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -235,3 +236,51 @@ def test_one_developer_cannot_take_the_cluster(gateway: Proc) -> None:
     fair = {"checkpoint": "tiny", "scaling": {"max_instances": 8, "keep_alive_s": 3600}}
     assert httpx.put(f"{u}/v1/functions/hog", headers=_h(dev["key"]), json=fair).status_code == 201
     assert httpx.put(f"{u}/v1/functions/big", headers=admin_headers(), json=hog).status_code == 201  # admins decide
+
+
+def _instances_gauge(url: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for m in re.finditer(r'^ember_instances\{function="([^"]*)",state="([^"]*)"\} ([0-9.e+]+)$', text, re.M):
+        out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
+def test_ember_instances_comes_from_the_lease_holder_and_never_stale(gateway: Proc, redis_url: str) -> None:
+    """`ember_instances` is what Redis holds at the scrape, exported by the gateway holding the
+    autoscaler lease only. A gateway that lost the lease used to keep exporting the counts it last
+    set (an instance gone for good still counted), and a sum over gateways counted them again."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.state import Keys
+    from ember.scheduler.view import PlacementRequest, StartupEstimate
+    from tests.platform.conftest import until
+
+    class OnN1:
+        name = "on_n1"
+
+        def place(self, request, view):
+            return StartupEstimate("n1", "cpu:0", "remote", 0.1)
+
+    r = httpx.put(f"{gateway.url}/v1/functions/counted", headers=admin_headers(), json={"checkpoint": "tiny"})
+    assert r.status_code == 201, r.text
+    checkpoint = r.json()["checkpoint"]
+    c = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    c.register_node("n1", "http://127.0.0.1:1", [DeviceSpec("cpu:0", 1 << 30)], {"remote": 1e9})
+
+    def ready_instance() -> str:
+        p = c.place(PlacementRequest(function="counted", checkpoint=checkpoint, nbytes=1 << 20), OnN1())
+        assert p is not None and c.mark_ready(p.instance_id, "counted")
+        return p.instance_id
+
+    first = ready_instance()
+    assert until(lambda: _instances_gauge(gateway.url) == {("counted", "ready"): 1.0}, 15), _instances_gauge(gateway.url)
+    c.r.set(Keys.lease("autoscaler"), "gw-elsewhere", px=60_000)  # another gateway took the lease
+    c.remove_instance(first)
+    assert until(lambda: _instances_gauge(gateway.url) == {}, 10), _instances_gauge(gateway.url)  # was: stale 1.0
+    ready_instance()
+    ready_instance()
+    assert _instances_gauge(gateway.url) == {}  # not its to export
+    c.r.delete(Keys.lease("autoscaler"))  # the other gateway went away: this one takes the lease again
+    assert until(lambda: _instances_gauge(gateway.url) == {("counted", "ready"): 2.0}, 15), _instances_gauge(gateway.url)

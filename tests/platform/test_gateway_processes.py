@@ -26,6 +26,12 @@ def _requests_ok(url: str, headers: dict[str, str]) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _ready_instances(url: str, headers: dict[str, str]) -> float | None:
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text  # a new connection each time
+    m = re.search(r'^ember_instances\{function="tiny",state="ready"\} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
 def _gateway_children(up: psutil.Process) -> list[psutil.Process]:
     out = []
     for p in up.children(recursive=True):
@@ -78,6 +84,9 @@ def test_two_gateway_processes_share_the_port_metrics_and_restarts(tmp_path: Pat
             time.sleep(0.3)
         answers = [stats() for _ in range(24)]
         assert {n for _, n in answers} == {10} and len({g for g, _ in answers}) == 2, answers  # both count all
+        # one process holds the autoscaler lease; either exports ember_instances (read from Redis)
+        gauges = {_ready_instances(url, headers) for _ in range(12)}
+        assert len(gauges) == 1 and (gauges.pop() or 0) >= 1, gauges
 
         children = _gateway_children(psutil.Process(up.pid))
         assert len(children) == 2, children

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from ember.platform.cluster.base import ClusterBase, state_errors
 from ember.platform.cluster.records import InstanceRecord
@@ -78,6 +78,11 @@ class Leases(ClusterBase):
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Acquire the named lease, or renew it if `holder` already has it."""
         return bool(self.scripts.lease(keys=[Keys.lease(name)], args=[holder, max(1, int(ttl_s * 1000))]))
+
+    @state_errors
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the named lease now (None: nobody)."""
+        return cast("str | None", self.r.get(Keys.lease(name)))
 
 
 class AsyncSlots:

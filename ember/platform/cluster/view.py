@@ -27,6 +27,18 @@ class ClusterReads(ClusterBase):
         return self._records(ids)
 
     @state_errors
+    def instance_counts(self) -> dict[tuple[str, str], int]:
+        """Instances by (function, state): two fields of each, in one round trip after the index."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in self.r.smembers(Keys.instances):
+            pipe.hmget(Keys.instance(i), "function", "state")
+        counts: dict[tuple[str, str], int] = {}
+        for fn, state in pipe.execute():
+            if fn is not None and state is not None:  # removed since the index was read
+                counts[(fn, state)] = counts.get((fn, state), 0) + 1
+        return counts
+
+    @state_errors
     def instance(self, instance_id: str) -> InstanceRecord | None:
         found = self._records([instance_id])
         return found[0] if found else None

@@ -29,10 +29,10 @@ from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
 from ember.platform.gateway.fast_path import InvocationFastPath
 from ember.platform.gateway.fleet import FleetCollector
 from ember.platform.gateway.invoke import Invoker
-from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics
+from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics, InstancesCollector
 from ember.platform.gateway.nodescaling import NodeScalerLoop
 from ember.platform.gateway.operator_routes import mount_console
-from ember.platform.gateway.processes import METRICS_DIR_ENV
+from ember.platform.gateway.processes import GROUP_ENV, METRICS_DIR_ENV
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.ratelimit import KeyLimits, RateLimiter
 from ember.platform.gateway.stats import InvocationStats, share_stats
@@ -50,7 +50,13 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
     `tracer_provider`: an OpenTelemetry TracerProvider for invocation traces (default: what the
     OTEL_* variables ask for, usually none: tracing off)."""
     settings = settings or Settings()
-    gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
+    # the processes of one gateway (processes.py) share a group: "gw-GROUP-ID", each its own lease holder
+    group = os.environ.get(GROUP_ENV, "")
+    gateway_id = f"gw-{group}-{uuid.uuid4().hex[:8]}" if group else f"gw-{uuid.uuid4().hex[:8]}"
+
+    def ours(holder: str) -> bool:
+        """Whether a lease holder is this gateway (this process or, with several, one of them)."""
+        return holder == gateway_id or (bool(group) and holder.startswith(f"gw-{group}-"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +75,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         app.state.http = httpx.AsyncClient(transport=transport)
         app.state.metrics.add_cluster_collector(ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)))
         app.state.metrics.add_cluster_collector(FleetCollector(lambda: client, lambda: app.state.cluster))
+        app.state.metrics.add_cluster_collector(InstancesCollector(lambda: app.state.cluster, ours))
         # the request path's client (auth, spec, limits, slots): one multiplexed connection, no threadpool hops
         aclient = MuxRedis.from_url(settings.redis_url, timeout_s=5, connect_timeout_s=2)
         app.state.aredis = aclient
@@ -153,7 +160,9 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
             principal = await to_thread.run_sync(KeyStore(request.app.state.redis).verify,
                                                  request.headers.get("authorization"))
             principal.require("admin", "operator")
-        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        # the cluster families read Redis (blocking): off the event loop
+        body = await to_thread.run_sync(request.app.state.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any
 
 import httpx
@@ -66,7 +66,6 @@ class AutoscalerLoop:
         self.settings = app.state.settings
         self.autoscaler = Autoscaler(unload_unknown=True)
         self.demand: DemandMeter = app.state.demand
-        self._exported: set[tuple[str, str]] = set()  # (function, state) pairs the gauge was given
 
     async def run(self) -> None:
         while True:
@@ -130,9 +129,8 @@ class AutoscalerLoop:
             log.warning("autoscaler: reaped claims stuck starting past their deadline: %s", ", ".join(stuck))
         functions = await to_thread.run_sync(FunctionRegistry(self.app.state.redis).list)
         specs = {f.name: scaling_spec(f) for f in functions}
-        all_instances = await to_thread.run_sync(cluster.instances)
-        self._export_gauge(all_instances)
-        instances = [i for i in all_instances if i.state != "draining"]  # on their way out already
+        instances = [i for i in await to_thread.run_sync(cluster.instances)
+                     if i.state != "draining"]  # on their way out already
         actions = await to_thread.run_sync(
             lambda: self.autoscaler.step(specs, instances, time.time(), view=cluster, demand_per_s=demand))
         by_id = {i.instance_id: i for i in instances}
@@ -172,15 +170,3 @@ class AutoscalerLoop:
                 headers={CLUSTER_TOKEN_HEADER: self.settings.resolved_cluster_token()}, timeout=5.0)
         except httpx.HTTPError as e:
             log.warning("autoscaler: prefetch of %s to %s failed: %s", action.checkpoint, action.node_id, e)
-
-    def _export_gauge(self, instances: list[Any]) -> None:
-        """`ember_instances{function,state}` by set (not inc: with several gateway processes the gauge
-        keeps the most recent value any process set); a pair no longer seen is set to 0, which also
-        replaces a value another process set earlier."""
-        gauge = self.app.state.metrics.instances
-        counts = Counter((inst.function, inst.state) for inst in instances)
-        for gone in self._exported - counts.keys():
-            gauge.labels(*gone).set(0)
-        for labels, n in counts.items():
-            gauge.labels(*labels).set(n)
-        self._exported = set(counts)

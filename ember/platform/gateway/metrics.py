@@ -26,10 +26,7 @@ class GatewayMetrics:
                                    ["tier"], registry=self.registry)
         self.startup = Histogram("ember_startup_seconds", "Cold-start time until the instance was ready",
                                  ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        # gauges set by the process holding the autoscaler's or node scaler's lease: with several
-        # gateway processes (multiprocess mode) the latest value any live one set
-        self.instances = Gauge("ember_instances", "Function instances by state", ["function", "state"],
-                               registry=self.registry, multiprocess_mode="livemostrecent")
+        # ember_instances: InstancesCollector (read from Redis at scrape time)
         self.slo_requests = Counter("ember_slo_requests", "Finished requests by whether they met the function's "
                                     "TTFT and TPOT SLO (TTFT as the client saw it)", ["function", "result"],
                                     registry=self.registry)
@@ -38,6 +35,8 @@ class GatewayMetrics:
                                         registry=self.registry, multiprocess_mode="livesum")
         self.placements_waited = Counter("ember_placements_waited", "Requests that waited because no device had room",
                                          registry=self.registry)
+        # set by the process holding the node scaler's lease: with several gateway processes
+        # (multiprocess mode) the latest value any live one set
         self.nodes = Gauge("ember_nodes", "Worker nodes by fleet state (node scaler's view)", ["state"],
                            registry=self.registry, multiprocess_mode="livemostrecent")
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
@@ -68,6 +67,29 @@ class GatewayMetrics:
         for c in self._cluster:
             registry.register(c)
         return generate_latest(registry)
+
+
+class InstancesCollector:
+    """`ember_instances{function,state}`, counted in Redis at scrape time by the gateway that holds
+    the autoscaler lease (`holds(holder)`: this process, or another process of the same gateway).
+    One gateway exports it, so a sum over gateways counts each instance once; a gateway without the
+    lease exports none (it used to export the counts it last set while it held the lease, for good)."""
+
+    def __init__(self, cluster: Callable[[], Any], holds: Callable[[str], bool]) -> None:
+        self.cluster = cluster
+        self.holds = holds
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("ember_instances", "Function instances by state", labels=["function", "state"])
+        try:  # a scrape must not fail because Redis is away: the family stays empty
+            cluster = self.cluster()
+            holder = cluster.lease_holder("autoscaler")
+            if holder is not None and self.holds(holder):
+                for (fn, state), n in sorted(cluster.instance_counts().items()):
+                    family.add_metric([fn, state], float(n))
+        except Exception:  # noqa: BLE001 - see above
+            pass
+        yield family
 
 
 class ClusterEnergyCollector:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from typing import Any
 
 from ember.platform.http_common import listening_socket
@@ -32,6 +33,7 @@ from ember.platform.redis_server import die_with_parent
 log = logging.getLogger(__name__)
 
 CHILD_ENV = "EMBER_GATEWAY_CHILD"
+GROUP_ENV = "EMBER_GATEWAY_GROUP"  # shared by the processes of one gateway: their lease holder ids start with it
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STARTUP_S = 10.0
 
@@ -62,7 +64,7 @@ def run_processes(n: int, host: str, port: int, grace_s: float) -> int:
         log.error("gateway: cannot bind %s:%d: %s", host, port, e)
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="ember-gateway-metrics-")
-    env = {**os.environ, CHILD_ENV: "1", METRICS_DIR_ENV: metrics_dir}
+    env = {**os.environ, CHILD_ENV: "1", METRICS_DIR_ENV: metrics_dir, GROUP_ENV: uuid.uuid4().hex[:8]}
     args = [sys.executable, "-m", "ember", *sys.argv[1:]]
     stopping = False
     code = 0
