@@ -99,6 +99,8 @@ class Keys:
     nodes_draining = PREFIX + "nodes:draining"
     placements_waiting = PREFIX + "placements:waiting"  # hash: gateway id -> "count timestamp"
     placements_waited_total = PREFIX + "placements:waited_total"  # counter: requests that waited for room
+    # hash: active/draining/booting node counts of the node scaler's last step (expires with its lease)
+    fleet_counts = PREFIX + "fleet:counts"
     # a node's cloud instance id is the field `cloud_instance_id` of Keys.node(node_id)
 
     # --- energy (platform/energy_state.py) -------------------------------------------------

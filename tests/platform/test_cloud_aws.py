@@ -3,6 +3,7 @@ node scaler makes, checked by reading the group back (moto does not evaluate sca
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 
 from ember.config import Settings
@@ -160,6 +162,13 @@ def test_gateway_node_scaler_drives_the_group(group, moto_url: str, redis_url: s
         assert {"PlacementsWaiting", "NodesActive", "NodesDraining", "NodesBooting", "DesiredNodes"} <= names
         log = gateway.output()
         assert "draining n0" in log and "terminating n1" in log
+        # ember_nodes: the lease holder's last step, and nothing once another gateway holds the lease
+        # (the counts a gateway last set used to stay exported for good, counted again in any sum)
+        _until(lambda: _nodes_gauge(gateway.url) == {"active": 0.0, "draining": 0.0, "booting": 1.0}, gateway)
+        cluster.r.set(Keys.lease("nodescaler"), "gw-elsewhere", px=60_000)
+        _until(lambda: _nodes_gauge(gateway.url) == {}, gateway, 10)
+        cluster.r.delete(Keys.lease("nodescaler"))
+        _until(lambda: _nodes_gauge(gateway.url) == {"active": 0.0, "draining": 0.0, "booting": 1.0}, gateway)
     finally:
         gateway.stop()
 
@@ -261,6 +270,11 @@ def test_a_node_the_cloud_terminates_is_drained_before_its_lifecycle_action_comp
         assert "step failed" not in log and "Traceback" not in log, log
     finally:
         gateway.stop()
+
+
+def _nodes_gauge(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^ember_nodes\{state="([^"]*)"\} ([0-9.e+]+)$', text, re.M)}
 
 
 def _scaling_gateway_env(redis_url: str, tmp_path: Path, group: str, moto_url: str, **extra: str) -> dict[str, str]:

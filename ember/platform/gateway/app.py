@@ -30,7 +30,7 @@ from ember.platform.gateway.fast_path import InvocationFastPath
 from ember.platform.gateway.fleet import FleetCollector
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import ClusterEnergyCollector, GatewayMetrics, InstancesCollector
-from ember.platform.gateway.nodescaling import NodeScalerLoop
+from ember.platform.gateway.nodescaling import NodeScalerLoop, NodesCollector
 from ember.platform.gateway.operator_routes import mount_console
 from ember.platform.gateway.processes import GROUP_ENV, METRICS_DIR_ENV
 from ember.platform.gateway.protocol import FunctionSpec
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
         app.state.metrics.add_cluster_collector(ClusterEnergyCollector(lambda: energy_state.device_snapshots(client)))
         app.state.metrics.add_cluster_collector(FleetCollector(lambda: client, lambda: app.state.cluster))
         app.state.metrics.add_cluster_collector(InstancesCollector(lambda: app.state.cluster, ours))
+        app.state.metrics.add_cluster_collector(NodesCollector(lambda: client, ours))
         # the request path's client (auth, spec, limits, slots): one multiplexed connection, no threadpool hops
         aclient = MuxRedis.from_url(settings.redis_url, timeout_s=5, connect_timeout_s=2)
         app.state.aredis = aclient

@@ -35,10 +35,7 @@ class GatewayMetrics:
                                         registry=self.registry, multiprocess_mode="livesum")
         self.placements_waited = Counter("ember_placements_waited", "Requests that waited because no device had room",
                                          registry=self.registry)
-        # set by the process holding the node scaler's lease: with several gateway processes
-        # (multiprocess mode) the latest value any live one set
-        self.nodes = Gauge("ember_nodes", "Worker nodes by fleet state (node scaler's view)", ["state"],
-                           registry=self.registry, multiprocess_mode="livemostrecent")
+        # ember_nodes: nodescaling.NodesCollector (the node scaler's counts, read from Redis at scrape time)
         self.evictions = Counter("ember_evictions_total", "Idle instances evicted to make room for a cold start",
                                  ["function"], registry=self.registry)
         self._cluster: list[Any] = []  # scrape-time collectors reading Redis (the whole cluster's state)

@@ -18,11 +18,13 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import redis
 from anyio import to_thread
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ember.errors import EmberError
 from ember.platform.cloud import CloudBackend
@@ -129,7 +131,7 @@ class NodeScalerLoop:
             if f.draining and f.instances and not any(getattr(a, "node_id", None) == f.node_id
                                                       for a in actions if isinstance(a, Undrain)):
                 await self._unload_idle(by_node.get(f.node_id, []))
-        await self._export(facts, waiting, len(booting), await to_thread.run_sync(backend.desired_capacity))
+        await self._export(facts, waiting, len(booting), await to_thread.run_sync(backend.desired_capacity), ttl)
 
     async def _unload_idle(self, instances: list[InstanceRecord]) -> None:
         cluster = self.app.state.cluster
@@ -201,15 +203,45 @@ class NodeScalerLoop:
             budget_w = json.loads(raw_budget).get("cluster_watts")
         return facts, waiting, budget_w, by_node
 
-    async def _export(self, facts: list[FleetNode], waiting: int, booting: int, desired: int) -> None:
+    async def _export(self, facts: list[FleetNode], waiting: int, booting: int, desired: int, ttl_s: float) -> None:
         draining = sum(1 for f in facts if f.draining)
         values = {"PlacementsWaiting": waiting, "NodesActive": len(facts) - draining, "NodesDraining": draining,
                   "NodesBooting": booting, "DesiredNodes": desired}
-        gauge = self.app.state.metrics.nodes
-        gauge.labels("active").set(len(facts) - draining)
-        gauge.labels("draining").set(draining)
-        gauge.labels("booting").set(booting)
+        counts = {"active": len(facts) - draining, "draining": draining, "booting": booting}
+        await to_thread.run_sync(_publish_counts, self.app.state.redis, counts, ttl_s)
         try:
             await to_thread.run_sync(self.backend.put_metrics, values)  # type: ignore[union-attr]
         except EmberError as e:
             log.warning("node scaler: metrics not published: %s", e)
+
+
+def _publish_counts(client: redis.Redis, counts: dict[str, int], ttl_s: float) -> None:
+    pipe = client.pipeline()
+    pipe.delete(Keys.fleet_counts)
+    pipe.hset(Keys.fleet_counts, mapping=counts)
+    pipe.pexpire(Keys.fleet_counts, max(1, int(ttl_s * 1000)))
+    pipe.execute()
+
+
+class NodesCollector:
+    """`ember_nodes{state}` (active, draining, booting): the node scaler's last step, exported at
+    scrape time by the gateway holding the "nodescaler" lease only (`holds(holder)`), so a sum over
+    gateways counts each node once. A gateway that lost the lease used to keep exporting what it
+    last set, for good."""
+
+    def __init__(self, client: Callable[[], redis.Redis], holds: Callable[[str], bool]) -> None:
+        self.client = client
+        self.holds = holds
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("ember_nodes", "Worker nodes by fleet state (node scaler's view)", labels=["state"])
+        try:  # a scrape must not fail because Redis is away: the family stays empty
+            client = self.client()
+            holder, counts = client.pipeline().get(Keys.lease("nodescaler")).hgetall(Keys.fleet_counts).execute()
+            if holder is not None and self.holds(holder):
+                for state in ("active", "draining", "booting"):
+                    if state in counts:
+                        family.add_metric([state], float(counts[state]))
+        except Exception:  # noqa: BLE001 - see above
+            pass
+        yield family
