@@ -8,6 +8,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -167,6 +168,44 @@ class BodySizeLimit:
                            send)
             return
         await self.app(scope, receive, send)
+
+
+class ClientWatch:
+    """A cancel scope that the client's disconnect cancels: `with ClientWatch(request.receive) as
+    client:` around work done for a client that waits for a whole answer (a non-streamed
+    completion), so the work stops when nobody waits for it any more; `client.left` says so after.
+    Once the request body is read, the server's `receive` answers only `http.disconnect` (uvicorn:
+    when the connection closes), so a task waits on it. Enter it after the body is read, and leave
+    it before a streaming response starts (which watches `receive` itself)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._scope = anyio.CancelScope()
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def left(self) -> bool:
+        """The client disconnected and what ran inside was cancelled."""
+        return self._scope.cancelled_caught
+
+    def __enter__(self) -> ClientWatch:
+        self._scope.__enter__()
+        self._watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        return bool(self._scope.__exit__(*exc))
+
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception as e:  # a receive that fails tells nothing about the client: keep serving it
+            log.debug("stopped watching for the client's disconnect: %s", e)
+            return
+        self._scope.cancel()
 
 
 def replay(messages: list[Message], then: Receive | None = None) -> Receive:

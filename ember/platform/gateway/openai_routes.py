@@ -12,7 +12,7 @@ from typing import Annotated, Any, NamedTuple
 import anyio
 from anyio import to_thread
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.errors import BadRequest, EmberError, RateLimited
 from ember.platform.gateway.auth import Principal, key_row_for, principal_of
@@ -29,6 +29,7 @@ from ember.platform.gateway.protocol import (
 from ember.platform.gateway.ratelimit import KeyLimits, estimate_tokens
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.tracing import InvocationTrace
+from ember.platform.http_common import ClientWatch
 from ember.platform.names import check_name
 from ember.platform.state import Keys
 
@@ -170,46 +171,61 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
     trace = app.state.tracer.start(spec.name, "chat" if chat else "text_completion", request.headers,
                                    {"max_tokens": gen.max_tokens, "temperature": gen.temperature,
                                     "top_p": gen.top_p, "seed": gen.seed})
-    try:
-        with trace.active():
-            target, events = await invoker.open(spec, gen)
-    except BaseException as e:
-        if isinstance(e, EmberError):
-            metrics.requests.labels(spec.name, str(e.status_code)).inc()
-            await _failed(app, spec, settle)
-        trace.fail(e)
-        trace.end()
-        raise
-    trace.acquired(target)
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start, trace,
-                   settle)
-        return _ReleasingStream(sse, events, invoker, target, media_type="text/event-stream",
-                                headers={**target.headers(), **trace.headers()})
-    try:
-        text, done, t_first = echo, {}, None
-        async for ev in events:
-            if t_first is None:
-                t_first = time.perf_counter()
-                trace.first_token()
-            if "text" in ev:
-                text += ev["text"]
-            elif "done" in ev:
-                done = ev["done"]
-                trace.done(done, rid)
-    except EmberError as e:
-        metrics.requests.labels(spec.name, str(e.status_code)).inc()
-        trace.fail(e)
-        await _failed(app, spec, settle)
-        raise
-    finally:
-        trace.end()
-        with anyio.CancelScope(shield=True):  # a cancelled request still closes the stream and frees its slot
-            await events.aclose()  # type: ignore[attr-defined]
-        invoker.release_soon(target)  # the answer is complete: it need not wait for Redis
+    opened = False
+    with ClientWatch(request.receive) as client:  # the client leaving cancels what runs in here
+        try:
+            with trace.active():
+                target, events = await invoker.open(spec, gen)
+        except BaseException as e:  # a cancellation too: `open` gave its slot back
+            if isinstance(e, EmberError):
+                metrics.requests.labels(spec.name, str(e.status_code)).inc()
+                await _failed(app, spec, settle)
+            trace.fail(e)
+            trace.end()
+            raise
+        opened = True
+        trace.acquired(target)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if body.stream:  # from here on the stream watches the client itself (Starlette's StreamingResponse)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            sse = _sse(request, invoker, target, events, spec, rid, created, chat, include_usage, echo, t_start,
+                       trace, settle)
+            return _ReleasingStream(sse, events, invoker, target, media_type="text/event-stream",
+                                    headers={**target.headers(), **trace.headers()})
+        try:
+            text, done, t_first = echo, {}, None
+            async for ev in events:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    trace.first_token()
+                if "text" in ev:
+                    text += ev["text"]
+                elif "done" in ev:
+                    done = ev["done"]
+                    trace.done(done, rid)
+        except BaseException as e:
+            if isinstance(e, EmberError):
+                metrics.requests.labels(spec.name, str(e.status_code)).inc()
+                await _failed(app, spec, settle)
+            trace.fail(e)
+            raise
+        finally:
+            trace.end()
+            # a cancelled request (the client left) still closes the worker stream, which stops the
+            # generation there, and frees its slot
+            with anyio.CancelScope(shield=True):
+                await events.aclose()  # type: ignore[attr-defined]
+            invoker.release_soon(target)  # need not wait for Redis
+    if client.left:
+        # nobody to answer: the worker stopped generating when its stream was closed above. A
+        # request that never reached a worker is not charged; one that did is not refunded (as a
+        # dropped stream: what the worker generated for it is unknown here)
+        metrics.requests.labels(spec.name, "499").inc()
+        if not opened:
+            with anyio.CancelScope(shield=True):
+                await settle.refund()
+        return Response(status_code=499)
     _observe(request, spec, target, done, (t_first or time.perf_counter()) - t_start)
     await settle(done)
     metrics.requests.labels(spec.name, "200").inc()
