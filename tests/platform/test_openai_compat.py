@@ -138,6 +138,27 @@ def test_a_non_streamed_request_whose_client_gives_up_stops_generating(cluster: 
     assert until(lambda: cluster.outstanding("tiny") == 0, 10)
 
 
+# --- 5. a deploy no device can hold ----------------------------------------------------------
+def test_a_deploy_whose_weights_and_kv_budget_fit_no_device_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    """Weights that fit a device (64 MiB here) with a KV budget that does not (a Llama-7B shape:
+    1 MiB per token, 8192 tokens) could never be placed: the deploy was a 201 and every call
+    then waited 20 s for a 503. Now the deploy is a 400 model_too_large, as weights alone are."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ember.loader import open_store
+
+    model = tmp_path / "kv-heavy"
+    model.mkdir()
+    save_file({"w": torch.zeros(1 << 18, dtype=torch.float32)}, model / "model.safetensors")  # 1 MiB
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    open_store(cluster.store_url).push(model, "kvheavy")
+    r = httpx.put(f"{cluster.gateway.url}/v1/functions/kvheavy", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "kvheavy"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "model_too_large" and "KV" in r.json()["error"]["message"]
+
+
 def _status_error(call):  # -> openai.APIStatusError
     import openai
 

@@ -127,7 +127,8 @@ class CheckpointPolicy:
 async def size_checkpoint(cluster: Any, http: httpx.AsyncClient, settings: Any,
                           checkpoint: str) -> CheckpointSize | None:
     """Ask a live worker for the checkpoint's identity and size; None when no worker is up (or
-    none answered). A model larger than every live device is a ModelTooLarge (400)."""
+    none answered). A model whose weights, or weights plus one instance's KV budget, fit no live
+    device is a ModelTooLarge (400): it could never be placed."""
     nodes = await to_thread.run_sync(cluster.live_nodes)
     if not nodes:
         return None
@@ -146,9 +147,15 @@ async def size_checkpoint(cluster: Any, http: httpx.AsyncClient, settings: Any,
                           kv_bytes=int(body.get("kv_budget_bytes", 0) or 0))
     states = await to_thread.run_sync(cluster.nodes, nodes)
     largest = max((d.memory_bytes for n in states for d in n.devices), default=0)
+    # an instance claims its weights and its KV budget on one device (as placement books it)
+    kv_bytes = size.kv_bytes or settings.kv_budget_bytes
     if largest and size.nbytes > largest:
         raise ModelTooLarge(f"checkpoint {checkpoint!r} needs {size.nbytes} bytes; the largest device of "
                             f"this cluster has {largest}")
+    if largest and size.nbytes + kv_bytes > largest:
+        raise ModelTooLarge(f"checkpoint {checkpoint!r} needs {size.nbytes} bytes of weights and {kv_bytes} of "
+                            f"KV-cache budget per instance ({size.nbytes + kv_bytes}); the largest device of this "
+                            f"cluster has {largest} (a smaller EMBER_KV_BUDGET_TOKENS would fit)")
     return size
 
 
