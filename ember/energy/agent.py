@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ember.energy.controller import PowerLimitController
 from ember.energy.decision import Decision, Mode
-from ember.energy.device import Device
+from ember.energy.device import Device, energy_origin
 from ember.energy.emulated import step_full_clock_s
 from ember.energy.monitor import Attribution, EnergyMonitor, RequestRecord
 from ember.energy.restore import JournaledDevice, SettingsJournal, locked_clock_mhz
@@ -215,6 +215,7 @@ class NodeEnergyAgent:
                     "limit_w": round(dev.power_limit_w(), 3),
                     "sm_clock_mhz": round(dev.sm_clock_mhz(), 1),
                     "energy_j": round(dev.energy_j(), 3),
+                    "energy_origin": energy_origin(dev),
                     "j_per_token": self.monitor.device_j_per_token(device_id),
                     "slo_attainment": controller.slo_attainment,
                     "mode": controller.mode,

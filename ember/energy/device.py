@@ -27,7 +27,9 @@ class Device(Protocol):
         ...
 
     def energy_j(self) -> float:
-        """Total energy drawn since an arbitrary origin, in joules (monotonic)."""
+        """Total energy drawn since an arbitrary origin, in joules (monotonic). A device may also
+        name that origin in an `energy_origin` string attribute (see `energy_origin`): a reading
+        under another origin is a counter that started again from zero."""
         ...
 
     def power_limit_w(self) -> float:
@@ -63,6 +65,13 @@ class Device(Protocol):
         """Lock the SM clock at `mhz`, one of `supported_sm_clocks_mhz()` (None: unlock, back to
         default boost behaviour)."""
         ...
+
+
+def energy_origin(device: object) -> str:
+    """What the device's energy counter counts from ("" when it does not say): the cluster's daily
+    energy count takes a reading under another origin as a counter restarted from zero, even when
+    it has already climbed past the last reading."""
+    return str(getattr(device, "energy_origin", "") or "")
 
 
 def nearest_clock_mhz(mhz: float, supported: Sequence[float]) -> float | None:

@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ember.errors import DeviceError, DevicePermissionError, DeviceSettingOutOfRange
@@ -50,6 +51,8 @@ class NvmlDevice:
         self.name = name.decode() if isinstance(name, bytes) else str(name)
         self._locked_mhz: float | None = None
         self._supported_mhz: tuple[float, ...] | None = None
+        # NVML's total-energy counter runs from the driver's load: a new boot is a new origin
+        self.energy_origin = _boot_id()
 
     def now_s(self) -> float:
         return time.monotonic()
@@ -170,3 +173,10 @@ def _call(fn: Any, *args: Any) -> Any:
 
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _boot_id() -> str:
+    try:
+        return "boot:" + Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""

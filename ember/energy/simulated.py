@@ -17,6 +17,7 @@ and joules under its current limit and clock lock.
 from __future__ import annotations
 
 import math
+import uuid
 from typing import Literal
 
 from ember.errors import DevicePermissionError, DeviceSettingOutOfRange
@@ -140,6 +141,7 @@ class SimulatedGpu:
         self.refuse_settings = refuse_settings
         self._now_s = float(start_s)
         self._energy_j = 0.0
+        self.energy_origin = f"sim:{uuid.uuid4().hex[:12]}"  # a new device counts from zero
         self._limit_w = DEFAULT_POWER_LIMIT_W
         self._lock_mhz: float | None = None
         self._last_busy_end_s: float | None = None

@@ -69,11 +69,11 @@ def publish_device_snapshots(
     now = time.time() if now is None else now
     day = _day(now)
     members = [f"{node_id}/{s['device']}" for s in snapshots]
-    readings: list[str] = []  # member, energy_j pairs for the day's count (unreadable counters skipped)
+    readings: list[str] = []  # member, energy_j, origin triples for the day's count (unreadable counters skipped)
     for member, snap in zip(members, snapshots, strict=True):
         energy_j = float(snap.get("energy_j") or 0.0)
         if math.isfinite(energy_j) and energy_j >= 0:
-            readings += [member, repr(energy_j)]
+            readings += [member, repr(energy_j), str(snap.get("energy_origin") or "")]
     try:
         pipe = client.pipeline(transaction=True)
         for snap in snapshots:
@@ -170,20 +170,24 @@ def allocate_if_leader(client: redis.Redis, holder: str, lease_s: float = 15.0) 
     return allocate_and_store(client)
 
 
-# KEYS: the day's last readings, the day's joules; ARGV: ttl_s, then member, energy_j pairs.
-# A reading at or above the last adds the difference; one below it is a counter that restarted
-# (worker or driver restart, re-zeroed emulated counter): it counts from zero again, so all it
-# reads was drawn since. The first reading of the day only sets the mark.
+# KEYS: the day's last readings, the day's joules; ARGV: ttl_s, then member, energy_j, origin triples.
+# A reading at or above the last adds the difference; one below it, or one whose counter names
+# another origin (`energy_origin`: the boot for NVML, the emulated device's start), is a counter
+# that restarted (worker or driver restart, re-zeroed emulated counter): it counts from zero again,
+# so all it reads was drawn since. Without the origin, a restarted counter that climbed past the
+# old value by its first report was taken for the old one (only the excess counted). The first
+# reading of the day only sets the mark. Origins are kept beside the readings as "<member>#origin".
 _COUNT_DAY = """
-for i = 2, #ARGV, 2 do
-  local m, e = ARGV[i], tonumber(ARGV[i + 1])
+for i = 2, #ARGV, 3 do
+  local m, e, o = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local last = tonumber(redis.call('HGET', KEYS[1], m))
   if last then
+    local was = redis.call('HGET', KEYS[1], m .. '#origin') or ''
     local drawn = e - last
-    if e < last then drawn = e end
+    if e < last or (o ~= '' and was ~= '' and o ~= was) then drawn = e end
     if drawn > 0 then redis.call('HINCRBYFLOAT', KEYS[2], m, string.format('%.17g', drawn)) end
   end
-  redis.call('HSET', KEYS[1], m, ARGV[i + 1])
+  redis.call('HSET', KEYS[1], m, ARGV[i + 1], m .. '#origin', o)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])

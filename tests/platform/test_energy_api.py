@@ -252,6 +252,26 @@ def test_used_today_keeps_what_was_drawn_before_a_counter_restart(r: redis.Redis
         assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(1.0 + e / 3.6e6)
 
 
+def test_used_today_counts_a_restarted_counter_that_climbed_past_the_last_reading(r: redis.Redis) -> None:
+    """A worker restarts and, by its first report, its new counter (a new device: another
+    `energy_origin`) reads more than the old one's last reading: all of it was drawn since the
+    restart. Before, it was taken for the old counter and only the excess was counted."""
+    now = time.time()
+    first = busy_agent("n1", devices=1).snapshot()[0]
+    e0 = float(first["energy_j"])
+    publish_device_snapshots(r, "n1", [first], ttl_s=60, now=now)
+    publish_device_snapshots(r, "n1", [{**first, "energy_j": e0 + 3.6e6}], ttl_s=60, now=now)  # 1 kWh drawn
+    assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(1.0)
+    restarted = busy_agent("n1", devices=1).snapshot()[0]  # a new worker process: a new emulated device
+    assert restarted["energy_origin"] and restarted["energy_origin"] != first["energy_origin"]
+    climbed = e0 + 3.6e6 + 1.8e6  # 0.5 kWh above the last reading, all of it drawn since the restart
+    publish_device_snapshots(r, "n1", [{**restarted, "energy_j": climbed}], ttl_s=60, now=now)
+    assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(1.0 + climbed / 3.6e6, abs=1e-3)
+    # the same counter again: only the difference, as before
+    publish_device_snapshots(r, "n1", [{**restarted, "energy_j": climbed + 3.6e6}], ttl_s=60, now=now)
+    assert allocate_and_store(r, now=now)["allocation"]["used_kwh_today"] == pytest.approx(2.0 + climbed / 3.6e6, abs=1e-3)
+
+
 def test_used_today_keeps_a_gone_node(r: redis.Redis) -> None:
     """A node whose snapshots expired (worker gone, scaled in) keeps what it drew today."""
     now = time.time()
