@@ -21,14 +21,37 @@ from ember.errors import EmberError, PayloadTooLarge, RequestTimeout, StateUnava
 log = logging.getLogger(__name__)
 
 
+# errors of 5xx status that no retry can fix: a prompt no instance's KV budget can hold, a model
+# larger than every device
+_FUTILE_CODES = frozenset({"exceeds_kv_budget", "model_too_large"})
+NO_RETRY = {"x-should-retry": "false"}  # the OpenAI clients' own header: they retry 408, 409, 429, 5xx
+
+
 def error_response(err: EmberError) -> JSONResponse:
+    """The OpenAI error body ({"error": {"message", "type", "param", "code"}}) with its status;
+    Retry-After when waiting helps, `x-should-retry: false` when retrying the same request cannot
+    succeed."""
     headers = None
     retry_after_s = getattr(err, "retry_after_s", None)
     if retry_after_s is not None:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
-    elif getattr(err, "should_retry", True) is False:
-        headers = {"x-should-retry": "false"}  # the OpenAI clients' own header: do not retry this
-    return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
+    elif not retry_may_help(err):
+        headers = NO_RETRY
+    body = err.to_openai()
+    body["error"]["param"] = getattr(err, "param", None)
+    return JSONResponse(body, status_code=err.status_code, headers=headers)
+
+
+def retry_may_help(err: EmberError) -> bool:
+    """Whether the same request may succeed later: not for a client error (4xx; 409s included: an
+    unreadable function, a changed checkpoint, the last admin key), except a stalled body (408) and
+    limits that lapse (429); not for an error whose code says it never can."""
+    explicit = getattr(err, "should_retry", None)
+    if explicit is not None:
+        return bool(explicit)
+    if err.code in _FUTILE_CODES:
+        return False
+    return not 400 <= err.status_code < 500 or err.status_code in (408, 429)
 
 
 def exception_response(method: str, path: str, exc: Exception) -> JSONResponse:
@@ -60,12 +83,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse({"error": {"message": "request body is not valid JSON", "type": "invalid_request_error",
                                            "code": "invalid_json"}}, status_code=400)
-        parts = []
+        parts, params = [], []
         for e in errors[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            loc = _param_of(e.get("loc", ()))
+            params.append(loc)
             parts.append(f"{loc or 'body'}: {e.get('msg')}")
         return JSONResponse({"error": {"message": "; ".join(parts), "type": "invalid_request_error",
-                                       "code": "invalid_body"}}, status_code=422)
+                                       "param": params[0] if params else None, "code": "invalid_body"}},
+                            status_code=422, headers=NO_RETRY)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -77,6 +102,22 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "invalid_request_error")
         return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "code": str(exc.status_code)}},
                             status_code=exc.status_code)
+
+
+def _param_of(loc: Any) -> str:
+    """A validation error's location as OpenAI names parameters: `messages[0].content` (pydantic
+    adds the union member it tried, such as `str` or `list[dict]`: dropped)."""
+    out = ""
+    for x in loc:
+        if x == "body" and not out:
+            continue
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool")):
+            continue
+        else:
+            out += f".{x}" if out else str(x)
+    return out
 
 
 class _BodyStalled(BaseException):

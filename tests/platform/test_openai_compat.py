@@ -159,6 +159,31 @@ def test_a_deploy_whose_weights_and_kv_budget_fit_no_device_is_refused(cluster: 
     assert r.json()["error"]["code"] == "model_too_large" and "KV" in r.json()["error"]["message"]
 
 
+# --- 6. errors a retry cannot fix ------------------------------------------------------------
+def test_errors_a_retry_cannot_fix_are_not_retried_by_the_client(cluster: Cluster) -> None:
+    """The openai client retries 409 and 5xx twice unless told `x-should-retry: false`: an
+    unreadable function (409) or a prompt no KV budget can hold (503) was sent three times."""
+    sent: list[str] = []
+    counting = httpx.Client(event_hooks={"request": [lambda req: sent.append(str(req.url))]}, timeout=120)
+    client = cluster.client(max_retries=2, http_client=counting)
+    cluster.r.hset(Keys.functions, "broken", '{"name": "broken", "checkpoint": 5}')
+    try:
+        err = _status_error(lambda: client.chat.completions.create(model="broken", messages=HELLO, max_tokens=2))
+    finally:
+        cluster.r.hdel(Keys.functions, "broken")
+    assert err.status_code == 409 and err.body["code"] == "function_unreadable"
+    assert err.response.headers["x-should-retry"] == "false" and len(sent) == 1, sent
+    sent.clear()
+    err = _status_error(lambda: client.completions.create(model="smallkv", prompt=cluster.prompt_of(1100),
+                                                          max_tokens=4))
+    assert err.status_code == 503 and err.body["code"] == "exceeds_kv_budget", err.body
+    assert err.response.headers["x-should-retry"] == "false" and len(sent) == 1, sent
+    assert "w0" not in err.body["message"]  # the worker's node id stays in the gateway's log
+    err = _status_error(lambda: client.completions.create(model="tiny", prompt="Hello", max_tokens=CONTEXT))
+    assert err.status_code == 400 and err.body["code"] == "context_length_exceeded"
+    assert err.response.headers["x-should-retry"] == "false" and "w0" not in err.body["message"]
+
+
 def _status_error(call):  # -> openai.APIStatusError
     import openai
 

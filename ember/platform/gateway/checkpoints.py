@@ -141,7 +141,7 @@ async def size_checkpoint(cluster: Any, http: httpx.AsyncClient, settings: Any,
         log.warning("could not ask worker %s about %s: %s", node, checkpoint, e)
         return None
     if resp.status_code != 200:
-        raise worker_error(resp, f"checkpoint {checkpoint!r}")
+        raise worker_error(resp, f"worker {node} sizing {checkpoint!r}", f"checkpoint {checkpoint!r}")
     body = resp.json()
     size = CheckpointSize(ref=str(body.get("id", "")), nbytes=int(body["nbytes"]),
                           kv_bytes=int(body.get("kv_budget_bytes", 0) or 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ import aiohttp
 import httpx
 
 from ember.errors import EmberError, WorkerError, WorkerTimeout
+
+log = logging.getLogger(__name__)
 
 
 async def worker_events(node_id: str, resp: aiohttp.ClientResponse,
@@ -34,9 +37,11 @@ async def worker_events(node_id: str, resp: aiohttp.ClientResponse,
             yield ev
         whole = True
     except asyncio.TimeoutError as e:  # aiohttp's read timeout (ServerTimeoutError is one too)
-        raise WorkerTimeout(f"worker {node_id} sent nothing for {read_timeout_s:.0f}s") from e
+        log.warning("worker %s sent nothing for %.0fs", node_id, read_timeout_s)
+        raise WorkerTimeout(f"the worker sent nothing for {read_timeout_s:.0f}s") from e
     except (aiohttp.ClientError, ValueError) as e:  # ValueError: a line past the read buffer
-        raise WorkerError(f"lost the stream from worker {node_id}: {e}") from e
+        log.warning("lost the stream from worker %s: %s", node_id, e)
+        raise WorkerError(f"lost the stream from the worker: {e}") from e
     finally:
         if whole:
             resp.release()
@@ -63,16 +68,21 @@ async def prepend(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, An
         await rest.aclose()  # type: ignore[attr-defined]
 
 
-def worker_error(resp: httpx.Response, context: str) -> EmberError:
+def worker_error(resp: httpx.Response, context: str, client_context: str = "") -> EmberError:
     """Rebuild the worker's Ember error (it answers in the OpenAI error shape), keeping its status."""
-    return error_from(resp.status_code, resp.headers, resp.content, context)
+    return error_from(resp.status_code, resp.headers, resp.content, context, client_context)
 
 
-def error_from(status: int, headers: Mapping[str, str], body: bytes, context: str) -> EmberError:
-    """`worker_error` from a response's parts (an httpx or an aiohttp response)."""
+def error_from(status: int, headers: Mapping[str, str], body: bytes, context: str,
+               client_context: str = "") -> EmberError:
+    """`worker_error` from a response's parts (an httpx or an aiohttp response). `context` (which
+    worker: a node id) goes to the log, never to the client, whose message is the worker's own,
+    after `client_context` when given."""
+    prefix = f"{client_context}: " if client_context else ""
     try:
         detail = json.loads(body)["error"]
-        err = EmberError(f"{context}: {detail['message']}", code=detail.get("code") or "worker_error")
+        log.info("%s: HTTP %s %s", context, status, detail.get("message"))
+        err = EmberError(f"{prefix}{detail['message']}", code=detail.get("code") or "worker_error")
         err.status_code = status if status < 500 or status == 503 else 502
         err.error_type = detail.get("type") or "server_error"
         retry_after = headers.get("retry-after")
@@ -80,4 +90,5 @@ def error_from(status: int, headers: Mapping[str, str], body: bytes, context: st
             err.retry_after_s = float(retry_after)  # type: ignore[attr-defined]
         return err
     except (ValueError, KeyError, TypeError):
-        return WorkerError(f"{context}: HTTP {status}")
+        log.warning("%s: HTTP %s without an error body", context, status)
+        return WorkerError(f"{prefix}the worker answered HTTP {status}")
