@@ -46,6 +46,10 @@ class GenerateRequest(EmberModel):
     prompt: str | None = None
     messages: list[dict[str, str]] | None = Field(None, min_length=1)
     max_tokens: int = Field(16, ge=1)
+    # the client set no max_tokens: `max_tokens` is a ceiling, cut to what the model's context and the
+    # instance's KV budget leave after the prompt (OpenAI's "until EOS or the context is full"), so a
+    # value the client never sent is never the reason for a refusal
+    fit_max_tokens: bool = False
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=4)

@@ -138,6 +138,99 @@ def test_a_non_streamed_request_whose_client_gives_up_stops_generating(cluster: 
     assert until(lambda: cluster.outstanding("tiny") == 0, 10)
 
 
+# --- 2. an omitted max_tokens ----------------------------------------------------------------
+def test_an_omitted_max_tokens_is_what_the_context_leaves(cluster: Cluster) -> None:
+    """A long prompt without max_tokens: the completion fills what the 2048-token context leaves
+    (completions: at most OpenAI's default of 16), never a 400 about a max_tokens the client did not
+    send (chat used 128, completions 16, both checked against the context as if asked for)."""
+    client = cluster.client()
+    done = client.completions.create(model="tiny", prompt=cluster.prompt_of(2040), temperature=0)
+    assert done.usage.prompt_tokens == 2040
+    assert 1 <= done.usage.completion_tokens <= CONTEXT - 2040
+    chat = client.chat.completions.create(model="tiny", temperature=0,
+                                          messages=[{"role": "user", "content": cluster.prompt_of(2000)}])
+    assert chat.usage.prompt_tokens > 2000
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= CONTEXT
+    # a chat without max_tokens is not cut at an invented default (it was 128)
+    long = client.chat.completions.create(model="tiny", messages=HELLO, temperature=1, seed=3)
+    assert long.choices[0].finish_reason == "stop" or long.usage.completion_tokens > 128, long.usage
+    # a prompt that fills the context alone is the prompt's fault, and the message says so
+    err = _status_error(lambda: client.completions.create(model="tiny", prompt=cluster.prompt_of(CONTEXT)))
+    assert err.status_code == 400 and "max_tokens" not in err.body["message"], err.body
+
+
+def test_an_omitted_max_tokens_is_what_the_kv_budget_leaves(cluster: Cluster) -> None:
+    """`smallkv` holds 1024 tokens per request, less than the context: a long prompt without
+    max_tokens gets what the budget leaves (it was a 503 exceeds_kv_budget about a prompt +
+    max_tokens the client never chose)."""
+    client = cluster.client()
+    done = client.completions.create(model="smallkv", prompt=cluster.prompt_of(1015), temperature=0)
+    assert done.usage.prompt_tokens == 1015 and 1 <= done.usage.completion_tokens <= SMALL_KV_TOKENS - 1015
+    chat = client.chat.completions.create(model="smallkv", temperature=0,
+                                          messages=[{"role": "user", "content": cluster.prompt_of(990)}])
+    assert chat.usage.prompt_tokens > 990
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= SMALL_KV_TOKENS
+
+
+def _status_error(call):  # -> openai.APIStatusError
+    import openai
+
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    return e.value
+
+
+# --- 3. null is the default ------------------------------------------------------------------
+def test_null_means_the_default(cluster: Cluster) -> None:
+    """Explicit JSON nulls for OpenAI's nullable parameters are their defaults (they were 422s)."""
+    client = cluster.client()
+    nulls: dict[str, Any] = dict(temperature=None, top_p=None, n=None, stop=None, user=None, max_tokens=None,
+                                 max_completion_tokens=None, presence_penalty=None, frequency_penalty=None,
+                                 logprobs=None, top_logprobs=None, logit_bias=None, response_format=None,
+                                 tools=None, tool_choice=None, stream_options=None)
+    seeded = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=5, temperature=1)
+    same = client.chat.completions.create(model="tiny", messages=HELLO, seed=5, **{**nulls, "max_tokens": 8})
+    assert same.choices[0].message.content == seeded.choices[0].message.content  # null temperature: 1
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=None, temperature=None, top_p=None,
+                                  n=None, stop=None, seed=None, echo=None, best_of=None, suffix=None, logprobs=None)
+    assert r.usage.completion_tokens <= 16  # OpenAI's completions default
+    raw = {"model": "tiny", "messages": HELLO, "max_tokens": 3, "stream": None, "seed": None, "user": None}
+    resp = cluster.post("/v1/chat/completions", raw)
+    assert resp.status_code == 200 and resp.json()["object"] == "chat.completion", resp.text  # stream null: false
+    streamed = cluster.post("/v1/chat/completions", {**raw, "stream": True, "stream_options": {"include_usage": None}})
+    assert streamed.status_code == 200, streamed.text
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert chunks and all("usage" not in c for c in chunks)  # include_usage null: false
+
+
+# --- 4. message fields Ember cannot honour ---------------------------------------------------
+def test_tool_fields_in_messages_are_named_not_dropped(cluster: Cluster) -> None:
+    """Tool calls, tool results, participant names and messages without content were dropped
+    silently (the model answered another conversation): each is a 400 naming the field."""
+    client = cluster.client()
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    user = {"role": "user", "content": "Hi"}
+    cases: dict[str, list[dict[str, Any]]] = {
+        "messages[1].tool_calls": [user, {"role": "assistant", "content": None, "tool_calls": [call]}],
+        "messages[1].function_call": [user, {"role": "assistant", "content": None,
+                                             "function_call": {"name": "f", "arguments": "{}"}}],
+        "messages[1].role": [user, {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+        "messages[0].role": [{"role": "function", "name": "f", "content": "42"}],
+        "messages[0].name": [{"role": "user", "name": "bob", "content": "Hello"}],
+        "messages[0].content": [{"role": "user", "content": None}],
+        "messages[2].content": [user, {"role": "assistant", "content": "Sure"}, {"role": "user"}],
+    }
+    for param, messages in cases.items():
+        err = _status_error(lambda m=messages: client.chat.completions.create(model="tiny", messages=m,
+                                                                              max_tokens=2))
+        assert err.status_code == 400, (param, err.body)
+        assert err.body["param"] == param and param.split(".")[-1] in err.body["message"], (param, err.body)
+    neutral = [{"role": "user", "content": "Hi", "name": None},
+               {"role": "assistant", "content": "Sure", "tool_calls": [], "function_call": None, "refusal": None},
+               {"role": "user", "content": "Hello"}]
+    assert client.chat.completions.create(model="tiny", messages=neutral, max_tokens=2).choices
+
+
 # --- 5. a deploy no device can hold ----------------------------------------------------------
 def test_a_deploy_whose_weights_and_kv_budget_fit_no_device_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     """Weights that fit a device (64 MiB here) with a KV budget that does not (a Llama-7B shape:
@@ -184,9 +277,26 @@ def test_errors_a_retry_cannot_fix_are_not_retried_by_the_client(cluster: Cluste
     assert err.response.headers["x-should-retry"] == "false" and "w0" not in err.body["message"]
 
 
-def _status_error(call):  # -> openai.APIStatusError
-    import openai
-
-    with pytest.raises(openai.APIStatusError) as e:
-        call()
-    return e.value
+# --- smaller differences from OpenAI ---------------------------------------------------------
+def test_parameters_as_openai_takes_them(cluster: Cluster) -> None:
+    """`top_p: 0` is the smallest nucleus (greedy), not a 422; `stream_options` without `stream`
+    is a 400; /v1/completions has no `max_completion_tokens` (it overrode max_tokens); errors
+    name the parameter at fault in `param`."""
+    client = cluster.client()
+    greedy = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
+    nucleus = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=1.5,
+                                             top_p=0)
+    assert nucleus.choices[0].message.content == greedy.choices[0].message.content
+    err = _status_error(lambda: client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2,
+                                                               stream_options={"include_usage": True}))
+    assert err.status_code == 400 and err.body["param"] == "stream_options", err.body
+    err = _status_error(lambda: client.completions.create(model="tiny", prompt="Hello", max_tokens=2,
+                                                          extra_body={"max_completion_tokens": 5}))
+    assert err.status_code == 400 and err.body["param"] == "max_completion_tokens", err.body
+    err = _status_error(lambda: client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2,
+                                                               presence_penalty=0.5))
+    assert err.body["code"] == "unsupported_parameter" and err.body["param"] == "presence_penalty"
+    err = _status_error(lambda: client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2,
+                                                               temperature=5))
+    assert err.body["param"] == "temperature", err.body
+    assert err.response.headers["x-should-retry"] == "false"

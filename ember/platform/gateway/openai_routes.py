@@ -14,12 +14,17 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ember.errors import BadRequest, EmberError, RateLimited
+from ember.errors import EmberError, RateLimited
 from ember.platform.gateway.auth import Principal, key_row_for, principal_of
 from ember.platform.gateway.deps import AnyPrincipal
 from ember.platform.gateway.invoke import InvocationTarget, Invoker
+from ember.platform.gateway.openai_input import (
+    InvalidParameter,
+    chat_messages,
+    generate_request,
+    upfront_completion_tokens,
+)
 from ember.platform.gateway.protocol import (
-    SEED_RANGE,
     ChatCompletionRequest,
     CompletionRequest,
     FunctionSpec,
@@ -35,9 +40,6 @@ from ember.platform.state import Keys
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-DEFAULT_CHAT_MAX_TOKENS = 128
-DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
 @router.get("/v1/models")
@@ -62,13 +64,8 @@ def _model_object(spec: FunctionSpec) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            authorization: Annotated[str | None, Header()] = None) -> Any:
     caller = await _caller(request, authorization, body.model)
-    for m in body.messages:
-        kind = m.non_text_part()
-        if kind is not None:
-            raise BadRequest(f"messages[].content parts of type {kind!r} are not supported (text only)",
-                             code="unsupported_parameter")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    gen = _generate_request(body, request, DEFAULT_CHAT_MAX_TOKENS, messages=messages)
+    messages = chat_messages(body)
+    gen = generate_request(body, request.app.state.settings.max_tokens_limit, messages=messages)
     return await _invoke(request, caller, body, gen, chat=True)
 
 
@@ -79,54 +76,9 @@ async def completions(body: CompletionRequest, request: Request,
     try:
         prompt = body.prompt_text()
     except ValueError as e:
-        raise BadRequest(str(e)) from e
-    gen = _generate_request(body, request, DEFAULT_COMPLETION_MAX_TOKENS, prompt=prompt)
+        raise InvalidParameter(str(e), param="prompt") from e
+    gen = generate_request(body, request.app.state.settings.max_tokens_limit, prompt=prompt)
     return await _invoke(request, caller, body, gen, chat=False, echo=prompt if body.echo else "")
-
-
-def _generate_request(body: _Sampling, request: Request, default_max: int, **kw: Any) -> GenerateRequest:
-    check_input(body)
-    limit = request.app.state.settings.max_tokens_limit
-    max_tokens = body.max_completion_tokens or body.max_tokens or default_max
-    if max_tokens > limit:
-        raise BadRequest(f"max_tokens {max_tokens} exceeds this gateway's limit of {limit}")
-    return GenerateRequest(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                           stop=body.stop_list(), seed=body.seed, **kw)
-
-
-def check_input(body: _Sampling) -> None:
-    """What pydantic lets through but generation cannot take: a 400 naming it (never a 500)."""
-    name = body.unsupported()
-    if name is not None:
-        raise BadRequest(f"parameter {name!r} is not supported by Ember", code="unsupported_parameter")
-    if body.seed is not None and not SEED_RANGE[0] <= body.seed <= SEED_RANGE[1]:
-        raise BadRequest(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}", code="invalid_seed")
-    bad = _not_utf8(body.model_dump(exclude_none=True))
-    if bad is not None:
-        raise BadRequest(f"{bad} is not valid Unicode text (a lone surrogate?)", code="invalid_unicode")
-
-
-def _not_utf8(value: Any, where: str = "body") -> str | None:
-    """Where a string that cannot be encoded as UTF-8 sits in a parsed body, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where
-        return None
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return None
-    for k, v in items:
-        if isinstance(k, str) and _not_utf8(k) is not None:
-            return f"{where} key"
-        found = _not_utf8(v, f"{where}.{k}" if where != "body" else str(k))
-        if found is not None:
-            return found
-    return None
 
 
 class _Caller(NamedTuple):
@@ -156,7 +108,7 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
     spec: FunctionSpec = FunctionRegistry.parse(body.model, caller.spec_raw)
     FunctionRegistry.check_invoke(spec, principal)
     prompt_chars = len(gen.prompt or "") + sum(len(m.get("content", "")) for m in gen.messages or [])
-    estimated = estimate_tokens(prompt_chars, gen.max_tokens)
+    estimated = estimate_tokens(prompt_chars, upfront_completion_tokens(gen))
     limits = app.state.ratelimiter.limits_of(caller.key_row)
     try:
         counted_at = await app.state.ratelimiter.admit_async(principal.id, estimated, limits)
@@ -169,8 +121,8 @@ async def _invoke(request: Request, caller: _Caller, body: _Sampling, gen: Gener
                                  "eta": spec.energy.eta})
     t_start = time.perf_counter()  # TTFT counts routing and any cold start, as the client sees it
     trace = app.state.tracer.start(spec.name, "chat" if chat else "text_completion", request.headers,
-                                   {"max_tokens": gen.max_tokens, "temperature": gen.temperature,
-                                    "top_p": gen.top_p, "seed": gen.seed})
+                                   {"max_tokens": None if gen.fit_max_tokens else gen.max_tokens,
+                                    "temperature": gen.temperature, "top_p": gen.top_p, "seed": gen.seed})
     opened = False
     with ClientWatch(request.receive) as client:  # the client leaving cancels what runs in here
         try:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 # the worker's wire bodies live in ember.platform.wire (the worker never imports the gateway)
 from ember.platform.wire import (  # noqa: F401
@@ -108,7 +108,20 @@ class KeyCreated(KeyInfo):
 
 
 # --- OpenAI ----------------------------------------------------------------------------------
-class StreamOptions(EmberModel):
+class _OpenAIBody(EmberModel):
+    """An OpenAI request object: JSON null for an optional parameter is its default, as in OpenAI
+    (the openai clients send `null` for a parameter given as None)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            required = {n for n, f in cls.model_fields.items() if f.is_required()}
+            return {k: v for k, v in data.items() if v is not None or k in required}
+        return data
+
+
+class StreamOptions(_OpenAIBody):
     include_usage: bool = False
 
 
@@ -122,14 +135,17 @@ UNSUPPORTED_PARAMETERS = (
 _NEUTRAL: tuple[object, ...] = (None, False, 0, 0.0, [], {}, "")
 
 
-class _Sampling(EmberModel):
+def _is_neutral(value: object) -> bool:
+    return any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL)
+
+
+class _Sampling(_OpenAIBody):
     model_config = ConfigDict(extra="allow", populate_by_name=True)  # extras are checked, then ignored
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the smallest nucleus, the most likely token alone
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -144,6 +160,10 @@ class _Sampling(EmberModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    def requested_max_tokens(self) -> int | None:
+        """The client's max_tokens (None: not sent)."""
+        return self.max_tokens
+
     def unsupported(self) -> str | None:
         """The first OpenAI parameter this request sets that Ember does not implement, if any."""
         extra = self.model_extra or {}
@@ -153,7 +173,7 @@ class _Sampling(EmberModel):
                 continue
             if name == "best_of" and value == 1:
                 continue
-            if any(value is v or (type(value) is type(v) and value == v) for v in _NEUTRAL):
+            if _is_neutral(value):
                 continue
             return name
         return None
@@ -164,9 +184,16 @@ class _Sampling(EmberModel):
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
 
 
+# fields of a chat message Ember does not implement (a tool call, a tool's result, a participant
+# name): refused by name when set, never dropped (the model would answer another conversation)
+UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "function_call", "tool_call_id", "name", "audio", "refusal")
+
+
 class ChatMessage(EmberModel):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = ""
+    model_config = ConfigDict(extra="allow", populate_by_name=True)  # extras are checked, then ignored
+
+    role: Literal["system", "user", "assistant", "developer", "tool", "function"]
+    content: str | list[dict] | None = None
 
     @field_validator("content")
     @classmethod
@@ -176,6 +203,14 @@ class ChatMessage(EmberModel):
                 if p.get("type", "text") == "text" and not isinstance(p.get("text"), str):
                     raise ValueError(f"content part {i} is of type text and needs a string `text`")
         return v
+
+    def unsupported(self) -> str | None:
+        """The first field of this message Ember would have to drop (`role` for tool and function
+        results), if any."""
+        if self.role in ("tool", "function"):
+            return "role"
+        extra = self.model_extra or {}
+        return next((name for name in UNSUPPORTED_MESSAGE_FIELDS if not _is_neutral(extra.get(name))), None)
 
     def non_text_part(self) -> str | None:
         """The type of the first content part that is not text (images, audio, files), if any."""
@@ -194,6 +229,10 @@ class ChatMessage(EmberModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # chat's newer name for max_tokens; it wins
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_Sampling):
@@ -202,8 +241,11 @@ class CompletionRequest(_Sampling):
 
     def unsupported(self) -> str | None:
         # here `logprobs` is a count, and 0 still asks for the sampled tokens' log probabilities
-        if (self.model_extra or {}).get("logprobs") is not None:
+        extra = self.model_extra or {}
+        if extra.get("logprobs") is not None:
             return "logprobs"
+        if extra.get("max_completion_tokens") is not None:  # a chat parameter: /v1/completions has max_tokens
+            return "max_completion_tokens"
         return super().unsupported()
 
     def prompt_text(self) -> str:

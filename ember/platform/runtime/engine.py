@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ember.errors import BadRequest
+from ember.errors import BadRequest, ServiceUnavailable
 from ember.platform.runtime import kvcache
 from ember.platform.runtime.batcher import BatchingEngine, EngineLimits
 from ember.platform.runtime.events import GenerationDone, TokenDelta
@@ -103,13 +103,27 @@ class ModelInstance:
         ids = list(ids)
         if not ids:
             ids = [self.tokenizer.bos_token_id or 0]
-        if len(ids) + req.max_tokens > self.max_positions:
+        if len(ids) >= self.max_positions:  # whatever max_tokens is: the prompt's own fault
+            raise BadRequest(f"prompt ({len(ids)} tokens) leaves no room for a completion in the model's "
+                             f"context of {self.max_positions} tokens", code="context_length_exceeded")
+        if not req.fit_max_tokens and len(ids) + req.max_tokens > self.max_positions:
             raise BadRequest(
                 f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
                 f"context of {self.max_positions} tokens",
                 code="context_length_exceeded",
             )
         return ids
+
+    def fitted_max_tokens(self, prompt_tokens: int, ceiling: int) -> int:
+        """What an omitted max_tokens means here: up to `ceiling`, as many tokens as the context and
+        the KV budget leave after the prompt (503 exceeds_kv_budget when the prompt fills the budget
+        alone: no instance of this function could ever take it)."""
+        budget = self.engine.limits.kv_budget_tokens
+        room = min(self.max_positions, budget) - prompt_tokens
+        if room < 1:
+            raise ServiceUnavailable(f"the prompt ({prompt_tokens} tokens) leaves no room in this instance's "
+                                     f"KV-cache budget of {budget} tokens", code="exceeds_kv_budget")
+        return min(ceiling, room)
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation through the model's chat template; one the template refuses (roles that
@@ -125,6 +139,9 @@ class ModelInstance:
 
     def new_sequence(self, req: GenerateRequest, ids: list[int] | None = None) -> Sequence:
         ids = ids if ids is not None else self.prompt_ids(req)
+        if req.fit_max_tokens:
+            req = req.model_copy(update={"max_tokens": self.fitted_max_tokens(len(ids), req.max_tokens),
+                                         "fit_max_tokens": False})
         seq = Sequence(ids, req, self.tokenizer, self.eos_ids, self.device)
         seq.on_end = self._count
         return seq
