@@ -43,7 +43,8 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
         field = m.unsupported()
         if field is not None:
             what = f"role {m.role!r}" if field == "role" else f"field {field!r}"
-            raise InvalidParameter(f"messages[{i}]: {what} is not supported by Ember (no tool calling)",
+            why = "" if field in ("name", "audio", "refusal") else " (no tool calling)"
+            raise InvalidParameter(f"messages[{i}]: {what} is not supported by Ember{why}",
                                    param=f"messages[{i}].{field}", code="unsupported_parameter")
         kind = m.non_text_part()
         if kind is not None:
@@ -87,6 +88,9 @@ def upfront_completion_tokens(gen: GenerateRequest) -> int:
 def check_input(body: _Sampling) -> None:
     """What pydantic lets through but generation cannot take: a 400 naming it (never a 500)."""
     name = body.unsupported()
+    if name == "max_completion_tokens":  # OpenAI's chat parameter; completions have max_tokens only
+        raise InvalidParameter("max_completion_tokens is not a parameter of /v1/completions (use max_tokens)",
+                               param=name, code="unsupported_parameter")
     if name is not None:
         raise InvalidParameter(f"parameter {name!r} is not supported by Ember", param=name,
                                code="unsupported_parameter")
