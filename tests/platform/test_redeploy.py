@@ -5,9 +5,16 @@ on the old one finishes; a function deleted and created again starts with no sta
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import redis
 
+from ember.platform.state import Keys
 from tests.platform.conftest import TierCluster, admin_headers, until
 
 CHAT = {"messages": [{"role": "user", "content": "Once upon"}], "max_tokens": 12, "temperature": 0}
@@ -82,3 +89,96 @@ def test_a_function_created_again_starts_with_no_statistics(tier_cluster: TierCl
     _chat(u, "statf")
     assert stats()["requests"] == 1
     assert httpx.delete(f"{u}/v1/functions/statf", headers=admin_headers(), timeout=60).status_code == 204
+
+
+def _hold_load_on_a_fifo(tc: TierCluster, tiny_model_dir: Path, name: str) -> tuple[Path, bytes]:
+    """Push the tiny model as checkpoint `name` with one of its model files a FIFO nobody writes
+    yet: a load of it blocks reading that file ("loading") until `_feed` writes it."""
+    from ember.loader import open_store
+
+    assert tc.env is not None
+    store = open_store(tc.env["EMBER_STORE_URL"])
+    store.push(tiny_model_dir, name)
+    fifo = Path(store.uri.removeprefix("file://")) / name / "files" / "tokenizer_config.json"
+    data = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    return fifo, data
+
+
+def _feed(fifo: Path, data: bytes, timeout_s: float = 30.0) -> bool:
+    """Write the file's bytes to its FIFO once a load reads it; False when none did in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.05)
+            continue
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    return False
+
+
+def _invoke_during_a_held_load(tc: TierCluster, tiny_model_dir: Path, name: str,
+                               change: Callable[[], None]) -> httpx.Response:
+    """Deploy `name` on a checkpoint whose load blocks, invoke it, `change` the function while its
+    cold start loads, let the load end; returns what the invocation got."""
+    u = tc.gateway.url
+    fifo, data = _hold_load_on_a_fifo(tc, tiny_model_dir, f"{name}-ck")
+    result: dict[str, httpx.Response] = {}
+    try:
+        _deploy(u, name, f"{name}-ck")
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(
+            f"{u}/v1/chat/completions", headers=admin_headers(), json={"model": name, **CHAT}, timeout=120)))
+        t.start()
+
+        def states() -> list[str]:
+            got = httpx.get(f"{u}/v1/functions/{name}", headers=admin_headers(), timeout=10)
+            return [i["state"] for i in got.json().get("instances", [])] if got.status_code == 200 else []
+
+        assert until(lambda: states() == ["loading"], 30), states()
+        change()
+    finally:
+        fed = _feed(fifo, data)  # the old load goes on and ends (finding its instance removed)
+        fifo.unlink()
+        fifo.write_bytes(data)
+    assert fed
+    t.join(120)
+    return result["r"]
+
+
+def test_a_redeploy_during_a_cold_start_serves_the_request_from_the_new_checkpoint(
+        tier_cluster: TierCluster, tiny_model_dir: Path) -> None:
+    """The redeploy retires the instance loading the old checkpoint. Before, the request waiting
+    on that cold start failed with 409 instance_gone ("removed while it loaded"); now it is placed
+    again, once, on the checkpoint deployed now."""
+    u = tier_cluster.gateway.url
+    elsewhere = f"file://{tier_cluster.tmp / 'elsewhere'}/twin"  # other weights
+    r = _invoke_during_a_held_load(tier_cluster, tiny_model_dir, "midload",
+                                   lambda: _deploy(u, "midload", elsewhere))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ember-cold-start"] == "true"
+    assert _text(r) == _text(_chat(u, "midload"))  # the new checkpoint's instance: the only one left
+    assert until(lambda: len(httpx.get(f"{u}/v1/functions/midload", headers=admin_headers(),
+                                       timeout=10).json()["instances"]) == 1)
+    assert httpx.delete(f"{u}/v1/functions/midload", headers=admin_headers(), timeout=60).status_code == 204
+
+
+def test_a_delete_during_a_cold_start_answers_404(tier_cluster: TierCluster, tiny_model_dir: Path) -> None:
+    """Before: 409 instance_gone for a function that no longer exists."""
+    u = tier_cluster.gateway.url
+    r = _invoke_during_a_held_load(
+        tier_cluster, tiny_model_dir, "gonefn",
+        lambda: httpx.delete(f"{u}/v1/functions/gonefn", headers=admin_headers(), timeout=60).raise_for_status())
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "model_not_found"
+    assert tier_cluster.env is not None
+    r = redis.Redis.from_url(tier_cluster.env["EMBER_REDIS_URL"], decode_responses=True)
+    try:  # nothing of it was placed again
+        assert until(lambda: not r.smembers(Keys.function_instances("gonefn"))), r.smembers(
+            Keys.function_instances("gonefn"))
+    finally:
+        r.close()

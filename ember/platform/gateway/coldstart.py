@@ -17,7 +17,7 @@ import redis
 from anyio import to_thread
 
 from ember.config import Settings
-from ember.errors import EmberError, WorkerError
+from ember.errors import EmberError, FunctionNotFound, WorkerError
 from ember.platform.cluster import InstanceRecord, RedisCluster
 from ember.platform.gateway import tracing
 from ember.platform.gateway.checkpoints import sized_spec
@@ -56,8 +56,30 @@ class InstanceStarter:
         return self._load_queues
 
     async def cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None = None) -> LoadResult | None:
-        """Place and load one new instance of `spec`; None when no device has room now. `placed`
-        receives the instance id as soon as it is placed."""
+        """Place and load one new instance of the function `spec` names, as it is deployed now (a
+        caller's copy may predate a redeploy); None when no device has room now. `placed` receives
+        the instance id as soon as it is placed. An instance removed while it loaded (a redeploy
+        onto another checkpoint retired it) is placed again, once, from the spec read again; a
+        function deleted meanwhile is a FunctionNotFound (404), never a 409 instance_gone."""
+        try:
+            return await self._cold_start(await self._current(spec), placed)
+        except EmberError as e:
+            if e.code != "instance_gone":
+                raise
+            current = await self._current(spec)
+            log.info("instance of %s removed while it loaded (%s); placing %s again", spec.name, e,
+                     current.checkpoint_ref)
+            return await self._cold_start(current, placed)
+
+    async def _current(self, spec: FunctionSpec) -> FunctionSpec:
+        """The function's spec as stored now; FunctionNotFound when it was deleted (or deleted and
+        created again: another function of the same name, maybe another tenant's)."""
+        current = await to_thread.run_sync(FunctionRegistry(self.cluster.r).get, spec.name)
+        if current.created != spec.created:
+            raise FunctionNotFound(f"the model (function) {spec.name!r} was deleted")
+        return current
+
+    async def _cold_start(self, spec: FunctionSpec, placed: dict[str, str] | None) -> LoadResult | None:
         sized = await sized_spec(self.cluster, self.http, self.settings, spec)  # never booked by a guess
         if sized is None:
             return None  # no worker up to tell the checkpoint's size yet: wait as for a full cluster
