@@ -104,7 +104,7 @@ def allocate(
     for node, watts in budget.node_watts.items():
         members = [k for k in keys if by_key[k]["node"] == node]
         if members:
-            _split(watts, members, lo, caps, needs, weight, misses, f"node {node} budget {watts:.0f} W")
+            _split(watts, members, lo, caps, needs, weight, misses, f"node {node} budget {_watts(watts)} W")
     if budget.cluster_watts is not None and keys:
         _split(
             budget.cluster_watts,
@@ -114,7 +114,7 @@ def allocate(
             needs,
             weight,
             misses,
-            f"cluster budget {budget.cluster_watts:.0f} W",
+            f"cluster budget {_watts(budget.cluster_watts)} W",
         )
 
     draw_w = sum(float(s.get("avg_power_w") or s.get("power_w") or 0.0) for s in snapshots)
@@ -131,7 +131,7 @@ def allocate(
                     target = needs[k]
                     misses.setdefault(
                         k,
-                        f"energy budget {budget.energy_kwh_per_day:g} kWh/day allows {allowed_w:.0f} W on "
+                        f"energy budget {budget.energy_kwh_per_day:g} kWh/day allows {_watts(allowed_w)} W on "
                         f"average for the rest of the day; the SLOs need about {sum(needs.values()):.0f} W",
                     )
                 caps[k] = min(caps[k], target)
@@ -208,3 +208,9 @@ def _split(
                 )
     for k in members:
         caps[k] = min(caps[k], alloc[k])
+
+
+def _watts(w: float) -> str:
+    """Watts as a reason shows them: whole watts, or enough digits for a budget under 10 W (a
+    budget of 1e-300 W read "0 W")."""
+    return f"{w:.0f}" if w >= 10 else f"{w:.3g}"

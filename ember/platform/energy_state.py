@@ -46,8 +46,26 @@ def load_budget(client: redis.Redis) -> EnergyBudget:
     return EnergyBudget.from_dict(json.loads(raw) if raw else None)
 
 
-def save_budget(client: redis.Redis, budget: EnergyBudget) -> None:
-    _redis(client.set, Keys.energy_budget, json.dumps(budget.to_dict()))
+def update_budget(client: redis.Redis, changes: Mapping[str, Any]) -> EnergyBudget:
+    """Replace the given fields of the stored budget (field name -> value, None clears one) and
+    return it. Read, merge and write under WATCH, retried when another update came in between:
+    a plain read-merge-write lost the field of one of two updates made at once."""
+    while True:
+        try:
+            with client.pipeline(transaction=True) as p:
+                p.watch(Keys.energy_budget)
+                raw = p.get(Keys.energy_budget)
+                budget = EnergyBudget.from_dict(json.loads(raw) if raw else None)
+                for name, value in changes.items():
+                    setattr(budget, name, value)
+                p.multi()
+                p.set(Keys.energy_budget, json.dumps(budget.to_dict()))
+                p.execute()
+                return budget
+        except redis.WatchError:
+            continue
+        except redis.RedisError as e:
+            raise StateUnavailable(f"redis: {e}") from e
 
 
 def seed_budget(client: redis.Redis, budget: EnergyBudget) -> bool:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Header
@@ -23,6 +24,7 @@ from ember.platform.gateway.auth import Principal
 from ember.platform.gateway.deps import get_principal
 from ember.platform.http_common import install_error_handlers
 from ember.platform.state import Keys
+from tests.platform.conftest import Proc, admin_headers
 
 DEVICE_FIELDS = {
     "node",
@@ -283,3 +285,40 @@ def test_used_today_keeps_a_gone_node(r: redis.Redis) -> None:
     body = allocate_and_store(r, now=now)
     assert [d["node"] for d in body["devices"]] == ["stays"]
     assert body["allocation"]["used_kwh_today"] == pytest.approx(2.0)
+
+
+def test_budget_updates_made_at_once_all_land(gateway: Proc) -> None:
+    """Three operators set three different fields at the same moment, against a real gateway
+    process: the load-merge-save lost one of them in about 16 rounds of 40; now each merge is one
+    WATCH/MULTI transaction (retried), so every field lands."""
+    url, h = gateway.url, admin_headers()
+    lost = []
+    with httpx.Client(base_url=url, headers=h, timeout=30) as c:
+        for i in range(1, 31):
+            c.put("/v1/energy/budget", json={"cluster_watts": None, "energy_kwh_per_day": None, "node_watts": {}})
+            bodies = [{"cluster_watts": 1000 + i}, {"energy_kwh_per_day": 10 + i}, {"node_watts": {"node-0": 500 + i}}]
+            barrier, statuses = threading.Barrier(len(bodies)), []
+
+            def put(body: dict, barrier: threading.Barrier, statuses: list[int]) -> None:
+                with httpx.Client(base_url=url, headers=h, timeout=30) as own:
+                    barrier.wait()
+                    statuses.append(own.put("/v1/energy/budget", json=body).status_code)
+
+            threads = [threading.Thread(target=put, args=(b, barrier, statuses)) for b in bodies]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert statuses == [200] * len(bodies)
+            got = c.get("/v1/energy").json()["budget"]
+            if got != {"cluster_watts": 1000 + i, "energy_kwh_per_day": 10 + i, "node_watts": {"node-0": 500 + i}}:
+                lost.append(got)
+    assert lost == [], f"{len(lost)}/30 rounds lost a field: {lost[:3]}"
+
+
+def test_a_tiny_budget_is_shown_as_set(client: TestClient, r: redis.Redis) -> None:
+    """A cluster budget of 1e-300 W read "cluster budget 0 W" in the misses."""
+    publish_device_snapshots(r, "n1", busy_agent("n1").snapshot(), ttl_s=30)
+    assert client.put("/v1/energy/budget", json={"cluster_watts": 1e-300}).status_code == 200
+    misses = client.get("/v1/energy").json()["allocation"]["misses"]
+    assert misses and all("cluster budget 1e-300 W" in m["reason"] for m in misses), misses
