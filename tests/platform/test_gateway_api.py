@@ -284,3 +284,105 @@ def test_ember_instances_comes_from_the_lease_holder_and_never_stale(gateway: Pr
     assert _instances_gauge(gateway.url) == {}  # not its to export
     c.r.delete(Keys.lease("autoscaler"))  # the other gateway went away: this one takes the lease again
     assert until(lambda: _instances_gauge(gateway.url) == {("counted", "ready"): 2.0}, 15), _instances_gauge(gateway.url)
+
+
+def test_a_revoked_bootstrap_admin_key_stays_revoked_across_restarts(redis_url: str, tmp_path: Path) -> None:
+    """Every gateway start writes the bootstrap admin key (id `admin`) from EMBER_ADMIN_KEY: once
+    revoked by another admin it came back at the next start. Its secret now leaves a tombstone;
+    the start logs that it is not restored; another secret makes a bootstrap key again. A restart
+    with the same secret keeps the key's creation time (it was reset at every start)."""
+    from tests.platform.conftest import base_env, start_gateway
+
+    env = base_env(redis_url, f"file://{tmp_path / 'store'}")
+
+    def bootstrap_created(u: str, key: str) -> float:
+        return {k["id"]: k for k in httpx.get(f"{u}/v1/keys", headers=_h(key)).json()["keys"]}["admin"]["created"]
+
+    g = start_gateway(tmp_path, env)
+    created = bootstrap_created(g.url, ADMIN_KEY)
+    g.stop()
+    g = start_gateway(tmp_path, env)
+    try:
+        assert bootstrap_created(g.url, ADMIN_KEY) == created  # the same key across a restart
+        other = httpx.post(f"{g.url}/v1/keys", headers=admin_headers(), json={"role": "admin"}).json()["key"]
+        assert httpx.delete(f"{g.url}/v1/keys/admin", headers=_h(other)).status_code == 204
+    finally:
+        g.stop()
+    g = start_gateway(tmp_path, env)  # the same EMBER_ADMIN_KEY
+    try:
+        err = _assert_openai_error(httpx.get(f"{g.url}/v1/me", headers=admin_headers()), 401)
+        assert "revoked" in err["message"]
+        assert "admin" not in {k["id"] for k in httpx.get(f"{g.url}/v1/keys", headers=_h(other)).json()["keys"]}
+        assert "configured admin key" in g.log.read_text() and "is not restored" in g.log.read_text()
+    finally:
+        g.stop()
+    g = start_gateway(tmp_path, {**env, "EMBER_ADMIN_KEY": "a-new-admin-key-0123456789"})  # rotated
+    try:
+        me = httpx.get(f"{g.url}/v1/me", headers=_h("a-new-admin-key-0123456789"))
+        assert me.status_code == 200 and me.json()["id"] == "admin" and me.json()["role"] == "admin"
+        _assert_openai_error(httpx.get(f"{g.url}/v1/me", headers=admin_headers()), 401)
+    finally:
+        g.stop()
+
+
+def test_a_revoked_keys_checkpoint_grants_go_with_it(gateway: Proc) -> None:
+    """A grant kept naming the revoked key as owner; a shared one stays shared, without owner."""
+    u, h = gateway.url, admin_headers()
+    dev = httpx.post(f"{u}/v1/keys", headers=h, json={"role": "developer"}).json()
+    assert httpx.put(f"{u}/v1/checkpoints/mine", headers=h, json={"owner": dev["id"]}).status_code == 200
+    assert httpx.put(f"{u}/v1/checkpoints/ours", headers=h, json={"owner": dev["id"], "shared": True}).status_code == 200
+    assert httpx.put(f"{u}/v1/checkpoints/theirs", headers=h, json={"shared": True}).status_code == 200
+    assert httpx.delete(f"{u}/v1/keys/{dev['id']}", headers=h).status_code == 204
+    grants = {g["name"]: g for g in httpx.get(f"{u}/v1/checkpoints", headers=h).json()["checkpoints"]}
+    assert set(grants) == {"ours", "theirs"}
+    assert grants["ours"]["owner"] is None and grants["ours"]["shared"] is True
+
+
+def test_admin_bodies_refuse_unknown_fields_and_loose_types(gateway: Proc) -> None:
+    """Admin bodies ignored unknown fields (a deploy with `scaling.min_instance` said 201 and
+    deployed the default; PATCH /v1/keys/ID {"role": "admin"} said 200 and changed nothing) and
+    coerced types (`"rpm": true` was 1). Each is now a 422 naming the field; the bodies the CLI,
+    the console and `ember up` send still pass."""
+    u, h = gateway.url, admin_headers()
+    key = httpx.post(f"{u}/v1/keys", headers=h, json={"role": "invoker", "name": "k", "rpm": 5, "tpm": None})
+    assert key.status_code == 201, key.text
+    kid = key.json()["id"]
+    refused = [
+        ("PUT", "/v1/functions/typo", {"checkpoint": "tiny", "scaling": {"min_instance": 2, "keep_alive_s": 5}},
+         "scaling.min_instance"),
+        ("PUT", "/v1/functions/typo", {"checkpoint": "tiny", "scalling": {}}, "scalling"),
+        ("PUT", "/v1/functions/typo", {"checkpoint": "tiny", "scaling": {"max_instances": "2"}}, "scaling.max_instances"),
+        ("PUT", "/v1/functions/typo", {"checkpoint": "tiny", "scaling": {"max_instances": True}}, "scaling.max_instances"),
+        ("PUT", "/v1/functions/typo", {"checkpoint": "tiny", "slo": {"ttft_ms": "500"}}, "slo.ttft_ms"),
+        ("PUT", "/v1/functions/typo", {"checkpoint": "tiny", "energy": {"eta": False}}, "energy.eta"),
+        ("PUT", "/v1/functions/typo", {"checkpoint": 5}, "checkpoint"),
+        ("PATCH", f"/v1/keys/{kid}", {"role": "admin"}, "role"),
+        ("PATCH", f"/v1/keys/{kid}", {"rpmm": 3}, "rpmm"),
+        ("PATCH", f"/v1/keys/{kid}", {"rpm": True}, "rpm"),
+        ("PATCH", f"/v1/keys/{kid}", {"tpm": "100"}, "tpm"),
+        ("PATCH", f"/v1/keys/{kid}", {"rpm": 2.5}, "rpm"),
+        ("POST", "/v1/keys", {"role": "invoker", "rpm": True}, "rpm"),
+        ("POST", "/v1/keys", {"role": "invoker", "scope": "all"}, "scope"),
+        ("PUT", "/v1/checkpoints/tiny", {"shared": 1}, "shared"),
+        ("PUT", "/v1/checkpoints/tiny", {"shared": True, "owners": ["x"]}, "owners"),
+        ("PUT", "/v1/stores", {"uri": "file:///tmp/x", "note": "x"}, "note"),
+        ("PUT", "/v1/energy/budget", {"cluster_watts": True}, "cluster_watts"),
+    ]
+    for method, path, body, param in refused:
+        err = _assert_openai_error(httpx.request(method, f"{u}{path}", headers=h, json=body), 422)
+        assert err["param"] == param and param.rsplit(".", 1)[-1] in err["message"], (body, err)
+    assert httpx.get(f"{u}/v1/functions/typo", headers=h).status_code == 404
+    got = httpx.get(f"{u}/v1/keys/{kid}", headers=h).json()
+    assert (got["role"], got["rpm"]) == ("invoker", 5)
+    # what the clients send: `ember deploy` (every field, floats and ints), `ember keys limits`, the console
+    cli_deploy = {"checkpoint": "tiny", "slo": {"ttft_ms": 1000.0, "tpot_ms": 200.0},
+                  "scaling": {"min_instances": 0, "max_instances": 4, "keep_alive_s": 60.0, "target_concurrency": 4},
+                  "energy": {"eta": 0.5}, "placement_policy": "ember"}
+    r = httpx.put(f"{u}/v1/functions/typo", headers=h, json=cli_deploy)
+    assert r.status_code == 201, r.text
+    assert httpx.put(f"{u}/v1/functions/typo", headers=h,
+                     json={"checkpoint": "tiny", "scaling": {"keep_alive_s": 5, "min_instances": 0}}).status_code == 200
+    assert httpx.get(f"{u}/v1/functions/typo", headers=h).json()["scaling"]["keep_alive_s"] == 5
+    assert httpx.patch(f"{u}/v1/keys/{kid}", headers=h, json={"rpm": 7, "tpm": None}).json()["rpm"] == 7
+    budget = {"cluster_watts": 900, "node_watts": {"node-0": 450.5}, "energy_kwh_per_day": None}
+    assert httpx.put(f"{u}/v1/energy/budget", headers=h, json=budget).status_code == 200

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request, Response
 
-from ember.errors import BadRequest
+from ember.errors import BadRequest, NotFound
 from ember.platform.gateway.auth import KeyStore, Principal
 from ember.platform.gateway.checkpoints import CheckpointPolicy, canonical_store, size_checkpoint
 from ember.platform.gateway.deps import AdminPrincipal, AnyPrincipal, require_roles
@@ -134,10 +134,12 @@ async def update_key_limits(key_id: str, body: KeyLimitsUpdate, request: Request
 @router.delete("/v1/keys/{key_id}", status_code=204)
 async def delete_key(key_id: str, request: Request, _: AdminPrincipal) -> Response:
     """Revoke a key. The stated rule: the functions it owns go with it (deleted, their instances
-    unloaded), so nothing keeps serving on behalf of a tenant whose access was revoked."""
+    unloaded), so nothing keeps serving on behalf of a tenant whose access was revoked; so do the
+    checkpoint grants naming it as owner (a shared one stays shared, with no owner)."""
     app = request.app
     await to_thread.run_sync(KeyStore(app.state.redis).delete, key_id)
     await to_thread.run_sync(app.state.ratelimiter.forget, key_id)
+    await to_thread.run_sync(_drop_grants_of, CheckpointPolicy(app.state.redis, app.state.settings), key_id)
     registry = FunctionRegistry(app.state.redis)
     for spec in await to_thread.run_sync(registry.owned_by, key_id):
         await to_thread.run_sync(app.state.redis.hdel, Keys.functions, spec.name)
@@ -194,6 +196,22 @@ async def revoke_grant(name: str, request: Request, _: AdminPrincipal, store: st
     policy = CheckpointPolicy(request.app.state.redis, settings)
     await to_thread.run_sync(policy.revoke_grant, canonical_store(store or settings.resolved_store_url), name)
     return Response(status_code=204)
+
+
+def _drop_grants_of(policy: CheckpointPolicy, key_id: str) -> None:
+    """A revoked key's checkpoint grants: revoked, or kept without owner where shared."""
+    for g in policy.grants():
+        if g.get("owner") != key_id:
+            continue
+        if g.get("shared"):
+            policy.grant(g["store"], g["name"], None, True)
+        else:
+            try:
+                policy.revoke_grant(g["store"], g["name"])
+            except NotFound:  # revoked meanwhile
+                continue
+        log.info("checkpoint grant %s/%s of revoked key %s %s", g["store"], g["name"], key_id,
+                 "kept shared, without owner" if g.get("shared") else "revoked")
 
 
 async def unload_instance(app: Any, inst: Any, *, force: bool = False) -> bool:

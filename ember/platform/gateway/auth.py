@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -14,8 +15,11 @@ from ember.errors import Conflict, Forbidden, NotFound, Unauthorized
 from ember.platform.gateway.protocol import KeyCreated, KeyInfo, Role
 from ember.platform.state import Keys
 
+log = logging.getLogger(__name__)
+
 ROLES: tuple[Role, ...] = ("admin", "operator", "developer", "invoker")
 BOOTSTRAP_ID = "admin"
+REVOKED = "revoked"  # the one field of a revoked bootstrap key's hash: when it was revoked
 
 
 @dataclass(frozen=True)
@@ -42,20 +46,38 @@ class KeyStore:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
-    def bootstrap_admin(self, key: str) -> None:
-        """Make `key` the bootstrap admin key (replacing an earlier bootstrap key)."""
-        old = self.client.hget(Keys.api_key_ids, BOOTSTRAP_ID)
+    def bootstrap_admin(self, key: str) -> bool:
+        """Make `key` the bootstrap admin key (id `admin`), replacing an earlier bootstrap key; every
+        gateway start calls it with EMBER_ADMIN_KEY (`ember up`: DATA/admin_key). A secret revoked
+        with DELETE /v1/keys/admin stays revoked: it left a tombstone, and it is not restored (a
+        warning says so; configure another secret). False then, else True."""
         new_hash = hash_key(key)
-        kept = {}  # the limits an admin set on the bootstrap key survive its rotation
-        if old and old != new_hash:
-            kept = {k: v for k, v in self.client.hgetall(Keys.api_key(old)).items() if k in ("rpm", "tpm")}
-        with self.client.pipeline(transaction=True) as p:
-            if old and old != new_hash:
-                p.delete(Keys.api_key(old))
-            p.hset(Keys.api_key(new_hash), mapping={"id": BOOTSTRAP_ID, "role": "admin", "name": "bootstrap",
-                                                    "created": time.time(), **kept})
-            p.hset(Keys.api_key_ids, BOOTSTRAP_ID, new_hash)
-            p.execute()
+        while True:
+            with self.client.pipeline(transaction=True) as p:
+                try:
+                    p.watch(Keys.api_key_ids, Keys.api_key(new_hash))
+                    row = p.hgetall(Keys.api_key(new_hash))
+                    if row.get(REVOKED):
+                        p.unwatch()
+                        log.warning("the configured admin key (EMBER_ADMIN_KEY; `ember up`: DATA/admin_key) was "
+                                    "revoked (DELETE /v1/keys/admin) and is not restored: set another secret to "
+                                    "have a bootstrap admin key again")
+                        return False
+                    old = p.hget(Keys.api_key_ids, BOOTSTRAP_ID)
+                    kept = {}  # the limits an admin set on the bootstrap key survive its rotation
+                    if old and old != new_hash:
+                        kept = {k: v for k, v in p.hgetall(Keys.api_key(old)).items() if k in ("rpm", "tpm")}
+                    created = row.get("created") if old == new_hash and row else None  # kept across restarts
+                    p.multi()
+                    if old and old != new_hash:
+                        p.delete(Keys.api_key(old))
+                    p.hset(Keys.api_key(new_hash), mapping={"id": BOOTSTRAP_ID, "role": "admin", "name": "bootstrap",
+                                                            "created": created or time.time(), **kept})
+                    p.hset(Keys.api_key_ids, BOOTSTRAP_ID, new_hash)
+                    p.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def create(self, role: Role, name: str) -> KeyCreated:
         key = "ek-" + secrets.token_urlsafe(32)
@@ -90,7 +112,8 @@ class KeyStore:
 
     def delete(self, key_id: str) -> None:
         """Revoke a key; never the last admin key (nobody could manage keys until a gateway restarts
-        with EMBER_ADMIN_KEY), checked atomically against other revocations (WATCH)."""
+        with EMBER_ADMIN_KEY), checked atomically against other revocations (WATCH). The bootstrap
+        key (id `admin`) leaves a tombstone under its hash, so `bootstrap_admin` never restores it."""
         while True:
             with self.client.pipeline(transaction=True) as p:
                 try:
@@ -105,6 +128,8 @@ class KeyStore:
                                        code="last_admin_key")
                     p.multi()
                     p.delete(Keys.api_key(h))
+                    if key_id == BOOTSTRAP_ID:  # its secret comes back from the configuration at each start
+                        p.hset(Keys.api_key(h), mapping={REVOKED: time.time()})
                     p.hdel(Keys.api_key_ids, key_id)
                     p.execute()
                     return
@@ -127,6 +152,8 @@ def key_row_for(authorization: str | None) -> str:
 
 
 def principal_of(row: dict[str, str]) -> Principal:
+    if row.get(REVOKED):
+        raise Unauthorized("this API key was revoked")
     if not row or "id" not in row or "role" not in row:
         raise Unauthorized("invalid API key")
     return Principal(id=row["id"], role=row["role"], name=row.get("name", ""))

@@ -18,24 +18,33 @@ from ember.platform.wire import (  # noqa: F401
 )
 
 
+class AdminBody(EmberModel):
+    """Base of the admin API's request bodies (functions, keys, stores, grants). Unlike an OpenAI
+    body, an unknown field is a 422 naming it (a typo such as `min_instance` deployed the default
+    and said 201), and numbers, booleans and strings are taken as their JSON types only (`true`
+    is no count, `"5"` no number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
+
+
 # --- functions -----------------------------------------------------------------------------
-class SLO(EmberModel):
+class SLO(AdminBody):
     ttft_ms: float = Field(1000.0, gt=0)
     tpot_ms: float = Field(200.0, gt=0)
 
 
-class Scaling(EmberModel):
+class Scaling(AdminBody):
     min_instances: int = Field(0, ge=0, le=1024)
     max_instances: int = Field(4, ge=1, le=1024)
     keep_alive_s: float = Field(60.0, ge=0, le=7 * 86400)  # at most a week: idle instances do go
     target_concurrency: int = Field(4, ge=1, le=1024)
 
 
-class EnergyPrefs(EmberModel):
+class EnergyPrefs(AdminBody):
     eta: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class FunctionDeploy(EmberModel):
+class FunctionDeploy(AdminBody):
     """Body of PUT /v1/functions/{name}."""
 
     checkpoint: str = Field(..., min_length=1, max_length=1024)
@@ -46,7 +55,11 @@ class FunctionDeploy(EmberModel):
 
 
 class FunctionSpec(FunctionDeploy):
-    """What the registry stores and returns."""
+    """What the registry stores and returns. Its own fields are read back leniently (stored JSON,
+    not a request body: a top-level field this version does not know is ignored); `slo`, `scaling`
+    and `energy` are as written by `model_dump_json`."""
+
+    model_config = ConfigDict(extra="ignore", strict=False, populate_by_name=True, allow_inf_nan=False)
 
     name: str
     owner: str = "admin"
@@ -62,13 +75,13 @@ class FunctionSpec(FunctionDeploy):
         return self.checkpoint_id or self.checkpoint
 
 
-class StoreAllow(EmberModel):
+class StoreAllow(AdminBody):
     """Body of PUT /v1/stores: a checkpoint store deploys may name."""
 
     uri: str = Field(..., min_length=1, max_length=1024)
 
 
-class CheckpointGrant(EmberModel):
+class CheckpointGrant(AdminBody):
     """Body of PUT /v1/checkpoints/{name}: who may deploy a checkpoint besides admins."""
 
     store: str | None = Field(None, max_length=1024)  # default: the cluster's store
@@ -80,14 +93,14 @@ class CheckpointGrant(EmberModel):
 Role = Literal["admin", "operator", "developer", "invoker"]
 
 
-class KeyCreate(EmberModel):
+class KeyCreate(AdminBody):
     role: Role
     name: str = Field("", max_length=128)
     rpm: int | None = Field(None, ge=0, le=10**9)  # requests per minute (0: unlimited; absent: the default)
     tpm: int | None = Field(None, ge=0, le=10**12)  # tokens per minute
 
 
-class KeyLimitsUpdate(EmberModel):
+class KeyLimitsUpdate(AdminBody):
     """Body of PATCH /v1/keys/{id}: change a key's per-minute limits (0: unlimited)."""
 
     rpm: int | None = Field(None, ge=0, le=10**9)
