@@ -164,8 +164,11 @@ class LocalWorkerFleet:
             args, env, log_path, done = self._spawns.get()
             try:
                 with open(log_path, "ab") as out:
+                    # its own session: a Ctrl-C at a terminal reaches the gateway alone, which stops
+                    # each worker with one SIGTERM (a second signal would cut the streams it drains)
                     done.set_result(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent))
+                                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                                     preexec_fn=die_with_parent))
             except OSError as e:
                 done.set_exception(e)
 

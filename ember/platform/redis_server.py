@@ -91,8 +91,10 @@ class RedisServerProcess:
         else:
             args += ["--appendonly", "no"]
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the process
+        # its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group) does not
+        # stop it under the gateway and workers still draining; its parent stops it, last
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=die_with_parent)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

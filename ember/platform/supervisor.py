@@ -5,6 +5,15 @@ names one, N workers (each its own node with its own data directory), and the ga
 demo function on first start; stops every child on SIGINT/SIGTERM (and, via PR_SET_PDEATHSIG, when
 the supervisor itself dies), so no process is orphaned.
 
+One `ember up` per data dir: the supervisor holds an flock on `<data dir>/up.lock` for its lifetime
+(the kernel drops it when the process dies, so a crash leaves no stale lock); a second one is refused.
+
+Signals: every child runs in its own session, so a Ctrl-C at the terminal (SIGINT to the whole
+foreground process group) reaches the supervisor alone, which sends each child ONE SIGTERM. A child
+that got the terminal's SIGINT and then the supervisor's SIGTERM could take the second signal for a
+"force quit" (uvicorn does) and cut the streams it was draining, and Redis stopped at the SIGINT,
+under workers still draining. A second Ctrl-C stops every child at once.
+
 Faults: a worker that dies is restarted with back-off (1 s doubling to 30 s, reset after a minute
 up), and the gateway's /readyz says "degraded" while fewer workers than started are alive; a
 private Redis that dies is restarted on the same port from its AOF (gateways and workers reconnect;
@@ -14,6 +23,7 @@ finish streams in flight for up to EMBER_DRAIN_GRACE_S before they are stopped.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -99,14 +109,35 @@ def _check_redis(url: str) -> None:
 
 def _check_port_free(host: str, port: int) -> None:
     """Refuse at once a port something already listens on (another `ember up`, say): otherwise
-    its /readyz answers and this platform is announced ready, at a URL its admin key does not open."""
+    its /readyz answers and this platform is announced ready, at a URL its admin key does not open.
+    The hint names both --port and --data-dir: a second `ember up` on the same data dir is refused."""
     from ember.platform.http_common import listening_socket
 
     try:
         listening_socket(host, port, listen=False).close()
     except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another `ember up`? "
-                          "choose --port)") from e
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another `ember up` there? stop "
+                          "it, or give this one its own --port and its own --data-dir)") from e
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """An exclusive flock on `data_dir`/up.lock, held while the returned descriptor is open (the
+    caller's lifetime: the kernel releases it when the process dies, however it dies). Two `ember
+    up` on one data dir would run two Redis servers appending to one AOF and two workers `node-0`
+    on one node dir; the second is refused, naming the first's pid."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"{data_dir} is in use by another `ember up` (pid {holder}): stop it, or give this "
+                          "one its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _ids(spec: str | None) -> list[str]:
@@ -129,10 +160,11 @@ class Platform:
         self.stopping = threading.Event()
         self.url = f"http://{opts.host}:{opts.port}"
         self.admin_key_path = self.data_dir / "admin_key"
+        self._lock_fd: int | None = None
 
     def start(self, echo: Callable[[str], None] = print) -> None:
         _check_port_free(self.opts.host, self.opts.port)  # else a server already there looks ready
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_data_dir(self.data_dir)
         admin_key = read_or_create_secret(self.admin_key_path, self.settings.admin_key)
         if self.settings.admin_key:
             self.admin_key_path.write_text(admin_key + "\n")
@@ -170,7 +202,8 @@ class Platform:
         for i in range(0 if scaled else self.opts.workers):
             node = f"node-{i}"
             port = free_port(self.opts.host)
-            worker_env = env if shares[i] is None else {**env, "EMBER_DEVICES": shares[i]}  # never a shared GPU
+            share = shares[i]
+            worker_env = env if share is None else {**env, "EMBER_DEVICES": share}  # never a shared GPU
             self._spawn(node, [sys.executable, "-m", "ember", "worker", "--data-dir", str(self.data_dir / "nodes" / node),
                                "--node-id", node, "--host", self.opts.host, "--port", str(port)], worker_env, logs)
         self._spawn("gateway", [sys.executable, "-m", "ember", "gateway", "--host", self.opts.host,
@@ -186,8 +219,9 @@ class Platform:
     def _popen(self, name: str) -> subprocess.Popen[bytes]:
         args, env, logs = self._launch[name]
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        # its own session: the terminal's signals reach the supervisor only, which forwards one SIGTERM
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
         out.close()
         return proc
 
@@ -286,10 +320,12 @@ class Platform:
             self.stopping.wait(0.25)
 
     def stop(self) -> None:
+        """One SIGTERM to each child (each drains its streams for up to drain_grace_s), SIGKILL to
+        those still up after that; Redis last, once nothing draining needs it; then the lock."""
         self.stopping.set()
         for _, proc in reversed(self.children):
             if proc.poll() is None:
-                proc.terminate()  # each drains its streams for up to drain_grace_s
+                proc.terminate()
         deadline = time.monotonic() + self.settings.drain_grace_s + 5
         for _, proc in self.children:
             try:
@@ -299,12 +335,25 @@ class Platform:
                 proc.wait()
         if self.redis is not None:
             self.redis.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def kill_now(self) -> None:
+        """Stop every child at once, streams in flight or not (a second Ctrl-C)."""
+        for _, proc in self.children:
+            if proc.poll() is None:
+                proc.kill()
+        if self.redis is not None and self.redis.proc is not None and self.redis.proc.poll() is None:
+            self.redis.proc.kill()
 
 
 def run_up(opts: UpOptions, settings: Settings, echo: Callable[[str], None] = print) -> int:
     platform = Platform(opts, settings)
 
     def on_signal(signum: int, _: object) -> None:
+        if platform.stopping.is_set() and signum == signal.SIGINT:
+            platform.kill_now()  # a second Ctrl-C: no more waiting for streams to drain
         platform.stopping.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -314,6 +363,8 @@ def run_up(opts: UpOptions, settings: Settings, echo: Callable[[str], None] = pr
         echo(f"admin key: {platform.admin_key_path} (export EMBER_API_KEY=$(cat {platform.admin_key_path}))")
         echo(f"ready: {platform.url}")
         platform.wait()
+        echo(f"stopping: streams in flight may finish within {platform.settings.drain_grace_s:.0f} s "
+             "(Ctrl-C again to stop at once)")
         return 0
     except EmberError as e:
         echo(f"error: {e.message}")

@@ -37,7 +37,38 @@ def test_gateway_port_in_use_stops_everything(tmp_path: Path) -> None:
     # refused before anything starts (before, a server already there answering /readyz, another
     # `ember up` say, made this one print "ready" at a URL its admin key did not open)
     assert f"cannot listen on 127.0.0.1:{port}" in r.stdout + r.stderr, r.stdout + r.stderr
+    # the hint once said "choose --port", which led to a second `ember up` on the same data dir
+    assert "its own --port and its own --data-dir" in r.stdout, r.stdout
     assert not (tmp_path / "data").exists()
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    """Before: given another port, a second `ember up` on a data dir in use started: two Redis
+    servers appending to one AOF, two workers node-0 on one node dir, and what the second did was
+    replayed into the first's state at its next start. Now the first holds a lock on the data dir."""
+    env = {k: v for k, v in os.environ.items() if k != "EMBER_REDIS_URL"}
+    first = subprocess.Popen([sys.executable, "-m", "ember", "up", "--port", str(free_port()), "--workers", "1",
+                              "--data-dir", str(tmp_path / "data"), "--no-demo"], env={**env, "PYTHONUNBUFFERED": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert first.stdout is not None
+        seen = []
+        for line in first.stdout:
+            seen.append(line)
+            if line.startswith("ready: "):
+                break
+        assert seen and seen[-1].startswith("ready: "), "".join(seen)
+        second = subprocess.run([sys.executable, "-m", "ember", "up", "--port", str(free_port()), "--workers", "1",
+                                 "--data-dir", str(tmp_path / "data"), "--no-demo"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert second.stdout.splitlines() == [
+            f"error: {(tmp_path / 'data').resolve()} is in use by another `ember up` (pid {first.pid}): stop it, "
+            "or give this one its own --data-dir"], second.stdout + second.stderr
+        assert first.poll() is None  # the first one runs on
+    finally:
+        first.terminate()
+        first.wait(60)
 
 
 def test_settings_and_urls_that_are_not_what_they_should_be_are_one_line(tmp_path: Path) -> None:
