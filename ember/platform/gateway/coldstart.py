@@ -59,14 +59,20 @@ class InstanceStarter:
         """Place and load one new instance of the function `spec` names, as it is deployed now (a
         caller's copy may predate a redeploy); None when no device has room now. `placed` receives
         the instance id as soon as it is placed. An instance removed while it loaded (a redeploy
-        onto another checkpoint retired it) is placed again, once, from the spec read again; a
+        onto another checkpoint retired it) is placed again, once, from the spec read again (removed for
+        any other reason, it is not: a reaped hung load would only start another); a
         function deleted meanwhile is a FunctionNotFound (404), never a 409 instance_gone."""
+        used = await self._current(spec)
         try:
-            return await self._cold_start(await self._current(spec), placed)
+            return await self._cold_start(used, placed)
         except EmberError as e:
             if e.code != "instance_gone":
                 raise
             current = await self._current(spec)
+            if current.checkpoint_ref == used.checkpoint_ref:
+                # not a redeploy: its claim lapsed (a load past EMBER_MAX_LOAD_S, reaped) or it was
+                # evicted; placing it again would only start another such load for this request
+                raise
             log.info("instance of %s removed while it loaded (%s); placing %s again", spec.name, e,
                      current.checkpoint_ref)
             return await self._cold_start(current, placed)
