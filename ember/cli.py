@@ -5,7 +5,11 @@ fastapi) happen inside the verbs, never at import time.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import typer
+import typer.core
 
 from ember.commands import (
     checkpoint,
@@ -18,7 +22,35 @@ from ember.commands import (
     scheduler_cmds,
 )
 
-app = typer.Typer(help="Ember: serverless LLM functions.", no_args_is_help=True, add_completion=False)
+
+def _finite_then(callback: Any) -> Any:
+    """A parameter callback that refuses nan and inf at parse time, then runs `callback` (a float
+    option took `nan`, which reached the JSON encoder or a loop and ended in a traceback)."""
+
+    def checked(ctx: Any, param: Any, value: Any) -> Any:
+        for v in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise typer.BadParameter(f"{v} is not a finite number", ctx=ctx, param=param)
+        return callback(ctx, param, value) if callback is not None else value
+
+    return checked
+
+
+class _EmberGroup(typer.core.TyperGroup):
+    """The root command: every float parameter of every verb, sub-verbs included, is finite."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        todo: list[Any] = list(self.commands.values())
+        while todo:
+            cmd = todo.pop()
+            todo.extend(getattr(cmd, "commands", {}).values())
+            for param in cmd.params:
+                param.callback = _finite_then(param.callback)
+
+
+app = typer.Typer(help="Ember: serverless LLM functions.", no_args_is_help=True, add_completion=False,
+                  cls=_EmberGroup)
 
 platform_cmds.register(app)
 app.add_typer(model.app, name="model", help="Make small models for tests and demos.")

@@ -1,5 +1,6 @@
-"""`ember energy ...` verbs: status, watch and budget (HTTP clients of the gateway, EMBER_URL and
-EMBER_API_KEY), sim (the controller comparison on simulated GPUs), and `ember bench energy`."""
+"""`ember energy ...` verbs: status, watch and budget set/show/clear (HTTP clients of the gateway,
+EMBER_URL and EMBER_API_KEY), sim (the controller comparison on simulated GPUs), and `ember bench
+energy`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from ember.commands.gateway_client import check, gateway_client, name_arg
 
 app = typer.Typer(no_args_is_help=True)
 budget_app = typer.Typer(no_args_is_help=True, help="Operator power and energy budgets.")
@@ -62,11 +65,9 @@ def _render(data: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    budget = data.get("budget", {})
-    head = Text(
-        f"budget: cluster {budget.get('cluster_watts')} W, nodes {budget.get('node_watts') or {}}, "
-        f"{budget.get('energy_kwh_per_day')} kWh/day; projected today {data.get('projected_kwh_today')} kWh"
-    )
+    projected = data.get("projected_kwh_today")
+    head = Text(f"budget: {'; '.join(_budget_lines(data.get('budget') or {}))}; projected today "
+                f"{_fmt(projected, 3)}{' kWh' if projected is not None else ''}")
     table = Table("node", "device", "power W", "limit W", "cap W", "power / limit", "SM MHz", "energy J",
                   "J/token", "SLO", "mode", "last decision")
     for d in data.get("devices", []):
@@ -96,20 +97,77 @@ def _bar(power: Any, limit: Any, cap: Any, width: int = 12) -> str:
     return "".join(cells)
 
 
+def _budget_lines(budget: dict[str, Any]) -> list[str]:
+    """The budget in words: what is set, and what is not."""
+    cluster, kwh = budget.get("cluster_watts"), budget.get("energy_kwh_per_day")
+    lines = [f"cluster {_fmt(cluster)} W" if cluster is not None else "no cluster budget"]
+    lines += [f"node {node} {_fmt(w)} W" for node, w in sorted((budget.get("node_watts") or {}).items())]
+    lines.append(f"{_fmt(kwh, 3)} kWh/day" if kwh is not None else "no daily energy budget")
+    return lines
+
+
 @budget_app.command("set")
 def budget_set(
     cluster_watts: float = typer.Option(None, "--cluster-watts", help="Watts for the whole cluster."),
     kwh_per_day: float = typer.Option(None, "--kwh-per-day", help="Energy per day (kWh)."),
+    node_watts: list[str] = typer.Option(None, "--node-watts", help="NODE=WATTS, one node's budget (repeatable; "
+                                                                    "other nodes' budgets stay)."),
 ) -> None:
-    """Set the cluster power budget (and optionally the daily energy budget)."""
+    """Set the cluster power budget, nodes' budgets and the daily energy budget; prints the budget."""
     body: dict[str, Any] = {}
     if cluster_watts is not None:
         body["cluster_watts"] = cluster_watts
     if kwh_per_day is not None:
         body["energy_kwh_per_day"] = kwh_per_day
+    if node_watts:
+        given = dict(_node_watts(item) for item in node_watts)
+        # the API replaces node_watts as one field: the map as it is now, with these changed
+        body["node_watts"] = {**((_request("GET", "/v1/energy").get("budget") or {}).get("node_watts") or {}), **given}
     if not body:
-        raise typer.BadParameter("give --cluster-watts and/or --kwh-per-day")
+        raise typer.BadParameter("give --cluster-watts, --node-watts and/or --kwh-per-day")
     typer.echo(json.dumps(_request("PUT", "/v1/energy/budget", body)))
+
+
+@budget_app.command("show")
+def budget_show(as_json: bool = typer.Option(False, "--json", help="Print the raw JSON.")) -> None:
+    """The operator budget: cluster watts, each node's watts, kWh per day."""
+    budget = _request("GET", "/v1/energy").get("budget") or {}
+    typer.echo(json.dumps(budget) if as_json else "\n".join(_budget_lines(budget)))
+
+
+@budget_app.command("clear")
+def budget_clear(
+    cluster_watts: bool = typer.Option(False, "--cluster-watts", help="Clear the cluster budget."),
+    kwh_per_day: bool = typer.Option(False, "--kwh-per-day", help="Clear the daily energy budget."),
+    node: list[str] = typer.Option(None, "--node", help="Clear this node's budget (repeatable)."),
+) -> None:
+    """Clear budgets: those named, or all of them when none is; prints the budget."""
+    every = not (cluster_watts or kwh_per_day or node)
+    body: dict[str, Any] = {}
+    if every or cluster_watts:
+        body["cluster_watts"] = None
+    if every or kwh_per_day:
+        body["energy_kwh_per_day"] = None
+    if every:
+        body["node_watts"] = None
+    elif node:
+        current = (_request("GET", "/v1/energy").get("budget") or {}).get("node_watts") or {}
+        body["node_watts"] = {n: w for n, w in current.items() if n not in node}
+    typer.echo(json.dumps(_request("PUT", "/v1/energy/budget", body)))
+
+
+def _node_watts(item: str) -> tuple[str, float]:
+    """NODE=WATTS (a finite number)."""
+    import math
+
+    node, _, watts = item.rpartition("=")
+    try:
+        value = float(watts)
+    except ValueError:
+        value = math.nan
+    if not node or not math.isfinite(value):
+        raise typer.BadParameter(f"{item!r} is not NODE=WATTS", param_hint="'--node-watts'")
+    return name_arg("node id")(node), value
 
 
 @app.command("sim")
@@ -144,13 +202,13 @@ def sim(
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_energy_sim(result, str(plot))
-    for name, c in result["controllers"].items():  # type: ignore[union-attr]
+    for name, c in result["controllers"].items():  # type: ignore[attr-defined]
         typer.echo(
             f"{name:12s} energy {c['energy_j'] / 3.6e6:8.3f} kWh  SLO attainment {c['slo_attainment']:.5f}  "
             f"p99 TTFT {c['p99_ttft_s']:.3f} s  p99 TPOT {c['p99_tpot_s'] * 1000:.1f} ms"
         )
     savings = result.get("savings_vs_max_power", {})
-    typer.echo("savings vs max_power: " + ", ".join(f"{k} {v:.1%}" for k, v in savings.items()))  # type: ignore[union-attr]
+    typer.echo("savings vs max_power: " + ", ".join(f"{k} {v:.1%}" for k, v in savings.items()))  # type: ignore[attr-defined]
 
 
 def bench_energy(
@@ -195,21 +253,9 @@ def bench_energy(
 
 
 def _request(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    import httpx
-
-    url = os.environ.get("EMBER_URL", "http://127.0.0.1:8000").rstrip("/")
-    key = os.environ.get("EMBER_API_KEY", "")
-    try:
-        resp = httpx.request(
-            method, url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        )
-    except httpx.HTTPError as e:
-        typer.echo(f"cannot reach {url}: {e}", err=True)
-        raise typer.Exit(1) from e
-    if resp.status_code >= 400:
-        typer.echo(f"{method} {path}: HTTP {resp.status_code}: {resp.text}", err=True)
-        raise typer.Exit(1)
-    return resp.json()
+    """One call to the gateway, read as every client verb reads one (`error <status>: <message>`)."""
+    with gateway_client() as c:
+        return check(c.request(method, path, json=body, timeout=30)) or {}
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

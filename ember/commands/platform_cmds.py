@@ -11,6 +11,10 @@ from typing import Any
 
 import typer
 
+from ember.commands.gateway_client import check as _check
+from ember.commands.gateway_client import gateway_client as _client
+from ember.commands.gateway_client import name_arg
+
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (admin).")
 
 
@@ -176,35 +180,9 @@ def worker(
           on_sigterm=lambda: app.state.node.begin_shutdown() if hasattr(app.state, "node") else None)
 
 
-# --- HTTP client verbs ----------------------------------------------------------------------------
-def _client() -> Any:
-    import httpx
-
-    url = os.environ.get("EMBER_URL", "http://127.0.0.1:8000")
-    key = os.environ.get("EMBER_API_KEY", "").strip()
-    if not key:
-        raise typer.BadParameter("set EMBER_API_KEY to an API key (make up prints where the admin key is)",
-                                 param_hint="EMBER_API_KEY")
-    if not key.isascii() or not key.isprintable():
-        raise typer.BadParameter("EMBER_API_KEY is not an API key (printable ASCII)", param_hint="EMBER_API_KEY")
-    if not url.startswith(("http://", "https://")):
-        raise typer.BadParameter(f"{url!r} is not an http:// or https:// URL", param_hint="EMBER_URL")
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-
-
-def _check(resp: Any) -> Any:
-    if resp.status_code >= 400:
-        try:
-            err = resp.json()["error"]
-            typer.echo(f"error {resp.status_code}: {err['message']}", err=True)
-        except (ValueError, KeyError):
-            typer.echo(f"error {resp.status_code}: {resp.text}", err=True)
-        raise typer.Exit(1)
-    return resp.json() if resp.content else None
-
-
+# --- HTTP client verbs (ember/commands/gateway_client.py: the client, answers, names) --------------
 def deploy(
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., callback=name_arg("function name")),
     checkpoint: str = typer.Option(..., help="checkpoint name in the store, or a URI"),
     ttft_ms: float = typer.Option(1000.0), tpot_ms: float = typer.Option(200.0),
     min_instances: int = typer.Option(0), max_instances: int = typer.Option(4),
@@ -223,7 +201,7 @@ def deploy(
 
 
 def invoke(
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., callback=name_arg("function name")),
     prompt: str = typer.Argument(...),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive"),
     max_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0), seed: int = typer.Option(None),
@@ -277,7 +255,7 @@ def ls() -> None:
                    f"max={f['scaling']['max_instances']} keep_alive_s={f['scaling']['keep_alive_s']}")
 
 
-def rm(name: str = typer.Argument(...)) -> None:
+def rm(name: str = typer.Argument(..., callback=name_arg("function name"))) -> None:
     with _client() as c:
         _check(c.delete(f"/v1/functions/{name}"))
     typer.echo(f"deleted {name}")
@@ -294,7 +272,7 @@ def keys_create(role: str = typer.Option(..., help="admin | operator | developer
 
 
 @keys_app.command("limits")
-def keys_limits(key_id: str = typer.Argument(...),
+def keys_limits(key_id: str = typer.Argument(..., callback=name_arg("key id")),
                 rpm: int | None = typer.Option(None, "--rpm", min=0, help="requests per minute (0: unlimited)"),
                 tpm: int | None = typer.Option(None, "--tpm", min=0, help="tokens per minute (0: unlimited)")) -> None:
     """Change a key's per-minute limits."""
@@ -304,13 +282,18 @@ def keys_limits(key_id: str = typer.Argument(...),
 
 @keys_app.command("ls")
 def keys_ls() -> None:
+    """Every key: id, role, name and its per-minute limits (0: unlimited)."""
     with _client() as c:
         for k in _check(c.get("/v1/keys"))["keys"]:
-            typer.echo(f"{k['id']}\t{k['role']}\t{k['name']}")
+            typer.echo(f"{k['id']}\t{k['role']}\t{k['name']}\trpm={_limit(k.get('rpm'))}\ttpm={_limit(k.get('tpm'))}")
+
+
+def _limit(value: int | None) -> str:
+    return "unlimited" if not value else str(value)
 
 
 @keys_app.command("rm")
-def keys_rm(key_id: str = typer.Argument(...)) -> None:
+def keys_rm(key_id: str = typer.Argument(..., callback=name_arg("key id"))) -> None:
     with _client() as c:
         _check(c.delete(f"/v1/keys/{key_id}"))
     typer.echo(f"revoked {key_id}")
