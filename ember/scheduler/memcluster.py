@@ -225,7 +225,6 @@ class MemCluster:
         dev.instances.append(inst)
         self.instances[inst.instance_id] = inst
         node.gpu_counts[checkpoint] = node.gpu_counts.get(checkpoint, 0) + 1
-        self.set_tier(node, checkpoint)
         return inst
 
     def schedule_load_end(self, inst: SimInstance) -> None:
@@ -252,6 +251,13 @@ class MemCluster:
         if inst.load_s > 0:
             src = inst.load_tier
             node.measured_bw[src] = ewma_bandwidth_bps(node.measured_bw.get(src), inst.nbytes, inst.load_s)
+        # The copies the load leaves exist once it has filled them, as live (the worker commits its
+        # DRAM entry, and a remote load's SSD entry, when the load ends): a load from remote lands on
+        # the node's SSD, every load from the node's tiers or remote in its DRAM cache.
+        if inst.load_tier != "gpu":
+            if inst.load_tier == "remote":
+                self.ssd_put(node, inst.checkpoint, inst.nbytes)
+            self.dram_put(node, inst.checkpoint, inst.nbytes)
         node.version += 1
 
     def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> None:
@@ -274,7 +280,6 @@ class MemCluster:
             node.gpu_counts[inst.checkpoint] = left
         else:
             node.gpu_counts.pop(inst.checkpoint, None)
-        self.set_tier(node, inst.checkpoint)
 
     # --- eviction: the shared choice (`choose_evictions`), executed here -------------------------
     def idle_on(self, devices: Sequence[SimDevice], for_function: str) -> list[IdleInstance]:
@@ -318,11 +323,12 @@ class MemCluster:
             dev.bucket = -1
 
     def set_tier(self, node: SimNode, ck: str) -> None:
+        """Publish where `ck` sits on `node`: its DRAM cache or SSD, as live workers publish their
+        tiers (a checkpoint on a device is not a published holding live: the worker reuses a device
+        copy for another instance on that same device only, which the simulator's cold start models)."""
         node.version += 1
-        if node.gpu_counts.get(ck):
-            tier: Tier | None = "gpu"
-        elif ck in node.dram:
-            tier = "dram"
+        if ck in node.dram:
+            tier: Tier | None = "dram"
         elif ck in node.ssd:
             tier = "ssd"
         else:

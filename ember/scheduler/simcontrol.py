@@ -75,10 +75,12 @@ class ControlPlane:
             return None
         ck = req.checkpoint
         tier: Tier = node.holdings.get(ck, "remote") if getattr(self.policy, "local_copies", True) else "remote"
+        if any(i.checkpoint == ck for i in dev.instances):
+            tier = "gpu"  # the worker builds the instance from the device's copy: no bytes move (as live)
         # What really happens (the published queues follow the estimate until the load ends).
         poll = getattr(self.policy, "poll_interval_s", 0.0)
         dispatch = math.ceil(t / poll) * poll if poll > 0 else t
-        transfer = nb / node.true_bw[tier]
+        transfer = 0.0 if tier == "gpu" else nb / node.true_bw[tier]
         start = max(dispatch, dev.true_until, node.true_tier_until[tier])
         ready = start + transfer + (EVICTION_S if evicted else 0.0)
         dev.true_until = ready
@@ -94,10 +96,8 @@ class ControlPlane:
         cluster.schedule_load_end(inst)
         self.fn_instances[f].append(inst)
         self.peak_instances = max(self.peak_instances, len(cluster.instances))
-        if tier == "remote":
-            cluster.ssd_put(node, ck, nb)
-        cluster.dram_put(node, ck, nb)
-        cluster.set_tier(node, ck)
+        if tier == "dram":
+            cluster.dram_put(node, ck, nb)  # the entry is pinned and used now (LRU); new copies land at the load's end
         return inst
 
     def _forget(self, gone: list[SimInstance]) -> None:

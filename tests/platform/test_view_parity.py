@@ -46,6 +46,9 @@ class Twin:
         self.mem = MemCluster(gpu_memory_bytes=MEM, dram_cache_bytes=200 * GB, ssd_bytes=1000 * GB)
         self.ids: dict[str, str] = {}  # mem instance id -> live instance id
         self.fn = 0
+        # what each live worker's tiers hold and report at its heartbeat (DRAM before SSD), kept
+        # here as the worker keeps it, not copied from the simulator's view
+        self.worker_tiers: dict[str, dict[str, set[str]]] = {}
 
     def add_node(self, node: str, gpus: int = 2) -> None:
         bw = BW.get(node, BW["n1"])
@@ -53,13 +56,21 @@ class Twin:
         self.mem.add_node(node, [(f"cuda:{i}", MEM) for i in range(gpus)], bw)
 
     def heartbeat(self) -> None:
-        """Workers report what they hold; the simulator derives the same from its tiers."""
+        """Workers report what their tiers hold (`worker_tiers`); the simulator derives its
+        holdings from its own tiers, and `assert_same` compares the two."""
         for n in self.mem.node_list:
-            self.live.heartbeat(n.node_id, dict(n.holdings))
+            tiers = self.worker_tiers.get(n.node_id, {})
+            held = {ck: "ssd" for ck in tiers.get("ssd", ())}
+            held.update({ck: "dram" for ck in tiers.get("dram", ())})
+            self.live.heartbeat(n.node_id, held)
+
+    def _worker_holds(self, node: str, ck: str, tier: str) -> None:
+        self.worker_tiers.setdefault(node, {}).setdefault(tier, set()).add(ck)
 
     def cache(self, node: str, ck: str, nbytes: int, tier: str) -> None:
         n = self.mem.nodes_by_id[node]
         (self.mem.dram_put if tier == "dram" else self.mem.ssd_put)(n, ck, nbytes)
+        self._worker_holds(node, ck, tier)
         self.heartbeat()
 
     def claim(self, fn: str, node: str, device: str, nbytes: int, seconds: float):
@@ -90,6 +101,13 @@ class Twin:
         self.queues.load_done(self.ids[inst.instance_id], inst.node_id, inst.device_id, inst.nbytes, seconds, now=now)
         inst.load_s = seconds
         self.mem.load_done(inst, now)
+        # the worker's load filled its DRAM entry (and, from remote, its SSD entry) as it went and
+        # commits them now: reported at its next heartbeat
+        if inst.load_tier == "remote":
+            self._worker_holds(inst.node_id, inst.checkpoint, "ssd")
+        if inst.load_tier != "gpu":
+            self._worker_holds(inst.node_id, inst.checkpoint, "dram")
+        self.heartbeat()
 
     def take_request(self, inst) -> None:
         """A request holds a slot on `inst` (live: the warm-routing script; here: a busy instance)."""

@@ -59,6 +59,28 @@ def test_device_memory_is_never_overclaimed() -> None:
         assert node.dram_used <= cfg.dram_cache_bytes and node.ssd_used <= cfg.ssd_bytes
 
 
+def test_a_cold_starts_copies_land_when_its_load_ends_and_no_gpu_tier_is_published() -> None:
+    """As live: a worker commits the DRAM entry (and a remote load's SSD entry) it fills when the
+    load ends, and publishes DRAM/SSD holdings only. Before, the simulator published the copies
+    (and a "gpu" holding no live worker reports) at the claim, so a second cold start elsewhere
+    read the checkpoint at DRAM or peer-copy speed before a byte had moved."""
+    cfg = SimConfig(**SMALL).check()
+    sim = _Simulation(cfg, build_trace(cfg), get_policy("ember"), Autoscaler())
+    f = max(range(len(sim.nbytes)), key=lambda i: sim.nbytes[i])  # a long load
+    ck = sim.ckpt[f]
+    inst = sim._cold_start(f, 0.0)
+    assert inst is not None and inst.ready_s > 0.0
+    node = inst.device.node
+    assert inst.load_tier == "ssd" and ck not in node.dram  # loading: nothing new published yet
+    assert all(n.holdings.get(ck) != "gpu" for n in sim.node_list)
+    assert node.holdings.get(ck) == "ssd"
+    sim.cluster.advance(inst.ready_s)
+    assert ck in node.dram and node.holdings[ck] == "dram"
+    again = sim._cold_start(f, inst.ready_s)  # a second instance on the same device reuses its copy
+    if again is not None and again.device is inst.device:
+        assert again.load_tier == "gpu" and again.load_s == 0.0
+
+
 @pytest.mark.parametrize("change, field", [
     ({"nodes": 0}, "nodes"),
     ({"max_model_bytes": 100 * 10**9}, "max_model_bytes"),
