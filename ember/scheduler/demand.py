@@ -1,0 +1,31 @@
+"""Demand per function: requests per second, smoothed over about `window_s`. The autoscaler's
+prefetch rule reads it. The gateway feeds it each request it routes and reads it at each
+autoscaler step (wall clock); the simulator does the same at its own clock."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+
+class DemandMeter:
+    def __init__(self, window_s: float = 60.0, now: float | None = None) -> None:
+        self.window_s = window_s
+        self.counts: dict[str, int] = defaultdict(int)
+        self.rates: dict[str, float] = {}
+        self.last = time.monotonic() if now is None else now
+
+    def count(self, function: str, n: int = 1) -> None:
+        self.counts[function] += n
+
+    def rates_per_s(self, now: float | None = None) -> dict[str, float]:
+        """Fold the requests counted since the last call into each function's rate (an EWMA with
+        weight elapsed / window) and return the rates."""
+        now = time.monotonic() if now is None else now
+        dt = max(now - self.last, 1e-3)
+        alpha = min(1.0, dt / self.window_s)
+        for fn in set(self.rates) | set(self.counts):
+            self.rates[fn] = (1 - alpha) * self.rates.get(fn, 0.0) + alpha * self.counts.get(fn, 0) / dt
+        self.counts.clear()
+        self.last = now
+        return dict(self.rates)
