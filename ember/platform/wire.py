@@ -27,10 +27,16 @@ class LoadRequest(EmberModel):
 
 
 class LoadResult(EmberModel):
+    """A worker's answer to a load: where the bytes came from and how long it took. `transfer_s`
+    (the tiers' load alone, as the worker measured it) is the load's one bandwidth sample, folded
+    into the node's learned `bw:<tier>` by the gateway's end of load; `startup_ms` adds building
+    the instance and is never a bandwidth. 0 (a worker that does not report it): nothing learned."""
+
     instance_id: str
-    tier: str
-    startup_ms: float
+    tier: str  # the tier the bytes really came from: gpu | dram | ssd | remote
+    startup_ms: float  # from the load request to a ready instance
     nbytes: int
+    transfer_s: float = Field(default=0.0, ge=0.0)
 
 
 class PrefetchRequest(EmberModel):

@@ -18,7 +18,7 @@ from anyio import to_thread
 
 from ember.config import Settings
 from ember.errors import EmberError, FunctionNotFound, WorkerError
-from ember.platform.cluster import InstanceRecord, RedisCluster
+from ember.platform.cluster import InstanceRecord, Placement, RedisCluster
 from ember.platform.gateway import tracing
 from ember.platform.gateway.checkpoints import sized_spec
 from ember.platform.gateway.metrics import GatewayMetrics
@@ -30,7 +30,7 @@ from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.estimator import ewma_into
 from ember.scheduler.eviction import plan_evictions
 from ember.scheduler.policies import LocalCopyPolicy
-from ember.scheduler.view import PlacementRequest
+from ember.scheduler.view import TIERS, PlacementRequest
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ class InstanceStarter:
             result = await self._load_on_worker(spec, placement)
             if result is not None:
                 step.set(**{"ember.load_tier": result.tier, "ember.load_bytes": result.nbytes,
-                            "ember.load_seconds": result.startup_ms / 1000})
+                            "ember.load_seconds": result.startup_ms / 1000,
+                            "ember.load_transfer_seconds": result.transfer_s})
         return result
 
     async def _load_on_worker(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
@@ -165,9 +166,7 @@ class InstanceStarter:
         result = LoadResult.model_validate(resp.json())
         ewma_into(self.startup_s, spec.name, result.startup_ms / 1000)
         try:  # correct the published load queues, learn the tier's bandwidth
-            await to_thread.run_sync(self.load_queues().load_done, placement.instance_id, placement.node_id,
-                                     placement.device_id, result.nbytes, result.startup_ms / 1000, None,
-                                     result.tier if result.tier in ("gpu", "dram", "ssd", "remote") else "")
+            await to_thread.run_sync(publish_load_end, self.load_queues(), placement, result)
         except redis.RedisError as e:
             log.warning("could not publish the end of load %s: %s", placement.instance_id, e)
         self.metrics.cold_starts.labels(result.tier).inc()
@@ -250,3 +249,14 @@ class InstanceStarter:
         now rather than after its heartbeat lapses (a live worker re-registers at its next beat)."""
         log.warning("worker %s refused a connection (%s); deregistering it", node_id, err)
         await to_thread.run_sync(self.cluster.deregister_node, node_id)
+
+
+def publish_load_end(queues: LoadQueues, placement: Placement, result: LoadResult, now: float | None = None) -> bool:
+    """The one place a finished load reaches the cluster view (the simulator's twin is
+    `MemCluster.load_done`): both queues the placement claimed are corrected, and the load is folded
+    once into the node's bandwidth for the tier its bytes really came from, with the seconds the
+    worker measured for the transfer (`result.transfer_s`; never `startup_ms`, which adds building
+    the instance). False when the instance is gone or its end was already published."""
+    real_tier = result.tier if result.tier in TIERS else ""  # "": the tier claimed
+    return queues.load_done(placement.instance_id, placement.node_id, placement.device_id, result.nbytes,
+                            result.transfer_s, now, real_tier)

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.config import Settings
 from ember.errors import EmberError, InstanceGone, NotFound
@@ -26,6 +26,9 @@ from ember.platform.runtime.engine import ModelInstance
 from ember.platform.wire import LoadRequest, LoadResult
 from ember.platform.worker.node_energy import WorkerEnergy
 from ember.platform.worker.serving import ServingSlots
+
+if TYPE_CHECKING:
+    from ember.loader.tiers import LoadedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,14 @@ def detect_compute_devices(settings: Settings) -> list[DeviceSpec]:
                 for d in owned]
     per_slot = max(1, settings.dram_capacity_bytes // max(1, settings.cpu_slots))
     return [DeviceSpec(f"cpu:{i}", per_slot) for i in range(settings.cpu_slots)]
+
+
+def load_result(instance_id: str, loaded: LoadedCheckpoint, startup_ms: float) -> LoadResult:
+    """A worker's answer to a load. The worker learns no bandwidth itself: the gateway's end of
+    load (`ember.platform.gateway.coldstart.publish_load_end`) folds `transfer_s`, the tiers'
+    load alone, into the node's bandwidth for the tier the bytes came from, once per load."""
+    return LoadResult(instance_id=instance_id, tier=loaded.tier, startup_ms=startup_ms, nbytes=loaded.nbytes,
+                      transfer_s=loaded.seconds)
 
 
 def node_id_for(data_dir: Path, explicit: str | None) -> str:
@@ -286,13 +297,10 @@ class WorkerNode(WorkerEnergy):
                     pass  # not reported by this worker, the claim is removed past its deadline
                 raise failure
             raise InstanceGone(f"instance {iid!r} was removed while it loaded (the gateway gave up?): dropped")
-        try:
-            self.cluster.observe_load(self.node_id, loaded.tier, loaded.nbytes, max(loaded.seconds, 1e-6))
-        except EmberError as e:
-            log.warning("could not record the load's bandwidth: %s", e)
-        log.info("instance %s of %s ready in %.1f ms from %s", req.instance_id, req.function, startup_ms, loaded.tier)
+        log.info("instance %s of %s ready in %.1f ms from %s (bytes in %.1f ms)", req.instance_id, req.function,
+                 startup_ms, loaded.tier, loaded.seconds * 1000)
         heap.settle()  # after the answer's timing: the model's objects out of every later full collection
-        return LoadResult(instance_id=req.instance_id, tier=loaded.tier, startup_ms=startup_ms, nbytes=loaded.nbytes)
+        return load_result(req.instance_id, loaded, startup_ms)
 
     def prefetch(self, checkpoint: str) -> bool:
         """Pull a checkpoint into this node's DRAM tier in the background (load, then release)."""
