@@ -5,6 +5,8 @@ simulator (`ember.scheduler.memcluster.MemCluster` keeps the same by the same ru
   `queue_after_claim`; `load_done` below corrects it by `queue_after_load` when the load ends);
 - per node and tier, a load queue: field `tq:<tier>` of the node hash (busy-until, seconds since
   the epoch), set the same way, and by prefetches (`publish_prefetch`);
+- per checkpoint, the prefetches of it in flight (`Keys.prefetching`: node id -> expiry), recorded
+  by `publish_prefetch` with the queue time, until `prefetch_expiry_s` or `prefetch_ended`;
 - per device, evictable idle bytes: the bytes of ready instances with nothing outstanding,
   summed when a node is read (`idle_by_device` in cluster/lua/lib_node_entry.lua);
 - per node, learned bandwidths: `bw:<tier>`, folded by `load_done` from each finished load
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ember.platform.cluster.scripts import Scripts
 from ember.platform.state import Keys
-from ember.scheduler.estimator import DEFAULT_BANDWIDTH_BPS, EWMA_ALPHA
+from ember.scheduler.estimator import DEFAULT_BANDWIDTH_BPS, EWMA_ALPHA, PREFETCH_GRACE_S
 from ember.scheduler.eviction import plan_evictions
 
 if TYPE_CHECKING:
@@ -32,16 +35,28 @@ if TYPE_CHECKING:
 
     from ember.platform.cluster import InstanceRecord, RedisCluster
 
-__all__ = ["LoadQueues", "evict_for_placement", "min_instances_of"]
+__all__ = ["LoadQueues", "PrefetchSent", "evict_for_placement", "min_instances_of"]
+
+
+@dataclass(frozen=True)
+class PrefetchSent:
+    """A prefetch recorded as in flight: the tier it reads from, when it is estimated to end, and
+    the record's expiry as stored (what `prefetch_ended` matches, so it never drops a newer one)."""
+
+    tier: str
+    end_s: float
+    expiry: str
+
 
 class LoadQueues:
     """The live writers of load queues and learned bandwidths (beside `RedisCluster`'s claim)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
-        scripts = Scripts(client, names=("load_done", "publish_prefetch"))  # cluster/lua/*.lua
+        scripts = Scripts(client, names=("load_done", "publish_prefetch", "prefetch_ended"))  # cluster/lua/*.lua
         self._done = scripts.load_done
         self._prefetch = scripts.publish_prefetch
+        self._prefetch_ended = scripts.prefetch_ended
 
     def load_done(self, instance_id: str, node_id: str, device_id: str, nbytes: int, seconds: float,
                   now: float | None = None, tier: str = "") -> bool:
@@ -53,11 +68,30 @@ class LoadQueues:
                                      repr(max(0.0, float(seconds))), repr(EWMA_ALPHA), tier]))
 
     def publish_prefetch(self, node_id: str, checkpoint: str, nbytes: int, now: float | None = None) -> str | None:
-        """A prefetch was sent to the node: its source tier is busy until the estimated end."""
-        src = self._prefetch(keys=[Keys.node(node_id), Keys.node_holdings(node_id)],
+        """`send_prefetch`, answering the source tier alone."""
+        sent = self.send_prefetch(node_id, checkpoint, nbytes, now)
+        return None if sent is None else sent.tier
+
+    def send_prefetch(self, node_id: str, checkpoint: str, nbytes: int,
+                      now: float | None = None) -> PrefetchSent | None:
+        """A prefetch is about to be sent to the node: its source tier is busy until the estimated
+        end, and it is in flight there (`ClusterReads.prefetching`) until it expires or ends. None:
+        send nothing (the node holds the checkpoint in DRAM, already fetches it, or is unknown)."""
+        got = self._prefetch(keys=[Keys.node(node_id), Keys.node_holdings(node_id), Keys.prefetching(checkpoint)],
                              args=[repr(time.time() if now is None else now), checkpoint, int(nbytes),
-                                   repr(DEFAULT_BANDWIDTH_BPS["ssd"]), repr(DEFAULT_BANDWIDTH_BPS["remote"])])
-        return src if isinstance(src, str) else None
+                                   repr(DEFAULT_BANDWIDTH_BPS["ssd"]), repr(DEFAULT_BANDWIDTH_BPS["remote"]),
+                                   node_id, repr(PREFETCH_GRACE_S)])
+        if not got:
+            return None
+        src, end, expiry = got
+        return PrefetchSent(src, float(end), expiry)
+
+    def prefetch_ended(self, node_id: str, checkpoint: str, sent: PrefetchSent, now: float | None = None) -> bool:
+        """The prefetch `sent` ended (or never reached the worker): no longer in flight, and its
+        source tier's queue corrected as a load's end corrects it. False if its record was gone."""
+        return bool(self._prefetch_ended(keys=[Keys.node(node_id), Keys.prefetching(checkpoint)],
+                                         args=[repr(time.time() if now is None else now), node_id, sent.tier,
+                                               repr(sent.end_s), sent.expiry]))
 
 
 def min_instances_of(client: redis.Redis, functions: set[str]) -> dict[str, int]:

@@ -56,6 +56,10 @@ class Keys:
         return f"{PREFIX}holders:{checkpoint}"
 
     @staticmethod
+    def prefetching(checkpoint: str) -> str:  # sorted set: node id -> when its prefetch stops counting as in flight (s)
+        return f"{PREFIX}prefetching:{checkpoint}"
+
+    @staticmethod
     def device(node_id: str, device_id: str) -> str:  # hash: memory_bytes, claimed_bytes, instances
         return f"{PREFIX}device:{node_id}/{device_id}"
 

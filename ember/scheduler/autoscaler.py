@@ -9,7 +9,8 @@ Rules, per function:
 - prefetch: a popular function (demand at least `prefetch_min_rate_per_s`) whose cold start from
   SSD or remote would miss its TTFT SLO gets its checkpoint copied into the DRAM tier of more
   nodes (up to `prefetch_copies`), chosen among nodes with device room, preferring ones that
-  already hold it on SSD.
+  already hold it on SSD. A prefetch in flight (`ClusterView.prefetching`: sent, not landed) counts
+  as a copy in DRAM, and no node is sent one it is already fetching.
 
 Live, one gateway runs `step` under `RedisCluster.try_lease("autoscaler", ...)` and executes the
 actions (Unload: tell the worker, then `remove_instance`; EnsureInstances: place that many cold
@@ -191,7 +192,9 @@ class Autoscaler:
             if spec is None or not spec.checkpoint or spec.nbytes <= 0:
                 continue
             holders = view.nodes_holding(spec.checkpoint, limit=self.prefetch_copies + 2)
-            near = [n for n in holders if n.holdings.get(spec.checkpoint) in ("gpu", "dram")]
+            # copies in DRAM (or on a device), and those on their way there
+            near = {n.node_id for n in holders if n.holdings.get(spec.checkpoint) in ("gpu", "dram")}
+            near |= view.prefetching(spec.checkpoint)
             if len(near) >= self.prefetch_copies:
                 continue
             # Would a cold start from the nearest copy outside DRAM miss the SLO?
@@ -200,9 +203,9 @@ class Autoscaler:
             bw = tier_bandwidth_bps(ref, "ssd") if ref else None
             if bw is not None and spec.nbytes / bw <= spec.ttft_slo_s:
                 continue
-            targets = [n for n in slow if n.node_id not in {m.node_id for m in near}]
+            targets = [n for n in slow if n.node_id not in near]
             if len(targets) + len(near) < self.prefetch_copies:
-                seen = {n.node_id for n in holders}
+                seen = {n.node_id for n in holders} | near
                 for d in view.devices_with_room(spec.nbytes, limit=8):
                     if d.node_id not in seen:
                         seen.add(d.node_id)

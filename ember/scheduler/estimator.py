@@ -84,3 +84,17 @@ def queue_after_claim(busy_until_s: float, now_s: float, estimate_s: float) -> f
 def queue_after_load(busy_until_s: float, expected_end_s: float, now_s: float) -> float:
     """Busy-until after a load that was expected to end at `expected_end_s` ended at `now_s`."""
     return max(now_s, busy_until_s + (now_s - expected_end_s))
+
+
+# --- prefetches in flight: sent to a node and not landed yet -----------------------------------
+# Both backends record a prefetch when it is sent (live: publish_prefetch.lua, with its queue
+# time) and forget it when it lands (the simulator; a live worker when it reports the end) or
+# expires; the autoscaler counts a node with one in flight as a near copy and never sends another.
+PREFETCH_GRACE_S = 10.0
+
+
+def prefetch_expiry_s(now_s: float, end_s: float) -> float:
+    """Until when a prefetch sent at `now_s` and estimated to end at `end_s` counts as in flight
+    when no end is reported: its estimate as much again past that end (a copy up to twice as slow
+    as estimated), at least `PREFETCH_GRACE_S`."""
+    return end_s + max(PREFETCH_GRACE_S, end_s - now_s)

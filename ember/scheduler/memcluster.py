@@ -123,6 +123,7 @@ class MemCluster:
         self.holders: dict[str, dict[str, None]] = {}
         self.instances: dict[str, SimInstance] = {}
         self.pending_loads: list[tuple[float, int, SimInstance]] = []
+        self.in_flight: dict[str, dict[str, float]] = {}  # checkpoint -> node id -> prefetch expiry (s)
         self._node_ids: list[str] = []
         self._seq = 0
 
@@ -180,6 +181,10 @@ class MemCluster:
 
     def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
         return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
+
+    def prefetching(self, checkpoint: str) -> set[str]:
+        now = self.now
+        return {n for n, until in self.in_flight.get(checkpoint, {}).items() if until > now}
 
     def node_ids(self) -> Sequence[str]:
         return self._node_ids

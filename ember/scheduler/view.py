@@ -122,6 +122,11 @@ class ClusterView(Protocol):
         """The live ones among `node_ids`, in one read where the store allows."""
         ...
 
+    def prefetching(self, checkpoint: str) -> set[str]:
+        """Ids of live nodes a prefetch of `checkpoint` into DRAM is in flight to: sent, not landed
+        and not expired (`ember.scheduler.estimator.prefetch_expiry_s`)."""
+        ...
+
     def node_ids(self) -> Sequence[str]:
         """Ids of every live node (cheap: no device or holdings reads)."""
         ...

@@ -10,8 +10,12 @@ GB = 10**9
 
 
 class StaticView:
-    def __init__(self, nodes: list[NodeState]) -> None:
+    def __init__(self, nodes: list[NodeState], prefetching: dict[str, set[str]] | None = None) -> None:
         self.by_id = {n.node_id: n for n in nodes}
+        self.in_flight = prefetching or {}  # checkpoint -> nodes a prefetch of it is in flight to
+
+    def prefetching(self, checkpoint: str) -> set[str]:
+        return set(self.in_flight.get(checkpoint, ()))
 
     def node(self, node_id: str) -> NodeState | None:
         return self.by_id.get(node_id)

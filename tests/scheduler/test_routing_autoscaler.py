@@ -113,3 +113,21 @@ def test_prefetch_popular_checkpoint_whose_ssd_cold_start_misses_the_slo() -> No
     two = StaticView([make_node("a", free=[80 * GB], holdings={"ck": "dram"}),
                       make_node("b", free=[80 * GB], holdings={"ck": "gpu"})])
     assert auto.step({"f": spec}, [], now=0.0, view=two, demand_per_s={"f": 1.0}) == []  # enough copies
+
+
+def test_a_prefetch_in_flight_counts_as_a_copy_and_is_never_sent_again() -> None:
+    """A node the checkpoint is on its way to (`ClusterView.prefetching`) is a near copy: with
+    prefetch_copies=2 and one in flight, one more node is asked, never the one already fetching."""
+    spec = ScalingSpec("f", checkpoint="ck", nbytes=40 * GB, ttft_slo_s=2.0)
+    nodes = [make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}), make_node("empty", free=[80 * GB]),
+             make_node("other", free=[70 * GB])]
+    auto = Autoscaler(prefetch_copies=2, prefetch_min_rate_per_s=0.1)
+
+    def step(in_flight: set[str]) -> list:
+        view = StaticView(nodes, prefetching={"ck": in_flight})
+        return auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 1.0})
+
+    assert step({"ssd"}) == [Prefetch("ck", "other", "dram", 40 * GB)]  # packing: the fuller device first
+    assert step({"empty"}) == [Prefetch("ck", "ssd", "dram", 40 * GB)]
+    assert step({"ssd", "empty"}) == []  # both copies on their way
+    assert step({"other", "empty"}) == []

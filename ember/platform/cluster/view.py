@@ -83,6 +83,18 @@ class ClusterReads(ClusterBase):
                                               args=[PREFIX, nbytes, room_window(limit), "1" if spread else "0"])
         return choose_room(room_devices(rows, nbytes, time.time()), limit, spread)
 
+    @state_errors
+    def prefetching(self, checkpoint: str) -> set[str]:
+        """Live nodes a prefetch of `checkpoint` is in flight to (recorded by `publish_prefetch`,
+        neither ended nor expired)."""
+        ids = cast("list[str]", self.r.zrangebyscore(Keys.prefetching(checkpoint), f"({time.time()!r}", "+inf"))
+        if not ids:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for n in ids:
+            pipe.exists(Keys.node_alive(n))
+        return {n for n, alive in zip(ids, pipe.execute(), strict=True) if alive}
+
     def node_ids(self) -> Sequence[str]:
         return self.live_nodes()
 
@@ -172,6 +184,9 @@ class DecisionView:
             if d.device_id == device_id:
                 return d
         return None
+
+    def prefetching(self, checkpoint: str) -> set[str]:
+        return self.cluster.prefetching(checkpoint)
 
     def node_ids(self) -> Sequence[str]:
         return self.cluster.node_ids()

@@ -161,12 +161,26 @@ class AutoscalerLoop:
         url = await to_thread.run_sync(self.app.state.cluster.node_url, action.node_id)
         if url is None:
             return
-        # its source tier is busy until the prefetch's estimated end (as the simulator publishes it)
-        await to_thread.run_sync(LoadQueues(self.app.state.cluster.r).publish_prefetch, action.node_id,
-                                 action.checkpoint, action.nbytes)
+        # Recorded as in flight, its source tier busy until its estimated end (as the simulator
+        # publishes it), in one step; nothing is sent when the node holds it in DRAM or already
+        # fetches it (the autoscaler reads the same record and does not ask).
+        queues = LoadQueues(self.app.state.cluster.r)
+        sent = await to_thread.run_sync(queues.send_prefetch, action.node_id, action.checkpoint, action.nbytes)
+        if sent is None:
+            return
+        failure = ""
         try:
-            await self.app.state.http.post(
+            r = await self.app.state.http.post(
                 f"{url}/internal/prefetch", json={"checkpoint": action.checkpoint, "tier": action.tier},
                 headers={CLUSTER_TOKEN_HEADER: self.settings.resolved_cluster_token()}, timeout=5.0)
+            if not r.is_success:
+                failure = f"worker answered {r.status_code}: {r.text[:200]}"
         except httpx.HTTPError as e:
-            log.warning("autoscaler: prefetch of %s to %s failed: %s", action.checkpoint, action.node_id, e)
+            failure = str(e) or type(e).__name__
+        if failure:
+            # not fetching after all: neither in flight nor holding its source tier
+            await to_thread.run_sync(queues.prefetch_ended, action.node_id, action.checkpoint, sent)
+            log.warning("autoscaler: prefetch of %s to %s failed: %s", action.checkpoint, action.node_id, failure)
+        else:
+            log.info("autoscaler: prefetch of %s to %s from %s sent (estimated end in %.1f s)", action.checkpoint,
+                     action.node_id, sent.tier, max(0.0, sent.end_s - time.time()))

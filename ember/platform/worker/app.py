@@ -90,6 +90,9 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def prefetch(body: PrefetchRequest, request: Request) -> dict[str, str]:
         node: WorkerNode = request.app.state.node
         started = node.prefetch(body.checkpoint)
+        # a repeat while one runs is ignored, and said: the gateway should not have sent it
+        log.info("prefetch of %s into the DRAM tier: %s", body.checkpoint,
+                 "started" if started else "already running, the repeat is ignored")
         return {"status": "started" if started else "already running", "checkpoint": body.checkpoint}
 
     @app.delete("/internal/instances/{instance_id}")
