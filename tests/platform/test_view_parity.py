@@ -5,16 +5,23 @@ eviction or the estimator reads identically; warm routing and eviction choose al
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
 
 from ember.platform.cluster import DecisionView, DeviceSpec, RedisCluster
+from ember.platform.gateway.coldstart import publish_load_end
 from ember.platform.loadqueues import LoadQueues
+from ember.platform.wire import LoadResult
+from ember.platform.worker.node import load_result
+from ember.scheduler.estimator import ewma_bandwidth_bps
 from ember.scheduler.memcluster import MemCluster
 from ember.scheduler.policies import EmberPolicy
 from ember.scheduler.routing import pick_warm
 from ember.scheduler.view import NodeState, PlacementRequest, StartupEstimate
+from tests.platform.recorded_loads import recorded_platform
 
 GB = 10**9
 MEM = 80 * GB
@@ -45,6 +52,7 @@ class Twin:
         self.queues = LoadQueues(self.live.r)
         self.mem = MemCluster(gpu_memory_bytes=MEM, dram_cache_bytes=200 * GB, ssd_bytes=1000 * GB)
         self.ids: dict[str, str] = {}  # mem instance id -> live instance id
+        self.placements: dict[str, object] = {}  # mem instance id -> the live placement
         self.fn = 0
         # what each live worker's tiers hold and report at its heartbeat (DRAM before SSD), kept
         # here as the worker keeps it, not copied from the simulator's view
@@ -88,6 +96,7 @@ class Twin:
         self.fn += 1
         inst.ready_s = inst.last_used_s = float("inf")  # loading until marked ready
         self.ids[inst.instance_id] = placed.instance_id
+        self.placements[inst.instance_id] = placed
         self.heartbeat()
         return inst, sorted(self.ids[g.instance_id] for g in gone), sorted(e.instance_id for e in evicted)
 
@@ -96,10 +105,17 @@ class Twin:
         self.live.mark_ready(self.ids[inst.instance_id])
         inst.ready_s = inst.last_used_s = now
 
-    def load_done(self, inst, seconds: float) -> None:
+    def load_done(self, inst, seconds: float, tier: str | None = None, build_s: float = 0.5) -> None:
+        """The load ends: its bytes took `seconds` from `tier` (default: the tier claimed), then the
+        instance took `build_s` to build. Live as a worker and the gateway do it: the worker's
+        answer (`load_result`, over the wire) reaches the gateway's `publish_load_end`; the
+        simulator's `load_done` learns from the same load."""
         now = time.time()
-        self.queues.load_done(self.ids[inst.instance_id], inst.node_id, inst.device_id, inst.nbytes, seconds, now=now)
-        inst.load_s = seconds
+        loaded = SimpleNamespace(tier=tier or inst.tier, seconds=seconds, nbytes=inst.nbytes)
+        answer = load_result(self.ids[inst.instance_id], loaded, (seconds + build_s) * 1000)
+        assert publish_load_end(self.queues, self.placements[inst.instance_id],
+                                LoadResult.model_validate_json(answer.model_dump_json()), now=now)
+        inst.load_tier, inst.load_s = loaded.tier, seconds
         self.mem.load_done(inst, now)
         # the worker's load filled its DRAM entry (and, from remote, its SSD entry) as it went and
         # commits them now: reported at its next heartbeat
@@ -242,3 +258,45 @@ def test_devices_with_room_same_candidates_on_a_large_cluster(redis_url: str) ->
         live_choice, mem_choice = EmberPolicy().place(req, t.live), EmberPolicy().place(req, t.mem)
         assert live_choice is not None and mem_choice is not None
         assert (live_choice.node_id, live_choice.device_id) == (mem_choice.node_id, mem_choice.device_id)
+
+
+def test_a_finished_load_teaches_both_backends_the_same_bandwidth(redis_url: str) -> None:
+    """One fold per load, of the transfer seconds (never the instance's build), into the tier the
+    bytes really came from, while the queues corrected are the ones the placement claimed."""
+    t = Twin(redis_url)
+    t.add_node("n1")
+    t.cache("n1", "ck-a", 20 * GB, "dram")
+    a, _, _ = t.claim("a", "n1", "cuda:0", 20 * GB, seconds=5.0)
+    assert a.tier == "dram"
+    t.load_done(a, seconds=2.0, tier="ssd", build_s=3.0)  # its DRAM entry was gone: read from the SSD
+    t.ready(a)
+    t.assert_same()
+    bw = next(n for n in t.live.all_nodes() if n.node_id == "n1").bandwidth_bps
+    assert bw["ssd"] == pytest.approx(ewma_bandwidth_bps(BW["n1"]["ssd"], 20 * GB, 2.0), rel=1e-9)
+    assert bw["dram"] == BW["n1"]["dram"]  # the tier claimed learned nothing
+    b, _, _ = t.claim("a", "n1", "cuda:1", 20 * GB, seconds=5.0)  # a second instance, from the DRAM entry
+    assert b.tier == "dram"
+    t.load_done(b, seconds=0.8, build_s=1.0)
+    t.assert_same()
+    bw = next(n for n in t.live.all_nodes() if n.node_id == "n1").bandwidth_bps
+    assert bw["dram"] == pytest.approx(ewma_bandwidth_bps(BW["n1"]["dram"], 20 * GB, 0.8), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_real_cold_start_and_the_simulator_learn_the_same_bandwidth(redis_url: str, tmp_path: Path,
+                                                                       tiny_model_dir: Path) -> None:
+    """A real gateway and worker (everything either writes at a load's end) against the
+    simulator's `load_done` for the same load: where its bytes came from, how long they took."""
+    with recorded_platform(redis_url, tmp_path, tiny_model_dir) as p:
+        before = p.bandwidths()
+        load = p.cold_start("f", "ck")
+        live = p.bandwidths()
+    mem = MemCluster(gpu_memory_bytes=MEM, dram_cache_bytes=200 * GB, ssd_bytes=1000 * GB)
+    node = mem.add_node("w0", [("cpu:0", MEM)], before)
+    inst = mem.claim(0, "f", "ck", node.devices[0], load["nbytes"], load["tier"], 1.0, 0.0)
+    inst.load_tier, inst.load_s = load["tier"], load["transfer_s"]
+    mem.load_done(inst, load["startup_ms"] / 1000)
+    mem.now = load["startup_ms"] / 1000
+    (sim,) = mem.all_nodes()
+    assert live == pytest.approx(sim.bandwidth_bps, rel=1e-9)
+    assert live != before
