@@ -151,18 +151,6 @@ def test_holdings_index_follows_heartbeats(redis_url: str) -> None:
     assert not c.heartbeat("unknown", {})
 
 
-def test_observe_load_corrects_bandwidth(redis_url: str) -> None:
-    c = _cluster(redis_url)
-    _register(c, "n1")
-    c.observe_load("n1", "ssd", 10 * 10**9, 10.0)  # 1 GB/s observed, 5 GB/s measured
-    bw = c.node("n1").bandwidth_bps["ssd"]
-    assert 1e9 < bw < 5e9
-    assert bw == pytest.approx(0.7 * 5e9 + 0.3 * 1e9)
-    c.observe_load("n1", "gpu", 10, 0.0)  # ignored
-    c.observe_load("n1", "remote", 10**9, 1.0)
-    assert c.node("n1").bandwidth_bps["remote"] == pytest.approx(1e9)
-
-
 def test_dead_node_is_never_chosen_and_reaped(redis_url: str) -> None:
     c = _cluster(redis_url, ttl_s=0.3)
     _register(c, "dead", gpus=1)

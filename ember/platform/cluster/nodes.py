@@ -12,7 +12,6 @@ from typing import Any
 from ember.platform.cluster.base import ClusterBase, state_errors
 from ember.platform.cluster.records import DeviceSpec, Heartbeat
 from ember.platform.state import PREFIX, Keys
-from ember.scheduler.estimator import EWMA_ALPHA
 
 
 class NodeMembership(ClusterBase):
@@ -76,13 +75,6 @@ class NodeMembership(ClusterBase):
             return Heartbeat(known=False)
         _, unknown, draining, removed = out
         return Heartbeat(True, tuple(unknown), tuple(draining), tuple(removed))
-
-    @state_errors
-    def observe_load(self, node_id: str, tier: str, nbytes: int, seconds: float) -> None:
-        """Fold one observed load into the node's bandwidth for `tier` (exponentially weighted)."""
-        if nbytes <= 0 or seconds <= 0:
-            return
-        self.scripts.ewma(keys=[Keys.node(node_id)], args=[f"bw:{tier}", repr(nbytes / seconds), repr(EWMA_ALPHA)])
 
     @state_errors
     def deregister_node(self, node_id: str) -> None:

@@ -25,7 +25,7 @@ _USES = {
 SCRIPT_NAMES = (
     "register", "heartbeat", "claim", "restore", "begin_load", "mark_ready", "drain", "remove_instance",
     "evict_if_idle", "reap_stuck", "drop_node", "reap_dead", "acquire_warm", "release_request", "renew_slots",
-    "ewma", "lease", "snapshot_nodes", "decision_snapshot", "devices_with_room",
+    "lease", "snapshot_nodes", "decision_snapshot", "devices_with_room",
 )
 
 
