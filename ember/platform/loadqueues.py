@@ -4,9 +4,10 @@ simulator (`ember.scheduler.memcluster.MemCluster` keeps the same by the same ru
 - per device, a load queue: `busy_until_s` in the device hash (the claim script sets it by
   `queue_after_claim`; `load_done` below corrects it by `queue_after_load` when the load ends);
 - per node and tier, a load queue: field `tq:<tier>` of the node hash (busy-until, seconds since
-  the epoch), set the same way, and by prefetches (`publish_prefetch`);
+  the epoch), set the same way, and by prefetches (`send_prefetch`);
 - per checkpoint, the prefetches of it in flight (`Keys.prefetching`: node id -> expiry), recorded
-  by `publish_prefetch` with the queue time, until `prefetch_expiry_s` or `prefetch_ended`;
+  by `send_prefetch` with the queue time, until `prefetch_expiry_s`, `prefetch_ended` (not sent
+  after all) or `prefetch_landed` (the worker published its DRAM copy);
 - per device, evictable idle bytes: the bytes of ready instances with nothing outstanding,
   summed when a node is read (`idle_by_device` in cluster/lua/lib_node_entry.lua);
 - per node, learned bandwidths: `bw:<tier>`, folded by `load_done` from each finished load
@@ -67,11 +68,6 @@ class LoadQueues:
                                args=[repr(time.time() if now is None else now), int(nbytes),
                                      repr(max(0.0, float(seconds))), repr(EWMA_ALPHA), tier]))
 
-    def publish_prefetch(self, node_id: str, checkpoint: str, nbytes: int, now: float | None = None) -> str | None:
-        """`send_prefetch`, answering the source tier alone."""
-        sent = self.send_prefetch(node_id, checkpoint, nbytes, now)
-        return None if sent is None else sent.tier
-
     def send_prefetch(self, node_id: str, checkpoint: str, nbytes: int,
                       now: float | None = None) -> PrefetchSent | None:
         """A prefetch is about to be sent to the node: its source tier is busy until the estimated
@@ -92,6 +88,11 @@ class LoadQueues:
         return bool(self._prefetch_ended(keys=[Keys.node(node_id), Keys.prefetching(checkpoint)],
                                          args=[repr(time.time() if now is None else now), node_id, sent.tier,
                                                repr(sent.end_s), sent.expiry]))
+
+    def prefetch_landed(self, node_id: str, checkpoint: str) -> None:
+        """The worker's prefetch landed and its DRAM copy is published: no longer in flight (its
+        queue time stands, as the simulator keeps it)."""
+        self.r.zrem(Keys.prefetching(checkpoint), node_id)
 
 
 def min_instances_of(client: redis.Redis, functions: set[str]) -> dict[str, int]:

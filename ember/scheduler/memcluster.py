@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from ember.scheduler.estimator import (
     DEFAULT_BANDWIDTH_BPS,
     ewma_bandwidth_bps,
+    prefetch_expiry_s,
     queue_after_claim,
     queue_after_load,
 )
@@ -265,13 +266,35 @@ class MemCluster:
             self.dram_put(node, inst.checkpoint, inst.nbytes)
         node.version += 1
 
-    def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> None:
-        """A prefetch from tier `src` was sent to `node`: the tier is busy until its estimated end
-        (`queue_after_claim`; no end is reported, as live: ember.platform.loadqueues)."""
+    def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> float:
+        """A prefetch from tier `src` is sent to `node`: the tier is busy until its estimated end
+        (`queue_after_claim`; the estimate stands, no end corrects it). Returns that end."""
         bw = node.measured_bw.get(src)
         est = max(0.0, node.tier_until[src] - now) + nbytes / (bw if bw and bw > 0 else DEFAULT_BANDWIDTH_BPS[src])
         node.tier_until[src] = queue_after_claim(node.tier_until[src], now, est)
         node.version += 1
+        return now + est
+
+    def send_prefetch(self, node: SimNode, checkpoint: str, nbytes: int, now: float) -> Tier | None:
+        """What the gateway does as it sends a prefetch, by the live rules (LoadQueues.send_prefetch):
+        its source tier (ssd if published there, else remote) takes it (`publish_prefetch`) and it
+        is in flight until `prefetch_expiry_s` or `prefetch_landed`. Returns the source tier; None
+        (nothing is sent) when the node publishes the checkpoint in DRAM or already fetches it."""
+        held = node.holdings.get(checkpoint)
+        recs = self.in_flight.get(checkpoint, {})
+        if held in ("gpu", "dram") or recs.get(node.node_id, now) > now:
+            return None
+        src: Tier = "ssd" if held == "ssd" else "remote"
+        end = self.publish_prefetch(node, src, nbytes, now)
+        recs = self.in_flight[checkpoint] = {n: until for n, until in recs.items() if until > now}  # as live
+        recs[node.node_id] = prefetch_expiry_s(now, end)
+        return src
+
+    def prefetch_landed(self, node: SimNode, checkpoint: str) -> None:
+        """The prefetch's copy is in the node's DRAM (published): no longer in flight."""
+        recs = self.in_flight.get(checkpoint)
+        if recs is not None and recs.pop(node.node_id, None) is not None and not recs:
+            del self.in_flight[checkpoint]
 
     def remove(self, inst: SimInstance) -> None:
         dev = inst.device

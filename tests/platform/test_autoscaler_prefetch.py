@@ -174,15 +174,23 @@ def test_a_popular_functions_prefetch_is_sent_once_while_it_is_in_flight(
         assert red.hget(Keys.node("w0"), "tq:remote") == queue
         assert red.zrange(Keys.prefetching(ident), 0, -1) == ["w0"]
         assert "autoscaler: prefetch of" in gw.output()
+        # the loads end: the worker publishes the DRAM copy, then ends the prefetch's record
+        expiry = red.zscore(Keys.prefetching(ident), "w0")
+        assert expiry is not None
+        assert _feed(fifo, data)
+        assert until(lambda: red.exists(Keys.prefetching(ident)) == 0, 30), worker.output()
+        assert time.time() < expiry  # ended by the worker, not expired
+        assert red.hget(Keys.node_holdings("w0"), ident) == "dram"
+        assert [ln.split(": ")[-1] for ln in asked()] == ["started"], asked()
     finally:
-        _feed(fifo, data)  # the blocked load ends, so the worker stops promptly
+        _feed(fifo, data, timeout_s=0.5)  # a load still blocked ends, so the worker stops promptly
         for p in reversed(procs):
             p.stop()
         for t in client:
             t.join(5)
 
 
-def _feed(fifo: Path, data: bytes, timeout_s: float = 5.0) -> None:
+def _feed(fifo: Path, data: bytes, timeout_s: float = 5.0) -> bool:
     """Write the file's bytes to its FIFO if a load is reading it (within `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -194,4 +202,5 @@ def _feed(fifo: Path, data: bytes, timeout_s: float = 5.0) -> None:
         os.set_blocking(fd, True)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return
+        return True
+    return False

@@ -14,6 +14,7 @@ import redis
 from ember.platform.cluster import DecisionView, DeviceSpec, RedisCluster
 from ember.platform.gateway.coldstart import publish_load_end
 from ember.platform.loadqueues import LoadQueues
+from ember.platform.state import Keys
 from ember.platform.wire import LoadResult
 from ember.platform.worker.node import load_result
 from ember.scheduler.estimator import ewma_bandwidth_bps
@@ -131,12 +132,22 @@ class Twin:
         assert live is not None and live.instance_id == self.ids[inst.instance_id]
         inst.last_used_s = float("inf")
 
-    def prefetch(self, node: str, ck: str, nbytes: int) -> None:
-        now = time.time()
-        n = self.mem.nodes_by_id[node]
-        src = "ssd" if n.holdings.get(ck) == "ssd" else "remote"
-        assert self.queues.publish_prefetch(node, ck, nbytes, now=now) == src
-        self.mem.publish_prefetch(n, src, nbytes, now)
+    def prefetch(self, node: str, ck: str, nbytes: int, sent_s_ago: float = 0.0) -> str | None:
+        """The gateway sends a prefetch (`sent_s_ago` seconds ago): both backends take it, or
+        refuse it, alike; returns its source tier (None: refused)."""
+        now = time.time() - sent_s_ago
+        sent = self.queues.send_prefetch(node, ck, nbytes, now=now)
+        src = self.mem.send_prefetch(self.mem.nodes_by_id[node], ck, nbytes, now)
+        assert (sent.tier if sent else None) == src
+        return src
+
+    def prefetch_landed(self, node: str, ck: str, nbytes: int) -> None:
+        """The copy is in the node's DRAM: the worker publishes it (a beat), then ends the record."""
+        self.mem.dram_put(self.mem.nodes_by_id[node], ck, nbytes)
+        self.mem.prefetch_landed(self.mem.nodes_by_id[node], ck)
+        self._worker_holds(node, ck, "dram")
+        self.heartbeat()
+        self.queues.prefetch_landed(node, ck)
 
     def assert_same(self) -> None:
         self.mem.now = time.time()
@@ -154,6 +165,8 @@ class Twin:
                     _same_device(x, y)
         for ck in {ck for n in self.mem.node_list for ck in n.holdings}:
             assert [n.node_id for n in self.live.nodes_holding(ck)] == [n.node_id for n in self.mem.nodes_holding(ck)]
+        for ck in {ck for n in self.mem.node_list for ck in n.holdings} | set(self.mem.in_flight):
+            assert self.live.prefetching(ck) == self.mem.prefetching(ck), ck
 
 
 def _same_device(a, b) -> None:
@@ -196,8 +209,8 @@ def test_redis_and_memory_views_agree(redis_url: str) -> None:
     t.take_request(b1)
     t.load_done(c1, seconds=90.0)
     t.ready(c1)
-    t.prefetch("n2", "ck-a", 20 * GB)
-    t.prefetch("n3", "ck-z", 10 * GB)
+    assert t.prefetch("n2", "ck-a", 20 * GB) == "ssd"
+    assert t.prefetch("n3", "ck-z", 10 * GB) == "remote"
     t.assert_same()
     # a placement onto a full device by its idle bytes: the same victims (the shared rule)
     t.claim("d", "n1", "cuda:1", 40 * GB, seconds=5.0)
@@ -300,3 +313,41 @@ def test_a_real_cold_start_and_the_simulator_learn_the_same_bandwidth(redis_url:
     (sim,) = mem.all_nodes()
     assert live == pytest.approx(sim.bandwidth_bps, rel=1e-9)
     assert live != before
+
+
+def test_prefetches_in_flight_read_alike(redis_url: str) -> None:
+    """A prefetch is in flight from when it is sent until it lands or expires, in both backends:
+    a second one to the same node is refused by both (its queue time is charged once), one to a
+    node holding the checkpoint in DRAM is never recorded, and each answers `prefetching` alike."""
+    t = Twin(redis_url)
+    for n in ("n1", "n2", "n3"):
+        t.add_node(n)
+    t.cache("n1", "ck-a", 20 * GB, "ssd")
+    t.cache("n3", "ck-a", 20 * GB, "dram")
+    assert t.prefetch("n1", "ck-a", 20 * GB) == "ssd"
+    assert t.prefetch("n2", "ck-a", 20 * GB) == "remote"
+    t.assert_same()
+    assert t.mem.prefetching("ck-a") == {"n1", "n2"}
+
+    def queues() -> tuple:  # busy-until of every tier queue, as each backend keeps it
+        live = {n: {k: v for k, v in t.live.r.hgetall(Keys.node(n)).items() if k.startswith("tq:")}
+                for n in ("n1", "n2", "n3")}
+        return live, {n.node_id: dict(n.tier_until) for n in t.mem.node_list}
+
+    before = queues()
+    assert t.prefetch("n1", "ck-a", 20 * GB) is None  # in flight there: nothing sent, no queue pushed
+    assert t.prefetch("n3", "ck-a", 20 * GB) is None  # already in its DRAM
+    t.assert_same()
+    assert queues() == before
+    assert t.mem.prefetching("ck-a") == {"n1", "n2"}
+    t.prefetch_landed("n1", "ck-a", 20 * GB)  # landed: a DRAM copy now, no longer in flight
+    t.assert_same()
+    assert t.mem.prefetching("ck-a") == {"n2"}
+    # sent long ago (past its estimated end and margin): expired in both, so it may be sent again
+    assert t.prefetch("n3", "ck-b", 10 * GB, sent_s_ago=600.0) == "remote"
+    t.assert_same()
+    assert t.mem.prefetching("ck-b") == set()
+    assert t.prefetch("n3", "ck-b", 10 * GB) == "remote"
+    t.assert_same()
+    assert t.mem.prefetching("ck-b") == {"n3"}
+

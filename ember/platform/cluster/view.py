@@ -85,8 +85,8 @@ class ClusterReads(ClusterBase):
 
     @state_errors
     def prefetching(self, checkpoint: str) -> set[str]:
-        """Live nodes a prefetch of `checkpoint` is in flight to (recorded by `publish_prefetch`,
-        neither ended nor expired)."""
+        """Live nodes a prefetch of `checkpoint` is in flight to (recorded by
+        `LoadQueues.send_prefetch`, neither ended nor expired)."""
         ids = cast("list[str]", self.r.zrangebyscore(Keys.prefetching(checkpoint), f"({time.time()!r}", "+inf"))
         if not ids:
             return set()

@@ -22,9 +22,11 @@ from ember.config import Settings
 from ember.errors import EmberError, InstanceGone, NotFound
 from ember.platform import heap
 from ember.platform.cluster import DeviceSpec, InstanceRecord, RedisCluster
+from ember.platform.loadqueues import LoadQueues
 from ember.platform.runtime.engine import ModelInstance
 from ember.platform.wire import LoadRequest, LoadResult
 from ember.platform.worker.node_energy import WorkerEnergy
+from ember.platform.worker.prefetch import DramPrefetcher
 from ember.platform.worker.serving import ServingSlots
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ class WorkerNode(WorkerEnergy):
         # any check that finds a DRAM entry corrupted (a scrub, or a load attaching it) retires the
         # instances built on it: the entry is replaced, so a later scrub cannot find them again
         self.tiers.on_corrupt_dram = lambda ref: self._retire_instances_on({ref})
+        self.prefetcher = DramPrefetcher(self.tiers, LoadQueues(cluster.r), self.node_id, self.beat)
         self.instances: dict[str, ModelInstance] = {}
         self.records: dict[str, InstanceRecord] = {}
         self.slots = ServingSlots()  # the request slots of each instance's running streams
@@ -98,9 +101,7 @@ class WorkerNode(WorkerEnergy):
         self._dropping: set[str] = set()
         self._load_started: dict[str, float] = {}  # loading instance -> when its load began (monotonic)
         self._overdue: set[str] = set()  # loads past max_load_s, no longer reported
-        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._prefetching: set[str] = set()
         self._heartbeat_thread: threading.Thread | None = None
         self._scrub_thread: threading.Thread | None = None
         self._retired: set[str] = set()  # instances built on DRAM bytes found corrupted
@@ -303,24 +304,8 @@ class WorkerNode(WorkerEnergy):
         return load_result(req.instance_id, loaded, startup_ms)
 
     def prefetch(self, checkpoint: str) -> bool:
-        """Pull a checkpoint into this node's DRAM tier in the background (load, then release)."""
-        with self._lock:
-            if checkpoint in self._prefetching:
-                return False
-            self._prefetching.add(checkpoint)
-
-        def run() -> None:
-            try:
-                self.tiers.load(checkpoint).release()
-                log.info("prefetched %s into the DRAM tier", checkpoint)
-            except Exception as e:  # noqa: BLE001 - a prefetch is an optimisation: logged, never a traceback
-                log.warning("prefetch of %s failed: %s", checkpoint, e)
-            finally:
-                with self._lock:
-                    self._prefetching.discard(checkpoint)
-
-        threading.Thread(target=run, name=f"prefetch-{checkpoint}", daemon=True).start()
-        return True
+        """Pull a checkpoint into this node's DRAM tier in the background; False when one runs."""
+        return self.prefetcher.start(checkpoint)
 
     def unload(self, instance_id: str, timeout_s: float | None = None) -> None:
         """Drop an instance once it has no active request (waiting up to `timeout_s`, default the
