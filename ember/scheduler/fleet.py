@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler
+from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.nodescaler import (
     Drain,
@@ -190,7 +191,7 @@ class _FleetSimulation(_Simulation):
         self.waiting += 1  # no device had room: live, _make_room runs for a placement that waits
         return super()._relieve_pressure(nbytes, function)
 
-    def _autoscale(self, demand: dict[str, float], counts: dict[int, int]) -> None:
+    def _autoscale(self, demand: DemandMeter, counts: dict[int, int]) -> None:
         super()._autoscale(demand, counts)
         if self.scaler is not None and self.now >= self.next_node_step:
             while self.next_node_step <= self.now:

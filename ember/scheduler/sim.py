@@ -40,6 +40,7 @@ import numpy as np
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, ScalingSpec
+from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm, should_start
@@ -170,7 +171,7 @@ class _Simulation(ControlPlane):
         cold = np.zeros(n, dtype=bool)
         met = np.zeros(n, dtype=bool)
         counts: dict[int, int] = {}
-        demand: dict[str, float] = {}
+        demand = DemandMeter(now=0.0)  # the gateway's meter, at the simulation's clock
         next_step = cfg.autoscaler_interval_s
         tc = cfg.target_concurrency
         max_inst = cfg.max_instances

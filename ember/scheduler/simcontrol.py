@@ -12,6 +12,7 @@ import time
 
 from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
+from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
 from ember.scheduler.memcluster import MemCluster, SimInstance
 from ember.scheduler.simconfig import SimConfig
@@ -117,24 +118,23 @@ class ControlPlane:
         self.fn_instances[inst.fn].remove(inst)
 
     # --- autoscaler ---------------------------------------------------------------------------
-    def _autoscale(self, demand: dict[str, float], counts: dict[int, int]) -> None:
+    def _autoscale(self, demand: DemandMeter, counts: dict[int, int]) -> None:
+        """One autoscaler step at the simulation's clock: the requests routed since the last step
+        go into the demand meter the gateway keeps (`DemandMeter`, its 60 s window), then the
+        shared `Autoscaler.step`, then its actions."""
         now = self.now
-        interval = self.cfg.autoscaler_interval_s
-        for name in list(demand):
-            demand[name] *= 0.5
-            if demand[name] < 1e-3:
-                del demand[name]
+        names = self.names
         for f, c in counts.items():
-            name = self.names[f]
-            demand[name] = demand.get(name, 0.0) + 0.5 * c / interval
+            demand.count(names[f], c)
         counts.clear()
+        rates = demand.rates_per_s(now)
         self._apply_prefetches(now)
         instances = self.cluster.instances
         for inst in instances.values():
             inst.state = "ready" if inst.ready_s <= now else "loading"
             inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
         actions = self.autoscaler.step(self.specs, list(instances.values()), now,
-                                       view=self.cluster if self.prefetch else None, demand_per_s=demand)
+                                       view=self.cluster if self.prefetch else None, demand_per_s=rates)
         for a in actions:
             if isinstance(a, Unload):
                 inst = instances.get(a.instance_id)

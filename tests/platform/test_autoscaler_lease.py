@@ -13,7 +13,8 @@ from ember.config import Settings
 from ember.errors import StateUnavailable
 from ember.platform.cluster import RedisCluster
 from ember.platform.gateway import autoscaling
-from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+from ember.platform.gateway.autoscaling import AutoscalerLoop
+from ember.scheduler.demand import DemandMeter
 
 
 def test_a_step_that_loses_its_lease_stops(redis_url: str, monkeypatch) -> None:  # noqa: ANN001

@@ -18,10 +18,11 @@ import redis
 
 from ember.config import Settings
 from ember.platform.cluster import DeviceSpec, RedisCluster
-from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+from ember.platform.gateway.autoscaling import AutoscalerLoop
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.state import Keys
+from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import prefetch_expiry_s
 from tests.platform.conftest import admin_headers, base_env, start_gateway, start_worker, until
 

@@ -68,7 +68,8 @@ def test_the_autoscaler_loop_survives_any_exception_a_step_throws() -> None:
     next step runs: autoscaling never ends for good."""
     from types import SimpleNamespace
 
-    from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+    from ember.platform.gateway.autoscaling import AutoscalerLoop
+    from ember.scheduler.demand import DemandMeter
 
     app = SimpleNamespace(state=SimpleNamespace(settings=Settings(autoscaler_interval_s=0.01), demand=DemandMeter()))
     loop = AutoscalerLoop(app, "gw-test")

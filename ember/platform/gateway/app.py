@@ -25,7 +25,7 @@ from ember.platform.cloud import make_backend
 from ember.platform.cluster import AsyncSlots, RedisCluster
 from ember.platform.gateway import admin_routes, openai_routes
 from ember.platform.gateway.auth import KeyStore
-from ember.platform.gateway.autoscaling import AutoscalerLoop, DemandMeter
+from ember.platform.gateway.autoscaling import AutoscalerLoop
 from ember.platform.gateway.fast_path import InvocationFastPath
 from ember.platform.gateway.fleet import FleetCollector
 from ember.platform.gateway.invoke import Invoker
@@ -40,6 +40,7 @@ from ember.platform.gateway.tracing import InvocationTracer, provider_from_env
 from ember.platform.gateway.waiting import listen_for_wakeups, renew_slot_leases
 from ember.platform.http_common import BodyReadTimeout, BodySizeLimit, install_error_handlers, log_task_errors
 from ember.platform.redis_mux import MuxRedis
+from ember.scheduler.demand import DemandMeter
 from ember.scheduler.policies import PolicyChooser
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from typing import Any
 
 import httpx
@@ -25,6 +24,7 @@ from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
+from ember.scheduler.demand import DemandMeter
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +34,6 @@ def scaling_spec(spec: FunctionSpec) -> ScalingSpec:
     return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                        min_instances=s.min_instances, max_instances=s.max_instances, keep_alive_s=s.keep_alive_s,
                        target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000)
-
-
-class DemandMeter:
-    """Requests per second per function, smoothed over about `window_s`."""
-
-    def __init__(self, window_s: float = 60.0) -> None:
-        self.window_s = window_s
-        self.counts: dict[str, int] = defaultdict(int)
-        self.rates: dict[str, float] = {}
-        self.last = time.monotonic()
-
-    def count(self, function: str) -> None:
-        self.counts[function] += 1
-
-    def rates_per_s(self) -> dict[str, float]:
-        now = time.monotonic()
-        dt = max(now - self.last, 1e-3)
-        alpha = min(1.0, dt / self.window_s)
-        for fn in set(self.rates) | set(self.counts):
-            self.rates[fn] = (1 - alpha) * self.rates.get(fn, 0.0) + alpha * self.counts.get(fn, 0) / dt
-        self.counts.clear()
-        self.last = now
-        return dict(self.rates)
 
 
 class AutoscalerLoop:

@@ -1,0 +1,34 @@
+"""The demand the autoscaler's prefetch rule reads: the gateway's meter, fed the same way live and
+in the simulator (before, the simulator had its own rule: half the last step's rate plus half the
+previous estimate, so one request in a 10 s step already counted as 0.05 per second)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.scheduler.autoscaler import Autoscaler
+from ember.scheduler.demand import DemandMeter
+from ember.scheduler.policies import get_policy
+from ember.scheduler.sim import SimConfig, _Simulation, build_trace
+
+
+def test_the_simulator_feeds_the_autoscaler_the_gateways_demand() -> None:
+    cfg = SimConfig(nodes=2, gpus_per_node=2, functions=20, duration_s=120.0, seed=3).check()
+    sim = _Simulation(cfg, build_trace(cfg), get_policy("ember"), Autoscaler())
+    seen: list[dict[str, float]] = []
+    step = sim.autoscaler.step
+
+    def recording(*args, **kw):  # noqa: ANN002, ANN003
+        seen.append(dict(kw["demand_per_s"]))
+        return step(*args, **kw)
+
+    sim.autoscaler.step = recording  # type: ignore[method-assign]
+    meter, reference = DemandMeter(now=0.0), DemandMeter(now=0.0)
+    counts = {0: 1}  # one request to fn 0 in the first 10 s step
+    sim.cluster.now = 10.0
+    sim._autoscale(meter, dict(counts))
+    reference.count(sim.names[0])
+    want = reference.rates_per_s(10.0)
+    assert seen[-1] == pytest.approx(want)
+    assert seen[-1][sim.names[0]] == pytest.approx(1 / 60)  # alpha 10/60 of 1 request per 10 s
+    assert seen[-1][sim.names[0]] < Autoscaler().prefetch_min_rate_per_s  # one request is not popular
