@@ -142,6 +142,9 @@ class _FleetCluster(MemCluster):
     def nodes(self, node_ids: Sequence[str]) -> Sequence[NodeState]:
         return super().nodes([n for n in node_ids if n not in self.hidden])
 
+    def prefetching(self, checkpoint: str) -> set[str]:
+        return super().prefetching(checkpoint) - self.hidden
+
     def node_ids(self) -> Sequence[str]:
         return self._visible_ids
 

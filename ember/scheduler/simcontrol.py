@@ -149,18 +149,22 @@ class ControlPlane:
 
     def _start_prefetch(self, a: Prefetch, now: float) -> None:
         node = self.cluster.nodes_by_id.get(a.node_id)
-        if node is None or a.checkpoint in node.dram:
+        if node is None:
             return
+        # The gateway records it in flight with its source tier's queue time, as live
+        # (LoadQueues.send_prefetch), and sends nothing to a node that holds it in DRAM or
+        # already fetches it. The queue's estimate stands (no end corrects it); the record ends
+        # when the copy lands in DRAM (`_apply_prefetches`, as the worker ends it) or expires.
+        src = self.cluster.send_prefetch(node, a.checkpoint, a.nbytes, now)
+        if src is None:
+            return
+        if any(p[2] == node.node_id and p[3] == a.checkpoint for p in self.pending_prefetch):
+            return  # its record expired before the copy landed: the worker ignores the repeat
         nb = a.nbytes
-        src: Tier = "ssd" if a.checkpoint in node.ssd else "remote"
         start = max(now, node.true_tier_until[src])
-        # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device. It occupies
-        # the source tier's published queue until its estimated end, as the live gateway
-        # publishes it when it sends the prefetch (LoadQueues.publish_prefetch; the worker runs
-        # it on its own, so no end is reported and the estimate stands).
+        # Into DRAM, not a GPU: bounded by the source link, not PCIe to the device.
         done = start + nb / node.true_bw[src]
         node.true_tier_until[src] = done
-        self.cluster.publish_prefetch(node, src, nb, now)
         self.prefetches += 1
         heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb))
 
@@ -174,3 +178,5 @@ class ControlPlane:
                 cluster.ssd_put(node, ck, nb)
             cluster.dram_put(node, ck, nb)
             cluster.set_tier(node, ck)
+            if ck in node.dram:  # published in DRAM: the worker ends the record (else it expires)
+                cluster.prefetch_landed(node, ck)
