@@ -229,3 +229,20 @@ def until(cond, timeout_s: float = 15.0) -> bool:
             return True
         time.sleep(0.1)
     return bool(cond())
+
+
+def feed_fifo(fifo: Path, data: bytes, timeout_s: float = 30.0) -> bool:
+    """Write a file's bytes to the FIFO that stands in for it (a load held reading it) once a load
+    reads it; False when none did within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.05)
+            continue
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    return False

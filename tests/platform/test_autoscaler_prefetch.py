@@ -24,7 +24,7 @@ from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.state import Keys
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import prefetch_expiry_s
-from tests.platform.conftest import admin_headers, base_env, start_gateway, start_worker, until
+from tests.platform.conftest import admin_headers, base_env, feed_fifo, start_gateway, start_worker, until
 
 
 def test_prefetch_of_a_pinned_checkpoint_is_sent_and_charged_to_its_source_tier(redis_url: str) -> None:
@@ -178,30 +178,16 @@ def test_a_popular_functions_prefetch_is_sent_once_while_it_is_in_flight(
         # the loads end: the worker publishes the DRAM copy, then ends the prefetch's record
         expiry = red.zscore(Keys.prefetching(ident), "w0")
         assert expiry is not None
-        assert _feed(fifo, data)
+        assert feed_fifo(fifo, data, timeout_s=5.0)
         assert until(lambda: red.exists(Keys.prefetching(ident)) == 0, 30), worker.output()
         assert time.time() < expiry  # ended by the worker, not expired
         assert red.hget(Keys.node_holdings("w0"), ident) == "dram"
         assert [ln.split(": ")[-1] for ln in asked()] == ["started"], asked()
     finally:
-        _feed(fifo, data, timeout_s=0.5)  # a load still blocked ends, so the worker stops promptly
+        feed_fifo(fifo, data, timeout_s=0.5)  # a load still blocked ends, so the worker stops promptly
         for p in reversed(procs):
             p.stop()
         for t in client:
             t.join(5)
 
 
-def _feed(fifo: Path, data: bytes, timeout_s: float = 5.0) -> bool:
-    """Write the file's bytes to its FIFO if a load is reading it (within `timeout_s`)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet
-            time.sleep(0.05)
-            continue
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    return False

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import redis
 
 from ember.platform.state import Keys
-from tests.platform.conftest import TierCluster, admin_headers, until
+from tests.platform.conftest import TierCluster, admin_headers, feed_fifo, until
 
 CHAT = {"messages": [{"role": "user", "content": "Once upon"}], "max_tokens": 12, "temperature": 0}
 
@@ -106,22 +105,6 @@ def _hold_load_on_a_fifo(tc: TierCluster, tiny_model_dir: Path, name: str) -> tu
     return fifo, data
 
 
-def _feed(fifo: Path, data: bytes, timeout_s: float = 30.0) -> bool:
-    """Write the file's bytes to its FIFO once a load reads it; False when none did in time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet
-            time.sleep(0.05)
-            continue
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    return False
-
-
 def _invoke_during_a_held_load(tc: TierCluster, tiny_model_dir: Path, name: str,
                                change: Callable[[], None]) -> httpx.Response:
     """Deploy `name` on a checkpoint whose load blocks, invoke it, `change` the function while its
@@ -142,7 +125,7 @@ def _invoke_during_a_held_load(tc: TierCluster, tiny_model_dir: Path, name: str,
         assert until(lambda: states() == ["loading"], 30), states()
         change()
     finally:
-        fed = _feed(fifo, data)  # the old load goes on and ends (finding its instance removed)
+        fed = feed_fifo(fifo, data)  # the old load goes on and ends (finding its instance removed)
         fifo.unlink()
         fifo.write_bytes(data)
     assert fed
