@@ -25,30 +25,17 @@ def _fill(directory: Path) -> None:
         os.close(fd)
 
 
-def test_full_shm_keeps_the_ssd_entry_and_serves_it(tmp_path, tiny_model_dir, monkeypatch) -> None:
-    """/dev/shm full: the DRAM tier cannot take the model files of an SSD hit. The (valid) SSD
-    entry stays and serves the load from private memory; no DRAM entry is left behind."""
+def _on_small_shm(tmp_path, shm, test) -> None:  # noqa: ANN001
+    """Run `test(tiers)` on node tiers whose shared-memory dir is a 3 MiB tmpfs at `shm` (the
+    caller points EMBER_SHM_DIR there); the tiers and any filler go afterwards."""
     from ember.loader.tiers import NodeTiers
-
-    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
-    shm = tmp_path / "shm"
-    monkeypatch.setenv("EMBER_SHM_DIR", str(shm))
 
     def body(why_not: str) -> None:
         if why_not:
             pytest.skip(why_not)
         tiers = NodeTiers(tmp_path / "node", f"file://{tmp_path / 'store'}", dram_capacity_bytes=2 << 20)
         try:
-            key = tiers.key("tiny")
-            tiers.load("tiny").release()
-            assert tiers.dram.evict(key) and tiers.ssd.path(key) is not None
-            _fill(shm)
-            got = tiers.load("tiny")
-            assert got.tier == "ssd" and got.state_dict
-            assert json.loads((got.model_files / "config.json").read_text())
-            assert tiers.ssd.path(key) is not None  # the SSD copy was fine: kept
-            assert tiers.dram.used_bytes() == 0  # the DRAM entry given up, its blocks free
-            got.release()
+            test(tiers)
         finally:
             tiers.close(destroy_dram=True)
             with_filler = shm / "filler"
@@ -56,6 +43,28 @@ def test_full_shm_keeps_the_ssd_entry_and_serves_it(tmp_path, tiny_model_dir, mo
                 os.unlink(with_filler)
 
     on_small_disk(shm, "3m", body)
+
+
+def test_full_shm_keeps_the_ssd_entry_and_serves_it(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """/dev/shm full: the DRAM tier cannot take the model files of an SSD hit. The (valid) SSD
+    entry stays and serves the load from private memory; no DRAM entry is left behind."""
+    open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
+    shm = tmp_path / "shm"
+    monkeypatch.setenv("EMBER_SHM_DIR", str(shm))
+
+    def test(tiers) -> None:  # noqa: ANN001
+        key = tiers.key("tiny")
+        tiers.load("tiny").release()
+        assert tiers.dram.evict(key) and tiers.ssd.path(key) is not None
+        _fill(shm)
+        got = tiers.load("tiny")
+        assert got.tier == "ssd" and got.state_dict
+        assert json.loads((got.model_files / "config.json").read_text())
+        assert tiers.ssd.path(key) is not None  # the SSD copy was fine: kept
+        assert tiers.dram.used_bytes() == 0  # the DRAM entry given up, its blocks free
+        got.release()
+
+    _on_small_shm(tmp_path, shm, test)
 
 
 @pytest.mark.parametrize("when", ["before", "files"])
@@ -68,7 +77,6 @@ def test_full_shm_serves_a_store_load_without_caching_it_in_dram(tmp_path, tiny_
     import logging
 
     import ember.loader.remote as remote
-    from ember.loader.tiers import NodeTiers
 
     open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "tiny")
     open_store(f"file://{tmp_path / 'store'}").push(tiny_model_dir, "again")
@@ -84,29 +92,20 @@ def test_full_shm_serves_a_store_load_without_caching_it_in_dram(tmp_path, tiny_
 
         monkeypatch.setattr(remote, "write_model_files", fill_first)
 
-    def body(why_not: str) -> None:
-        if why_not:
-            pytest.skip(why_not)
-        tiers = NodeTiers(tmp_path / "node", f"file://{tmp_path / 'store'}", dram_capacity_bytes=2 << 20)
-        try:
-            if when == "before":
-                _fill(shm)
-            with caplog.at_level(logging.WARNING, logger="ember.loader"):
-                for name in ("tiny", "again"):
-                    got = tiers.load(name)
-                    assert got.tier == "remote" and got.state_dict
-                    assert json.loads((got.model_files / "config.json").read_text())
-                    assert not str(got.model_files).startswith(str(shm))
-                    assert tiers.ssd.path(tiers.key(name)) is not None  # the SSD tier cached it
-                    assert tiers.dram.lookup(tiers.key(name)) is None and tiers.dram.used_bytes() == 0
-                    got.release()
-            assert sorted(p.name for p in (tiers.dram.dir / "meta").iterdir()) == []
-            said = [r for r in caplog.records if "DRAM tier" in r.getMessage() and r.levelno >= logging.WARNING]
-            assert len(said) == 1, [r.getMessage() for r in caplog.records]
-        finally:
-            tiers.close(destroy_dram=True)
-            with_filler = shm / "filler"
-            if with_filler.exists():
-                os.unlink(with_filler)
+    def test(tiers) -> None:  # noqa: ANN001
+        if when == "before":
+            _fill(shm)
+        with caplog.at_level(logging.WARNING, logger="ember.loader"):
+            for name in ("tiny", "again"):
+                got = tiers.load(name)
+                assert got.tier == "remote" and got.state_dict
+                assert json.loads((got.model_files / "config.json").read_text())
+                assert not str(got.model_files).startswith(str(shm))
+                assert tiers.ssd.path(tiers.key(name)) is not None  # the SSD tier cached it
+                assert tiers.dram.lookup(tiers.key(name)) is None and tiers.dram.used_bytes() == 0
+                got.release()
+        assert sorted(p.name for p in (tiers.dram.dir / "meta").iterdir()) == []
+        said = [r for r in caplog.records if "DRAM tier" in r.getMessage() and r.levelno >= logging.WARNING]
+        assert len(said) == 1, [r.getMessage() for r in caplog.records]
 
-    on_small_disk(shm, "3m", body)
+    _on_small_shm(tmp_path, shm, test)
