@@ -204,12 +204,13 @@ class FileStore(CheckpointStore):
                 os.replace(src, tmp)
             else:
                 _copy_tree(src, tmp, progress)
+            nbytes = read_manifest(tmp).tensor_nbytes  # once installed, a remove may take it at once
             with self._push_lock():
                 replace_dir(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return CheckpointInfo(name, read_manifest(self.root / name).tensor_nbytes)
+        return CheckpointInfo(name, nbytes)
 
     @contextlib.contextmanager
     def _push_lock(self) -> Iterator[None]:
