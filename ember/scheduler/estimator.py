@@ -11,9 +11,9 @@ node without a local copy is a candidate, not skipped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from ember.scheduler.view import DeviceState, NodeState, StartupEstimate, Tier
+from ember.scheduler.view import ClusterView, DeviceState, NodeState, PlacementRequest, StartupEstimate, Tier
 
 # Used only when a node did not report a tier (units: bytes/s into device memory).
 DEFAULT_BANDWIDTH_BPS: Mapping[str, float] = {
@@ -48,6 +48,20 @@ def estimate_startup(nbytes: int, node: NodeState, device: DeviceState, tier: Ti
 def can_hold(device: DeviceState, nbytes: int) -> bool:
     """Whether the device has room now, or after evicting idle instances."""
     return device.free_bytes >= nbytes or device.free_bytes + device.idle_bytes >= nbytes
+
+
+def beside_weights(request: PlacementRequest, view: ClusterView, holds_weights: Callable[[DeviceState], bool],
+                   limit: int = 64) -> StartupEstimate | None:
+    """A device that already holds the checkpoint's weights (claimed once per device) and has room
+    for one more KV budget: where the instance goes when the policy found no device with room for
+    weights and KV budget, which it cannot see here (the gateway's `place` and the simulator ask this
+    after the policy). Nothing moves: the worker builds the instance from the device's copy."""
+    if request.kv_bytes <= 0:
+        return None
+    for d in view.devices_with_room(request.kv_bytes, limit=limit):
+        if holds_weights(d):
+            return StartupEstimate(d.node_id, d.device_id, "gpu", 0.0, d.awake)
+    return None
 
 
 def ewma(current: float | None, observed: float, alpha: float) -> float:

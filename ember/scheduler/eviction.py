@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ember.scheduler.memory import release_bytes
+
 
 @dataclass(frozen=True)
 class IdleInstance:
@@ -52,7 +54,7 @@ def choose_evictions(
             left[inst.function] -= 1
             chosen.append(inst)
             sharing[inst.checkpoint] -= 1
-            room += inst.kv_bytes + (inst.nbytes if sharing[inst.checkpoint] <= 0 else 0)
+            room += release_bytes(inst.nbytes, inst.kv_bytes, sharing[inst.checkpoint] <= 0)
         if chosen and room >= nbytes:
             rank = (len(chosen), max(i.last_used_s for i in chosen), key)
             if best is None or rank < best[0]:

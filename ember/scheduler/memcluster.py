@@ -1,10 +1,12 @@
 """The simulator's cluster state in memory: the in-memory backend of `ClusterView`.
 
 It publishes exactly what the live cluster (`RedisCluster`) publishes, kept by the same rules:
-per device free bytes, resident instances, load queue (`queue_after_claim` when a load is
+per device free bytes (booked by `ember.scheduler.memory`: a checkpoint's weights once per device,
+each instance's KV budget), resident instances, load queue (`queue_after_claim` when a load is
 claimed, `queue_after_load` when it ends), awake state (instances resident) and idle bytes
-(ready instances with nothing outstanding); per node the tier bandwidths (measured, corrected
-by `ewma_bandwidth_bps` from each finished load), holdings and per-tier load queues. A test
+(what evicting its ready instances with nothing outstanding frees, `evictable_bytes`); per node
+the tier bandwidths (measured, corrected by `ewma_bandwidth_bps` from each finished load),
+holdings and per-tier load queues. A test
 builds the same state here and in Redis and compares every field a policy reads.
 
 What only the simulator knows (the true bandwidths, when a load really ends) lives on the same
@@ -26,6 +28,7 @@ from ember.scheduler.estimator import (
     queue_after_load,
 )
 from ember.scheduler.eviction import IdleInstance, choose_evictions
+from ember.scheduler.memory import claim_bytes, evictable_bytes, release_bytes
 from ember.scheduler.view import DeviceState, NodeState, Tier, choose_room, room_window, tier_rank
 
 __all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode"]
@@ -35,11 +38,11 @@ GiB = 1 << 30
 
 class SimInstance:
     __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device_id", "device", "nbytes",
-                 "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier", "load_tier",
-                 "expected_end_s", "load_s", "loaded")
+                 "kv_bytes", "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier",
+                 "load_tier", "expected_end_s", "load_s", "loaded")
 
     def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: SimDevice,
-                 nbytes: int, now: float) -> None:
+                 nbytes: int, now: float, kv_bytes: int = 0) -> None:
         self.instance_id = instance_id
         self.fn = fn
         self.function = function
@@ -47,7 +50,8 @@ class SimInstance:
         self.device = device
         self.node_id = device.node_id
         self.device_id = device.device_id
-        self.nbytes = nbytes
+        self.nbytes = nbytes  # the checkpoint's weights (shared with its other instances on the device)
+        self.kv_bytes = kv_bytes  # its KV-cache budget, claimed beyond the weights
         self.ready_s = now
         self.ends: list[float] = []  # heap: end times of requests holding a slot
         self.last_used_s = now
@@ -62,8 +66,8 @@ class SimInstance:
 
 
 class SimDevice:
-    __slots__ = ("index", "node", "node_id", "device_id", "memory", "free", "instances", "load_until",
-                 "true_until", "busy_until", "extra_j", "bucket", "room_entry")
+    __slots__ = ("index", "node", "node_id", "device_id", "memory", "free", "instances", "weights",
+                 "load_until", "true_until", "busy_until", "extra_j", "bucket", "room_entry")
 
     def __init__(self, index: int, node: SimNode, device_id: str, memory: int) -> None:
         self.index = index
@@ -73,6 +77,7 @@ class SimDevice:
         self.memory = memory
         self.free = memory
         self.instances: list[SimInstance] = []
+        self.weights: dict[str, int] = {}  # checkpoint -> its instances here (live: the device's 'ckpt:' fields)
         self.load_until = 0.0  # published load queue (busy-until)
         self.true_until = 0.0  # when its loads really end
         self.busy_until = -1e9  # end of the last work (energy: warm idle tail)
@@ -87,7 +92,7 @@ class SimDevice:
 
 class SimNode:
     __slots__ = ("node_id", "devices", "true_bw", "measured_bw", "dram", "dram_used", "ssd", "ssd_used",
-                 "gpu_counts", "holdings", "tier_until", "true_tier_until", "version", "cached", "cached_at")
+                 "holdings", "tier_until", "true_tier_until", "version", "cached", "cached_at")
 
     def __init__(self, node_id: str, true_bw: dict[str, float], measured_bw: dict[str, float]) -> None:
         self.node_id = node_id
@@ -98,7 +103,6 @@ class SimNode:
         self.dram_used = 0
         self.ssd: OrderedDict[str, int] = OrderedDict()
         self.ssd_used = 0
-        self.gpu_counts: dict[str, int] = {}
         self.holdings: dict[str, Tier] = {}
         self.tier_until: dict[str, float] = {"gpu": 0.0, "dram": 0.0, "ssd": 0.0, "remote": 0.0}  # published
         self.true_tier_until: dict[str, float] = {"gpu": 0.0, "dram": 0.0, "ssd": 0.0, "remote": 0.0}
@@ -196,10 +200,8 @@ class MemCluster:
     def _device_state(self, d: SimDevice) -> DeviceState:
         now = self.now
         insts = d.instances
-        idle = 0
-        for inst in insts:
-            if inst.ready_s <= now and inst.last_used_s <= now:  # ready, nothing outstanding
-                idle += inst.nbytes
+        idle = evictable_bytes(((i.checkpoint, i.nbytes, i.kv_bytes) for i in insts
+                                if i.ready_s <= now and i.last_used_s <= now), d.weights) if insts else 0
         queue = d.load_until - now
         return DeviceState(d.node_id, d.device_id, d.memory, d.free, len(insts), queue if queue > 0 else 0.0,
                            bool(insts), idle)
@@ -215,22 +217,24 @@ class MemCluster:
 
     # --- what the live cluster does atomically -----------------------------------------------
     def claim(self, fn: int, function: str, checkpoint: str, dev: SimDevice, nbytes: int, tier: Tier,
-              estimate_s: float, now: float) -> SimInstance:
-        """Claim `nbytes` on `dev` for a new loading instance; both load queues take the load
-        until its estimated end (`queue_after_claim`). The caller sets the instance's real
+              estimate_s: float, now: float, kv_bytes: int = 0) -> SimInstance:
+        """Claim memory on `dev` for a new loading instance as claim.lua does (`claim_bytes`: the
+        weights unless the device holds them already, and the KV budget); both load queues take the
+        load until its estimated end (`queue_after_claim`). The caller sets the instance's real
         `ready_s` and `load_s` and then calls `schedule_load_end`."""
         node = dev.node
-        dev.free -= nbytes
+        held = dev.weights.get(checkpoint, 0)
+        dev.free -= claim_bytes(nbytes, kv_bytes, held > 0)
+        dev.weights[checkpoint] = held + 1
         self._rebucket(dev)
         self._seq += 1
-        inst = SimInstance(f"i{self._seq}", fn, function, checkpoint, dev, nbytes, now)
+        inst = SimInstance(f"i{self._seq}", fn, function, checkpoint, dev, nbytes, now, kv_bytes)
         inst.tier = inst.load_tier = tier
         inst.expected_end_s = now + estimate_s
         dev.load_until = queue_after_claim(dev.load_until, now, estimate_s)
         node.tier_until[tier] = queue_after_claim(node.tier_until[tier], now, estimate_s)
         dev.instances.append(inst)
         self.instances[inst.instance_id] = inst
-        node.gpu_counts[checkpoint] = node.gpu_counts.get(checkpoint, 0) + 1
         return inst
 
     def schedule_load_end(self, inst: SimInstance) -> None:
@@ -297,22 +301,23 @@ class MemCluster:
             del self.in_flight[checkpoint]
 
     def remove(self, inst: SimInstance) -> None:
+        """Forget an instance and free what it held, as lib_remove.lua does (`release_bytes`)."""
         dev = inst.device
-        node = dev.node
         dev.instances.remove(inst)
         del self.instances[inst.instance_id]
-        dev.free += inst.nbytes
-        self._rebucket(dev)
-        left = node.gpu_counts.get(inst.checkpoint, 0) - 1
+        left = dev.weights.get(inst.checkpoint, 0) - 1
         if left > 0:
-            node.gpu_counts[inst.checkpoint] = left
+            dev.weights[inst.checkpoint] = left
         else:
-            node.gpu_counts.pop(inst.checkpoint, None)
+            dev.weights.pop(inst.checkpoint, None)
+        dev.free += release_bytes(inst.nbytes, inst.kv_bytes, left <= 0)
+        self._rebucket(dev)
 
     # --- eviction: the shared choice (`choose_evictions`), executed here -------------------------
     def idle_on(self, devices: Sequence[SimDevice], for_function: str) -> list[IdleInstance]:
         now = self.now
-        return [IdleInstance(i.instance_id, i.function, d.key, i.nbytes, i.last_used_s)
+        return [IdleInstance(i.instance_id, i.function, d.key, i.nbytes, i.last_used_s, i.checkpoint, i.kv_bytes,
+                             d.weights[i.checkpoint])
                 for d in devices for i in d.instances
                 if i.ready_s <= now and i.last_used_s <= now and i.function != for_function]
 

@@ -6,6 +6,9 @@ Model (units: bytes, seconds, watts, joules):
   (both LRU), and a link to remote storage. True tier bandwidths are per node; what the
   scheduler sees is a start-up measurement with error, corrected from every observed load
   (the estimator's EWMA), as live.
+- a device books a checkpoint's weights once for all its instances of it, plus each instance's
+  KV budget (`function_kv_bytes`: the live rule, for a model shaped as the published config
+  nearest in size), as live (`ember.scheduler.memory`).
 - every checkpoint starts on the SSD of `ssd_replicas` nodes; a load from remote also lands
   on that node's SSD, and every load leaves a copy in the node's DRAM cache.
 - loads onto one GPU run one after another; loads from one tier of one node share its link
@@ -45,7 +48,7 @@ from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNo
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm, should_start
 from ember.scheduler.serving import ServingModel
-from ember.scheduler.simconfig import SimConfig, SimResult, build_trace
+from ember.scheduler.simconfig import SimConfig, SimResult, build_trace, function_kv_bytes
 from ember.scheduler.simcontrol import ControlPlane
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementPolicy
@@ -103,6 +106,7 @@ class _Simulation(ControlPlane):
         # Functions: sizes log-uniform in [min, max], SLO from size, serving cost from the GPU model.
         lo, hi = math.log(cfg.min_model_bytes), math.log(cfg.max_model_bytes)
         self.nbytes = np.exp(rng.uniform(lo, hi, nf)).astype(np.int64).tolist()
+        self.kv_bytes = [function_kv_bytes(cfg, b) for b in self.nbytes]  # each instance's KV budget, as live
         params_b = [b / 2e9 for b in self.nbytes]  # bf16
         self.prefill_s = [gpu_model.prefill_full_clock_s(cfg.prompt_tokens, p) for p in params_b]
         self.exec_s = [pf + cfg.output_tokens * gpu_model.decode_step_full_clock_s(p)

@@ -3,16 +3,30 @@ result with the JSON fields `ember sim` writes, and the trace a config asks for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
+from ember.config import Settings
 from ember.errors import ConfigError
+from ember.loader.model import kv_bytes_per_token
+from ember.scheduler.memory import claim_bytes, kv_budget_bytes
 from ember.scheduler.trace import Trace, synthetic_trace
 
-__all__ = ["GiB", "SimConfig", "SimResult", "build_trace"]
+__all__ = ["GiB", "SimConfig", "SimResult", "build_trace", "function_kv_bytes", "function_model_config"]
 
 GiB = 1 << 30
+# The simulated functions' models: the published configs (Hugging Face Qwen/Qwen2.5-{0.5,1.5,3,7,14,32,
+# 72}B, config.json) of a dense GQA family covering the simulated sizes, as (parameters, config fields).
+MODEL_SHAPES: tuple[tuple[float, dict[str, int]], ...] = tuple(
+    (params, dict(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  hidden_size=hidden))
+    for params, layers, heads, kv_heads, hidden in (
+        (0.49e9, 24, 14, 2, 896), (1.54e9, 28, 12, 2, 1536), (3.09e9, 36, 16, 2, 2048),
+        (7.61e9, 28, 28, 4, 3584), (14.7e9, 48, 40, 8, 5120), (32.5e9, 64, 40, 8, 5120),
+        (72.7e9, 80, 64, 8, 8192)))
 
 
 @dataclass
@@ -46,6 +60,9 @@ class SimConfig:
     max_instances: int = 8
     autoscaler_interval_s: float = 10.0
     prefetch: bool = True
+    # each instance's KV budget, by the live rule (`function_kv_bytes`); the live settings' defaults
+    kv_budget_tokens: int = Settings.model_fields["kv_budget_tokens"].default
+    kv_budget_bytes: int = Settings.model_fields["kv_budget_bytes"].default
 
     def check(self) -> SimConfig:
         """Raise ConfigError naming the first impossible field."""
@@ -57,7 +74,8 @@ class SimConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"cluster config: {name} must be > 0, got {getattr(self, name)}")
         for name in ("dram_cache_bytes", "ssd_bytes", "ssd_replicas", "prompt_tokens", "output_tokens",
-                     "keep_alive_s", "bandwidth_spread", "measurement_error", "slo_base_s"):
+                     "keep_alive_s", "bandwidth_spread", "measurement_error", "slo_base_s", "kv_budget_tokens",
+                     "kv_budget_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cluster config: {name} must be >= 0, got {getattr(self, name)}")
         if self.min_model_bytes > self.max_model_bytes:
@@ -67,6 +85,11 @@ class SimConfig:
                 f"cluster config: max_model_bytes ({self.max_model_bytes}) does not fit gpu_memory_bytes "
                 f"({self.gpu_memory_bytes}); functions spanning several GPUs are not simulated"
             )
+        largest = claim_bytes(self.max_model_bytes, function_kv_bytes(self, self.max_model_bytes), False)
+        if largest > self.gpu_memory_bytes:  # what deploy refuses live (ModelTooLarge)
+            raise ConfigError(
+                f"cluster config: kv_budget_tokens: the largest model's weights and KV budget ({largest}) do not "
+                f"fit gpu_memory_bytes ({self.gpu_memory_bytes})")
         if self.ssd_replicas > self.nodes:
             raise ConfigError(f"cluster config: ssd_replicas ({self.ssd_replicas}) exceeds nodes ({self.nodes})")
         if self.ssd_replicas and self.ssd_bytes < self.max_model_bytes:
@@ -110,6 +133,25 @@ class SimResult:
             "wall_s": _r(self.wall_s, 2),
             **{k: _r(v) for k, v in self.extra.items()},
         }
+
+
+def function_model_config(nbytes: int) -> SimpleNamespace:
+    """The architecture of a simulated function of `nbytes` weights: bf16 (`nbytes / 2` parameters),
+    shaped as the `MODEL_SHAPES` model nearest in parameters (log scale)."""
+    params = nbytes / 2
+    _, fields = min(MODEL_SHAPES, key=lambda m: abs(math.log(m[0] / params)))
+    return SimpleNamespace(**fields)
+
+
+def function_kv_bytes(cfg: SimConfig, nbytes: int) -> int:
+    """The KV budget each instance of a simulated function claims, by the rule live uses for a
+    deployed function's spec (the worker sizes it with `kv_budget_bytes` from the model config's
+    `kv_bytes_per_token`, bf16): `cfg.kv_budget_bytes` when set, else `cfg.kv_budget_tokens` tokens.
+    Like live, it does not depend on target_concurrency or the requests' tokens: the default 8,192
+    tokens hold target_concurrency (4) requests of the synthetic trace's 512 + 128 tokens, so KV
+    admission never queues a request the simulator routes (not modelled)."""
+    return kv_budget_bytes(kv_bytes_per_token(function_model_config(nbytes), 2), cfg.kv_budget_tokens,
+                           cfg.kv_budget_bytes)
 
 
 def build_trace(cfg: SimConfig, trace_csv: str | None = None) -> Trace:

@@ -13,8 +13,8 @@ import time
 from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
-from ember.scheduler.memcluster import MemCluster, SimInstance
+from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, beside_weights, ewma
+from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance
 from ember.scheduler.simconfig import SimConfig
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
 
@@ -32,6 +32,7 @@ class ControlPlane:
     names: list[str]
     ckpt: list[str]
     nbytes: list[int]
+    kv_bytes: list[int]
     slo_s: list[float]
     fn_index: dict[str, int]
     fn_instances: list[list[SimInstance]]
@@ -50,33 +51,39 @@ class ControlPlane:
         return self.cluster.now
 
     def _relieve_pressure(self, nbytes: int, function: str) -> bool:
-        """Nothing has room: the gateway's eviction rule over the whole cluster; True if it evicted."""
+        """Nothing has room for `nbytes` (the request's weights and KV budget): the gateway's
+        eviction rule over the whole cluster (`_make_room`); True if it evicted."""
         gone = self.cluster.evict(self.cluster.devices, nbytes, function)
         self._forget(gone)
         return bool(gone)
 
     # --- cold starts -------------------------------------------------------------------------
     def _cold_start(self, f: int, t: float) -> SimInstance | None:
-        """Place and start loading an instance of function `f` at time `t`; None if nothing fits."""
+        """Place and start loading an instance of function `f` at time `t`; None if nothing fits.
+        Memory as the gateway's `place` books it: the request asks for weights + KV budget, the
+        device chosen is made room on for what its claim takes (`claim_bytes`: no weights where
+        the device already holds them)."""
         self._apply_prefetches(t)
         cluster = self.cluster
         nb = self.nbytes[f]
         name = self.names[f]
-        req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
+        req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f],
+                               kv_bytes=self.kv_bytes[f])
         est = self._decide(req)
-        if est is None and self._relieve_pressure(nb, name):  # then decide again
+        if est is None and self._relieve_pressure(req.room_bytes, name):  # then decide again
             est = self._decide(req)
         if est is None:
             return None
-        node = cluster.nodes_by_id[est.node_id]
-        dev = next(d for d in node.devices if d.device_id == est.device_id)
-        evicted = cluster.evict([dev], nb, name)
-        self._forget(evicted)
-        if dev.free < nb:
-            return None
+        dev = self._device(est.node_id, est.device_id)
+        node = dev.node
         ck = req.checkpoint
+        need = req.claim_bytes(ck in dev.weights)
+        evicted = cluster.evict([dev], need, name)
+        self._forget(evicted)
+        if dev.free < need:
+            return None
         tier: Tier = node.holdings.get(ck, "remote") if getattr(self.policy, "local_copies", True) else "remote"
-        if any(i.checkpoint == ck for i in dev.instances):
+        if ck in dev.weights:
             tier = "gpu"  # the worker builds the instance from the device's copy: no bytes move (as live)
         # What really happens (the published queues follow the estimate until the load ends).
         poll = getattr(self.policy, "poll_interval_s", 0.0)
@@ -90,7 +97,7 @@ class ControlPlane:
         self.loads += 1
         self.cold_s[f] = ewma(self.cold_s[f], ready - t, SERVICE_EWMA_ALPHA)
         dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
-        inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t)  # published as live: the estimate
+        inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t, req.kv_bytes)  # published: the estimate
         inst.load_tier = tier
         inst.ready_s = inst.last_used_s = ready
         inst.load_s = transfer
@@ -101,14 +108,20 @@ class ControlPlane:
             cluster.dram_put(node, ck, nb)  # the entry is pinned and used now (LRU); new copies land at the load's end
         return inst
 
+    def _device(self, node_id: str, device_id: str) -> SimDevice:
+        return next(d for d in self.cluster.nodes_by_id[node_id].devices if d.device_id == device_id)
+
     def _forget(self, gone: list[SimInstance]) -> None:
         for inst in gone:
             self.fn_instances[inst.fn].remove(inst)
             self.evictions += 1
 
     def _decide(self, req: PlacementRequest):
+        """The policy's choice, else a device beside the checkpoint's weights (as the gateway's `place`)."""
         t0 = time.perf_counter()
-        est = self.policy.place(req, self.cluster)
+        cluster = self.cluster
+        est = self.policy.place(req, cluster) or beside_weights(
+            req, cluster, lambda d: req.checkpoint in self._device(d.node_id, d.device_id).weights)
         self.decision_s += time.perf_counter() - t0
         self.decisions += 1
         return est

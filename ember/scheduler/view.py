@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from ember.scheduler.memory import claim_bytes
+
 Tier = Literal["gpu", "dram", "ssd", "remote"]
 TIERS: tuple[Tier, ...] = ("gpu", "dram", "ssd", "remote")
 TIER_RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}  # nearest first (holders are sorted by it)
@@ -32,7 +34,7 @@ class DeviceState:
     instances: int = 0  # instances resident (loading or ready)
     queue_s: float = 0.0  # estimated wait before a new load could start here
     awake: bool = False  # ran work recently (consolidating onto awake devices saves idle energy)
-    idle_bytes: int = 0  # held by idle instances that may be evicted to make room (0: never evict)
+    idle_bytes: int = 0  # what evicting its idle instances frees (`memory.evictable_bytes`; 0: never evict)
 
     @property
     def key(self) -> str:
@@ -91,6 +93,11 @@ class PlacementRequest:
         budget. (A device already holding the checkpoint's weights needs only the KV budget;
         asking for both there is conservative, never an overcommit.)"""
         return self.nbytes + self.kv_bytes
+
+    def claim_bytes(self, weights_held: bool) -> int:
+        """What the claim takes on a device that holds (`weights_held`) or lacks the checkpoint's
+        weights: what eviction makes room for once a device is chosen (`memory.claim_bytes`)."""
+        return claim_bytes(self.nbytes, self.kv_bytes, weights_held)
 
 
 @dataclass(slots=True)

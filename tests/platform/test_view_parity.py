@@ -82,18 +82,22 @@ class Twin:
         self._worker_holds(node, ck, tier)
         self.heartbeat()
 
-    def claim(self, fn: str, node: str, device: str, nbytes: int, seconds: float):
+    def claim(self, fn: str, node: str, device: str, nbytes: int, seconds: float, kv_bytes: int = 0):
+        """Place an instance of `fn` (checkpoint "ck-<fn>": `nbytes` of weights, a KV budget of
+        `kv_bytes`) on the device: live by the gateway's `place`, in memory as the simulator's
+        cold start does (room made for what the claim takes there, then the claim)."""
         n = self.mem.nodes_by_id[node]
         ck = f"ck-{fn}"
         tier = n.holdings.get(ck, "remote")
         evicted: list = []
         now = time.time()
-        placed = self.live.place(PlacementRequest(fn, ck, nbytes), Fixed(node, device, tier, seconds), evicted)
+        request = PlacementRequest(fn, ck, nbytes, kv_bytes=kv_bytes)
+        placed = self.live.place(request, Fixed(node, device, tier, seconds), evicted)
         assert placed is not None
         dev = next(d for d in n.devices if d.device_id == device)
-        gone = self.mem.evict([dev], nbytes, fn)
+        gone = self.mem.evict([dev], request.claim_bytes(ck in dev.weights), fn)
         self.mem.now = now
-        inst = self.mem.claim(self.fn, fn, ck, dev, nbytes, tier, seconds, now)
+        inst = self.mem.claim(self.fn, fn, ck, dev, nbytes, tier, seconds, now, kv_bytes)
         self.fn += 1
         inst.ready_s = inst.last_used_s = float("inf")  # loading until marked ready
         self.ids[inst.instance_id] = placed.instance_id
@@ -217,6 +221,65 @@ def test_redis_and_memory_views_agree(redis_url: str) -> None:
     _, mem_gone, live_gone = t.claim("e", "n1", "cuda:0", 60 * GB, seconds=5.0)
     assert mem_gone == live_gone == sorted(t.ids[i.instance_id] for i in (a1, c1))[:len(live_gone)]
     assert live_gone
+    t.assert_same()
+
+
+def test_instances_sharing_a_checkpoints_weights_are_booked_alike(redis_url: str) -> None:
+    """Two instances of one checkpoint on one device claim its weights once and a KV budget each,
+    in Redis and in the simulator: the same free bytes, the same evictable (idle) bytes (the weights
+    only when every instance sharing them is idle), the same victims, the same bytes freed."""
+    t = Twin(redis_url)
+    t.add_node("n1", gpus=2)
+    a1, _, _ = t.claim("a", "n1", "cuda:0", 30 * GB, seconds=3.0, kv_bytes=2 * GB)
+    a2, _, _ = t.claim("a", "n1", "cuda:0", 30 * GB, seconds=3.0, kv_bytes=2 * GB)
+    c1, _, _ = t.claim("c", "n1", "cuda:1", 20 * GB, seconds=3.0, kv_bytes=1 * GB)
+    c2, _, _ = t.claim("c", "n1", "cuda:1", 20 * GB, seconds=3.0, kv_bytes=1 * GB)
+    t.assert_same()
+
+    def device(dev_id: str):
+        (node,) = t.live.all_nodes()
+        return next(d for d in node.devices if d.device_id == dev_id)
+
+    assert device("cuda:0").free_bytes == MEM - 30 * GB - 2 * 2 * GB
+    assert device("cuda:1").free_bytes == MEM - 20 * GB - 2 * 1 * GB
+    for inst in (a1, c1, c2):
+        t.load_done(inst, seconds=1.0)
+        t.ready(inst)
+    t.take_request(a1)  # busy: a2 (loading) and a1 hold the weights
+    t.load_done(a2, seconds=1.0)
+    t.ready(a2)
+    t.assert_same()
+    assert device("cuda:0").idle_bytes == 2 * GB  # a2's KV budget: a1 still uses the weights
+    assert device("cuda:1").idle_bytes == 20 * GB + 2 * 1 * GB  # both idle: the weights go with the last
+    # room for 45 + 2 GB on cuda:0 (46 free): evicting a2 frees its KV budget alone, enough
+    _, mem_gone, live_gone = t.claim("b", "n1", "cuda:0", 45 * GB, seconds=1.0, kv_bytes=2 * GB)
+    assert mem_gone == live_gone == [t.ids[a2.instance_id]]
+    assert device("cuda:0").free_bytes == MEM - 30 * GB - 2 * GB - 47 * GB
+    # 70 GB on cuda:1 (58 free): both instances of c go, and their weights with the last
+    _, mem_gone, live_gone = t.claim("d", "n1", "cuda:1", 70 * GB, seconds=1.0)
+    assert mem_gone == live_gone == sorted(t.ids[i.instance_id] for i in (c1, c2))
+    assert device("cuda:1").free_bytes == MEM - 70 * GB
+    t.assert_same()
+
+
+def test_room_beside_the_weights_is_made_for_the_kv_budget_alone(redis_url: str) -> None:
+    """Another instance on a device that holds its checkpoint's weights claims a KV budget only, so
+    only that much room is made: the least recently used idle instance goes, in both backends
+    (before, the gateway asked for weights + KV budget, found no victims enough and placed nothing)."""
+    t = Twin(redis_url)
+    t.add_node("n1", gpus=1)
+    a1, _, _ = t.claim("a", "n1", "cuda:0", 40 * GB, seconds=1.0, kv_bytes=2 * GB)
+    others = [t.claim(fn, "n1", "cuda:0", nb, seconds=1.0)[0]
+              for fn, nb in (("e", 15 * GB), ("g", 15 * GB), ("h", 7 * GB + GB // 2))]
+    for inst in (a1, *others):
+        t.load_done(inst, seconds=1.0)
+        t.ready(inst)
+    t.take_request(a1)
+    t.assert_same()
+    _, mem_gone, live_gone = t.claim("a", "n1", "cuda:0", 40 * GB, seconds=1.0, kv_bytes=2 * GB)
+    assert mem_gone == live_gone == [t.ids[others[0].instance_id]]
+    (node,) = t.live.all_nodes()
+    assert node.devices[0].free_bytes == MEM - 40 * GB - 2 * 2 * GB - 15 * GB - 7 * GB - GB // 2
     t.assert_same()
 
 

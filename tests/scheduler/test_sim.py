@@ -53,8 +53,10 @@ def test_device_memory_is_never_overclaimed() -> None:
     sim = _Simulation(cfg, tr, get_policy("ember"), Autoscaler())
     sim.run(None)
     assert sim.decisions > 0
-    for dev in sim.devices:
-        assert 0 <= dev.free == dev.memory - sum(i.nbytes for i in dev.instances)
+    for dev in sim.devices:  # as live: each checkpoint's weights once per device, each instance's KV budget
+        weights = {i.checkpoint: i.nbytes for i in dev.instances}
+        assert 0 <= dev.free == dev.memory - sum(weights.values()) - sum(i.kv_bytes for i in dev.instances)
+        assert all(i.kv_bytes == sim.kv_bytes[i.fn] > 0 for i in dev.instances)
     for node in sim.node_list:
         assert node.dram_used <= cfg.dram_cache_bytes and node.ssd_used <= cfg.ssd_bytes
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ember.platform.cluster.base import ClusterBase, state_errors
 from ember.platform.cluster.records import InstanceRecord, Placement
 from ember.platform.cluster.view import DecisionView
 from ember.platform.state import PREFIX, Keys
-from ember.scheduler.view import PlacementPolicy, PlacementRequest, StartupEstimate
+from ember.scheduler.estimator import beside_weights
+from ember.scheduler.view import DeviceState, PlacementPolicy, PlacementRequest
 
 _CLAIM_ATTEMPTS = 4
 
@@ -25,18 +26,22 @@ class InstanceLifecycle(ClusterBase):
         """Ask `policy` for a device, then claim `request.nbytes` there and record an instance in
         state "claimed" (deadline: now + claim_timeout_s), atomically. Retries when the claim
         loses a race; None if nothing fits. A device chosen for its idle bytes is made room on
-        first (`loadqueues.evict_for_placement`, the shared eviction rule); the instances evicted
-        are appended to `evicted` (their workers must unload them)."""
+        first (`loadqueues.evict_for_placement`, the shared eviction rule) for what the claim takes
+        there (`PlacementRequest.claim_bytes`: the KV budget alone where the device holds the
+        checkpoint's weights); the instances evicted are appended to `evicted` (their workers must
+        unload them). The simulator's `ControlPlane._cold_start` is the twin."""
         from ember.platform.loadqueues import evict_for_placement
 
         for _ in range(_CLAIM_ATTEMPTS):
             view = DecisionView(self, request)  # type: ignore[arg-type]
-            est = policy.place(request, view) or self._beside_weights(request)
+            holds = self._holds_weights(request)
+            est = policy.place(request, view) or beside_weights(request, self, holds)  # type: ignore[arg-type]
             if est is None:
                 return None
             dev = view.device(est.node_id, est.device_id)
-            if dev is not None and dev.free_bytes < request.room_bytes:  # weights + KV budget, as claim.lua takes
-                gone = evict_for_placement(self, est.node_id, est.device_id, request.room_bytes,  # type: ignore[arg-type]
+            if dev is not None and dev.free_bytes < request.room_bytes:
+                need = request.claim_bytes(holds(dev))  # what claim.lua will take there
+                gone = evict_for_placement(self, est.node_id, est.device_id, need,  # type: ignore[arg-type]
                                            dev.free_bytes, request.function)
                 if evicted is not None:
                     evicted.extend(gone)
@@ -65,15 +70,10 @@ class InstanceLifecycle(ClusterBase):
                 return None
         return None
 
-    def _beside_weights(self, request: PlacementRequest) -> StartupEstimate | None:
-        """A device that already holds the checkpoint's weights (claimed once per device) and has
-        room for one more KV budget: what the policy cannot see when the weights do not fit twice."""
-        if request.kv_bytes <= 0:
-            return None
-        for d in self.devices_with_room(request.kv_bytes, limit=64):  # type: ignore[attr-defined]
-            if self.r.hget(Keys.device(d.node_id, d.device_id), f"ckpt:{request.checkpoint}"):
-                return StartupEstimate(d.node_id, d.device_id, "gpu", 0.0, d.awake)
-        return None
+    def _holds_weights(self, request: PlacementRequest) -> Callable[[DeviceState], bool]:
+        """Whether a device holds the request's checkpoint's weights (claim.lua's refcount field)."""
+        field = f"ckpt:{request.checkpoint}"
+        return lambda d: int(self.r.hget(Keys.device(d.node_id, d.device_id), field) or 0) > 0
 
     @state_errors
     def begin_load(self, instance_id: str, deadline_s: float | None = None) -> bool:

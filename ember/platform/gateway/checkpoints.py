@@ -31,6 +31,7 @@ from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.worker_stream import worker_error
 from ember.platform.state import Keys
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
+from ember.scheduler.memory import instance_kv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ async def size_checkpoint(cluster: Any, http: httpx.AsyncClient, settings: Any,
     states = await to_thread.run_sync(cluster.nodes, nodes)
     largest = max((d.memory_bytes for n in states for d in n.devices), default=0)
     # an instance claims its weights and its KV budget on one device (as placement books it)
-    kv_bytes = size.kv_bytes or settings.kv_budget_bytes
+    kv_bytes = instance_kv_bytes(size.kv_bytes, settings.kv_budget_bytes)
     if largest and size.nbytes > largest:
         raise ModelTooLarge(f"checkpoint {checkpoint!r} needs {size.nbytes} bytes; the largest device of "
                             f"this cluster has {largest}")

@@ -29,6 +29,7 @@ from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.estimator import ewma_into
 from ember.scheduler.eviction import plan_evictions
+from ember.scheduler.memory import instance_kv_bytes
 from ember.scheduler.policies import LocalCopyPolicy
 from ember.scheduler.view import TIERS, PlacementRequest
 
@@ -93,7 +94,7 @@ class InstanceStarter:
         request = PlacementRequest(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                                    ttft_slo_s=spec.slo.ttft_ms / 1000, policy=spec.placement_policy,
                                    max_instances=spec.scaling.max_instances,
-                                   kv_bytes=spec.kv_bytes or self.settings.kv_budget_bytes)
+                                   kv_bytes=instance_kv_bytes(spec.kv_bytes, self.settings.kv_budget_bytes))
         placement = await self._place(spec, request, self.policy_for(spec))
         if placement is None:
             return None
@@ -147,7 +148,7 @@ class InstanceStarter:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
                 json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref,
-                      "kv_budget_bytes": spec.kv_bytes or self.settings.kv_budget_bytes},
+                      "kv_budget_bytes": instance_kv_bytes(spec.kv_bytes, self.settings.kv_budget_bytes)},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
             )

@@ -28,6 +28,7 @@ from ember.platform.wire import LoadRequest, LoadResult
 from ember.platform.worker.node_energy import WorkerEnergy
 from ember.platform.worker.prefetch import DramPrefetcher
 from ember.platform.worker.serving import ServingSlots
+from ember.scheduler.memory import kv_budget_bytes
 
 if TYPE_CHECKING:
     from ember.loader.tiers import LoadedCheckpoint
@@ -381,7 +382,8 @@ class WorkerNode(WorkerEnergy):
         store_uri, name = split_ref(split_digest(ref)[0])
         store = self.tiers.store(store_uri or self.tiers.store_url)
         facts = check_servable(store.read_bytes(name, "files/config.json"))
-        kv_bytes = self.settings.kv_budget_bytes or facts["kv_bytes_per_token"] * self.settings.kv_budget_tokens
+        kv_bytes = kv_budget_bytes(facts["kv_bytes_per_token"], self.settings.kv_budget_tokens,
+                                   self.settings.kv_budget_bytes)
         return {"name": ref, "nbytes": manifest.tensor_nbytes, "id": ident.ref, **facts, "kv_budget_bytes": kv_bytes}
 
     def get(self, instance_id: str, *, serving: bool = False) -> ModelInstance:

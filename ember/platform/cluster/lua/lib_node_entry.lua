@@ -2,14 +2,28 @@
 -- {node id, "tier=bps;...;tq:tier=busy_until;...", holdings (only `only`'s tier unless only == ''),
 --  "device_id,memory,claimed,instances,busy_until,idle_bytes", ...} or nil when the node is dead or
 -- unknown; room_rows lists devices of live nodes with at least nbytes free (same row fields).
--- idle_by_device(p, n): device id -> bytes of ready instances with nothing outstanding (evictable).
+-- idle_by_device(p, n): device id -> what evicting its ready instances with nothing outstanding
+-- frees (ember.scheduler.memory.evictable_bytes): each one's KV budget, and a checkpoint's weights
+-- when every instance of it on the device (the device's 'ckpt:' refcount) is idle.
 local function idle_by_device(p, n)
-  local out = {}
+  local out, shared = {}, {}
   for _, id in ipairs(redis.call('SMEMBERS', p .. 'node:' .. n .. ':instances')) do
-    local f = redis.call('HMGET', p .. 'instance:' .. id, 'state', 'outstanding', 'device_id', 'nbytes')
+    local f = redis.call('HMGET', p .. 'instance:' .. id, 'state', 'outstanding', 'device_id', 'nbytes',
+                         'kv_bytes', 'checkpoint')
     if f[1] == 'ready' and (tonumber(f[2]) or 0) <= 0 and f[3] then
-      out[f[3]] = (out[f[3]] or 0) + (tonumber(f[4]) or 0)
+      out[f[3]] = (out[f[3]] or 0) + (tonumber(f[5]) or 0)
+      local key = f[3] .. '/ckpt:' .. (f[6] or '')
+      local s = shared[key]
+      if not s then
+        s = {f[3], 'ckpt:' .. (f[6] or ''), tonumber(f[4]) or 0, 0}
+        shared[key] = s
+      end
+      s[4] = s[4] + 1
     end
+  end
+  for _, s in pairs(shared) do
+    local held = tonumber(redis.call('HGET', p .. 'device:' .. n .. '/' .. s[1], s[2]) or '0') or 0
+    if s[4] >= held then out[s[1]] = out[s[1]] + s[3] end
   end
   return out
 end
