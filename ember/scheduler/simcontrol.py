@@ -14,6 +14,7 @@ from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.eviction import makes_room
 from ember.scheduler.memcluster import MemCluster, SimInstance
 from ember.scheduler.simconfig import SimConfig
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
@@ -64,7 +65,7 @@ class ControlPlane:
         name = self.names[f]
         req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
         est = self._decide(req)
-        if est is None and self._relieve_pressure(nb, name):  # then decide again
+        if est is None and makes_room(self.policy) and self._relieve_pressure(nb, name):  # then decide again
             est = self._decide(req)
         if est is None:
             return None
