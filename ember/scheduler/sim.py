@@ -157,6 +157,7 @@ class _Simulation(ControlPlane):
         self.peak_instances = 0
         self.should_start = scale_out_rule(policy)  # Ember's scale-out rule, or the baseline's own
         self.awaiting: dict[int, deque[int]] = {}  # function -> its requests waiting for a placement
+        self.no_room_for = math.inf
         self.tokens = 0
 
     def _make_cluster(self, cfg: SimConfig) -> MemCluster:
@@ -254,7 +255,10 @@ class _Simulation(ControlPlane):
         cold start every second until it is placed)."""
         now = self.cluster.now
         awaiting = self.awaiting
+        self.no_room_for = math.inf
         for f in list(awaiting):
+            if self.nbytes[f] >= self.no_room_for:
+                continue  # a smaller one found no device and nothing to evict (it has no instance either)
             waiting = awaiting[f]
             while waiting:
                 i = waiting.popleft()

@@ -45,6 +45,7 @@ class ControlPlane:
     loads: int
     tier_loads: dict[str, int]
     peak_instances: int
+    no_room_for: float  # the smallest size found not to fit anywhere (set by `_cold_start`)
 
     @property
     def now(self) -> float:
@@ -65,8 +66,11 @@ class ControlPlane:
         name = self.names[f]
         req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f])
         est = self._decide(req)
-        if est is None and makes_room(self.policy) and self._relieve_pressure(nb, name):  # then decide again
-            est = self._decide(req)
+        if est is None and makes_room(self.policy):
+            if self._relieve_pressure(nb, name):
+                est = self._decide(req)  # then decide again
+            else:  # no device has nb free, nor can have by evictions: nothing as large fits now
+                self.no_room_for = min(self.no_room_for, nb)
         if est is None:
             return None
         node = cluster.nodes_by_id[est.node_id]
