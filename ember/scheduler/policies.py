@@ -182,8 +182,10 @@ class ServerlessLLMPolicy:
                 key = (seconds, d.instances)
                 if best is None or key < best[:2]:
                     best = (seconds, d.instances, StartupEstimate(node.node_id, d.device_id, tier, seconds, d.awake))
-        if best is not None or holders:
-            return best[2] if best is not None else None
+        if best is not None:
+            return best[2]
+        if holders:
+            return None  # every node with a copy is full: wait, neither evicting nor going elsewhere
         devices = view.devices_with_room(request.room_bytes, limit=1, spread=True)
         if not devices:
             return None
