@@ -8,9 +8,17 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ember.scheduler.memory import release_bytes
+
+
+def makes_room(policy: Any) -> bool:
+    """Whether a cold start placed by `policy` may evict idle instances when no device has room
+    (the gateway's `InstanceStarter._make_room` and the simulator's `_relieve_pressure` both ask):
+    not for a baseline whose published scheduler never does (`evicts = False`), whose request
+    waits for a device instead."""
+    return bool(getattr(policy, "evicts", True))
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,6 @@ class _FleetSimulation(_Simulation):
         self.booting: dict[str, float] = {}  # node id -> when it registers
         self.up_since: dict[str, float] = {n.node_id: 0.0 for n in self.node_list}
         self.up_s = 0.0  # node-seconds awake, booting or draining (closed intervals)
-        self.waiting = 0
         self.parked: dict[str, float] = {}  # instance id -> ready time, while its node drains
         self.next_node_step = fleet.interval_s
         self.activity = NodeActivity(default_keep_alive_s=0.0)  # as live: a node that never ran anything
@@ -190,10 +189,6 @@ class _FleetSimulation(_Simulation):
         self.cluster.set_hidden(node, hidden)  # type: ignore[attr-defined]
 
     # --- the node scaler's inputs and actions ---------------------------------------------------
-    def _relieve_pressure(self, nbytes: int, function: str) -> bool:
-        self.waiting += 1  # no device had room: live, _make_room runs for a placement that waits
-        return super()._relieve_pressure(nbytes, function)
-
     def _autoscale(self, demand: DemandMeter, counts: dict[int, int]) -> None:
         super()._autoscale(demand, counts)
         if self.scaler is not None and self.now >= self.next_node_step:
@@ -223,9 +218,10 @@ class _FleetSimulation(_Simulation):
             memory = sum(d.memory for d in node.devices)
             facts.append(FleetNode(nid, len(insts), busy, last, keep, nid in self.draining, nid,
                                    memory, memory - sum(d.free for d in node.devices)))
-        actions = self.scaler.step(facts, now, waiting=self.waiting, booting=len(self.booting),  # type: ignore[union-attr]
+        # Waiting for room: the functions whose requests wait for a placement now (live, the gauge of
+        # requests whose cold start found no room, one per function's head of queue).
+        actions = self.scaler.step(facts, now, waiting=len(self.awaiting), booting=len(self.booting),  # type: ignore[union-attr]
                                    budget_w=self.fleet.budget_w)
-        self.waiting = 0
         for a in actions:
             if isinstance(a, ScaleOut):
                 self._scale_out(a.count)

@@ -38,7 +38,7 @@ GiB = 1 << 30
 
 class SimInstance:
     __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device_id", "device", "nbytes",
-                 "kv_bytes", "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier",
+                 "kv_bytes", "ready_s", "ends", "waits", "last_used_s", "created_s", "state", "outstanding", "tier",
                  "load_tier", "expected_end_s", "load_s", "loaded")
 
     def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: SimDevice,
@@ -54,6 +54,7 @@ class SimInstance:
         self.kv_bytes = kv_bytes  # its KV-cache budget, claimed beyond the weights
         self.ready_s = now
         self.ends: list[float] = []  # heap: end times of requests holding a slot
+        self.waits: list[float] = []  # heap: start times of requests queued for a slot (not in `ends`)
         self.last_used_s = now
         self.created_s = now
         self.state = "loading"

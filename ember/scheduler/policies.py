@@ -4,18 +4,30 @@
   (local tiers of the nodes holding the checkpoint, with eviction of idle instances, and remote
   fetches on devices with room); among choices within a small margin of the best, the one that
   costs least energy: an awake device, packed tightest, so idle GPUs stay idle.
-- `serverlessllm`: the published ServerlessLLM scheduler as a baseline (source below): only nodes
-  with a local copy are considered; a checkpoint in host memory costs `nbytes / pcie_bandwidth`
-  (25 GB/s), one on disk `node_waiting_time + nbytes / disk_bandwidth`, where
-  `node_waiting_time` is the node's disk loading queue (what is left of the loads already queued
-  on it: here the node's published SSD tier queue) and disk bandwidth comes from a buffered
-  100 MB probe (so it reads as page-cache speed); no eviction, no energy, and its dispatch loop
-  polls once a second (`poll_interval_s`, honoured by the simulator). With no local copy
-  anywhere it falls back to the least-loaded device, from remote storage.
-  Source: ServerlessLLM (github.com/ServerlessLLM/ServerlessLLM, commit 9f50241, 2026-03-06),
-  `sllm/schedulers/storage_aware_scheduler.py` (`_get_model_loading_time`, `schedule`, the 1 s
-  `_control_loop`) and `sllm/store_manager.py` (`get_store_info`: the io_queue's last
-  estimated completion minus now; `load_to_host`: completion = max(last, now) + size / disk bw).
+- `serverlessllm`: the published ServerlessLLM storage-aware scheduler as a baseline (source
+  below). Only nodes with a local copy are considered, and only devices with room on them: no
+  eviction (`evicts = False`; live migration is off by default there and not modelled). While
+  every node with a copy is full the request waits and is placed again (the published loading
+  queue, retried by a 1 s loop: `poll_interval_s`, honoured by the simulator); only a checkpoint
+  no node holds is loaded from remote storage, on the least-loaded device (registering a model
+  downloads it to a worker's disk). Estimate: a checkpoint in host memory costs
+  `nbytes / pcie_bandwidth` (hard-coded 25 GB/s), one on disk `node_waiting_time + nbytes /
+  disk_bandwidth`, where `node_waiting_time` is the node's disk loading queue (here the node's
+  published SSD tier queue) and `disk_bandwidth` the start-up probe's (`PROBE_DISK_BPS`). Its
+  scale-out rule is its router's `auto_scaler` (`should_start`: ceil(in-flight requests /
+  target) instances, starting ones counted; `routing.should_start_on_demand`), which the gateway
+  and the simulator both run for it. No energy awareness, no prefetch.
+  Source: ServerlessLLM (github.com/ServerlessLLM/ServerlessLLM, commit 9f50241, 2026-03-06):
+  `sllm/schedulers/storage_aware_scheduler.py` (`StorageAwareScheduler.schedule`: nodes without
+  the model in `node_store_info` skipped, `free_gpu >= num_gpus` else migration if enabled else
+  skipped; `_control_loop`: no option leaves the request queued, 1 s sleep;
+  `_get_model_loading_time`), `sllm/store_manager.py` (`SllmLocalStore.get_store_info`: the
+  io_queue's last estimated completion minus now; `load_to_host`: completion = max(last, now) +
+  size / disk bw; `StoreManager.register`: the model downloaded to one node's disk),
+  `sllm/routers/roundrobin_router.py` (`auto_scaler`, `RoundRobinRouter._auto_scaler_loop`),
+  `sllm/hardware_info_collector.py` (`collect_all_info`, `benchmark_disk_bandwidth`).
+  Not modelled: one instance per GPU (Ray's `num_gpus`; here it packs by free memory as Ember
+  does), its router's 1 s sleep before each dispatch, one new instance per second per model.
 - `keepalive`: Knative / KServe style: a fixed keep-alive (the autoscaler's `keep_alive_s`),
   placement on the least-loaded device (most free memory, Kubernetes' LeastAllocated scoring),
   no locality: every cold start downloads the model from remote storage (KServe's storage
@@ -34,6 +46,7 @@ from collections.abc import Callable
 
 from ember.errors import ConfigError
 from ember.scheduler.estimator import can_hold, estimate_startup
+from ember.scheduler.routing import should_start_on_demand
 from ember.scheduler.view import (
     ClusterView,
     DeviceState,
@@ -136,15 +149,27 @@ class ServerlessLLMPolicy:
     """The ServerlessLLM scheduler as published (a baseline; see the module docstring)."""
 
     name = "serverlessllm"
-    poll_interval_s = 1.0
+    poll_interval_s = 1.0  # `_control_loop` sleeps 1 s between passes over the loading queue
     prefetch = False  # no proactive DRAM copies: it loads to host memory when it schedules
-    PCIE_BPS = 25e9  # hard-coded DRAM->GPU bandwidth
-    PROBE_DISK_BPS = 25e9  # a buffered 100 MB read probe measures the page cache, not the disk
+    evicts = False  # `schedule` skips a node without enough free GPUs (migration is off by default)
+    PCIE_BPS = 25e9  # `collect_all_info`: pcie_bandwidth hard-coded to 25 GB/s
+    # `benchmark_disk_bandwidth`: the mean of a buffered write of 100 MiB of os.urandom (bound by
+    # generating the random bytes, under 1 GB/s) and a read of it back from the page cache (a few
+    # GB/s): a few GB/s whatever the disk. Ours: 0.9 GB/s on a 2-core VM; 4 GB/s taken for a server.
+    PROBE_DISK_BPS = 4e9
+
+    should_start = staticmethod(should_start_on_demand)  # `RoundRobinRouter._auto_scaler_loop`
 
     def place(self, request: PlacementRequest, view: ClusterView) -> StartupEstimate | None:
+        """The node holding a local copy with the lowest estimated loading time, on a device with
+        room; None while every holder is full (the request waits in the loading queue and is tried
+        again, as the published loop does). Only where no node holds a copy at all: the
+        least-loaded device, from remote storage (what registering the model does: it downloads
+        it to a worker's disk)."""
         nbytes = request.nbytes
         best: tuple[float, int, StartupEstimate] | None = None
-        for node in view.nodes_holding(request.checkpoint):
+        holders = view.nodes_holding(request.checkpoint)
+        for node in holders:
             tier = node.holdings.get(request.checkpoint, "ssd")
             if tier in ("gpu", "dram"):  # in the pinned host memory pool
                 load_s = nbytes / self.PCIE_BPS
@@ -159,6 +184,8 @@ class ServerlessLLMPolicy:
                     best = (seconds, d.instances, StartupEstimate(node.node_id, d.device_id, tier, seconds, d.awake))
         if best is not None:
             return best[2]
+        if holders:
+            return None  # every node with a copy is full: wait, neither evicting nor going elsewhere
         devices = view.devices_with_room(request.room_bytes, limit=1, spread=True)
         if not devices:
             return None

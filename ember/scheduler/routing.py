@@ -6,13 +6,15 @@ the same rule atomically in Redis (`RedisCluster.acquire_warm`, a Lua script tha
 the slot; only instances on live nodes count), and a test checks both choose the same instance
 on the same state. Otherwise the request queues for the earliest free slot, and the
 function scales out when that predicted wait would break the TTFT SLO and a new instance
-would plausibly be ready sooner.
+would plausibly be ready sooner (`should_start`). A baseline with a published scale-out rule of
+its own carries it as its policy's `should_start` (`scale_out_rule` picks it, for the gateway and
+the simulator alike): ServerlessLLM's is `should_start_on_demand`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 
 class RoutableInstance(Protocol):
@@ -48,15 +50,27 @@ def should_scale_out(predicted_wait_s: float, prefill_s: float, ttft_slo_s: floa
     return cold_start_s < predicted_wait_s
 
 
-def should_start(*, instances: int, loading: int, waiting: int, target_concurrency: int, max_instances: int,
-                 predicted_wait_s: float, prefill_s: float, ttft_slo_s: float, cold_start_s: float) -> bool:
-    """The scale-out rule for a request that found no free slot (the gateway's `Invoker` and the
-    simulator both call this). `instances` of the function exist, `loading` of them still load,
-    `waiting` requests (this one included) wait for a slot; `predicted_wait_s` is the wait for
-    the earliest slot (a loading instance's slot frees when its load ends). Start another
-    instance when there is none; when only loading ones exist and they cannot take every waiting
-    request; otherwise by `should_scale_out` (queueing would break the TTFT SLO and a cold start,
-    estimated at `cold_start_s`, would be ready sooner)."""
+ScaleOutRule = Callable[..., bool]  # keyword arguments as `should_start`'s
+
+
+def scale_out_rule(policy: Any) -> ScaleOutRule:
+    """The scale-out rule a placement policy runs under (the gateway's `Invoker` and the simulator
+    both ask this): the policy's own `should_start` where it has one (a baseline's published
+    autoscaler), else Ember's `should_start`."""
+    return getattr(policy, "should_start", None) or should_start
+
+
+def should_start(*, instances: int, loading: int, waiting: int, in_flight: int, target_concurrency: int,
+                 max_instances: int, predicted_wait_s: float, prefill_s: float, ttft_slo_s: float,
+                 cold_start_s: float) -> bool:
+    """Ember's scale-out rule for a request that found no free slot. `instances` of the function
+    exist, `loading` of them still load, `waiting` requests (this one included) wait for a slot,
+    `in_flight` requests (this one included) hold or wait for one (read by demand rules such as
+    `should_start_on_demand`, not by this one); `predicted_wait_s` is the wait for the earliest
+    slot (a loading instance's slot frees when its load ends). Start another instance when there
+    is none; when only loading ones exist and they cannot take every waiting request; otherwise
+    by `should_scale_out` (queueing would break the TTFT SLO and a cold start, estimated at
+    `cold_start_s`, would be ready sooner)."""
     if instances >= max_instances:
         return False
     if instances == 0:
@@ -65,6 +79,15 @@ def should_start(*, instances: int, loading: int, waiting: int, target_concurren
         return True
     return should_scale_out(predicted_wait_s, prefill_s, ttft_slo_s, instances=instances,
                             max_instances=max_instances, cold_start_s=cold_start_s)
+
+
+def should_start_on_demand(*, instances: int, in_flight: int, target_concurrency: int, max_instances: int,
+                           **_: Any) -> bool:
+    """A demand-driven rule (ServerlessLLM's `auto_scaler`): the function wants
+    ceil(in_flight / target_concurrency) instances, at most `max_instances`, and starting or loading
+    ones count; start one when it has fewer. No SLO, wait or load-time estimate enters it."""
+    desired = min(max_instances, -(-in_flight // target_concurrency))
+    return desired > instances
 
 
 def predicted_wait_s(slot_free_s: Iterable[float], now_s: float) -> float:

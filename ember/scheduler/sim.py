@@ -20,6 +20,10 @@ Model (units: bytes, seconds, watts, joules):
   power while serving; overlapping requests on one GPU are charged once (they share it), which
   is what makes packing onto awake GPUs save energy. Interference between co-located
   instances is not modelled (optimistic for packing).
+- a request that finds no instance of its function and no device for one waits for a placement
+  (as live: the gateway's head of queue retries its cold start): it is tried again after each
+  autoscaler step (whose unloads are what frees devices), the functions in the order their
+  first waiting request arrived; one still waiting at the end of the run is censored.
 Startup of an invocation = arrival until an instance is ready to serve it (queueing included).
 Counted separately: `cold_starts` = loads (instances started), `invocations_waiting_on_load` =
 invocations that waited on a loading instance (`p99_cold_startup_s` is over those).
@@ -35,6 +39,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
@@ -46,7 +51,7 @@ from ember.scheduler.autoscaler import Autoscaler, ScalingSpec
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
-from ember.scheduler.routing import pick_warm, should_start
+from ember.scheduler.routing import pick_warm, scale_out_rule
 from ember.scheduler.serving import ServingModel
 from ember.scheduler.simconfig import SimConfig, SimResult, build_trace, function_kv_bytes
 from ember.scheduler.simcontrol import ControlPlane
@@ -54,6 +59,10 @@ from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementPolicy
 
 __all__ = ["SimConfig", "SimResult", "run_simulation", "simulate_policy", "build_trace"]
+
+_WARM_W = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W  # above idle: warm, prefill, decode
+_PREFILL_W = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
+_DECODE_W = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
 
 
 
@@ -150,6 +159,10 @@ class _Simulation(ControlPlane):
         self.loads = 0
         self.tier_loads: dict[str, int] = {"gpu": 0, "dram": 0, "ssd": 0, "remote": 0}
         self.peak_instances = 0
+        self.should_start = scale_out_rule(policy)  # Ember's scale-out rule, or the baseline's own
+        self.awaiting: dict[int, deque[int]] = {}  # function -> its requests waiting for a placement
+        self.no_room_for = math.inf
+        self.tokens = 0
 
     def _make_cluster(self, cfg: SimConfig) -> MemCluster:
         return MemCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
@@ -169,34 +182,24 @@ class _Simulation(ControlPlane):
         cfg = self.cfg
         cluster = self.cluster
         times = self.trace.arrival_s
-        fns = self.trace.function_idx
         n = len(times)
-        startup = np.zeros(n, dtype=np.float64)
-        cold = np.zeros(n, dtype=bool)
-        met = np.zeros(n, dtype=bool)
+        self.startup = np.zeros(n, dtype=np.float64)
+        self.cold = np.zeros(n, dtype=bool)
+        self.met = np.zeros(n, dtype=bool)
         counts: dict[int, int] = {}
         demand = DemandMeter(now=0.0)  # the gateway's meter, at the simulation's clock
         next_step = cfg.autoscaler_interval_s
-        tc = cfg.target_concurrency
-        max_inst = cfg.max_instances
-        slo_s = self.slo_s
-        prefill_req, exec_req = self._request_costs()
-        serving = self.serving
-        tokens = 0
-        if serving is not None:
-            step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
-            out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
-                       else [cfg.output_tokens] * n)
-        fn_instances = self.fn_instances
-        warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
-        pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
-        dec_w = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
-        warm_s = gpu_model.WARM_IDLE_S
-        heappush, heappop, heapreplace = heapq.heappush, heapq.heappop, heapq.heapreplace
+        self.prefill_req, self.exec_req = self._request_costs()
+        if self.serving is not None:
+            self.step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
+            self.out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
+                            else [cfg.output_tokens] * n)
         report_every = max(1, n // 50)
-        t_list = times.tolist()
-        f_list = fns.tolist()
+        self.t_list = t_list = times.tolist()
+        f_list = self.trace.function_idx.tolist()
         pending_loads = cluster.pending_loads
+        awaiting = self.awaiting
+        route = self._route
         for i in range(n):
             t = t_list[i]
             f = f_list[i]
@@ -204,6 +207,8 @@ class _Simulation(ControlPlane):
                 while t >= next_step:
                     cluster.advance(next_step)
                     self._autoscale(demand, counts)
+                    if awaiting:
+                        self._place_awaiting()
                     next_step += cfg.autoscaler_interval_s
                 if progress is not None:
                     progress(self.policy.name, i / n)
@@ -212,100 +217,158 @@ class _Simulation(ControlPlane):
             else:
                 cluster.now = t
             counts[f] = counts.get(f, 0) + 1
-            insts = fn_instances[f]
-            loading = 0
-            queued = 1  # this request
-            for inst in insts:
-                ends = inst.ends
-                while ends and ends[0] <= t:
-                    heappop(ends)
-                inst.outstanding = len(ends)
-                if inst.ready_s <= t:
-                    inst.state = "ready"
-                else:
-                    inst.state = "loading"
-                    loading += 1
-                    queued += len(ends)
-            chosen = pick_warm(insts, tc)
-            is_cold = False
-            if chosen is not None:
-                start = t
-            else:
-                # Queue on the instance whose slot (or load) frees first.
-                start = math.inf
-                for inst in insts:
-                    ends = inst.ends
-                    s = inst.ready_s if len(ends) < tc else max(ends[0], inst.ready_s)
-                    if s < start:
-                        start, chosen = s, inst
-                cs = self.cold_s[f]
-                if should_start(instances=len(insts), loading=loading, waiting=queued, target_concurrency=tc,
-                                max_instances=max_inst, predicted_wait_s=start - t, prefill_s=prefill_req[i],
-                                ttft_slo_s=slo_s[f], cold_start_s=0.0 if cs is None else cs):
-                    new = self._cold_start(f, t)
-                    if new is not None and new.ready_s < start:
-                        chosen, start = new, new.ready_s
-                if chosen is None:
-                    self.unplaced += 1
-                    startup[i] = cfg.duration_s - t + slo_s[f]  # censored: never served in the run
-                    cold[i] = True
-                    continue
-                is_cold = chosen.ready_s > t
-                if start < t:
-                    start = t
-            if serving is None:
-                pf, end, pw, dw = prefill_req[i], start + exec_req[i], pre_w, dec_w
-            else:  # batching and the governor (ember sim --energy)
-                batch = 1
-                for e in chosen.ends:
-                    if e > start:
-                        batch += 1
-                c = serving.cost(prefill_req[i], step_fn[f], out_tok[i], batch, start - t, slo_s[f])
-                pf, end, pw, dw = c.prefill_s, start + c.held_s, c.prefill_w, c.decode_w
-                tokens += out_tok[i]
-            ends = chosen.ends
-            if len(ends) < tc:
-                heappush(ends, end)
-            else:
-                heapreplace(ends, end)
-            if end > chosen.last_used_s:
-                chosen.last_used_s = end
-            chosen.device.node.version += 1
-            st = start - t
-            startup[i] = st
-            cold[i] = is_cold
-            met[i] = st + pf <= slo_s[f]
-            # Energy: charge the part of [start, end] this GPU was not already busy for.
-            dev = chosen.device
-            bu = dev.busy_until
-            if start >= bu:
-                dev.extra_j += warm_w * min(warm_s, start - bu) if bu > 0 else 0.0
-                from_s = start
-            else:
-                from_s = bu
-            if end > from_s:
-                pf_end = start + pf
-                cov_pf = pf_end - from_s if pf_end > from_s else 0.0
-                dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
-                dev.busy_until = end
+            if f in awaiting:  # requests of it already wait for a placement: never jump the queue
+                awaiting[f].append(i)
+            elif not route(i, f, t):
+                awaiting[f] = deque((i,))
             if progress is not None and i % report_every == 0:
                 progress(self.policy.name, i / n)
-        cluster.advance(self.trace.duration_s)
-        energy = gpu_model.IDLE_POWER_W * len(self.devices) * self.trace.duration_s
+        duration = self.trace.duration_s
+        while awaiting and next_step <= duration:  # the steps after the last arrival still place them
+            cluster.advance(next_step)
+            self._autoscale(demand, counts)
+            self._place_awaiting()
+            next_step += cfg.autoscaler_interval_s
+        for f, waiting in awaiting.items():  # censored: never served in the run
+            for i in waiting:
+                self.unplaced += 1
+                self.startup[i] = cfg.duration_s - t_list[i] + self.slo_s[f]
+                self.cold[i] = True
+        cluster.advance(duration)
+        warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
+        energy = gpu_model.IDLE_POWER_W * len(self.devices) * duration
         for dev in self.devices:
             energy += dev.extra_j
             if dev.busy_until > 0:
-                energy += warm_w * max(0.0, min(warm_s, self.trace.duration_s - dev.busy_until))
+                energy += warm_w * max(0.0, min(gpu_model.WARM_IDLE_S, duration - dev.busy_until))
         if progress is not None:
             progress(self.policy.name, 1.0)
         return SimResult(
-            policy=self.policy.name, startup_s=startup, cold=cold, slo_met=met, gpu_energy_j=energy,
+            policy=self.policy.name, startup_s=self.startup, cold=self.cold, slo_met=self.met, gpu_energy_j=energy,
             decisions=self.decisions, decision_s=self.decision_s, unplaced=self.unplaced,
-            wall_s=time.perf_counter() - wall0, loads=self.loads, output_tokens=tokens,
+            wall_s=time.perf_counter() - wall0, loads=self.loads, output_tokens=self.tokens,
             extra={"evictions": self.evictions, "prefetches": self.prefetches,
                    "peak_instances": self.peak_instances,
                    **{f"loads_{k}": v for k, v in self.tier_loads.items()}},
         )
+
+    def _place_awaiting(self) -> None:
+        """After an autoscaler step (its unloads are what frees devices): the requests that found no
+        instance and no device for one try again, each function's in arrival order, the functions
+        in the order their first one arrived (live, the head of a function's queue retries its
+        cold start every second until it is placed)."""
+        now = self.cluster.now
+        awaiting = self.awaiting
+        self.no_room_for = math.inf
+        for f in list(awaiting):
+            if self.nbytes[f] + self.kv_bytes[f] >= self.no_room_for:
+                continue  # a smaller one found no device and nothing to evict (it has no instance either)
+            waiting = awaiting[f]
+            while waiting:
+                i = waiting.popleft()
+                if not self._route(i, f, now):
+                    waiting.appendleft(i)
+                    break
+            if not waiting:
+                del awaiting[f]
+
+    def _route(self, i: int, f: int, now: float) -> bool:
+        """Serve request `i` of function `f` at `now` (its arrival, or a retry after it waited for a
+        placement): a warm slot, else the earliest slot or load of its instances, and a cold start
+        when the policy's scale-out rule says so. False when it has no instance and none could be
+        placed: it waits for a placement (`awaiting`)."""
+        heappop = heapq.heappop
+        t = self.t_list[i]
+        tc = self.cfg.target_concurrency
+        insts = self.fn_instances[f]
+        loading = 0
+        queued = 1  # this request
+        waiting = self.awaiting.get(f)
+        in_flight = 1 + (len(waiting) if waiting else 0)
+        for inst in insts:
+            ends = inst.ends
+            while ends and ends[0] <= now:
+                heappop(ends)
+            waits = inst.waits
+            while waits and waits[0] <= now:
+                heappop(waits)
+            in_flight += len(ends) + len(waits)
+            inst.outstanding = len(ends)
+            if inst.ready_s <= now:
+                inst.state = "ready"
+            else:
+                inst.state = "loading"
+                loading += 1
+                queued += len(ends)
+        chosen = pick_warm(insts, tc)
+        is_cold = now > t  # it waited for a placement
+        if chosen is not None:
+            start = now
+        else:
+            # Queue on the instance whose slot (or load) frees first.
+            start = math.inf
+            for inst in insts:
+                ends = inst.ends
+                s = inst.ready_s if len(ends) < tc else max(ends[0], inst.ready_s)
+                if s < start:
+                    start, chosen = s, inst
+            cs = self.cold_s[f]
+            if self.should_start(instances=len(insts), loading=loading, waiting=queued, in_flight=in_flight,
+                                 target_concurrency=tc, max_instances=self.cfg.max_instances,
+                                 predicted_wait_s=start - now, prefill_s=self.prefill_req[i],
+                                 ttft_slo_s=self.slo_s[f], cold_start_s=0.0 if cs is None else cs):
+                new = self._cold_start(f, now)
+                if new is not None and new.ready_s < start:
+                    chosen, start = new, new.ready_s
+            if chosen is None:
+                return False
+            is_cold = is_cold or chosen.ready_s > t
+            if start < now:
+                start = now
+        self._serve(i, f, chosen, start, is_cold)
+        return True
+
+    def _serve(self, i: int, f: int, chosen: SimInstance, start: float, is_cold: bool) -> None:
+        """Request `i` holds a slot of `chosen` from `start`: its startup, SLO and GPU energy."""
+        t = self.t_list[i]
+        slo = self.slo_s[f]
+        serving = self.serving
+        if serving is None:
+            pf, end, pw, dw = self.prefill_req[i], start + self.exec_req[i], _PREFILL_W, _DECODE_W
+        else:  # batching and the governor (ember sim --energy)
+            batch = 1
+            for e in chosen.ends:
+                if e > start:
+                    batch += 1
+            c = serving.cost(self.prefill_req[i], self.step_fn[f], self.out_tok[i], batch, start - t, slo)
+            pf, end, pw, dw = c.prefill_s, start + c.held_s, c.prefill_w, c.decode_w
+            self.tokens += self.out_tok[i]
+        ends = chosen.ends
+        if len(ends) < self.cfg.target_concurrency:
+            heapq.heappush(ends, end)
+        else:  # it takes the slot the earliest of them frees (`start`): that one is in flight until then
+            heapq.heapreplace(ends, end)
+            heapq.heappush(chosen.waits, start)
+        if end > chosen.last_used_s:
+            chosen.last_used_s = end
+        chosen.device.node.version += 1
+        st = start - t
+        self.startup[i] = st
+        self.cold[i] = is_cold
+        self.met[i] = st + pf <= slo
+        # Energy: charge the part of [start, end] this GPU was not already busy for.
+        dev = chosen.device
+        bu = dev.busy_until
+        if start >= bu:
+            dev.extra_j += _WARM_W * min(gpu_model.WARM_IDLE_S, start - bu) if bu > 0 else 0.0
+            from_s = start
+        else:
+            from_s = bu
+        if end > from_s:
+            pf_end = start + pf
+            cov_pf = pf_end - from_s if pf_end > from_s else 0.0
+            dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
+            dev.busy_until = end
 
     def _request_costs(self) -> tuple[list[float], list[float]]:
         """Per request: prefill seconds and seconds holding a slot (prefill + decode), from the

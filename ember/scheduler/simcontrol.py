@@ -14,6 +14,7 @@ from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, beside_weights, ewma
+from ember.scheduler.eviction import makes_room
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance
 from ember.scheduler.simconfig import SimConfig
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
@@ -45,6 +46,7 @@ class ControlPlane:
     loads: int
     tier_loads: dict[str, int]
     peak_instances: int
+    no_room_for: float  # the smallest size found not to fit anywhere (set by `_cold_start`)
 
     @property
     def now(self) -> float:
@@ -70,8 +72,11 @@ class ControlPlane:
         req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f],
                                kv_bytes=self.kv_bytes[f])
         est = self._decide(req)
-        if est is None and self._relieve_pressure(req.room_bytes, name):  # then decide again
-            est = self._decide(req)
+        if est is None and makes_room(self.policy):
+            if self._relieve_pressure(req.room_bytes, name):
+                est = self._decide(req)  # then decide again
+            else:  # no device has room_bytes free, nor can have by evictions: nothing as large fits now
+                self.no_room_for = min(self.no_room_for, req.room_bytes)
         if est is None:
             return None
         dev = self._device(est.node_id, est.device_id)

@@ -9,27 +9,33 @@ from ember.config import Settings
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
+from ember.scheduler.policies import get_policy
+from ember.scheduler.view import PlacementRequest
 
 
 @dataclass
 class Rec:
     state: str
     created_s: float = 0.0
+    outstanding: int = 0
 
 
 class Instances:
-    def __init__(self, *states: str) -> None:
-        self.recs = [Rec(s) for s in states]
+    def __init__(self, *states: str, outstanding: int = 0) -> None:
+        self.recs = [Rec(s, outstanding=outstanding if s == "ready" else 0) for s in states]
 
     def instances(self, function: str) -> list[Rec]:
         return self.recs
 
 
 def _decide(states: tuple[str, ...], waiting: int, *, service_s: float = 0.0, startup_s: float = 0.0,
-            prefill_s: float = 0.0, max_instances: int = 4, target: int = 1, ttft_ms: float = 1000) -> bool:
+            prefill_s: float = 0.0, max_instances: int = 4, target: int = 1, ttft_ms: float = 1000,
+            outstanding: int = 0, policy: str | None = None) -> bool:
     spec = FunctionSpec(name="f", **FunctionDeploy(checkpoint="c", slo={"ttft_ms": ttft_ms}, scaling={
         "max_instances": max_instances, "target_concurrency": target}).model_dump())
-    inv = Invoker(Settings(), Instances(*states), None, GatewayMetrics(), lambda s: None)  # type: ignore[arg-type]
+    chosen = get_policy(policy) if policy else None
+    inv = Invoker(Settings(), Instances(*states, outstanding=outstanding), None, GatewayMetrics(),  # type: ignore[arg-type]
+                  lambda s: chosen)
     for _ in range(waiting):
         inv.queues.join("f")
     if service_s:
@@ -61,6 +67,42 @@ def test_scale_out_only_when_queueing_breaks_the_ttft_slo_and_a_cold_start_is_so
     # prefill counts against the SLO too
     assert _decide(("ready",), 2, service_s=0.4, startup_s=0.1, prefill_s=0.5)
     assert not _decide(("ready",), 2, service_s=0.4, startup_s=0.1)
+
+
+def test_a_serverlessllm_function_scales_to_its_requests_in_flight() -> None:
+    """The gateway runs the function's policy's own scale-out rule (ServerlessLLM's `auto_scaler`:
+    ceil(in flight / target) instances, loading ones counted), on the requests holding a slot and
+    those waiting here; Ember's rule waits for a queue that drains within the SLO."""
+    # two ready instances with 2 requests each (target 2) and 1 waiting: 5 in flight want 3
+    assert _decide(("ready", "ready"), 1, service_s=0.01, target=2, outstanding=2, policy="serverlessllm")
+    assert not _decide(("ready", "ready"), 1, service_s=0.01, target=2, outstanding=2)
+    # one loading instance (target 2) covers 2 waiting requests, not 3
+    assert not _decide(("loading",), 2, target=2, policy="serverlessllm")
+    assert _decide(("loading",), 3, target=2, policy="serverlessllm")
+
+
+def test_a_serverlessllm_placement_that_finds_no_room_waits_instead_of_evicting() -> None:
+    """ServerlessLLM never evicts to make room (its request waits in the loading queue); Ember's
+    gateway evicts idle instances when no device has room."""
+    from ember.platform.gateway.coldstart import InstanceStarter
+
+    class Full:
+        def place(self, request, policy, evicted):
+            return None
+
+    spec = FunctionSpec(name="f", **FunctionDeploy(checkpoint="c").model_dump())
+    request = PlacementRequest(function="f", checkpoint="c", nbytes=10**9)
+    tried: list[str] = []
+
+    async def make_room(spec, request) -> bool:
+        tried.append(spec.name)
+        return False
+
+    for name in ("serverlessllm", "ember"):
+        starter = InstanceStarter(Settings(), Full(), None, GatewayMetrics(), lambda s: None)  # type: ignore[arg-type]
+        starter._make_room = make_room  # type: ignore[method-assign]
+        assert asyncio.run(starter._place(spec, request, get_policy(name))) is None
+        assert tried == ([] if name == "serverlessllm" else ["f"])
 
 
 def test_the_autoscaler_loop_survives_any_exception_a_step_throws() -> None:

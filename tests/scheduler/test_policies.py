@@ -94,19 +94,43 @@ def test_nothing_fits_gives_none() -> None:
         assert get_policy(name).place(REQ, view) is None, name
 
 
-def test_serverlessllm_baseline_only_looks_at_local_copies_with_fixed_bandwidth() -> None:
+def test_serverlessllm_estimates_pinned_memory_at_pcie_and_disk_at_its_probe() -> None:
+    """ServerlessLLM's `_get_model_loading_time`: a checkpoint in host memory loads at the
+    hard-coded 25 GB/s, one on disk after the node's disk queue at the probe's bandwidth (the mean
+    of a buffered write and read of 100 MiB: a few GB/s, not page-cache speed), so a DRAM copy wins."""
     view = StaticView([
-        make_node("dram", free=[80 * GB], holdings={"ck": "dram"}, awake=[True]),
         make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}),
+        make_node("dram", free=[80 * GB], holdings={"ck": "dram"}, awake=[True]),
         make_node("empty", free=[80 * GB]),
     ])
     policy = get_policy("serverlessllm")
     est = policy.place(REQ, view)
-    # The buffered disk probe makes SSD look as fast as DRAM: ties go to the less loaded device.
-    assert (est.node_id, est.tier) == ("ssd", "ssd")
+    assert (est.node_id, est.tier) == ("dram", "dram")
+    assert est.seconds == pytest.approx(20 * GB / 25e9)
     assert policy.poll_interval_s == 1.0
-    view = StaticView([make_node("full", free=[GB], holdings={"ck": "dram"}), make_node("empty", free=[80 * GB])])
-    assert policy.place(REQ, view).node_id == "empty"
+    view = StaticView([make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"})])
+    view.by_id["ssd"].tier_queue_s["ssd"] = 3.0
+    assert policy.place(REQ, view).seconds == pytest.approx(3.0 + 20 * GB / 4e9)
+
+
+def test_serverlessllm_waits_while_every_node_with_a_copy_is_full() -> None:
+    """`StorageAwareScheduler.schedule` skips nodes without a local copy and, migration being off,
+    those without free GPUs: with no option the request stays in the loading queue. Before, the
+    baseline loaded from remote storage on another node."""
+    view = StaticView([make_node("full", free=[GB], holdings={"ck": "dram"}, idle=[79 * GB]),
+                       make_node("empty", free=[80 * GB])])
+    assert get_policy("serverlessllm").place(REQ, view) is None
+    # No node holds a copy at all: registering it downloads it to one worker (here the least loaded).
+    view = StaticView([make_node("busy", free=[30 * GB]), make_node("empty", free=[80 * GB])])
+    est = get_policy("serverlessllm").place(REQ, view)
+    assert (est.node_id, est.tier) == ("empty", "remote")
+
+
+def test_only_serverlessllm_waits_instead_of_evicting() -> None:
+    from ember.scheduler.eviction import makes_room
+
+    assert not makes_room(get_policy("serverlessllm"))
+    assert makes_room(get_policy("ember")) and makes_room(None)
 
 
 def test_locality_blind_baselines() -> None:

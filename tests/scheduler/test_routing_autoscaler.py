@@ -39,6 +39,27 @@ def test_scale_out_only_when_the_wait_breaks_the_slo() -> None:
     assert predicted_wait_s([], 0.0) == float("inf")
 
 
+def test_serverlessllm_scales_to_its_in_flight_requests_counting_starting_instances() -> None:
+    """ServerlessLLM's `auto_scaler` (RoundRobinRouter): ceil(request_count / target) instances, at
+    most max_instances, starting ones counted; it ignores SLOs and predicted waits. Ember's rule
+    waits when the queue drains within the SLO."""
+    from ember.scheduler.policies import get_policy
+    from ember.scheduler.routing import scale_out_rule, should_start
+
+    rule = scale_out_rule(get_policy("serverlessllm"))
+    assert scale_out_rule(get_policy("ember")) is should_start and scale_out_rule(None) is should_start
+    common = dict(target_concurrency=4, max_instances=8, predicted_wait_s=0.1, prefill_s=0.1, ttft_slo_s=5.0,
+                  cold_start_s=2.0)
+    # One ready instance full (4 in flight) and one more request: it wants 2, Ember's rule waits.
+    assert rule(instances=1, loading=0, waiting=1, in_flight=5, **common)
+    assert not should_start(instances=1, loading=0, waiting=1, in_flight=5, **common)
+    # Two instances still loading cover 8 requests: the ninth starts a third, not the eighth.
+    assert not rule(instances=2, loading=2, waiting=8, in_flight=8, **common)
+    assert rule(instances=2, loading=2, waiting=9, in_flight=9, **common)
+    assert not rule(instances=8, loading=0, waiting=50, in_flight=82, **common)  # max_instances
+    assert rule(instances=0, loading=0, waiting=1, in_flight=1, **common)
+
+
 def test_keep_alive_unload_and_scale_to_zero() -> None:
     spec = ScalingSpec("f", keep_alive_s=60, max_instances=4)
     insts = [Inst("old", last_used_s=0), Inst("recent", last_used_s=50), Inst("busy", outstanding=1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -137,3 +138,50 @@ def test_sim_on_azure_trace(tmp_path) -> None:
     doc = json.loads(out.read_text())
     assert doc["invocations"] == sum((i * 7 + m) % 5 for i in range(30) for m in range(10))
     assert doc["config"]["trace_functions"] == 30
+
+
+def _two_node_sim(policy, arrivals: list[tuple[float, int]], *, nbytes: int, target: int = 4) -> _Simulation:
+    """Two nodes of one GPU, two functions ("a", "b") of `nbytes` each, both checkpoints on node 0's
+    SSD only, no keep-alive; `arrivals`: (time, function index)."""
+    from ember.scheduler.trace import Trace
+
+    cfg = SimConfig(nodes=2, gpus_per_node=1, functions=2, duration_s=120.0, seed=0, ssd_replicas=0,
+                    min_model_bytes=nbytes, max_model_bytes=nbytes, keep_alive_s=0.0,
+                    target_concurrency=target).check()
+    times = np.array([t for t, _ in arrivals])
+    fns = np.array([f for _, f in arrivals], dtype=np.int32)
+    sim = _Simulation(cfg, Trace(["a", "b"], times, fns, 120.0), policy, Autoscaler())
+    for f in (0, 1):
+        sim.cluster.ssd_put(sim.node_list[0], sim.ckpt[f], sim.nbytes[f])
+    return sim
+
+
+def test_serverlessllm_waits_for_a_device_on_a_node_with_a_copy() -> None:
+    """ServerlessLLM's storage-aware scheduler only places on nodes holding a local copy and never
+    evicts (migration off, as published by default): b, whose only holder is busy with a, waits in
+    the loading queue until a's instance is unloaded (keep-alive, at an autoscaler step), then
+    loads there. Before, it loaded from remote storage on the other node."""
+    sim = _two_node_sim(get_policy("serverlessllm"), [(1.0, 0), (2.0, 1)], nbytes=60 * 10**9)
+    res = sim.run(None)
+    assert res.unplaced == 0 and res.loads == 2  # served within the run, not censored
+    assert res.extra["loads_remote"] == 0 and res.extra["evictions"] == 0
+    assert sim.node_list[1].devices[0].busy_until < 0  # the node without a copy never ran anything
+    # a is served by ~11 s; the step at 20 s unloads it and places b (arrived at 2 s) in its place
+    assert res.cold[1] and res.startup_s[1] > 20.0 - 2.0
+
+
+def test_the_simulator_gives_the_scale_out_rule_the_requests_in_flight() -> None:
+    """Requests queued for a slot behind others count as in flight (ServerlessLLM's request_count),
+    as the live gateway counts its waiting queue."""
+    from ember.scheduler.policies import ServerlessLLMPolicy
+
+    seen: list[int] = []
+
+    class Recording(ServerlessLLMPolicy):
+        def should_start(self, **kw) -> bool:  # type: ignore[override]
+            seen.append(kw["in_flight"])
+            return kw["instances"] == 0
+
+    sim = _two_node_sim(Recording(), [(1.0, 0), (1.1, 0), (1.2, 0), (1.3, 0)], nbytes=10 * 10**9, target=1)
+    res = sim.run(None)
+    assert seen == [1, 2, 3, 4] and res.loads == 1

@@ -28,7 +28,7 @@ from ember.platform.gateway.worker_stream import worker_error
 from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.estimator import ewma_into
-from ember.scheduler.eviction import plan_evictions
+from ember.scheduler.eviction import makes_room, plan_evictions
 from ember.scheduler.memory import instance_kv_bytes
 from ember.scheduler.policies import LocalCopyPolicy
 from ember.scheduler.view import TIERS, PlacementRequest
@@ -122,7 +122,7 @@ class InstanceStarter:
         try:
             with tracing.step("ember.placement", **{"ember.function": spec.name}) as step:
                 placement = await to_thread.run_sync(self.cluster.place, request, policy, evicted)
-                if placement is None and await self._make_room(spec, request):
+                if placement is None and makes_room(policy) and await self._make_room(spec, request):
                     placement = await to_thread.run_sync(self.cluster.place, request, policy, evicted)
                 step.set(**({"ember.placed": False} if placement is None else {
                     "ember.placed": True, "ember.worker": placement.node_id, "ember.device": placement.device_id,
