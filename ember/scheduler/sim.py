@@ -11,7 +11,8 @@ Model (units: bytes, seconds, watts, joules):
 - loads onto one GPU run one after another; loads from one tier of one node share its link
   (one after another). Evicting idle instances to make room costs EVICTION_S.
 - an instance serves `target_concurrency` requests at once; a request takes prefill plus
-  decode time from the energy model's H100 cost model; more requests queue for a slot.
+  decode time from the energy model's H100 cost model; more requests wait in the gateway's
+  queue (below).
 - GPU power follows ember.energy.simulated (the calibrated SimulatedGpu): every GPU draws idle
   power for the whole run, 110 W for a second after work and while loading, prefill/decode
   power while serving; overlapping requests on one GPU are charged once (they share it), which
@@ -24,16 +25,36 @@ invocations that waited on a loading instance (`p99_cold_startup_s` is over thos
 The engine (`_Simulation`) keeps only the clock and the event queue; the cluster state is a
 `MemCluster` (memcluster.py), the in-memory twin of the live `RedisCluster`.
 What the gateway does to it (cold starts, evictions, autoscaling, prefetches) is
-`ControlPlane` (simcontrol.py), the engine's base class.
+`ControlPlane` (simcontrol.py); how its requests wait and when they scale a function out is
+`GatewayWaits` (simwait.py, the twin of `Invoker.acquire`), the engine's base classes. Events:
+arrivals (the trace), autoscaler steps every `autoscaler_interval_s`,
+and the wake-ups of each function's waiting head (a slot frees, a load ends, its timeout).
+
+Scale-out as live: only the head of a function's queue evaluates `routing.should_start_estimated`
+(the gateway's own call), with at most one cold start of its own in flight, on estimates the
+gateway has: instance states and claim times, the queue's length, and EWMAs learned when requests
+end (time holding a slot, prefill) and when loads end (claim to ready). What remains approximate:
+- the head's 1 s timeout is simulated only when it can change the decision: a request joined the
+  queue since the head last woke, or its last placement found no room (the other inputs change
+  only at wake-ups, except when `ember sim --fleet` drains a node, and the passing time only
+  shortens the estimated wait on loading instances, which never turns a "no" into a "yes");
+- a placement that finds no room is tried again at the head's next wake-up (at most 1 s later);
+  live, the head places again as soon as the failed placement returns;
+- one gateway: live, each gateway has its own queues, heads and EWMAs;
+- no `slo_timeout_s`: a request waits until served (at most `DRAIN_LIMIT_S` past the trace's
+  end, else it counts as never served); live it gets a 503 after 30 s;
+- a request holds its slot for exactly its modelled prefill and decode, and the prefill learned
+  is that prefill (live: the worker's ttft_s; network and streaming add to both); the cold start
+  learned runs from the claim to ready (live: from the worker's load request, a round trip later).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from heapq import heappop, heappush
 
 import numpy as np
 
@@ -43,15 +64,16 @@ from ember.scheduler.autoscaler import Autoscaler, ScalingSpec
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
-from ember.scheduler.routing import pick_warm, should_start
+from ember.scheduler.routing import pick_warm
 from ember.scheduler.serving import ServingModel
 from ember.scheduler.simconfig import SimConfig, SimResult, build_trace
-from ember.scheduler.simcontrol import ControlPlane
+from ember.scheduler.simwait import GatewayWaits, refresh
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementPolicy
 
 __all__ = ["SimConfig", "SimResult", "run_simulation", "simulate_policy", "build_trace"]
 
+DRAIN_LIMIT_S = 3600.0  # past the trace's end, requests still waiting are served for this long at most
 
 
 def run_simulation(cfg: SimConfig, policies: Sequence[str] = POLICY_NAMES, *, trace: Trace | None = None,
@@ -83,10 +105,11 @@ def simulate_policy(cfg: SimConfig, trace: Trace, policy_name: str, *,
 
 
 # --- the simulation ---------------------------------------------------------------------------
-class _Simulation(ControlPlane):
+class _Simulation(GatewayWaits):
     """The event engine: arrivals, the autoscaler's ticks and load ends over a `MemCluster`
-    (the in-memory `ClusterView` the policies read). It differs from the live gateway only in its
-    clock, its event queue and that in-memory view; every decision is a shared function."""
+    (the in-memory `ClusterView` the policies read). It differs from the live gateway in its
+    clock, its event queue and that in-memory view, and in what the module docstring lists as
+    approximate; every decision is a shared function."""
 
     def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler,
                  serving: ServingModel | None = None) -> None:
@@ -136,7 +159,10 @@ class _Simulation(ControlPlane):
                 for k in picks[i]:
                     self.cluster.ssd_put(self.cluster.node_list[int(k)], self.ckpt[i], self.nbytes[i])
         self.fn_instances: list[list[SimInstance]] = [[] for _ in range(nf)]
-        self.cold_s: list[float | None] = [None] * nf  # EWMA of observed cold starts (as the gateway keeps)
+        self.loads_ending: list[list[tuple[float, float]]] = [[] for _ in range(nf)]
+        self.warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
+        self.pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
+        self.dec_w = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
         self.pending_prefetch: list[tuple[float, int, str, str, int]] = []
         self.prefetches = 0
         self.decisions = 0
@@ -160,144 +186,139 @@ class _Simulation(ControlPlane):
         return self.cluster.node_list
 
     # --- the run -------------------------------------------------------------------------
+    def start_run(self) -> None:
+        """The run's state at time 0 (`run` calls it; tests drive the engine from here)."""
+        n = len(self.trace)
+        self.startup = np.zeros(n, dtype=np.float64)
+        self.cold = np.zeros(n, dtype=bool)
+        self.met = np.zeros(n, dtype=bool)
+        self.counts: dict[int, int] = {}
+        self.demand = DemandMeter(now=0.0)  # the gateway's meter, at the simulation's clock
+        self.next_step = self.cfg.autoscaler_interval_s
+        self.t_list: list[float] = self.trace.arrival_s.tolist()
+        self.prefill_req, self.exec_req = self._request_costs()
+        self.tokens = 0
+        if self.serving is not None:
+            self.step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
+            self.out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
+                            else [self.cfg.output_tokens] * n)
+        self._init_waits(len(self.names))
+
     def run(self, progress: Callable[[str, float], None] | None) -> SimResult:
         wall0 = time.perf_counter()
         cfg = self.cfg
         cluster = self.cluster
-        times = self.trace.arrival_s
-        fns = self.trace.function_idx
-        n = len(times)
-        startup = np.zeros(n, dtype=np.float64)
-        cold = np.zeros(n, dtype=bool)
-        met = np.zeros(n, dtype=bool)
-        counts: dict[int, int] = {}
-        demand = DemandMeter(now=0.0)  # the gateway's meter, at the simulation's clock
-        next_step = cfg.autoscaler_interval_s
+        n = len(self.trace)
+        self.start_run()
         tc = cfg.target_concurrency
-        max_inst = cfg.max_instances
-        slo_s = self.slo_s
-        prefill_req, exec_req = self._request_costs()
-        serving = self.serving
-        tokens = 0
-        if serving is not None:
-            step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
-            out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
-                       else [cfg.output_tokens] * n)
         fn_instances = self.fn_instances
-        warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
-        pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
-        dec_w = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
-        warm_s = gpu_model.WARM_IDLE_S
-        heappush, heappop, heapreplace = heapq.heappush, heapq.heappop, heapq.heapreplace
+        queues, wakes, counts = self.queues, self.wakes, self.counts
         report_every = max(1, n // 50)
-        t_list = times.tolist()
-        f_list = fns.tolist()
+        t_list = self.t_list
+        f_list = self.trace.function_idx.tolist()
         pending_loads = cluster.pending_loads
         for i in range(n):
             t = t_list[i]
             f = f_list[i]
-            if t >= next_step:
-                while t >= next_step:
-                    cluster.advance(next_step)
-                    self._autoscale(demand, counts)
-                    next_step += cfg.autoscaler_interval_s
-                if progress is not None:
-                    progress(self.policy.name, i / n)
+            if t >= self.next_step or (wakes and wakes[0][0] <= t):
+                self._run_events(t)
             if pending_loads and pending_loads[0][0] <= t:
                 cluster.advance(t)
             else:
                 cluster.now = t
             counts[f] = counts.get(f, 0) + 1
-            insts = fn_instances[f]
-            loading = 0
-            queued = 1  # this request
-            for inst in insts:
-                ends = inst.ends
-                while ends and ends[0] <= t:
-                    heappop(ends)
-                inst.outstanding = len(ends)
-                if inst.ready_s <= t:
-                    inst.state = "ready"
-                else:
-                    inst.state = "loading"
-                    loading += 1
-                    queued += len(ends)
-            chosen = pick_warm(insts, tc)
-            is_cold = False
-            if chosen is not None:
-                start = t
+            chosen = None
+            if f not in queues:  # others wait: never jump the queue
+                insts = fn_instances[f]
+                refresh(insts, t)
+                chosen = pick_warm(insts, tc)
+            if chosen is None:
+                self._join(i, f, t)
             else:
-                # Queue on the instance whose slot (or load) frees first.
-                start = math.inf
-                for inst in insts:
-                    ends = inst.ends
-                    s = inst.ready_s if len(ends) < tc else max(ends[0], inst.ready_s)
-                    if s < start:
-                        start, chosen = s, inst
-                cs = self.cold_s[f]
-                if should_start(instances=len(insts), loading=loading, waiting=queued, target_concurrency=tc,
-                                max_instances=max_inst, predicted_wait_s=start - t, prefill_s=prefill_req[i],
-                                ttft_slo_s=slo_s[f], cold_start_s=0.0 if cs is None else cs):
-                    new = self._cold_start(f, t)
-                    if new is not None and new.ready_s < start:
-                        chosen, start = new, new.ready_s
-                if chosen is None:
-                    self.unplaced += 1
-                    startup[i] = cfg.duration_s - t + slo_s[f]  # censored: never served in the run
-                    cold[i] = True
-                    continue
-                is_cold = chosen.ready_s > t
-                if start < t:
-                    start = t
-            if serving is None:
-                pf, end, pw, dw = prefill_req[i], start + exec_req[i], pre_w, dec_w
-            else:  # batching and the governor (ember sim --energy)
-                batch = 1
-                for e in chosen.ends:
-                    if e > start:
-                        batch += 1
-                c = serving.cost(prefill_req[i], step_fn[f], out_tok[i], batch, start - t, slo_s[f])
-                pf, end, pw, dw = c.prefill_s, start + c.held_s, c.prefill_w, c.decode_w
-                tokens += out_tok[i]
-            ends = chosen.ends
-            if len(ends) < tc:
-                heappush(ends, end)
-            else:
-                heapreplace(ends, end)
-            if end > chosen.last_used_s:
-                chosen.last_used_s = end
-            chosen.device.node.version += 1
-            st = start - t
-            startup[i] = st
-            cold[i] = is_cold
-            met[i] = st + pf <= slo_s[f]
-            # Energy: charge the part of [start, end] this GPU was not already busy for.
-            dev = chosen.device
-            bu = dev.busy_until
-            if start >= bu:
-                dev.extra_j += warm_w * min(warm_s, start - bu) if bu > 0 else 0.0
-                from_s = start
-            else:
-                from_s = bu
-            if end > from_s:
-                pf_end = start + pf
-                cov_pf = pf_end - from_s if pf_end > from_s else 0.0
-                dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
-                dev.busy_until = end
+                self._serve(i, chosen, t)
             if progress is not None and i % report_every == 0:
                 progress(self.policy.name, i / n)
-        cluster.advance(self.trace.duration_s)
-        energy = gpu_model.IDLE_POWER_W * len(self.devices) * self.trace.duration_s
+        limit = self.trace.duration_s + DRAIN_LIMIT_S
+        self._run_events(limit, drain=True)
+        for q in self.queues.values():  # never served: counted with what they waited at least
+            for i in q:
+                self.unplaced += 1
+                self.startup[i] = limit - t_list[i]
+                self.cold[i] = True
+        cluster.advance(max(cluster.now, self.trace.duration_s))
+        return self._result(wall0, progress)
+
+    def _run_events(self, until: float, drain: bool = False) -> None:
+        """Autoscaler steps and the waiting heads' wake-ups due by `until`, in time order (with
+        `drain`: only while requests wait)."""
+        wakes, wake_at, cluster = self.wakes, self.wake_at, self.cluster
+        interval = self.cfg.autoscaler_interval_s
+        while not drain or self.queues:
+            w = wakes[0][0] if wakes else math.inf
+            if self.next_step <= until and self.next_step <= w:
+                cluster.advance(self.next_step)
+                self._autoscale(self.demand, self.counts)
+                self.next_step += interval
+            elif w <= until:
+                at, f = heappop(wakes)
+                if wake_at.get(f) == at:
+                    cluster.advance(max(at, cluster.now))
+                    self._wake(f, cluster.now)
+            else:
+                break
+
+    def _serve(self, i: int, inst: SimInstance, start: float) -> None:
+        """Request `i` takes a slot of `inst` at `start`: its startup, SLO and energy are counted,
+        and what the gateway learns when it ends is recorded for then."""
+        t = self.t_list[i]
+        f = inst.fn
+        if self.serving is None:
+            pf, held = self.prefill_req[i], self.exec_req[i]
+            pw, dw = self.pre_w, self.dec_w
+        else:  # batching and the governor (ember sim --energy)
+            batch = 1 + sum(1 for e in inst.ends if e > start)
+            c = self.serving.cost(self.prefill_req[i], self.step_fn[f], self.out_tok[i], batch, start - t,
+                                  self.slo_s[f])
+            pf, held, pw, dw = c.prefill_s, c.held_s, c.prefill_w, c.decode_w
+            self.tokens += self.out_tok[i]
+        end = start + held
+        heappush(inst.ends, end)
+        inst.outstanding = len(inst.ends)
+        if end > inst.last_used_s:
+            inst.last_used_s = end
+        dev = inst.device
+        dev.node.version += 1
+        st = start - t
+        self.startup[i] = st
+        self.cold[i] = inst.ready_s > t
+        self.met[i] = st + pf <= self.slo_s[f]
+        self._request_ended_later(f, end, held, pf, start)
+        # Energy: charge the part of [start, end] this GPU was not already busy for.
+        bu = dev.busy_until
+        if start >= bu:
+            dev.extra_j += self.warm_w * min(gpu_model.WARM_IDLE_S, start - bu) if bu > 0 else 0.0
+            from_s = start
+        else:
+            from_s = bu
+        if end > from_s:
+            pf_end = start + pf
+            cov_pf = pf_end - from_s if pf_end > from_s else 0.0
+            dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
+            dev.busy_until = end
+
+    def _result(self, wall0: float, progress: Callable[[str, float], None] | None) -> SimResult:
+        duration = self.trace.duration_s
+        energy = gpu_model.IDLE_POWER_W * len(self.devices) * duration
         for dev in self.devices:
             energy += dev.extra_j
             if dev.busy_until > 0:
-                energy += warm_w * max(0.0, min(warm_s, self.trace.duration_s - dev.busy_until))
+                energy += self.warm_w * max(0.0, min(gpu_model.WARM_IDLE_S, duration - dev.busy_until))
         if progress is not None:
             progress(self.policy.name, 1.0)
         return SimResult(
-            policy=self.policy.name, startup_s=startup, cold=cold, slo_met=met, gpu_energy_j=energy,
+            policy=self.policy.name, startup_s=self.startup, cold=self.cold, slo_met=self.met, gpu_energy_j=energy,
             decisions=self.decisions, decision_s=self.decision_s, unplaced=self.unplaced,
-            wall_s=time.perf_counter() - wall0, loads=self.loads, output_tokens=tokens,
+            wall_s=time.perf_counter() - wall0, loads=self.loads, output_tokens=self.tokens,
             extra={"evictions": self.evictions, "prefetches": self.prefetches,
                    "peak_instances": self.peak_instances,
                    **{f"loads_{k}": v for k, v in self.tier_loads.items()}},

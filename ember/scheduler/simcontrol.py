@@ -13,7 +13,7 @@ import time
 from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, ewma
+from ember.scheduler.estimator import EVICTION_S
 from ember.scheduler.memcluster import MemCluster, SimInstance
 from ember.scheduler.simconfig import SimConfig
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
@@ -35,7 +35,7 @@ class ControlPlane:
     slo_s: list[float]
     fn_index: dict[str, int]
     fn_instances: list[list[SimInstance]]
-    cold_s: list[float | None]
+    loads_ending: list[list[tuple[float, float]]]  # per function, heap of (ready, claim to ready)
     pending_prefetch: list[tuple[float, int, str, str, int]]
     prefetches: int
     decisions: int
@@ -88,7 +88,7 @@ class ControlPlane:
         node.true_tier_until[tier] = start + transfer
         self.tier_loads[tier] += 1
         self.loads += 1
-        self.cold_s[f] = ewma(self.cold_s[f], ready - t, SERVICE_EWMA_ALPHA)
+        heapq.heappush(self.loads_ending[f], (ready, ready - t))  # learned when the load ends, as live
         dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
         inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t)  # published as live: the estimate
         inst.load_tier = tier
