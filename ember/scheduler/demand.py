@@ -24,8 +24,12 @@ class DemandMeter:
         now = time.monotonic() if now is None else now
         dt = max(now - self.last, 1e-3)
         alpha = min(1.0, dt / self.window_s)
-        for fn in set(self.rates) | set(self.counts):
-            self.rates[fn] = (1 - alpha) * self.rates.get(fn, 0.0) + alpha * self.counts.get(fn, 0) / dt
+        keep = 1 - alpha
+        # keep * rate + alpha * count / dt for every function, in two passes over what changed: a
+        # function without requests only decays (adding its 0.0 changes no bit), a new one starts at 0
+        rates = self.rates = {fn: keep * r for fn, r in self.rates.items()}
+        for fn, c in self.counts.items():
+            rates[fn] = rates.get(fn, 0.0) + alpha * c / dt
         self.counts.clear()
         self.last = now
-        return dict(self.rates)
+        return dict(rates)

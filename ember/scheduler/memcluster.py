@@ -152,10 +152,9 @@ class MemCluster:
         if not held:
             return []
         nodes = self.nodes_by_id
-        ids = sorted(held, key=lambda n: (tier_rank(nodes[n].holdings[checkpoint]), n))
-        if limit is not None:
-            ids = ids[:limit]
-        return [self._node_state(nodes[n]) for n in ids]
+        ids = list(held) if len(held) == 1 else [
+            n for _, n in sorted([(tier_rank(nodes[n].holdings[checkpoint]), n) for n in held])]
+        return [self._node_state(nodes[n]) for n in (ids if limit is None else ids[:limit])]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
         want = room_window(limit)
@@ -184,8 +183,8 @@ class MemCluster:
         return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
 
     def prefetching(self, checkpoint: str) -> set[str]:
-        now = self.now
-        return {n for n, until in self.in_flight.get(checkpoint, {}).items() if until > now}
+        recs, now = self.in_flight.get(checkpoint), self.now
+        return {n for n, until in recs.items() if until > now} if recs else set()
 
     def node_ids(self) -> Sequence[str]:
         return self._node_ids

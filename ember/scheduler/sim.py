@@ -27,7 +27,7 @@ The engine (`_Simulation`) keeps only the clock and the event queue; the cluster
 What the gateway does to it (cold starts, evictions, autoscaling, prefetches) is
 `ControlPlane` (simcontrol.py); how its requests wait and when they scale a function out is
 `GatewayWaits` (simwait.py, the twin of `Invoker.acquire`), the engine's base classes. Events:
-arrivals (the trace), autoscaler steps every `autoscaler_interval_s`,
+arrivals (the trace), autoscaler steps every `autoscaler_interval_s` (the gateway's default, 1 s),
 and the wake-ups of each function's waiting head (a slot frees, a load ends, its timeout).
 
 Scale-out as live: only the head of a function's queue evaluates `routing.should_start_estimated`

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ember.config import Settings
 from ember.errors import ConfigError
 from ember.scheduler.trace import Trace, synthetic_trace
 
@@ -44,7 +45,7 @@ class SimConfig:
     keep_alive_s: float = 60.0
     target_concurrency: int = 4
     max_instances: int = 8
-    autoscaler_interval_s: float = 10.0
+    autoscaler_interval_s: float = Settings.model_fields["autoscaler_interval_s"].default  # the gateway's
     prefetch: bool = True
 
     def check(self) -> SimConfig:

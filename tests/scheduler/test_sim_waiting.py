@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from ember.config import Settings
 from ember.scheduler.autoscaler import Autoscaler
 from ember.scheduler.policies import get_policy
 from ember.scheduler.sim import SimConfig, _Simulation
@@ -103,3 +104,8 @@ def test_arrivals_behind_the_head_are_seen_at_its_next_timeout() -> None:
     sim._run_events(t0 + 1.0)
     assert [t for t, _ in sim.started[1:]] == [t0 + 1.0]
 
+
+
+def test_the_simulator_steps_the_autoscaler_at_the_gateways_interval() -> None:
+    """Before, the simulator stepped it every 10 s by default, the gateway every second."""
+    assert SimConfig().autoscaler_interval_s == Settings.model_fields["autoscaler_interval_s"].default == 1.0
