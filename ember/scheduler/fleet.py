@@ -265,6 +265,7 @@ class _FleetSimulation(_Simulation):
                 elif not routable and inst.instance_id not in self.parked:
                     self.parked[inst.instance_id] = inst.ready_s
                     inst.ready_s = math.inf
+                self.changing.add(inst)  # its state is read again at the next autoscaler step
 
     def _scale_out(self, count: int) -> None:
         for node in self.node_list:

@@ -122,6 +122,7 @@ class MemCluster:
         # lists devices in the order Redis's sorted set does (score, then member)
         self.buckets: list[list[tuple[int, str, int]]] = [[] for _ in range(self.n_buckets)]
         self.holders: dict[str, dict[str, None]] = {}
+        self.holder_order: dict[str, list[str]] = {}  # checkpoint -> holders nearest tier first (set_tier drops it)
         self.instances: dict[str, SimInstance] = {}
         self.pending_loads: list[tuple[float, int, SimInstance]] = []
         self.in_flight: dict[str, dict[str, float]] = {}  # checkpoint -> node id -> prefetch expiry (s)
@@ -148,12 +149,10 @@ class MemCluster:
         return None if n is None else self._node_state(n)
 
     def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
-        held = self.holders.get(checkpoint)
-        if not held:
-            return []
-        nodes = self.nodes_by_id
-        ids = list(held) if len(held) == 1 else [
-            n for _, n in sorted([(tier_rank(nodes[n].holdings[checkpoint]), n) for n in held])]
+        nodes, ids = self.nodes_by_id, self.holder_order.get(checkpoint)
+        if ids is None:
+            held = self.holders.get(checkpoint, ())
+            ids = self.holder_order[checkpoint] = [n for _, n in sorted((tier_rank(nodes[n].holdings[checkpoint]), n) for n in held)]
         return [self._node_state(nodes[n]) for n in (ids if limit is None else ids[:limit])]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
@@ -354,6 +353,7 @@ class MemCluster:
         tiers (a checkpoint on a device is not a published holding live: the worker reuses a device
         copy for another instance on that same device only, which the simulator's cold start models)."""
         node.version += 1
+        self.holder_order.pop(ck, None)
         if ck in node.dram:
             tier: Tier | None = "dram"
         elif ck in node.ssd:

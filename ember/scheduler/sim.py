@@ -159,6 +159,7 @@ class _Simulation(GatewayWaits):
                 for k in picks[i]:
                     self.cluster.ssd_put(self.cluster.node_list[int(k)], self.ckpt[i], self.nbytes[i])
         self.fn_instances: list[list[SimInstance]] = [[] for _ in range(nf)]
+        self.changing: set[SimInstance] = set()
         self.loads_ending: list[list[tuple[float, float]]] = [[] for _ in range(nf)]
         self.warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
         self.pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
@@ -283,6 +284,7 @@ class _Simulation(GatewayWaits):
             self.tokens += self.out_tok[i]
         end = start + held
         heappush(inst.ends, end)
+        self.changing.add(inst)
         inst.outstanding = len(inst.ends)
         if end > inst.last_used_s:
             inst.last_used_s = end

@@ -35,6 +35,7 @@ class ControlPlane:
     slo_s: list[float]
     fn_index: dict[str, int]
     fn_instances: list[list[SimInstance]]
+    changing: set[SimInstance]  # loading, or with requests since the last autoscaler step
     loads_ending: list[list[tuple[float, float]]]  # per function, heap of (ready, claim to ready)
     pending_prefetch: list[tuple[float, int, str, str, int]]
     prefetches: int
@@ -96,6 +97,7 @@ class ControlPlane:
         inst.load_s = transfer
         cluster.schedule_load_end(inst)
         self.fn_instances[f].append(inst)
+        self.changing.add(inst)
         self.peak_instances = max(self.peak_instances, len(cluster.instances))
         if tier == "dram":
             cluster.dram_put(node, ck, nb)  # the entry is pinned and used now (LRU); new copies land at the load's end
@@ -104,6 +106,7 @@ class ControlPlane:
     def _forget(self, gone: list[SimInstance]) -> None:
         for inst in gone:
             self.fn_instances[inst.fn].remove(inst)
+            self.changing.discard(inst)
             self.evictions += 1
 
     def _decide(self, req: PlacementRequest):
@@ -116,6 +119,7 @@ class ControlPlane:
     def _remove(self, inst: SimInstance) -> None:
         self.cluster.remove(inst)
         self.fn_instances[inst.fn].remove(inst)
+        self.changing.discard(inst)
 
     # --- autoscaler ---------------------------------------------------------------------------
     def _autoscale(self, demand: DemandMeter, counts: dict[int, int]) -> None:
@@ -130,9 +134,18 @@ class ControlPlane:
         rates = demand.rates_per_s(now)
         self._apply_prefetches(now)
         instances = self.cluster.instances
-        for inst in instances.values():
-            inst.state = "ready" if inst.ready_s <= now else "loading"
-            inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
+        # The instances' state and outstanding requests at `now`: only those loading or serving
+        # since the last step can differ from ready and idle (the others are, and stay, until a
+        # request or a new ready time puts them back in `changing`)
+        for inst in list(self.changing):
+            ends = inst.ends
+            while ends and ends[0] <= now:
+                heapq.heappop(ends)
+            inst.outstanding = len(ends)
+            ready = inst.ready_s <= now
+            inst.state = "ready" if ready else "loading"
+            if ready and not ends:
+                self.changing.discard(inst)
         actions = self.autoscaler.step(self.specs, list(instances.values()), now,
                                        view=self.cluster if self.prefetch else None, demand_per_s=rates)
         for a in actions:

@@ -30,7 +30,7 @@ from ember.scheduler.routing import pick_warm, should_start_estimated
 from ember.scheduler.simcontrol import ControlPlane
 
 TIMEOUT_S = 1.0  # the waiting head's timeout (invoke.Invoker.acquire: min(remaining, 1.0))
-LEARN_BACKLOG = 64  # requests ended but not yet folded into a function's EWMAs before folding anyway
+LEARN_BACKLOG = 64  # requests recorded for a function before its ended ones are folded in anyway (memory)
 
 
 def refresh(insts: list[SimInstance], now: float) -> None:
