@@ -20,12 +20,18 @@ class DemandMeter:
 
     def rates_per_s(self, now: float | None = None) -> dict[str, float]:
         """Fold the requests counted since the last call into each function's rate (an EWMA with
-        weight elapsed / window) and return the rates."""
+        weight elapsed / window) and return the rates (read-only: the meter never changes a dict it
+        returned, each call builds a new one)."""
         now = time.monotonic() if now is None else now
         dt = max(now - self.last, 1e-3)
         alpha = min(1.0, dt / self.window_s)
-        for fn in set(self.rates) | set(self.counts):
-            self.rates[fn] = (1 - alpha) * self.rates.get(fn, 0.0) + alpha * self.counts.get(fn, 0) / dt
+        keep = 1 - alpha
+        # keep * rate + alpha * count / dt for every function, in two passes over what changed: a
+        # function without requests only decays (adding its 0.0 changes no bit), a new one starts at 0
+        rates = {fn: keep * r for fn, r in self.rates.items()}
+        for fn, c in self.counts.items():
+            rates[fn] = rates.get(fn, 0.0) + alpha * c / dt
         self.counts.clear()
         self.last = now
-        return dict(self.rates)
+        self.rates = rates
+        return rates

@@ -218,9 +218,9 @@ class _FleetSimulation(_Simulation):
             memory = sum(d.memory for d in node.devices)
             facts.append(FleetNode(nid, len(insts), busy, last, keep, nid in self.draining, nid,
                                    memory, memory - sum(d.free for d in node.devices)))
-        # Waiting for room: the functions whose requests wait for a placement now (live, the gauge of
-        # requests whose cold start found no room, one per function's head of queue).
-        actions = self.scaler.step(facts, now, waiting=len(self.awaiting), booting=len(self.booting),  # type: ignore[union-attr]
+        # Waiting for room: the functions whose head's last placement found no room (live, the gauge of
+        # waiting requests whose cold start found no room: only a function's head starts one).
+        actions = self.scaler.step(facts, now, waiting=len(self.room_waits), booting=len(self.booting),  # type: ignore[union-attr]
                                    budget_w=self.fleet.budget_w)
         for a in actions:
             if isinstance(a, ScaleOut):
@@ -261,6 +261,7 @@ class _FleetSimulation(_Simulation):
                 elif not routable and inst.instance_id not in self.parked:
                     self.parked[inst.instance_id] = inst.ready_s
                     inst.ready_s = math.inf
+                self.changing.add(inst)  # its state is read again at the next autoscaler step
 
     def _scale_out(self, count: int) -> None:
         for node in self.node_list:

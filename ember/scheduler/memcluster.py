@@ -38,7 +38,7 @@ GiB = 1 << 30
 
 class SimInstance:
     __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device_id", "device", "nbytes",
-                 "kv_bytes", "ready_s", "ends", "waits", "last_used_s", "created_s", "state", "outstanding", "tier",
+                 "kv_bytes", "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier",
                  "load_tier", "expected_end_s", "load_s", "loaded")
 
     def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: SimDevice,
@@ -54,7 +54,6 @@ class SimInstance:
         self.kv_bytes = kv_bytes  # its KV-cache budget, claimed beyond the weights
         self.ready_s = now
         self.ends: list[float] = []  # heap: end times of requests holding a slot
-        self.waits: list[float] = []  # heap: start times of requests queued for a slot (not in `ends`)
         self.last_used_s = now
         self.created_s = now
         self.state = "loading"
@@ -127,6 +126,7 @@ class MemCluster:
         # lists devices in the order Redis's sorted set does (score, then member)
         self.buckets: list[list[tuple[int, str, int]]] = [[] for _ in range(self.n_buckets)]
         self.holders: dict[str, dict[str, None]] = {}
+        self.holder_order: dict[str, list[str]] = {}  # checkpoint -> holders nearest tier first (set_tier drops it)
         self.instances: dict[str, SimInstance] = {}
         self.pending_loads: list[tuple[float, int, SimInstance]] = []
         self.in_flight: dict[str, dict[str, float]] = {}  # checkpoint -> node id -> prefetch expiry (s)
@@ -153,14 +153,11 @@ class MemCluster:
         return None if n is None else self._node_state(n)
 
     def nodes_holding(self, checkpoint: str, limit: int | None = None) -> Sequence[NodeState]:
-        held = self.holders.get(checkpoint)
-        if not held:
-            return []
-        nodes = self.nodes_by_id
-        ids = sorted(held, key=lambda n: (tier_rank(nodes[n].holdings[checkpoint]), n))
-        if limit is not None:
-            ids = ids[:limit]
-        return [self._node_state(nodes[n]) for n in ids]
+        nodes, ids = self.nodes_by_id, self.holder_order.get(checkpoint)
+        if ids is None:
+            held = self.holders.get(checkpoint, ())
+            ids = self.holder_order[checkpoint] = [n for _, n in sorted((tier_rank(nodes[n].holdings[checkpoint]), n) for n in held)]
+        return [self._node_state(nodes[n]) for n in (ids if limit is None else ids[:limit])]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
         want = room_window(limit)
@@ -189,8 +186,8 @@ class MemCluster:
         return [self._node_state(self.nodes_by_id[n]) for n in node_ids if n in self.nodes_by_id]
 
     def prefetching(self, checkpoint: str) -> set[str]:
-        now = self.now
-        return {n for n, until in self.in_flight.get(checkpoint, {}).items() if until > now}
+        recs, now = self.in_flight.get(checkpoint), self.now
+        return {n for n, until in recs.items() if until > now} if recs else set()
 
     def node_ids(self) -> Sequence[str]:
         return self._node_ids
@@ -361,6 +358,7 @@ class MemCluster:
         tiers (a checkpoint on a device is not a published holding live: the worker reuses a device
         copy for another instance on that same device only, which the simulator's cold start models)."""
         node.version += 1
+        self.holder_order.pop(ck, None)
         if ck in node.dram:
             tier: Tier | None = "dram"
         elif ck in node.ssd:

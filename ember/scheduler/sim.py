@@ -14,16 +14,13 @@ Model (units: bytes, seconds, watts, joules):
 - loads onto one GPU run one after another; loads from one tier of one node share its link
   (one after another). Evicting idle instances to make room costs EVICTION_S.
 - an instance serves `target_concurrency` requests at once; a request takes prefill plus
-  decode time from the energy model's H100 cost model; more requests queue for a slot.
+  decode time from the energy model's H100 cost model; more requests wait in the gateway's
+  queue (below).
 - GPU power follows ember.energy.simulated (the calibrated SimulatedGpu): every GPU draws idle
   power for the whole run, 110 W for a second after work and while loading, prefill/decode
   power while serving; overlapping requests on one GPU are charged once (they share it), which
   is what makes packing onto awake GPUs save energy. Interference between co-located
   instances is not modelled (optimistic for packing).
-- a request that finds no instance of its function and no device for one waits for a placement
-  (as live: the gateway's head of queue retries its cold start): it is tried again after each
-  autoscaler step (whose unloads are what frees devices), the functions in the order their
-  first waiting request arrived; one still waiting at the end of the run is censored.
 Startup of an invocation = arrival until an instance is ready to serve it (queueing included).
 Counted separately: `cold_starts` = loads (instances started), `invocations_waiting_on_load` =
 invocations that waited on a loading instance (`p99_cold_startup_s` is over those).
@@ -31,17 +28,36 @@ invocations that waited on a loading instance (`p99_cold_startup_s` is over thos
 The engine (`_Simulation`) keeps only the clock and the event queue; the cluster state is a
 `MemCluster` (memcluster.py), the in-memory twin of the live `RedisCluster`.
 What the gateway does to it (cold starts, evictions, autoscaling, prefetches) is
-`ControlPlane` (simcontrol.py), the engine's base class.
+`ControlPlane` (simcontrol.py); how its requests wait and when they scale a function out is
+`GatewayWaits` (simwait.py, the twin of `Invoker.acquire`), the engine's base classes. Events:
+arrivals (the trace), autoscaler steps every `autoscaler_interval_s` (the gateway's default, 1 s),
+and the wake-ups of each function's waiting head (a slot frees, a load ends, its timeout).
+
+Scale-out as live: only the head of a function's queue evaluates `routing.should_start_estimated`
+(the gateway's own call), with at most one cold start of its own in flight, on estimates the
+gateway has: instance states and claim times, the queue's length, and EWMAs learned when requests
+end (time holding a slot, prefill) and when loads end (claim to ready). What remains approximate:
+- the head's 1 s timeout is simulated only when it can change the decision: a request joined the
+  queue since the head last woke, or its last placement found no room (the other inputs change
+  only at wake-ups, except when `ember sim --fleet` drains a node, and the passing time only
+  shortens the estimated wait on loading instances, which never turns a "no" into a "yes");
+- a placement that finds no room is tried again at the head's next wake-up (at most 1 s later);
+  live, the head places again as soon as the failed placement returns;
+- one gateway: live, each gateway has its own queues, heads and EWMAs;
+- no `slo_timeout_s`: a request waits until served (at most `DRAIN_LIMIT_S` past the trace's
+  end, else it counts as never served); live it gets a 503 after 30 s;
+- a request holds its slot for exactly its modelled prefill and decode, and the prefill learned
+  is that prefill (live: the worker's ttft_s; network and streaming add to both); the cold start
+  learned runs from the claim to ready (live: from the worker's load request, a round trip later).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from heapq import heappop, heappush
 
 import numpy as np
 
@@ -51,19 +67,16 @@ from ember.scheduler.autoscaler import Autoscaler, ScalingSpec
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
 from ember.scheduler.policies import POLICY_NAMES, get_policy
-from ember.scheduler.routing import pick_warm, scale_out_rule
+from ember.scheduler.routing import pick_warm
 from ember.scheduler.serving import ServingModel
 from ember.scheduler.simconfig import SimConfig, SimResult, build_trace, function_kv_bytes
-from ember.scheduler.simcontrol import ControlPlane
+from ember.scheduler.simwait import GatewayWaits, refresh
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementPolicy
 
 __all__ = ["SimConfig", "SimResult", "run_simulation", "simulate_policy", "build_trace"]
 
-_WARM_W = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W  # above idle: warm, prefill, decode
-_PREFILL_W = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
-_DECODE_W = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
-
+DRAIN_LIMIT_S = 3600.0  # past the trace's end, requests still waiting are served for this long at most
 
 
 def run_simulation(cfg: SimConfig, policies: Sequence[str] = POLICY_NAMES, *, trace: Trace | None = None,
@@ -95,10 +108,11 @@ def simulate_policy(cfg: SimConfig, trace: Trace, policy_name: str, *,
 
 
 # --- the simulation ---------------------------------------------------------------------------
-class _Simulation(ControlPlane):
+class _Simulation(GatewayWaits):
     """The event engine: arrivals, the autoscaler's ticks and load ends over a `MemCluster`
-    (the in-memory `ClusterView` the policies read). It differs from the live gateway only in its
-    clock, its event queue and that in-memory view; every decision is a shared function."""
+    (the in-memory `ClusterView` the policies read). It differs from the live gateway in its
+    clock, its event queue and that in-memory view, and in what the module docstring lists as
+    approximate; every decision is a shared function."""
 
     def __init__(self, cfg: SimConfig, trace: Trace, policy: PlacementPolicy, autoscaler: Autoscaler,
                  serving: ServingModel | None = None) -> None:
@@ -149,7 +163,11 @@ class _Simulation(ControlPlane):
                 for k in picks[i]:
                     self.cluster.ssd_put(self.cluster.node_list[int(k)], self.ckpt[i], self.nbytes[i])
         self.fn_instances: list[list[SimInstance]] = [[] for _ in range(nf)]
-        self.cold_s: list[float | None] = [None] * nf  # EWMA of observed cold starts (as the gateway keeps)
+        self.changing: set[SimInstance] = set()
+        self.loads_ending: list[list[tuple[float, float]]] = [[] for _ in range(nf)]
+        self.warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
+        self.pre_w = gpu_model.phase_power_w("prefill") - gpu_model.IDLE_POWER_W
+        self.dec_w = gpu_model.phase_power_w("decode") - gpu_model.IDLE_POWER_W
         self.pending_prefetch: list[tuple[float, int, str, str, int]] = []
         self.prefetches = 0
         self.decisions = 0
@@ -159,10 +177,6 @@ class _Simulation(ControlPlane):
         self.loads = 0
         self.tier_loads: dict[str, int] = {"gpu": 0, "dram": 0, "ssd": 0, "remote": 0}
         self.peak_instances = 0
-        self.should_start = scale_out_rule(policy)  # Ember's scale-out rule, or the baseline's own
-        self.awaiting: dict[int, deque[int]] = {}  # function -> its requests waiting for a placement
-        self.no_room_for = math.inf
-        self.tokens = 0
 
     def _make_cluster(self, cfg: SimConfig) -> MemCluster:
         return MemCluster(gpu_memory_bytes=cfg.gpu_memory_bytes, dram_cache_bytes=cfg.dram_cache_bytes,
@@ -177,70 +191,134 @@ class _Simulation(ControlPlane):
         return self.cluster.node_list
 
     # --- the run -------------------------------------------------------------------------
+    def start_run(self) -> None:
+        """The run's state at time 0 (`run` calls it; tests drive the engine from here)."""
+        n = len(self.trace)
+        self.startup = np.zeros(n, dtype=np.float64)
+        self.cold = np.zeros(n, dtype=bool)
+        self.met = np.zeros(n, dtype=bool)
+        self.counts: dict[int, int] = {}
+        self.demand = DemandMeter(now=0.0)  # the gateway's meter, at the simulation's clock
+        self.next_step = self.cfg.autoscaler_interval_s
+        self.t_list: list[float] = self.trace.arrival_s.tolist()
+        self.prefill_req, self.exec_req = self._request_costs()
+        self.tokens = 0
+        if self.serving is not None:
+            self.step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
+            self.out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
+                            else [self.cfg.output_tokens] * n)
+        self._init_waits(len(self.names))
+
     def run(self, progress: Callable[[str, float], None] | None) -> SimResult:
         wall0 = time.perf_counter()
         cfg = self.cfg
         cluster = self.cluster
-        times = self.trace.arrival_s
-        n = len(times)
-        self.startup = np.zeros(n, dtype=np.float64)
-        self.cold = np.zeros(n, dtype=bool)
-        self.met = np.zeros(n, dtype=bool)
-        counts: dict[int, int] = {}
-        demand = DemandMeter(now=0.0)  # the gateway's meter, at the simulation's clock
-        next_step = cfg.autoscaler_interval_s
-        self.prefill_req, self.exec_req = self._request_costs()
-        if self.serving is not None:
-            self.step_fn = [gpu_model.decode_step_full_clock_s(b / 2e9) for b in self.nbytes]
-            self.out_tok = (self.trace.output_tokens.tolist() if self.trace.output_tokens is not None
-                            else [cfg.output_tokens] * n)
+        n = len(self.trace)
+        self.start_run()
+        tc = cfg.target_concurrency
+        fn_instances = self.fn_instances
+        queues, wakes, counts = self.queues, self.wakes, self.counts
         report_every = max(1, n // 50)
-        self.t_list = t_list = times.tolist()
+        t_list = self.t_list
         f_list = self.trace.function_idx.tolist()
         pending_loads = cluster.pending_loads
-        awaiting = self.awaiting
-        route = self._route
         for i in range(n):
             t = t_list[i]
             f = f_list[i]
-            if t >= next_step:
-                while t >= next_step:
-                    cluster.advance(next_step)
-                    self._autoscale(demand, counts)
-                    if awaiting:
-                        self._place_awaiting()
-                    next_step += cfg.autoscaler_interval_s
-                if progress is not None:
-                    progress(self.policy.name, i / n)
+            if t >= self.next_step or (wakes and wakes[0][0] <= t):
+                self._run_events(t)
             if pending_loads and pending_loads[0][0] <= t:
                 cluster.advance(t)
             else:
                 cluster.now = t
             counts[f] = counts.get(f, 0) + 1
-            if f in awaiting:  # requests of it already wait for a placement: never jump the queue
-                awaiting[f].append(i)
-            elif not route(i, f, t):
-                awaiting[f] = deque((i,))
+            chosen = None
+            if f not in queues:  # others wait: never jump the queue
+                insts = fn_instances[f]
+                refresh(insts, t)
+                chosen = pick_warm(insts, tc)
+            if chosen is None:
+                self._join(i, f, t)
+            else:
+                self._serve(i, chosen, t)
             if progress is not None and i % report_every == 0:
                 progress(self.policy.name, i / n)
-        duration = self.trace.duration_s
-        while awaiting and next_step <= duration:  # the steps after the last arrival still place them
-            cluster.advance(next_step)
-            self._autoscale(demand, counts)
-            self._place_awaiting()
-            next_step += cfg.autoscaler_interval_s
-        for f, waiting in awaiting.items():  # censored: never served in the run
-            for i in waiting:
+        limit = self.trace.duration_s + DRAIN_LIMIT_S
+        self._run_events(limit, drain=True)
+        for q in self.queues.values():  # never served: counted with what they waited at least
+            for i in q:
                 self.unplaced += 1
-                self.startup[i] = cfg.duration_s - t_list[i] + self.slo_s[f]
+                self.startup[i] = limit - t_list[i]
                 self.cold[i] = True
-        cluster.advance(duration)
-        warm_w = gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W
+        cluster.advance(max(cluster.now, self.trace.duration_s))
+        return self._result(wall0, progress)
+
+    def _run_events(self, until: float, drain: bool = False) -> None:
+        """Autoscaler steps and the waiting heads' wake-ups due by `until`, in time order (with
+        `drain`: only while requests wait)."""
+        wakes, wake_at, cluster = self.wakes, self.wake_at, self.cluster
+        interval = self.cfg.autoscaler_interval_s
+        while not drain or self.queues:
+            w = wakes[0][0] if wakes else math.inf
+            if self.next_step <= until and self.next_step <= w:
+                cluster.advance(self.next_step)
+                self._autoscale(self.demand, self.counts)
+                self.next_step += interval
+            elif w <= until:
+                at, f = heappop(wakes)
+                if wake_at.get(f) == at:
+                    cluster.advance(max(at, cluster.now))
+                    self._wake(f, cluster.now)
+            else:
+                break
+
+    def _serve(self, i: int, inst: SimInstance, start: float) -> None:
+        """Request `i` takes a slot of `inst` at `start`: its startup, SLO and energy are counted,
+        and what the gateway learns when it ends is recorded for then."""
+        t = self.t_list[i]
+        f = inst.fn
+        if self.serving is None:
+            pf, held = self.prefill_req[i], self.exec_req[i]
+            pw, dw = self.pre_w, self.dec_w
+        else:  # batching and the governor (ember sim --energy)
+            batch = 1 + sum(1 for e in inst.ends if e > start)
+            c = self.serving.cost(self.prefill_req[i], self.step_fn[f], self.out_tok[i], batch, start - t,
+                                  self.slo_s[f])
+            pf, held, pw, dw = c.prefill_s, c.held_s, c.prefill_w, c.decode_w
+            self.tokens += self.out_tok[i]
+        end = start + held
+        heappush(inst.ends, end)
+        self.changing.add(inst)
+        inst.outstanding = len(inst.ends)
+        if end > inst.last_used_s:
+            inst.last_used_s = end
+        dev = inst.device
+        dev.node.version += 1
+        st = start - t
+        self.startup[i] = st
+        self.cold[i] = inst.ready_s > t
+        self.met[i] = st + pf <= self.slo_s[f]
+        self._request_ended_later(f, end, held, pf, start)
+        # Energy: charge the part of [start, end] this GPU was not already busy for.
+        bu = dev.busy_until
+        if start >= bu:
+            dev.extra_j += self.warm_w * min(gpu_model.WARM_IDLE_S, start - bu) if bu > 0 else 0.0
+            from_s = start
+        else:
+            from_s = bu
+        if end > from_s:
+            pf_end = start + pf
+            cov_pf = pf_end - from_s if pf_end > from_s else 0.0
+            dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
+            dev.busy_until = end
+
+    def _result(self, wall0: float, progress: Callable[[str, float], None] | None) -> SimResult:
+        duration = self.trace.duration_s
         energy = gpu_model.IDLE_POWER_W * len(self.devices) * duration
         for dev in self.devices:
             energy += dev.extra_j
             if dev.busy_until > 0:
-                energy += warm_w * max(0.0, min(gpu_model.WARM_IDLE_S, duration - dev.busy_until))
+                energy += self.warm_w * max(0.0, min(gpu_model.WARM_IDLE_S, duration - dev.busy_until))
         if progress is not None:
             progress(self.policy.name, 1.0)
         return SimResult(
@@ -251,124 +329,6 @@ class _Simulation(ControlPlane):
                    "peak_instances": self.peak_instances,
                    **{f"loads_{k}": v for k, v in self.tier_loads.items()}},
         )
-
-    def _place_awaiting(self) -> None:
-        """After an autoscaler step (its unloads are what frees devices): the requests that found no
-        instance and no device for one try again, each function's in arrival order, the functions
-        in the order their first one arrived (live, the head of a function's queue retries its
-        cold start every second until it is placed)."""
-        now = self.cluster.now
-        awaiting = self.awaiting
-        self.no_room_for = math.inf
-        for f in list(awaiting):
-            if self.nbytes[f] + self.kv_bytes[f] >= self.no_room_for:
-                continue  # a smaller one found no device and nothing to evict (it has no instance either)
-            waiting = awaiting[f]
-            while waiting:
-                i = waiting.popleft()
-                if not self._route(i, f, now):
-                    waiting.appendleft(i)
-                    break
-            if not waiting:
-                del awaiting[f]
-
-    def _route(self, i: int, f: int, now: float) -> bool:
-        """Serve request `i` of function `f` at `now` (its arrival, or a retry after it waited for a
-        placement): a warm slot, else the earliest slot or load of its instances, and a cold start
-        when the policy's scale-out rule says so. False when it has no instance and none could be
-        placed: it waits for a placement (`awaiting`)."""
-        heappop = heapq.heappop
-        t = self.t_list[i]
-        tc = self.cfg.target_concurrency
-        insts = self.fn_instances[f]
-        loading = 0
-        queued = 1  # this request
-        waiting = self.awaiting.get(f)
-        in_flight = 1 + (len(waiting) if waiting else 0)
-        for inst in insts:
-            ends = inst.ends
-            while ends and ends[0] <= now:
-                heappop(ends)
-            waits = inst.waits
-            while waits and waits[0] <= now:
-                heappop(waits)
-            in_flight += len(ends) + len(waits)
-            inst.outstanding = len(ends)
-            if inst.ready_s <= now:
-                inst.state = "ready"
-            else:
-                inst.state = "loading"
-                loading += 1
-                queued += len(ends)
-        chosen = pick_warm(insts, tc)
-        is_cold = now > t  # it waited for a placement
-        if chosen is not None:
-            start = now
-        else:
-            # Queue on the instance whose slot (or load) frees first.
-            start = math.inf
-            for inst in insts:
-                ends = inst.ends
-                s = inst.ready_s if len(ends) < tc else max(ends[0], inst.ready_s)
-                if s < start:
-                    start, chosen = s, inst
-            cs = self.cold_s[f]
-            if self.should_start(instances=len(insts), loading=loading, waiting=queued, in_flight=in_flight,
-                                 target_concurrency=tc, max_instances=self.cfg.max_instances,
-                                 predicted_wait_s=start - now, prefill_s=self.prefill_req[i],
-                                 ttft_slo_s=self.slo_s[f], cold_start_s=0.0 if cs is None else cs):
-                new = self._cold_start(f, now)
-                if new is not None and new.ready_s < start:
-                    chosen, start = new, new.ready_s
-            if chosen is None:
-                return False
-            is_cold = is_cold or chosen.ready_s > t
-            if start < now:
-                start = now
-        self._serve(i, f, chosen, start, is_cold)
-        return True
-
-    def _serve(self, i: int, f: int, chosen: SimInstance, start: float, is_cold: bool) -> None:
-        """Request `i` holds a slot of `chosen` from `start`: its startup, SLO and GPU energy."""
-        t = self.t_list[i]
-        slo = self.slo_s[f]
-        serving = self.serving
-        if serving is None:
-            pf, end, pw, dw = self.prefill_req[i], start + self.exec_req[i], _PREFILL_W, _DECODE_W
-        else:  # batching and the governor (ember sim --energy)
-            batch = 1
-            for e in chosen.ends:
-                if e > start:
-                    batch += 1
-            c = serving.cost(self.prefill_req[i], self.step_fn[f], self.out_tok[i], batch, start - t, slo)
-            pf, end, pw, dw = c.prefill_s, start + c.held_s, c.prefill_w, c.decode_w
-            self.tokens += self.out_tok[i]
-        ends = chosen.ends
-        if len(ends) < self.cfg.target_concurrency:
-            heapq.heappush(ends, end)
-        else:  # it takes the slot the earliest of them frees (`start`): that one is in flight until then
-            heapq.heapreplace(ends, end)
-            heapq.heappush(chosen.waits, start)
-        if end > chosen.last_used_s:
-            chosen.last_used_s = end
-        chosen.device.node.version += 1
-        st = start - t
-        self.startup[i] = st
-        self.cold[i] = is_cold
-        self.met[i] = st + pf <= slo
-        # Energy: charge the part of [start, end] this GPU was not already busy for.
-        dev = chosen.device
-        bu = dev.busy_until
-        if start >= bu:
-            dev.extra_j += _WARM_W * min(gpu_model.WARM_IDLE_S, start - bu) if bu > 0 else 0.0
-            from_s = start
-        else:
-            from_s = bu
-        if end > from_s:
-            pf_end = start + pf
-            cov_pf = pf_end - from_s if pf_end > from_s else 0.0
-            dev.extra_j += pw * cov_pf + dw * (end - from_s - cov_pf)
-            dev.busy_until = end
 
     def _request_costs(self) -> tuple[list[float], list[float]]:
         """Per request: prefill seconds and seconds holding a slot (prefill + decode), from the

@@ -58,7 +58,7 @@ class SimConfig:
     keep_alive_s: float = 60.0
     target_concurrency: int = 4
     max_instances: int = 8
-    autoscaler_interval_s: float = 10.0
+    autoscaler_interval_s: float = Settings.model_fields["autoscaler_interval_s"].default  # the gateway's
     prefetch: bool = True
     # each instance's KV budget, by the live rule (`function_kv_bytes`); the live settings' defaults
     kv_budget_tokens: int = Settings.model_fields["kv_budget_tokens"].default

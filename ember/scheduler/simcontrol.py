@@ -13,7 +13,7 @@ import time
 from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.estimator import EVICTION_S, SERVICE_EWMA_ALPHA, beside_weights, ewma
+from ember.scheduler.estimator import EVICTION_S, beside_weights
 from ember.scheduler.eviction import makes_room
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance
 from ember.scheduler.simconfig import SimConfig
@@ -37,7 +37,8 @@ class ControlPlane:
     slo_s: list[float]
     fn_index: dict[str, int]
     fn_instances: list[list[SimInstance]]
-    cold_s: list[float | None]
+    changing: set[SimInstance]  # loading, or with requests since the last autoscaler step
+    loads_ending: list[list[tuple[float, float]]]  # per function, heap of (ready, claim to ready)
     pending_prefetch: list[tuple[float, int, str, str, int]]
     prefetches: int
     decisions: int
@@ -46,7 +47,6 @@ class ControlPlane:
     loads: int
     tier_loads: dict[str, int]
     peak_instances: int
-    no_room_for: float  # the smallest size found not to fit anywhere (set by `_cold_start`)
 
     @property
     def now(self) -> float:
@@ -72,11 +72,8 @@ class ControlPlane:
         req = PlacementRequest(function=name, checkpoint=self.ckpt[f], nbytes=nb, ttft_slo_s=self.slo_s[f],
                                kv_bytes=self.kv_bytes[f])
         est = self._decide(req)
-        if est is None and makes_room(self.policy):
-            if self._relieve_pressure(req.room_bytes, name):
-                est = self._decide(req)  # then decide again
-            else:  # no device has room_bytes free, nor can have by evictions: nothing as large fits now
-                self.no_room_for = min(self.no_room_for, req.room_bytes)
+        if est is None and makes_room(self.policy) and self._relieve_pressure(req.room_bytes, name):
+            est = self._decide(req)  # then decide again
         if est is None:
             return None
         dev = self._device(est.node_id, est.device_id)
@@ -100,7 +97,7 @@ class ControlPlane:
         node.true_tier_until[tier] = start + transfer
         self.tier_loads[tier] += 1
         self.loads += 1
-        self.cold_s[f] = ewma(self.cold_s[f], ready - t, SERVICE_EWMA_ALPHA)
+        heapq.heappush(self.loads_ending[f], (ready, ready - t))  # learned when the load ends, as live
         dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
         inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t, req.kv_bytes)  # published: the estimate
         inst.load_tier = tier
@@ -108,6 +105,7 @@ class ControlPlane:
         inst.load_s = transfer
         cluster.schedule_load_end(inst)
         self.fn_instances[f].append(inst)
+        self.changing.add(inst)
         self.peak_instances = max(self.peak_instances, len(cluster.instances))
         if tier == "dram":
             cluster.dram_put(node, ck, nb)  # the entry is pinned and used now (LRU); new copies land at the load's end
@@ -119,6 +117,7 @@ class ControlPlane:
     def _forget(self, gone: list[SimInstance]) -> None:
         for inst in gone:
             self.fn_instances[inst.fn].remove(inst)
+            self.changing.discard(inst)
             self.evictions += 1
 
     def _decide(self, req: PlacementRequest):
@@ -134,6 +133,7 @@ class ControlPlane:
     def _remove(self, inst: SimInstance) -> None:
         self.cluster.remove(inst)
         self.fn_instances[inst.fn].remove(inst)
+        self.changing.discard(inst)
 
     # --- autoscaler ---------------------------------------------------------------------------
     def _autoscale(self, demand: DemandMeter, counts: dict[int, int]) -> None:
@@ -148,9 +148,18 @@ class ControlPlane:
         rates = demand.rates_per_s(now)
         self._apply_prefetches(now)
         instances = self.cluster.instances
-        for inst in instances.values():
-            inst.state = "ready" if inst.ready_s <= now else "loading"
-            inst.outstanding = 0 if inst.last_used_s <= now else sum(1 for e in inst.ends if e > now)
+        # The instances' state and outstanding requests at `now`: only those loading or serving
+        # since the last step can differ from ready and idle (the others are, and stay, until a
+        # request or a new ready time puts them back in `changing`)
+        for inst in list(self.changing):
+            ends = inst.ends
+            while ends and ends[0] <= now:
+                heapq.heappop(ends)
+            inst.outstanding = len(ends)
+            ready = inst.ready_s <= now
+            inst.state = "ready" if ready else "loading"
+            if ready and not ends:
+                self.changing.discard(inst)
         actions = self.autoscaler.step(self.specs, list(instances.values()), now,
                                        view=self.cluster if self.prefetch else None, demand_per_s=rates)
         for a in actions:

@@ -1,15 +1,28 @@
-"""The gateway's scale-out decision (Invoker._should_start): pure logic over instance records."""
+"""The gateway's scale-out decision (Invoker._should_start): pure logic over instance records,
+and the same decision as the simulator's on the same state."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import itertools
+import time
+from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
+import pytest
 
 from ember.config import Settings
 from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
+from ember.scheduler.autoscaler import Autoscaler
+from ember.scheduler.memcluster import SimInstance
 from ember.scheduler.policies import get_policy
+from ember.scheduler.sim import SimConfig, _Simulation
+from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementRequest
 
 
@@ -21,8 +34,10 @@ class Rec:
 
 
 class Instances:
-    def __init__(self, *states: str, outstanding: int = 0) -> None:
-        self.recs = [Rec(s, outstanding=outstanding if s == "ready" else 0) for s in states]
+    def __init__(self, *states: str, ages_s: tuple[float, ...] = (), outstanding: int = 0) -> None:
+        now = time.time()
+        self.recs = [Rec(s, now - (ages_s[k] if k < len(ages_s) else 0.0), outstanding if s == "ready" else 0)
+                     for k, s in enumerate(states)]
 
     def instances(self, function: str) -> list[Rec]:
         return self.recs
@@ -30,12 +45,12 @@ class Instances:
 
 def _decide(states: tuple[str, ...], waiting: int, *, service_s: float = 0.0, startup_s: float = 0.0,
             prefill_s: float = 0.0, max_instances: int = 4, target: int = 1, ttft_ms: float = 1000,
-            outstanding: int = 0, policy: str | None = None) -> bool:
+            ages_s: tuple[float, ...] = (), outstanding: int = 0, policy: str | None = None) -> bool:
     spec = FunctionSpec(name="f", **FunctionDeploy(checkpoint="c", slo={"ttft_ms": ttft_ms}, scaling={
         "max_instances": max_instances, "target_concurrency": target}).model_dump())
     chosen = get_policy(policy) if policy else None
-    inv = Invoker(Settings(), Instances(*states, outstanding=outstanding), None, GatewayMetrics(),  # type: ignore[arg-type]
-                  lambda s: chosen)
+    inv = Invoker(Settings(), Instances(*states, ages_s=ages_s, outstanding=outstanding), None,  # type: ignore[arg-type]
+                  GatewayMetrics(), lambda s: chosen)
     for _ in range(waiting):
         inv.queues.join("f")
     if service_s:
@@ -103,6 +118,64 @@ def test_a_serverlessllm_placement_that_finds_no_room_waits_instead_of_evicting(
         starter._make_room = make_room  # type: ignore[method-assign]
         assert asyncio.run(starter._place(spec, request, get_policy(name))) is None
         assert tried == ([] if name == "serverlessllm" else ["f"])
+
+
+# The simulator's side of the same decision: its waiting loop (GatewayWaits._should_start) on the
+# same state: instances (states, claimed how long ago), waiting requests and learned EWMAs.
+_SIM_NOW_S = 100.0
+
+
+@functools.cache
+def _one_function_sim(policy: str) -> _Simulation:
+    cfg = SimConfig(nodes=2, gpus_per_node=1, functions=1, duration_s=10.0, seed=0).check()
+    trace = Trace(["f"], np.zeros(1), np.zeros(1, dtype=np.int32), cfg.duration_s)
+    return _Simulation(cfg, trace, get_policy(policy), Autoscaler())
+
+
+def _sim_decides(states: tuple[str, ...], waiting: int, *, service_s: float, startup_s: float, prefill_s: float,
+                 max_instances: int, target: int, ttft_ms: float, ages_s: tuple[float, ...], outstanding: int,
+                 policy: str) -> bool:
+    sim = _one_function_sim(policy)
+    sim._init_waits(1)
+    sim.fn_instances[0] = []
+    name = sim.names[0]
+    sim.specs[name] = dataclasses.replace(sim.specs[name], max_instances=max_instances, target_concurrency=target,
+                                          ttft_slo_s=ttft_ms / 1000)
+    dev = sim.devices[0]
+    for k, state in enumerate(states):
+        inst = SimInstance(f"i{k}", 0, name, sim.ckpt[0], dev, 1, _SIM_NOW_S - ages_s[k])
+        inst.ready_s = _SIM_NOW_S - 1.0 if state == "ready" else _SIM_NOW_S + 1.0
+        inst.state = "ready" if state == "ready" else "loading"
+        inst.outstanding = outstanding if state == "ready" else 0
+        sim.fn_instances[0].append(inst)
+    sim.queues[0] = deque(range(waiting))
+    for table, value in ((sim.ewma_service_s, service_s), (sim.ewma_startup_s, startup_s),
+                         (sim.ewma_prefill_s, prefill_s)):
+        table[0] = value or None  # 0: nothing learned yet
+    return sim._should_start(0, _SIM_NOW_S)
+
+
+_STATES = [(), ("loading",), ("loading", "loading"), ("ready",), ("ready", "loading"), ("ready", "ready")]
+
+
+@pytest.mark.parametrize("policy", ["ember", "serverlessllm"])
+@pytest.mark.parametrize("states", _STATES)
+def test_the_simulator_decides_as_the_gateway_on_the_same_state(states, policy) -> None:
+    """The same instances, waiting requests and learned times give the same decision live and in
+    the simulator. Before, the simulator decided on what no gateway knows: the instances' real
+    slot-end and ready times, the request's own prefill and a cold-start average updated when a
+    load was claimed, not when it ended. A baseline's own rule (ServerlessLLM's, on the requests in
+    flight) is asked the same way on both sides."""
+    ages = (1.0, 6.0)[: len(states)]
+    grid = itertools.product((1, 2, 3, 6), (0.0, 0.5, 3.0), (0.0, 2.0, 8.0), (0.0, 0.6), (1, 2), (3, 8), (0, 1))
+    decisions = set()
+    for waiting, service_s, startup_s, prefill_s, target, max_instances, outstanding in grid:
+        kw = dict(service_s=service_s, startup_s=startup_s, prefill_s=prefill_s, max_instances=max_instances,
+                  target=target, ttft_ms=1000.0, ages_s=ages, outstanding=outstanding, policy=policy)
+        live = _decide(states, waiting, **kw)
+        assert _sim_decides(states, waiting, **kw) == live, (states, waiting, kw)
+        decisions.add(live)
+    assert decisions == ({True} if not states else {True, False})  # both answers occur (none: always start)
 
 
 def test_the_autoscaler_loop_survives_any_exception_a_step_throws() -> None:

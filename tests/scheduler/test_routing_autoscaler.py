@@ -8,7 +8,7 @@ import pytest
 
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
-from ember.scheduler.routing import pick_warm, predicted_wait_s, should_scale_out
+from ember.scheduler.routing import pick_warm, should_scale_out
 from tests.scheduler.sched_helpers import GB, StaticView, make_node
 
 
@@ -35,8 +35,6 @@ def test_scale_out_only_when_the_wait_breaks_the_slo() -> None:
     assert should_scale_out(2.0, 0.1, 1.0, instances=1, max_instances=4, cold_start_s=0.5)
     assert not should_scale_out(2.0, 0.1, 1.0, instances=4, max_instances=4)
     assert not should_scale_out(2.0, 0.1, 1.0, instances=1, max_instances=4, cold_start_s=5.0)
-    assert predicted_wait_s([12.0, 10.5], 10.0) == 0.5
-    assert predicted_wait_s([], 0.0) == float("inf")
 
 
 def test_serverlessllm_scales_to_its_in_flight_requests_counting_starting_instances() -> None:

@@ -32,7 +32,7 @@ from ember.platform.gateway.waiting import WaitQueues
 from ember.platform.gateway.worker_stream import Retry, error_from, prepend, worker_events
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
 from ember.scheduler.estimator import ewma_into
-from ember.scheduler.routing import scale_out_rule
+from ember.scheduler.routing import scale_out_rule, should_start_estimated
 
 log = logging.getLogger(__name__)
 
@@ -208,28 +208,17 @@ class Invoker:
 
     async def _should_start(self, spec: FunctionSpec) -> bool:
         """The scale-out rule of the function's placement policy (`routing.scale_out_rule`: Ember's
-        `should_start` or a baseline's own; the simulator asks the same) on what this gateway
-        knows: the function's instances (draining ones do not count), its waiting requests, those
-        in flight (waiting or holding a slot), and EWMAs of service, prefill and cold-start times.
-        The predicted wait: with a ready instance, the queue drains at slots/service_s per second;
-        with only starting ones, the earliest expected end of a load (the cold-start EWMA from when
-        each was placed)."""
-        instances = [i for i in await to_thread.run_sync(self.cluster.instances, spec.name) if i.state != "draining"]
-        s = spec.scaling
-        waiting = self.queues.waiting(spec.name)
-        starting = [i for i in instances if i.state in ("claimed", "loading")]
-        startup_s = self.starter.startup_s.get(spec.name, 0.0)
-        if instances and len(starting) == len(instances):
-            now = time.time()
-            wait_s = min(max(0.0, startup_s - (now - i.created_s)) for i in starting)
-        else:
-            wait_s = self.service_s.get(spec.name, 0.0) * waiting / max(1, len(instances) * s.target_concurrency)
-        rule = scale_out_rule(self.starter.policy_for(spec))
-        return rule(instances=len(instances), loading=len(starting), waiting=waiting,
-                    in_flight=waiting + sum(i.outstanding for i in instances),
-                    target_concurrency=s.target_concurrency, max_instances=s.max_instances,
-                    predicted_wait_s=wait_s, prefill_s=self.prefill_s.get(spec.name, 0.0),
-                    ttft_slo_s=spec.slo.ttft_ms / 1000, cold_start_s=startup_s)
+        `should_start` or a baseline's own) on what this gateway knows (`routing.should_start_estimated`,
+        the simulator's call too): the function's instances and when each was claimed, its waiting
+        requests, those in flight, and the EWMAs of service, prefill and cold-start times learned here."""
+        instances = await to_thread.run_sync(self.cluster.instances, spec.name)
+        s, name = spec.scaling, spec.name
+        return should_start_estimated(instances, waiting=self.queues.waiting(name),
+                                      target_concurrency=s.target_concurrency, max_instances=s.max_instances,
+                                      ttft_slo_s=spec.slo.ttft_ms / 1000, service_s=self.service_s.get(name, 0.0),
+                                      prefill_s=self.prefill_s.get(name, 0.0),
+                                      startup_s=self.starter.startup_s.get(name, 0.0), now_s=time.time(),
+                                      rule=scale_out_rule(self.starter.policy_for(spec)))
 
     def observe_done(self, function: str, done: dict[str, Any]) -> None:
         """Learn the function's prefill time from a finished request (the worker's ttft_s)."""
