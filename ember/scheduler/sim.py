@@ -41,8 +41,6 @@ end (time holding a slot, prefill) and when loads end (claim to ready). What rem
   queue since the head last woke, or its last placement found no room (the other inputs change
   only at wake-ups, except when `ember sim --fleet` drains a node, and the passing time only
   shortens the estimated wait on loading instances, which never turns a "no" into a "yes");
-- a placement that finds no room is tried again at the head's next wake-up (at most 1 s later);
-  live, the head places again as soon as the failed placement returns;
 - one gateway: live, each gateway has its own queues, heads and EWMAs;
 - no `slo_timeout_s`: a request waits until served (at most `DRAIN_LIMIT_S` past the trace's
   end, else it counts as never served); live it gets a 503 after 30 s;

@@ -211,3 +211,36 @@ def test_the_autoscaler_loop_survives_any_exception_a_step_throws() -> None:
 
     assert asyncio.run(run_a_while())
     assert len(steps) >= 6 and not thrown  # every exception thrown, and steps went on after them
+
+
+def test_a_placement_that_found_no_room_is_tried_again_at_the_next_wake_not_at_once() -> None:
+    """While no device has room, the waiting head places again when woken (a slot frees, an
+    instance becomes ready) or after its 1 s timeout, as the simulator's waiting loop does; before,
+    it placed again as soon as the failed placement returned, a Redis round trip after another."""
+    from ember.errors import NoCapacity
+
+    class Empty:
+        def instances(self, function: str) -> list:
+            return []
+
+        def acquire_warm(self, function: str, target: int, exclude) -> None:
+            return None
+
+        def mark_waiting(self, function: str, ttl_s: float) -> None:
+            pass
+
+    spec = FunctionSpec(name="f", **FunctionDeploy(checkpoint="c").model_dump())
+    inv = Invoker(Settings(slo_timeout_s=2.5), Empty(), None, GatewayMetrics(), lambda s: None)  # type: ignore[arg-type]
+    placements: list[float] = []
+
+    async def no_room(spec, placed) -> None:
+        placements.append(time.monotonic())
+        await asyncio.sleep(0.001)  # a placement's round trips
+        return None
+
+    inv.starter.cold_start = no_room  # type: ignore[method-assign]
+    with pytest.raises(NoCapacity):
+        asyncio.run(inv.acquire(spec))
+    # at 0, 1, 2 s and at the deadline's last wake, 2.5 s (before: ~2,000 in the 2.5 s)
+    assert 2 <= len(placements) <= 4
+    assert min(b - a for a, b in zip(placements, placements[1:], strict=False)) >= 0.4

@@ -139,9 +139,11 @@ class Invoker:
                 pending = {waiter} | ({starting} if starting is not None else set())
                 await asyncio.wait(pending, timeout=min(remaining, 1.0), return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
+                found_no_room = False
                 if starting is not None and starting.done():
                     cold = starting.result()  # a failed cold start fails the request that started it
                     starting = None
+                    found_no_room = cold is None
                     if cold is None and not waits_for_room:  # no device had room: the node scaler's signal
                         waits_for_room = True
                         self.waiting_for_room += 1
@@ -170,7 +172,9 @@ class Invoker:
                     return InvocationTarget(rec.instance_id, rec.node_id, rec.worker_url, waited_cold,
                                             cold.tier if cold else "warm",
                                             (time.monotonic() - t0) * 1000 if waited_cold else 0.0, name, rec)
-                if starting is None and await self._should_start(spec):
+                # A placement that found no room is tried again at the next wake (a slot freed, an
+                # instance ready, or the 1 s timeout), not at once: that spun on Redis while full.
+                if starting is None and not found_no_room and await self._should_start(spec):
                     placed = {}
                     starting = asyncio.ensure_future(self.starter.cold_start(spec, placed))
         finally:
