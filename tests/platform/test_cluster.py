@@ -508,3 +508,29 @@ def test_a_request_cancelled_while_taking_a_slot_leaks_none(redis_url: str) -> N
     asyncio.run(scenario())
     assert c.instance(p.instance_id).outstanding == 0
     assert c.acquire_warm("cx", 1) is not None
+
+
+def test_a_decision_reads_the_devices_with_room_for_its_claim_from_its_snapshot(redis_url: str) -> None:
+    """A placement asks for devices with room for weights + KV budget (`room_bytes`); the decision's
+    one snapshot holds exactly those, so no second read goes to Redis (before, the snapshot held
+    devices with room for the weights alone and every decision of a sized function read again)."""
+    from ember.platform.cluster import _DecisionView
+
+    c = _cluster(redis_url)
+    for k in range(4):
+        _register(c, f"n{k}", gpus=2, mem=80 * GB)
+    for k in range(3):
+        c.place(_req(f"g{k}", (30 + 10 * k) * GB), FirstFit())
+    req = PlacementRequest(function="f", checkpoint="ck-f", nbytes=20 * GB, kv_bytes=6 * GB)
+    live_reads: list[int] = []
+    direct = c.devices_with_room
+    c.devices_with_room = lambda nbytes, limit=16, spread=False: live_reads.append(nbytes) or direct(  # type: ignore[method-assign]
+        nbytes, limit, spread)
+    view = _DecisionView(c, req)
+    got = view.devices_with_room(req.room_bytes, limit=6)
+    assert live_reads == []
+    assert [(d.node_id, d.device_id, d.free_bytes) for d in got] == \
+        [(d.node_id, d.device_id, d.free_bytes) for d in direct(req.room_bytes, limit=6)]
+    from ember.scheduler.policies import get_policy
+
+    assert get_policy("ember").place(req, _DecisionView(c, req)) is not None and live_reads == []

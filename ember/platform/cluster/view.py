@@ -140,12 +140,12 @@ class DecisionView:
         req = self.request
         holders, rows, extra = self.cluster.scripts.decision_snapshot(
             keys=[Keys.devices_free],
-            args=[PREFIX, req.checkpoint, req.nbytes, self.ROOM_ROWS, repr(time.time()), self.SORT_ROWS,
+            args=[PREFIX, req.checkpoint, req.room_bytes, self.ROOM_ROWS, repr(time.time()), self.SORT_ROWS,
                   self.ROOM_NODES])
         now = time.time()
         self._holders = sorted((node_entry(e, now) for e in holders),
                                key=lambda n: (TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))
-        self._rows = room_devices(rows, req.nbytes, now)
+        self._rows = room_devices(rows, req.room_bytes, now)
         self._keep(self._holders)
         self._keep([node_entry(e, now) for e in extra])
 
@@ -172,7 +172,9 @@ class DecisionView:
         return self._holders if limit is None else self._holders[:limit]
 
     def devices_with_room(self, nbytes: int, limit: int = 16, spread: bool = False) -> Sequence[DeviceState]:
-        if spread or nbytes != self.request.nbytes or room_window(limit) > self.ROOM_ROWS:
+        # the snapshot holds the devices with room for the request's claim (weights + KV budget),
+        # what the policies ask for; anything else is read live
+        if spread or nbytes != self.request.room_bytes or room_window(limit) > self.ROOM_ROWS:
             return self.cluster.devices_with_room(nbytes, limit, spread)
         self._load()
         return choose_room(self._rows, limit, spread)

@@ -1,5 +1,5 @@
 -- What one placement decision reads, in one round trip. KEYS: devices_free
--- ARGV: prefix, checkpoint, nbytes, rows, now, sort_rows, nodes
+-- ARGV: prefix, checkpoint, nbytes (the claim: weights + KV budget), rows, now, sort_rows, nodes
 -- Returns {holder entries, device-with-room rows (scan order), entries of the first `nodes`
 -- non-holder nodes among the first `sort_rows` rows in packing order (awake, least queued,
 -- least free): the nodes a remote estimate would read next. A prefetch: misses fall through.
