@@ -16,6 +16,7 @@ baseline with a published scale-out rule of its own carries it as its policy's `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -107,9 +108,15 @@ def estimated_wait_s(starting_created_s: Sequence[float], instances: int, *, wai
     """The wait for a slot as the gateway can estimate it. With a ready instance, the queue drains
     at `instances * target_concurrency` slots per `service_s` (the learned time a request holds a
     slot; 0 before any request ended); with only starting ones, the earliest expected end of their
-    loads: the learned cold start `startup_s` after each was claimed (`starting_created_s`)."""
+    loads: the learned cold start `startup_s` after each was claimed (`starting_created_s`). Before
+    any request ended, how fast the queue drains is unknown: unbounded while more requests wait than
+    the starting instances will take, else none (as with only starting instances); before, a
+    fresh function never scaled past one ready instance until its first request ended, however
+    long the queue."""
     if instances and len(starting_created_s) == instances:
         return min(max(0.0, startup_s - (now_s - c)) for c in starting_created_s)
+    if service_s <= 0.0:
+        return math.inf if waiting > len(starting_created_s) * target_concurrency else 0.0
     return service_s * waiting / max(1, instances * target_concurrency)
 
 

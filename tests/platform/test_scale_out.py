@@ -244,3 +244,13 @@ def test_a_placement_that_found_no_room_is_tried_again_at_the_next_wake_not_at_o
     # at 0, 1, 2 s and at the deadline's last wake, 2.5 s (before: ~2,000 in the 2.5 s)
     assert 2 <= len(placements) <= 4
     assert min(b - a for a, b in zip(placements, placements[1:], strict=False)) >= 0.4
+
+
+def test_a_fresh_function_scales_out_before_its_first_request_ends() -> None:
+    """Before any request ended the gateway has no service time: requests waiting behind full ready
+    instances beyond what the starting ones will take start another instance (before: the wait was
+    estimated at 0 and a burst queued on one instance until its first request ended)."""
+    assert _decide(("ready",), 1)
+    assert not _decide(("ready", "loading"), 1)  # the loading instance will take it
+    assert _decide(("ready", "loading"), 2)
+    assert not _decide(("ready",), 3, service_s=0.01)  # once learned: the queue drains within the SLO
