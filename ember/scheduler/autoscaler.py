@@ -42,6 +42,7 @@ class ScalingSpec:
     keep_alive_s: float = 60.0
     target_concurrency: int = 4
     ttft_slo_s: float = 1.0
+    prefetch: bool = True  # its placement policy takes proactive DRAM copies (a baseline may not)
 
     def __post_init__(self) -> None:
         from ember.errors import ConfigError
@@ -213,7 +214,7 @@ class Autoscaler:
             if len(out) >= self.max_prefetch_per_step:
                 break
             spec = specs.get(fn)
-            if spec is None or not spec.checkpoint or spec.nbytes <= 0:
+            if spec is None or not spec.checkpoint or spec.nbytes <= 0 or not spec.prefetch:
                 continue
             holders = view.nodes_holding(spec.checkpoint, limit=self.prefetch_copies + 2)
             # A cold start from the nearest copy outside DRAM meets the SLO: nothing to do (checked

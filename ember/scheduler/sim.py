@@ -118,7 +118,7 @@ class _Simulation(GatewayWaits):
         self.serving = serving
         # Prefetching popular checkpoints into DRAM is Ember's; a baseline without it (its
         # published system has none) says so with `prefetch = False`.
-        self.prefetch = cfg.prefetch and getattr(policy, "prefetch", True)
+        self.prefetch = cfg.prefetch  # per function: its spec.prefetch (the policy's, as live)
         self.trace = trace
         self.policy = policy
         self.autoscaler = autoscaler
@@ -138,7 +138,8 @@ class _Simulation(GatewayWaits):
         self.specs = {
             n: ScalingSpec(function=n, checkpoint=self.ckpt[i], nbytes=self.nbytes[i], min_instances=0,
                            max_instances=cfg.max_instances, keep_alive_s=cfg.keep_alive_s,
-                           target_concurrency=cfg.target_concurrency, ttft_slo_s=self.slo_s[i])
+                           target_concurrency=cfg.target_concurrency, ttft_slo_s=self.slo_s[i],
+                           prefetch=bool(getattr(policy, "prefetch", True)))
             for i, n in enumerate(trace.functions)
         }
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}

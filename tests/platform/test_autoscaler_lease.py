@@ -26,7 +26,8 @@ def test_a_step_that_loses_its_lease_stops(redis_url: str, monkeypatch) -> None:
 
     def gateway(holder: str, cluster: RedisCluster) -> AutoscalerLoop:
         state = types.SimpleNamespace(settings=Settings(lease_ttl_s=1.5, autoscaler_interval_s=0.2),
-                                      demand=DemandMeter(), cluster=cluster, redis=cluster.r)
+                                      demand=DemandMeter(), cluster=cluster, redis=cluster.r,
+                                      policy_for=lambda spec: None)
         loop = AutoscalerLoop(types.SimpleNamespace(state=state), holder)
 
         async def long_step(cluster: RedisCluster, demand: dict) -> None:

@@ -43,7 +43,8 @@ def test_prefetch_of_a_pinned_checkpoint_is_sent_and_charged_to_its_source_tier(
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(worker)) as http:
             app = SimpleNamespace(state=SimpleNamespace(settings=Settings(), cluster=cluster, redis=cluster.r,
-                                                        metrics=GatewayMetrics(), demand=DemandMeter(), http=http))
+                                                        metrics=GatewayMetrics(), demand=DemandMeter(), http=http,
+                                                        policy_for=lambda spec: None))
             await AutoscalerLoop(app, "gw-test")._act(cluster, {"hot": 1.0})
 
     before = time.time()
@@ -70,7 +71,8 @@ def _steps(cluster: RedisCluster, worker, n: int) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(worker)) as http:
             app = SimpleNamespace(state=SimpleNamespace(settings=Settings(), cluster=cluster, redis=cluster.r,
-                                                        metrics=GatewayMetrics(), demand=DemandMeter(), http=http))
+                                                        metrics=GatewayMetrics(), demand=DemandMeter(), http=http,
+                                                        policy_for=lambda spec: None))
             loop = AutoscalerLoop(app, "gw-test")
             for _ in range(n):
                 await loop._act(cluster, {"hot": 1.0})

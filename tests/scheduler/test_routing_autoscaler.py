@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -132,6 +133,24 @@ def test_prefetch_popular_checkpoint_whose_ssd_cold_start_misses_the_slo() -> No
     two = StaticView([make_node("a", free=[80 * GB], holdings={"ck": "dram"}),
                       make_node("b", free=[80 * GB], holdings={"ck": "gpu"})])
     assert auto.step({"f": spec}, [], now=0.0, view=two, demand_per_s={"f": 1.0}) == []  # enough copies
+
+
+def test_a_function_whose_policy_takes_no_prefetches_gets_none_live_or_simulated() -> None:
+    """ServerlessLLM has no proactive DRAM copies: a function placed by that baseline gets no
+    prefetch from the autoscaler, live (the gateway's `scaling_spec` from the function's policy) as
+    in the simulator (its specs, from the same policy attribute). Before, only the simulator knew."""
+    from ember.platform.gateway.autoscaling import scaling_spec
+    from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
+    from ember.scheduler.policies import get_policy
+
+    fn = FunctionSpec(name="f", **FunctionDeploy(checkpoint="ck", slo={"ttft_ms": 2000}).model_dump())
+    view = StaticView([make_node("ssd", free=[80 * GB], holdings={"ck": "ssd"}),
+                       make_node("empty", free=[80 * GB])])
+    auto = Autoscaler(prefetch_copies=2, prefetch_min_rate_per_s=0.1)
+    for policy, prefetches in (("ember", 2), ("serverlessllm", 0)):
+        spec = dataclasses.replace(scaling_spec(fn, get_policy(policy)), nbytes=40 * GB)
+        actions = auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 1.0})
+        assert sum(isinstance(a, Prefetch) for a in actions) == prefetches, policy
 
 
 def test_a_prefetch_in_flight_counts_as_a_copy_and_is_never_sent_again() -> None:

@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, tracer_provider: Any = None) ->
 
     app = FastAPI(title="Ember gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.policy_for = _policy_for  # FunctionSpec -> its placement policy (invocations, autoscaler)
     app.state.metrics = GatewayMetrics()
     app.state.gateway_id = gateway_id
     app.state.demand = DemandMeter()

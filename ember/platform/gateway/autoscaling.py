@@ -29,11 +29,14 @@ from ember.scheduler.demand import DemandMeter
 log = logging.getLogger(__name__)
 
 
-def scaling_spec(spec: FunctionSpec) -> ScalingSpec:
+def scaling_spec(spec: FunctionSpec, policy: Any = None) -> ScalingSpec:
+    """How `spec` scales; `policy` (its placement policy) says whether it takes DRAM prefetches
+    (a baseline whose published system has none does not, as in the simulator)."""
     s = spec.scaling
     return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                        min_instances=s.min_instances, max_instances=s.max_instances, keep_alive_s=s.keep_alive_s,
-                       target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000)
+                       target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000,
+                       prefetch=bool(getattr(policy, "prefetch", True)))
 
 
 class AutoscalerLoop:
@@ -105,7 +108,8 @@ class AutoscalerLoop:
         if stuck:
             log.warning("autoscaler: reaped claims stuck starting past their deadline: %s", ", ".join(stuck))
         functions = await to_thread.run_sync(FunctionRegistry(self.app.state.redis).list)
-        specs = {f.name: scaling_spec(f) for f in functions}
+        policy_for = self.app.state.policy_for
+        specs = {f.name: scaling_spec(f, policy_for(f)) for f in functions}
         instances = [i for i in await to_thread.run_sync(cluster.instances)
                      if i.state != "draining"]  # on their way out already
         actions = await to_thread.run_sync(
