@@ -8,6 +8,9 @@ import time
 from collections import defaultdict
 
 
+FORGET_BELOW_PER_S = 1e-9  # a rate this low is no demand (prefetch needs ~0.05/s): forgotten
+
+
 class DemandMeter:
     def __init__(self, window_s: float = 60.0, now: float | None = None) -> None:
         self.window_s = window_s
@@ -27,8 +30,9 @@ class DemandMeter:
         alpha = min(1.0, dt / self.window_s)
         keep = 1 - alpha
         # keep * rate + alpha * count / dt for every function, in two passes over what changed: a
-        # function without requests only decays (adding its 0.0 changes no bit), a new one starts at 0
-        rates = {fn: keep * r for fn, r in self.rates.items()}
+        # function without requests only decays (adding its 0.0 changes no bit), a new one starts at 0;
+        # one decayed below FORGET_BELOW_PER_S is forgotten (deleted or idle functions, kept forever before)
+        rates = {fn: keep * r for fn, r in self.rates.items() if keep * r >= FORGET_BELOW_PER_S}
         for fn, c in self.counts.items():
             rates[fn] = rates.get(fn, 0.0) + alpha * c / dt
         self.counts.clear()

@@ -32,3 +32,18 @@ def test_the_simulator_feeds_the_autoscaler_the_gateways_demand() -> None:
     assert seen[-1] == pytest.approx(want)
     assert seen[-1][sim.names[0]] == pytest.approx(1 / 60)  # alpha 10/60 of 1 request per 10 s
     assert seen[-1][sim.names[0]] < Autoscaler().prefetch_min_rate_per_s  # one request is not popular
+
+
+def test_a_function_without_requests_is_forgotten_once_its_rate_has_decayed() -> None:
+    """A deleted or idle function's rate decays each step; once it is no demand at all it leaves
+    the meter (before, every function ever invoked kept an entry in every gateway for good)."""
+    meter = DemandMeter(now=0.0)
+    meter.count("gone")
+    meter.count("busy")
+    assert meter.rates_per_s(1.0)["gone"] > 0
+    steps = 0
+    while "gone" in meter.rates_per_s(1.0 + steps) and steps < 10_000:
+        meter.count("busy")
+        steps += 1
+    assert 100 < steps < 10_000  # ~1,500 one-second steps at a 60 s window, not at once
+    assert meter.rates_per_s(2.0 + steps)["busy"] > 0.5
