@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-
 FORGET_BELOW_PER_S = 1e-9  # a rate this low is no demand (prefetch needs ~0.05/s): forgotten
 
 
