@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ember.scheduler.estimator import tier_bandwidth_bps
 from ember.scheduler.view import ClusterView, Tier
@@ -53,6 +53,13 @@ class ScalingSpec:
             raise ConfigError(f"{self.function}: target_concurrency must be >= 1")
         if self.keep_alive_s < 0:
             raise ConfigError(f"{self.function}: keep_alive_s must be >= 0")
+
+
+def takes_prefetches(policy: Any) -> bool:
+    """Whether functions placed by `policy` get DRAM prefetches (`ScalingSpec.prefetch`; the
+    gateway's `scaling_spec` and the simulator both ask): not under a baseline whose published
+    system has none (`prefetch = False`)."""
+    return bool(getattr(policy, "prefetch", True))
 
 
 class ScalableInstance(Protocol):

@@ -31,7 +31,7 @@ from ember.scheduler.eviction import IdleInstance, choose_evictions
 from ember.scheduler.memory import claim_bytes, evictable_bytes, release_bytes
 from ember.scheduler.view import DeviceState, NodeState, Tier, choose_room, room_window, tier_rank
 
-__all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode"]
+__all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode", "refresh"]
 
 GiB = 1 << 30
 
@@ -63,6 +63,16 @@ class SimInstance:
         self.expected_end_s = now  # claim time + the placement's estimate
         self.load_s = 0.0  # the transfer itself (what a worker reports as the load's duration)
         self.loaded = False  # load_done applied
+
+
+def refresh(insts: Sequence[SimInstance], now: float) -> None:
+    """Set the instances' `outstanding` and `state` at `now` (ended requests leave their slots)."""
+    for inst in insts:
+        ends = inst.ends
+        while ends and ends[0] <= now:
+            heapq.heappop(ends)
+        inst.outstanding = len(ends)
+        inst.state = "ready" if inst.ready_s <= now else "loading"
 
 
 class SimDevice:
@@ -197,14 +207,8 @@ class MemCluster:
 
     def _device_state(self, d: SimDevice) -> DeviceState:
         now = self.now
-        idle = 0
-        if d.instances:
-            idle_now = [i for i in d.instances if i.ready_s <= now and i.last_used_s <= now]
-            if len(idle_now) == 1:  # evictable_bytes of one idle instance, without the generic walk (hot path)
-                i = idle_now[0]
-                idle = i.kv_bytes + (i.nbytes if d.weights.get(i.checkpoint, 0) <= 1 else 0)
-            elif idle_now:
-                idle = evictable_bytes(((i.checkpoint, i.nbytes, i.kv_bytes) for i in idle_now), d.weights)
+        idle = evictable_bytes([(i.checkpoint, i.nbytes, i.kv_bytes) for i in d.instances
+                                if i.ready_s <= now and i.last_used_s <= now], d.weights) if d.instances else 0
         queue = d.load_until - now
         return DeviceState(d.node_id, d.device_id, d.memory, d.free, len(d.instances), queue if queue > 0 else 0.0,
                            bool(d.instances), idle)

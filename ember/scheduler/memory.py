@@ -13,7 +13,7 @@ The KV budget an instance claims: the worker derives it when it sizes a checkpoi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 
 
 def kv_budget_bytes(kv_bytes_per_token: int, budget_tokens: int, budget_bytes: int = 0) -> int:
@@ -41,11 +41,17 @@ def release_bytes(nbytes: int, kv_bytes: int, last_holder: bool) -> int:
     return nbytes + kv_bytes if last_holder else kv_bytes
 
 
-def evictable_bytes(idle: Iterable[tuple[str, int, int]], holders: Mapping[str, int]) -> int:
+def evictable_bytes(idle: Sequence[tuple[str, int, int]], holders: Mapping[str, int]) -> int:
     """What evicting every idle instance of one device frees (`DeviceState.idle_bytes`): each one's
     KV budget, and a checkpoint's weights once when every instance of it on the device is idle.
     `idle`: (checkpoint, weight bytes, KV bytes) of the idle instances; `holders[checkpoint]`:
-    the device's instances of it, busy ones included."""
+    the device's instances of it, busy ones included. (Every read of the simulator's view asks
+    this per device: none or one idle instance, the common cases, skip the general walk.)"""
+    if len(idle) <= 1:
+        if not idle:
+            return 0
+        ck, nbytes, kv = idle[0]
+        return kv + (nbytes if holders.get(ck, 0) <= 1 else 0)
     total = 0
     idle_of: dict[str, list[int]] = {}
     for ck, nbytes, kv in idle:

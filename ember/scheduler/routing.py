@@ -110,9 +110,7 @@ def estimated_wait_s(starting_created_s: Sequence[float], instances: int, *, wai
     slot; 0 before any request ended); with only starting ones, the earliest expected end of their
     loads: the learned cold start `startup_s` after each was claimed (`starting_created_s`). Before
     any request ended, how fast the queue drains is unknown: unbounded while more requests wait than
-    the starting instances will take, else none (as with only starting instances); before, a
-    fresh function never scaled past one ready instance until its first request ended, however
-    long the queue."""
+    the starting instances will take, else none (as with only starting instances)."""
     if instances and len(starting_created_s) == instances:
         return min(max(0.0, startup_s - (now_s - c)) for c in starting_created_s)
     if service_s <= 0.0:

@@ -61,14 +61,14 @@ import numpy as np
 
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
-from ember.scheduler.autoscaler import Autoscaler, ScalingSpec
+from ember.scheduler.autoscaler import Autoscaler, ScalingSpec, takes_prefetches
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
+from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode, refresh
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm
 from ember.scheduler.serving import ServingModel
 from ember.scheduler.simconfig import SimConfig, SimResult, build_trace, function_kv_bytes
-from ember.scheduler.simwait import GatewayWaits, refresh
+from ember.scheduler.simwait import GatewayWaits
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementPolicy
 
@@ -116,9 +116,9 @@ class _Simulation(GatewayWaits):
                  serving: ServingModel | None = None) -> None:
         self.cfg = cfg
         self.serving = serving
-        # Prefetching popular checkpoints into DRAM is Ember's; a baseline without it (its
-        # published system has none) says so with `prefetch = False`.
-        self.prefetch = cfg.prefetch  # per function: its spec.prefetch (the policy's, as live)
+        # DRAM prefetches at all (cfg.prefetch); per function, its spec says whether its policy
+        # takes them (`takes_prefetches`, as the gateway's `scaling_spec`)
+        self.prefetch = cfg.prefetch
         self.trace = trace
         self.policy = policy
         self.autoscaler = autoscaler
@@ -139,7 +139,7 @@ class _Simulation(GatewayWaits):
             n: ScalingSpec(function=n, checkpoint=self.ckpt[i], nbytes=self.nbytes[i], min_instances=0,
                            max_instances=cfg.max_instances, keep_alive_s=cfg.keep_alive_s,
                            target_concurrency=cfg.target_concurrency, ttft_slo_s=self.slo_s[i],
-                           prefetch=bool(getattr(policy, "prefetch", True)))
+                           prefetch=takes_prefetches(policy))
             for i, n in enumerate(trace.functions)
         }
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}

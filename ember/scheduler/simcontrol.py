@@ -15,7 +15,7 @@ from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, Sc
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import EVICTION_S, beside_weights
 from ember.scheduler.eviction import makes_room
-from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance
+from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, refresh
 from ember.scheduler.simconfig import SimConfig
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
 
@@ -151,15 +151,9 @@ class ControlPlane:
         # The instances' state and outstanding requests at `now`: only those loading or serving
         # since the last step can differ from ready and idle (the others are, and stay, until a
         # request or a new ready time puts them back in `changing`)
-        for inst in list(self.changing):
-            ends = inst.ends
-            while ends and ends[0] <= now:
-                heapq.heappop(ends)
-            inst.outstanding = len(ends)
-            ready = inst.ready_s <= now
-            inst.state = "ready" if ready else "loading"
-            if ready and not ends:
-                self.changing.discard(inst)
+        changing = list(self.changing)
+        refresh(changing, now)
+        self.changing.difference_update([i for i in changing if i.state == "ready" and not i.ends])
         actions = self.autoscaler.step(self.specs, list(instances.values()), now,
                                        view=self.cluster if self.prefetch else None, demand_per_s=rates)
         for a in actions:

@@ -25,22 +25,12 @@ from collections import deque
 from heapq import heappop, heappush
 
 from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
-from ember.scheduler.memcluster import SimInstance
+from ember.scheduler.memcluster import SimInstance, refresh
 from ember.scheduler.routing import pick_warm, scale_out_rule, should_start_estimated
 from ember.scheduler.simcontrol import ControlPlane
 
 TIMEOUT_S = 1.0  # the waiting head's timeout (invoke.Invoker.acquire: min(remaining, 1.0))
 LEARN_BACKLOG = 64  # requests recorded for a function before its ended ones are folded in anyway (memory)
-
-
-def refresh(insts: list[SimInstance], now: float) -> None:
-    """Set the instances' `outstanding` and `state` at `now` (ended requests leave their slots)."""
-    for inst in insts:
-        ends = inst.ends
-        while ends and ends[0] <= now:
-            heappop(ends)
-        inst.outstanding = len(ends)
-        inst.state = "ready" if inst.ready_s <= now else "loading"
 
 
 class GatewayWaits(ControlPlane):

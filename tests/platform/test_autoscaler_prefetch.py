@@ -55,6 +55,34 @@ def test_prefetch_of_a_pinned_checkpoint_is_sent_and_charged_to_its_source_tier(
     assert busy_until >= before + 0.9 * nbytes / ssd_bps  # 8 GiB at 1 GB/s: the SSD is busy ~8.6 s
 
 
+def test_a_popular_function_under_a_baseline_without_prefetches_gets_none(redis_url: str) -> None:
+    """The live autoscaler step (real Redis, the gateway's policy mapping) on a popular function
+    placed by `serverlessllm`, whose published system has no proactive DRAM copies: nothing is sent
+    and its SSD's queue is untouched (the simulator gives it none either)."""
+    from ember.scheduler.policies import PolicyChooser
+
+    cluster = RedisCluster(redis.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=60)
+    ident = "file:///store/hot#0123abcd"
+    cluster.register_node("p0", "http://p0.invalid", [DeviceSpec("cuda:0", 80 << 30)], {"ssd": 1e9})
+    cluster.heartbeat("p0", {ident: "ssd"})
+    spec = FunctionSpec(name="hot", checkpoint="hot", checkpoint_id=ident, nbytes=8 << 30,
+                        placement_policy="serverlessllm")
+    cluster.r.hset(Keys.functions, "hot", spec.model_dump_json())
+    sent: list[httpx.Request] = []
+    policies = PolicyChooser("ember")
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(202))) \
+                as http:
+            app = SimpleNamespace(state=SimpleNamespace(
+                settings=Settings(), cluster=cluster, redis=cluster.r, metrics=GatewayMetrics(), demand=DemandMeter(),
+                http=http, policy_for=lambda f: policies.get(f.placement_policy or "ember")))
+            await AutoscalerLoop(app, "gw-test")._act(cluster, {"hot": 1.0})
+
+    asyncio.run(main())
+    assert sent == [] and cluster.r.hget(Keys.node("p0"), "tq:ssd") in (None, "0", "0.0")
+
+
 def _hot_cluster(redis_url: str) -> tuple[RedisCluster, str, int]:
     """Node p0 with `hot`'s checkpoint on its SSD (1 GB/s: 8 GiB miss a 1 s SLO), `hot` deployed."""
     cluster = RedisCluster(redis.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=60)

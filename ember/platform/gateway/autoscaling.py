@@ -23,7 +23,14 @@ from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
-from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
+from ember.scheduler.autoscaler import (
+    Autoscaler,
+    EnsureInstances,
+    Prefetch,
+    ScalingSpec,
+    Unload,
+    takes_prefetches,
+)
 from ember.scheduler.demand import DemandMeter
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,7 @@ def scaling_spec(spec: FunctionSpec, policy: Any = None) -> ScalingSpec:
     return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                        min_instances=s.min_instances, max_instances=s.max_instances, keep_alive_s=s.keep_alive_s,
                        target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000,
-                       prefetch=bool(getattr(policy, "prefetch", True)))
+                       prefetch=takes_prefetches(policy))
 
 
 class AutoscalerLoop:
