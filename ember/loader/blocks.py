@@ -1,12 +1,31 @@
-"""How the DRAM pool is cut into blocks: placing an entry's runs among the used ones (best fit,
-else the largest holes), and allocating the pool file's pages once."""
+"""How the DRAM pool is cut into blocks: an entry as its runs in the pool (DramEntry), placing an
+entry's runs among the used ones (best fit, else the largest holes), and allocating the pool
+file's pages once."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 from ember.loader import vm
+
+
+@dataclass(frozen=True)
+class DramEntry:
+    """A ready entry: where its bytes are in the pool and where its manifest/model files are."""
+
+    name: str
+    runs: tuple[tuple[int, int], ...]  # (byte offset in pool, byte length)
+    nbytes: int
+    meta_dir: Path
+    gen: str = ""  # which fill of `name` this is: pins and quarantine act on this one only
+    keep: int = 0  # retention priority: the lowest goes first (ember.loader.retention)
+
+    @property
+    def contiguous(self) -> bool:
+        return len(self.runs) == 1
 
 
 def fit_runs(used_runs: Iterable[list[int]], total_blocks: int, need: int) -> list[list[int]] | None:

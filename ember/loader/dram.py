@@ -1,12 +1,13 @@
-"""The DRAM tier: one shared-memory pool per node, cut into blocks, holding checkpoints LRU.
+"""The DRAM tier: one shared-memory pool per node, cut into blocks, holding checkpoints.
 
 The pool is a tmpfs file (/dev/shm) named from the node's data directory, so every process
 with the same EMBER_DATA_DIR finds it. It is allocated and touched once, when the first process
 opens it (fresh memory is slow to touch on VMs; reused memory is fast). A checkpoint occupies
 whole blocks, in one run when possible and in several runs otherwise; several runs are mapped
-back to back so tensors still see one contiguous buffer. Eviction is LRU and partial: only as
-many unpinned entries go as the new one needs, and a checkpoint larger than the pool is simply
-not cached here. Entries in use by a live process are pinned and never evicted.
+back to back so tensors still see one contiguous buffer. Eviction is partial: only as many
+unpinned entries go as the new one needs, the lowest retention priority (`keep`, set by the latest
+use) first, then the least recently used (`ember.loader.retention`); a checkpoint larger than the
+pool is simply not cached here. Entries in use by a live process are pinned and never evicted.
 
 The index (JSON) lives beside the pool and is changed only under an flock, by any process.
 """
@@ -19,12 +20,12 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from ember.loader import vm
-from ember.loader.blocks import fit_runs
+from ember.loader.blocks import DramEntry, fit_runs
 from ember.loader.locks import NodeLock, pid_alive
+from ember.loader.retention import victim
 from ember.loader.shm import (
     create_pool,
     read_index,
@@ -37,21 +38,6 @@ from ember.loader.shm import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 2 << 20
-
-
-@dataclass(frozen=True)
-class DramEntry:
-    """A ready entry: where its bytes are in the pool and where its manifest/model files are."""
-
-    name: str
-    runs: tuple[tuple[int, int], ...]  # (byte offset in pool, byte length)
-    nbytes: int
-    meta_dir: Path
-    gen: str = ""  # which fill of `name` this is: pins and quarantine act on this one only
-
-    @property
-    def contiguous(self) -> bool:
-        return len(self.runs) == 1
 
 
 class DramTier:
@@ -148,8 +134,9 @@ class DramTier:
             return sum(n * self.block_bytes for e in entries.values() for _, n in e["runs"])
 
     # --- pins -------------------------------------------------------------------------------
-    def pin(self, name: str) -> DramEntry | None:
-        """Pin a ready entry for this process (and mark it used); None if it is not there."""
+    def pin(self, name: str, keep: int | None = None) -> DramEntry | None:
+        """Pin a ready entry for this process and mark it used; `keep`, unless None, is its
+        retention priority from now on (the latest use sets it). None if the entry is not there."""
         with self._locked():
             index = self._read_index() or {"entries": {}}
             e = index["entries"].get(name)
@@ -158,6 +145,8 @@ class DramTier:
             pins = e.setdefault("pins", {})
             pins[str(self.pid)] = pins.get(str(self.pid), 0) + 1
             e["last_used"] = time.time()
+            if keep is not None:
+                e["keep"] = keep
             self._write_index(index)
             return self._entry(name, e)
 
@@ -183,10 +172,11 @@ class DramTier:
             self._write_index(index)
 
     # --- filling ----------------------------------------------------------------------------
-    def allocate(self, name: str, nbytes: int, ref: str = "") -> DramEntry | None:
-        """Reserve blocks for a new entry (evicting LRU unpinned entries as needed), pinned by
-        this process and in state "filling". None when the pool cannot hold it even empty of
-        unpinned entries, or another live process is filling the same name."""
+    def allocate(self, name: str, nbytes: int, ref: str = "", keep: int = 0) -> DramEntry | None:
+        """Reserve blocks for a new entry with retention priority `keep` (evicting unpinned
+        entries as needed, `retention.victim` first), pinned by this process and in state
+        "filling". None when the pool cannot hold it even empty of unpinned entries, or another
+        live process is filling the same name."""
         need = -(-nbytes // self.block_bytes) if nbytes else 1
         if need * self.block_bytes > self.capacity_bytes:
             return None
@@ -205,10 +195,11 @@ class DramTier:
                 runs = fit_runs((r for e in entries.values() for r in e["runs"]), total_blocks, need)
                 if runs is not None:
                     break
-                victim = self._lru_victim(entries)
-                if victim is None:
+                name_out = victim((n, e.get("keep", 0), e["last_used"])  # an index from before keep: 0
+                                  for n, e in entries.items() if not self._pinned(e))
+                if name_out is None:
                     return None
-                self._drop(entries, victim)
+                self._drop(entries, name_out)
             gen = uuid.uuid4().hex[:12]
             entries[name] = {
                 "runs": runs,
@@ -219,6 +210,7 @@ class DramTier:
                 "last_used": time.time(),
                 "gen": gen,
                 "ref": ref,
+                "keep": keep,
             }
             self._write_index(index)
             meta = self.dir / "meta" / f"{name}.{gen}"
@@ -371,7 +363,8 @@ class DramTier:
 
     def _entry(self, name: str, e: dict) -> DramEntry:
         runs = tuple((s * self.block_bytes, n * self.block_bytes) for s, n in e["runs"])
-        return DramEntry(name, runs, e["nbytes"], self.dir / "meta" / e.get("meta", f"{name}.{e['gen']}"), e["gen"])
+        meta = self.dir / "meta" / e.get("meta", f"{name}.{e['gen']}")
+        return DramEntry(name, runs, e["nbytes"], meta, e["gen"], e.get("keep", 0))
 
     @staticmethod
     def _find(entries: dict, entry: DramEntry) -> str | None:
@@ -390,10 +383,6 @@ class DramTier:
         if e["state"] == "filling" and pid_alive(e.get("pid", 0)):
             return True
         return any(pid_alive(int(pid)) for pid, n in e.get("pins", {}).items() if n > 0)
-
-    def _lru_victim(self, entries: dict) -> str | None:
-        candidates = [(e["last_used"], n) for n, e in entries.items() if not self._pinned(e)]
-        return min(candidates)[1] if candidates else None
 
 
 def _set_aside(entry: DramEntry) -> str:

@@ -23,9 +23,10 @@ if TYPE_CHECKING:
     from ember.loader.tiers import NodeTiers
 
 
-def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev):
-    """SSD (or any local converted directory) -> DRAM pool (when it fits) -> device. The
-    manifest, the model files and every chunk are verified; CheckpointError if one differs.
+def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev, dram_keep: int = 0):
+    """SSD (or any local converted directory) -> DRAM pool (when it fits, as an entry with retention
+    priority `dram_keep`) -> device. The manifest, the model files and every chunk are verified;
+    CheckpointError if one differs.
     Returns (state dict, manifest, DRAM entry or None, model files directory)."""
     import torch
 
@@ -34,7 +35,7 @@ def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev
     key = ident.key
     fds = open_partitions(directory, manifest, None)  # opened now: eviction cannot pull files away
     try:
-        entry = _dram_entry(tiers, ident, directory, manifest)
+        entry = _dram_entry(tiers, ident, directory, manifest, dram_keep)
         if entry is None:
             return read_private(tiers, manifest, fds, dev) + (None, directory / FILES_DIR)
         try:
@@ -58,14 +59,15 @@ def load_local(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, dev
             os.close(fd)
 
 
-def _dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, manifest: CheckpointManifest):
+def _dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, directory: Path, manifest: CheckpointManifest,
+                keep: int):
     """A new DRAM entry for the checkpoint with its manifest and model files copied beside it, or
     None when the pool cannot hold it. A shared-memory directory that cannot take the files (a
     full /dev/shm: ENOSPC) is the DRAM tier's trouble, not the SSD entry's: the entry is given up
     and the load serves from private memory."""
     entry = None
     try:
-        entry = tiers.dram.allocate(ident.key, manifest.total_bytes, ref=ident.ref)
+        entry = tiers.dram.allocate(ident.key, manifest.total_bytes, ref=ident.ref, keep=keep)
         if entry is not None:
             copy_meta(directory, entry.meta_dir)
         return entry

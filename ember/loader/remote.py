@@ -176,11 +176,12 @@ class _InOrderSha256:
         return self.sha.hexdigest()
 
 
-def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
-    """Remote -> (SSD temp entry + DRAM pool at once) -> device, verifying every chunk. An SSD
-    tier that cannot write (a full disk) is skipped: the load serves from memory. Returns (state
-    dict, manifest, DRAM entry or None, model files directory, what keeps the model files for the
-    instance (the SSD entry's pin, or this load's FallbackFiles) when no DRAM entry has them, else None)."""
+def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev, dram_keep: int = 0):
+    """Remote -> (SSD temp entry + DRAM pool at once, the DRAM entry with retention priority
+    `dram_keep`) -> device, verifying every chunk. An SSD tier that cannot write (a full disk) is
+    skipped: the load serves from memory. Returns (state dict, manifest, DRAM entry or None, model
+    files directory, what keeps the model files for the instance (the SSD entry's pin, or this
+    load's FallbackFiles) when no DRAM entry has them, else None)."""
     import torch
 
     name, key = ident.name, ident.key
@@ -210,7 +211,7 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
             tiers.ssd_unwritable(e)
     entry = ssd_pin = None
     try:
-        entry = _new_dram_entry(tiers, ident, total)
+        entry = _new_dram_entry(tiers, ident, total, dram_keep)
         view = None
         if entry is not None:
             view = tiers.dram.writable_view(entry)
@@ -266,11 +267,11 @@ def load_remote(tiers: NodeTiers, store, ident: CheckpointIdentity, dev):
     return tensors_from_buffer(manifest, buf), manifest, entry, files_dir, ssd_pin
 
 
-def _new_dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, nbytes: int) -> DramEntry | None:
+def _new_dram_entry(tiers: NodeTiers, ident: CheckpointIdentity, nbytes: int, keep: int) -> DramEntry | None:
     """A new DRAM entry to fill, or None: the pool cannot hold it, or its directory cannot be
     written (a full /dev/shm: said once in the log; the load serves from private memory)."""
     try:
-        return tiers.dram.allocate(ident.key, nbytes, ref=ident.ref)
+        return tiers.dram.allocate(ident.key, nbytes, ref=ident.ref, keep=keep)
     except OSError as e:
         with contextlib.suppress(OSError):
             tiers.dram.abort(ident.key)

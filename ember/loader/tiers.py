@@ -127,12 +127,13 @@ class NodeTiers:
         return cls(**kwargs)
 
     # --- the API the worker uses ------------------------------------------------------------------
-    def load(self, ref: str, device: str = "cpu") -> LoadedCheckpoint:
+    def load(self, ref: str, device: str = "cpu", dram_keep: int = 0) -> LoadedCheckpoint:
         """Load a checkpoint (a name in the node's store, a URI, either optionally pinned with
         `#DIGEST`) from its nearest tier. Entries are keyed by identity (store + manifest digest),
         never by a bare name. Every tier hit is verified; an entry that fails is dropped (logged)
         and the next tier, else the store, serves. Concurrent loads of one checkpoint in this
-        process are single-flight: the first fills the tiers, the others then hit DRAM."""
+        process are single-flight: the first fills the tiers, the others then hit DRAM.
+        `dram_keep`: the DRAM entry's retention priority from this use on (ember.loader.retention)."""
         ident = self.identity(ref)
         key = ident.key
         with self._names_lock:  # a lock per key while loads of it are in flight, then forgotten
@@ -141,7 +142,7 @@ class NodeTiers:
             self._name_locks[key] = (lock, users + 1)
         try:
             with lock:
-                return self._load(ident, device)
+                return self._load(ident, device, dram_keep)
         finally:
             with self._names_lock:
                 lock, users = self._name_locks[key]
@@ -164,7 +165,7 @@ class NodeTiers:
         """The tier entry key of a ref (see ember.loader.identity)."""
         return self.identity(ref).key
 
-    def _load(self, ident: CheckpointIdentity, device: str) -> LoadedCheckpoint:
+    def _load(self, ident: CheckpointIdentity, device: str, dram_keep: int) -> LoadedCheckpoint:
         import torch
 
         t0 = time.perf_counter()
@@ -175,7 +176,7 @@ class NodeTiers:
             if hit is not None:
                 return hit
         self.dram.wait_filling(key)
-        entry = self.dram.pin(key)
+        entry = self.dram.pin(key, keep=dram_keep)
         if entry is not None:
             try:
                 manifest, view = self._verified_dram(entry, ident)
@@ -199,7 +200,7 @@ class NodeTiers:
         pin = self.ssd.pin(key)  # held while the load reads it; and by the instance if its files are there
         if pin is not None:
             try:
-                sd, manifest, entry, files = load_local(self, ident, pin.path, dev)
+                sd, manifest, entry, files = load_local(self, ident, pin.path, dev, dram_keep)
             except (CheckpointError, OSError) as e:  # bad bytes, a truncated or unreadable file
                 pin.release()
                 self.ssd.remove(key)
@@ -215,7 +216,7 @@ class NodeTiers:
                     pin = None
                 return self._loaded(key, ident, sd, "ssd", t0, manifest, files, dev, entry, pin)
         store = self.store(ident.store_uri)
-        sd, manifest, entry, files, pin = load_remote(self, store, ident, dev)
+        sd, manifest, entry, files, pin = load_remote(self, store, ident, dev, dram_keep)
         return self._loaded(key, ident, sd, "remote", t0, manifest, files, dev, entry, pin)
 
     def _corrupt_dram(self, ref: str) -> None:

@@ -24,6 +24,9 @@ class LoadRequest(EmberModel):
     function: str
     checkpoint: str
     kv_budget_bytes: int = 0  # what the placement claimed for the KV cache (0: the worker's setting)
+    # the DRAM entry's retention priority from this load on (ember.loader.retention): the scheduler
+    # asks 1 where a cold start from the node's SSD would miss the function's TTFT SLO; 0 is plain LRU
+    dram_keep: int = Field(default=0, ge=0, le=9)
 
 
 class LoadResult(EmberModel):
@@ -42,6 +45,7 @@ class LoadResult(EmberModel):
 class PrefetchRequest(EmberModel):
     checkpoint: str
     tier: Literal["dram", "ssd"] = "dram"
+    dram_keep: int = Field(default=0, ge=0, le=9)  # as LoadRequest.dram_keep, for the prefetched entry
 
 
 class GenerateRequest(EmberModel):

@@ -89,7 +89,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     @app.post("/internal/prefetch", status_code=202)
     async def prefetch(body: PrefetchRequest, request: Request) -> dict[str, str]:
         node: WorkerNode = request.app.state.node
-        started = node.prefetch(body.checkpoint)
+        started = node.prefetch(body.checkpoint, body.dram_keep)
         # a repeat while one runs is ignored, and said: the gateway should not have sent it
         log.info("prefetch of %s into the DRAM tier: %s", body.checkpoint,
                  "started" if started else "already running, the repeat is ignored")

@@ -251,7 +251,7 @@ class WorkerNode(WorkerEnergy):
             self.records[iid] = rec
         try:
             device = rec.device_id if rec.device_id.startswith("cuda") else "cpu"
-            loaded = self.tiers.load(req.checkpoint, device=device)
+            loaded = self.tiers.load(req.checkpoint, device=device, dram_keep=req.dram_keep)
             try:
                 inst = ModelInstance.from_loaded(
                     iid, req.function, loaded, device=device, device_id=rec.device_id, step_listener=self.energy,
@@ -304,9 +304,9 @@ class WorkerNode(WorkerEnergy):
         heap.settle()  # after the answer's timing: the model's objects out of every later full collection
         return load_result(req.instance_id, loaded, startup_ms)
 
-    def prefetch(self, checkpoint: str) -> bool:
+    def prefetch(self, checkpoint: str, dram_keep: int = 0) -> bool:
         """Pull a checkpoint into this node's DRAM tier in the background; False when one runs."""
-        return self.prefetcher.start(checkpoint)
+        return self.prefetcher.start(checkpoint, dram_keep)
 
     def unload(self, instance_id: str, timeout_s: float | None = None) -> None:
         """Drop an instance once it has no active request (waiting up to `timeout_s`, default the

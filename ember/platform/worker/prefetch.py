@@ -34,19 +34,20 @@ class DramPrefetcher:
         self._running: set[str] = set()
         self._lock = threading.Lock()
 
-    def start(self, checkpoint: str) -> bool:
-        """Pull a checkpoint into the DRAM tier in the background (load, then release); False when
-        a prefetch of it is running already."""
+    def start(self, checkpoint: str, dram_keep: int = 0) -> bool:
+        """Pull a checkpoint into the DRAM tier in the background (load, then release), its entry
+        with retention priority `dram_keep`; False when a prefetch of it is running already."""
         with self._lock:
             if checkpoint in self._running:
                 return False
             self._running.add(checkpoint)
-        threading.Thread(target=self._run, args=(checkpoint,), name=f"prefetch-{checkpoint}", daemon=True).start()
+        threading.Thread(target=self._run, args=(checkpoint, dram_keep), name=f"prefetch-{checkpoint}",
+                         daemon=True).start()
         return True
 
-    def _run(self, checkpoint: str) -> None:
+    def _run(self, checkpoint: str, dram_keep: int) -> None:
         try:
-            self.tiers.load(checkpoint).release()
+            self.tiers.load(checkpoint, dram_keep=dram_keep).release()
             log.info("prefetched %s into the DRAM tier", checkpoint)
             self._landed(checkpoint)
         except Exception as e:  # noqa: BLE001 - a prefetch is an optimisation: logged, never a traceback

@@ -1,0 +1,79 @@
+"""`dram_keep` on the worker's wire, through a real worker (uvicorn, a real redis-server): a load
+or a prefetch sets the DRAM entry's retention priority; a body without it means 0 (plain LRU), one
+out of range is a 422, never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import redis
+
+from ember.loader import open_store
+from ember.loader.shm import shm_dir_for
+from ember.platform.cluster import RedisCluster
+from ember.scheduler.view import PlacementRequest, StartupEstimate
+from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers
+from tests.platform.conftest import until as _until
+
+WORKER = {"x-ember-cluster-token": CLUSTER_TOKEN}
+
+
+class OnW0:
+    name = "on_w0"
+
+    def place(self, request, view):
+        d = next(d for n in view.all_nodes() if n.node_id == "w0" for d in n.devices)
+        return StartupEstimate("w0", d.device_id, "remote", 0.1)
+
+
+def _dram_keep(cluster: TierCluster, checkpoint: str) -> int | None:
+    """The `keep` of the worker's ready DRAM entry of `checkpoint` as its index has it (None: no entry)."""
+    index = json.loads((shm_dir_for(cluster.node_dir) / "index.json").read_text())
+    got = [e.get("keep") for k, e in index["entries"].items()
+           if k.partition("@")[0] == checkpoint and e["state"] == "ready"]
+    return got[0] if got else None
+
+
+def test_dram_keep_in_a_load_or_prefetch_body_reaches_the_dram_entry(tier_cluster: TierCluster) -> None:
+    store = open_store(f"file://{tier_cluster.tmp / 'store'}")
+    for name in ("keepck", "keeppre"):
+        store.push(tier_cluster.tmp / "conv", name)
+    # deployed (idle instances kept 300 s): the gateway's autoscaler unloads instances of unknown functions
+    r = httpx.put(f"{tier_cluster.gateway.url}/v1/functions/keepf", headers=admin_headers(), timeout=60,
+                  json={"checkpoint": "keepck", "scaling": {"keep_alive_s": 300}})
+    assert r.status_code in (200, 201), r.text
+    c = RedisCluster(redis.Redis.from_url(tier_cluster.env["EMBER_REDIS_URL"], decode_responses=True))  # type: ignore[index]
+    url = f"{tier_cluster.worker.url}/internal/instances"
+
+    def load(**extra: object) -> httpx.Response:
+        placed = c.place(PlacementRequest(function="keepf", checkpoint="keepck", nbytes=1 << 20), OnW0())
+        assert placed is not None
+        r = httpx.post(url, headers=WORKER, timeout=120,
+                       json={"instance_id": placed.instance_id, "function": "keepf", "checkpoint": "keepck", **extra})
+        if r.status_code == 200:  # unloaded now
+            assert httpx.delete(f"{url}/{placed.instance_id}", headers=WORKER, timeout=30).status_code == 200
+        else:
+            c.remove_instance(placed.instance_id)
+        return r
+
+    first = load(dram_keep=1)
+    assert first.status_code == 200 and first.json()["tier"] == "remote", first.text
+    assert _dram_keep(tier_cluster, "keepck") == 1
+    again = load()  # an old gateway that does not send it: 0, the latest use sets it
+    assert again.status_code == 200 and again.json()["tier"] == "dram", again.text
+    assert _dram_keep(tier_cluster, "keepck") == 0
+
+    for bad in (99, -1, 10, "high"):
+        r = load(dram_keep=bad)
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert _dram_keep(tier_cluster, "keepck") == 0  # a refused body changed nothing
+
+    r = httpx.post(f"{tier_cluster.worker.url}/internal/prefetch", headers=WORKER, timeout=30,
+                   json={"checkpoint": "keeppre", "dram_keep": 99})
+    assert r.status_code == 422, r.text
+    r = httpx.post(f"{tier_cluster.worker.url}/internal/prefetch", headers=WORKER, timeout=30,
+                   json={"checkpoint": "keeppre", "dram_keep": 1})
+    assert r.status_code == 202, r.text
+    assert _until(lambda: _dram_keep(tier_cluster, "keeppre") == 1, 60), _dram_keep(tier_cluster, "keeppre")
