@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from ember.scheduler.caching import dram_keep
 from ember.scheduler.estimator import tier_bandwidth_bps
 from ember.scheduler.view import ClusterView, Tier
 
@@ -43,6 +44,7 @@ class ScalingSpec:
     target_concurrency: int = 4
     ttft_slo_s: float = 1.0
     prefetch: bool = True  # its placement policy takes proactive DRAM copies (a baseline may not)
+    slo_aware_cache: bool = False  # its policy asks DRAM tiers to keep SLO-saving copies first (`caching`)
 
     def __post_init__(self) -> None:
         from ember.errors import ConfigError
@@ -106,6 +108,7 @@ class Prefetch:
     node_id: str
     tier: Tier
     nbytes: int = 0  # what the copy moves: the executor charges it to the node's source tier
+    keep: int = 0  # the copy's retention priority in the node's DRAM tier (`caching.dram_keep`)
 
 
 Action = Unload | EnsureInstances | Prefetch
@@ -122,7 +125,7 @@ def of_another_checkpoint(checkpoint: str, instances: Iterable[InstT]) -> list[I
 class Autoscaler:
     """Stateless between steps apart from its settings, so any gateway can take over the lease."""
 
-    def __init__(self, *, prefetch_min_rate_per_s: float = 0.05, prefetch_copies: int = 2,
+    def __init__(self, *, prefetch_min_rate_per_s: float = 0.05, prefetch_copies: int = 1,
                  max_prefetch_per_step: int = 16, unload_unknown: bool = False) -> None:
         self.prefetch_min_rate_per_s = prefetch_min_rate_per_s
         self.prefetch_copies = prefetch_copies
@@ -244,5 +247,6 @@ class Autoscaler:
                         if node is not None:
                             targets.append(node)
             for node in targets[: self.prefetch_copies - len(near)]:
-                out.append(Prefetch(spec.checkpoint, node.node_id, "dram", spec.nbytes))
+                keep = dram_keep(spec.slo_aware_cache, spec.nbytes, spec.ttft_slo_s, node.bandwidth_bps.get("ssd"))
+                out.append(Prefetch(spec.checkpoint, node.node_id, "dram", spec.nbytes, keep))
         return out

@@ -20,6 +20,7 @@ from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from ember.loader.retention import victim
 from ember.scheduler.estimator import (
     DEFAULT_BANDWIDTH_BPS,
     ewma_bandwidth_bps,
@@ -39,7 +40,7 @@ GiB = 1 << 30
 class SimInstance:
     __slots__ = ("instance_id", "function", "fn", "checkpoint", "node_id", "device_id", "device", "nbytes",
                  "kv_bytes", "ready_s", "ends", "last_used_s", "created_s", "state", "outstanding", "tier",
-                 "load_tier", "expected_end_s", "load_s", "loaded")
+                 "load_tier", "expected_end_s", "load_s", "loaded", "dram_keep")
 
     def __init__(self, instance_id: str, fn: int, function: str, checkpoint: str, device: SimDevice,
                  nbytes: int, now: float, kv_bytes: int = 0) -> None:
@@ -61,6 +62,7 @@ class SimInstance:
         self.tier: Tier = "remote"  # the tier claimed (the placement's estimate)
         self.load_tier: Tier = "remote"  # the tier it really loads from
         self.expected_end_s = now  # claim time + the placement's estimate
+        self.dram_keep = 0  # the retention priority its load gives the node's DRAM copy (`caching.dram_keep`)
         self.load_s = 0.0  # the transfer itself (what a worker reports as the load's duration)
         self.loaded = False  # load_done applied
 
@@ -109,7 +111,7 @@ class SimNode:
         self.devices: list[SimDevice] = []
         self.true_bw = true_bw
         self.measured_bw = measured_bw
-        self.dram: OrderedDict[str, int] = OrderedDict()
+        self.dram: dict[str, list] = {}  # checkpoint -> [bytes, keep, last used] (the DRAM tier's index)
         self.dram_used = 0
         self.ssd: OrderedDict[str, int] = OrderedDict()
         self.ssd_used = 0
@@ -274,7 +276,7 @@ class MemCluster:
         if inst.load_tier != "gpu":
             if inst.load_tier == "remote":
                 self.ssd_put(node, inst.checkpoint, inst.nbytes)
-            self.dram_put(node, inst.checkpoint, inst.nbytes)
+            self.dram_put(node, inst.checkpoint, inst.nbytes, inst.dram_keep)
         node.version += 1
 
     def publish_prefetch(self, node: SimNode, src: Tier, nbytes: int, now: float) -> float:
@@ -385,17 +387,24 @@ class MemCluster:
             node.holdings[ck] = tier
             self.holders.setdefault(ck, {})[node.node_id] = None
 
-    def dram_put(self, node: SimNode, ck: str, nb: int) -> None:
-        if ck in node.dram:
-            node.dram.move_to_end(ck)
+    def dram_put(self, node: SimNode, ck: str, nb: int, keep: int = 0) -> None:
+        """A copy of `ck` in `node`'s DRAM tier, used now with retention priority `keep` (the latest
+        use sets it, as live); room is made by the live tier's rule (`retention.victim`: the
+        lowest keep, then the least recently used)."""
+        e = node.dram.get(ck)
+        if e is not None:
+            e[1] = keep
+            e[2] = self.now
             return
         if nb > self.dram_cache_bytes:
             return
-        node.dram[ck] = nb
+        node.dram[ck] = [nb, keep, self.now]
         node.dram_used += nb
         while node.dram_used > self.dram_cache_bytes:
-            old, size = node.dram.popitem(last=False)
-            node.dram_used -= size
+            old = victim((k, e[1], e[2]) for k, e in node.dram.items() if k != ck)
+            if old is None:
+                break
+            node.dram_used -= node.dram.pop(old)[0]
             self.set_tier(node, old)
         self.set_tier(node, ck)
 

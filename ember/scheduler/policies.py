@@ -105,6 +105,7 @@ class EmberPolicy:
 
     name = "ember"
     poll_interval_s = 0.0
+    slo_aware_cache = True  # DRAM tiers keep the copies that save an SLO first (`caching.dram_keep`)
 
     def __init__(self, *, margin_s: float = 0.25, margin_frac: float = 0.15, holders: int = 6,
                  remote_candidates: int = 6, remote_nodes: int = 3) -> None:

@@ -62,6 +62,7 @@ import numpy as np
 from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, ScalingSpec, takes_prefetches
+from ember.scheduler.caching import slo_aware_cache
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode, refresh
 from ember.scheduler.policies import POLICY_NAMES, get_policy
@@ -139,7 +140,7 @@ class _Simulation(GatewayWaits):
             n: ScalingSpec(function=n, checkpoint=self.ckpt[i], nbytes=self.nbytes[i], min_instances=0,
                            max_instances=cfg.max_instances, keep_alive_s=cfg.keep_alive_s,
                            target_concurrency=cfg.target_concurrency, ttft_slo_s=self.slo_s[i],
-                           prefetch=takes_prefetches(policy))
+                           prefetch=takes_prefetches(policy), slo_aware_cache=slo_aware_cache(policy))
             for i, n in enumerate(trace.functions)
         }
         self.fn_index = {n: i for i, n in enumerate(trace.functions)}

@@ -12,6 +12,7 @@ import time
 
 from ember.energy import simulated as gpu_model
 from ember.scheduler.autoscaler import Autoscaler, EnsureInstances, Prefetch, ScalingSpec, Unload
+from ember.scheduler.caching import dram_keep, slo_aware_cache
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import EVICTION_S, beside_weights
 from ember.scheduler.eviction import makes_room
@@ -39,7 +40,7 @@ class ControlPlane:
     fn_instances: list[list[SimInstance]]
     changing: set[SimInstance]  # loading, or with requests since the last autoscaler step
     loads_ending: list[list[tuple[float, float]]]  # per function, heap of (ready, claim to ready)
-    pending_prefetch: list[tuple[float, int, str, str, int]]
+    pending_prefetch: list[tuple[float, int, str, str, int, int]]  # (lands, seq, node, checkpoint, bytes, keep)
     prefetches: int
     decisions: int
     decision_s: float
@@ -101,6 +102,8 @@ class ControlPlane:
         dev.extra_j += (gpu_model.WARM_IDLE_POWER_W - gpu_model.IDLE_POWER_W) * (ready - start)
         inst = cluster.claim(f, name, ck, dev, nb, est.tier, est.seconds, t, req.kv_bytes)  # published: the estimate
         inst.load_tier = tier
+        # what the gateway asks the worker's DRAM tier to keep: by the node's learned SSD bandwidth
+        inst.dram_keep = dram_keep(slo_aware_cache(self.policy), nb, self.slo_s[f], node.measured_bw.get("ssd"))
         inst.ready_s = inst.last_used_s = ready
         inst.load_s = transfer
         cluster.schedule_load_end(inst)
@@ -108,7 +111,7 @@ class ControlPlane:
         self.changing.add(inst)
         self.peak_instances = max(self.peak_instances, len(cluster.instances))
         if tier == "dram":
-            cluster.dram_put(node, ck, nb)  # the entry is pinned and used now (LRU); new copies land at the load's end
+            cluster.dram_put(node, ck, nb, inst.dram_keep)  # the entry is used now; new copies land at the load's end
         return inst
 
     def _device(self, node_id: str, device_id: str) -> SimDevice:
@@ -187,17 +190,17 @@ class ControlPlane:
         done = start + nb / node.true_bw[src]
         node.true_tier_until[src] = done
         self.prefetches += 1
-        heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb))
+        heapq.heappush(self.pending_prefetch, (done, self.prefetches, node.node_id, a.checkpoint, nb, a.keep))
 
     def _apply_prefetches(self, now: float) -> None:
         pending = self.pending_prefetch
         cluster = self.cluster
         while pending and pending[0][0] <= now:
-            _, _, node_id, ck, nb = heapq.heappop(pending)
+            _, _, node_id, ck, nb, keep = heapq.heappop(pending)
             node = cluster.nodes_by_id[node_id]
             if ck not in node.ssd:
                 cluster.ssd_put(node, ck, nb)
-            cluster.dram_put(node, ck, nb)
+            cluster.dram_put(node, ck, nb, keep)
             cluster.set_tier(node, ck)
             if ck in node.dram:  # published in DRAM: the worker ends the record (else it expires)
                 cluster.prefetch_landed(node, ck)

@@ -23,6 +23,7 @@ from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.state import Keys
 from ember.scheduler.demand import DemandMeter
+from ember.scheduler.policies import get_policy
 from ember.scheduler.estimator import prefetch_expiry_s
 from tests.platform.conftest import admin_headers, base_env, feed_fifo, start_gateway, start_worker, until
 
@@ -44,13 +45,13 @@ def test_prefetch_of_a_pinned_checkpoint_is_sent_and_charged_to_its_source_tier(
         async with httpx.AsyncClient(transport=httpx.MockTransport(worker)) as http:
             app = SimpleNamespace(state=SimpleNamespace(settings=Settings(), cluster=cluster, redis=cluster.r,
                                                         metrics=GatewayMetrics(), demand=DemandMeter(), http=http,
-                                                        policy_for=lambda spec: None))
+                                                        policy_for=lambda spec: get_policy("ember")))
             await AutoscalerLoop(app, "gw-test")._act(cluster, {"hot": 1.0})
 
     before = time.time()
     asyncio.run(main())
     assert [(r.url.path, json.loads(r.read())) for r in sent] == [
-        ("/internal/prefetch", {"checkpoint": ident, "tier": "dram"})]
+        ("/internal/prefetch", {"checkpoint": ident, "tier": "dram", "dram_keep": 1})]  # kept first: 8.6 s > 1 s SLO
     busy_until = float(cluster.r.hget(Keys.node("p0"), "tq:ssd") or 0)
     assert busy_until >= before + 0.9 * nbytes / ssd_bps  # 8 GiB at 1 GB/s: the SSD is busy ~8.6 s
 

@@ -151,6 +151,9 @@ def test_a_function_whose_policy_takes_no_prefetches_gets_none_live_or_simulated
         spec = dataclasses.replace(scaling_spec(fn, get_policy(policy)), nbytes=40 * GB)
         actions = auto.step({"f": spec}, [], now=0.0, view=view, demand_per_s={"f": 1.0})
         assert sum(isinstance(a, Prefetch) for a in actions) == prefetches, policy
+        # ember's copies are kept first by the worker's DRAM tier: a 40 GB SSD load misses a 2 s SLO
+        assert spec.slo_aware_cache is (policy == "ember")
+        assert all(a.keep == 1 for a in actions if isinstance(a, Prefetch)), actions
 
 
 def test_a_prefetch_in_flight_counts_as_a_copy_and_is_never_sent_again() -> None:

@@ -65,7 +65,9 @@ class InstanceLifecycle(ClusterBase):
                       rec.instance_id, request.max_instances or 0, *fields],
             )
             if isinstance(url, str):
-                return Placement(rec.instance_id, est.node_id, est.device_id, url, est.tier, est.seconds)
+                node = view.node(est.node_id)  # read by the decision (the cold start's DRAM keep needs it)
+                ssd_bps = node.bandwidth_bps.get("ssd", 0.0) if node is not None else 0.0
+                return Placement(rec.instance_id, est.node_id, est.device_id, url, est.tier, est.seconds, ssd_bps)
             if url == -2:  # the function already has max_instances (another gateway won the race)
                 return None
         return None

@@ -101,6 +101,7 @@ class Placement:
     worker_url: str
     tier: str
     estimate_s: float
+    ssd_bps: float = 0.0  # the node's learned SSD bandwidth as the decision read it (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from ember.scheduler.autoscaler import (
     Unload,
     takes_prefetches,
 )
+from ember.scheduler.caching import slo_aware_cache
 from ember.scheduler.demand import DemandMeter
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ log = logging.getLogger(__name__)
 
 def scaling_spec(spec: FunctionSpec, policy: Any = None) -> ScalingSpec:
     """How `spec` scales; `policy` (its placement policy) says whether it takes DRAM prefetches
-    (a baseline whose published system has none does not, as in the simulator)."""
+    (a baseline whose published system has none does not, as in the simulator) and whether its
+    copies are kept by their SLO (`caching`)."""
     s = spec.scaling
     return ScalingSpec(function=spec.name, checkpoint=spec.checkpoint_ref, nbytes=spec.nbytes,
                        min_instances=s.min_instances, max_instances=s.max_instances, keep_alive_s=s.keep_alive_s,
                        target_concurrency=s.target_concurrency, ttft_slo_s=spec.slo.ttft_ms / 1000,
-                       prefetch=takes_prefetches(policy))
+                       prefetch=takes_prefetches(policy), slo_aware_cache=slo_aware_cache(policy))
 
 
 class AutoscalerLoop:
@@ -159,7 +161,8 @@ class AutoscalerLoop:
         failure = ""
         try:
             r = await self.app.state.http.post(
-                f"{url}/internal/prefetch", json={"checkpoint": action.checkpoint, "tier": action.tier},
+                f"{url}/internal/prefetch", json={"checkpoint": action.checkpoint, "tier": action.tier,
+                                                     "dram_keep": action.keep},
                 headers={CLUSTER_TOKEN_HEADER: self.settings.resolved_cluster_token()}, timeout=5.0)
             if not r.is_success:
                 failure = f"worker answered {r.status_code}: {r.text[:200]}"

@@ -27,6 +27,7 @@ from ember.platform.gateway.registry import FunctionRegistry
 from ember.platform.gateway.worker_stream import worker_error
 from ember.platform.loadqueues import LoadQueues
 from ember.platform.wire import CLUSTER_TOKEN_HEADER
+from ember.scheduler.caching import dram_keep, slo_aware_cache
 from ember.scheduler.estimator import ewma_into
 from ember.scheduler.eviction import makes_room, plan_evictions
 from ember.scheduler.memory import instance_kv_bytes
@@ -143,12 +144,17 @@ class InstanceStarter:
         return result
 
     async def _load_on_worker(self, spec: FunctionSpec, placement: Any) -> LoadResult | None:
-        """POST the load to the placed worker; None when the worker is gone (place again)."""
+        """POST the load to the placed worker; None when the worker is gone (place again). The
+        worker's DRAM tier keeps the copy by the function's policy (`caching.dram_keep`, as the
+        simulator's cold start decides it, on the node's SSD bandwidth the placement read)."""
+        keep = dram_keep(slo_aware_cache(self.policy_for(spec)), spec.nbytes, spec.slo.ttft_ms / 1000,
+                         placement.ssd_bps)
         try:
             resp = await self.http.post(
                 f"{placement.worker_url}/internal/instances",
                 json={"instance_id": placement.instance_id, "function": spec.name, "checkpoint": spec.checkpoint_ref,
-                      "kv_budget_bytes": instance_kv_bytes(spec.kv_bytes, self.settings.kv_budget_bytes)},
+                      "kv_budget_bytes": instance_kv_bytes(spec.kv_bytes, self.settings.kv_budget_bytes),
+                      "dram_keep": keep},
                 headers={CLUSTER_TOKEN_HEADER: self.token},
                 timeout=httpx.Timeout(self.settings.slo_timeout_s * 4, connect=self.settings.worker_connect_timeout_s),
             )
