@@ -23,8 +23,8 @@ from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionSpec
 from ember.platform.state import Keys
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.policies import get_policy
 from ember.scheduler.estimator import prefetch_expiry_s
+from ember.scheduler.policies import get_policy
 from tests.platform.conftest import admin_headers, base_env, feed_fifo, start_gateway, start_worker, until
 
 
