@@ -45,6 +45,11 @@ class InstanceLifecycle(ClusterBase):
                                            dev.free_bytes, request.function)
                 if evicted is not None:
                     evicted.extend(gone)
+                if not gone and dev.free_bytes < need:
+                    # its idle bytes could not be freed (an instance min_instances keeps, or one that
+                    # took a request): no room now. Not a lost race, so no retry on the same view
+                    # (it chose the same device again, 4 decisions a wake); the simulator's twin returns too
+                    return None
             now = time.time()
             rec = InstanceRecord(
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,
