@@ -534,3 +534,42 @@ def test_a_decision_reads_the_devices_with_room_for_its_claim_from_its_snapshot(
     from ember.scheduler.policies import get_policy
 
     assert get_policy("ember").place(req, _DecisionView(c, req)) is not None and live_reads == []
+
+
+class OnNode:
+    """A test policy: the first device of one node."""
+
+    name = "on_node"
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def place(self, request, view):
+        d = next(d for n in view.all_nodes() if n.node_id == self.node for d in n.devices)
+        return StartupEstimate(d.node_id, d.device_id, "remote", 1.0)
+
+
+def test_a_device_whose_idle_bytes_cannot_be_freed_is_not_chosen_again(redis_url: str) -> None:
+    """`ember` may choose a device for its idle bytes (here: the waiter's checkpoint is in node a's
+    DRAM, 0.3 s, against 6 s from remote on b). When they cannot be freed (min_instances keeps the
+    idle instance), the placement decides again without them and takes the device with room on b.
+    Before: the same device on each of its tries (the view unchanged), and nothing placed while b
+    had room: the request waited, a wake after another, for as long as the keeper lived."""
+    from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
+    from ember.scheduler.policies import get_policy
+
+    c = _cluster(redis_url)
+    _register(c, "a", gpus=1, mem=10 * GB)
+    _register(c, "b", gpus=1, mem=10 * GB)
+    spec = FunctionSpec(name="keeper", **FunctionDeploy(checkpoint="ck-keeper", scaling={"min_instances": 1}).model_dump())
+    c.r.hset(Keys.functions, "keeper", spec.model_dump_json())
+    keeper = c.place(_req("keeper", 8 * GB), OnNode("a"))
+    assert keeper is not None and keeper.node_id == "a"
+    assert c.begin_load(keeper.instance_id) and c.mark_ready(keeper.instance_id, "keeper")
+    c.heartbeat("a", {"ck-waiter": "dram"})
+    c.heartbeat("b", {})
+    a = next(n for n in c.all_nodes() if n.node_id == "a")
+    assert a.devices[0].idle_bytes == 8 * GB  # published as evictable: min_instances is the gateway's rule
+    placed = c.place(_req("waiter", 6 * GB), get_policy("ember"))
+    assert placed is not None and placed.node_id == "b"
+    assert [i.state for i in c.instances("keeper")] == ["ready"]  # never evicted below its minimum

@@ -32,8 +32,9 @@ class InstanceLifecycle(ClusterBase):
         unload them). The simulator's `ControlPlane._cold_start` is the twin."""
         from ember.platform.loadqueues import evict_for_placement
 
+        unfreeable: set[str] = set()  # devices whose idle bytes this placement found it cannot free
         for _ in range(_CLAIM_ATTEMPTS):
-            view = DecisionView(self, request)  # type: ignore[arg-type]
+            view = DecisionView(self, request, unfreeable)  # type: ignore[arg-type]
             holds = self._holds_weights(request)
             est = policy.place(request, view) or beside_weights(request, self, holds)  # type: ignore[arg-type]
             if est is None:
@@ -47,9 +48,10 @@ class InstanceLifecycle(ClusterBase):
                     evicted.extend(gone)
                 if not gone and dev.free_bytes < need:
                     # its idle bytes could not be freed (an instance min_instances keeps, or one that
-                    # took a request): no room now. Not a lost race, so no retry on the same view
-                    # (it chose the same device again, 4 decisions a wake); the simulator's twin returns too
-                    return None
+                    # took a request): decide again without counting them, so that a device with room
+                    # elsewhere is chosen (before: the same device on every try, nothing placed)
+                    unfreeable.add(dev.key)
+                    continue
             now = time.time()
             rec = InstanceRecord(
                 instance_id=uuid.uuid4().hex[:16], function=request.function, checkpoint=request.checkpoint,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
+from dataclasses import replace
 from typing import cast
 
 from ember.platform.cluster.base import ClusterBase, state_errors
@@ -127,9 +128,10 @@ class DecisionView:
     SORT_ROWS = 12  # rows whose nodes may be prefetched (ember asks for 6 devices: 12 rows)
     ROOM_NODES = 4  # nodes prefetched whole, in packing order (remote estimates need bandwidths)
 
-    def __init__(self, cluster: ClusterReads, request: PlacementRequest) -> None:
+    def __init__(self, cluster: ClusterReads, request: PlacementRequest, unfreeable: Set[str] = frozenset()) -> None:
         self.cluster = cluster
         self.request = request
+        self.unfreeable = unfreeable  # "node/device" keys whose idle bytes are shown as 0 (cannot be freed)
         self.cache: dict[str, NodeState] = {}
         self._holders: list[NodeState] | None = None
         self._rows: list[DeviceState] = []
@@ -145,14 +147,22 @@ class DecisionView:
         now = time.time()
         self._holders = sorted((node_entry(e, now) for e in holders),
                                key=lambda n: (TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))
-        self._rows = room_devices(rows, req.room_bytes, now)
+        self._rows = [replace(d, idle_bytes=0) if d.key in self.unfreeable else d
+                      for d in room_devices(rows, req.room_bytes, now)]
         self._keep(self._holders)
         self._keep([node_entry(e, now) for e in extra])
 
     def _keep(self, nodes: Sequence[NodeState]) -> Sequence[NodeState]:
+        if self.unfreeable:
+            nodes = [self._without_unfreeable(n) for n in nodes]
         for n in nodes:
             self.cache[n.node_id] = n
         return nodes
+
+    def _without_unfreeable(self, node: NodeState) -> NodeState:
+        if any(d.key in self.unfreeable for d in node.devices):
+            node.devices = tuple(replace(d, idle_bytes=0) if d.key in self.unfreeable else d for d in node.devices)
+        return node
 
     def node(self, node_id: str) -> NodeState | None:
         found = self.nodes([node_id])
