@@ -66,7 +66,7 @@ class LoadedCheckpoint:
     ref: str = ""  # the canonical ref (store/name#digest) of what was loaded
 
     def release(self) -> None:
-        """This process no longer uses the tensors; the DRAM entry stays cached (LRU).
+        """This process no longer uses the tensors; the DRAM entry stays cached (by its keep, then LRU).
         Drop every model built on them first: released bytes may be evicted and reused."""
         self.state_dict = {}
         if self._on_release is not None:
