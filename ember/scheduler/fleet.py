@@ -283,7 +283,6 @@ class _FleetSimulation(_Simulation):
         self.scale_ins += 1
         self.activity.forget(n.node_id for n in self.node_list if n.node_id not in self.absent)
         node.dram.clear()
-        node.dram_used = 0
         if not self.fleet.ssd_kept_when_stopped:
             node.ssd.clear()
             node.ssd_used = 0

@@ -20,7 +20,6 @@ from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from ember.loader.retention import victim
 from ember.scheduler.estimator import (
     DEFAULT_BANDWIDTH_BPS,
     ewma_bandwidth_bps,
@@ -30,6 +29,7 @@ from ember.scheduler.estimator import (
 )
 from ember.scheduler.eviction import IdleInstance, choose_evictions
 from ember.scheduler.memory import claim_bytes, evictable_bytes, release_bytes
+from ember.scheduler.simdram import SimDram
 from ember.scheduler.view import DeviceState, NodeState, Tier, choose_room, room_window, tier_rank
 
 __all__ = ["MemCluster", "SimDevice", "SimInstance", "SimNode", "refresh"]
@@ -103,16 +103,16 @@ class SimDevice:
 
 
 class SimNode:
-    __slots__ = ("node_id", "devices", "true_bw", "measured_bw", "dram", "dram_used", "ssd", "ssd_used",
+    __slots__ = ("node_id", "devices", "true_bw", "measured_bw", "dram", "ssd", "ssd_used",
                  "holdings", "tier_until", "true_tier_until", "version", "cached", "cached_at")
 
-    def __init__(self, node_id: str, true_bw: dict[str, float], measured_bw: dict[str, float]) -> None:
+    def __init__(self, node_id: str, true_bw: dict[str, float], measured_bw: dict[str, float],
+                 dram_bytes: int = 0) -> None:
         self.node_id = node_id
         self.devices: list[SimDevice] = []
         self.true_bw = true_bw
         self.measured_bw = measured_bw
-        self.dram: dict[str, list] = {}  # checkpoint -> [bytes, keep, last used] (the DRAM tier's index)
-        self.dram_used = 0
+        self.dram = SimDram(dram_bytes)  # the DRAM tier: its index and the live tier's eviction rule
         self.ssd: OrderedDict[str, int] = OrderedDict()
         self.ssd_used = 0
         self.holdings: dict[str, Tier] = {}
@@ -121,6 +121,10 @@ class SimNode:
         self.version = 0  # bumped on every change a NodeState shows (cache key with the time)
         self.cached: NodeState | None = None
         self.cached_at: tuple[float, int] = (-1.0, -1)
+
+    @property
+    def dram_used(self) -> int:
+        return self.dram.used
 
 
 class MemCluster:
@@ -148,7 +152,7 @@ class MemCluster:
     # --- building ----------------------------------------------------------------------------
     def add_node(self, node_id: str, devices: Sequence[tuple[str, int]], bandwidth_bps: dict[str, float],
                  true_bw: dict[str, float] | None = None) -> SimNode:
-        node = SimNode(node_id, dict(true_bw or bandwidth_bps), dict(bandwidth_bps))
+        node = SimNode(node_id, dict(true_bw or bandwidth_bps), dict(bandwidth_bps), self.dram_cache_bytes)
         for device_id, memory in devices:
             dev = SimDevice(len(self.devices), node, device_id, memory)
             node.devices.append(dev)
@@ -389,22 +393,13 @@ class MemCluster:
 
     def dram_put(self, node: SimNode, ck: str, nb: int, keep: int = 0) -> None:
         """A copy of `ck` in `node`'s DRAM tier, used now with retention priority `keep` (the latest
-        use sets it, as live); room is made by the live tier's rule (`retention.victim`: the
-        lowest keep, then the least recently used)."""
-        e = node.dram.get(ck)
-        if e is not None:
-            e[1] = keep
-            e[2] = self.now
+        use sets it, as live); room is made by the live tier's rule (`SimDram`: `retention.victim`,
+        the lowest keep, then the least recently used)."""
+        was_there = ck in node.dram
+        gone = node.dram.put(ck, nb, keep, self.now)
+        if gone is None or was_there:
             return
-        if nb > self.dram_cache_bytes:
-            return
-        node.dram[ck] = [nb, keep, self.now]
-        node.dram_used += nb
-        while node.dram_used > self.dram_cache_bytes:
-            old = victim((k, e[1], e[2]) for k, e in node.dram.items() if k != ck)
-            if old is None:
-                break
-            node.dram_used -= node.dram.pop(old)[0]
+        for old in gone:
             self.set_tier(node, old)
         self.set_tier(node, ck)
 

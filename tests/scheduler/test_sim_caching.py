@@ -69,3 +69,36 @@ def test_dram_keep_is_the_slo_rule_on_the_nodes_ssd_bandwidth() -> None:
     assert dram_keep(False, 70 * GB, 8.0, 8e9) == 0  # a policy without the SLO-aware cache: LRU
     assert dram_keep(True, 70 * GB, 8.0, None) == dram_keep(True, 70 * GB, 8.0, 0.0) == KEEP_SLO  # default bw
     assert dram_keep(True, 0, 0.001, 8e9) == 0
+
+
+def test_the_simulated_tier_evicts_what_the_live_rule_chooses_over_the_whole_index() -> None:
+    """`SimDram` asks `retention.victim` only about the front entries of the lowest keep; over
+    random uses (ties in time included) every eviction is what the rule picks over every entry."""
+    import random
+
+    from ember.loader.retention import victim
+    from ember.scheduler.simdram import SimDram
+
+    rng = random.Random(7)
+    tier = SimDram(100)
+    now = 0.0
+    for _ in range(3000):
+        now += rng.choice((0.0, 0.0, 1.0, 2.5))  # several uses at one time: ties go by name
+        ck = f"ck{rng.randrange(40)}"
+        nb, keep = rng.randrange(1, 40), rng.choice((0, 0, 1, 2))
+        before = {k: tuple(e) for k, e in tier.entries.items()}
+        gone = tier.put(ck, nb, keep, now)
+        if ck in before:
+            assert gone == [] and tier[ck][1:] == [keep, now]
+            continue
+        assert gone is not None
+        left = dict(before)
+        used = sum(e[0] for e in left.values()) + nb
+        want = []
+        while used > 100:  # the live tier: the rule over every entry but the one being added
+            v = victim((k, e[1], e[2]) for k, e in left.items())
+            assert v is not None
+            used -= left.pop(v)[0]
+            want.append(v)
+        assert gone == want
+        assert tier.used == used <= 100 and set(tier) == set(left) | {ck}
