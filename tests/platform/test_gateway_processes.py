@@ -109,7 +109,8 @@ def test_two_gateway_processes_share_the_port_metrics_and_restarts(tmp_path: Pat
 
         # Redis dies: `ember up` restarts it from its AOF and both processes reconnect (every
         # request below is on a new connection: spread over both processes)
-        (server,) = [p for p in psutil.Process(up.pid).children() if "redis-server" in " ".join(p.cmdline())]
+        (server,) = [p for p in psutil.Process(up.pid).children()
+                     if any(name in " ".join(p.cmdline()) for name in ("redis-server", "valkey-server"))]
         server.kill()
         served, deadline = 0, time.monotonic() + 60
         while served < 24 and time.monotonic() < deadline:
