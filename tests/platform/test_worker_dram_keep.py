@@ -12,6 +12,8 @@ import redis
 from ember.loader import open_store
 from ember.loader.shm import shm_dir_for
 from ember.platform.cluster import RedisCluster
+from ember.platform.gateway.protocol import FunctionSpec
+from ember.platform.state import Keys
 from ember.scheduler.view import PlacementRequest, StartupEstimate
 from tests.platform.conftest import CLUSTER_TOKEN, TierCluster, admin_headers
 from tests.platform.conftest import until as _until
@@ -45,12 +47,15 @@ def test_dram_keep_in_a_load_or_prefetch_body_reaches_the_dram_entry(tier_cluste
     assert r.status_code in (200, 201), r.text
     c = RedisCluster(redis.Redis.from_url(tier_cluster.env["EMBER_REDIS_URL"], decode_responses=True))  # type: ignore[index]
     url = f"{tier_cluster.worker.url}/internal/instances"
+    # the checkpoint as the deployed spec names it (its pinned identity): an instance of another
+    # checkpoint than its function's is retired by the gateway's autoscaler at its next step
+    ref = FunctionSpec.model_validate_json(c.r.hget(Keys.functions, "keepf") or "").checkpoint_ref
 
     def load(**extra: object) -> httpx.Response:
-        placed = c.place(PlacementRequest(function="keepf", checkpoint="keepck", nbytes=1 << 20), OnW0())
+        placed = c.place(PlacementRequest(function="keepf", checkpoint=ref, nbytes=1 << 20), OnW0())
         assert placed is not None
         r = httpx.post(url, headers=WORKER, timeout=120,
-                       json={"instance_id": placed.instance_id, "function": "keepf", "checkpoint": "keepck", **extra})
+                       json={"instance_id": placed.instance_id, "function": "keepf", "checkpoint": ref, **extra})
         if r.status_code == 200:  # unloaded now
             assert httpx.delete(f"{url}/{placed.instance_id}", headers=WORKER, timeout=30).status_code == 200
         else:
