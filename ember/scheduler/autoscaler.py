@@ -226,13 +226,6 @@ class Autoscaler:
             spec = specs.get(fn)
             if spec is None or not spec.checkpoint or spec.nbytes <= 0 or not spec.prefetch:
                 continue
-            # The nearest holders first (DRAM before SSD): when they are enough copies in DRAM
-            # already, nothing to do, whatever the rest hold (the common case: one node's state
-            # read instead of prefetch_copies + 2; a simulated hour asks ~1,200 functions a step)
-            first = view.nodes_holding(spec.checkpoint, limit=self.prefetch_copies)
-            if len(first) == self.prefetch_copies and all(
-                    n.holdings.get(spec.checkpoint) in ("gpu", "dram") for n in first):
-                continue
             holders = view.nodes_holding(spec.checkpoint, limit=self.prefetch_copies + 2)
             # A cold start from the nearest copy outside DRAM meets the SLO: nothing to do (checked
             # before counting the near copies, which costs another read, with the same outcome)

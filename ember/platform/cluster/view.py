@@ -145,24 +145,22 @@ class DecisionView:
             args=[PREFIX, req.checkpoint, req.room_bytes, self.ROOM_ROWS, repr(time.time()), self.SORT_ROWS,
                   self.ROOM_NODES])
         now = time.time()
-        self._holders = sorted((node_entry(e, now) for e in holders),
-                               key=lambda n: (TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))
-        self._rows = [replace(d, idle_bytes=0) if d.key in self.unfreeable else d
-                      for d in room_devices(rows, req.room_bytes, now)]
-        self._keep(self._holders)
+        self._holders = list(self._keep(sorted(
+            (node_entry(e, now) for e in holders),
+            key=lambda n: (TIER_RANK.get(n.holdings.get(req.checkpoint, "remote"), 3), n.node_id))))
+        self._rows = [self._shown(d) for d in room_devices(rows, req.room_bytes, now)]
         self._keep([node_entry(e, now) for e in extra])
 
     def _keep(self, nodes: Sequence[NodeState]) -> Sequence[NodeState]:
         if self.unfreeable:
-            nodes = [self._without_unfreeable(n) for n in nodes]
+            nodes = [replace(n, devices=tuple(self._shown(d) for d in n.devices)) for n in nodes]
         for n in nodes:
             self.cache[n.node_id] = n
         return nodes
 
-    def _without_unfreeable(self, node: NodeState) -> NodeState:
-        if any(d.key in self.unfreeable for d in node.devices):
-            node.devices = tuple(replace(d, idle_bytes=0) if d.key in self.unfreeable else d for d in node.devices)
-        return node
+    def _shown(self, d: DeviceState) -> DeviceState:
+        """`d` as this decision sees it: no idle bytes where the placement found them unfreeable."""
+        return replace(d, idle_bytes=0) if d.key in self.unfreeable else d
 
     def node(self, node_id: str) -> NodeState | None:
         found = self.nodes([node_id])
