@@ -64,11 +64,12 @@ from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler, ScalingSpec, takes_prefetches
 from ember.scheduler.caching import slo_aware_cache
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode, refresh
+from ember.scheduler.memcluster import MemCluster
 from ember.scheduler.policies import POLICY_NAMES, get_policy
 from ember.scheduler.routing import pick_warm
 from ember.scheduler.serving import ServingModel
 from ember.scheduler.simconfig import SimConfig, SimResult, build_trace, function_kv_bytes
+from ember.scheduler.simrecords import SimDevice, SimInstance, SimNode, refresh
 from ember.scheduler.simwait import GatewayWaits
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementPolicy

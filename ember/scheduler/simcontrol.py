@@ -16,8 +16,9 @@ from ember.scheduler.caching import dram_keep, slo_aware_cache
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.estimator import EVICTION_S, beside_weights
 from ember.scheduler.eviction import makes_room
-from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, refresh
+from ember.scheduler.memcluster import MemCluster
 from ember.scheduler.simconfig import SimConfig
+from ember.scheduler.simrecords import SimDevice, SimInstance, refresh
 from ember.scheduler.view import PlacementPolicy, PlacementRequest, Tier
 
 

@@ -25,9 +25,9 @@ from collections import deque
 from heapq import heappop, heappush
 
 from ember.scheduler.estimator import SERVICE_EWMA_ALPHA, ewma
-from ember.scheduler.memcluster import SimInstance, refresh
 from ember.scheduler.routing import pick_warm, scale_out_rule, should_start_estimated
 from ember.scheduler.simcontrol import ControlPlane
+from ember.scheduler.simrecords import SimInstance, refresh
 
 TIMEOUT_S = 1.0  # the waiting head's timeout (invoke.Invoker.acquire: min(remaining, 1.0))
 LEARN_BACKLOG = 64  # requests recorded for a function before its ended ones are folded in anyway (memory)

@@ -19,9 +19,9 @@ from ember.platform.gateway.invoke import Invoker
 from ember.platform.gateway.metrics import GatewayMetrics
 from ember.platform.gateway.protocol import FunctionDeploy, FunctionSpec
 from ember.scheduler.autoscaler import Autoscaler
-from ember.scheduler.memcluster import SimInstance
 from ember.scheduler.policies import get_policy
 from ember.scheduler.sim import SimConfig, _Simulation
+from ember.scheduler.simrecords import SimInstance
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import PlacementRequest
 
