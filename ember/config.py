@@ -13,6 +13,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ember.errors import ConfigError
+from ember.scheduler.nodescaler import STEP_INTERVAL_S, NodeScalerConfig
+
+_NODE = NodeScalerConfig()  # the node scaler's defaults, the same as `ember sim --fleet`'s
 
 _DEV_ADMIN_KEY = "ember-dev-admin-key"
 # durations that pace a loop or expire shared state: zero would spin or expire at once
@@ -91,13 +94,13 @@ class Settings(BaseSettings):
     node_backend: Literal["none", "local", "aws"] = "none"
     node_min: int = 0
     node_max: int = 4
-    node_scaler_interval_s: float = 5.0
-    node_boot_s: float = 180.0  # scale-out to a registered worker (the local backend: seconds)
-    node_grace_s: float = 60.0  # idle beyond the functions' keep-alive before a node is drained
-    node_power_w: float = 5600.0  # the most one node may draw: the power budget caps nodes at budget / this
-    node_idle_power_w: float = 860.0
-    node_target_memory_utilization: float = 0.85
-    node_consolidate_below: float = 0.0  # 0: drain only idle nodes (see ember.scheduler.nodescaler)
+    node_scaler_interval_s: float = STEP_INTERVAL_S
+    node_boot_s: float = _NODE.boot_s  # scale-out to a registered worker (the local backend: seconds)
+    node_grace_s: float = _NODE.grace_s  # idle beyond the functions' keep-alive before a node is drained
+    node_power_w: float = _NODE.node_power_w  # the most one node may draw: the power budget caps nodes at budget / this
+    node_idle_power_w: float = _NODE.idle_power_w
+    node_target_memory_utilization: float = _NODE.target_memory_utilization
+    node_consolidate_below: float = _NODE.consolidate_below  # 0: drain only idle nodes (ember.scheduler.nodescaler)
     aws_autoscaling_group: str | None = None
     aws_endpoint_url: str | None = None  # tests: moto_server
     cloudwatch_namespace: str = "Ember"

@@ -11,6 +11,9 @@ from pathlib import Path
 import typer
 
 from ember.errors import ConfigError
+from ember.scheduler.nodescaler import NodeScalerConfig
+
+_NODE = NodeScalerConfig()  # the live defaults
 
 
 def sim(
@@ -30,8 +33,8 @@ def sim(
                                 "the GPU governor together (ember vs serverlessllm+max_power, keepalive+max_power)."),
     fleet: bool = typer.Option(False, "--fleet", help="Run the ember policy on a fleet fixed at --nodes and on one "
                                                       "under the node scaler (up to --nodes); writes {\"fleet\": ...}."),
-    boot_s: float = typer.Option(180.0, "--boot-s", help="--fleet: seconds from scale-out to a placeable node."),
-    grace_s: float = typer.Option(60.0, "--grace-s", help="--fleet: idle beyond keep-alive before a node drains."),
+    boot_s: float = typer.Option(_NODE.boot_s, "--boot-s", help="--fleet: seconds from scale-out to a placeable node."),
+    grace_s: float = typer.Option(_NODE.grace_s, "--grace-s", help="--fleet: idle beyond keep-alive before a node drains."),
 ) -> None:
     """Trace-driven cluster simulation comparing placement policies (same policy objects as live)."""
     from rich.console import Console
@@ -54,8 +57,8 @@ def sim(
 def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | None = None, nodes: int = 16,
                     gpus_per_node: int = 8, functions: int = 1000, duration_s: float = 600.0, seed: int = 0,
                     policies: str = "all", rate_per_function_s: float = 0.03, keep_alive_s: float = 60.0,
-                    console=None, energy: bool = False, fleet: bool = False, boot_s: float = 180.0,
-                    grace_s: float = 60.0) -> dict:
+                    console=None, energy: bool = False, fleet: bool = False, boot_s: float = _NODE.boot_s,
+                    grace_s: float = _NODE.grace_s) -> dict:
     """What `ember sim` does: simulate, write JSON (and the PNG); returns the JSON document."""
     from ember.scheduler.energy_sim import ENERGY_ENTRIES, run_energy_simulation
     from ember.scheduler.policies import POLICY_NAMES, get_policy

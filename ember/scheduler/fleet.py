@@ -27,8 +27,9 @@ from ember.energy import simulated as gpu_model
 from ember.errors import ConfigError
 from ember.scheduler.autoscaler import Autoscaler
 from ember.scheduler.demand import DemandMeter
-from ember.scheduler.memcluster import MemCluster, SimDevice, SimInstance, SimNode
+from ember.scheduler.memcluster import MemCluster
 from ember.scheduler.nodescaler import (
+    STEP_INTERVAL_S,
     Drain,
     FleetNode,
     NodeActivity,
@@ -40,25 +41,30 @@ from ember.scheduler.nodescaler import (
 )
 from ember.scheduler.policies import get_policy
 from ember.scheduler.sim import SimConfig, SimResult, _Simulation, build_trace
+from ember.scheduler.simrecords import SimDevice, SimInstance, SimNode
 from ember.scheduler.trace import Trace
 from ember.scheduler.view import NodeState
 
 __all__ = ["FleetConfig", "run_fleet"]
+
+_LIVE = NodeScalerConfig()
 
 
 @dataclass
 class FleetConfig:
     """Node power states and the node scaler's knobs."""
 
-    boot_s: float = 180.0
+    # The node scaler's settings default to the live ones (`NodeScalerConfig`, `STEP_INTERVAL_S`: what
+    # `ember.config.Settings` takes), so a simulated fleet is one a default deployment would run.
+    boot_s: float = _LIVE.boot_s
     host_idle_w: float = 300.0
-    absent_w: float = 0.0
-    grace_s: float = 60.0
-    interval_s: float = 10.0
-    min_nodes: int = 1
-    target_memory_utilization: float = 0.55  # 0.6/0.4 saved more node-hours (19%) but lost 0.006 of SLO
-    consolidate_below: float = 0.35
-    requests_per_node: int = 8
+    absent_w: float = _LIVE.absent_power_w
+    grace_s: float = _LIVE.grace_s
+    interval_s: float = STEP_INTERVAL_S
+    min_nodes: int = _LIVE.min_nodes
+    target_memory_utilization: float = _LIVE.target_memory_utilization
+    consolidate_below: float = _LIVE.consolidate_below
+    requests_per_node: int = _LIVE.requests_per_node
     budget_w: float | None = None
     ssd_kept_when_stopped: bool = False
 
@@ -74,7 +80,8 @@ class FleetConfig:
         idle_w = cfg.gpus_per_node * gpu_model.IDLE_POWER_W + self.host_idle_w
         return NodeScalerConfig(
             min_nodes=min(self.min_nodes, cfg.nodes), max_nodes=cfg.nodes,
-            node_power_w=cfg.gpus_per_node * gpu_model.MAX_POWER_LIMIT_W + self.host_idle_w,
+            # the power budget is GPU watts, live and here (`Settings.node_power_w`)
+            node_power_w=cfg.gpus_per_node * gpu_model.MAX_POWER_LIMIT_W,
             idle_power_w=idle_w, absent_power_w=self.absent_w, boot_power_w=idle_w, boot_s=self.boot_s,
             grace_s=self.grace_s, target_memory_utilization=self.target_memory_utilization,
             consolidate_below=self.consolidate_below,

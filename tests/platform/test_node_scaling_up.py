@@ -47,6 +47,9 @@ def test_burst_scales_workers_out_and_back_in_without_losing_requests(tmp_path: 
            # claimed once per device, so `b` deploys its own copy of the checkpoint ("tiny2", pushed below)
            "EMBER_KV_BUDGET_TOKENS": "64",
            "EMBER_NODE_SCALER_INTERVAL_S": "0.5", "EMBER_NODE_GRACE_S": "1", "EMBER_NODE_BOOT_S": "0",
+           # one instance fills 0.75 of a worker: above the default target (0.55) the memory rule would
+           # add node-l1 before the burst (and keep it); this test is about the waiting and idle rules
+           "EMBER_NODE_TARGET_MEMORY_UTILIZATION": "0.9",
            "EMBER_SLO_TIMEOUT_S": "150", "PYTHONUNBUFFERED": "1"}
     env.pop("EMBER_REDIS_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "ember", "up", "--port", str(port), "--workers", "1",

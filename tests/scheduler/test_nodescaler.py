@@ -37,7 +37,7 @@ def test_waiting_placements_scale_out_capped_by_the_power_budget() -> None:
 
 
 def test_idle_node_drains_after_keep_alive_plus_grace_then_terminates() -> None:
-    cfg = NodeScalerConfig(min_nodes=1, grace_s=30, boot_s=0)
+    cfg = NodeScalerConfig(min_nodes=1, grace_s=30, boot_s=0, consolidate_below=0)  # the idle rule alone
     s = NodeScaler(cfg)
     nodes = [node("a", instances=1, busy=True, last=1000), node("b", last=900, keep=60)]
     assert s.step(nodes, 980, waiting=0, booting=0) == []  # 80 s idle < 60 + 30
@@ -51,7 +51,8 @@ def test_idle_node_drains_after_keep_alive_plus_grace_then_terminates() -> None:
 
 
 def test_grace_is_at_least_the_break_even_of_a_boot() -> None:
-    cfg = NodeScalerConfig(grace_s=10, boot_s=300, boot_power_w=800, idle_power_w=800)
+    cfg = NodeScalerConfig(grace_s=10, boot_s=300, boot_power_w=800, idle_power_w=800,
+                           consolidate_below=0)  # the idle rule alone
     assert cfg.breakeven_idle_s == pytest.approx(300)
     s = NodeScaler(cfg)
     nodes = [node("a", instances=1, busy=True, last=0), node("b", last=0, keep=60)]
@@ -126,3 +127,61 @@ def test_sim_fleet_writes_fixed_and_scaled(tmp_path) -> None:
     assert fixed["node_hours"] == pytest.approx(4 * 600 / 3600, rel=1e-3)  # every node up all the time
     assert scaled["node_hours"] < fixed["node_hours"]  # a lightly used fleet shrinks
     assert scaled["idle_energy_kwh"] < fixed["idle_energy_kwh"]
+
+
+def test_the_simulated_fleet_runs_the_node_scaler_a_default_deployment_runs() -> None:
+    """`ember sim --fleet` describes live defaults: the node scaler the gateway builds from default
+    settings (`scaler_config(Settings())`) equals the simulator's for a fleet of the same size, node
+    power and idle watts, and both step at the same interval. (Before: the simulator used 0.55 /
+    0.35 and 10 s steps, live 0.85 / no consolidation and 5 s.)"""
+    from ember.config import Settings
+    from ember.platform.gateway.nodescaling import scaler_config
+    from ember.scheduler.fleet import FleetConfig
+    from ember.scheduler.sim import SimConfig
+
+    settings = Settings(node_max=16)
+    live = scaler_config(settings)
+    simulated = FleetConfig().scaler_config(SimConfig(nodes=16, gpus_per_node=8))
+    assert simulated == live
+    assert FleetConfig().interval_s == settings.node_scaler_interval_s
+    assert live.consolidate_below > 0  # large fleets are never wholly idle: consolidation is on by default
+
+
+def test_an_idle_node_stays_while_the_rest_would_pass_the_target_without_it() -> None:
+    """The memory rule would take it back the next step: drain and take-back flapped every step
+    (seen live: `ember up` with one tiny instance per worker, 0.75 of a worker claimed)."""
+    nodes = [node("a", instances=1, busy=True, last=1000, claimed=60 * GB), node("b", last=0, keep=1)]
+    tight = NodeScaler(NodeScalerConfig(grace_s=1, boot_s=0, target_memory_utilization=0.55))
+    assert tight.step(nodes, 1000, waiting=0, booting=0) == []
+    loose = NodeScaler(NodeScalerConfig(grace_s=1, boot_s=0, target_memory_utilization=0.9))
+    assert loose.step(nodes, 1000, waiting=0, booting=0) == [Drain("b", "i-b", 1000)]
+    # nothing claimed anywhere: the fleet may go to zero
+    assert loose.step([node("b", last=0, keep=1)], 1000, waiting=0, booting=0) == [Drain("b", "i-b", 1000)]
+
+
+def test_what_a_step_drains_the_next_step_never_takes_back() -> None:
+    import random
+
+    drains = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        cfg = NodeScalerConfig(max_nodes=64, grace_s=rng.choice([0, 5, 60]), boot_s=0,
+                               target_memory_utilization=rng.choice([0.55, 0.7, 0.85]),
+                               consolidate_below=rng.choice([0.0, 0.2, 0.35, 0.5]),
+                               max_scale_in_per_step=rng.randint(1, 8))
+        s = NodeScaler(cfg)
+        nodes = []
+        for k in range(rng.randint(2, 20)):
+            busy = rng.random() < 0.4
+            nodes.append(node(f"n{k}", instances=rng.randint(0, 3) if busy else rng.randint(0, 1), busy=busy,
+                              last=rng.uniform(0, 1000), keep=rng.choice([1, 60, 300]),
+                              claimed=int(rng.uniform(0, 0.9) * 80 * GB)))
+        acted = s.step(nodes, 1000, waiting=0, booting=0)
+        drained = {a.node_id for a in acted if isinstance(a, Drain)}
+        if not drained:
+            continue
+        drains += 1
+        after = [replace(n, draining=n.node_id in drained) for n in nodes]
+        again = s.step(after, 1001, waiting=0, booting=0)
+        assert not [a for a in again if isinstance(a, (Undrain, ScaleOut))], (seed, acted, again)
+    assert drains >= 50  # the cases drain often enough to mean something
