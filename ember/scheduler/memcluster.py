@@ -41,6 +41,7 @@ class MemCluster:
 
     def __init__(self, *, gpu_memory_bytes: int, dram_cache_bytes: int, ssd_bytes: int) -> None:
         self.now = 0.0
+        self.late_reads = 0  # node states whose devices were first read after the node changed (`_SimNodeState`)
         self.dram_cache_bytes = dram_cache_bytes
         self.ssd_bytes = ssd_bytes
         self.nodes_by_id: dict[str, SimNode] = {}
@@ -120,8 +121,9 @@ class MemCluster:
     def all_nodes(self) -> Sequence[NodeState]:
         return [self._node_state(n) for n in self.node_list]
 
-    def _device_state(self, d: SimDevice) -> DeviceState:
-        now = self.now
+    def _device_state(self, d: SimDevice, now: float | None = None) -> DeviceState:
+        if now is None:
+            now = self.now
         idle = evictable_bytes([(i.checkpoint, i.nbytes, i.kv_bytes) for i in d.instances
                                 if i.ready_s <= now and i.last_used_s <= now], d.weights) if d.instances else 0
         queue = d.load_until - now
@@ -132,10 +134,11 @@ class MemCluster:
         now = self.now
         if n.cached_at == (now, n.version):
             return n.cached  # type: ignore[return-value]
-        state = NodeState(n.node_id, tuple(self._device_state(d) for d in n.devices), dict(n.measured_bw),
-                          n.holdings, {t: u - now for t, u in n.tier_until.items() if u > now})
+        state = _SimNodeState(self, n, now, n.version, dict(n.measured_bw), n.holdings,
+                              {t: u - now for t, u in n.tier_until.items() if u > now})
         n.cached, n.cached_at = state, (now, n.version)
         return state
+
 
     # --- what the live cluster does atomically -----------------------------------------------
     def claim(self, fn: int, function: str, checkpoint: str, dev: SimDevice, nbytes: int, tier: Tier,
@@ -323,3 +326,36 @@ class MemCluster:
             node.ssd_used -= size
             self.set_tier(node, old)
         self.set_tier(node, ck)
+
+
+_DEVICES = NodeState.__dict__["devices"]  # the slot NodeState keeps its devices in
+
+
+class _SimNodeState(NodeState):
+    """A node as `MemCluster` shows it, its devices built when first read: the autoscaler's prefetch
+    check reads the holdings and bandwidths of a thousand holders every step and never their
+    devices (two thirds of the simulated hour's time went into building them). They are built as
+    they stood when the state was made: policies read a state before anything changes the node
+    (every change bumps `SimNode.version`; a read after one counts in `MemCluster.late_reads`)."""
+
+    __slots__ = ("_cluster", "_node", "_at", "_version")
+
+    def __init__(self, cluster: MemCluster, node: SimNode, at: float, version: int, bandwidth_bps: dict[str, float],
+                 holdings: dict[str, Tier], tier_queue_s: dict[str, float]) -> None:
+        self.node_id = node.node_id
+        self.bandwidth_bps = bandwidth_bps
+        self.holdings = holdings
+        self.tier_queue_s = tier_queue_s
+        self._cluster, self._node, self._at, self._version = cluster, node, at, version
+
+    @property  # type: ignore[override]
+    def devices(self) -> tuple[DeviceState, ...]:
+        try:
+            return _DEVICES.__get__(self)
+        except AttributeError:
+            cluster, at = self._cluster, self._at
+            if self._node.version != self._version:
+                cluster.late_reads += 1
+            devices = tuple(cluster._device_state(d, at) for d in self._node.devices)
+            _DEVICES.__set__(self, devices)
+            return devices

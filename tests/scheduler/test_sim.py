@@ -188,3 +188,32 @@ def test_the_simulator_gives_the_scale_out_rule_the_requests_in_flight() -> None
     # the first asks alone and starts the one load; at each later wake of the queue's head (target 1:
     # one request holds the slot) the rule sees the waiting requests plus the one holding the slot
     assert seen == [1, 4, 3, 2] and res.loads == 1
+
+
+def test_node_states_built_on_first_read_give_what_eager_ones_give(monkeypatch) -> None:
+    """`MemCluster` builds a node state's devices when first read (the autoscaler's prefetch check
+    never reads them); every invocation's startup, cold flag and SLO outcome equal those of a run
+    whose states build their devices at once, and no state is read after its node changed."""
+    from ember.scheduler.memcluster import MemCluster
+
+    cfg = SimConfig(**{**SMALL, "functions": 300}).check()
+    trace = build_trace(cfg)
+
+    def run() -> tuple[object, _Simulation]:
+        sim = _Simulation(cfg, trace, get_policy("ember"), Autoscaler())
+        return sim.run(None), sim
+
+    lazy, sim = run()
+    assert sim.cluster.late_reads == 0
+    built = MemCluster._node_state
+
+    def eager(self, n):  # noqa: ANN001, ANN202
+        state = built(self, n)
+        state.devices  # noqa: B018 - built now
+        return state
+
+    monkeypatch.setattr(MemCluster, "_node_state", eager)
+    now, _ = run()
+    for field in ("startup_s", "cold", "slo_met"):
+        assert np.array_equal(getattr(lazy, field), getattr(now, field)), field
+    assert lazy.loads == now.loads and lazy.gpu_energy_j == now.gpu_energy_j
