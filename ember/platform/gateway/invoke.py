@@ -148,6 +148,7 @@ class Invoker:
                         waits_for_room = True
                         self.waiting_for_room += 1
                         self.metrics.placements_waited.inc()
+                        self.metrics.placements_waiting.set(self.waiting_for_room)  # exact, not per node scaler step
                 if not self.queues.is_head(name, ev):
                     ev.clear()
                     continue
@@ -183,6 +184,7 @@ class Invoker:
                 starting.add_done_callback(_log_cold_start)  # it finishes for the next request
             if waits_for_room:
                 self.waiting_for_room -= 1
+                self.metrics.placements_waiting.set(self.waiting_for_room)
 
     async def release(self, target: InvocationTarget) -> None:
         """Free the request's slot; shielded, so a cancelled request (a client that went away)
