@@ -61,7 +61,7 @@ class FleetConfig:
     absent_w: float = _LIVE.absent_power_w
     grace_s: float = _LIVE.grace_s
     interval_s: float = STEP_INTERVAL_S
-    min_nodes: int = _LIVE.min_nodes
+    min_nodes: int = 1  # as deployments keep (terraform's worker_min_nodes default; `ember up --workers`)
     target_memory_utilization: float = _LIVE.target_memory_utilization
     consolidate_below: float = _LIVE.consolidate_below
     requests_per_node: int = _LIVE.requests_per_node

@@ -208,6 +208,7 @@ class NodeScaler:
             memory = rest
             actions.append(Drain(n.node_id, n.cloud_id, idle_s))
             room -= 1
+        room -= sum(1 for a in actions if isinstance(a, Terminate))  # consolidation: what leaves this step counts
         if room > 0:
             chosen = {a.node_id for a in actions if isinstance(a, Drain)}
             moved = sum(n.claimed_bytes for n in active if n.node_id in chosen)  # the drained nodes' claims

@@ -130,8 +130,8 @@ def test_sim_fleet_writes_fixed_and_scaled(tmp_path) -> None:
 
 
 def test_the_simulated_fleet_runs_the_node_scaler_a_default_deployment_runs() -> None:
-    """`ember sim --fleet` describes live defaults: the node scaler the gateway builds from default
-    settings (`scaler_config(Settings())`) equals the simulator's for a fleet of the same size, node
+    """`ember sim --fleet` describes live defaults: the node scaler the gateway builds from a
+    deployment's settings (`scaler_config(Settings(...))`: defaults, and the fleet's bounds) equals the simulator's for a fleet of the same size, node
     power and idle watts, and both step at the same interval. (Before: the simulator used 0.55 /
     0.35 and 10 s steps, live 0.85 / no consolidation and 5 s.)"""
     from ember.config import Settings
@@ -139,7 +139,7 @@ def test_the_simulated_fleet_runs_the_node_scaler_a_default_deployment_runs() ->
     from ember.scheduler.fleet import FleetConfig
     from ember.scheduler.sim import SimConfig
 
-    settings = Settings(node_max=16)
+    settings = Settings(node_min=1, node_max=16)  # as terraform's defaults set them for 16 workers
     live = scaler_config(settings)
     simulated = FleetConfig().scaler_config(SimConfig(nodes=16, gpus_per_node=8))
     assert simulated == live
