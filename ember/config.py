@@ -13,9 +13,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ember.errors import ConfigError
-from ember.scheduler.nodescaler import STEP_INTERVAL_S, NodeScalerConfig
+from ember.scheduler import nodescaler
 
-_NODE = NodeScalerConfig()  # the node scaler's defaults, the same as `ember sim --fleet`'s
+_NODE = nodescaler.DEFAULTS  # the node scaler's defaults, the same as `ember sim --fleet`'s
 
 _DEV_ADMIN_KEY = "ember-dev-admin-key"
 # durations that pace a loop or expire shared state: zero would spin or expire at once
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     node_backend: Literal["none", "local", "aws"] = "none"
     node_min: int = 0
     node_max: int = 4
-    node_scaler_interval_s: float = STEP_INTERVAL_S
+    node_scaler_interval_s: float = nodescaler.STEP_INTERVAL_S
     node_boot_s: float = _NODE.boot_s  # scale-out to a registered worker (the local backend: seconds)
     node_grace_s: float = _NODE.grace_s  # idle beyond the functions' keep-alive before a node is drained
     node_power_w: float = _NODE.node_power_w  # the most one node may draw: the power budget caps nodes at budget / this

@@ -11,9 +11,7 @@ from pathlib import Path
 import typer
 
 from ember.errors import ConfigError
-from ember.scheduler.nodescaler import NodeScalerConfig
-
-_NODE = NodeScalerConfig()  # the live defaults
+from ember.scheduler.nodescaler import DEFAULTS as _NODE  # the live defaults
 
 
 def sim(

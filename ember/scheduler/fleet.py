@@ -29,6 +29,7 @@ from ember.scheduler.autoscaler import Autoscaler
 from ember.scheduler.demand import DemandMeter
 from ember.scheduler.memcluster import MemCluster
 from ember.scheduler.nodescaler import (
+    DEFAULTS,
     STEP_INTERVAL_S,
     Drain,
     FleetNode,
@@ -47,8 +48,6 @@ from ember.scheduler.view import NodeState
 
 __all__ = ["FleetConfig", "run_fleet"]
 
-_LIVE = NodeScalerConfig()
-
 
 @dataclass
 class FleetConfig:
@@ -56,15 +55,15 @@ class FleetConfig:
 
     # The node scaler's settings default to the live ones (`NodeScalerConfig`, `STEP_INTERVAL_S`: what
     # `ember.config.Settings` takes), so a simulated fleet is one a default deployment would run.
-    boot_s: float = _LIVE.boot_s
+    boot_s: float = DEFAULTS.boot_s
     host_idle_w: float = 300.0
-    absent_w: float = _LIVE.absent_power_w
-    grace_s: float = _LIVE.grace_s
+    absent_w: float = DEFAULTS.absent_power_w
+    grace_s: float = DEFAULTS.grace_s
     interval_s: float = STEP_INTERVAL_S
     min_nodes: int = 1  # as deployments keep (terraform's worker_min_nodes default; `ember up --workers`)
-    target_memory_utilization: float = _LIVE.target_memory_utilization
-    consolidate_below: float = _LIVE.consolidate_below
-    requests_per_node: int = _LIVE.requests_per_node
+    target_memory_utilization: float = DEFAULTS.target_memory_utilization
+    consolidate_below: float = DEFAULTS.consolidate_below
+    requests_per_node: int = DEFAULTS.requests_per_node
     budget_w: float | None = None
     ssd_kept_when_stopped: bool = False
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from ember.errors import ConfigError
 
-__all__ = ["STEP_INTERVAL_S", "Drain", "FleetNode", "NodeAction", "NodeActivity", "NodeScaler", "NodeScalerConfig",
+__all__ = ["DEFAULTS", "STEP_INTERVAL_S", "Drain", "FleetNode", "NodeAction", "NodeActivity", "NodeScaler", "NodeScalerConfig",
            "ScaleOut", "Terminate", "Undrain"]
 
 # The defaults live (`ember.config.Settings.node_*`) and simulated (`ember.scheduler.fleet.FleetConfig`)
@@ -85,6 +85,9 @@ class NodeScalerConfig:
     @property
     def scale_in_grace_s(self) -> float:
         return max(self.grace_s, self.breakeven_idle_s)
+
+
+DEFAULTS = NodeScalerConfig()  # what `ember.config.Settings`, `ember sim --fleet` and its CLI default to
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class NodeScaler:
         for n in draining:
             if n.instances == 0 and not n.busy:
                 actions.append(Terminate(n.node_id, n.cloud_id))
+        terminating = len(actions)
         cap = self.capacity(budget_w)
         total = len(active) + booting
         want = 0
@@ -208,22 +212,20 @@ class NodeScaler:
             memory = rest
             actions.append(Drain(n.node_id, n.cloud_id, idle_s))
             room -= 1
-        room -= sum(1 for a in actions if isinstance(a, Terminate))  # consolidation: what leaves this step counts
+        room -= terminating  # consolidation: the nodes that leave this step count too
         if room > 0:
             chosen = {a.node_id for a in actions if isinstance(a, Drain)}
-            moved = sum(n.claimed_bytes for n in active if n.node_id in chosen)  # the drained nodes' claims
-            for victim in self._consolidation_victims([n for n in active if n.node_id not in chosen], room, moved):
+            kept = [n for n in active if n.node_id not in chosen]
+            for victim in self._consolidation_victims(kept, room, memory, claimed):
                 actions.append(Drain(victim.node_id, victim.cloud_id, now - victim.last_active_s))
         return actions
 
-    def _consolidation_victims(self, active: Sequence[FleetNode], limit: int, moved: int = 0) -> list[FleetNode]:
-        """The emptiest nodes, as long as the others would hold every claim below
-        `consolidate_below` (the claims of drained nodes move to the rest; `moved`: those of nodes
-        this step drains already)."""
+    def _consolidation_victims(self, active: Sequence[FleetNode], limit: int, memory: int,
+                               claimed: int) -> list[FleetNode]:
+        """The emptiest of `active` (whose memory is `memory`), as long as the others would hold every
+        claim (`claimed`, the fleet's: those of drained nodes move to the rest) below `consolidate_below`."""
         if len(active) < 2 or self.config.consolidate_below <= 0:
             return []
-        memory = sum(n.memory_bytes for n in active)
-        claimed = sum(n.claimed_bytes for n in active) + moved
         out: list[FleetNode] = []
         for victim in sorted(active, key=lambda n: (n.claimed_bytes, n.last_active_s, n.node_id)):
             if len(out) >= limit or len(out) >= len(active) - 1:

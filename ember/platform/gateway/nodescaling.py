@@ -1,5 +1,5 @@
 """Runs the scheduler's `NodeScaler` live. Every gateway publishes how many of its requests wait
-for room (Redis, and the `ember_placements_waiting` gauge); one gateway at a time (the
+for room to Redis each step (its `ember_placements_waiting` gauge is set by the invoker); one gateway at a time (the
 "nodescaler" lease) reads the fleet from Redis, asks the node scaler, and carries out its actions
 through the cloud backend:
 
@@ -80,8 +80,7 @@ class NodeScalerLoop:
 
     async def publish_waiting(self) -> None:
         """This gateway's requests waiting for room, for whichever gateway holds the lease."""
-        n = self.app.state.invoker.waiting_for_room
-        self.app.state.metrics.placements_waiting.set(n)
+        n = self.app.state.invoker.waiting_for_room  # (the invoker keeps the gauge exact)
         r = self.app.state.redis
         await to_thread.run_sync(lambda: r.hset(Keys.placements_waiting, self.holder, f"{n} {time.time():.3f}"))
 
