@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     node_idle_power_w: float = _NODE.idle_power_w
     node_target_memory_utilization: float = _NODE.target_memory_utilization
     node_consolidate_below: float = _NODE.consolidate_below  # 0: drain only idle nodes (ember.scheduler.nodescaler)
+    node_requests_per_node: int = _NODE.requests_per_node  # waiting placements one new node is expected to absorb
+    node_max_scale_in_per_step: int = _NODE.max_scale_in_per_step  # drains (and terminations) a step at most
     aws_autoscaling_group: str | None = None
     aws_endpoint_url: str | None = None  # tests: moto_server
     cloudwatch_namespace: str = "Ember"

@@ -53,7 +53,8 @@ def scaler_config(settings: Any) -> NodeScalerConfig:
         idle_power_w=settings.node_idle_power_w, boot_power_w=settings.node_idle_power_w,
         boot_s=settings.node_boot_s, grace_s=settings.node_grace_s,
         target_memory_utilization=settings.node_target_memory_utilization,
-        consolidate_below=settings.node_consolidate_below)
+        consolidate_below=settings.node_consolidate_below, requests_per_node=settings.node_requests_per_node,
+        max_scale_in_per_step=settings.node_max_scale_in_per_step)
 
 
 class NodeScalerLoop:
