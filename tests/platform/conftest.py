@@ -26,6 +26,9 @@ class Proc:
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
+    health_url: str = ""
+    headers: dict | None = None
+    timeout_s: float = 60.0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -48,37 +51,45 @@ def base_env(redis_url: str, store_url: str, **extra: str) -> dict[str, str]:
 
 
 def start_process(args: list[str], env: dict[str, str], log: Path, health_url: str, *, headers: dict | None = None,
-                  timeout_s: float = 60.0) -> Proc:
+                  timeout_s: float = 60.0, wait: bool = True) -> Proc:
+    """Start `ember ARGS`, logging to `log`; with `wait`, return once `health_url` answers 200.
+    Without it, return at once: `wait_healthy(p)` later (processes started side by side boot together)."""
     out = open(log, "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "ember", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
     out.close()
-    p = Proc(proc, health_url.rsplit("/", 2)[0] if "/internal/" in health_url else health_url.rsplit("/", 1)[0], log)
-    deadline = time.monotonic() + timeout_s
+    p = Proc(proc, health_url.rsplit("/", 2)[0] if "/internal/" in health_url else health_url.rsplit("/", 1)[0], log,
+             health_url, headers, timeout_s)
+    return wait_healthy(p) if wait else p
+
+
+def wait_healthy(p: Proc) -> Proc:
+    """Wait until `p` answers its health check; stops it and raises when it exits or times out."""
+    deadline = time.monotonic() + p.timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{p.output()}")
+        if p.proc.poll() is not None:
+            raise RuntimeError(f"{p.proc.args[3]} exited with {p.proc.returncode}:\n{p.output()}")
         try:
-            if httpx.get(health_url, headers=headers, timeout=1).status_code == 200:
+            if httpx.get(p.health_url, headers=p.headers, timeout=1).status_code == 200:
                 return p
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     p.stop()
-    raise RuntimeError(f"{args[0]} did not become healthy:\n{p.output()}")
+    raise RuntimeError(f"{p.proc.args[3]} did not become healthy:\n{p.output()}")
 
 
-def start_gateway(tmp: Path, env: dict[str, str]) -> Proc:
+def start_gateway(tmp: Path, env: dict[str, str], *, wait: bool = True) -> Proc:
     port = free_port()
     return start_process(["gateway", "--host", "127.0.0.1", "--port", str(port)], env, tmp / f"gateway-{port}.log",
-                         f"http://127.0.0.1:{port}/healthz")
+                         f"http://127.0.0.1:{port}/healthz", wait=wait)
 
 
-def start_worker(tmp: Path, env: dict[str, str], node_id: str) -> Proc:
+def start_worker(tmp: Path, env: dict[str, str], node_id: str, *, wait: bool = True) -> Proc:
     port = free_port()
     return start_process(["worker", "--data-dir", str(tmp / node_id), "--node-id", node_id, "--host", "127.0.0.1",
                           "--port", str(port)], env, tmp / f"{node_id}.log",
                          f"http://127.0.0.1:{port}/internal/healthz",
-                         headers={"x-ember-cluster-token": CLUSTER_TOKEN}, timeout_s=120)
+                         headers={"x-ember-cluster-token": CLUSTER_TOKEN}, timeout_s=120, wait=wait)
 
 
 @pytest.fixture(scope="module")

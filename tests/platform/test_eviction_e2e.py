@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from ember.platform.redis_server import RedisServerProcess
-from tests.platform.conftest import Proc, admin_headers, base_env, start_gateway, start_worker
+from tests.platform.conftest import Proc, admin_headers, base_env, start_gateway, start_worker, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,10 @@ def one_slot(tmp_path: Path) -> Iterator[tuple[Proc, Proc]]:
                    EMBER_DRAM_CAPACITY_BYTES=str(capacity), EMBER_KV_BUDGET_TOKENS=str(kv_tokens))
     procs: list[Proc] = []
     try:
-        procs.append(start_worker(tmp_path, env, "w0"))
-        procs.append(start_gateway(tmp_path, env))
+        procs.append(start_worker(tmp_path, env, "w0", wait=False))  # both boot side by side
+        procs.append(start_gateway(tmp_path, env, wait=False))
+        for p in procs:
+            wait_healthy(p)
         yield procs[1], procs[0]
     finally:
         for p in procs:

@@ -21,6 +21,7 @@ from tests.platform.conftest import (
     flip_byte,
     start_gateway,
     start_worker,
+    wait_healthy,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,11 +52,13 @@ def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
     procs: list[Proc] = []
     try:
         workers = {}
-        for node in ("w0", "w1"):
-            workers[node] = start_worker(tmp_path, env, node)
+        for node in ("w0", "w1"):  # the three processes boot side by side
+            workers[node] = start_worker(tmp_path, env, node, wait=False)
             procs.append(workers[node])
-        gateway = start_gateway(tmp_path, env)
+        gateway = start_gateway(tmp_path, env, wait=False)
         procs.append(gateway)
+        for p in procs:
+            wait_healthy(p)
         deadline = time.monotonic() + 20
         while httpx.get(f"{gateway.url}/readyz").json().get("workers") != 2 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -26,6 +26,7 @@ from tests.platform.conftest import (
     start_gateway,
     start_worker,
     until,
+    wait_healthy,
 )
 
 WORKER = {"x-ember-cluster-token": CLUSTER_TOKEN}
@@ -88,8 +89,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     procs: list[Proc] = []
     r = redis.Redis.from_url(server.url, decode_responses=True)
     try:
-        procs.append(start_gateway(tmp, env))
-        procs.append(start_worker(tmp, env, "w0"))
+        procs.append(start_gateway(tmp, env, wait=False))  # both boot side by side
+        procs.append(start_worker(tmp, env, "w0", wait=False))
+        for p in procs:
+            wait_healthy(p)
         g = procs[0]
         assert until(lambda: httpx.get(f"{g.url}/readyz").json().get("workers") == 1, 20)
         for name in ("tiny", "smallkv"):

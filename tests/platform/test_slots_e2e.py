@@ -26,6 +26,7 @@ from tests.platform.conftest import (
     start_gateway,
     start_worker,
     until,
+    wait_healthy,
 )
 
 pytestmark = pytest.mark.slow
@@ -110,8 +111,10 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
     e = base_env(server.url, store_url, EMBER_SLO_TIMEOUT_S="30", EMBER_CPU_SLOTS="2", EMBER_DRAIN_GRACE_S="30")
     procs: list[Proc] = []
     try:
-        procs.append(start_gateway(tmp, e))
-        procs.append(start_worker(tmp, e, "w0"))
+        procs.append(start_gateway(tmp, e, wait=False))  # both boot side by side
+        procs.append(start_worker(tmp, e, "w0", wait=False))
+        for p in procs:
+            wait_healthy(p)
         assert until(lambda: httpx.get(f"{procs[0].url}/readyz").json().get("workers") == 1, 20)
         yield Env(server.url, procs[0], procs[1])
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.platform.conftest import admin_headers, base_env, start_gateway, start_worker
+from tests.platform.conftest import admin_headers, base_env, start_gateway, start_worker, wait_healthy
 from tests.platform.tls_redis import PASSWORD, tls_redis
 
 pytestmark = pytest.mark.slow
@@ -30,9 +30,11 @@ def test_gateway_and_worker_over_tls_redis_with_a_private_ca(tmp_path: Path, tin
                        EMBER_SLO_TIMEOUT_S="30")
         procs = []
         try:
-            procs.append(start_worker(tmp_path, env, "w0"))
-            gateway = start_gateway(tmp_path, env)
+            procs.append(start_worker(tmp_path, env, "w0", wait=False))  # both boot side by side
+            gateway = start_gateway(tmp_path, env, wait=False)
             procs.append(gateway)
+            for p in procs:
+                wait_healthy(p)
             url = gateway.url
             deadline = time.monotonic() + 20
             while httpx.get(f"{url}/readyz").json().get("workers") != 1 and time.monotonic() < deadline:

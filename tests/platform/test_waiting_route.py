@@ -28,7 +28,15 @@ import redis
 
 from ember.platform.cluster.scripts import source
 from ember.platform.redis_server import RedisServerProcess
-from tests.platform.conftest import Proc, admin_headers, base_env, start_gateway, start_worker, until
+from tests.platform.conftest import (
+    Proc,
+    admin_headers,
+    base_env,
+    start_gateway,
+    start_worker,
+    until,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +65,10 @@ def _start(tmp: Path, store_url: str, **env: str) -> Iterator[Cluster]:
     procs: list[Proc] = []
     try:
         e = base_env(server.url, store_url, **env)
-        procs.append(start_worker(tmp, e, "w0"))
-        procs.append(start_gateway(tmp, e))
+        procs.append(start_worker(tmp, e, "w0", wait=False))  # both boot side by side
+        procs.append(start_gateway(tmp, e, wait=False))
+        for p in procs:
+            wait_healthy(p)
         yield Cluster(server.url, procs[1], procs[0])
     finally:
         for p in reversed(procs):
