@@ -54,7 +54,7 @@ from ember.energy.ladder import (
     zeus_cost_slope,
 )
 from ember.energy.monitor import RequestRecord
-from ember.energy.window import WindowStats, window_stats
+from ember.energy.window import WindowParts, WindowStats, merged_stats, window_parts
 from ember.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class PowerLimitController:
         self._limit_i = 0
         self._prefill_i = 0  # prefill clock ladder (phase_clocks only)
         self._pending: list[RequestRecord] = []
-        self._horizon: deque[list[RequestRecord]] = deque(maxlen=self.horizon_windows)
+        self._horizon: deque[WindowParts] = deque(maxlen=self.horizon_windows)
         self._banned: dict[tuple[str, int], int] = {}  # (knob, index) -> windows left
         self._profile: dict[tuple[int, int], ProfileLevel] = {}
         self._floor: tuple[int, int] | None = None  # lowest level online may step down to
@@ -160,14 +160,15 @@ class PowerLimitController:
         energy_j, self._mark_j = energy_now - self._mark_j, energy_now
         self._windows_seen += 1
         self._banned = {k: v - 1 for k, v in self._banned.items() if v > 1}
-        stats = window_stats(window)
+        parts = window_parts(window)
+        stats = merged_stats([parts])
         self.last_window = stats
         if self.mode == "observe" or stats.requests == 0:
             return None
         self._update_mix(stats)
         previous = self.setting
-        self._horizon.append(window)
-        rolling = window_stats([r for w in self._horizon for r in w], q=0.99)
+        self._horizon.append(parts)
+        rolling = merged_stats(self._horizon, q=0.99)
 
         if (
             rolling.attainment < self.target_attainment

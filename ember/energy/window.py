@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from ember.energy.monitor import RequestRecord
 
@@ -24,33 +25,71 @@ class WindowStats:
     mix: dict[str, float]  # function -> share of requests
 
 
+@dataclass(frozen=True)
+class WindowParts:
+    """What `window_stats` needs of one window, computed once: a rolling horizon of windows
+    merges these instead of walking every record again each step."""
+
+    requests: int
+    met: int
+    tokens: int
+    latencies: list[float]  # per request: ttft + tpot x (tokens - 1), in arrival order
+    eta: float
+    ttft: dict[str, list[float]]  # function (first-seen order) -> ttft / ttft_slo per request
+    tpot: dict[str, list[float]]
+
+
+def window_parts(window: Sequence[RequestRecord]) -> WindowParts:
+    ttft: dict[str, list[float]] = {}
+    tpot: dict[str, list[float]] = {}
+    for r in window:
+        if r.function not in ttft:
+            ttft[r.function], tpot[r.function] = [], []
+        ttft[r.function].append(r.ttft_s / r.ttft_slo_s)
+        tpot[r.function].append(r.tpot_s / r.tpot_slo_s)
+    return WindowParts(
+        requests=len(window),
+        met=sum(r.meets_slo for r in window),
+        tokens=sum(max(r.tokens, 0) for r in window),
+        latencies=[r.ttft_s + r.tpot_s * max(r.tokens - 1, 0) for r in window],
+        eta=min((r.eta for r in window), default=1.0),
+        ttft=ttft,
+        tpot=tpot,
+    )
+
+
 def window_stats(window: Sequence[RequestRecord], q: float = 0.95) -> WindowStats:
     """The window's SLO statistics (each function's own tail at quantile `q`)."""
-    if not window:
+    return merged_stats([window_parts(window)], q)
+
+
+def merged_stats(parts: Sequence[WindowParts], q: float = 0.95) -> WindowStats:
+    """`window_stats` of the windows' records taken together, from their parts."""
+    requests = sum(p.requests for p in parts)
+    if not requests:
         return WindowStats(0, 0, 1.0, 0.0, 0.0, None, 0.0, 1.0, {})
-    met = sum(r.meets_slo for r in window)
     # each function's own tail: a busy function's p95 must not hide a quieter one's
-    by_fn: dict[str, list[RequestRecord]] = {}
-    for r in window:
-        by_fn.setdefault(r.function, []).append(r)
-    ttft_q = {f: quantile(sorted(r.ttft_s / r.ttft_slo_s for r in rs), q) for f, rs in by_fn.items()}
-    tpot_q = {f: quantile(sorted(r.tpot_s / r.tpot_slo_s for r in rs), q) for f, rs in by_fn.items()}
-    worst_fn = max(by_fn, key=lambda f: max(ttft_q[f], tpot_q[f]))
-    tokens = sum(max(r.tokens, 0) for r in window)
-    latency = sum(r.ttft_s + r.tpot_s * max(r.tokens - 1, 0) for r in window)
-    counts: dict[str, int] = {}
-    for r in window:
-        counts[r.function] = counts.get(r.function, 0) + 1
+    ttft: dict[str, list[float]] = {}
+    tpot: dict[str, list[float]] = {}
+    for p in parts:
+        for f, ratios in p.ttft.items():
+            ttft.setdefault(f, []).extend(ratios)
+            tpot.setdefault(f, []).extend(p.tpot[f])
+    ttft_q = {f: quantile(sorted(v), q) for f, v in ttft.items()}
+    tpot_q = {f: quantile(sorted(v), q) for f, v in tpot.items()}
+    worst_fn = max(ttft, key=lambda f: max(ttft_q[f], tpot_q[f]))
+    tokens = sum(p.tokens for p in parts)
+    latency = sum(chain.from_iterable(p.latencies for p in parts))  # one order: the records'
     return WindowStats(
-        requests=len(window),
+        requests=requests,
         tokens=tokens,
-        attainment=met / len(window),
+        attainment=sum(p.met for p in parts) / requests,
         ttft_ratio_p95=max(ttft_q.values()),
         tpot_ratio_p95=max(tpot_q.values()),
         worst_function=worst_fn,
         s_per_token=latency / tokens if tokens else 0.0,
-        eta=min(r.eta for r in window),
-        mix={f: c / len(window) for f, c in counts.items()},
+        eta=min(p.eta for p in parts if p.requests),
+        mix={f: len(v) / requests for f, v in ttft.items()},
     )
 
 
