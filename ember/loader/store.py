@@ -24,6 +24,7 @@ from ember.loader.format import MANIFEST_FILE, CheckpointManifest, parse_manifes
 from ember.loader.locks import NodeLock
 from ember.loader.names import validate_name
 from ember.loader.pipeline import pread_full
+from ember.loader.s3lock import LOCK_DIR, S3NameLock
 from ember.loader.swap import replace_dir
 
 S3_THREADS = 8
@@ -232,6 +233,7 @@ class S3Store(CheckpointStore):
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self._client = None
+        self.lease_stale_s, self.lease_renew_s = 60.0, 10.0  # a push's or remove's lease on its name
 
     @property
     def client(self):
@@ -268,9 +270,9 @@ class S3Store(CheckpointStore):
 
     def remove(self, name: str) -> None:
         validate_name(name)
-        if not self.exists(name):
-            raise CheckpointNotFound(f"no checkpoint {name!r} in {self.uri}")
-        with self._errors(f"remove {name}"):
+        with self._errors(f"remove {name}"), self._lease(name, "remove"):
+            if not self.exists(name):
+                raise CheckpointNotFound(f"no checkpoint {name!r} in {self.uri}")
             # The manifest first, so a half-deleted checkpoint is never seen as complete.
             self.client.delete_object(Bucket=self.bucket, Key=self.key(name, MANIFEST_FILE))
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -318,17 +320,25 @@ class S3Store(CheckpointStore):
         config = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=16 << 20, max_concurrency=S3_THREADS)
         files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
         total = sum(p.stat().st_size for p in files)
-        with _Progress(f"push {name}", total, progress) as bar, self._errors(f"push {name}"):
+        with _Progress(f"push {name}", total, progress) as bar, self._errors(f"push {name}"), \
+                self._lease(name, "push") as lease:
             if self.exists(name):
                 self.client.delete_object(Bucket=self.bucket, Key=self.key(name, MANIFEST_FILE))
             for p in files:
                 rel = p.relative_to(src).as_posix()
                 self.client.upload_file(str(p), self.bucket, self.key(name, rel), Config=config, Callback=bar.advance)
+            lease.check()  # a push that lost the name to another never publishes over its files
             self.client.upload_file(str(src / MANIFEST_FILE), self.bucket, self.key(name, MANIFEST_FILE))
         return CheckpointInfo(name, read_manifest(src).tensor_nbytes)
 
     def _errors(self, what: str):
         return _S3Errors(self, what)
+
+    def _lease(self, name: str, what: str) -> S3NameLock:
+        """The name's lease (ember.loader.s3lock): one push or remove of a name at a time."""
+        key = "/".join(p for p in (self.prefix, LOCK_DIR, name) if p)
+        return S3NameLock(self.client, self.bucket, key, what=f"{what} of {self.uri}/{name}",
+                          stale_s=self.lease_stale_s, renew_s=self.lease_renew_s)
 
 
 class _S3Errors:
