@@ -52,6 +52,7 @@ class S3NameLock:
         self.owner = uuid.uuid4().hex
         self.etag: str | None = None
         self.lost = False
+        self.unsupported = False  # the server refused conditional writes: no lease is held
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._lock = threading.Lock()  # etag and lost, between the renewer and check/release
@@ -65,11 +66,19 @@ class S3NameLock:
         self.release()
 
     def acquire(self) -> None:
-        """Wait while another holder renews the lease; take it when free or stale."""
+        """Wait while another holder renews the lease; take it when free or stale. An S3-protocol
+        server without conditional writes (501) gets no lease: logged, and the change goes on."""
         told = False
         while True:
-            if self._put(IfNoneMatch="*"):
-                break
+            try:
+                if self._put(IfNoneMatch="*"):
+                    break
+            except Exception as e:
+                if _code(e) not in ("NotImplemented", "501"):
+                    raise
+                log.warning("%s: the store has no conditional writes; changing the name without a lease", self.what)
+                self.unsupported = True
+                return
             held = self._head()
             if held is None:
                 continue  # released meanwhile: try again at once
@@ -90,6 +99,8 @@ class S3NameLock:
     def check(self) -> None:
         """Raise StoreError when the lease was lost (not renewed in time and taken over)."""
         with self._lock:
+            if self.unsupported:
+                return
             if self.lost or self.etag is None:
                 raise StoreError(f"{self.what}: lost the lease on the name (paused over {self.stale_s:.0f} s?); "
                                  "nothing was published, run it again")

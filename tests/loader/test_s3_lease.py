@@ -106,3 +106,25 @@ def test_a_holder_that_lost_its_lease_publishes_nothing_and_leaves_the_new_holde
     taker.release()
     with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
         store.client.get_object(Bucket=store.bucket, Key=key)
+
+
+def test_a_server_without_conditional_writes_pushes_without_a_lease(
+    s3_env: str, tiny_converted: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An S3-protocol server that answers a conditional write with 501: the push goes on, as
+    before leases, and says so in the log; it does not fail."""
+    from botocore.exceptions import ClientError
+
+    store = open_store(s3_env)
+    real_put = store.client.put_object
+
+    def put_object(**kw):  # noqa: ANN003, ANN202
+        if "IfNoneMatch" in kw or "IfMatch" in kw:
+            raise ClientError({"Error": {"Code": "NotImplemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}},
+                              "PutObject")
+        return real_put(**kw)
+
+    monkeypatch.setattr(store.client, "put_object", put_object)
+    with caplog.at_level("WARNING", logger="ember.loader.s3lock"):
+        store.push(tiny_converted, "d")
+    assert store.exists("d") and "no conditional writes" in caplog.text
