@@ -152,4 +152,10 @@ def test_a_killed_supervisor_takes_its_children_and_leaves_no_lock(tmp_path: Pat
     again = _start_up(data_dir, free_port())
     up_proc.append(again)
     again.send_signal(signal.SIGTERM)
-    assert again.wait(60) == 0
+    try:
+        assert again.wait(60) == 0
+    except subprocess.TimeoutExpired:  # seen once in a full run, not since: say which child held it up
+        alive = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+                 for pid in _alive(set(_descendants(again.pid)))}
+        logs = {p.name: p.read_text(errors="replace")[-1500:] for p in (data_dir / "logs").glob("*.log")}
+        pytest.fail(f"ember up did not stop within 60 s of SIGTERM; children still up: {alive}; logs: {logs}")
