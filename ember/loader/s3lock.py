@@ -90,7 +90,7 @@ class S3NameLock:
                     break
                 continue
             if not told:
-                log.info("waiting for another client's %s to end (lease held by %s)", self.what, holder)
+                log.warning("waiting: another client is changing this name (%s; lease held by %s)", self.what, holder)
                 told = True
             time.sleep(self.poll_s)
         self._renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)

@@ -58,7 +58,10 @@ def test_racing_pushes_and_removes_leave_a_whole_checkpoint_or_none(
     assert [c.name for c in store.list()] in ([], ["m"])  # the lease objects are not checkpoints
 
 
-def test_a_dead_holders_lease_is_taken_over_and_a_live_one_is_waited_for(s3_env: str, tiny_converted: Path) -> None:
+def test_a_dead_holders_lease_is_taken_over_and_a_live_one_is_waited_for(
+    s3_env: str, tiny_converted: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="ember.loader.s3lock")
     store = open_store(s3_env)
     store.lease_stale_s, store.lease_renew_s = 2.0, 0.5
     dead = store._lease("a", "push")  # acquired, then its holder dies: never renewed, never released
@@ -80,6 +83,7 @@ def test_a_dead_holders_lease_is_taken_over_and_a_live_one_is_waited_for(s3_env:
         live.release()
     pusher.join(30)
     assert pushed.is_set() and store.exists("b")
+    assert "another client is changing this name" in caplog.text  # the waiting push says why it waits
 
 
 def test_a_holder_that_lost_its_lease_publishes_nothing_and_leaves_the_new_holders(s3_env: str) -> None:
