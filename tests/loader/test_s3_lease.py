@@ -63,13 +63,13 @@ def test_a_dead_holders_lease_is_taken_over_and_a_live_one_is_waited_for(
 ) -> None:
     caplog.set_level("WARNING", logger="ember.loader.s3lock")
     store = open_store(s3_env)
-    store.lease_stale_s, store.lease_renew_s = 2.0, 0.5
+    store.lease_stale_s, store.lease_renew_s = 4.0, 0.5  # ages are whole seconds (HTTP dates)
     dead = store._lease("a", "push")  # acquired, then its holder dies: never renewed, never released
     dead.acquire()
     dead._stop.set()
     t0 = time.monotonic()
     store.push(tiny_converted, "a")
-    assert time.monotonic() - t0 >= 1.0 and store.exists("a")  # waited for it to go stale
+    assert time.monotonic() - t0 >= 2.0 and store.exists("a")  # waited for it to go stale
 
     live = store._lease("b", "push")
     live.acquire()
@@ -77,7 +77,7 @@ def test_a_dead_holders_lease_is_taken_over_and_a_live_one_is_waited_for(
     pusher = threading.Thread(target=lambda: (store.push(tiny_converted, "b"), pushed.set()))
     pusher.start()
     try:
-        time.sleep(3.0)  # past stale_s: the holder renews, so the push keeps waiting
+        time.sleep(5.0)  # past stale_s: the holder renews, so the push keeps waiting
         assert not pushed.is_set() and not store.exists("b")
     finally:
         live.release()
