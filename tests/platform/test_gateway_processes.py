@@ -79,8 +79,13 @@ def test_two_gateway_processes_share_the_port_metrics_and_restarts(tmp_path: Pat
             (tiny,) = [f for f in body["functions"] if f["name"] == "tiny"]
             return body["gateway"], tiny["requests"]
 
-        deadline = time.monotonic() + 10  # each process shares its window about once a second
-        while time.monotonic() < deadline and {n for _, n in (stats() for _ in range(4))} != {10}:
+        # each process shares its window about once a second: wait until both processes (not four answers
+        # that may all come from one of them) count all ten; then every answer must
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            seen = [stats() for _ in range(8)]
+            if {n for _, n in seen} == {10} and len({g for g, _ in seen}) == 2:
+                break
             time.sleep(0.3)
         answers = [stats() for _ in range(24)]
         assert {n for _, n in answers} == {10} and len({g for g, _ in answers}) == 2, answers  # both count all
