@@ -30,13 +30,16 @@ class WindowParts:
     """What `window_stats` needs of one window, computed once: a rolling horizon of windows
     merges these instead of walking every record again each step."""
 
-    requests: int
     met: int
     tokens: int
     latencies: list[float]  # per request: ttft + tpot x (tokens - 1), in arrival order
     eta: float
     ttft: dict[str, list[float]]  # function (first-seen order) -> ttft / ttft_slo per request
     tpot: dict[str, list[float]]
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
 
 
 def window_parts(window: Sequence[RequestRecord]) -> WindowParts:
@@ -48,7 +51,6 @@ def window_parts(window: Sequence[RequestRecord]) -> WindowParts:
         ttft[r.function].append(r.ttft_s / r.ttft_slo_s)
         tpot[r.function].append(r.tpot_s / r.tpot_slo_s)
     return WindowParts(
-        requests=len(window),
         met=sum(r.meets_slo for r in window),
         tokens=sum(max(r.tokens, 0) for r in window),
         latencies=[r.ttft_s + r.tpot_s * max(r.tokens - 1, 0) for r in window],

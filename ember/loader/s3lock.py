@@ -79,7 +79,7 @@ class S3NameLock:
                 log.warning("%s: the store has no conditional writes; changing the name without a lease", self.what)
                 self.unsupported = True
                 return
-            held = self._head()
+            held = self._read()
             if held is None:
                 continue  # released meanwhile: try again at once
             etag, age_s, holder = held
@@ -132,7 +132,7 @@ class S3NameLock:
             self.etag = resp["ETag"]
         return True
 
-    def _head(self) -> tuple[str, float, str] | None:
+    def _read(self) -> tuple[str, float, str] | None:
         """(ETag, seconds since it was last written by the server's clock, holder), None when absent."""
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.key)

@@ -139,7 +139,6 @@ class MemCluster:
         n.cached, n.cached_at = state, (now, n.version)
         return state
 
-
     # --- what the live cluster does atomically -----------------------------------------------
     def claim(self, fn: int, function: str, checkpoint: str, dev: SimDevice, nbytes: int, tier: Tier,
               estimate_s: float, now: float, kv_bytes: int = 0) -> SimInstance:

@@ -4,6 +4,7 @@ a holder that lost its lease."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -132,3 +133,25 @@ def test_a_server_without_conditional_writes_pushes_without_a_lease(
     with caplog.at_level("WARNING", logger="ember.loader.s3lock"):
         store.push(tiny_converted, "d")
     assert store.exists("d") and "no conditional writes" in caplog.text
+
+
+def test_the_cli_push_waits_for_a_held_name_and_says_why(s3_env: str, tiny_converted: Path) -> None:
+    """The user's route: `ember checkpoint push` (a process of its own) while another client holds
+    the name waits, prints why on stderr, and publishes once the holder lets go."""
+    import subprocess
+    import sys
+
+    store = open_store(s3_env)
+    held = store._lease("e", "push")
+    held.acquire()
+    push = subprocess.Popen([sys.executable, "-m", "ember", "checkpoint", "push", str(tiny_converted), "e",
+                             "--store", s3_env], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(10)  # the CLI starts (a few seconds) and reaches the held name
+        assert push.poll() is None and not store.exists("e")  # it waits; nothing published
+    finally:
+        held.release()
+    out, err = push.communicate(timeout=120)
+    assert push.returncode == 0, err
+    assert "another client is changing this name" in err
+    assert json.loads(out.strip().splitlines()[-1]) == {"name": "e", "nbytes": store.manifest("e").tensor_nbytes}
