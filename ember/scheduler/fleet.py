@@ -226,8 +226,13 @@ class _FleetSimulation(_Simulation):
                                    memory, memory - sum(d.free for d in node.devices)))
         # Waiting for room: the functions whose head's last placement found no room (live, the gauge of
         # waiting requests whose cold start found no room: only a function's head starts one).
-        actions = self.scaler.step(facts, now, waiting=len(self.room_waits), booting=len(self.booting),  # type: ignore[union-attr]
-                                   budget_w=self.fleet.budget_w)
+        scaler = self.scaler
+        assert scaler is not None
+        active = [f for f in facts if not f.draining]
+        peak = self.activity.peak_claimed(now, sum(f.claimed_bytes for f in active), sum(f.memory_bytes for f in active),
+                                          scaler.config.scale_in_grace_s)
+        actions = scaler.step(facts, now, waiting=len(self.room_waits), booting=len(self.booting),
+                              budget_w=self.fleet.budget_w, claimed_peak=peak)
         for a in actions:
             if isinstance(a, ScaleOut):
                 self._scale_out(a.count)

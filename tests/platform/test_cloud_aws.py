@@ -225,18 +225,8 @@ def test_a_node_the_cloud_terminates_is_drained_before_its_lifecycle_action_comp
     from ember.platform.cluster import DeviceSpec, RedisCluster
     from ember.platform.gateway.protocol import FunctionSpec
     from ember.platform.state import Keys
-    from ember.scheduler.view import PlacementRequest, StartupEstimate
+    from ember.scheduler.view import PlacementRequest
     from tests.platform.conftest import start_gateway
-
-    class OnNode:
-        name = "on_node"
-
-        def __init__(self, node: str) -> None:
-            self.node = node
-
-        def place(self, request, view):  # noqa: ANN001, ANN202
-            return next(StartupEstimate(d.node_id, d.device_id, "remote", 1.0)
-                        for d in view.devices_with_room(request.nbytes, limit=16) if d.node_id == self.node)
 
     name, session = _group(hooked_moto_url, hook=True)
     asg = session.client("autoscaling", endpoint_url=hooked_moto_url)
@@ -250,7 +240,7 @@ def test_a_node_the_cloud_terminates_is_drained_before_its_lifecycle_action_comp
     for node, cid in (("t0", first), ("t1", second)):
         cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
                               cloud_instance_id=cid)
-        inst = cluster.place(PlacementRequest(function="kept", checkpoint="ck", nbytes=1 << 20), OnNode(node))
+        inst = cluster.place(PlacementRequest(function="kept", checkpoint="ck", nbytes=1 << 20), _OnNode(node))
         assert inst is not None and inst.node_id == node and cluster.begin_load(inst.instance_id)
         assert cluster.mark_ready(inst.instance_id, "kept")
         placed[node] = inst.instance_id
@@ -270,6 +260,63 @@ def test_a_node_the_cloud_terminates_is_drained_before_its_lifecycle_action_comp
         assert "step failed" not in log and "Traceback" not in log, log
     finally:
         gateway.stop()
+
+
+def test_a_fleet_that_just_came_up_is_not_consolidated_before_the_grace(group, moto_url: str, redis_url: str,
+                                                                       tmp_path: Path) -> None:
+    """Two nodes, each serving a function kept alive, with little memory claimed: consolidation may
+    drain one, but only once the node scaler has seen the claims stay low for the scale-in grace. It
+    drained one at its first step, 0.3 s after the gateway came up (a fleet deployed at its size
+    lost all but one node before any demand reached it)."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.gateway.protocol import FunctionSpec
+    from ember.platform.state import Keys
+    from ember.scheduler.view import PlacementRequest
+    from tests.platform.conftest import start_gateway
+
+    name, session = group
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    backend.set_desired_capacity(2)
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    spec = FunctionSpec(name="kept", checkpoint="ck", nbytes=1 << 20, scaling={"keep_alive_s": 3600})
+    cluster.r.hset(Keys.functions, "kept", spec.model_dump_json())  # kept alive: the idle rule leaves them
+    for node, cid in zip(("c0", "c1"), sorted(backend.instances()), strict=True):
+        cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                              cloud_instance_id=cid)
+        inst = cluster.place(PlacementRequest(function="kept", checkpoint="ck", nbytes=1 << 20), _OnNode(node))
+        assert inst is not None and cluster.begin_load(inst.instance_id)
+        assert cluster.mark_ready(inst.instance_id, "kept")
+    gateway = start_gateway(tmp_path, _scaling_gateway_env(redis_url, tmp_path, name, moto_url, EMBER_NODE_GRACE_S="4",
+                                                            EMBER_NODE_CONSOLIDATE_BELOW="0.3"))
+    try:
+        started = time.monotonic()
+        _until(lambda: bool(cluster.r.get(Keys.lease("nodescaler"))), gateway, 20)  # the node scaler steps
+        while time.monotonic() - started < 2.5:  # steps every 0.3 s: none may drain yet
+            assert cluster.draining_nodes() == set(), gateway.output()
+            time.sleep(0.1)
+        _until(lambda: len(cluster.draining_nodes()) == 1 or len(cluster.live_nodes()) == 1, gateway, 30)
+        assert len(cluster.live_nodes()) >= 1
+        log = gateway.output()
+        assert "draining c" in log and "step failed" not in log and "Traceback" not in log, log
+    finally:
+        gateway.stop()
+
+
+class _OnNode:
+    """A placement policy that takes the first device with room on one node."""
+
+    name = "on_node"
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def place(self, request, view):  # noqa: ANN001, ANN202
+        from ember.scheduler.view import StartupEstimate
+
+        return next(StartupEstimate(d.node_id, d.device_id, "remote", 1.0)
+                    for d in view.devices_with_room(request.nbytes, limit=16) if d.node_id == self.node)
 
 
 def _nodes_gauge(url: str) -> dict[str, float]:

@@ -112,7 +112,11 @@ class NodeScalerLoop:
         unprotected = getattr(backend, "unprotected", None)  # Ember, not the group, picks which node goes
         if unprotected is not None:
             await to_thread.run_sync(lambda: backend.protect(unprotected()))
-        actions = self.scaler.step(facts, now, waiting=waiting, booting=len(booting), budget_w=budget_w)
+        active = [f for f in facts if not (f.draining or f.leaving)]
+        peak = self.activity.peak_claimed(now, sum(f.claimed_bytes for f in active), sum(f.memory_bytes for f in active),
+                                          self.scaler.config.scale_in_grace_s)
+        actions = self.scaler.step(facts, now, waiting=waiting, booting=len(booting), budget_w=budget_w,
+                                   claimed_peak=peak)
         for a in actions:
             if isinstance(a, ScaleOut):
                 desired = await to_thread.run_sync(backend.desired_capacity)
