@@ -228,11 +228,9 @@ class _FleetSimulation(_Simulation):
         # waiting requests whose cold start found no room: only a function's head starts one).
         scaler = self.scaler
         assert scaler is not None
-        active = [f for f in facts if not f.draining]
-        peak = self.activity.peak_claimed(now, sum(f.claimed_bytes for f in active), sum(f.memory_bytes for f in active),
-                                          scaler.config.scale_in_grace_s)
         actions = scaler.step(facts, now, waiting=len(self.room_waits), booting=len(self.booting),
-                              budget_w=self.fleet.budget_w, claimed_peak=peak)
+                              budget_w=self.fleet.budget_w,
+                              consolidate=self.activity.watched_s(now) >= scaler.config.scale_in_grace_s)
         for a in actions:
             if isinstance(a, ScaleOut):
                 self._scale_out(a.count)

@@ -16,11 +16,10 @@ Rules:
   is ever wholly idle. While the awake fleet's claimed memory would stay below
   `consolidate_below` without it, the node with the least claimed memory (longest idle first) is
   drained too: its requests go to instances elsewhere, its instances unload once idle. The gap
-  to `target_memory_utilization` is the hysteresis that keeps the two rules from fighting; the
-  claims weighed are the most the fleet held over the last scale-in grace (`claimed_peak`, kept by
-  `NodeActivity.peak_claimed`), the hysteresis in time: a node consolidated away and booted again
-  within the break-even time costs more than it saved, and a fleet that has just come up (or a
-  new lease holder) has seen no demand yet, which is not the same as low demand;
+  to `target_memory_utilization` is the hysteresis that keeps the two rules from fighting. Not
+  before the caller has watched the fleet for the scale-in grace (`consolidate`, from
+  `NodeActivity.watched_s`): a fleet that has just come up (or a new lease holder) has seen no
+  demand yet, which is not the same as low demand;
 - scale-in drains: `Drain` marks the node (nothing new is placed there, its idle instances
   unload), and `Terminate` follows once it holds no instance (the cloud group's desired
   capacity decremented with it).
@@ -33,7 +32,6 @@ object (ember.scheduler.fleet).
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -160,11 +158,11 @@ class NodeScaler:
         return max(cap, self.config.min_nodes)
 
     def step(self, nodes: Sequence[FleetNode], now: float, *, waiting: int, booting: int,
-             budget_w: float | None = None, claimed_peak: int | None = None) -> list[NodeAction]:
+             budget_w: float | None = None, consolidate: bool = True) -> list[NodeAction]:
         """Actions for this step. `waiting`: placements that found no room since the last step (or
-        now); `booting`: nodes asked for that have not registered yet; `claimed_peak`: the most the
-        active nodes claimed over the last scale-in grace (`NodeActivity.peak_claimed`; None: this
-        step's claims alone), what consolidation weighs."""
+        now); `booting`: nodes asked for that have not registered yet; `consolidate`: whether the
+        consolidation rule may act (False until the caller has watched the fleet for the scale-in
+        grace: `NodeActivity.watched_s`)."""
         cfg = self.config
         actions: list[NodeAction] = []
         draining = [n for n in nodes if n.draining or n.leaving]
@@ -220,10 +218,10 @@ class NodeScaler:
             actions.append(Drain(n.node_id, n.cloud_id, idle_s))
             room -= 1
         room -= terminating  # consolidation: the nodes that leave this step count too
-        if room > 0:
+        if room > 0 and consolidate:
             chosen = {a.node_id for a in actions if isinstance(a, Drain)}
             kept = [n for n in active if n.node_id not in chosen]
-            for victim in self._consolidation_victims(kept, room, memory, max(claimed, claimed_peak or 0)):
+            for victim in self._consolidation_victims(kept, room, memory, claimed):
                 actions.append(Drain(victim.node_id, victim.cloud_id, now - victim.last_active_s))
         return actions
 
@@ -267,8 +265,7 @@ class NodeActivity:
     default_keep_alive_s: float = 60.0
     last_active_s: dict[str, float] = field(default_factory=dict)
     keep_alive_s: dict[str, float] = field(default_factory=dict)
-    claims: deque[tuple[float, int]] = field(default_factory=deque)  # (when, the active fleet's claimed bytes)
-    watched_since: float | None = None
+    watched_since: float | None = None  # this holder's first step
 
     def observe(self, node_id: str, now: float, *, last_used_s: Iterable[float] = (), busy: bool = False,
                 keep_alive_s: Iterable[float] = ()) -> tuple[float, float]:
@@ -284,17 +281,11 @@ class NodeActivity:
             self.keep_alive_s[node_id] = max(self.keep_alive_s.get(node_id, 0.0), *seen)
         return last, self.keep_alive_s.get(node_id, self.default_keep_alive_s)
 
-    def peak_claimed(self, now: float, claimed: int, memory: int, window_s: float) -> int:
-        """The most the active fleet claimed over the last `window_s`, this step's `claimed`
-        included. Until this holder has watched that long the fleet counts as full (`memory`): it
-        has not seen the demand that would say the claims are low, so consolidation waits."""
+    def watched_s(self, now: float) -> float:
+        """Seconds since this holder's first step (0 at the first): how long it has seen the fleet."""
         if self.watched_since is None:
             self.watched_since = now
-        self.claims.append((now, claimed))
-        while self.claims and self.claims[0][0] < now - window_s:
-            self.claims.popleft()
-        peak = max(c for _, c in self.claims)
-        return peak if now - self.watched_since >= window_s else max(peak, memory)
+        return now - self.watched_since
 
     def forget(self, live: Iterable[str]) -> None:
         keep = set(live)

@@ -190,24 +190,19 @@ def test_what_a_step_drains_the_next_step_never_takes_back() -> None:
     assert drains >= 50  # the cases drain often enough to mean something
 
 
-def test_consolidation_weighs_the_most_the_fleet_claimed_over_the_grace() -> None:
+def test_consolidation_waits_until_the_fleet_was_watched_for_the_grace() -> None:
     """Consolidation drained nodes the moment claims were low: right after a fleet came up (nothing
-    claimed yet, before any demand) it went down to one node within a step, and a dip shorter than a
-    boot's break-even time drained nodes the next burst booted again."""
+    claimed yet, before any demand) it went down to one node at its first step."""
     cfg = NodeScalerConfig(max_nodes=8, grace_s=100, boot_s=0, target_memory_utilization=0.6, consolidate_below=0.3)
     s = NodeScaler(cfg)
     fleet = [node("a", instances=1, busy=True, last=0, claimed=5 * GB),
              node("b", instances=1, busy=True, last=0, claimed=5 * GB)]
-    memory = 160 * GB
     act = NodeActivity()
-    # a fleet just watched: counted full until the scaler has seen it for the grace
-    assert act.peak_claimed(0, 10 * GB, memory, cfg.scale_in_grace_s) == memory
-    assert s.step(fleet, 0, waiting=0, booting=0, claimed_peak=memory) == []
-    assert s.step(fleet, 0, waiting=0, booting=0) == [Drain("a", "i-a", 0)]  # this step's claims alone: drains
-    # a burst at 50 s claimed 90 GB: until 150 s the fleet counts it, then only what it claims now
-    assert act.peak_claimed(50, 90 * GB, memory, 100) == memory
-    assert act.peak_claimed(100, 10 * GB, memory, 100) == 90 * GB
-    assert s.step(fleet, 100, waiting=0, booting=0, claimed_peak=90 * GB) == []
-    assert act.peak_claimed(149, 10 * GB, memory, 100) == 90 * GB
-    assert act.peak_claimed(151, 10 * GB, memory, 100) == 10 * GB
-    assert s.step(fleet, 151, waiting=0, booting=0, claimed_peak=10 * GB) == [Drain("a", "i-a", 151)]
+    assert act.watched_s(50.0) == 0.0  # the first step starts the watch
+    assert act.watched_s(120.0) == 70.0 < cfg.scale_in_grace_s
+    assert s.step(fleet, 120, waiting=0, booting=0, consolidate=False) == []
+    assert act.watched_s(150.0) == cfg.scale_in_grace_s
+    assert s.step(fleet, 150, waiting=0, booting=0, consolidate=True) == [Drain("a", "i-a", 150)]
+    # the idle rule is not held back: a node idle past keep-alive + grace drains at once
+    idle = [node("a", instances=1, busy=True, last=150, claimed=5 * GB), node("b", last=0, keep=1)]
+    assert s.step(idle, 150, waiting=0, booting=0, consolidate=False) == [Drain("b", "i-b", 150)]

@@ -112,11 +112,9 @@ class NodeScalerLoop:
         unprotected = getattr(backend, "unprotected", None)  # Ember, not the group, picks which node goes
         if unprotected is not None:
             await to_thread.run_sync(lambda: backend.protect(unprotected()))
-        active = [f for f in facts if not (f.draining or f.leaving)]
-        peak = self.activity.peak_claimed(now, sum(f.claimed_bytes for f in active), sum(f.memory_bytes for f in active),
-                                          self.scaler.config.scale_in_grace_s)
+        watched = self.activity.watched_s(now) >= self.scaler.config.scale_in_grace_s
         actions = self.scaler.step(facts, now, waiting=waiting, booting=len(booting), budget_w=budget_w,
-                                   claimed_peak=peak)
+                                   consolidate=watched)
         for a in actions:
             if isinstance(a, ScaleOut):
                 desired = await to_thread.run_sync(backend.desired_capacity)
