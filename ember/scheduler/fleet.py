@@ -64,6 +64,7 @@ class FleetConfig:
     target_memory_utilization: float = DEFAULTS.target_memory_utilization
     consolidate_below: float = DEFAULTS.consolidate_below
     requests_per_node: int = DEFAULTS.requests_per_node
+    max_scale_in_per_step: int = DEFAULTS.max_scale_in_per_step
     budget_w: float | None = None
     ssd_kept_when_stopped: bool = False
 
@@ -84,7 +85,7 @@ class FleetConfig:
             idle_power_w=idle_w, absent_power_w=self.absent_w, boot_power_w=idle_w, boot_s=self.boot_s,
             grace_s=self.grace_s, target_memory_utilization=self.target_memory_utilization,
             consolidate_below=self.consolidate_below,
-            requests_per_node=self.requests_per_node)
+            requests_per_node=self.requests_per_node, max_scale_in_per_step=self.max_scale_in_per_step)
 
 
 def run_fleet(cfg: SimConfig, fleet: FleetConfig, *, trace: Trace | None = None, policy: str = "ember",

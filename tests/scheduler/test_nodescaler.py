@@ -148,6 +148,8 @@ def test_the_simulated_fleet_runs_the_node_scaler_a_default_deployment_runs() ->
     # every field of the node scaler is a live setting (EMBER_NODE_*), not only the simulator's
     tuned = scaler_config(Settings(node_min=1, node_max=16, node_requests_per_node=2, node_max_scale_in_per_step=1))
     assert (tuned.requests_per_node, tuned.max_scale_in_per_step) == (2, 1)
+    sim_tuned = FleetConfig(requests_per_node=2, max_scale_in_per_step=1).scaler_config(SimConfig(nodes=16))
+    assert (sim_tuned.requests_per_node, sim_tuned.max_scale_in_per_step) == (2, 1)
 
 
 def test_an_idle_node_stays_while_the_rest_would_pass_the_target_without_it() -> None:
