@@ -146,12 +146,19 @@ def test_the_cli_push_waits_for_a_held_name_and_says_why(s3_env: str, tiny_conve
     held.acquire()
     push = subprocess.Popen([sys.executable, "-m", "ember", "checkpoint", "push", str(tiny_converted), "e",
                              "--store", s3_env], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(push.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
-        time.sleep(10)  # the CLI starts (a few seconds) and reaches the held name
-        assert push.poll() is None and not store.exists("e")  # it waits; nothing published
+        deadline = time.monotonic() + 60  # the CLI starts (a few seconds) and reaches the held name
+        while time.monotonic() < deadline and push.poll() is None and \
+                not any("another client is changing this name" in line for line in err_lines):
+            time.sleep(0.1)
+        assert push.poll() is None and not store.exists("e"), "".join(err_lines)  # it waits; nothing published
+        assert any("another client is changing this name" in line for line in err_lines)  # and says why
     finally:
         held.release()
-    out, err = push.communicate(timeout=120)
-    assert push.returncode == 0, err
-    assert "another client is changing this name" in err
+    out = push.stdout.read() if push.stdout else ""  # type: ignore[union-attr]
+    assert push.wait(120) == 0, "".join(err_lines)
+    reader.join(10)
     assert json.loads(out.strip().splitlines()[-1]) == {"name": "e", "nbytes": store.manifest("e").tensor_nbytes}
