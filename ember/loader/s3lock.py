@@ -13,8 +13,11 @@ lease is an object, `<prefix>/.locks/<name>` (outside every checkpoint's prefix,
   again with `If-Match` on the stale ETag: of several takers one wins;
 - released by deleting it while still held (fresh: renewed within `renew_s`, so nobody took it).
 
-A push checks the lease is still held before it writes the manifest (`check`), so a push that
-lost it (paused past `stale_s`) never publishes a manifest over another's files.
+A push checks the lease is still held before it writes the manifest (`check`: a renewal made
+there and then, not what the renewer last saw, since a paused process wakes with its renewer as
+stale as the rest of it), so a push that lost it (paused past `stale_s`) never publishes a
+manifest over another's files; `release` renews the same way before it deletes, so a holder that
+lost it never deletes the new holder's lease.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ __all__ = ["LOCK_DIR", "S3NameLock"]
 log = logging.getLogger(__name__)
 
 LOCK_DIR = ".locks"
-_TAKEN = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+_TAKEN = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey", "404")  # 404: If-Match on a gone lease
 
 
 def _code(exc: BaseException) -> str:
@@ -56,6 +59,7 @@ class S3NameLock:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._lock = threading.Lock()  # etag and lost, between the renewer and check/release
+        self._renewing = threading.Lock()  # one conditional renewal at a time (each changes the ETag)
 
     # --- the lease --------------------------------------------------------------------------------
     def __enter__(self) -> S3NameLock:
@@ -97,23 +101,28 @@ class S3NameLock:
         self._renewer.start()
 
     def check(self) -> None:
-        """Raise StoreError when the lease was lost (not renewed in time and taken over)."""
-        with self._lock:
-            if self.unsupported:
-                return
-            if self.lost or self.etag is None:
-                raise StoreError(f"{self.what}: lost the lease on the name (paused over {self.stale_s:.0f} s?); "
-                                 "nothing was published, run it again")
+        """Raise StoreError unless the lease is held now: renewed here, with `If-Match` on the ETag
+        this holder last wrote (lost when it was not renewed in time and taken over)."""
+        if self.unsupported:
+            return
+        if not self._renew_now():
+            raise StoreError(f"{self.what}: lost the lease on the name (paused over {self.stale_s:.0f} s?); "
+                             "nothing was published, run it again")
 
     def release(self) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
+        try:
+            held = self.etag is not None and not self.lost and self._renew_now()  # fresh: nobody takes it now
+        except Exception as e:  # noqa: BLE001 - the lease lapses by itself after stale_s
+            log.warning("could not release the lease on %s (%s): it lapses in %.0f s", self.what, e, self.stale_s)
+            return
         with self._lock:
-            if self.lost or self.etag is None:
-                return
             self.etag = None
+        if not held:
+            return
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key)
         except Exception as e:  # noqa: BLE001 - the lease lapses by itself after stale_s
@@ -148,19 +157,24 @@ class S3NameLock:
         now = parsedate_to_datetime(server_now).timestamp() if server_now else time.time()
         return resp["ETag"], now - resp["LastModified"].timestamp(), holder
 
+    def _renew_now(self) -> bool:
+        """Renew with `If-Match` on this holder's ETag; False (and `lost`) when another took it."""
+        with self._renewing:
+            with self._lock:
+                etag, lost = self.etag, self.lost
+            if etag is None or lost:
+                return False
+            if self._put(IfMatch=etag):
+                return True
+            with self._lock:
+                self.lost = True
+            log.error("lost the lease on %s: another client took it over", self.what)
+            return False
+
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_s):
-            with self._lock:
-                etag = self.etag
-            if etag is None:
-                return
             try:
-                renewed = self._put(IfMatch=etag)
+                if not self._renew_now():
+                    return
             except Exception as e:  # noqa: BLE001 - a failed renewal is retried; staleness decides
                 log.warning("renewing the lease on %s failed: %s", self.what, e)
-                continue
-            if not renewed:
-                with self._lock:
-                    self.lost = True
-                log.error("lost the lease on %s: another client took it over", self.what)
-                return

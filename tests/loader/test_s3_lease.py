@@ -113,6 +113,31 @@ def test_a_holder_that_lost_its_lease_publishes_nothing_and_leaves_the_new_holde
         store.client.get_object(Bucket=store.bucket, Key=key)
 
 
+def test_a_holder_that_wakes_after_a_takeover_asks_the_store_not_its_stale_renewer(s3_env: str) -> None:
+    """A paused process wakes with its renewer as stale as the rest of it: the push's `check` right
+    after waking passed on the renewer's last word (not lost), and the push wrote its manifest over
+    the taker's files; its release deleted the taker's lease."""
+    store = open_store(s3_env)
+    key = f"{store.prefix}/.locks/w"
+    paused = S3NameLock(store.client, store.bucket, key, what="push w", stale_s=1.0, renew_s=0.3)
+    paused.acquire()
+    paused._stop.set()  # the whole process pauses, its renewer too
+    paused._renewer.join()
+    paused._stop.clear()
+    time.sleep(2.5)
+    taker = S3NameLock(store.client, store.bucket, key, what="push w", stale_s=1.0, renew_s=0.3)
+    taker.acquire()  # takes the stale lease over
+    assert not paused.lost  # nothing told the paused holder yet
+    with pytest.raises(StoreError, match="lost the lease"):
+        paused.check()  # asked at once on waking, before any renewal ran
+    paused.release()
+    assert store.client.get_object(Bucket=store.bucket, Key=key)["ETag"] == taker.etag  # the taker's, intact
+    taker.check()  # a holder's own check renews and passes
+    taker.release()
+    with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
+        store.client.get_object(Bucket=store.bucket, Key=key)
+
+
 def test_a_server_without_conditional_writes_pushes_without_a_lease(
     s3_env: str, tiny_converted: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
