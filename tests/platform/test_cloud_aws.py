@@ -304,6 +304,55 @@ def test_a_fleet_that_just_came_up_is_not_consolidated_before_the_grace(group, m
         gateway.stop()
 
 
+def test_a_gateway_that_gets_the_lease_back_after_a_gap_watches_the_fleet_afresh(group, moto_url: str,
+                                                                                 redis_url: str, tmp_path: Path) -> None:
+    """The node scaler's lease moves to another gateway for longer than the lease and comes back:
+    what this gateway saw before the gap is stale (claims were high then, and they fell meanwhile).
+    It consolidated at its first step back; now it watches for the grace again first."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.gateway.protocol import FunctionSpec
+    from ember.platform.state import Keys
+    from ember.scheduler.view import PlacementRequest
+    from tests.platform.conftest import start_gateway
+
+    name, session = group
+    backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
+    backend.set_desired_capacity(2)
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    spec = FunctionSpec(name="big", checkpoint="ck", nbytes=600 << 20, scaling={"keep_alive_s": 3600})
+    cluster.r.hset(Keys.functions, "big", spec.model_dump_json())
+    big = []
+    for node, cid in zip(("g0", "g1"), sorted(backend.instances()), strict=True):
+        cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                              cloud_instance_id=cid)
+        inst = cluster.place(PlacementRequest(function="big", checkpoint="ck", nbytes=600 << 20), _OnNode(node))
+        assert inst is not None and cluster.begin_load(inst.instance_id)
+        assert cluster.mark_ready(inst.instance_id, "big")
+        big.append(inst.instance_id)
+    lease = Keys.lease("nodescaler")
+    gateway = start_gateway(tmp_path, _scaling_gateway_env(
+        redis_url, tmp_path, name, moto_url, EMBER_NODE_GRACE_S="3", EMBER_NODE_CONSOLIDATE_BELOW="0.3",
+        EMBER_NODE_TARGET_MEMORY_UTILIZATION="0.9"))  # 0.59 of the fleet claimed: no rule acts
+    try:
+        _until(lambda: bool(cluster.r.get(lease)), gateway, 20)
+        holder = cluster.r.get(lease)
+        time.sleep(4.0)  # watched past the grace
+        assert cluster.draining_nodes() == set(), gateway.output()
+        cluster.r.set(lease, "gw-elsewhere", px=7000)  # another gateway holds it for 7 s (the lease: 5 s)
+        for iid in big:  # meanwhile the claims fall
+            cluster.remove_instance(iid)
+        _until(lambda: cluster.r.get(lease) == holder, gateway, 30)  # back
+        back = time.monotonic()
+        while time.monotonic() - back < 2.0:  # watched afresh: nothing drains within the grace
+            assert cluster.draining_nodes() == set(), gateway.output()
+            time.sleep(0.1)
+        _until(lambda: len(cluster.draining_nodes()) >= 1 or len(cluster.live_nodes()) <= 1, gateway, 30)
+    finally:
+        gateway.stop()
+
+
 class _OnNode:
     """A placement policy that takes the first device with room on one node."""
 

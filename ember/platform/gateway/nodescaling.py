@@ -65,6 +65,7 @@ class NodeScalerLoop:
         self.settings = app.state.settings
         self.scaler = NodeScaler(scaler_config(self.settings))
         self.activity = NodeActivity(default_keep_alive_s=0.0)  # a node that never ran anything: grace only
+        self.held_s = -float("inf")  # when this gateway last stepped holding the lease
         self.booting_since: dict[str, float] = {}  # cloud id -> first seen, until its worker registers
 
     async def run(self) -> None:
@@ -93,6 +94,9 @@ class NodeScalerLoop:
         backend = self.backend
         assert backend is not None
         now = time.time()
+        if now - self.held_s > ttl:  # (again) the holder after a gap: what it saw then is stale, start afresh
+            self.activity = NodeActivity(default_keep_alive_s=0.0)
+        self.held_s = now
         facts, waiting, budget_w, by_node = await to_thread.run_sync(self._read, now)
         cloud = await to_thread.run_sync(backend.instances)
         registered = {f.cloud_id for f in facts if f.cloud_id}
