@@ -31,9 +31,7 @@
 - `keepalive`: Knative / KServe style: a fixed keep-alive (the autoscaler's `keep_alive_s`),
   placement on the least-loaded device (most free memory, Kubernetes' LeastAllocated scoring),
   no locality: every cold start downloads the model from remote storage (KServe's storage
-  initializer), `local_copies = False` (honoured by the simulator). Its scale-out rule is Knative's
-  KPA (`routing.should_start_kpa`: ceil(concurrency / (target_concurrency x 70%)) instances,
-  starting ones counted), live and simulated alike; until 2026-12-02 it ran Ember's SLO rule.
+  initializer), `local_copies = False` (honoured by the simulator).
 - `least_loaded`: the device with most free memory, no locality (like KServe / Ray Serve).
 - `random`: a random device with room, no locality.
 - `round_robin`: the next node in turn with a device that has room.
@@ -48,7 +46,7 @@ from collections.abc import Callable
 
 from ember.errors import ConfigError
 from ember.scheduler.estimator import can_hold, estimate_startup
-from ember.scheduler.routing import should_start_kpa, should_start_on_demand
+from ember.scheduler.routing import should_start_on_demand
 from ember.scheduler.view import (
     ClusterView,
     DeviceState,
@@ -211,13 +209,11 @@ class LeastLoadedPolicy:
 
 
 class KeepAlivePolicy(LeastLoadedPolicy):
-    """Knative / KServe style: least-loaded placement, every load from remote storage, scaled out
-    by Knative's KPA rule."""
+    """Knative / KServe style: least-loaded placement, every load from remote storage."""
 
     name = "keepalive"
     local_copies = False
     prefetch = False
-    should_start = staticmethod(should_start_kpa)
 
 
 class RandomPolicy:

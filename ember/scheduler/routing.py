@@ -11,7 +11,7 @@ what the instances' states and claim times say, how many requests wait, and the 
 learned (EWMAs of a request's time holding a slot, of its prefill and of a cold start). A
 baseline with a published scale-out rule of its own carries it as its policy's `should_start`
 (`scale_out_rule` picks it, for the gateway and the simulator alike): ServerlessLLM's is
-`should_start_on_demand`, Knative's (the `keepalive` baseline) `should_start_kpa`.
+`should_start_on_demand`.
 """
 
 from __future__ import annotations
@@ -100,26 +100,6 @@ def should_start_on_demand(*, instances: int, in_flight: int, target_concurrency
     ceil(in_flight / target_concurrency) instances, at most `max_instances`, and starting or loading
     ones count; start one when it has fewer. No SLO, wait or load-time estimate enters it."""
     desired = min(max_instances, -(-in_flight // target_concurrency))
-    return desired > instances
-
-
-KPA_TARGET_UTILIZATION_PCT = 70  # Knative's `container-concurrency-target-percentage` default
-
-
-def should_start_kpa(*, instances: int, in_flight: int, target_concurrency: int, max_instances: int,
-                     **_: Any) -> bool:
-    """Knative's Pod Autoscaler (KPA, KServe's default for serverless deployments) as a rule per
-    request: it wants ceil(concurrency / (containerConcurrency x target utilization)) pods, the
-    utilization 70% by default, with `target_concurrency` as containerConcurrency (the hard limit
-    of requests a pod takes at once); pods starting count (the activator holds requests while they
-    start); at most `max_instances`. Differences, both ways: KPA averages the concurrency over a 60 s
-    stable window (a 6 s panic window once that wants twice the ready pods) and acts on a 2 s tick,
-    where the requests in flight now decide here, at once; and like every scale-out rule here it is
-    asked when a request finds no free slot, so the pods KPA's tick adds at 70% while slots are
-    still free are added here only once they are all taken. Sources: knative.dev/docs/serving/autoscaling
-    (concurrency, "Target utilization"; kpa-specific, "Modes"), knative/serving
-    `pkg/autoscaler/scaling/autoscaler.go` (`Scale`: desired pods = observed concurrency / target)."""
-    desired = min(max_instances, -(-in_flight * 100 // (target_concurrency * KPA_TARGET_UTILIZATION_PCT)))
     return desired > instances
 
 

@@ -158,7 +158,7 @@ def _sim_decides(states: tuple[str, ...], waiting: int, *, service_s: float, sta
 _STATES = [(), ("loading",), ("loading", "loading"), ("ready",), ("ready", "loading"), ("ready", "ready")]
 
 
-@pytest.mark.parametrize("policy", ["ember", "serverlessllm", "keepalive"])
+@pytest.mark.parametrize("policy", ["ember", "serverlessllm"])
 @pytest.mark.parametrize("states", _STATES)
 def test_the_simulator_decides_as_the_gateway_on_the_same_state(states, policy) -> None:
     """The same instances, waiting requests and learned times give the same decision live and in

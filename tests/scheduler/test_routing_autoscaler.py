@@ -59,31 +59,6 @@ def test_serverlessllm_scales_to_its_in_flight_requests_counting_starting_instan
     assert rule(instances=0, loading=0, waiting=1, in_flight=1, **common)
 
 
-def test_keepalive_scales_as_knatives_kpa_to_70_percent_of_its_concurrency_limit() -> None:
-    """Knative's KPA wants ceil(concurrency / (containerConcurrency x 0.7)) pods, starting ones
-    counted; the `keepalive` baseline ran Ember's SLO rule instead (which would wait below)."""
-    from ember.scheduler.policies import get_policy
-    from ember.scheduler.routing import scale_out_rule, should_start, should_start_kpa
-
-    rule = scale_out_rule(get_policy("keepalive"))
-    assert rule is should_start_kpa
-    common = dict(target_concurrency=10, max_instances=20, predicted_wait_s=0.1, prefill_s=0.1, ttft_slo_s=5.0,
-                  cold_start_s=2.0)
-    # Knative's own example: containerConcurrency 10 at 70%, 100 concurrent requests: 15 pods (14.3 up)
-    assert rule(instances=14, loading=0, waiting=1, in_flight=100, **common)
-    assert not rule(instances=15, loading=0, waiting=1, in_flight=100, **common)
-    # one pod full (10) and a request waiting: KPA wants 2; Ember's rule waits (the queue drains in time)
-    assert rule(instances=1, loading=0, waiting=1, in_flight=11, **common)
-    assert not should_start(instances=1, loading=0, waiting=1, in_flight=11, **common)
-    # pods still starting count, at 7 requests each: the 15th waiting request starts a third, not the 11th
-    assert not rule(instances=2, loading=2, waiting=14, in_flight=14, **common)
-    assert rule(instances=2, loading=2, waiting=15, in_flight=15, **common)
-    assert not scale_out_rule(get_policy("serverlessllm"))(instances=2, loading=2, waiting=15, in_flight=15,
-                                                           **common)  # 10 each: ServerlessLLM waits
-    assert not rule(instances=20, loading=0, waiting=50, in_flight=500, **common)  # max_instances
-    assert rule(instances=0, loading=0, waiting=1, in_flight=1, **common)  # from zero
-
-
 def test_keep_alive_unload_and_scale_to_zero() -> None:
     spec = ScalingSpec("f", keep_alive_s=60, max_instances=4)
     insts = [Inst("old", last_used_s=0), Inst("recent", last_used_s=50), Inst("busy", outstanding=1),
