@@ -268,26 +268,13 @@ def test_a_fleet_that_just_came_up_is_not_consolidated_before_the_grace(group, m
     drain one, but only once the node scaler has seen the claims stay low for the scale-in grace. It
     drained one at its first step, 0.3 s after the gateway came up (a fleet deployed at its size
     lost all but one node before any demand reached it)."""
-    import redis as redis_lib
-
-    from ember.platform.cluster import DeviceSpec, RedisCluster
-    from ember.platform.gateway.protocol import FunctionSpec
     from ember.platform.state import Keys
-    from ember.scheduler.view import PlacementRequest
     from tests.platform.conftest import start_gateway
 
     name, session = group
     backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
     backend.set_desired_capacity(2)
-    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
-    spec = FunctionSpec(name="kept", checkpoint="ck", nbytes=1 << 20, scaling={"keep_alive_s": 3600})
-    cluster.r.hset(Keys.functions, "kept", spec.model_dump_json())  # kept alive: the idle rule leaves them
-    for node, cid in zip(("c0", "c1"), sorted(backend.instances()), strict=True):
-        cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
-                              cloud_instance_id=cid)
-        inst = cluster.place(PlacementRequest(function="kept", checkpoint="ck", nbytes=1 << 20), _OnNode(node))
-        assert inst is not None and cluster.begin_load(inst.instance_id)
-        assert cluster.mark_ready(inst.instance_id, "kept")
+    cluster, _ = _nodes_serving(backend, redis_url, ("c0", "c1"), "kept", 1 << 20)  # the idle rule leaves them
     gateway = start_gateway(tmp_path, _scaling_gateway_env(redis_url, tmp_path, name, moto_url, EMBER_NODE_GRACE_S="4",
                                                             EMBER_NODE_CONSOLIDATE_BELOW="0.3"))
     try:
@@ -309,28 +296,14 @@ def test_a_gateway_that_gets_the_lease_back_after_a_gap_watches_the_fleet_afresh
     """The node scaler's lease moves to another gateway for longer than the lease and comes back:
     what this gateway saw before the gap is stale (claims were high then, and they fell meanwhile).
     It consolidated at its first step back; now it watches for the grace again first."""
-    import redis as redis_lib
 
-    from ember.platform.cluster import DeviceSpec, RedisCluster
-    from ember.platform.gateway.protocol import FunctionSpec
     from ember.platform.state import Keys
-    from ember.scheduler.view import PlacementRequest
     from tests.platform.conftest import start_gateway
 
     name, session = group
     backend = AwsAutoScalingBackend(name, endpoint_url=moto_url, session=session)
     backend.set_desired_capacity(2)
-    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
-    spec = FunctionSpec(name="big", checkpoint="ck", nbytes=600 << 20, scaling={"keep_alive_s": 3600})
-    cluster.r.hset(Keys.functions, "big", spec.model_dump_json())
-    big = []
-    for node, cid in zip(("g0", "g1"), sorted(backend.instances()), strict=True):
-        cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
-                              cloud_instance_id=cid)
-        inst = cluster.place(PlacementRequest(function="big", checkpoint="ck", nbytes=600 << 20), _OnNode(node))
-        assert inst is not None and cluster.begin_load(inst.instance_id)
-        assert cluster.mark_ready(inst.instance_id, "big")
-        big.append(inst.instance_id)
+    cluster, big = _nodes_serving(backend, redis_url, ("g0", "g1"), "big", 600 << 20)
     lease = Keys.lease("nodescaler")
     gateway = start_gateway(tmp_path, _scaling_gateway_env(
         redis_url, tmp_path, name, moto_url, EMBER_NODE_GRACE_S="3", EMBER_NODE_CONSOLIDATE_BELOW="0.3",
@@ -351,6 +324,31 @@ def test_a_gateway_that_gets_the_lease_back_after_a_gap_watches_the_fleet_afresh
         _until(lambda: len(cluster.draining_nodes()) >= 1 or len(cluster.live_nodes()) <= 1, gateway, 30)
     finally:
         gateway.stop()
+
+
+def _nodes_serving(backend: AwsAutoScalingBackend, redis_url: str, nodes: tuple[str, ...], function: str,
+                   nbytes: int):  # noqa: ANN202
+    """Each of the group's instances registered as one of `nodes` (1 GiB device), serving one ready
+    instance of `function` (kept alive for an hour, `nbytes` claimed): (cluster, instance ids)."""
+    import redis as redis_lib
+
+    from ember.platform.cluster import DeviceSpec, RedisCluster
+    from ember.platform.gateway.protocol import FunctionSpec
+    from ember.platform.state import Keys
+    from ember.scheduler.view import PlacementRequest
+
+    cluster = RedisCluster(redis_lib.Redis.from_url(redis_url, decode_responses=True), heartbeat_ttl_s=300)
+    spec = FunctionSpec(name=function, checkpoint="ck", nbytes=nbytes, scaling={"keep_alive_s": 3600})
+    cluster.r.hset(Keys.functions, function, spec.model_dump_json())
+    ids = []
+    for node, cid in zip(nodes, sorted(backend.instances()), strict=True):
+        cluster.register_node(node, f"http://127.0.0.1:1/{node}", [DeviceSpec("cuda:0", 1 << 30)], {"remote": 1e9},
+                              cloud_instance_id=cid)
+        inst = cluster.place(PlacementRequest(function=function, checkpoint="ck", nbytes=nbytes), _OnNode(node))
+        assert inst is not None and cluster.begin_load(inst.instance_id)
+        assert cluster.mark_ready(inst.instance_id, function)
+        ids.append(inst.instance_id)
+    return cluster, ids
 
 
 class _OnNode:
