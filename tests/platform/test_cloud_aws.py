@@ -296,7 +296,6 @@ def test_a_gateway_that_gets_the_lease_back_after_a_gap_watches_the_fleet_afresh
     """The node scaler's lease moves to another gateway for longer than the lease and comes back:
     what this gateway saw before the gap is stale (claims were high then, and they fell meanwhile).
     It consolidated at its first step back; now it watches for the grace again first."""
-
     from ember.platform.state import Keys
     from tests.platform.conftest import start_gateway
 
