@@ -115,7 +115,7 @@ class S3NameLock:
             self._renewer.join()
             self._renewer = None
         try:
-            held = self.etag is not None and not self.lost and self._renew_now()  # fresh: nobody takes it now
+            held = self._renew_now()  # fresh: nobody takes it now (False: never held, or lost)
         except Exception as e:  # noqa: BLE001 - the lease lapses by itself after stale_s
             log.warning("could not release the lease on %s (%s): it lapses in %.0f s", self.what, e, self.stale_s)
             return

@@ -17,7 +17,7 @@ Rules:
   `consolidate_below` without it, the node with the least claimed memory (longest idle first) is
   drained too: its requests go to instances elsewhere, its instances unload once idle. The gap
   to `target_memory_utilization` is the hysteresis that keeps the two rules from fighting. Not
-  before the caller has watched the fleet for the scale-in grace (`consolidate`, from
+  before the caller has watched the fleet for the scale-in grace (`watched_s`, from
   `NodeActivity.watched_s`): a fleet that has just come up (or a new lease holder) has seen no
   demand yet, which is not the same as low demand;
 - scale-in drains: `Drain` marks the node (nothing new is placed there, its idle instances
@@ -158,11 +158,11 @@ class NodeScaler:
         return max(cap, self.config.min_nodes)
 
     def step(self, nodes: Sequence[FleetNode], now: float, *, waiting: int, booting: int,
-             budget_w: float | None = None, consolidate: bool = True) -> list[NodeAction]:
+             budget_w: float | None = None, watched_s: float = math.inf) -> list[NodeAction]:
         """Actions for this step. `waiting`: placements that found no room since the last step (or
-        now); `booting`: nodes asked for that have not registered yet; `consolidate`: whether the
-        consolidation rule may act (False until the caller has watched the fleet for the scale-in
-        grace: `NodeActivity.watched_s`)."""
+        now); `booting`: nodes asked for that have not registered yet; `watched_s`: how long the
+        caller has watched the fleet (`NodeActivity.watched_s`): consolidation waits for the
+        scale-in grace."""
         cfg = self.config
         actions: list[NodeAction] = []
         draining = [n for n in nodes if n.draining or n.leaving]
@@ -218,7 +218,7 @@ class NodeScaler:
             actions.append(Drain(n.node_id, n.cloud_id, idle_s))
             room -= 1
         room -= terminating  # consolidation: the nodes that leave this step count too
-        if room > 0 and consolidate:
+        if room > 0 and watched_s >= cfg.scale_in_grace_s:
             chosen = {a.node_id for a in actions if isinstance(a, Drain)}
             kept = [n for n in active if n.node_id not in chosen]
             for victim in self._consolidation_victims(kept, room, memory, claimed):

@@ -202,9 +202,9 @@ def test_consolidation_waits_until_the_fleet_was_watched_for_the_grace() -> None
     act = NodeActivity()
     assert act.watched_s(50.0) == 0.0  # the first step starts the watch
     assert act.watched_s(120.0) == 70.0 < cfg.scale_in_grace_s
-    assert s.step(fleet, 120, waiting=0, booting=0, consolidate=False) == []
+    assert s.step(fleet, 120, waiting=0, booting=0, watched_s=70.0) == []
     assert act.watched_s(150.0) == cfg.scale_in_grace_s
-    assert s.step(fleet, 150, waiting=0, booting=0, consolidate=True) == [Drain("a", "i-a", 150)]
+    assert s.step(fleet, 150, waiting=0, booting=0, watched_s=100.0) == [Drain("a", "i-a", 150)]
     # the idle rule is not held back: a node idle past keep-alive + grace drains at once
     idle = [node("a", instances=1, busy=True, last=150, claimed=5 * GB), node("b", last=0, keep=1)]
-    assert s.step(idle, 150, waiting=0, booting=0, consolidate=False) == [Drain("b", "i-b", 150)]
+    assert s.step(idle, 150, waiting=0, booting=0, watched_s=0.0) == [Drain("b", "i-b", 150)]

@@ -116,9 +116,8 @@ class NodeScalerLoop:
         unprotected = getattr(backend, "unprotected", None)  # Ember, not the group, picks which node goes
         if unprotected is not None:
             await to_thread.run_sync(lambda: backend.protect(unprotected()))
-        watched = self.activity.watched_s(now) >= self.scaler.config.scale_in_grace_s
         actions = self.scaler.step(facts, now, waiting=waiting, booting=len(booting), budget_w=budget_w,
-                                   consolidate=watched)
+                                   watched_s=self.activity.watched_s(now))
         for a in actions:
             if isinstance(a, ScaleOut):
                 desired = await to_thread.run_sync(backend.desired_capacity)
