@@ -193,6 +193,7 @@ def run(size_gb: float, workdir: Path, rounds: int) -> dict:
             "device_allocations": allocations,
             "all_s": {"plain": copy_s, "loader": dram_gpu_s},
         }
+        out["dram_to_gpu"]["release_touches_dram_entry"] = _release_touches_dram(tiers, name)
         reference.release()
         try:
             out["dram_to_gpu_second_process"] = _second_process_dram_to_gpu(
@@ -320,6 +321,18 @@ def _timed_cuda_load(tiers, name: str, tier: str, check: dict) -> tuple[float, i
         return seconds, len({v.untyped_storage().data_ptr() for v in loaded.state_dict.values()})
     finally:
         loaded.release()
+
+
+def _release_touches_dram(tiers, name: str) -> bool:
+    """Whether the DRAM entry's last use is when the device copy went with its instance (not when
+    it was loaded): the LRU order the scheduler's simulator assumes (`MemCluster.remove`)."""
+    loaded = tiers.load(name, device="cuda")
+    time.sleep(0.05)
+    released_at = time.time()
+    loaded.release()
+    with tiers.dram._locked():
+        entry = (tiers.dram._read_index() or {}).get("entries", {}).get(tiers.key(name), {})
+    return entry.get("last_used", 0.0) >= released_at
 
 
 def _same_bytes(a, b) -> bool:

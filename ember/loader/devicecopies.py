@@ -44,15 +44,16 @@ class DeviceCopies:
         with self._lock:
             self._copies[(key, device)] = _Copy(state_dict, manifest, files, name, on_drop)
 
-    def release(self, key: str, device: str) -> None:
-        """One holder less; the copy goes with the last."""
+    def release(self, key: str, device: str) -> bool:
+        """One holder less; the copy goes with the last (then True)."""
         with self._lock:
             copy = self._copies.get((key, device))
             if copy is None:
-                return
+                return False
             copy.holders -= 1
             if copy.holders > 0:
-                return
+                return False
             del self._copies[(key, device)]
         if copy.on_drop is not None:
             copy.on_drop()
+        return True

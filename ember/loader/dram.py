@@ -150,10 +150,11 @@ class DramTier:
             self._write_index(index)
             return self._entry(name, e)
 
-    def unpin(self, entry: DramEntry) -> None:
+    def unpin(self, entry: DramEntry, *, used: bool = False) -> None:
         """Undo one pin of this process on exactly `entry` (found under its name, or set aside by
         `quarantine`; never a newer fill of the same name). A set-aside entry whose last pin goes
-        is dropped: its blocks are free again."""
+        is dropped: its blocks are free again. `used`: the pin was an instance's, which used the
+        entry until now (its last use, for the LRU order)."""
         with self._locked():
             index = self._read_index() or {"entries": {}}
             entries = index["entries"]
@@ -161,6 +162,8 @@ class DramTier:
             if name is None:
                 return
             e = entries[name]
+            if used:
+                e["last_used"] = time.time()
             pins = e.setdefault("pins", {})
             left = pins.get(str(self.pid), 0) - 1
             if left > 0:
@@ -170,6 +173,18 @@ class DramTier:
             if e["state"] == "bad" and not self._pinned(e):
                 self._drop(entries, name)
             self._write_index(index)
+
+    def touch(self, name: str) -> bool:
+        """Mark a ready entry used now (its keep unchanged): an instance built from it, whose
+        device copy went with it, used the checkpoint until now. False if it is not there."""
+        with self._locked():
+            index = self._read_index() or {"entries": {}}
+            e = index["entries"].get(name)
+            if not e or e["state"] != "ready":
+                return False
+            e["last_used"] = time.time()
+            self._write_index(index)
+            return True
 
     # --- filling ----------------------------------------------------------------------------
     def allocate(self, name: str, nbytes: int, ref: str = "", keep: int = 0) -> DramEntry | None:

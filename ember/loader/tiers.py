@@ -372,17 +372,26 @@ class NodeTiers:
             return None
         return LoadedCheckpoint(
             copy.name, dict(copy.state_dict), "gpu", time.perf_counter() - t0, copy.manifest.tensor_nbytes,
-            copy.files, copy.manifest, lambda: self.device_copies.release(key, dev),
+            copy.files, copy.manifest, lambda: self._release_device_copy(key, dev),
         )
+
+    def _release_device_copy(self, key: str, dev: str) -> None:
+        """One instance on `dev` less; when the copy goes with the last, the DRAM entry (if any) was
+        used until now."""
+        if self.device_copies.release(key, dev):
+            self.dram.touch(key)
 
     def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry, ssd_pin=None) -> LoadedCheckpoint:
         """The instance's LoadedCheckpoint; its release lets go of the DRAM entry, the device copy
-        and the SSD entry (`ssd_pin`: its model files are there; or the load's FallbackFiles) it holds."""
+        and the SSD entry (`ssd_pin`: its model files are there; or the load's FallbackFiles) it holds.
+        The DRAM entry's last use is then when its instance let go, not when it was loaded (an
+        instance that served for an hour keeps its checkpoint's copy ahead of one loaded and gone
+        since); on a GPU, when the device copy goes with its last instance."""
         def release() -> None:
             if entry is not None:
-                self.dram.unpin(entry)
+                self.dram.unpin(entry, used=True)
             if dev.type == "cuda":
-                self.device_copies.release(key, str(dev))
+                self._release_device_copy(key, str(dev))
             elif ssd_pin is not None:
                 ssd_pin.release()
 

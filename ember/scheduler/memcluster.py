@@ -225,7 +225,8 @@ class MemCluster:
             del self.in_flight[checkpoint]
 
     def remove(self, inst: SimInstance) -> None:
-        """Forget an instance and free what it held, as lib_remove.lua does (`release_bytes`)."""
+        """Forget an instance and free what it held, as lib_remove.lua does (`release_bytes`), and
+        as the worker lets go of its checkpoint."""
         dev = inst.device
         dev.instances.remove(inst)
         del self.instances[inst.instance_id]
@@ -234,6 +235,9 @@ class MemCluster:
             dev.weights[inst.checkpoint] = left
         else:
             dev.weights.pop(inst.checkpoint, None)
+            # the device's copy goes with its last instance: the node's DRAM copy was used until now
+            # (the live tier's `_release_device_copy`)
+            dev.node.dram.touch(inst.checkpoint, self.now)
         dev.free += release_bytes(inst.nbytes, inst.kv_bytes, left <= 0)
         self._rebucket(dev)
 

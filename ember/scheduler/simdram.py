@@ -69,6 +69,13 @@ class SimDram:
             gone.append(old)
         return gone
 
+    def touch(self, ck: str, now: float) -> None:
+        """`ck`, if held, used at `now`, its keep unchanged (the live tier's `DramTier.touch`)."""
+        e = self.entries.get(ck)
+        if e is not None:
+            self.order[e[1]].move_to_end(ck)
+            e[2] = now
+
     def _victim(self, spare: str) -> str | None:
         """The live rule's choice among every entry but `spare` (the one being added)."""
         for k in sorted(self.order):

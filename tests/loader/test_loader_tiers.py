@@ -148,6 +148,22 @@ def test_dram_lru_evicts_only_what_it_must_and_never_pinned(tmp_path, make_tiers
     assert not tiers.dram.evict("nope") and tiers.dram.evict(tiers.key("m0"))
 
 
+def test_a_dram_entrys_last_use_is_when_its_instance_let_go(tmp_path, make_tiers) -> None:
+    """LRU by last use, not by load time: m0's instance served until after m1 was loaded and let
+    go, so m1 is the one a new entry evicts. Before, m0 went (loaded first), and the next
+    cold start of the checkpoint just in use came from SSD."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for i in range(3):
+        store.push(_hf(tmp_path / f"hf{i}", 6, i), f"m{i}")  # two 2 MiB blocks each
+    tiers = make_tiers(dram=10 << 20)  # two checkpoints and a spare block
+    serving = tiers.load("m0")
+    tiers.load("m1").release()
+    serving.release()
+    tiers.load("m2").release()
+    assert {k.partition("@")[0] for k in tiers.dram.holdings()} == {"m0", "m2"}
+    assert tiers.load("m0").tier == "dram"
+
+
 def test_checkpoint_larger_than_pool_still_loads(tmp_path, make_tiers) -> None:
     store = open_store(f"file://{tmp_path / 'store'}")
     store.push(_hf(tmp_path / "hf", 12, 7), "big")  # 7.5 MiB

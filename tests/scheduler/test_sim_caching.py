@@ -73,7 +73,8 @@ def test_dram_keep_is_the_slo_rule_on_the_nodes_ssd_bandwidth() -> None:
 
 def test_the_simulated_tier_evicts_what_the_live_rule_chooses_over_the_whole_index() -> None:
     """`SimDram` asks `retention.victim` only about the front entries of the lowest keep; over
-    random uses (ties in time included) every eviction is what the rule picks over every entry."""
+    random uses (ties in time included), some of them touches (an instance letting go: used now,
+    keep unchanged), every eviction is what the rule picks over every entry."""
     import random
 
     from ember.loader.retention import victim
@@ -86,6 +87,11 @@ def test_the_simulated_tier_evicts_what_the_live_rule_chooses_over_the_whole_ind
         now += rng.choice((0.0, 0.0, 1.0, 2.5))  # several uses at one time: ties go by name
         ck = f"ck{rng.randrange(40)}"
         nb, keep = rng.randrange(1, 40), rng.choice((0, 0, 1, 2))
+        if rng.random() < 0.2:
+            held = tier.entries.get(ck)
+            tier.touch(ck, now)
+            assert tier.entries.get(ck) == (None if held is None else [held[0], held[1], now])
+            continue
         before = {k: tuple(e) for k, e in tier.entries.items()}
         gone = tier.put(ck, nb, keep, now)
         if ck in before:
