@@ -408,23 +408,33 @@ def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tier
         again.close(destroy_dram=True)
 
 
-def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers) -> None:
+def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers, monkeypatch) -> None:
+    import shutil
+    import tempfile
+
     from ember.loader.shm import shm_dir_for, sweep_orphan_pools
 
-    a = make_tiers(tmp_path / "a")
-    b = make_tiers(tmp_path / "b")
-    pool = shm_dir_for(tmp_path / "a")
-    assert pool.is_dir()
-    a.close()  # the last (only) process using node a's pool: the pool goes
-    assert not pool.exists()
-    # A pool whose only process died without closing is swept by the next process opening a pool.
-    child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
-    subprocess.run([sys.executable, "-c", child, str(tmp_path / "c")], check=True, timeout=120)
-    orphan = shm_dir_for(tmp_path / "c")
-    assert orphan.is_dir()
-    assert orphan in sweep_orphan_pools(orphan.parent)
-    assert shm_dir_for(tmp_path / "b").is_dir()  # in use by this process: kept
-    b.close()
+    # A root of its own on the tmpfs: every DramTier another test opens meanwhile (`make test` runs
+    # two pytest processes) sweeps /dev/shm's orphans, and could take this test's orphan first.
+    root = tempfile.mkdtemp(prefix="pools-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    monkeypatch.setenv("EMBER_SHM_DIR", root)
+    try:
+        a = make_tiers(tmp_path / "a")
+        b = make_tiers(tmp_path / "b")
+        pool = shm_dir_for(tmp_path / "a")
+        assert pool.is_dir() and pool.parent == Path(root)
+        a.close()  # the last (only) process using node a's pool: the pool goes
+        assert not pool.exists()
+        # A pool whose only process died without closing is swept by the next process opening a pool.
+        child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
+        subprocess.run([sys.executable, "-c", child, str(tmp_path / "c")], check=True, timeout=120)
+        orphan = shm_dir_for(tmp_path / "c")
+        assert orphan.is_dir()
+        assert orphan in sweep_orphan_pools(orphan.parent)
+        assert shm_dir_for(tmp_path / "b").is_dir()  # in use by this process: kept
+        b.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_concurrent_loads_of_one_checkpoint_are_single_flight(tmp_path, tiny_model_dir) -> None:
