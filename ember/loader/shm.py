@@ -110,8 +110,9 @@ def huge_tmpfs_in(target: str, mounts: str, *, forced: bool = False) -> bool:
 
 
 def sweep_orphan_pools(root: Path, *, keep: Path | None = None) -> list[Path]:
-    """Remove node pools under `root` that nobody can use any more: their data directory is
-    gone, or every process that used them died without closing (and none asked to keep them).
+    """Remove node pools under `root` that nobody can use any more: every process that used
+    them died without closing, and none asked to keep them or their data directory is gone. A
+    pool a live process has open is never removed (its data directory gone or not).
     Pools of an older layout (no process list) go once untouched for ten minutes."""
     import fcntl
 
@@ -145,10 +146,10 @@ def sweep_orphan_pools(root: Path, *, keep: Path | None = None) -> list[Path]:
                 dead = age > 60
             elif "procs" not in index:
                 dead = age > 600
-            elif not Path(index.get("data_dir", "/nonexistent")).exists():
-                dead = True
-            else:
-                dead = not index.get("persist") and not any(pid_alive(p) for p in index["procs"])
+            elif any(pid_alive(p) for p in index["procs"]):
+                dead = False  # in use (mapped): never taken from under a live process
+            else:  # kept for the next worker on its data dir, unless that data dir is gone
+                dead = not index.get("persist") or not Path(index.get("data_dir", "/nonexistent")).exists()
             if dead:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)

@@ -437,6 +437,32 @@ def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers, monkeypatch)
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_pool_in_use_is_never_swept_even_when_its_data_dir_is_gone(tmp_path, monkeypatch) -> None:
+    """Before, a pool whose recorded data dir did not exist was swept at once by any process
+    opening a pool, from under the live process using it (seen under two pytest processes: the
+    next index write failed with FileNotFoundError). Its process still has it open: it stays; once
+    that process has closed without keeping it, it goes."""
+    import shutil
+    import tempfile
+
+    from ember.loader.dram import DramTier
+    from ember.loader.shm import sweep_orphan_pools
+
+    root = tempfile.mkdtemp(prefix="pools-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    monkeypatch.setenv("EMBER_SHM_DIR", root)
+    try:
+        tier = DramTier(tmp_path / "never-made", 4 << 20)  # its data dir does not exist
+        assert sweep_orphan_pools(Path(root)) == [] and tier.dir.is_dir()
+        assert tier.allocate("x", 1 << 20) is not None  # the index is still there to write
+        child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
+        subprocess.run([sys.executable, "-c", child, str(tmp_path / "gone")], check=True, timeout=120)
+        orphan = next(d for d in Path(root).iterdir() if d != tier.dir)
+        assert sweep_orphan_pools(Path(root)) == [orphan]  # dead and its data dir gone: swept
+        tier.destroy()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_concurrent_loads_of_one_checkpoint_are_single_flight(tmp_path, tiny_model_dir) -> None:
     """Several threads cold-starting the same checkpoint: one remote fetch, the rest DRAM hits,
     and every caller gets usable model files (regression: an SSD entry was replaced under a reader)."""
