@@ -376,17 +376,18 @@ class NodeTiers:
         )
 
     def _release_device_copy(self, key: str, dev: str) -> None:
-        """One instance on `dev` less; when the copy goes with the last, the DRAM entry (if any) was
-        used until now."""
+        """One instance on `dev` less; with the last, the DRAM entry was used until now (a hint: a
+        tier that cannot write its index, a full tmpfs, does not fail the release)."""
         if self.device_copies.release(key, dev):
-            self.dram.touch(key)
+            try:
+                self.dram.touch(key)
+            except OSError as e:
+                log.warning("could not mark DRAM entry %s used (%s); its LRU place stays its load's", key, e)
 
     def _loaded(self, key, ident, sd, tier, t0, manifest, files, dev, entry, ssd_pin=None) -> LoadedCheckpoint:
         """The instance's LoadedCheckpoint; its release lets go of the DRAM entry, the device copy
-        and the SSD entry (`ssd_pin`: its model files are there; or the load's FallbackFiles) it holds.
-        The DRAM entry's last use is then when its instance let go, not when it was loaded (an
-        instance that served for an hour keeps its checkpoint's copy ahead of one loaded and gone
-        since); on a GPU, when the device copy goes with its last instance."""
+        and the SSD entry (`ssd_pin`: its model files are there; or the load's FallbackFiles) it holds,
+        and marks the DRAM entry used then (LRU by last use, not by load)."""
         def release() -> None:
             if entry is not None:
                 self.dram.unpin(entry, used=True)
