@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -408,59 +409,62 @@ def test_dram_tier_survives_a_worker_restart(tmp_path, tiny_model_dir, make_tier
         again.close(destroy_dram=True)
 
 
-def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers, monkeypatch) -> None:
+@pytest.fixture
+def shm_root(monkeypatch) -> Iterator[Path]:
+    """A root of its own for DRAM pools on the tmpfs (EMBER_SHM_DIR): every DramTier another test
+    opens meanwhile (`make test` runs two pytest processes) sweeps /dev/shm's orphans, and could take
+    a test's orphan first."""
     import shutil
     import tempfile
 
+    root = Path(tempfile.mkdtemp(prefix="pools-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    monkeypatch.setenv("EMBER_SHM_DIR", str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _orphan_pool(data_dir: Path) -> Path:
+    """The pool of a process that opened one for `data_dir` and died without closing it."""
+    from ember.loader.shm import shm_dir_for
+
+    child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", child, str(data_dir)], check=True, timeout=120)
+    orphan = shm_dir_for(data_dir)
+    assert orphan.is_dir()
+    return orphan
+
+
+def test_pools_do_not_outlive_their_processes(tmp_path, make_tiers, shm_root) -> None:
     from ember.loader.shm import shm_dir_for, sweep_orphan_pools
 
-    # A root of its own on the tmpfs: every DramTier another test opens meanwhile (`make test` runs
-    # two pytest processes) sweeps /dev/shm's orphans, and could take this test's orphan first.
-    root = tempfile.mkdtemp(prefix="pools-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("EMBER_SHM_DIR", root)
-    try:
-        a = make_tiers(tmp_path / "a")
-        b = make_tiers(tmp_path / "b")
-        pool = shm_dir_for(tmp_path / "a")
-        assert pool.is_dir() and pool.parent == Path(root)
-        a.close()  # the last (only) process using node a's pool: the pool goes
-        assert not pool.exists()
-        # A pool whose only process died without closing is swept by the next process opening a pool.
-        child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
-        subprocess.run([sys.executable, "-c", child, str(tmp_path / "c")], check=True, timeout=120)
-        orphan = shm_dir_for(tmp_path / "c")
-        assert orphan.is_dir()
-        assert orphan in sweep_orphan_pools(orphan.parent)
-        assert shm_dir_for(tmp_path / "b").is_dir()  # in use by this process: kept
-        b.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    a = make_tiers(tmp_path / "a")
+    b = make_tiers(tmp_path / "b")
+    pool = shm_dir_for(tmp_path / "a")
+    assert pool.is_dir() and pool.parent == shm_root
+    a.close()  # the last (only) process using node a's pool: the pool goes
+    assert not pool.exists()
+    # A pool whose only process died without closing is swept by the next process opening a pool.
+    (tmp_path / "c").mkdir()
+    orphan = _orphan_pool(tmp_path / "c")
+    assert sweep_orphan_pools(shm_root) == [orphan]
+    assert shm_dir_for(tmp_path / "b").is_dir()  # in use by this process: kept
+    b.close()
 
 
-def test_a_pool_in_use_is_never_swept_even_when_its_data_dir_is_gone(tmp_path, monkeypatch) -> None:
+def test_a_pool_in_use_is_never_swept_even_when_its_data_dir_is_gone(tmp_path, shm_root) -> None:
     """Before, a pool whose recorded data dir did not exist was swept at once by any process
     opening a pool, from under the live process using it (seen under two pytest processes: the
     next index write failed with FileNotFoundError). Its process still has it open: it stays; once
-    that process has closed without keeping it, it goes."""
-    import shutil
-    import tempfile
-
+    no process has it, it goes."""
     from ember.loader.dram import DramTier
     from ember.loader.shm import sweep_orphan_pools
 
-    root = tempfile.mkdtemp(prefix="pools-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("EMBER_SHM_DIR", root)
-    try:
-        tier = DramTier(tmp_path / "never-made", 4 << 20)  # its data dir does not exist
-        assert sweep_orphan_pools(Path(root)) == [] and tier.dir.is_dir()
-        assert tier.allocate("x", 1 << 20) is not None  # the index is still there to write
-        child = "import sys; from ember.loader.dram import DramTier; DramTier(sys.argv[1], 4 << 20); import os; os._exit(0)"
-        subprocess.run([sys.executable, "-c", child, str(tmp_path / "gone")], check=True, timeout=120)
-        orphan = next(d for d in Path(root).iterdir() if d != tier.dir)
-        assert sweep_orphan_pools(Path(root)) == [orphan]  # dead and its data dir gone: swept
-        tier.destroy()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    tier = DramTier(tmp_path / "never-made", 4 << 20)  # its data dir does not exist
+    assert sweep_orphan_pools(shm_root) == [] and tier.dir.is_dir()
+    assert tier.allocate("x", 1 << 20) is not None  # the index is still there to write
+    orphan = _orphan_pool(tmp_path / "gone")  # dead, and its data dir never made: swept
+    assert sweep_orphan_pools(shm_root) == [orphan]
+    tier.destroy()
 
 
 def test_concurrent_loads_of_one_checkpoint_are_single_flight(tmp_path, tiny_model_dir) -> None:
