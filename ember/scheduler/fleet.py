@@ -227,8 +227,10 @@ class _FleetSimulation(_Simulation):
                                    memory, memory - sum(d.free for d in node.devices)))
         # Waiting for room: the functions whose head's last placement found no room (live, the gauge of
         # waiting requests whose cold start found no room: only a function's head starts one).
-        actions = self.scaler.step(facts, now, waiting=len(self.room_waits), booting=len(self.booting),  # type: ignore[union-attr]
-                                   budget_w=self.fleet.budget_w, watched_s=self.activity.watched_s(now))
+        scaler = self.scaler
+        assert scaler is not None
+        actions = scaler.step(facts, now, waiting=len(self.room_waits), booting=len(self.booting),
+                              budget_w=self.fleet.budget_w, watched_s=self.activity.watched_s(now))
         for a in actions:
             if isinstance(a, ScaleOut):
                 self._scale_out(a.count)

@@ -49,9 +49,7 @@ class SimDram:
                 del self.order[e[1]][ck]
                 e[1] = keep
                 self.order.setdefault(keep, OrderedDict())[ck] = None
-            else:
-                self.order[keep].move_to_end(ck)
-            e[2] = now
+            self.touch(ck, now)
             return []
         if nbytes > self.capacity:
             return None

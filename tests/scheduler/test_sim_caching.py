@@ -88,9 +88,9 @@ def test_the_simulated_tier_evicts_what_the_live_rule_chooses_over_the_whole_ind
         ck = f"ck{rng.randrange(40)}"
         nb, keep = rng.randrange(1, 40), rng.choice((0, 0, 1, 2))
         if rng.random() < 0.2:
-            held = tier.entries.get(ck)
+            held = list(tier.entries.get(ck) or ())  # a copy: touch changes the entry in place
             tier.touch(ck, now)
-            assert tier.entries.get(ck) == (None if held is None else [held[0], held[1], now])
+            assert tier.entries.get(ck) == ([held[0], held[1], now] if held else None)
             continue
         before = {k: tuple(e) for k, e in tier.entries.items()}
         gone = tier.put(ck, nb, keep, now)
