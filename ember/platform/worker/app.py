@@ -103,9 +103,10 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         node.get(instance_id)  # 404 when this worker does not hold it
         node.drop_when_idle(instance_id, remove=True)
         deadline = asyncio.get_running_loop().time() + max(0.0, min(wait_s, 60.0))
-        while instance_id in node.instances and asyncio.get_running_loop().time() < deadline:
+        # done once it is closed (its memory freed, its DRAM entry let go) and out of Redis
+        while node.held(instance_id) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
-        done = instance_id not in node.instances
+        done = not node.held(instance_id)
         return JSONResponse({"status": "unloaded" if done else "draining", "instance_id": instance_id},
                             status_code=200 if done else 202)
 

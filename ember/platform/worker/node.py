@@ -316,6 +316,11 @@ class WorkerNode(WorkerEnergy):
             raise NotFound(f"no instance {instance_id!r} on node {self.node_id}", code="instance_not_found")
         self._drop(instance_id, remove=True, timeout_s=timeout_s)
 
+    def held(self, instance_id: str) -> bool:
+        """Whether this node still holds the instance: serving, or being dropped (not yet closed)."""
+        with self._state_lock:
+            return instance_id in self.instances or instance_id in self._dropping
+
     def drop_when_idle(self, instance_id: str, *, remove: bool) -> None:
         """Drop in the background (a beat must not wait for requests to finish)."""
         with self._state_lock:
@@ -338,21 +343,23 @@ class WorkerNode(WorkerEnergy):
                 inst = self.instances.pop(instance_id, None)
                 self.states.pop(instance_id, None)
                 self.records.pop(instance_id, None)
-            if remove:
-                try:
-                    self.cluster.remove_instance(instance_id)
-                except Exception as e:  # noqa: BLE001 - whatever Redis says, the instance is closed below
-                    log.warning("could not remove %s from Redis (the next beat reconciles: Redis drops what "
-                                "this node does not hold): %s", instance_id, e)
-            if inst is not None:
-                model = heap.watch(inst.model)
-                inst.close()
-                inst = None
-                if heap.reclaim_if_held(model):  # frozen with everything else: a cycle held it?
-                    log.info("instance %s: its model outlived it; %s", instance_id,
-                             "still referenced" if model is not None and model() is not None
-                             else "collected (a reference cycle held it)")
-                log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
+            try:
+                if inst is not None:  # closed before its claim goes: memory stays booked while it is held
+                    model = heap.watch(inst.model)
+                    inst.close()
+                    inst = None
+                    if heap.reclaim_if_held(model):  # frozen with everything else: a cycle held it?
+                        log.info("instance %s: its model outlived it; %s", instance_id,
+                                 "still referenced" if model is not None and model() is not None
+                                 else "collected (a reference cycle held it)")
+                    log.info("instance %s unloaded; checkpoint stays in the DRAM tier", instance_id)
+            finally:
+                if remove:
+                    try:
+                        self.cluster.remove_instance(instance_id)
+                    except Exception as e:  # noqa: BLE001 - whatever Redis says, the instance is closed
+                        log.warning("could not remove %s from Redis (the next beat reconciles: Redis drops "
+                                    "what this node does not hold): %s", instance_id, e)
         finally:
             if claimed:
                 with self._state_lock:
