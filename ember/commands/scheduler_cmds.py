@@ -33,6 +33,10 @@ def sim(
                                                       "under the node scaler (up to --nodes); writes {\"fleet\": ...}."),
     boot_s: float = typer.Option(_NODE.boot_s, "--boot-s", help="--fleet: seconds from scale-out to a placeable node."),
     grace_s: float = typer.Option(_NODE.grace_s, "--grace-s", help="--fleet: idle beyond keep-alive before a node drains."),
+    fleet_bound: str = typer.Option("", "--fleet-bound", help="Comma-separated fixed fleet sizes (the largest is the "
+                                     "reference): the most node-hours any node scaler could save within 0.005 SLO "
+                                     "attainment, from SLO misses per time bin; writes {\"fleet_bound\": ...}."),
+    bin_s: float = typer.Option(600.0, "--bin-s", help="--fleet-bound: seconds per time bin."),
 ) -> None:
     """Trace-driven cluster simulation comparing placement policies (same policy objects as live)."""
     from rich.console import Console
@@ -42,12 +46,13 @@ def sim(
         doc = run_sim_command(json_out, plot=plot, trace=trace, nodes=nodes, gpus_per_node=gpus_per_node,
                               functions=functions, duration_s=duration_s, seed=seed, policies=policies,
                               rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s,
-                              console=console, energy=energy, fleet=fleet, boot_s=boot_s, grace_s=grace_s)
+                              console=console, energy=energy, fleet=fleet, boot_s=boot_s, grace_s=grace_s,
+                              fleet_bound=fleet_bound, bin_s=bin_s)
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e.message}")
         raise typer.Exit(2) from e
-    if fleet:
-        console.print(json.dumps(doc["fleet"], indent=2))
+    if fleet or fleet_bound:
+        console.print(json.dumps(doc.get("fleet") or doc["fleet_bound"], indent=2))
         return
     _print_table(console, doc)
 
@@ -56,11 +61,32 @@ def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | N
                     gpus_per_node: int = 8, functions: int = 1000, duration_s: float = 600.0, seed: int = 0,
                     policies: str = "all", rate_per_function_s: float = 0.03, keep_alive_s: float = 60.0,
                     console=None, energy: bool = False, fleet: bool = False, boot_s: float = _NODE.boot_s,
-                    grace_s: float = _NODE.grace_s) -> dict:
+                    grace_s: float = _NODE.grace_s, fleet_bound: str = "", bin_s: float = 600.0) -> dict:
     """What `ember sim` does: simulate, write JSON (and the PNG); returns the JSON document."""
     from ember.scheduler.energy_sim import ENERGY_ENTRIES, run_energy_simulation
     from ember.scheduler.policies import POLICY_NAMES, get_policy
     from ember.scheduler.sim import SimConfig, build_trace, run_simulation
+
+    if fleet_bound:
+        from ember.scheduler.fleetbound import fleet_bound as run_bound
+
+        try:
+            sizes = [int(x) for x in fleet_bound.split(",") if x.strip()]
+        except ValueError as e:
+            raise ConfigError(f"--fleet-bound takes comma-separated node counts, got {fleet_bound!r}") from e
+        cfg = SimConfig(nodes=max(sizes, default=nodes), gpus_per_node=gpus_per_node, functions=functions,
+                        duration_s=duration_s, seed=seed, rate_per_function_s=rate_per_function_s,
+                        keep_alive_s=keep_alive_s).check()
+        tr = build_trace(cfg, str(trace) if trace else None)
+        doc = _with_progress(console, lambda progress: run_bound(cfg, tr, sizes, bin_s=bin_s, progress=progress),
+                             [f"fixed {n}" for n in sorted(set(sizes))])
+        doc["config"] = {"gpus_per_node": gpus_per_node, "functions": functions, "duration_s": duration_s,
+                         "seed": seed, "rate_per_function_s": rate_per_function_s, "keep_alive_s": keep_alive_s,
+                         "ssd_bytes_of_reference_node": cfg.ssd_bytes, "policy": "ember",
+                         "trace": str(trace) if trace else "synthetic"}
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2))
+        return doc
 
     if fleet:
         from ember.scheduler.fleet import FleetConfig, run_fleet
