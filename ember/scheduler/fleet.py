@@ -198,7 +198,8 @@ class _FleetSimulation(_Simulation):
     # --- the node scaler's inputs and actions ---------------------------------------------------
     def _autoscale(self, demand: DemandMeter, counts: dict[int, int]) -> None:
         super()._autoscale(demand, counts)
-        if self.scaler is not None and self.now >= self.next_node_step:
+        # not past the trace: what the fleet does once no request can come is no statement about it
+        if self.scaler is not None and self.now >= self.next_node_step and self.now <= self.trace.duration_s:
             while self.next_node_step <= self.now:
                 self.next_node_step += self.fleet.interval_s
             self._node_step()
@@ -216,6 +217,7 @@ class _FleetSimulation(_Simulation):
                 continue
             insts = [i for d in node.devices for i in d.instances]
             if nid in self.draining:  # its idle instances unload (the autoscaler's Unload, live)
+                self._route_to(node, False)  # those that finished loading since the last step
                 for inst in [i for i in insts if i.last_used_s <= now and self._loaded(i)]:
                     self._remove(inst)
                 insts = [i for d in node.devices for i in d.instances]
@@ -267,7 +269,9 @@ class _FleetSimulation(_Simulation):
             for inst in dev.instances:
                 if routable and inst.instance_id in self.parked:
                     inst.ready_s = self.parked.pop(inst.instance_id)
-                elif not routable and inst.instance_id not in self.parked:
+                elif not routable and inst.instance_id not in self.parked and inst.ready_s <= self.now:
+                    # an instance still loading finishes (the requests that joined its load wait for it,
+                    # as live: the node goes only once it holds nothing); it is parked once loaded
                     self.parked[inst.instance_id] = inst.ready_s
                     inst.ready_s = math.inf
                 self.changing.add(inst)  # its state is read again at the next autoscaler step
@@ -288,7 +292,7 @@ class _FleetSimulation(_Simulation):
         self.draining.discard(nid)
         self.absent.add(nid)
         self.cluster.hidden.add(nid)  # type: ignore[attr-defined]
-        self.up_s += self.now - self.up_since.pop(nid, self.now)
+        self.up_s += self._up_for(self.up_since.pop(nid, self.now), self.now)
         self.scale_ins += 1
         self.activity.forget(n.node_id for n in self.node_list if n.node_id not in self.absent)
         node.dram.clear()
@@ -300,9 +304,14 @@ class _FleetSimulation(_Simulation):
         self._set_hidden(node, True)
 
     # --- results --------------------------------------------------------------------------------
+    def _up_for(self, since: float, until: float) -> float:
+        """Seconds up between `since` and `until`, within the trace (the fixed fleet is counted so)."""
+        end = min(until, self.trace.duration_s)
+        return max(0.0, end - since)
+
     def fleet_summary(self, res: SimResult) -> dict:
         duration = self.trace.duration_s
-        up_s = self.up_s + sum(duration - t for t in self.up_since.values())
+        up_s = self.up_s + sum(self._up_for(t, duration) for t in self.up_since.values())
         absent_s = len(self.node_list) * duration - up_s
         gpus = self.cfg.gpus_per_node
         # The simulator charged every GPU idle power for the whole run: not while its node was absent.

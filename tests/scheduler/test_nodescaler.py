@@ -208,3 +208,22 @@ def test_consolidation_waits_until_the_fleet_was_watched_for_the_grace() -> None
     # the idle rule is not held back: a node idle past keep-alive + grace drains at once
     idle = [node("a", instances=1, busy=True, last=150, claimed=5 * GB), node("b", last=0, keep=1)]
     assert s.step(idle, 150, waiting=0, booting=0, watched_s=0.0) == [Drain("b", "i-b", 150)]
+
+
+def test_an_instance_loading_on_a_node_that_drains_still_serves_its_waiting_requests() -> None:
+    """Consolidation may drain a node while an instance loads there. The simulator parked it as
+    loading until never, so the requests that had joined its load (and every later one of its
+    function, which joined it too) waited until the simulation's cap, past the trace's end: 749
+    requests of 4 functions on the README's hour at 0.65 / 0.45. Now it finishes loading, serves
+    them, and is parked once loaded (live: the node goes only once it holds nothing)."""
+    from ember.scheduler.fleet import FleetConfig, run_fleet
+    from ember.scheduler.sim import SimConfig
+
+    for seed in (0, 3):  # seeds whose fleets drained a node with a load in flight (4,271 s and 4,110 s waits)
+        cfg = SimConfig(nodes=6, gpus_per_node=2, functions=120, duration_s=900, seed=seed)
+        fl = FleetConfig(boot_s=30, grace_s=0, target_memory_utilization=0.9, consolidate_below=0.8, interval_s=5)
+        doc = run_fleet(cfg, fl)
+        scaled = doc["_results"]["scaled"]
+        assert doc["fleet"]["scaled"]["scale_ins"] > 0
+        assert float(scaled.startup_s.max()) < cfg.duration_s / 2, seed
+        assert doc["fleet"]["scaled"]["node_hours"] <= doc["fleet"]["fixed"]["node_hours"]
