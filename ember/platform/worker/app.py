@@ -92,7 +92,7 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
         started = node.prefetch(body.checkpoint, body.dram_keep)
         # a repeat while one runs is ignored, and said: the gateway should not have sent it
         log.info("prefetch of %s into the DRAM tier: %s", body.checkpoint,
-                 "started" if started else "already running, the repeat is ignored")
+                 "started" if started else "already running (the repeat's keep applies when it ends)")
         return {"status": "started" if started else "already running", "checkpoint": body.checkpoint}
 
     @app.delete("/internal/instances/{instance_id}")
