@@ -7,6 +7,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -67,6 +68,19 @@ def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | N
     from ember.scheduler.policies import POLICY_NAMES, get_policy
     from ember.scheduler.sim import SimConfig, build_trace, run_simulation
 
+    trace_name = str(trace) if trace else "synthetic"
+
+    def setup(n: int) -> tuple[SimConfig, Any]:
+        """The configuration of a cluster of `n` nodes, and the trace it runs."""
+        cfg = SimConfig(nodes=n, gpus_per_node=gpus_per_node, functions=functions, duration_s=duration_s, seed=seed,
+                        rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s).check()
+        return cfg, build_trace(cfg, str(trace) if trace else None)
+
+    def written(doc: dict) -> dict:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2))
+        return doc
+
     if fleet_bound:
         from ember.scheduler.fleetbound import fleet_bound as run_bound
 
@@ -74,33 +88,24 @@ def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | N
             sizes = [int(x) for x in fleet_bound.split(",") if x.strip()]
         except ValueError as e:
             raise ConfigError(f"--fleet-bound takes comma-separated node counts, got {fleet_bound!r}") from e
-        cfg = SimConfig(nodes=max(sizes, default=nodes), gpus_per_node=gpus_per_node, functions=functions,
-                        duration_s=duration_s, seed=seed, rate_per_function_s=rate_per_function_s,
-                        keep_alive_s=keep_alive_s).check()
-        tr = build_trace(cfg, str(trace) if trace else None)
+        cfg, tr = setup(max(sizes, default=nodes))
         doc = _with_progress(console, lambda progress: run_bound(cfg, tr, sizes, bin_s=bin_s, progress=progress),
                              [f"fixed {n}" for n in sorted(set(sizes))])
         doc["config"] = {"gpus_per_node": gpus_per_node, "functions": functions, "duration_s": duration_s,
                          "seed": seed, "rate_per_function_s": rate_per_function_s, "keep_alive_s": keep_alive_s,
                          "ssd_bytes_of_reference_node": cfg.ssd_bytes, "policy": "ember",
-                         "trace": str(trace) if trace else "synthetic"}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=2))
-        return doc
+                         "trace": trace_name}
+        return written(doc)
 
     if fleet:
         from ember.scheduler.fleet import FleetConfig, run_fleet
 
-        cfg = SimConfig(nodes=nodes, gpus_per_node=gpus_per_node, functions=functions, duration_s=duration_s,
-                        seed=seed, rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s).check()
-        tr = build_trace(cfg, str(trace) if trace else None)
+        cfg, tr = setup(nodes)
         doc = _with_progress(console, lambda progress: run_fleet(cfg, FleetConfig(boot_s=boot_s, grace_s=grace_s),
                                                                  trace=tr, progress=progress), ["fixed", "scaled"])
         doc.pop("_results")
-        doc["config"]["trace"] = str(trace) if trace else "synthetic"
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=2))
-        return doc
+        doc["config"]["trace"] = trace_name
+        return written(doc)
 
     known = list(ENERGY_ENTRIES) if energy else list(POLICY_NAMES)
     names = known if policies.strip() in ("", "all") else [p.strip() for p in policies.split(",") if p.strip()]
@@ -109,9 +114,7 @@ def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | N
             raise ConfigError(f"unknown --energy entry {name!r}; known: {', '.join(ENERGY_ENTRIES)}")
         if not energy:
             get_policy(name)
-    cfg = SimConfig(nodes=nodes, gpus_per_node=gpus_per_node, functions=functions, duration_s=duration_s, seed=seed,
-                    rate_per_function_s=rate_per_function_s, keep_alive_s=keep_alive_s).check()
-    tr = build_trace(cfg, str(trace) if trace else None)
+    cfg, tr = setup(nodes)
     if console is not None:
         console.print(f"trace: {len(tr):,} invocations of {len(tr.functions):,} functions over {tr.duration_s:.0f} s; "
                       f"cluster: {nodes * gpus_per_node:,} GPUs on {nodes} nodes")
@@ -121,9 +124,8 @@ def run_sim_command(json_out: Path, *, plot: Path | None = None, trace: Path | N
     else:
         doc = _with_progress(console, lambda progress: run_simulation(cfg, names, trace=tr, progress=progress), names)
     results = doc.pop("_results")
-    doc["config"]["trace"] = str(trace) if trace else "synthetic"
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(doc, indent=2))
+    doc["config"]["trace"] = trace_name
+    written(doc)
     if plot is not None:
         from ember.scheduler.plot import plot_startup_cdf
 

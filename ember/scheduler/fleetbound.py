@@ -38,42 +38,46 @@ def fixed_fleet_bins(cfg: SimConfig, trace: Trace, nodes: int, bin_s: float, *, 
     sized = replace(cfg, nodes=nodes, ssd_bytes=ssd_total_bytes // nodes).check()
     sim = _Simulation(sized, trace, get_policy(policy, seed=cfg.seed), Autoscaler())
     res = sim.run((lambda _, frac: progress(frac)) if progress else None)
-    bins = _bin_of(trace, bin_s)
-    nbins = int(bins.max()) + 1 if bins.size else 0
+    bins, nbins = _bins(trace, bin_s)
     missed = np.bincount(bins[~res.slo_met], minlength=nbins)
     return {"nodes": nodes, "slo_attainment": round(float(res.slo_met.mean()) if res.slo_met.size else 1.0, 6),
-            "misses_per_bin": [int(m) for m in missed[:nbins]], "cold_starts": res.loads}
+            "misses_per_bin": [int(m) for m in missed], "cold_starts": res.loads}
 
 
-def _bin_of(trace: Trace, bin_s: float) -> np.ndarray:
-    last = max(0, math.ceil(trace.duration_s / bin_s) - 1)
-    return np.minimum((trace.arrival_s // bin_s).astype(np.int64), last)
+def _bins(trace: Trace, bin_s: float) -> tuple[np.ndarray, int]:
+    """Each arrival's bin, and how many bins the trace's duration has."""
+    nbins = max(1, math.ceil(trace.duration_s / bin_s))
+    return np.minimum((trace.arrival_s // bin_s).astype(np.int64), nbins - 1), nbins
 
 
-def best_schedule(misses: dict[int, Sequence[int]], max_node_bins: int) -> tuple[int, list[int]] | None:
-    """One size per bin (keys of `misses`: size -> misses per bin) with sum(sizes) <= `max_node_bins`,
-    minimising total misses: (misses, sizes per bin), or None when even the smallest sizes exceed it.
-    Dynamic programming over the running sum of sizes."""
+def _schedules(misses: dict[int, Sequence[int]]) -> dict[int, tuple[int, list[int]]]:
+    """Every sum of sizes over the bins -> the fewest misses of a schedule with that sum, and that
+    schedule (one size per bin). Dynamic programming over the running sum."""
     sizes = sorted(misses)
     nbins = len(next(iter(misses.values()))) if misses else 0
     if any(len(m) != nbins for m in misses.values()):
         raise ConfigError("best_schedule: every size needs the same bins")
-    # best[s] = (misses, schedule) over the bins so far with sizes summing to s
     best: dict[int, tuple[int, list[int]]] = {0: (0, [])}
     for b in range(nbins):
         nxt: dict[int, tuple[int, list[int]]] = {}
         for total, (m, sched) in best.items():
             for size in sizes:
-                t = total + size
-                if t > max_node_bins:
-                    break
-                cand = m + int(misses[size][b])
+                t, cand = total + size, m + int(misses[size][b])
                 if t not in nxt or cand < nxt[t][0]:
                     nxt[t] = (cand, [*sched, size])
         best = nxt
-    if not best:
-        return None
-    return min(best.values(), key=lambda v: (v[0], sum(v[1])))
+    return best
+
+
+def _key(entry: tuple[int, list[int]]) -> tuple[int, int]:
+    return entry[0], sum(entry[1])  # the fewest misses, then the fewest node-bins
+
+
+def best_schedule(misses: dict[int, Sequence[int]], max_node_bins: int) -> tuple[int, list[int]] | None:
+    """One size per bin (keys of `misses`: size -> misses per bin) with sum(sizes) <= `max_node_bins`,
+    minimising total misses: (misses, sizes per bin), or None when even the smallest sizes exceed it."""
+    fits = [v for t, v in _schedules(misses).items() if t <= max_node_bins]
+    return min(fits, key=_key) if fits else None
 
 
 def fleet_bound(cfg: SimConfig, trace: Trace, sizes: Sequence[int], *, bin_s: float = 600.0, cut: float = 0.40,
@@ -92,30 +96,31 @@ def fleet_bound(cfg: SimConfig, trace: Trace, sizes: Sequence[int], *, bin_s: fl
         fixed[size] = fixed_fleet_bins(cfg, trace, size, bin_s, ssd_total_bytes=ssd_total, policy=policy,
                                        progress=(lambda frac, n=size: progress(f"fixed {n}", frac)) if progress else None)
     total = len(trace)
-    nbins = len(fixed[ref]["misses_per_bin"])
-    misses = {s: fixed[s]["misses_per_bin"] for s in sizes}
+    bins, nbins = _bins(trace, bin_s)
+    table = _schedules({s: fixed[s]["misses_per_bin"] for s in sizes})  # one DP for every question below
     floor_att = fixed[ref]["slo_attainment"] - allowed_drop
 
-    def schedule(max_mean: float) -> dict | None:
-        got = best_schedule(misses, int(math.floor(max_mean * nbins + 1e-9)))
-        if got is None:
-            return None
+    def described(got: tuple[int, list[int]]) -> dict:
         m, sched = got
         mean = sum(sched) / nbins
         return {"mean_nodes": round(mean, 3), "node_hours_cut": round(1 - mean / ref, 4),
                 "slo_attainment": round(1 - m / total, 6) if total else 1.0, "nodes_per_bin": sched}
 
-    at_cut = schedule(ref * (1 - cut))
+    cap = int(math.floor(ref * (1 - cut) * nbins + 1e-9))
+    fits = [v for t, v in table.items() if t <= cap]
+    at_cut = described(min(fits, key=_key)) if fits else None
     # the largest cut within the bound: the smallest node-bin sum whose best schedule holds it
     largest = None
-    for node_bins in range(sizes[0] * nbins, ref * nbins + 1):
-        s = schedule(node_bins / nbins)
-        if s is not None and s["slo_attainment"] >= floor_att:
-            largest = s
+    best_so_far: tuple[int, list[int]] | None = None
+    for t in sorted(table):
+        if best_so_far is None or _key(table[t]) < _key(best_so_far):
+            best_so_far = table[t]
+        if described(best_so_far)["slo_attainment"] >= floor_att:
+            largest = described(best_so_far)
             break
     return {"fleet_bound": {
         "reference_nodes": ref, "bin_s": bin_s, "bins": nbins, "invocations": total,
-        "invocations_per_bin": [int(c) for c in np.bincount(_bin_of(trace, bin_s), minlength=nbins)[:nbins]],
+        "invocations_per_bin": [int(c) for c in np.bincount(bins, minlength=nbins)],
         "fixed": {str(s): fixed[s] for s in sizes},
         "slo_attainment_floor": round(floor_att, 6),
         "at_target_cut": {"cut": cut, **(at_cut or {})},

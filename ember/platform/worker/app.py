@@ -90,7 +90,8 @@ def create_worker_app(settings: Settings, url: str) -> FastAPI:
     async def prefetch(body: PrefetchRequest, request: Request) -> dict[str, str]:
         node: WorkerNode = request.app.state.node
         started = node.prefetch(body.checkpoint, body.dram_keep)
-        # a repeat while one runs is ignored, and said: the gateway should not have sent it
+        # a repeat while one runs starts nothing (its keep applies when that one ends), and is said: the
+        # gateway should not have sent it
         log.info("prefetch of %s into the DRAM tier: %s", body.checkpoint,
                  "started" if started else "already running (the repeat's keep applies when it ends)")
         return {"status": "started" if started else "already running", "checkpoint": body.checkpoint}
